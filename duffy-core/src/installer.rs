@@ -1,0 +1,38 @@
+//! Putting an image on a machine, and preparing an installed machine for
+//! the project it is given to, as a trait.
+
+use async_trait::async_trait;
+
+use crate::model::{Node, PoolKey, Project, SessionId};
+
+/// An install or preparation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InstallError {
+    /// What went wrong, in the installer's words (kept in the node's
+    /// history).
+    pub message: String,
+}
+
+impl InstallError {
+    /// Builds an error.
+    pub fn new(message: impl Into<String>) -> Self {
+        InstallError { message: message.into() }
+    }
+}
+
+/// Installs machines and hands them over.
+///
+/// The reconciler calls [`Installer::install`] with its own deadline and
+/// retries; the engine calls [`Installer::prepare`] on every node of a new
+/// session, all or nothing.
+#[async_trait]
+pub trait Installer: Send + Sync {
+    /// Installs `image` on `node`; returns once the machine is installed
+    /// and reachable.
+    async fn install(&self, node: &Node, image: &PoolKey) -> Result<(), InstallError>;
+
+    /// Prepares an installed node for `project` (e.g. pushes its SSH public
+    /// keys to root) before it is handed over in `session`.
+    async fn prepare(&self, node: &Node, project: &Project, session: &SessionId) -> Result<(), InstallError>;
+}

@@ -1,0 +1,192 @@
+//! Every duration, limit and quota the engine obeys. Nothing here is a
+//! constant buried in code: all of it is configuration with documented
+//! defaults.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// At most `max` sessions per key in any `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimit {
+    /// Sessions allowed in the window.
+    pub max: u32,
+    /// The sliding window.
+    #[serde(with = "secs")]
+    pub window: Duration,
+}
+
+/// The engine's and reconciler's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Policy {
+    /// A session's lease; `/Overtime` lists sessions past it (60 min).
+    #[serde(with = "secs")]
+    pub lease: Duration,
+    /// How long `/Node/fail` holds nodes for debugging before they are
+    /// reclaimed (12 h).
+    #[serde(with = "secs")]
+    pub fail_hold: Duration,
+    /// Ready nodes older than this are reinstalled (24 h).
+    #[serde(with = "secs")]
+    pub reinstall_age: Duration,
+    /// Most installs running at once, over the whole farm (8).
+    pub max_concurrent_installs: usize,
+    /// Deadline of one install attempt (45 min).
+    #[serde(with = "secs")]
+    pub install_timeout: Duration,
+    /// Attempts per install before the node is Failed (3).
+    pub install_attempts: u32,
+    /// Wait before the first retry; doubled for each further one (30 s).
+    #[serde(with = "secs")]
+    pub install_backoff: Duration,
+    /// A node whose install or preparation failed gets another chance
+    /// after this long; `None` leaves it Failed until an operator recovers
+    /// it (6 h).
+    #[serde(with = "opt_secs")]
+    pub failed_retry_after: Option<Duration>,
+    /// Deadline for preparing one node for a project, e.g. pushing SSH
+    /// keys (2 min).
+    #[serde(with = "secs")]
+    pub prepare_timeout: Duration,
+    /// Default per-project cap on nodes held by its live sessions; a
+    /// project's own quota overrides it (`None`: unlimited).
+    pub default_quota: Option<u32>,
+    /// Per-key limit on new sessions (legacy: 5 in 5 minutes; `None`: off).
+    pub rate_limit: Option<RateLimit>,
+    /// Per-project cap on nodes held in Fail after `/Node/fail` (`None`:
+    /// unlimited; default 5).
+    pub fail_cap: Option<u32>,
+    /// Most nodes one request may ask for, whatever the pool's size (100).
+    pub max_count: u32,
+    /// The reconciler re-plans at least this often (10 s).
+    #[serde(with = "secs")]
+    pub tick: Duration,
+    /// How many times an engine operation retries after losing a
+    /// compare-and-set race before giving up (16).
+    pub cas_retries: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            lease: Duration::from_secs(60 * 60),
+            fail_hold: Duration::from_secs(12 * 60 * 60),
+            reinstall_age: Duration::from_secs(24 * 60 * 60),
+            max_concurrent_installs: 8,
+            install_timeout: Duration::from_secs(45 * 60),
+            install_attempts: 3,
+            install_backoff: Duration::from_secs(30),
+            failed_retry_after: Some(Duration::from_secs(6 * 60 * 60)),
+            prepare_timeout: Duration::from_secs(120),
+            default_quota: None,
+            rate_limit: Some(RateLimit { max: 5, window: Duration::from_secs(300) }),
+            fail_cap: Some(5),
+            max_count: 100,
+            tick: Duration::from_secs(10),
+            cas_retries: 16,
+        }
+    }
+}
+
+impl Policy {
+    /// How long an allocation may stay half-done before the reconciler
+    /// decides its process died and aborts it: every node's preparation
+    /// runs concurrently, so twice the prepare deadline is generous.
+    pub fn stale_allocation_after(&self) -> Duration {
+        self.prepare_timeout * 2 + Duration::from_secs(60)
+    }
+
+    /// How long a node may stay Provisioning without a live install
+    /// driving it before the reconciler takes it over: the full retry
+    /// budget plus a minute.
+    pub fn stale_install_after(&self) -> Duration {
+        let mut total = Duration::from_secs(60);
+        for attempt in 0..self.install_attempts.max(1) {
+            total += self.install_timeout + self.backoff(attempt);
+        }
+        total
+    }
+
+    /// The wait before retry number `attempt` (0-based), doubling from
+    /// [`Policy::install_backoff`], capped at one hour.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX);
+        self.install_backoff.saturating_mul(factor).min(Duration::from_secs(3600))
+    }
+
+    /// Checks that the numbers make sense together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_concurrent_installs == 0 {
+            return Err("max_concurrent_installs must be at least 1".into());
+        }
+        if self.install_attempts == 0 {
+            return Err("install_attempts must be at least 1".into());
+        }
+        if self.max_count == 0 {
+            return Err("max_count must be at least 1".into());
+        }
+        if self.tick.is_zero() {
+            return Err("tick must be longer than zero".into());
+        }
+        if let Some(r) = self.rate_limit {
+            if r.max == 0 || r.window.is_zero() {
+                return Err("rate_limit needs max >= 1 and a window longer than zero".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Durations as whole seconds in configuration files.
+mod secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
+    }
+}
+
+mod opt_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs()),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<u64>::deserialize(d).map(|o| o.map(Duration::from_secs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones_and_valid() {
+        let p = Policy::default();
+        assert_eq!(p.lease, Duration::from_secs(3600));
+        assert_eq!(p.fail_hold, Duration::from_secs(43_200));
+        assert_eq!(p.reinstall_age, Duration::from_secs(86_400));
+        assert!(p.validate().is_ok());
+        assert_eq!(p.backoff(0), Duration::from_secs(30));
+        assert_eq!(p.backoff(2), Duration::from_secs(120));
+        assert_eq!(p.backoff(40), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn nonsense_is_refused() {
+        let p = Policy { max_concurrent_installs: 0, ..Policy::default() };
+        assert!(p.validate().is_err());
+        let p = Policy { rate_limit: Some(RateLimit { max: 0, window: Duration::from_secs(1) }), ..Policy::default() };
+        assert!(p.validate().is_err());
+    }
+}

@@ -1,0 +1,314 @@
+//! The durable state behind the engine, as a trait.
+//!
+//! Correctness never rests on a lock inside one process: the [`Store`]
+//! gives an atomic all-or-nothing claim of N Ready nodes and
+//! compare-and-set batches, so two engines on one database (or two
+//! threads) can never hand a node to two sessions. The core computes every
+//! new row with the pure state machine; the store's job is to write it only
+//! if nobody changed the row since it was read.
+//!
+//! Every backend runs the test kit's conformance suite
+//! (`duffy_core::testkit::conformance`).
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    Actor, ApiKeyHash, ApiKeyRecord, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId,
+    SessionState,
+};
+use crate::policy::RateLimit;
+use crate::state::{Cause, Event, TransitionError};
+use crate::time::Timestamp;
+
+/// A store failed to do what was asked, for a reason other than a lost race.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The underlying database or file failed.
+    #[error("{context}: {source}")]
+    Backend {
+        /// What the store was doing.
+        context: String,
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A unique name (hostname, project) already exists.
+    #[error("{0} already exists")]
+    Duplicate(String),
+    /// Something referred to does not exist.
+    #[error("{0} does not exist")]
+    NotFound(String),
+    /// The stored data breaks an invariant or could not be decoded.
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+    /// A value was refused before anything was written.
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    /// The store is shut down.
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    /// Wraps a backend error with what the store was doing.
+    pub fn backend(context: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Backend { context: context.into(), source: Box::new(source) }
+    }
+}
+
+/// One node row to write, only if the stored row still has
+/// `expected_version`; its event goes into the same transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeWrite {
+    /// The version the caller read.
+    pub expected_version: u64,
+    /// The row to write (its `version` is `expected_version + 1`).
+    pub node: Node,
+    /// The history line for this change.
+    pub event: Event,
+}
+
+impl NodeWrite {
+    /// Applies `cause` to `node` through the state machine and wraps the
+    /// result as a write.
+    pub fn transition(node: &Node, cause: Cause, actor: Actor, now: Timestamp) -> Result<NodeWrite, TransitionError> {
+        let (after, event) = node.apply(cause, actor, now)?;
+        Ok(NodeWrite { expected_version: node.version, node: after, event })
+    }
+}
+
+/// One session row to write: inserted when `expected_version` is `None`,
+/// otherwise written only if the stored row still has that version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionWrite {
+    /// The version the caller read, or `None` to insert.
+    pub expected_version: Option<u64>,
+    /// The row to write.
+    pub session: Session,
+}
+
+/// A condition checked inside the batch's transaction, on the state the
+/// batch would leave behind; if it does not hold, nothing is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Guard {
+    /// The project's nodes held in Fail (Failed nodes of its sessions in
+    /// state Fail) number at most `max`.
+    ProjectFailedNodesAtMost {
+        /// The project.
+        project: String,
+        /// The cap.
+        max: u32,
+    },
+}
+
+/// An all-or-nothing set of compare-and-set writes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// Node rows.
+    pub nodes: Vec<NodeWrite>,
+    /// Session rows.
+    pub sessions: Vec<SessionWrite>,
+    /// Conditions on the result.
+    pub guards: Vec<Guard>,
+}
+
+/// Why a batch was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// A row changed since it was read (or an insert found it existing).
+    /// Re-read and decide again.
+    #[error("conflict: {0} changed since it was read")]
+    Conflict(String),
+    /// A guard did not hold on the result.
+    #[error("guard failed: {guard:?} (would be {actual})")]
+    GuardFailed {
+        /// The guard.
+        guard: Guard,
+        /// The value the batch would have produced.
+        actual: u64,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A request to claim `count` Ready nodes of `pool` for a new session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRequest {
+    /// The new session's id.
+    pub session: SessionId,
+    /// The requesting key's project.
+    pub project: String,
+    /// The requesting key.
+    pub key_id: KeyId,
+    /// Which pool.
+    pub pool: PoolKey,
+    /// How many nodes (at least 1).
+    pub count: u32,
+    /// Most nodes the project's live sessions may hold, this claim included.
+    pub quota: Option<u32>,
+    /// Most sessions the key may have created in the window, this one
+    /// included.
+    pub rate_limit: Option<RateLimit>,
+    /// Recorded in the events.
+    pub actor: Actor,
+    /// The time of the claim.
+    pub now: Timestamp,
+}
+
+/// A successful claim: the new session (state Allocating) and its nodes
+/// (state Contextualizing, `used_count` bumped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// The session as stored.
+    pub session: Session,
+    /// Its nodes as stored, in claim order.
+    pub nodes: Vec<Node>,
+}
+
+/// Why a claim was refused. Nothing was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClaimRefusal {
+    /// The pool has fewer Ready nodes than asked for.
+    InsufficientNodes {
+        /// Asked for.
+        requested: u32,
+        /// Ready now.
+        available: u32,
+    },
+    /// The claim would take the project over its quota.
+    QuotaExceeded {
+        /// Nodes its live sessions hold now.
+        held: u32,
+        /// Asked for.
+        requested: u32,
+        /// The quota.
+        quota: u32,
+    },
+    /// The key created too many sessions recently.
+    RateLimited {
+        /// Sessions it created in the window.
+        recent: u32,
+        /// The limit.
+        limit: RateLimit,
+    },
+}
+
+/// Which events to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EventQuery {
+    /// Only this node's history.
+    pub node: Option<NodeId>,
+    /// Only events with `seq` greater than this.
+    pub after_seq: u64,
+    /// At most this many (0: no limit).
+    pub limit: usize,
+}
+
+/// The session and node writes of a claim, computed from the chosen nodes.
+///
+/// Backends call this so that every store writes exactly the same rows:
+/// the core decides what a claim means, the store only picks the nodes
+/// (Ready, in the pool, least `used_count` first, then lowest id) and
+/// makes the whole thing atomic.
+pub fn claim_writes(req: &ClaimRequest, chosen: &[Node]) -> Result<(Session, Vec<NodeWrite>), TransitionError> {
+    let writes = chosen
+        .iter()
+        .map(|n| {
+            NodeWrite::transition(n, Cause::Allocated { session: req.session.clone() }, req.actor.clone(), req.now)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let session = Session {
+        id: req.session.clone(),
+        project: req.project.clone(),
+        key_id: req.key_id,
+        state: SessionState::Allocating,
+        pool: req.pool.clone(),
+        nodes: chosen.iter().map(|n| n.id).collect(),
+        created_at: req.now,
+        delivered_at: None,
+        lease_until: None,
+        hold_until: None,
+        ended_at: None,
+        end_reason: None,
+        version: 1,
+    };
+    Ok((session, writes))
+}
+
+/// The durable state of a farm.
+///
+/// All methods are atomic. Reads return committed state. Implementations
+/// must be `Send + Sync` and usable from many tasks at once.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Adds nodes (state Active, or Reserved if asked), all or nothing,
+    /// each with an `Added` event. A duplicate hostname is
+    /// [`StoreError::Duplicate`] and adds none.
+    async fn add_nodes(&self, nodes: Vec<NewNode>, actor: Actor, now: Timestamp) -> Result<Vec<Node>, StoreError>;
+
+    /// One node by id.
+    async fn node(&self, id: NodeId) -> Result<Option<Node>, StoreError>;
+
+    /// One node by exact hostname.
+    async fn node_by_hostname(&self, hostname: &str) -> Result<Option<Node>, StoreError>;
+
+    /// Every node, ordered by id.
+    async fn nodes(&self) -> Result<Vec<Node>, StoreError>;
+
+    /// Ready nodes per pool (for sizing decisions without reading every
+    /// row): `(pool, count)` ordered by pool.
+    async fn ready_counts(&self) -> Result<Vec<(PoolKey, u32)>, StoreError>;
+
+    /// One session by id (any state).
+    async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError>;
+
+    /// Sessions in Allocating, Prod or Fail, ordered by creation time then
+    /// id.
+    async fn live_sessions(&self) -> Result<Vec<Session>, StoreError>;
+
+    /// Atomically: checks the key's rate limit and the project's quota,
+    /// picks `count` Ready nodes of the pool (least `used_count` first,
+    /// then lowest id), moves them to Contextualizing and inserts the
+    /// session, with the writes [`claim_writes`] computes. Either all of it
+    /// happens or nothing does.
+    async fn claim(&self, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError>;
+
+    /// Writes a batch if every expected version still matches and every
+    /// guard holds on the result; otherwise writes nothing.
+    async fn commit(&self, batch: Batch) -> Result<(), CommitError>;
+
+    /// Reads the event log, in `seq` order.
+    async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError>;
+
+    /// Creates a project or replaces its quota and SSH keys.
+    async fn upsert_project(&self, project: Project) -> Result<(), StoreError>;
+
+    /// One project by name.
+    async fn project(&self, name: &str) -> Result<Option<Project>, StoreError>;
+
+    /// Stores a new API key (only its hash) for an existing project.
+    async fn add_api_key(
+        &self,
+        project: &str,
+        hash: ApiKeyHash,
+        admin: bool,
+        now: Timestamp,
+    ) -> Result<ApiKeyRecord, StoreError>;
+
+    /// The key with this hash, if any.
+    async fn api_key_by_hash(&self, hash: &ApiKeyHash) -> Result<Option<ApiKeyRecord>, StoreError>;
+
+    /// Sets a pool's standby target (creating the pool).
+    async fn set_pool_target(&self, target: PoolTarget) -> Result<(), StoreError>;
+
+    /// Every pool's target, ordered by pool.
+    async fn pool_targets(&self) -> Result<Vec<PoolTarget>, StoreError>;
+
+    /// Whether the service is paused.
+    async fn paused(&self) -> Result<bool, StoreError>;
+
+    /// Sets the paused flag and returns what it was, atomically.
+    async fn set_paused(&self, paused: bool) -> Result<bool, StoreError>;
+}
