@@ -12,19 +12,30 @@
 //! manual clock and the `Store` conformance suite.
 
 pub mod auth;
+pub mod engine;
 pub mod installer;
 pub mod model;
+pub mod planner;
 pub mod policy;
 pub mod power;
+pub mod reconciler;
 pub mod state;
 pub mod store;
 pub mod time;
 
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
 pub use auth::{hash_api_key, verify_api_key};
+pub use engine::{
+    Allocation, Engine, EngineBuilder, EngineError, NodeRequest, Overtime, Principal, SessionIds, UuidSessionIds,
+};
 pub use installer::{InstallError, Installer};
 pub use model::*;
+pub use planner::{Plan, PlanInput, PlannedInstall, plan};
 pub use policy::{Policy, RateLimit};
 pub use power::{BootDevice, PowerAction, PowerController, PowerError, PowerErrorKind};
+pub use reconciler::{OpDone, OpOutcome, PassReport, Reconciler};
 pub use state::{Cause, CauseKind, Event, NodeState, TransitionError};
 pub use store::{
     Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeWrite, SessionWrite, Store,

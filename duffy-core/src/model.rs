@@ -10,7 +10,7 @@ use crate::time::Timestamp;
 
 /// A node's identity in the store. Stable for the node's lifetime; the
 /// legacy inventory's first column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct NodeId(pub u64);
 
 impl fmt::Display for NodeId {

@@ -1,0 +1,757 @@
+//! The operations of the API: get nodes, done, fail, inventory, overtime,
+//! set-admin, recover, pause, resume.
+//!
+//! The engine holds no state of its own beyond its configuration: every
+//! decision is re-read from the [`Store`] and written back with
+//! compare-and-set, so any number of engines (threads, processes) may share
+//! one store. A lost race is retried from a fresh read.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use futures::future::join_all;
+use futures::task::AtomicWaker;
+use tracing::{debug, info, warn};
+
+use crate::auth::{hash_api_key, verify_api_key};
+use crate::installer::Installer;
+use crate::model::{Actor, Arch, KeyId, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId, SessionState};
+use crate::policy::Policy;
+use crate::power::PowerController;
+use crate::state::{Cause, NodeState, TransitionError};
+use crate::store::{Batch, ClaimRefusal, ClaimRequest, CommitError, Guard, NodeWrite, SessionWrite, Store, StoreError};
+use crate::time::{Clock, Timestamp, timeout};
+
+/// Where new session ids come from. Production uses random UUIDs; tests
+/// inject a seeded source so that runs are reproducible.
+pub trait SessionIds: Send + Sync {
+    /// A new, unique session id.
+    fn next_id(&self) -> SessionId;
+}
+
+/// Random version-4 UUIDs (122 random bits), the legacy ssid format.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UuidSessionIds;
+
+impl SessionIds for UuidSessionIds {
+    fn next_id(&self) -> SessionId {
+        SessionId(uuid::Uuid::new_v4().hyphenated().to_string())
+    }
+}
+
+/// Who is calling: the result of [`Engine::authenticate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The key used (`None` for an operator at the command line).
+    pub key_id: Option<KeyId>,
+    /// The key's project.
+    pub project: String,
+    /// May call the admin operations.
+    pub admin: bool,
+}
+
+impl Principal {
+    /// An operator acting locally (command line): admin, no key.
+    pub fn operator() -> Self {
+        Principal { key_id: None, project: String::new(), admin: true }
+    }
+
+    /// The actor recorded in events.
+    pub fn actor(&self) -> Actor {
+        self.key_id.map(Actor::Key).unwrap_or(Actor::Operator)
+    }
+}
+
+/// What `/Node/get` asks for. Missing fields take the legacy defaults:
+/// release 7, x86_64, one node, the architecture's default flavor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeRequest {
+    /// OS release (legacy `ver`).
+    pub release: Option<String>,
+    /// Image architecture.
+    pub arch: Option<Arch>,
+    /// How many nodes.
+    pub count: Option<u32>,
+    /// Hardware flavor.
+    pub flavor: Option<String>,
+}
+
+impl NodeRequest {
+    /// The pool this request is for.
+    pub fn pool(&self) -> PoolKey {
+        PoolKey::new(
+            self.release.clone().unwrap_or_else(|| "7".into()),
+            self.arch.unwrap_or(Arch::X86_64),
+            self.flavor.clone(),
+        )
+    }
+}
+
+/// A successful `/Node/get`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    /// The new session.
+    pub session: SessionId,
+    /// Its nodes' hostnames.
+    pub hosts: Vec<String>,
+}
+
+/// A session past its lease, for `/Overtime`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overtime {
+    /// The session.
+    pub session: Session,
+    /// Its nodes' hostnames.
+    pub hosts: Vec<String>,
+    /// How long past the lease.
+    pub overdue: std::time::Duration,
+}
+
+/// Why an operation was refused or failed. Every refusal changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The API key is missing or unknown.
+    #[error("invalid API key")]
+    InvalidKey,
+    /// The caller is not an admin.
+    #[error("this call needs an admin key")]
+    NotAdmin,
+    /// No such session for this key (also for another key's session: a
+    /// stranger learns nothing).
+    #[error("invalid session id")]
+    InvalidSession,
+    /// The session is not in the state the call needs.
+    #[error("session {id} is {state}, not Prod")]
+    SessionNotInProd {
+        /// The session.
+        id: SessionId,
+        /// Its state.
+        state: &'static str,
+    },
+    /// A parameter is out of range.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// No pool matches the request.
+    #[error("no pool {requested}; available pools: {}", list_pools(available))]
+    NoSuchPool {
+        /// What was asked for.
+        requested: PoolKey,
+        /// What exists.
+        available: Vec<PoolKey>,
+    },
+    /// Not enough Ready nodes right now; try again later.
+    #[error("insufficient nodes in READY state: requested {requested}, {available} ready")]
+    InsufficientNodes {
+        /// Asked for.
+        requested: u32,
+        /// Ready now.
+        available: u32,
+    },
+    /// The project's quota would be exceeded.
+    #[error("quota exceeded: project holds {held} nodes, asked for {requested}, quota {quota}")]
+    QuotaExceeded {
+        /// Held now.
+        held: u32,
+        /// Asked for.
+        requested: u32,
+        /// The quota.
+        quota: u32,
+    },
+    /// The key made too many sessions recently.
+    #[error("Rate limit exceeded: {recent} sessions in the last {} minutes", .window_secs / 60)]
+    RateLimited {
+        /// Sessions in the window.
+        recent: u32,
+        /// The window, in seconds.
+        window_secs: u64,
+    },
+    /// Preparing a node for the project failed; nothing was handed out.
+    #[error("failed to allocate nodes: preparing {hostname} failed: {reason}")]
+    PreparationFailed {
+        /// The node that failed.
+        hostname: String,
+        /// Why.
+        reason: String,
+    },
+    /// The project's cap on failed nodes would be exceeded.
+    #[error("exceeded maximum allowed fail nodes limit ({cap}), please release other machines to continue")]
+    FailCapExceeded {
+        /// The cap.
+        cap: u32,
+    },
+    /// New allocations are paused.
+    #[error("the service is paused: no new allocations")]
+    Paused,
+    /// Resume was called while not paused.
+    #[error("the service is not paused")]
+    NotPaused,
+    /// No node has that hostname.
+    #[error("no node named {0:?}")]
+    UnknownNode(String),
+    /// The node's state does not allow the operation.
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    /// The operation kept losing compare-and-set races.
+    #[error("too much contention on {0}; try again")]
+    Contention(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn list_pools(p: &[PoolKey]) -> String {
+    if p.is_empty() {
+        return "none".into();
+    }
+    p.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+impl From<CommitError> for EngineError {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::Store(s) => EngineError::Store(s),
+            other => EngineError::Contention(other.to_string()),
+        }
+    }
+}
+
+/// Wakes the reconciler early when something it cares about changed
+/// (nodes released, service resumed) instead of waiting for its tick.
+#[derive(Debug, Default)]
+pub(crate) struct Kick {
+    pending: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Kick {
+    pub(crate) fn notify(&self) {
+        self.pending.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    pub(crate) fn poll_kicked(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.pending.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.pending.swap(false, Ordering::AcqRel) { Poll::Ready(()) } else { Poll::Pending }
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) power: Arc<dyn PowerController>,
+    pub(crate) installer: Arc<dyn Installer>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) ids: Arc<dyn SessionIds>,
+    pub(crate) policy: Policy,
+    pub(crate) kick: Kick,
+}
+
+/// The Duffy engine. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine").field("policy", &self.inner.policy).finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`Engine`].
+pub struct EngineBuilder {
+    store: Arc<dyn Store>,
+    power: Arc<dyn PowerController>,
+    installer: Arc<dyn Installer>,
+    clock: Arc<dyn Clock>,
+    ids: Arc<dyn SessionIds>,
+    policy: Policy,
+}
+
+impl EngineBuilder {
+    /// Sets the policy (default: [`Policy::default`]).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets the session id source (default: [`UuidSessionIds`]).
+    pub fn session_ids(mut self, ids: Arc<dyn SessionIds>) -> Self {
+        self.ids = ids;
+        self
+    }
+
+    /// Builds the engine, checking the policy.
+    pub fn build(self) -> Result<Engine, EngineError> {
+        self.policy.validate().map_err(EngineError::InvalidRequest)?;
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                store: self.store,
+                power: self.power,
+                installer: self.installer,
+                clock: self.clock,
+                ids: self.ids,
+                policy: self.policy,
+                kick: Kick::default(),
+            }),
+        })
+    }
+}
+
+impl Engine {
+    /// Starts building an engine over these backends.
+    pub fn builder(
+        store: Arc<dyn Store>,
+        power: Arc<dyn PowerController>,
+        installer: Arc<dyn Installer>,
+        clock: Arc<dyn Clock>,
+    ) -> EngineBuilder {
+        EngineBuilder { store, power, installer, clock, ids: Arc::new(UuidSessionIds), policy: Policy::default() }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The power controller.
+    pub fn power(&self) -> &Arc<dyn PowerController> {
+        &self.inner.power
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    /// Asks the reconciler to re-plan now.
+    pub fn kick(&self) {
+        self.inner.kick.notify();
+    }
+
+    fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// Resolves an API key to its principal. The key is hashed and compared
+    /// in constant time; an empty or unknown key is [`EngineError::InvalidKey`].
+    pub async fn authenticate(&self, key: &str) -> Result<Principal, EngineError> {
+        if key.is_empty() || key.len() > 256 {
+            return Err(EngineError::InvalidKey);
+        }
+        let hash = hash_api_key(key);
+        match self.inner.store.api_key_by_hash(&hash).await? {
+            Some(rec) if verify_api_key(key, &rec.hash) => {
+                Ok(Principal { key_id: Some(rec.id), project: rec.project, admin: rec.admin })
+            }
+            _ => Err(EngineError::InvalidKey),
+        }
+    }
+
+    fn require_admin(who: &Principal) -> Result<(), EngineError> {
+        if who.admin { Ok(()) } else { Err(EngineError::NotAdmin) }
+    }
+
+    /// `/Node/get`: claims `count` Ready nodes of the pool for a new session
+    /// of `who`, prepares every one for the project, and hands them over —
+    /// all or nothing. If preparing any node fails, that node is Failed
+    /// with the reason, the others go back to be reinstalled, and no
+    /// session is left behind.
+    pub async fn get_nodes(&self, who: &Principal, req: &NodeRequest) -> Result<Allocation, EngineError> {
+        let key_id = who.key_id.ok_or(EngineError::InvalidKey)?;
+        let pool = req.pool();
+        pool.validate().map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        let count = req.count.unwrap_or(1);
+        let max = self.inner.policy.max_count;
+        if count == 0 || count > max {
+            return Err(EngineError::InvalidRequest(format!("count must be between 1 and {max}, got {count}")));
+        }
+        let store = &self.inner.store;
+        if store.paused().await? {
+            return Err(EngineError::Paused);
+        }
+        let targets = store.pool_targets().await?;
+        let Some(target) = targets.iter().find(|t| t.pool == pool && t.standby > 0) else {
+            return Err(EngineError::NoSuchPool {
+                requested: pool,
+                available: targets.into_iter().filter(|t| t.standby > 0).map(|t| t.pool).collect(),
+            });
+        };
+        if count > target.standby {
+            return Err(EngineError::InvalidRequest(format!(
+                "count {count} exceeds the capacity of pool {pool} ({} nodes)",
+                target.standby
+            )));
+        }
+        let project = store.project(&who.project).await?.unwrap_or(Project {
+            name: who.project.clone(),
+            quota: None,
+            ssh_keys: Vec::new(),
+        });
+        let claim = ClaimRequest {
+            session: self.inner.ids.next_id(),
+            project: who.project.clone(),
+            key_id,
+            pool: pool.clone(),
+            count,
+            quota: project.quota.or(self.inner.policy.default_quota),
+            rate_limit: self.inner.policy.rate_limit,
+            actor: who.actor(),
+            now: self.now(),
+        };
+        let claimed = match store.claim(claim).await? {
+            Ok(c) => c,
+            Err(ClaimRefusal::InsufficientNodes { requested, available }) => {
+                return Err(EngineError::InsufficientNodes { requested, available });
+            }
+            Err(ClaimRefusal::QuotaExceeded { held, requested, quota }) => {
+                return Err(EngineError::QuotaExceeded { held, requested, quota });
+            }
+            Err(ClaimRefusal::RateLimited { recent, limit }) => {
+                return Err(EngineError::RateLimited { recent, window_secs: limit.window.as_secs() });
+            }
+        };
+        let sid = claimed.session.id.clone();
+        debug!(session = %sid, project = %who.project, count, pool = %pool, "claimed nodes");
+
+        // Prepare every node concurrently, each with its own deadline.
+        let inner = &self.inner;
+        let results = join_all(claimed.nodes.iter().map(|n| async {
+            let r =
+                timeout(&*inner.clock, inner.policy.prepare_timeout, inner.installer.prepare(n, &project, &sid)).await;
+            match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.message),
+                Err(el) => Err(format!("preparing the node {el}")),
+            }
+        }))
+        .await;
+        let failures: HashMap<NodeId, String> =
+            claimed.nodes.iter().zip(results).filter_map(|(n, r)| r.err().map(|e| (n.id, e))).collect();
+
+        if failures.is_empty() {
+            match self.deliver(&claimed.session, &claimed.nodes, who).await {
+                Ok(()) => {
+                    info!(session = %sid, project = %who.project, count, pool = %pool, "nodes delivered");
+                    return Ok(Allocation {
+                        session: sid,
+                        hosts: claimed.nodes.into_iter().map(|n| n.hostname).collect(),
+                    });
+                }
+                Err(e) => {
+                    warn!(session = %sid, error = %e, "could not hand over prepared nodes; aborting the allocation");
+                    self.abort_allocation(
+                        &sid,
+                        &HashMap::new(),
+                        "allocation lost a race with an operator",
+                        who.actor(),
+                    )
+                    .await?;
+                    return Err(EngineError::PreparationFailed {
+                        hostname: claimed.nodes.first().map(|n| n.hostname.clone()).unwrap_or_default(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        let (bad_id, reason) =
+            failures.iter().min_by_key(|(id, _)| **id).map(|(i, r)| (*i, r.clone())).unwrap_or_default();
+        let hostname = claimed.nodes.iter().find(|n| n.id == bad_id).map(|n| n.hostname.clone()).unwrap_or_default();
+        warn!(session = %sid, node = %hostname, %reason, "preparing a node failed; aborting the allocation");
+        self.abort_allocation(&sid, &failures, &format!("preparing {hostname} failed"), who.actor()).await?;
+        Err(EngineError::PreparationFailed { hostname, reason })
+    }
+
+    /// Session Allocating→Prod and its nodes Contextualizing→Deployed, in
+    /// one compare-and-set batch.
+    async fn deliver(&self, session: &Session, nodes: &[Node], who: &Principal) -> Result<(), EngineError> {
+        let now = self.now();
+        let mut batch = Batch::default();
+        for n in nodes {
+            batch.nodes.push(NodeWrite::transition(n, Cause::Prepared, who.actor(), now)?);
+        }
+        let mut s = session.clone();
+        s.state = SessionState::Prod;
+        s.delivered_at = Some(now);
+        s.lease_until = Some(now.plus(self.inner.policy.lease));
+        s.version += 1;
+        batch.sessions.push(SessionWrite { expected_version: Some(session.version), session: s });
+        self.inner.store.commit(batch).await?;
+        Ok(())
+    }
+
+    /// Aborts a session still in Allocating: nodes in `failures` become
+    /// Failed with their reason, the rest go back to be reinstalled, the
+    /// session ends Aborted. Safe to call again and from recovery.
+    pub(crate) async fn abort_allocation(
+        &self,
+        sid: &SessionId,
+        failures: &HashMap<NodeId, String>,
+        reason: &str,
+        actor: Actor,
+    ) -> Result<(), EngineError> {
+        let store = &self.inner.store;
+        for _ in 0..self.inner.policy.cas_retries {
+            let Some(session) = store.session(sid).await? else { return Ok(()) };
+            if session.state != SessionState::Allocating {
+                return Ok(());
+            }
+            let now = self.now();
+            let retry_at = self.inner.policy.failed_retry_after.map(|d| now.plus(d));
+            let mut batch = Batch::default();
+            for id in &session.nodes {
+                let Some(n) = store.node(*id).await? else { continue };
+                if n.state != NodeState::Contextualizing || n.session.as_ref() != Some(sid) {
+                    continue;
+                }
+                let cause = match failures.get(id) {
+                    Some(r) => Cause::PrepareFailed { reason: r.clone(), retry_at },
+                    None => Cause::AllocationAborted { reason: reason.to_string() },
+                };
+                batch.nodes.push(NodeWrite::transition(&n, cause, actor.clone(), now)?);
+            }
+            let mut s = session.clone();
+            s.state = SessionState::Aborted;
+            s.ended_at = Some(now);
+            s.end_reason = Some(reason.to_string());
+            s.version += 1;
+            batch.sessions.push(SessionWrite { expected_version: Some(session.version), session: s });
+            match store.commit(batch).await {
+                Ok(()) => {
+                    self.kick();
+                    return Ok(());
+                }
+                Err(CommitError::Store(e)) => return Err(e.into()),
+                Err(e) => debug!(session = %sid, error = %e, "abort lost a race; retrying"),
+            }
+        }
+        Err(EngineError::Contention(format!("aborting session {sid}")))
+    }
+
+    /// Reads a session that `who` may see: unknown, foreign and
+    /// never-delivered sessions all look the same.
+    async fn own_session(&self, who: &Principal, sid: &str) -> Result<Session, EngineError> {
+        if sid.is_empty() || sid.len() > 128 {
+            return Err(EngineError::InvalidSession);
+        }
+        let key = who.key_id.ok_or(EngineError::InvalidKey)?;
+        match self.inner.store.session(&SessionId(sid.to_string())).await? {
+            Some(s) if s.key_id == key => Ok(s),
+            _ => Err(EngineError::InvalidSession),
+        }
+    }
+
+    async fn session_nodes(&self, s: &Session) -> Result<Vec<Node>, EngineError> {
+        let mut out = Vec::with_capacity(s.nodes.len());
+        for id in &s.nodes {
+            let n = self
+                .inner
+                .store
+                .node(*id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt(format!("session {} names missing node {id}", s.id)))?;
+            out.push(n);
+        }
+        Ok(out)
+    }
+
+    /// `/Node/done`: releases every node of the session (Prod or Fail); they
+    /// go back to be reinstalled.
+    pub async fn done(&self, who: &Principal, sid: &str) -> Result<(), EngineError> {
+        for _ in 0..self.inner.policy.cas_retries {
+            let s = self.own_session(who, sid).await?;
+            match s.state {
+                SessionState::Prod | SessionState::Fail => {}
+                other => return Err(EngineError::SessionNotInProd { id: s.id, state: other.as_str() }),
+            }
+            let now = self.now();
+            let mut batch = Batch::default();
+            for n in self.session_nodes(&s).await? {
+                if n.session.as_ref() == Some(&s.id) {
+                    batch.nodes.push(NodeWrite::transition(&n, Cause::Released, who.actor(), now)?);
+                }
+            }
+            let mut done = s.clone();
+            done.state = SessionState::Done;
+            done.ended_at = Some(now);
+            done.version += 1;
+            batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: done });
+            match self.inner.store.commit(batch).await {
+                Ok(()) => {
+                    info!(session = %s.id, project = %s.project, "session done");
+                    self.kick();
+                    return Ok(());
+                }
+                Err(CommitError::Store(e)) => return Err(e.into()),
+                Err(e) => debug!(session = %s.id, error = %e, "done lost a race; retrying"),
+            }
+        }
+        Err(EngineError::Contention(format!("session {sid}")))
+    }
+
+    /// `/Node/fail`: marks every node of the session Failed and holds them
+    /// (with the project's SSH keys still on root) for the fail-hold
+    /// period, within the project's cap on failed nodes.
+    pub async fn fail(&self, who: &Principal, sid: &str) -> Result<(), EngineError> {
+        for _ in 0..self.inner.policy.cas_retries {
+            let s = self.own_session(who, sid).await?;
+            if s.state != SessionState::Prod {
+                return Err(EngineError::SessionNotInProd { id: s.id, state: s.state.as_str() });
+            }
+            let now = self.now();
+            let hold_until = now.plus(self.inner.policy.fail_hold);
+            let mut batch = Batch::default();
+            for n in self.session_nodes(&s).await? {
+                if n.session.as_ref() == Some(&s.id) {
+                    batch.nodes.push(NodeWrite::transition(&n, Cause::FailedByUser { hold_until }, who.actor(), now)?);
+                }
+            }
+            let mut failed = s.clone();
+            failed.state = SessionState::Fail;
+            failed.hold_until = Some(hold_until);
+            failed.version += 1;
+            batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: failed });
+            if let Some(cap) = self.inner.policy.fail_cap {
+                batch.guards.push(Guard::ProjectFailedNodesAtMost { project: s.project.clone(), max: cap });
+            }
+            match self.inner.store.commit(batch).await {
+                Ok(()) => {
+                    info!(session = %s.id, project = %s.project, %hold_until, "session failed; nodes held");
+                    return Ok(());
+                }
+                Err(CommitError::GuardFailed { guard: Guard::ProjectFailedNodesAtMost { max, .. }, .. }) => {
+                    return Err(EngineError::FailCapExceeded { cap: max });
+                }
+                Err(CommitError::Store(e)) => return Err(e.into()),
+                Err(e) => debug!(session = %s.id, error = %e, "fail lost a race; retrying"),
+            }
+        }
+        Err(EngineError::Contention(format!("session {sid}")))
+    }
+
+    /// `/Inventory`: every node, by id.
+    pub async fn inventory(&self) -> Result<Vec<Node>, EngineError> {
+        Ok(self.inner.store.nodes().await?)
+    }
+
+    /// `/Inventory?key=`: `(hostname, ssid)` of every node held by a live
+    /// delivered session (Prod or Fail) of `who`'s key.
+    pub async fn inventory_of(&self, who: &Principal) -> Result<Vec<(String, SessionId)>, EngineError> {
+        let Some(key) = who.key_id else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for s in self.inner.store.live_sessions().await? {
+            if s.key_id != key || !matches!(s.state, SessionState::Prod | SessionState::Fail) {
+                continue;
+            }
+            for n in self.session_nodes(&s).await? {
+                if n.session.as_ref() == Some(&s.id) {
+                    out.push((n.hostname, s.id.clone()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `/Overtime` (admin): delivered sessions past their lease.
+    pub async fn overtime(&self, who: &Principal) -> Result<Vec<Overtime>, EngineError> {
+        Self::require_admin(who)?;
+        let now = self.now();
+        let mut out = Vec::new();
+        for s in self.inner.store.live_sessions().await? {
+            let Some(lease) = s.lease_until else { continue };
+            if s.state != SessionState::Prod || lease >= now {
+                continue;
+            }
+            let hosts = self.session_nodes(&s).await?.into_iter().map(|n| n.hostname).collect();
+            out.push(Overtime { overdue: now.since(lease), hosts, session: s });
+        }
+        Ok(out)
+    }
+
+    async fn admin_transition(
+        &self,
+        who: &Principal,
+        hostname: &str,
+        make: impl Fn() -> Cause,
+    ) -> Result<Node, EngineError> {
+        Self::require_admin(who)?;
+        for _ in 0..self.inner.policy.cas_retries {
+            let n = self
+                .inner
+                .store
+                .node_by_hostname(hostname)
+                .await?
+                .ok_or_else(|| EngineError::UnknownNode(hostname.chars().take(253).collect()))?;
+            let w = NodeWrite::transition(&n, make(), who.actor(), self.now())?;
+            let after = w.node.clone();
+            match self.inner.store.commit(Batch { nodes: vec![w], ..Batch::default() }).await {
+                Ok(()) => {
+                    self.kick();
+                    return Ok(after);
+                }
+                Err(CommitError::Store(e)) => return Err(e.into()),
+                Err(e) => debug!(node = %hostname, error = %e, "admin change lost a race; retrying"),
+            }
+        }
+        Err(EngineError::Contention(format!("node {hostname}")))
+    }
+
+    /// `/NodeSetAdmin/<node>` (admin): takes the node out of the pool
+    /// (Reserved). Refused while a session holds it.
+    pub async fn set_admin(&self, who: &Principal, hostname: &str) -> Result<Node, EngineError> {
+        let n = self.admin_transition(who, hostname, || Cause::SetAdmin).await?;
+        info!(node = %hostname, actor = %who.actor(), "node set to administrative downtime");
+        Ok(n)
+    }
+
+    /// `/NodeRecover/<node>` (admin): puts a Reserved or Failed node back
+    /// (Active, to be reinstalled).
+    pub async fn recover(&self, who: &Principal, hostname: &str) -> Result<Node, EngineError> {
+        let n = self.admin_transition(who, hostname, || Cause::Recovered).await?;
+        info!(node = %hostname, actor = %who.actor(), "node recovered");
+        Ok(n)
+    }
+
+    /// `/PauseService` (admin): no new allocations; the reconciler powers
+    /// the warm pool down. Running sessions are untouched. Pausing twice is
+    /// harmless.
+    pub async fn pause(&self, who: &Principal) -> Result<(), EngineError> {
+        Self::require_admin(who)?;
+        self.inner.store.set_paused(true).await?;
+        info!(actor = %who.actor(), "service paused");
+        self.kick();
+        Ok(())
+    }
+
+    /// `/ResumeService` (admin): allocations resume and the pool is
+    /// provisioned again. Only valid while paused.
+    pub async fn resume(&self, who: &Principal) -> Result<(), EngineError> {
+        Self::require_admin(who)?;
+        if !self.inner.store.set_paused(false).await? {
+            return Err(EngineError::NotPaused);
+        }
+        info!(actor = %who.actor(), "service resumed");
+        self.kick();
+        Ok(())
+    }
+
+    /// Sets pools' standby targets (operator configuration).
+    pub async fn set_pool_targets(&self, targets: &[PoolTarget]) -> Result<(), EngineError> {
+        for t in targets {
+            t.pool.validate().map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+            self.inner.store.set_pool_target(t.clone()).await?;
+        }
+        self.kick();
+        Ok(())
+    }
+}

@@ -1,0 +1,422 @@
+//! The reconciler: executes the planner's decisions through the traits.
+//!
+//! It is one future. It re-plans on every tick, whenever an operation
+//! finishes and whenever the engine kicks it; it runs the planned installs
+//! and power-downs concurrently inside itself (no task spawning, so it runs
+//! on any executor and, on the test kit's manual clock, deterministically),
+//! at most `max_concurrent_installs` installs and one operation per BMC at
+//! a time, each install attempt with a deadline, retried with doubling
+//! backoff, then Failed with the reason recorded.
+//!
+//! On start it finds work a crash left half-done: allocations stuck in
+//! Allocating are aborted (their nodes go back to be reinstalled) and
+//! installs stuck in Provisioning are re-driven. While running it does the
+//! same for work another process abandoned (older than the policy's
+//! deadlines), and reclaims failed sessions whose hold ran out.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::Poll;
+
+use futures::FutureExt;
+use futures::StreamExt;
+use futures::future::poll_fn;
+use futures::stream::FuturesUnordered;
+use tracing::{debug, info, warn};
+
+use crate::engine::{Engine, EngineError, Inner};
+use crate::model::{Actor, Node, NodeId, PoolKey, SessionState};
+use crate::planner::{Plan, PlanInput, plan};
+use crate::power::PowerAction;
+use crate::state::{Cause, NodeState};
+use crate::store::{Batch, CommitError, NodeWrite, SessionWrite};
+use crate::time::{sleep, timeout};
+
+type OpFuture = Pin<Box<dyn Future<Output = OpDone> + Send>>;
+
+/// How an operation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpOutcome {
+    /// The node is Ready.
+    Installed,
+    /// Every attempt failed; the node is Failed.
+    InstallFailed(String),
+    /// Powered down.
+    PoweredDown,
+    /// The node changed under the operation (an operator took it, say);
+    /// the operation stopped without writing.
+    Superseded,
+    /// The store failed; the node is left for the next sweep.
+    StoreFailed(String),
+}
+
+/// A finished operation.
+#[derive(Debug, Clone)]
+pub struct OpDone {
+    /// The node.
+    pub node: NodeId,
+    /// Its BMC key.
+    pub bmc: String,
+    /// Whether it was an install (counts toward the concurrency limit).
+    pub install: bool,
+    /// How it ended.
+    pub outcome: OpOutcome,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassReport {
+    /// Installs started.
+    pub installs_started: usize,
+    /// Power-downs started.
+    pub power_downs_started: usize,
+    /// Failed sessions reclaimed after their hold.
+    pub sessions_reclaimed: usize,
+    /// Half-done allocations aborted.
+    pub allocations_aborted: usize,
+    /// Abandoned installs taken over.
+    pub installs_restarted: usize,
+    /// Failed nodes released after their cool-down.
+    pub failures_expired: usize,
+}
+
+/// Drives the farm towards its targets. Create with [`Engine::reconciler`];
+/// run exactly one per store.
+pub struct Reconciler {
+    engine: Engine,
+    in_flight: HashMap<NodeId, (String, bool)>,
+    ops: FuturesUnordered<OpFuture>,
+    started: bool,
+    completed: Vec<OpDone>,
+}
+
+impl Engine {
+    /// The reconciler for this engine.
+    pub fn reconciler(&self) -> Reconciler {
+        Reconciler {
+            engine: self.clone(),
+            in_flight: HashMap::new(),
+            ops: FuturesUnordered::new(),
+            started: false,
+            completed: Vec::new(),
+        }
+    }
+}
+
+enum Wake {
+    Stop,
+    Work,
+}
+
+impl Reconciler {
+    /// Operations running now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Takes the list of operations finished since the last call (for
+    /// tests and metrics).
+    pub fn take_completed(&mut self) -> Vec<OpDone> {
+        std::mem::take(&mut self.completed)
+    }
+
+    /// Runs until `shutdown` completes. Stops between steps: in-flight
+    /// operations are dropped, and the nodes they were driving are picked
+    /// up again by start-up recovery.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let mut shutdown = pin!(shutdown.fuse());
+        let inner = self.engine.inner.clone();
+        loop {
+            match self.pass().await {
+                Ok(r) if r != PassReport::default() => debug!(?r, "reconciler pass"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "reconciler pass failed; retrying at the next tick"),
+            }
+            let mut tick = sleep(&*inner.clock, inner.policy.tick);
+            let wake = poll_fn(|cx| {
+                if shutdown.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Stop);
+                }
+                let mut woke = false;
+                while let Poll::Ready(Some(done)) = self.ops.poll_next_unpin(cx) {
+                    self.finish(done);
+                    woke = true;
+                }
+                if inner.kick.poll_kicked(cx).is_ready() || tick.as_mut().poll(cx).is_ready() {
+                    woke = true;
+                }
+                if woke { Poll::Ready(Wake::Work) } else { Poll::Pending }
+            })
+            .await;
+            if let Wake::Stop = wake {
+                info!(in_flight = self.in_flight.len(), "reconciler stopping");
+                return;
+            }
+        }
+    }
+
+    /// Polls running operations once, without waiting, recording the
+    /// finished ones. Useful when driving the reconciler step by step.
+    pub fn poll_operations(&mut self) {
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        while let Poll::Ready(Some(done)) = self.ops.poll_next_unpin(&mut cx) {
+            self.finish(done);
+        }
+    }
+
+    /// Waits until every running operation has finished.
+    pub async fn drain(&mut self) {
+        while let Some(done) = self.ops.next().await {
+            self.finish(done);
+        }
+    }
+
+    fn finish(&mut self, done: OpDone) {
+        self.in_flight.remove(&done.node);
+        match &done.outcome {
+            OpOutcome::InstallFailed(r) => warn!(node = %done.node, reason = %r, "install failed"),
+            OpOutcome::StoreFailed(r) => warn!(node = %done.node, error = %r, "operation could not record its result"),
+            _ => debug!(node = %done.node, outcome = ?done.outcome, "operation finished"),
+        }
+        self.completed.push(done);
+    }
+
+    /// One step: sweeps (start-up recovery on the first call, expired holds,
+    /// abandoned work), plans, and starts the planned operations. Does not
+    /// wait for them; [`Reconciler::run`] does, as does
+    /// [`Reconciler::drain`].
+    pub async fn pass(&mut self) -> Result<PassReport, EngineError> {
+        let inner = self.engine.inner.clone();
+        let store = &inner.store;
+        let policy = &inner.policy;
+        let mut report = PassReport::default();
+        let startup = !self.started;
+        self.started = true;
+        let now = inner.clock.now();
+
+        // Sessions: reclaim expired fail holds, abort stale allocations.
+        for s in store.live_sessions().await? {
+            match s.state {
+                SessionState::Fail if s.hold_until.is_some_and(|t| t <= now) => {
+                    report.sessions_reclaimed += usize::from(self.reclaim(&s).await?);
+                }
+                SessionState::Allocating if startup || now.since(s.created_at) >= policy.stale_allocation_after() => {
+                    let actor = if startup { Actor::Recovery } else { Actor::Reconciler };
+                    let why = if startup {
+                        "allocation interrupted by a restart"
+                    } else {
+                        "allocation abandoned (no progress within the prepare deadline)"
+                    };
+                    self.engine.abort_allocation(&s.id, &HashMap::new(), why, actor).await?;
+                    report.allocations_aborted += 1;
+                }
+                _ => {}
+            }
+        }
+
+        let nodes = store.nodes().await?;
+        let targets = store.pool_targets().await?;
+        let paused = store.paused().await?;
+
+        // Installs nobody is driving: after a crash, or abandoned by a dead
+        // process. Re-drive them with the image they were getting.
+        let installs_in_flight = self.in_flight.values().filter(|(_, install)| *install).count();
+        let mut restart_budget = policy.max_concurrent_installs.saturating_sub(installs_in_flight);
+        for n in nodes.iter().filter(|n| n.state == NodeState::Provisioning) {
+            if self.in_flight.contains_key(&n.id) || restart_budget == 0 {
+                continue;
+            }
+            if !startup && now.since(n.state_since) < policy.stale_install_after() {
+                continue;
+            }
+            if self.in_flight.values().any(|(b, _)| b == n.bmc_key()) {
+                continue;
+            }
+            let Some(image) = n.image.clone() else { continue };
+            let actor = if startup { Actor::Recovery } else { Actor::Reconciler };
+            match self.commit_one(n, Cause::InstallRestarted, actor, now).await? {
+                Some(after) => {
+                    info!(node = %n.hostname, %image, "re-driving an interrupted install");
+                    self.start_install(after, image);
+                    restart_budget -= 1;
+                    report.installs_restarted += 1;
+                }
+                None => continue,
+            }
+        }
+
+        let busy_nodes: HashSet<NodeId> = self.in_flight.keys().copied().collect();
+        let busy_bmcs: HashSet<String> = self.in_flight.values().map(|(b, _)| b.clone()).collect();
+        let installs_in_flight = self.in_flight.values().filter(|(_, install)| *install).count();
+        let Plan { installs, power_downs, expired_failures, .. } = plan(PlanInput {
+            nodes: &nodes,
+            targets: &targets,
+            policy,
+            now,
+            paused,
+            busy_nodes: &busy_nodes,
+            busy_bmcs: &busy_bmcs,
+            installs_in_flight,
+        });
+        let by_id: HashMap<NodeId, &Node> = nodes.iter().map(|n| (n.id, n)).collect();
+
+        for id in expired_failures {
+            if let Some(n) = by_id.get(&id) {
+                if self.commit_one(n, Cause::HoldExpired, Actor::Reconciler, now).await?.is_some() {
+                    report.failures_expired += 1;
+                }
+            }
+        }
+        for p in installs {
+            let Some(n) = by_id.get(&p.node) else { continue };
+            let why = match p.reason {
+                crate::planner::InstallReason::Fill => "fill",
+                crate::planner::InstallReason::Stale => "stale",
+            };
+            let cause = Cause::InstallStarted { image: p.image.clone(), why: why.to_string() };
+            if let Some(after) = self.commit_one(n, cause, Actor::Reconciler, now).await? {
+                self.start_install(after, p.image);
+                report.installs_started += 1;
+            }
+        }
+        for id in power_downs {
+            let Some(n) = by_id.get(&id) else { continue };
+            if let Some(after) = self.commit_one(n, Cause::PoweredDown, Actor::Reconciler, now).await? {
+                self.start_power_off(after);
+                report.power_downs_started += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Writes one transition; `Ok(None)` if the node changed since it was
+    /// read (someone else got there first) or the transition no longer
+    /// applies.
+    async fn commit_one(
+        &self,
+        n: &Node,
+        cause: Cause,
+        actor: Actor,
+        now: crate::Timestamp,
+    ) -> Result<Option<Node>, EngineError> {
+        let w = match NodeWrite::transition(n, cause, actor, now) {
+            Ok(w) => w,
+            Err(e) => {
+                debug!(node = %n.hostname, error = %e, "planned transition no longer applies");
+                return Ok(None);
+            }
+        };
+        let after = w.node.clone();
+        match self.engine.inner.store.commit(Batch { nodes: vec![w], ..Batch::default() }).await {
+            Ok(()) => Ok(Some(after)),
+            Err(CommitError::Store(e)) => Err(e.into()),
+            Err(e) => {
+                debug!(node = %n.hostname, error = %e, "node changed under the reconciler");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Ends a failed session whose hold ran out; its nodes go back to be
+    /// reinstalled.
+    async fn reclaim(&self, s: &crate::Session) -> Result<bool, EngineError> {
+        let inner = &self.engine.inner;
+        let now = inner.clock.now();
+        let mut batch = Batch::default();
+        for id in &s.nodes {
+            let Some(n) = inner.store.node(*id).await? else { continue };
+            if n.session.as_ref() == Some(&s.id) && n.state == NodeState::Failed {
+                batch.nodes.push(NodeWrite::transition(&n, Cause::HoldExpired, Actor::Reconciler, now)?);
+            }
+        }
+        let mut done = s.clone();
+        done.state = SessionState::Done;
+        done.ended_at = Some(now);
+        done.end_reason = Some("fail hold expired; nodes reclaimed".into());
+        done.version += 1;
+        batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: done });
+        match inner.store.commit(batch).await {
+            Ok(()) => {
+                info!(session = %s.id, project = %s.project, "fail hold expired; session reclaimed");
+                Ok(true)
+            }
+            Err(CommitError::Store(e)) => Err(e.into()),
+            Err(_) => Ok(false),
+        }
+    }
+
+    fn start_install(&mut self, node: Node, image: PoolKey) {
+        let inner = self.engine.inner.clone();
+        self.in_flight.insert(node.id, (node.bmc_key().to_string(), true));
+        self.ops.push(Box::pin(install_op(inner, node, image)));
+    }
+
+    fn start_power_off(&mut self, node: Node) {
+        let inner = self.engine.inner.clone();
+        let bmc = node.bmc_key().to_string();
+        self.in_flight.insert(node.id, (bmc.clone(), false));
+        self.ops.push(Box::pin(async move {
+            let r =
+                timeout(&*inner.clock, inner.policy.prepare_timeout, inner.power.power(&node, PowerAction::Off)).await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(node = %node.hostname, error = %e, "powering down failed"),
+                Err(e) => warn!(node = %node.hostname, error = %e, "powering down timed out"),
+            }
+            OpDone { node: node.id, bmc, install: false, outcome: OpOutcome::PoweredDown }
+        }));
+    }
+}
+
+/// One install with retries. `node` is the row as written by the
+/// transition into Provisioning.
+async fn install_op(inner: Arc<Inner>, mut node: Node, image: PoolKey) -> OpDone {
+    let id = node.id;
+    let bmc = node.bmc_key().to_string();
+    let done = |outcome| OpDone { node: id, bmc: bmc.clone(), install: true, outcome };
+    let attempts = inner.policy.install_attempts.max(1);
+    for attempt in 0..attempts {
+        let r = timeout(&*inner.clock, inner.policy.install_timeout, inner.installer.install(&node, &image)).await;
+        let reason = match r {
+            Ok(Ok(())) => {
+                return done(match write(&inner, &node, Cause::InstallSucceeded).await {
+                    Ok(Some(_)) => OpOutcome::Installed,
+                    Ok(None) => OpOutcome::Superseded,
+                    Err(e) => OpOutcome::StoreFailed(e.to_string()),
+                });
+            }
+            Ok(Err(e)) => e.message,
+            Err(el) => format!("install {el}"),
+        };
+        if attempt + 1 == attempts {
+            let retry_at = inner.policy.failed_retry_after.map(|d| inner.clock.now().plus(d));
+            let reason = format!("install of {image} failed after {attempts} attempts: {reason}");
+            return done(match write(&inner, &node, Cause::InstallFailed { reason: reason.clone(), retry_at }).await {
+                Ok(Some(_)) => OpOutcome::InstallFailed(reason),
+                Ok(None) => OpOutcome::Superseded,
+                Err(e) => OpOutcome::StoreFailed(e.to_string()),
+            });
+        }
+        debug!(node = %node.hostname, attempt = attempt + 1, %reason, "install attempt failed; retrying");
+        match write(&inner, &node, Cause::InstallAttemptFailed { reason }).await {
+            Ok(Some(after)) => node = after,
+            Ok(None) => return done(OpOutcome::Superseded),
+            Err(e) => return done(OpOutcome::StoreFailed(e.to_string())),
+        }
+        sleep(&*inner.clock, inner.policy.backoff(attempt)).await;
+    }
+    done(OpOutcome::Superseded)
+}
+
+async fn write(inner: &Inner, node: &Node, cause: Cause) -> Result<Option<Node>, EngineError> {
+    let Ok(w) = NodeWrite::transition(node, cause, Actor::Reconciler, inner.clock.now()) else { return Ok(None) };
+    let after = w.node.clone();
+    match inner.store.commit(Batch { nodes: vec![w], ..Batch::default() }).await {
+        Ok(()) => Ok(Some(after)),
+        Err(CommitError::Store(e)) => Err(e.into()),
+        Err(_) => Ok(None),
+    }
+}

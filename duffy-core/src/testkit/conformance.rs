@@ -1,0 +1,665 @@
+//! The `Store` conformance suite: what every backend must do, checked the
+//! same way for all of them.
+//!
+//! Each check is a public async function taking a fresh, empty store.
+//! A backend's tests call them all with [`store_conformance_tests!`]
+//! (which needs `tokio` with the `macros` and `rt-multi-thread` features
+//! among the backend's dev-dependencies):
+//!
+//! ```ignore
+//! duffy_core::store_conformance_tests!(|| async { std::sync::Arc::new(MyStore::open_temp().await) as std::sync::Arc<dyn duffy_core::Store> });
+//! ```
+//!
+//! [`check_invariants`] and [`check_history`] verify the farm-wide
+//! invariants on any store, for property, stress and crash tests.
+//!
+//! [`store_conformance_tests!`]: crate::store_conformance_tests
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::model::{
+    Actor, Arch, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId, SessionState,
+};
+use crate::policy::RateLimit;
+use crate::state::{Cause, CauseKind, NodeState};
+use crate::store::{
+    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeWrite, SessionWrite, Store,
+    StoreError,
+};
+use crate::time::Timestamp;
+
+/// Generates one `#[tokio::test]` per conformance check, each on a fresh
+/// store from `$factory` (a closure returning a future of
+/// `Arc<dyn Store>`).
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($factory:expr) => {
+        $crate::store_conformance_tests!(@tests $factory;
+            nodes_are_added_all_or_nothing,
+            compare_and_set_is_all_or_nothing,
+            event_log_is_ordered_and_filtered,
+            claim_takes_least_used_first,
+            claim_refusals_write_nothing,
+            concurrent_claims_never_share_a_node,
+            quota_counts_live_sessions,
+            rate_limit_counts_recent_sessions,
+            sessions_are_compare_and_set,
+            guards_undo_the_whole_batch,
+            projects_and_keys,
+            pool_targets_and_pause_flag,
+        );
+    };
+    (@tests $factory:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let store = ($factory)().await;
+                $crate::testkit::conformance::$name(store).await;
+            }
+        )*
+    };
+}
+
+const T0: Timestamp = Timestamp(1_700_000_000_000);
+
+/// The default test pool, 7/x86_64.
+pub fn pool7() -> PoolKey {
+    PoolKey::new("7", Arch::X86_64, None)
+}
+
+/// Adds `count` machines named `{prefix}{i}` and installs them into
+/// `pool`, returning them Ready.
+pub async fn add_ready(store: &dyn Store, prefix: &str, count: usize, pool: &PoolKey) -> Vec<Node> {
+    let news = (0..count).map(|i| NewNode::new(format!("{prefix}{i}"), Arch::X86_64)).collect();
+    let nodes = store.add_nodes(news, Actor::Operator, T0).await.expect("add nodes");
+    let mut out = Vec::new();
+    for n in nodes {
+        let w = NodeWrite::transition(
+            &n,
+            Cause::InstallStarted { image: pool.clone(), why: "test".into() },
+            Actor::Reconciler,
+            T0,
+        )
+        .expect("legal");
+        let n = w.node.clone();
+        store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.expect("install started");
+        let w = NodeWrite::transition(&n, Cause::InstallSucceeded, Actor::Reconciler, T0).expect("legal");
+        let n = w.node.clone();
+        store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.expect("install succeeded");
+        out.push(n);
+    }
+    out
+}
+
+/// A claim request with no quota and no rate limit.
+pub fn claim_req(session: &str, key: u64, project: &str, count: u32, now: Timestamp) -> ClaimRequest {
+    ClaimRequest {
+        session: SessionId(session.to_string()),
+        project: project.to_string(),
+        key_id: KeyId(key),
+        pool: pool7(),
+        count,
+        quota: None,
+        rate_limit: None,
+        actor: Actor::Key(KeyId(key)),
+        now,
+    }
+}
+
+/// Claims and expects success.
+pub async fn claim_ok(store: &dyn Store, req: ClaimRequest) -> Claimed {
+    match store.claim(req).await {
+        Ok(Ok(c)) => c,
+        other => panic!("claim should succeed: {other:?}"),
+    }
+}
+
+/// Releases a session the way the engine's done does: Allocating or Prod
+/// to Done, its nodes back to Active.
+pub async fn release(store: &dyn Store, sid: &SessionId, now: Timestamp) -> Result<(), CommitError> {
+    let s = store.session(sid).await?.ok_or_else(|| StoreError::NotFound(format!("session {sid}")))?;
+    let mut batch = Batch::default();
+    for id in &s.nodes {
+        let n = store.node(*id).await?.ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
+        let cause = if n.state == NodeState::Contextualizing {
+            Cause::AllocationAborted { reason: "test".into() }
+        } else {
+            Cause::Released
+        };
+        batch.nodes.push(
+            NodeWrite::transition(&n, cause, Actor::Key(s.key_id), now)
+                .map_err(|e| StoreError::Invalid(e.to_string()))?,
+        );
+    }
+    let mut done = s.clone();
+    done.state = SessionState::Done;
+    done.ended_at = Some(now);
+    done.version += 1;
+    batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: done });
+    store.commit(batch).await
+}
+
+/// Adding nodes: ids assigned, `Added` events written, lookups work, and a
+/// duplicate hostname (in the store or in the same call) adds nothing.
+pub async fn nodes_are_added_all_or_nothing(store: Arc<dyn Store>) {
+    let added = store
+        .add_nodes(
+            vec![NewNode::new("a.example", Arch::X86_64), NewNode::new("b.example", Arch::Aarch64)],
+            Actor::Operator,
+            T0,
+        )
+        .await
+        .expect("add");
+    assert_eq!(added.len(), 2);
+    assert_ne!(added[0].id, added[1].id);
+    assert!(added.iter().all(|n| n.state == NodeState::Active && n.version == 1 && n.used_count == 0));
+    let dup = store
+        .add_nodes(
+            vec![NewNode::new("c.example", Arch::X86_64), NewNode::new("a.example", Arch::X86_64)],
+            Actor::Operator,
+            T0,
+        )
+        .await;
+    assert!(matches!(dup, Err(StoreError::Duplicate(_))), "{dup:?}");
+    let twice = store
+        .add_nodes(
+            vec![NewNode::new("d.example", Arch::X86_64), NewNode::new("d.example", Arch::X86_64)],
+            Actor::Operator,
+            T0,
+        )
+        .await;
+    assert!(matches!(twice, Err(StoreError::Duplicate(_))), "{twice:?}");
+    let all = store.nodes().await.expect("nodes");
+    assert_eq!(all.iter().map(|n| n.hostname.as_str()).collect::<Vec<_>>(), vec!["a.example", "b.example"]);
+    assert_eq!(store.node_by_hostname("b.example").await.expect("read"), Some(added[1].clone()));
+    assert_eq!(store.node(added[0].id).await.expect("read"), Some(added[0].clone()));
+    assert_eq!(store.node_by_hostname("c.example").await.expect("read"), None);
+    assert_eq!(store.node(NodeId(9_999_999)).await.expect("read"), None);
+    let mut reserved = NewNode::new("r.example", Arch::X86_64);
+    reserved.reserved = true;
+    let r = store.add_nodes(vec![reserved], Actor::Operator, T0).await.expect("add reserved");
+    assert_eq!(r[0].state, NodeState::Reserved);
+    let ev = store.events(EventQuery::default()).await.expect("events");
+    assert_eq!(ev.len(), 3);
+    assert!(ev.iter().all(|e| e.cause == CauseKind::Added));
+    let bad = store.add_nodes(vec![NewNode::new("bad host", Arch::X86_64)], Actor::Operator, T0).await;
+    assert!(matches!(bad, Err(StoreError::Invalid(_))), "{bad:?}");
+}
+
+/// A batch is written only if every expected version matches; a stale
+/// write anywhere in it writes nothing, not even its events.
+pub async fn compare_and_set_is_all_or_nothing(store: Arc<dyn Store>) {
+    let nodes = store
+        .add_nodes(vec![NewNode::new("a", Arch::X86_64), NewNode::new("b", Arch::X86_64)], Actor::Operator, T0)
+        .await
+        .expect("add");
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let wa = NodeWrite::transition(a, Cause::SetAdmin, Actor::Operator, T0).expect("legal");
+    store.commit(Batch { nodes: vec![wa.clone()], ..Batch::default() }).await.expect("first write");
+    // Same write again: its expected version is stale now.
+    let again = store.commit(Batch { nodes: vec![wa], ..Batch::default() }).await;
+    assert!(matches!(again, Err(CommitError::Conflict(_))), "{again:?}");
+    // A batch with one fresh and one stale write writes neither.
+    let wb = NodeWrite::transition(b, Cause::SetAdmin, Actor::Operator, T0).expect("legal");
+    let stale_a = NodeWrite::transition(a, Cause::SetAdmin, Actor::Operator, T0).expect("legal");
+    let mixed = store.commit(Batch { nodes: vec![wb, stale_a], ..Batch::default() }).await;
+    assert!(matches!(mixed, Err(CommitError::Conflict(_))), "{mixed:?}");
+    let b_now = store.node(b.id).await.expect("read").expect("exists");
+    assert_eq!((b_now.state, b_now.version), (NodeState::Active, 1));
+    let ev = store.events(EventQuery::default()).await.expect("events");
+    assert_eq!(ev.len(), 3, "two Added and one SetAdmin, nothing from the refused batches");
+    let a_now = store.node(a.id).await.expect("read").expect("exists");
+    assert_eq!((a_now.state, a_now.version), (NodeState::Reserved, 2));
+    // Writing a node that does not exist is a conflict too.
+    let mut ghost = a_now.clone();
+    ghost.id = NodeId(424_242);
+    let w = NodeWrite::transition(&ghost, Cause::Recovered, Actor::Operator, T0).expect("legal");
+    assert!(matches!(store.commit(Batch { nodes: vec![w], ..Batch::default() }).await, Err(CommitError::Conflict(_))));
+}
+
+/// Events come back in commit order with increasing `seq`, carry what the
+/// core gave them, and filter by node, position and count.
+pub async fn event_log_is_ordered_and_filtered(store: Arc<dyn Store>) {
+    let ready = add_ready(&*store, "n", 3, &pool7()).await;
+    let all = store.events(EventQuery::default()).await.expect("events");
+    assert_eq!(all.len(), 3 + 3 * 2);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "seq increases");
+    let n1 = store.events(EventQuery { node: Some(ready[1].id), ..EventQuery::default() }).await.expect("events");
+    let causes: Vec<_> = n1.iter().map(|e| (e.cause, e.from, e.to)).collect();
+    assert_eq!(
+        causes,
+        vec![
+            (CauseKind::Added, NodeState::Active, NodeState::Active),
+            (CauseKind::InstallStarted, NodeState::Active, NodeState::Provisioning),
+            (CauseKind::InstallSucceeded, NodeState::Provisioning, NodeState::Ready),
+        ]
+    );
+    assert_eq!(n1[1].detail.as_deref(), Some("7/x86_64 (test)"));
+    assert_eq!(n1[1].actor, Actor::Reconciler);
+    let after =
+        store.events(EventQuery { after_seq: all[4].seq, limit: 2, ..EventQuery::default() }).await.expect("events");
+    assert_eq!(after, all[5..7].to_vec());
+    check_history(&*store).await.expect("history replays");
+}
+
+/// A claim takes Ready nodes of the pool, least `used_count` first, then
+/// lowest id; moves them to Contextualizing; bumps `used_count`; inserts
+/// the session; and writes an `Allocated` event per node.
+pub async fn claim_takes_least_used_first(store: Arc<dyn Store>) {
+    let ready = add_ready(&*store, "n", 4, &pool7()).await;
+    // Another pool's nodes are never taken.
+    let other = PoolKey::new("6", Arch::X86_64, None);
+    add_ready(&*store, "six", 2, &other).await;
+    let first = claim_ok(&*store, claim_req("s1", 1, "p", 2, T0)).await;
+    assert_eq!(first.nodes.iter().map(|n| n.id).collect::<Vec<_>>(), vec![ready[0].id, ready[1].id]);
+    release(&*store, &first.session.id, T0).await.expect("release");
+    // Nodes 0 and 1 were used once; put them back in the pool.
+    for n in &ready[..2] {
+        let cur = store.node(n.id).await.expect("read").expect("exists");
+        add_back(&*store, &cur).await;
+    }
+    let second = claim_ok(&*store, claim_req("s2", 1, "p", 3, T0)).await;
+    let ids: Vec<_> = second.nodes.iter().map(|n| n.id).collect();
+    assert_eq!(ids, vec![ready[2].id, ready[3].id, ready[0].id], "unused first, then by id");
+    let s = store.session(&SessionId("s2".into())).await.expect("read").expect("exists");
+    assert_eq!(
+        (s.state, s.nodes.clone(), s.project.as_str(), s.key_id),
+        (SessionState::Allocating, ids.clone(), "p", KeyId(1))
+    );
+    for id in &ids {
+        let n = store.node(*id).await.expect("read").expect("exists");
+        assert_eq!(n.state, NodeState::Contextualizing);
+        assert_eq!(n.session, Some(SessionId("s2".into())));
+        assert!(n.used_count >= 1);
+    }
+    assert_eq!(second.nodes[2].used_count, 2);
+    let ev = store.events(EventQuery { node: Some(ready[0].id), ..EventQuery::default() }).await.expect("events");
+    assert_eq!(ev.iter().filter(|e| e.cause == CauseKind::Allocated).count(), 2);
+    let counts = store.ready_counts().await.expect("counts");
+    assert_eq!(counts, vec![(other, 2), (pool7(), 1)]);
+    check_invariants(&*store).await.expect("invariants");
+}
+
+async fn add_back(store: &dyn Store, n: &Node) {
+    let w =
+        NodeWrite::transition(n, Cause::InstallStarted { image: pool7(), why: "test".into() }, Actor::Reconciler, T0)
+            .expect("legal");
+    let n = w.node.clone();
+    store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.expect("commit");
+    let w = NodeWrite::transition(&n, Cause::InstallSucceeded, Actor::Reconciler, T0).expect("legal");
+    store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.expect("commit");
+}
+
+/// Refused claims (too few nodes, quota, rate limit, duplicate session id)
+/// write nothing at all.
+pub async fn claim_refusals_write_nothing(store: Arc<dyn Store>) {
+    add_ready(&*store, "n", 2, &pool7()).await;
+    let before_nodes = store.nodes().await.expect("nodes");
+    let before_events = store.events(EventQuery::default()).await.expect("events").len();
+    let r = store.claim(claim_req("s1", 1, "p", 3, T0)).await.expect("store ok");
+    assert_eq!(r, Err(ClaimRefusal::InsufficientNodes { requested: 3, available: 2 }));
+    let mut other_pool = claim_req("s1", 1, "p", 1, T0);
+    other_pool.pool = PoolKey::new("5", Arch::I386, None);
+    assert_eq!(
+        store.claim(other_pool).await.expect("store ok"),
+        Err(ClaimRefusal::InsufficientNodes { requested: 1, available: 0 })
+    );
+    let mut q = claim_req("s1", 1, "p", 2, T0);
+    q.quota = Some(1);
+    assert_eq!(
+        store.claim(q).await.expect("store ok"),
+        Err(ClaimRefusal::QuotaExceeded { held: 0, requested: 2, quota: 1 })
+    );
+    assert_eq!(store.nodes().await.expect("nodes"), before_nodes);
+    assert_eq!(store.events(EventQuery::default()).await.expect("events").len(), before_events);
+    assert_eq!(store.session(&SessionId("s1".into())).await.expect("read"), None);
+    assert!(store.live_sessions().await.expect("live").is_empty());
+    claim_ok(&*store, claim_req("s1", 1, "p", 1, T0)).await;
+    let dup = store.claim(claim_req("s1", 1, "p", 1, T0)).await;
+    assert!(matches!(dup, Err(StoreError::Duplicate(_))), "{dup:?}");
+    assert_eq!(store.live_sessions().await.expect("live").len(), 1);
+    check_invariants(&*store).await.expect("invariants");
+}
+
+/// Many tasks claiming at once: every node goes to at most one session,
+/// every successful claim got exactly its count, and the numbers add up.
+pub async fn concurrent_claims_never_share_a_node(store: Arc<dyn Store>) {
+    const NODES: usize = 40;
+    add_ready(&*store, "n", NODES, &pool7()).await;
+    let mut tasks = Vec::new();
+    for t in 0..32u64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for i in 0..4u64 {
+                let req = claim_req(&format!("s-{t}-{i}"), t, "p", 1 + (t % 3) as u32, T0);
+                match store.claim(req).await {
+                    Ok(Ok(c)) => got.push(c),
+                    Ok(Err(ClaimRefusal::InsufficientNodes { .. })) => {}
+                    other => panic!("unexpected claim result {other:?}"),
+                }
+            }
+            got
+        }));
+    }
+    let mut owner: HashMap<NodeId, SessionId> = HashMap::new();
+    let mut claimed = 0;
+    for t in tasks {
+        for c in t.await.expect("task") {
+            assert_eq!(c.nodes.len(), c.session.nodes.len());
+            for n in &c.nodes {
+                if let Some(prev) = owner.insert(n.id, c.session.id.clone()) {
+                    panic!("node {} given to {prev} and {}", n.id, c.session.id);
+                }
+            }
+            claimed += c.nodes.len();
+        }
+    }
+    assert!((NODES - 2..=NODES).contains(&claimed), "claimed {claimed} of {NODES}");
+    let nodes = store.nodes().await.expect("nodes");
+    assert_eq!(nodes.iter().filter(|n| n.state == NodeState::Contextualizing).count(), claimed);
+    check_invariants(&*store).await.expect("invariants");
+    check_history(&*store).await.expect("history");
+}
+
+/// The quota counts nodes held by the project's live sessions, across its
+/// keys, and frees up when a session ends.
+pub async fn quota_counts_live_sessions(store: Arc<dyn Store>) {
+    add_ready(&*store, "n", 6, &pool7()).await;
+    let mut r = claim_req("a", 1, "proj", 2, T0);
+    r.quota = Some(3);
+    let a = claim_ok(&*store, r).await;
+    let mut r = claim_req("b", 2, "proj", 2, T0);
+    r.quota = Some(3);
+    assert_eq!(store.claim(r).await.expect("ok"), Err(ClaimRefusal::QuotaExceeded { held: 2, requested: 2, quota: 3 }));
+    let mut r = claim_req("c", 3, "other", 2, T0);
+    r.quota = Some(3);
+    claim_ok(&*store, r).await;
+    release(&*store, &a.session.id, T0).await.expect("release");
+    let mut r = claim_req("d", 2, "proj", 2, T0);
+    r.quota = Some(3);
+    claim_ok(&*store, r).await;
+}
+
+/// The rate limit counts the key's sessions created inside the window,
+/// whatever became of them, and no other key's.
+pub async fn rate_limit_counts_recent_sessions(store: Arc<dyn Store>) {
+    add_ready(&*store, "n", 10, &pool7()).await;
+    let limit = RateLimit { max: 2, window: Duration::from_secs(300) };
+    let req = |sid: &str, key: u64, now: Timestamp| {
+        let mut r = claim_req(sid, key, "p", 1, now);
+        r.rate_limit = Some(limit);
+        r
+    };
+    let first = claim_ok(&*store, req("s1", 1, T0)).await;
+    release(&*store, &first.session.id, T0).await.expect("release");
+    claim_ok(&*store, req("s2", 1, T0.plus(Duration::from_secs(10)))).await;
+    assert_eq!(
+        store.claim(req("s3", 1, T0.plus(Duration::from_secs(20)))).await.expect("ok"),
+        Err(ClaimRefusal::RateLimited { recent: 2, limit })
+    );
+    claim_ok(&*store, req("s4", 2, T0.plus(Duration::from_secs(20)))).await;
+    // Once the first session is out of the window, one more is allowed.
+    claim_ok(&*store, req("s5", 1, T0.plus(Duration::from_secs(301)))).await;
+}
+
+/// Sessions are inserted once and updated only from the version read;
+/// live sessions are listed by creation time and leave the list when done.
+pub async fn sessions_are_compare_and_set(store: Arc<dyn Store>) {
+    add_ready(&*store, "n", 3, &pool7()).await;
+    let a = claim_ok(&*store, claim_req("sa", 1, "p", 1, T0.plus(Duration::from_secs(2)))).await;
+    let b = claim_ok(&*store, claim_req("sb", 1, "p", 1, T0.plus(Duration::from_secs(1)))).await;
+    let live: Vec<_> = store.live_sessions().await.expect("live").into_iter().map(|s| s.id.0).collect();
+    assert_eq!(live, vec!["sb", "sa"], "ordered by creation time");
+    let mut prod: Session = a.session.clone();
+    prod.state = SessionState::Prod;
+    prod.delivered_at = Some(T0);
+    prod.lease_until = Some(T0.plus(Duration::from_secs(3600)));
+    prod.version += 1;
+    let w = SessionWrite { expected_version: Some(a.session.version), session: prod.clone() };
+    store.commit(Batch { sessions: vec![w.clone()], ..Batch::default() }).await.expect("update");
+    assert!(matches!(
+        store.commit(Batch { sessions: vec![w], ..Batch::default() }).await,
+        Err(CommitError::Conflict(_))
+    ));
+    let insert_again = SessionWrite { expected_version: None, session: b.session.clone() };
+    assert!(matches!(
+        store.commit(Batch { sessions: vec![insert_again], ..Batch::default() }).await,
+        Err(CommitError::Conflict(_))
+    ));
+    assert_eq!(store.session(&a.session.id).await.expect("read"), Some(prod));
+    release(&*store, &b.session.id, T0).await.expect("release");
+    let live: Vec<_> = store.live_sessions().await.expect("live").into_iter().map(|s| s.id.0).collect();
+    assert_eq!(live, vec!["sa"]);
+    let done = store.session(&b.session.id).await.expect("read").expect("kept");
+    assert_eq!(done.state, SessionState::Done);
+}
+
+/// A batch whose guard fails on the state it would leave writes nothing.
+pub async fn guards_undo_the_whole_batch(store: Arc<dyn Store>) {
+    add_ready(&*store, "n", 4, &pool7()).await;
+    let mut held = Vec::new();
+    for sid in ["f1", "f2"] {
+        let c = claim_ok(&*store, claim_req(sid, 1, "proj", 2, T0)).await;
+        // Deliver, then fail, the way the engine does.
+        let mut batch = Batch::default();
+        let mut nodes = Vec::new();
+        for n in &c.nodes {
+            let w = NodeWrite::transition(n, Cause::Prepared, Actor::Key(KeyId(1)), T0).expect("legal");
+            nodes.push(w.node.clone());
+            batch.nodes.push(w);
+        }
+        let mut s = c.session.clone();
+        s.state = SessionState::Prod;
+        s.version += 1;
+        batch.sessions.push(SessionWrite { expected_version: Some(c.session.version), session: s.clone() });
+        store.commit(batch).await.expect("deliver");
+        held.push((s, nodes));
+    }
+    let fail = |s: &Session, nodes: &[Node], max: u32| {
+        let hold = T0.plus(Duration::from_secs(60));
+        let mut batch = Batch::default();
+        for n in nodes {
+            batch.nodes.push(
+                NodeWrite::transition(n, Cause::FailedByUser { hold_until: hold }, Actor::Key(KeyId(1)), T0)
+                    .expect("legal"),
+            );
+        }
+        let mut f = s.clone();
+        f.state = SessionState::Fail;
+        f.hold_until = Some(hold);
+        f.version += 1;
+        batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: f });
+        batch.guards.push(Guard::ProjectFailedNodesAtMost { project: "proj".into(), max });
+        batch
+    };
+    store.commit(fail(&held[0].0, &held[0].1, 3)).await.expect("first fail fits");
+    let before = store.events(EventQuery::default()).await.expect("events").len();
+    let r = store.commit(fail(&held[1].0, &held[1].1, 3)).await;
+    match r {
+        Err(CommitError::GuardFailed { actual, .. }) => assert_eq!(actual, 4),
+        other => panic!("expected the guard to fail: {other:?}"),
+    }
+    let s = store.session(&held[1].0.id).await.expect("read").expect("exists");
+    assert_eq!(s.state, SessionState::Prod, "nothing written");
+    for n in &held[1].1 {
+        let cur = store.node(n.id).await.expect("read").expect("exists");
+        assert_eq!((cur.state, cur.version), (NodeState::Deployed, n.version));
+    }
+    assert_eq!(store.events(EventQuery::default()).await.expect("events").len(), before);
+    // Another project is not counted.
+    let mut other = fail(&held[1].0, &held[1].1, 2);
+    other.guards = vec![Guard::ProjectFailedNodesAtMost { project: "someone-else".into(), max: 0 }];
+    store.commit(other).await.expect("other project's cap is not ours");
+    check_invariants(&*store).await.expect("invariants");
+}
+
+/// Projects are created and updated; keys are stored by hash for existing
+/// projects only, found by hash, and unique.
+pub async fn projects_and_keys(store: Arc<dyn Store>) {
+    let h = crate::hash_api_key("k1");
+    let missing = store.add_api_key("nope", h, false, T0).await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
+    let p = Project { name: "proj".into(), quota: Some(5), ssh_keys: vec!["ssh-ed25519 AAAA test".into()] };
+    store.upsert_project(p.clone()).await.expect("create");
+    assert_eq!(store.project("proj").await.expect("read"), Some(p.clone()));
+    let p2 = Project { quota: None, ..p };
+    store.upsert_project(p2.clone()).await.expect("update");
+    assert_eq!(store.project("proj").await.expect("read"), Some(p2));
+    let k = store.add_api_key("proj", h, true, T0).await.expect("key");
+    assert_eq!((k.project.as_str(), k.admin, k.hash), ("proj", true, h));
+    let k2 = store.add_api_key("proj", crate::hash_api_key("k2"), false, T0).await.expect("second key");
+    assert_ne!(k.id, k2.id);
+    assert_eq!(store.api_key_by_hash(&h).await.expect("read"), Some(k));
+    assert_eq!(store.api_key_by_hash(&crate::hash_api_key("k3")).await.expect("read"), None);
+    assert!(matches!(store.add_api_key("proj", h, false, T0).await, Err(StoreError::Duplicate(_))));
+    assert!(matches!(
+        store.upsert_project(Project { name: "bad name".into(), quota: None, ssh_keys: vec![] }).await,
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+/// Pool targets are set and listed by pool; the pause flag swaps
+/// atomically.
+pub async fn pool_targets_and_pause_flag(store: Arc<dyn Store>) {
+    assert!(store.pool_targets().await.expect("read").is_empty());
+    for t in PoolTarget::seed_defaults() {
+        store.set_pool_target(t).await.expect("set");
+    }
+    store.set_pool_target(PoolTarget { pool: pool7(), standby: 3 }).await.expect("update");
+    let t = store.pool_targets().await.expect("read");
+    assert_eq!(t.len(), 5);
+    assert!(t.windows(2).all(|w| w[0].pool < w[1].pool), "ordered by pool");
+    assert_eq!(t.iter().find(|x| x.pool == pool7()).map(|x| x.standby), Some(3));
+    let arm = PoolKey::new("9", Arch::Aarch64, None);
+    store.set_pool_target(PoolTarget { pool: arm.clone(), standby: 1 }).await.expect("set");
+    assert!(
+        store
+            .pool_targets()
+            .await
+            .expect("read")
+            .iter()
+            .any(|x| x.pool == arm && x.pool.flavor.as_deref() == Some("tiny"))
+    );
+    assert!(!store.paused().await.expect("read"));
+    assert!(!store.set_paused(true).await.expect("pause"));
+    assert!(store.paused().await.expect("read"));
+    assert!(store.set_paused(true).await.expect("pause again"));
+    assert!(store.set_paused(false).await.expect("resume"));
+    assert!(!store.paused().await.expect("read"));
+}
+
+/// Checks the farm-wide invariants on a store's current state:
+///
+/// - a node holds a session only in Contextualizing, Deployed or Failed,
+///   and then that session exists, is live, lists the node, and is in the
+///   matching state (Allocating, Prod, Fail);
+/// - nodes in any other state hold no session, Ready nodes carry an image;
+/// - no node is listed as held by two live sessions;
+/// - no project holds more nodes than its quota.
+pub async fn check_invariants(store: &dyn Store) -> Result<(), String> {
+    let nodes = store.nodes().await.map_err(|e| e.to_string())?;
+    let live = store.live_sessions().await.map_err(|e| e.to_string())?;
+    let by_id: HashMap<&SessionId, &Session> = live.iter().map(|s| (&s.id, s)).collect();
+    let mut held_by: HashMap<NodeId, &SessionId> = HashMap::new();
+    let mut per_project: HashMap<&str, u32> = HashMap::new();
+    for n in &nodes {
+        match (&n.session, n.state) {
+            (Some(sid), NodeState::Contextualizing | NodeState::Deployed | NodeState::Failed) => {
+                let s =
+                    by_id.get(sid).ok_or_else(|| format!("node {} held by {sid}, which is not live", n.hostname))?;
+                let want = match n.state {
+                    NodeState::Contextualizing => SessionState::Allocating,
+                    NodeState::Deployed => SessionState::Prod,
+                    _ => SessionState::Fail,
+                };
+                if s.state != want {
+                    return Err(format!(
+                        "node {} is {} but its session {sid} is {}",
+                        n.hostname,
+                        n.state,
+                        s.state.as_str()
+                    ));
+                }
+                if !s.nodes.contains(&n.id) {
+                    return Err(format!("node {} claims session {sid}, which does not list it", n.hostname));
+                }
+                *per_project.entry(s.project.as_str()).or_default() += 1;
+                held_by.insert(n.id, sid);
+            }
+            (Some(sid), st) => return Err(format!("node {} is {st} yet holds session {sid}", n.hostname)),
+            (None, NodeState::Contextualizing | NodeState::Deployed) => {
+                return Err(format!("node {} is {} without a session", n.hostname, n.state));
+            }
+            (None, NodeState::Ready) if n.image.is_none() => {
+                return Err(format!("node {} is Ready without an image", n.hostname));
+            }
+            _ => {}
+        }
+    }
+    let mut listed: HashSet<NodeId> = HashSet::new();
+    for s in &live {
+        for id in &s.nodes {
+            if held_by.get(id) == Some(&&s.id) && !listed.insert(*id) {
+                return Err(format!("node {id} listed by two live sessions"));
+            }
+        }
+        if s.state == SessionState::Prod {
+            let holding = s.nodes.iter().filter(|id| held_by.get(id) == Some(&&s.id)).count();
+            if holding != s.nodes.len() {
+                return Err(format!("live session {} lists {} nodes but holds {holding}", s.id, s.nodes.len()));
+            }
+        }
+    }
+    for (project, held) in per_project {
+        if let Some(q) = store.project(project).await.map_err(|e| e.to_string())?.and_then(|p| p.quota) {
+            if held > q {
+                return Err(format!("project {project} holds {held} nodes, over its quota of {q}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Replays every node's history: it starts with `Added`, each event leaves
+/// the state the next one starts from, every step is in the transition
+/// table, and the last one ends in the node's current state. A node can
+/// never have been in two places at once.
+pub async fn check_history(store: &dyn Store) -> Result<(), String> {
+    let nodes = store.nodes().await.map_err(|e| e.to_string())?;
+    let events = store.events(EventQuery::default()).await.map_err(|e| e.to_string())?;
+    let mut last: HashMap<NodeId, NodeState> = HashMap::new();
+    let mut prev_seq = 0;
+    for e in &events {
+        if e.seq <= prev_seq {
+            return Err(format!("event seq {} after {prev_seq}", e.seq));
+        }
+        prev_seq = e.seq;
+        match (last.get(&e.node), e.cause) {
+            (None, CauseKind::Added) => {}
+            (None, c) => return Err(format!("node {} history starts with {c}", e.node)),
+            (Some(_), CauseKind::Added) => return Err(format!("node {} added twice", e.node)),
+            (Some(&s), c) => {
+                if s != e.from {
+                    return Err(format!("node {} event {} starts from {} but the node was {s}", e.node, e.seq, e.from));
+                }
+                if crate::state::target(e.from, c) != Some(e.to) {
+                    return Err(format!(
+                        "node {} event {} is not in the table: {} --{c}--> {}",
+                        e.node, e.seq, e.from, e.to
+                    ));
+                }
+            }
+        }
+        last.insert(e.node, e.to);
+    }
+    for n in &nodes {
+        match last.get(&n.id) {
+            Some(&s) if s == n.state => {}
+            other => return Err(format!("node {} is {} but its history ends in {other:?}", n.hostname, n.state)),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,341 @@
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use crate::model::{
+    Actor, ApiKeyHash, ApiKeyRecord, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId,
+    SessionState,
+};
+use crate::state::{Event, NodeState};
+use crate::store::{
+    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, Store, StoreError, claim_writes,
+};
+use crate::time::Timestamp;
+
+#[derive(Debug, Default)]
+struct State {
+    nodes: BTreeMap<NodeId, Node>,
+    by_hostname: HashMap<String, NodeId>,
+    /// Ready nodes by (pool, used_count, id): the claim index.
+    ready: BTreeSet<(PoolKey, u64, NodeId)>,
+    sessions: HashMap<SessionId, Session>,
+    /// Live sessions by (created_at, id).
+    live: BTreeSet<(Timestamp, SessionId)>,
+    /// Session creation times per key, for the rate limit.
+    key_sessions: HashMap<KeyId, Vec<Timestamp>>,
+    events: Vec<Event>,
+    projects: BTreeMap<String, Project>,
+    keys: HashMap<ApiKeyHash, ApiKeyRecord>,
+    targets: BTreeMap<PoolKey, u32>,
+    paused: bool,
+    next_node: u64,
+    next_key: u64,
+}
+
+impl State {
+    fn put_node(&mut self, n: Node) -> Option<Node> {
+        let old = self.nodes.insert(n.id, n.clone());
+        if let Some(o) = &old {
+            if let (NodeState::Ready, Some(p)) = (o.state, &o.image) {
+                self.ready.remove(&(p.clone(), o.used_count, o.id));
+            }
+        }
+        if let (NodeState::Ready, Some(p)) = (n.state, &n.image) {
+            self.ready.insert((p.clone(), n.used_count, n.id));
+        }
+        old
+    }
+
+    fn put_session(&mut self, s: Session) -> Option<Session> {
+        let old = self.sessions.insert(s.id.clone(), s.clone());
+        if let Some(o) = &old {
+            self.live.remove(&(o.created_at, o.id.clone()));
+        }
+        if s.state.is_live() {
+            self.live.insert((s.created_at, s.id.clone()));
+        }
+        if old.is_none() {
+            self.key_sessions.entry(s.key_id).or_default().push(s.created_at);
+        }
+        old
+    }
+
+    fn remove_session(&mut self, id: &SessionId) {
+        if let Some(s) = self.sessions.remove(id) {
+            self.live.remove(&(s.created_at, s.id.clone()));
+            if let Some(v) = self.key_sessions.get_mut(&s.key_id) {
+                if let Some(pos) = v.iter().rposition(|t| *t == s.created_at) {
+                    v.remove(pos);
+                }
+            }
+        }
+    }
+
+    fn held_by_project(&self, project: &str) -> u32 {
+        self.live
+            .iter()
+            .filter_map(|(_, id)| self.sessions.get(id))
+            .filter(|s| s.project == project)
+            .map(|s| {
+                s.nodes.iter().filter(|n| self.nodes.get(n).and_then(|n| n.session.as_ref()) == Some(&s.id)).count()
+                    as u32
+            })
+            .sum()
+    }
+
+    fn failed_held_by_project(&self, project: &str) -> u64 {
+        self.live
+            .iter()
+            .filter_map(|(_, id)| self.sessions.get(id))
+            .filter(|s| s.project == project && s.state == SessionState::Fail)
+            .map(|s| {
+                s.nodes
+                    .iter()
+                    .filter_map(|n| self.nodes.get(n))
+                    .filter(|n| n.state == NodeState::Failed && n.session.as_ref() == Some(&s.id))
+                    .count() as u64
+            })
+            .sum()
+    }
+
+    fn push_event(&mut self, mut e: Event) {
+        e.seq = self.events.len() as u64 + 1;
+        self.events.push(e);
+    }
+
+    fn commit(&mut self, batch: Batch) -> Result<(), CommitError> {
+        // Check every expectation first: nothing is written unless all hold.
+        for w in &batch.nodes {
+            match self.nodes.get(&w.node.id) {
+                Some(n) if n.version == w.expected_version && w.node.version == w.expected_version + 1 => {}
+                _ => return Err(CommitError::Conflict(format!("node {}", w.node.id))),
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        if !batch.nodes.iter().all(|w| seen.insert(w.node.id)) {
+            return Err(CommitError::Store(StoreError::Invalid("a batch writes the same node twice".into())));
+        }
+        for w in &batch.sessions {
+            let cur = self.sessions.get(&w.session.id).map(|s| s.version);
+            if cur != w.expected_version {
+                return Err(CommitError::Conflict(format!("session {}", w.session.id)));
+            }
+        }
+        // Apply, remembering how to undo if a guard fails.
+        let events_before = self.events.len();
+        let mut old_nodes = Vec::new();
+        let mut old_sessions = Vec::new();
+        for w in batch.nodes {
+            self.push_event(w.event);
+            old_nodes.push(self.put_node(w.node));
+        }
+        for w in batch.sessions {
+            let id = w.session.id.clone();
+            old_sessions.push((id, self.put_session(w.session)));
+        }
+        for g in &batch.guards {
+            let Guard::ProjectFailedNodesAtMost { project, max } = g;
+            let actual = self.failed_held_by_project(project);
+            if actual > u64::from(*max) {
+                for n in old_nodes.into_iter().flatten() {
+                    self.put_node(n);
+                }
+                for (id, s) in old_sessions {
+                    match s {
+                        Some(s) => {
+                            self.put_session(s);
+                        }
+                        None => self.remove_session(&id),
+                    }
+                }
+                self.events.truncate(events_before);
+                return Err(CommitError::GuardFailed { guard: g.clone(), actual });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An in-memory [`Store`]: fast, exact, and gone when dropped. Used by the
+/// simulation tests, the property tests and embedders' own tests; it is
+/// held to the same conformance suite as the durable stores.
+#[derive(Debug, Default)]
+pub struct MemStore {
+    state: Mutex<State>,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        MemStore::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl Store for MemStore {
+    async fn add_nodes(&self, nodes: Vec<NewNode>, actor: Actor, now: Timestamp) -> Result<Vec<Node>, StoreError> {
+        let mut s = self.lock();
+        let mut names = std::collections::HashSet::new();
+        for n in &nodes {
+            n.validate().map_err(|e| StoreError::Invalid(e.to_string()))?;
+            if s.by_hostname.contains_key(&n.hostname) || !names.insert(n.hostname.clone()) {
+                return Err(StoreError::Duplicate(format!("node {}", n.hostname)));
+            }
+        }
+        let mut out = Vec::with_capacity(nodes.len());
+        for n in nodes {
+            s.next_node += 1;
+            let node = n.into_node(NodeId(s.next_node), now);
+            s.by_hostname.insert(node.hostname.clone(), node.id);
+            s.push_event(Event::added(&node, actor.clone()));
+            s.put_node(node.clone());
+            out.push(node);
+        }
+        Ok(out)
+    }
+
+    async fn node(&self, id: NodeId) -> Result<Option<Node>, StoreError> {
+        Ok(self.lock().nodes.get(&id).cloned())
+    }
+
+    async fn node_by_hostname(&self, hostname: &str) -> Result<Option<Node>, StoreError> {
+        let s = self.lock();
+        Ok(s.by_hostname.get(hostname).and_then(|id| s.nodes.get(id)).cloned())
+    }
+
+    async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
+        Ok(self.lock().nodes.values().cloned().collect())
+    }
+
+    async fn ready_counts(&self) -> Result<Vec<(PoolKey, u32)>, StoreError> {
+        let s = self.lock();
+        let mut m: BTreeMap<PoolKey, u32> = BTreeMap::new();
+        for (p, _, _) in &s.ready {
+            *m.entry(p.clone()).or_default() += 1;
+        }
+        Ok(m.into_iter().collect())
+    }
+
+    async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
+        Ok(self.lock().sessions.get(id).cloned())
+    }
+
+    async fn live_sessions(&self) -> Result<Vec<Session>, StoreError> {
+        let s = self.lock();
+        Ok(s.live.iter().filter_map(|(_, id)| s.sessions.get(id).cloned()).collect())
+    }
+
+    async fn claim(&self, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {
+        if req.count == 0 {
+            return Err(StoreError::Invalid("a claim needs a count of at least 1".into()));
+        }
+        let mut s = self.lock();
+        if s.sessions.contains_key(&req.session) {
+            return Err(StoreError::Duplicate(format!("session {}", req.session)));
+        }
+        if let Some(limit) = req.rate_limit {
+            let since = req.now.minus(limit.window);
+            let recent =
+                s.key_sessions.get(&req.key_id).map(|v| v.iter().filter(|t| **t > since).count()).unwrap_or(0) as u32;
+            if recent >= limit.max {
+                return Ok(Err(ClaimRefusal::RateLimited { recent, limit }));
+            }
+        }
+        if let Some(quota) = req.quota {
+            let held = s.held_by_project(&req.project);
+            if held + req.count > quota {
+                return Ok(Err(ClaimRefusal::QuotaExceeded { held, requested: req.count, quota }));
+            }
+        }
+        let lo = (req.pool.clone(), 0, NodeId(0));
+        let chosen: Vec<Node> = s
+            .ready
+            .range(lo..)
+            .take_while(|(p, _, _)| *p == req.pool)
+            .take(req.count as usize)
+            .filter_map(|(_, _, id)| s.nodes.get(id).cloned())
+            .collect();
+        if chosen.len() < req.count as usize {
+            let available =
+                s.ready.range((req.pool.clone(), 0, NodeId(0))..).take_while(|(p, _, _)| *p == req.pool).count();
+            return Ok(Err(ClaimRefusal::InsufficientNodes { requested: req.count, available: available as u32 }));
+        }
+        let (session, writes) = claim_writes(&req, &chosen).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let nodes = writes.iter().map(|w| w.node.clone()).collect();
+        let batch = Batch {
+            nodes: writes,
+            sessions: vec![crate::store::SessionWrite { expected_version: None, session: session.clone() }],
+            guards: Vec::new(),
+        };
+        s.commit(batch).map_err(|e| StoreError::Corrupt(format!("claim could not apply its own writes: {e}")))?;
+        Ok(Ok(Claimed { session, nodes }))
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<(), CommitError> {
+        self.lock().commit(batch)
+    }
+
+    async fn events(&self, q: EventQuery) -> Result<Vec<Event>, StoreError> {
+        let s = self.lock();
+        let it = s.events.iter().skip(q.after_seq as usize).filter(|e| q.node.is_none_or(|n| e.node == n)).cloned();
+        Ok(if q.limit == 0 { it.collect() } else { it.take(q.limit).collect() })
+    }
+
+    async fn upsert_project(&self, project: Project) -> Result<(), StoreError> {
+        crate::model::validate_token("project name", &project.name, 64)
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.lock().projects.insert(project.name.clone(), project);
+        Ok(())
+    }
+
+    async fn project(&self, name: &str) -> Result<Option<Project>, StoreError> {
+        Ok(self.lock().projects.get(name).cloned())
+    }
+
+    async fn add_api_key(
+        &self,
+        project: &str,
+        hash: ApiKeyHash,
+        admin: bool,
+        now: Timestamp,
+    ) -> Result<ApiKeyRecord, StoreError> {
+        let mut s = self.lock();
+        if !s.projects.contains_key(project) {
+            return Err(StoreError::NotFound(format!("project {project}")));
+        }
+        if s.keys.contains_key(&hash) {
+            return Err(StoreError::Duplicate("API key".into()));
+        }
+        s.next_key += 1;
+        let rec = ApiKeyRecord { id: KeyId(s.next_key), project: project.to_string(), hash, admin, created_at: now };
+        s.keys.insert(hash, rec.clone());
+        Ok(rec)
+    }
+
+    async fn api_key_by_hash(&self, hash: &ApiKeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
+        Ok(self.lock().keys.get(hash).cloned())
+    }
+
+    async fn set_pool_target(&self, target: PoolTarget) -> Result<(), StoreError> {
+        target.pool.validate().map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.lock().targets.insert(target.pool, target.standby);
+        Ok(())
+    }
+
+    async fn pool_targets(&self) -> Result<Vec<PoolTarget>, StoreError> {
+        Ok(self.lock().targets.iter().map(|(p, n)| PoolTarget { pool: p.clone(), standby: *n }).collect())
+    }
+
+    async fn paused(&self) -> Result<bool, StoreError> {
+        Ok(self.lock().paused)
+    }
+
+    async fn set_paused(&self, paused: bool) -> Result<bool, StoreError> {
+        Ok(std::mem::replace(&mut self.lock().paused, paused))
+    }
+}
