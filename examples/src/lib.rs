@@ -1,0 +1,1 @@
+//! Examples of embedding Duffy; see `embed.rs` (run with `cargo run --example embed`).
