@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// At most `max` sessions per key in any `window`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RateLimit {
     /// Sessions allowed in the window.
     pub max: u32,
@@ -18,7 +19,7 @@ pub struct RateLimit {
 
 /// The engine's and reconciler's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// A session's lease; `/Overtime` lists sessions past it (60 min).
     #[serde(with = "secs")]

@@ -201,7 +201,7 @@ impl Reconciler {
         for s in store.live_sessions().await? {
             match s.state {
                 SessionState::Fail if s.hold_until.is_some_and(|t| t <= now) => {
-                    report.sessions_reclaimed += usize::from(self.reclaim(&s).await?);
+                    report.sessions_reclaimed += usize::from(reclaim(&self.engine, &s).await?);
                 }
                 SessionState::Allocating if startup || now.since(s.created_at) >= policy.stale_allocation_after() => {
                     let actor = if startup { Actor::Recovery } else { Actor::Reconciler };
@@ -237,7 +237,7 @@ impl Reconciler {
             }
             let Some(image) = n.image.clone() else { continue };
             let actor = if startup { Actor::Recovery } else { Actor::Reconciler };
-            match self.commit_one(n, Cause::InstallRestarted, actor, now).await? {
+            match commit_one(&self.engine, n, Cause::InstallRestarted, actor, now).await? {
                 Some(after) => {
                     info!(node = %n.hostname, %image, "re-driving an interrupted install");
                     self.start_install(after, image);
@@ -265,7 +265,7 @@ impl Reconciler {
 
         for id in expired_failures {
             if let Some(n) = by_id.get(&id) {
-                if self.commit_one(n, Cause::HoldExpired, Actor::Reconciler, now).await?.is_some() {
+                if commit_one(&self.engine, n, Cause::HoldExpired, Actor::Reconciler, now).await?.is_some() {
                     report.failures_expired += 1;
                 }
             }
@@ -277,77 +277,81 @@ impl Reconciler {
                 crate::planner::InstallReason::Stale => "stale",
             };
             let cause = Cause::InstallStarted { image: p.image.clone(), why: why.to_string() };
-            if let Some(after) = self.commit_one(n, cause, Actor::Reconciler, now).await? {
+            if let Some(after) = commit_one(&self.engine, n, cause, Actor::Reconciler, now).await? {
                 self.start_install(after, p.image);
                 report.installs_started += 1;
             }
         }
         for id in power_downs {
             let Some(n) = by_id.get(&id) else { continue };
-            if let Some(after) = self.commit_one(n, Cause::PoweredDown, Actor::Reconciler, now).await? {
+            if let Some(after) = commit_one(&self.engine, n, Cause::PoweredDown, Actor::Reconciler, now).await? {
                 self.start_power_off(after);
                 report.power_downs_started += 1;
             }
         }
         Ok(report)
     }
+}
 
-    /// Writes one transition; `Ok(None)` if the node changed since it was
-    /// read (someone else got there first) or the transition no longer
-    /// applies.
-    async fn commit_one(
-        &self,
-        n: &Node,
-        cause: Cause,
-        actor: Actor,
-        now: crate::Timestamp,
-    ) -> Result<Option<Node>, EngineError> {
-        let w = match NodeWrite::transition(n, cause, actor, now) {
-            Ok(w) => w,
-            Err(e) => {
-                debug!(node = %n.hostname, error = %e, "planned transition no longer applies");
-                return Ok(None);
-            }
-        };
-        let after = w.node.clone();
-        match self.engine.inner.store.commit(Batch { nodes: vec![w], ..Batch::default() }).await {
-            Ok(()) => Ok(Some(after)),
-            Err(CommitError::Store(e)) => Err(e.into()),
-            Err(e) => {
-                debug!(node = %n.hostname, error = %e, "node changed under the reconciler");
-                Ok(None)
-            }
+/// Writes one transition; `Ok(None)` if the node changed since it was read
+/// (someone else got there first) or the transition no longer applies.
+///
+/// A free function, not a method: the reconciler's future must be `Send`,
+/// and holding `&Reconciler` across an await would require it to be `Sync`.
+async fn commit_one(
+    engine: &Engine,
+    n: &Node,
+    cause: Cause,
+    actor: Actor,
+    now: crate::Timestamp,
+) -> Result<Option<Node>, EngineError> {
+    let w = match NodeWrite::transition(n, cause, actor, now) {
+        Ok(w) => w,
+        Err(e) => {
+            debug!(node = %n.hostname, error = %e, "planned transition no longer applies");
+            return Ok(None);
+        }
+    };
+    let after = w.node.clone();
+    match engine.inner.store.commit(Batch { nodes: vec![w], ..Batch::default() }).await {
+        Ok(()) => Ok(Some(after)),
+        Err(CommitError::Store(e)) => Err(e.into()),
+        Err(e) => {
+            debug!(node = %n.hostname, error = %e, "node changed under the reconciler");
+            Ok(None)
         }
     }
+}
 
-    /// Ends a failed session whose hold ran out; its nodes go back to be
-    /// reinstalled.
-    async fn reclaim(&self, s: &crate::Session) -> Result<bool, EngineError> {
-        let inner = &self.engine.inner;
-        let now = inner.clock.now();
-        let mut batch = Batch::default();
-        for id in &s.nodes {
-            let Some(n) = inner.store.node(*id).await? else { continue };
-            if n.session.as_ref() == Some(&s.id) && n.state == NodeState::Failed {
-                batch.nodes.push(NodeWrite::transition(&n, Cause::HoldExpired, Actor::Reconciler, now)?);
-            }
-        }
-        let mut done = s.clone();
-        done.state = SessionState::Done;
-        done.ended_at = Some(now);
-        done.end_reason = Some("fail hold expired; nodes reclaimed".into());
-        done.version += 1;
-        batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: done });
-        match inner.store.commit(batch).await {
-            Ok(()) => {
-                info!(session = %s.id, project = %s.project, "fail hold expired; session reclaimed");
-                Ok(true)
-            }
-            Err(CommitError::Store(e)) => Err(e.into()),
-            Err(_) => Ok(false),
+/// Ends a failed session whose hold ran out; its nodes go back to be
+/// reinstalled.
+async fn reclaim(engine: &Engine, s: &crate::Session) -> Result<bool, EngineError> {
+    let inner = &engine.inner;
+    let now = inner.clock.now();
+    let mut batch = Batch::default();
+    for id in &s.nodes {
+        let Some(n) = inner.store.node(*id).await? else { continue };
+        if n.session.as_ref() == Some(&s.id) && n.state == NodeState::Failed {
+            batch.nodes.push(NodeWrite::transition(&n, Cause::HoldExpired, Actor::Reconciler, now)?);
         }
     }
+    let mut done = s.clone();
+    done.state = SessionState::Done;
+    done.ended_at = Some(now);
+    done.end_reason = Some("fail hold expired; nodes reclaimed".into());
+    done.version += 1;
+    batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: done });
+    match inner.store.commit(batch).await {
+        Ok(()) => {
+            info!(session = %s.id, project = %s.project, "fail hold expired; session reclaimed");
+            Ok(true)
+        }
+        Err(CommitError::Store(e)) => Err(e.into()),
+        Err(_) => Ok(false),
+    }
+}
 
+impl Reconciler {
     fn start_install(&mut self, node: Node, image: PoolKey) {
         let inner = self.engine.inner.clone();
         self.in_flight.insert(node.id, (node.bmc_key().to_string(), true));
@@ -418,5 +422,15 @@ async fn write(inner: &Inner, node: &Node, cause: Cause) -> Result<Option<Node>,
         Ok(()) => Ok(Some(after)),
         Err(CommitError::Store(e)) => Err(e.into()),
         Err(_) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The reconciler must be spawnable on a multi-threaded runtime.
+    #[allow(dead_code)]
+    fn run_future_is_send(r: super::Reconciler) {
+        fn is_send<T: Send>(_: T) {}
+        is_send(r.run(std::future::pending::<()>()));
     }
 }
