@@ -60,6 +60,23 @@ impl Harness {
         h
     }
 
+    /// Simulates a crash and a restart: every running task (the
+    /// reconciler, requests in flight, installs) is dropped mid-step, and a
+    /// new engine and reconciler start over the same store, hardware and
+    /// clock, with a new policy.
+    pub fn crash_and_restart(&mut self, policy: Policy) {
+        self.pool = LocalPool::new();
+        let clock: Arc<dyn Clock> = Arc::new(self.clock.clone());
+        self.engine = Engine::builder(self.store.clone(), self.farm.clone(), self.farm.clone(), clock)
+            .policy(policy)
+            .session_ids(Arc::new(SeededSessionIds::new(self.clock.now().as_millis() as u64)))
+            .build()
+            .expect("the harness policy is valid");
+        let reconciler = self.engine.reconciler();
+        self.spawn(reconciler.run(futures::future::pending()));
+        self.run();
+    }
+
     /// Creates a project (with an optional quota) and an API key for it,
     /// returning the key.
     pub fn key(&mut self, project: &str, quota: Option<u32>, admin: bool) -> String {
