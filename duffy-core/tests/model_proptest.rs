@@ -2,6 +2,8 @@
 //! calls, reconciler steps, clock jumps and injected failures against the
 //! engine, with the farm's invariants checked after every step.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;

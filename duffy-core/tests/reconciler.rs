@@ -2,6 +2,8 @@
 //! Failed with the reason, install deadlines, cool-downs, fail holds,
 //! pause/resume, and recovery of work a crash left half-done.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use duffy_core::testkit::conformance::{check_history, check_invariants};

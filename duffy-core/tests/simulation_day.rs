@@ -4,6 +4,8 @@
 //! operator would want to know, and gives a byte-identical event log for
 //! the same seed.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
