@@ -43,7 +43,7 @@ pub struct Policy {
     pub install_backoff: Duration,
     /// A node whose install or preparation failed gets another chance
     /// after this long; `None` leaves it Failed until an operator recovers
-    /// it (6 h).
+    /// it (6 h; `"off"` in a configuration file).
     #[serde(with = "opt_secs")]
     pub failed_retry_after: Option<Duration>,
     /// Deadline for preparing one node for a project, e.g. pushing SSH
@@ -52,11 +52,15 @@ pub struct Policy {
     pub prepare_timeout: Duration,
     /// Default per-project cap on nodes held by its live sessions; a
     /// project's own quota overrides it (`None`: unlimited).
+    #[serde(with = "off_or")]
     pub default_quota: Option<u32>,
-    /// Per-key limit on new sessions (legacy: 5 in 5 minutes; `None`: off).
+    /// Per-key limit on new sessions (legacy: 5 in 5 minutes; `None`, or
+    /// `"off"` in a configuration file: no limit).
+    #[serde(with = "off_or")]
     pub rate_limit: Option<RateLimit>,
-    /// Per-project cap on nodes held in Fail after `/Node/fail` (`None`:
-    /// unlimited; default 5).
+    /// Per-project cap on nodes held in Fail after `/Node/fail` (`None`,
+    /// or `"off"`: unlimited; default 5).
+    #[serde(with = "off_or")]
     pub fail_cap: Option<u32>,
     /// Most nodes one request may ask for, whatever the pool's size (100).
     pub max_count: u32,
@@ -152,18 +156,53 @@ mod secs {
     }
 }
 
+/// An optional setting that a configuration file can switch off with the
+/// string `"off"` (TOML has no null).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OffOr<T> {
+    Value(T),
+    Word(String),
+}
+
+impl<T> OffOr<T> {
+    fn into_option<E: serde::de::Error>(self) -> Result<Option<T>, E> {
+        match self {
+            OffOr::Value(v) => Ok(Some(v)),
+            OffOr::Word(w) if w == "off" => Ok(None),
+            OffOr::Word(w) => Err(E::custom(format!("expected a value or \"off\", got {w:?}"))),
+        }
+    }
+}
+
+mod off_or {
+    use super::OffOr;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => v.serialize(s),
+            None => s.serialize_str("off"),
+        }
+    }
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error> {
+        OffOr::<T>::deserialize(d)?.into_option()
+    }
+}
+
 mod opt_secs {
+    use super::OffOr;
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
     pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match d {
-            Some(d) => s.serialize_some(&d.as_secs()),
-            None => s.serialize_none(),
+            Some(d) => s.serialize_u64(d.as_secs()),
+            None => s.serialize_str("off"),
         }
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Option::<u64>::deserialize(d).map(|o| o.map(Duration::from_secs))
+        Ok(OffOr::<u64>::deserialize(d)?.into_option()?.map(Duration::from_secs))
     }
 }
 
@@ -181,6 +220,23 @@ mod tests {
         assert_eq!(p.backoff(0), Duration::from_secs(30));
         assert_eq!(p.backoff(2), Duration::from_secs(120));
         assert_eq!(p.backoff(40), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn optional_limits_can_be_switched_off() {
+        let p: Policy =
+            serde_json::from_str(r#"{"rate_limit": "off", "fail_cap": "off", "failed_retry_after": "off"}"#).unwrap();
+        assert_eq!((p.rate_limit, p.fail_cap, p.failed_retry_after), (None, None, None));
+        let p: Policy = serde_json::from_str(
+            r#"{"rate_limit": {"max": 2, "window": 60}, "fail_cap": 3, "failed_retry_after": 10}"#,
+        )
+        .unwrap();
+        assert_eq!(p.rate_limit, Some(RateLimit { max: 2, window: Duration::from_secs(60) }));
+        assert_eq!((p.fail_cap, p.failed_retry_after), (Some(3), Some(Duration::from_secs(10))));
+        assert!(serde_json::from_str::<Policy>(r#"{"fail_cap": "none"}"#).is_err());
+        assert!(serde_json::from_str::<Policy>(r#"{"lease_time": 5}"#).is_err(), "unknown keys are refused");
+        let round: Policy = serde_json::from_str(&serde_json::to_string(&Policy::default()).unwrap()).unwrap();
+        assert_eq!(round, Policy::default());
     }
 
     #[test]
