@@ -22,7 +22,7 @@ use std::task::Poll;
 
 use futures::FutureExt;
 use futures::StreamExt;
-use futures::future::poll_fn;
+use futures::future::{join_all, poll_fn};
 use futures::stream::FuturesUnordered;
 use tracing::{debug, info, warn};
 
@@ -263,31 +263,66 @@ impl Reconciler {
         });
         let by_id: HashMap<NodeId, &Node> = nodes.iter().map(|n| (n.id, n)).collect();
 
-        for id in expired_failures {
-            if let Some(n) = by_id.get(&id) {
-                if commit_one(&self.engine, n, Cause::HoldExpired, Actor::Reconciler, now).await?.is_some() {
-                    report.failures_expired += 1;
+        // Each group's writes go to the store concurrently, so that a store
+        // with group commit makes one durable commit of them, not one each.
+        let engine = &self.engine;
+        let expired = join_all(
+            expired_failures
+                .iter()
+                .filter_map(|id| by_id.get(id))
+                .map(|n| async move { commit_one(engine, n, Cause::HoldExpired, Actor::Reconciler, now).await }),
+        )
+        .await;
+        // A store error fails the pass, but only after every write that did
+        // succeed has its operation started: nothing is left Provisioning
+        // without an install driving it.
+        let mut first_error = None;
+        for r in expired {
+            match r {
+                Ok(x) => report.failures_expired += usize::from(x.is_some()),
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
+        let started = join_all(installs.into_iter().filter_map(|p| by_id.get(&p.node).map(|n| (*n, p))).map(
+            |(n, p)| async move {
+                let why = match p.reason {
+                    crate::planner::InstallReason::Fill => "fill",
+                    crate::planner::InstallReason::Stale => "stale",
+                };
+                let cause = Cause::InstallStarted { image: p.image.clone(), why: why.to_string() };
+                commit_one(engine, n, cause, Actor::Reconciler, now).await.map(|r| r.map(|after| (after, p.image)))
+            },
+        ))
+        .await;
+        let downs = join_all(
+            power_downs
+                .iter()
+                .filter_map(|id| by_id.get(id))
+                .map(|n| async move { commit_one(engine, n, Cause::PoweredDown, Actor::Reconciler, now).await }),
+        )
+        .await;
+        for r in started {
+            match r {
+                Ok(Some((after, image))) => {
+                    self.start_install(after, image);
+                    report.installs_started += 1;
                 }
+                Ok(None) => {}
+                Err(e) => first_error = first_error.or(Some(e)),
             }
         }
-        for p in installs {
-            let Some(n) = by_id.get(&p.node) else { continue };
-            let why = match p.reason {
-                crate::planner::InstallReason::Fill => "fill",
-                crate::planner::InstallReason::Stale => "stale",
-            };
-            let cause = Cause::InstallStarted { image: p.image.clone(), why: why.to_string() };
-            if let Some(after) = commit_one(&self.engine, n, cause, Actor::Reconciler, now).await? {
-                self.start_install(after, p.image);
-                report.installs_started += 1;
+        for r in downs {
+            match r {
+                Ok(Some(after)) => {
+                    self.start_power_off(after);
+                    report.power_downs_started += 1;
+                }
+                Ok(None) => {}
+                Err(e) => first_error = first_error.or(Some(e)),
             }
         }
-        for id in power_downs {
-            let Some(n) = by_id.get(&id) else { continue };
-            if let Some(after) = commit_one(&self.engine, n, Cause::PoweredDown, Actor::Reconciler, now).await? {
-                self.start_power_off(after);
-                report.power_downs_started += 1;
-            }
+        if let Some(e) = first_error {
+            return Err(e);
         }
         Ok(report)
     }
