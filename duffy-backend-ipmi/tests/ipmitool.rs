@@ -1,0 +1,5 @@
+//! The power test suite with the ipmitool driver against simulated BMCs.
+
+mod common;
+
+common::power_suite!(duffy_backend_ipmi::Driver::Ipmitool);
