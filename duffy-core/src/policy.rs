@@ -70,6 +70,11 @@ pub struct Policy {
     /// How many times an engine operation retries after losing a
     /// compare-and-set race before giving up (16).
     pub cas_retries: u32,
+    /// How often the reconciler asks each BMC for the machine's power state
+    /// and records a mismatch with the store's belief as an event (1 h;
+    /// `"off"`: never).
+    #[serde(with = "opt_secs")]
+    pub power_check_interval: Option<Duration>,
 }
 
 impl Default for Policy {
@@ -90,6 +95,7 @@ impl Default for Policy {
             max_count: 100,
             tick: Duration::from_secs(10),
             cas_retries: 16,
+            power_check_interval: Some(Duration::from_secs(3600)),
         }
     }
 }

@@ -27,7 +27,7 @@ use futures::stream::FuturesUnordered;
 use tracing::{debug, info, warn};
 
 use crate::engine::{Engine, EngineError, Inner};
-use crate::model::{Actor, Node, NodeId, PoolKey, SessionState};
+use crate::model::{Actor, Node, NodeId, PoolKey, PowerState, SessionState};
 use crate::planner::{Plan, PlanInput, plan};
 use crate::power::PowerAction;
 use crate::state::{Cause, NodeState};
@@ -45,6 +45,13 @@ pub enum OpOutcome {
     InstallFailed(String),
     /// Powered down.
     PoweredDown,
+    /// The power state was checked (and a mismatch, if any, recorded).
+    PowerChecked {
+        /// Whether the BMC disagreed with the store.
+        mismatch: bool,
+    },
+    /// The BMC could not be asked.
+    PowerCheckFailed(String),
     /// The node changed under the operation (an operator took it, say);
     /// the operation stopped without writing.
     Superseded,
@@ -80,6 +87,8 @@ pub struct PassReport {
     pub installs_restarted: usize,
     /// Failed nodes released after their cool-down.
     pub failures_expired: usize,
+    /// Power-state checks started.
+    pub power_checks_started: usize,
 }
 
 /// Drives the farm towards its targets. Create with [`Engine::reconciler`];
@@ -90,6 +99,9 @@ pub struct Reconciler {
     ops: FuturesUnordered<OpFuture>,
     started: bool,
     completed: Vec<OpDone>,
+    /// When each node's power state was last checked (in memory: after a
+    /// restart every node is due once, which is what one wants).
+    power_checked: HashMap<NodeId, crate::Timestamp>,
 }
 
 impl Engine {
@@ -101,6 +113,7 @@ impl Engine {
             ops: FuturesUnordered::new(),
             started: false,
             completed: Vec::new(),
+            power_checked: HashMap::new(),
         }
     }
 }
@@ -179,6 +192,7 @@ impl Reconciler {
         match &done.outcome {
             OpOutcome::InstallFailed(r) => warn!(node = %done.node, reason = %r, "install failed"),
             OpOutcome::StoreFailed(r) => warn!(node = %done.node, error = %r, "operation could not record its result"),
+            OpOutcome::PowerCheckFailed(r) => warn!(node = %done.node, error = %r, "power state check failed"),
             _ => debug!(node = %done.node, outcome = ?done.outcome, "operation finished"),
         }
         self.completed.push(done);
@@ -324,6 +338,7 @@ impl Reconciler {
         if let Some(e) = first_error {
             return Err(e);
         }
+        report.power_checks_started = self.start_power_checks(&nodes, now);
         Ok(report)
     }
 }
@@ -391,6 +406,64 @@ impl Reconciler {
         let inner = self.engine.inner.clone();
         self.in_flight.insert(node.id, (node.bmc_key().to_string(), true));
         self.ops.push(Box::pin(install_op(inner, node, image)));
+    }
+
+    /// Starts power-state checks of nodes whose last check is older than
+    /// the policy's interval: a few per pass, never on a busy node or BMC,
+    /// never on a node mid-operation or out of Duffy's hands.
+    fn start_power_checks(&mut self, nodes: &[Node], now: crate::Timestamp) -> usize {
+        const PER_PASS: usize = 4;
+        let Some(interval) = self.engine.inner.policy.power_check_interval else { return 0 };
+        let mut started = 0;
+        for n in nodes {
+            if started == PER_PASS {
+                break;
+            }
+            if matches!(n.state, NodeState::Provisioning | NodeState::Contextualizing | NodeState::Reserved)
+                || self.in_flight.contains_key(&n.id)
+                || self.in_flight.values().any(|(b, _)| b == n.bmc_key())
+                || self.power_checked.get(&n.id).is_some_and(|t| now.since(*t) < interval)
+            {
+                continue;
+            }
+            self.power_checked.insert(n.id, now);
+            self.start_power_check(n.clone());
+            started += 1;
+        }
+        started
+    }
+
+    fn start_power_check(&mut self, node: Node) {
+        let inner = self.engine.inner.clone();
+        let bmc = node.bmc_key().to_string();
+        self.in_flight.insert(node.id, (bmc.clone(), false));
+        self.ops.push(Box::pin(async move {
+            let id = node.id;
+            let done = |outcome| OpDone { node: id, bmc: bmc.clone(), install: false, outcome };
+            let observed = match timeout(&*inner.clock, inner.policy.prepare_timeout, inner.power.status(&node)).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => return done(OpOutcome::PowerCheckFailed(e.to_string())),
+                Err(e) => return done(OpOutcome::PowerCheckFailed(e.to_string())),
+            };
+            if observed == node.power || observed == PowerState::Unknown {
+                return done(OpOutcome::PowerChecked { mismatch: false });
+            }
+            // Re-read: the node may have moved while the BMC answered.
+            let current = match inner.store.node(id).await {
+                Ok(Some(n)) => n,
+                Ok(None) => return done(OpOutcome::Superseded),
+                Err(e) => return done(OpOutcome::StoreFailed(e.to_string())),
+            };
+            if current.version != node.version {
+                return done(OpOutcome::Superseded);
+            }
+            warn!(node = %node.hostname, believed = node.power.as_str(), observed = observed.as_str(), "power state mismatch");
+            done(match write(&inner, &current, Cause::PowerMismatch { observed }).await {
+                Ok(Some(_)) => OpOutcome::PowerChecked { mismatch: true },
+                Ok(None) => OpOutcome::Superseded,
+                Err(e) => OpOutcome::StoreFailed(e.to_string()),
+            })
+        }));
     }
 
     fn start_power_off(&mut self, node: Node) {

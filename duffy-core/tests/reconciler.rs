@@ -220,3 +220,28 @@ fn a_crash_mid_install_and_mid_allocation_is_recovered_on_restart() {
     assert_eq!(aborted, 2);
     checks(&mut h);
 }
+
+#[test]
+fn a_power_state_mismatch_is_recorded_as_an_event() {
+    let p = Policy { power_check_interval: Some(Duration::from_secs(600)), ..policy() };
+    let mut h = harness(3, 3, p);
+    h.advance(Duration::from_secs(60));
+    let n = nodes(&mut h);
+    assert!(n.iter().all(|n| n.state == NodeState::Ready && n.power == PowerState::On));
+    // Someone switches a Ready machine off at the BMC.
+    h.farm.force_power(&n[1].hostname, PowerState::Off);
+    h.advance(Duration::from_secs(700));
+    let after = nodes(&mut h);
+    assert_eq!(after[1].power, PowerState::Off, "the store now knows");
+    assert_eq!(after[1].state, NodeState::Ready, "recorded, not acted on");
+    let ev: Vec<_> = history(&mut h, n[1].id).into_iter().filter(|e| e.cause == CauseKind::PowerMismatch).collect();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].detail.as_deref(), Some("BMC reports power off"));
+    assert_eq!((ev[0].from, ev[0].to), (NodeState::Ready, NodeState::Ready));
+    // The machines that matched have no such event.
+    assert!(history(&mut h, n[0].id).iter().all(|e| e.cause != CauseKind::PowerMismatch));
+    // A dead BMC is logged, not recorded, and nothing breaks.
+    h.farm.kill_bmc(&n[2].hostname, true);
+    h.advance(Duration::from_secs(700));
+    checks(&mut h);
+}

@@ -165,6 +165,12 @@ impl SimFarm {
         toggle(&mut self.lock().dead_bmcs, hostname, dead);
     }
 
+    /// Changes a machine's power behind Duffy's back (someone pressed the
+    /// button), for power reconciliation tests.
+    pub fn force_power(&self, hostname: &str, state: PowerState) {
+        self.lock().power.insert(hostname.to_string(), state);
+    }
+
     /// The simulated power state of a machine.
     pub fn power_of(&self, hostname: &str) -> PowerState {
         self.lock().power.get(hostname).copied().unwrap_or(PowerState::Off)
