@@ -1,0 +1,576 @@
+//! Every SQL statement the store runs, as functions over a connection.
+//!
+//! Reads are used by the reader pool and, inside its transaction, by the
+//! writer; writes only by the writer. Every statement goes through the
+//! connection's prepared-statement cache.
+
+use duffy_core::{
+    ApiKeyHash, ApiKeyRecord, Event, EventQuery, KeyId, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId,
+    StoreError, Timestamp,
+};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::codec::{self, event_cols, key_cols, node_cols, session_cols, to_sql_u64};
+
+/// Wraps a SQLite error with what the store was doing.
+pub(crate) trait Context<T> {
+    /// The error as [`StoreError::Backend`] with `what` as context.
+    fn ctx(self, what: &str) -> Result<T, StoreError>;
+}
+
+impl<T> Context<T> for Result<T, rusqlite::Error> {
+    fn ctx(self, what: &str) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError::backend(what, e))
+    }
+}
+
+/// Runs a cached query and decodes every row.
+fn rows<T, P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    what: &str,
+    decode: fn(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).ctx(what)?;
+    let mut out = Vec::new();
+    let mut rows = stmt.query(params).ctx(what)?;
+    while let Some(r) = rows.next().ctx(what)? {
+        out.push(decode(r)?);
+    }
+    Ok(out)
+}
+
+/// Runs a cached query expecting at most one row.
+fn one<T, P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    what: &str,
+    decode: fn(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).ctx(what)?;
+    let mut rows = stmt.query(params).ctx(what)?;
+    match rows.next().ctx(what)? {
+        Some(r) => decode(r).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Runs a cached query returning one integer.
+fn count<P: rusqlite::Params>(conn: &Connection, sql: &str, params: P, what: &str) -> Result<u64, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).ctx(what)?;
+    let n: i64 = stmt.query_row(params, |r| r.get(0)).ctx(what)?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+fn sat_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+// ----- nodes -----
+
+/// One node by id.
+pub(crate) fn node(conn: &Connection, id: NodeId) -> Result<Option<Node>, StoreError> {
+    let Ok(id) = i64::try_from(id.0) else { return Ok(None) };
+    one(conn, concat!("SELECT ", node_cols!(), " FROM nodes WHERE id = ?1"), [id], "reading a node", codec::node)
+}
+
+/// One node by hostname.
+pub(crate) fn node_by_hostname(conn: &Connection, hostname: &str) -> Result<Option<Node>, StoreError> {
+    one(
+        conn,
+        concat!("SELECT ", node_cols!(), " FROM nodes WHERE hostname = ?1"),
+        [hostname],
+        "reading a node by hostname",
+        codec::node,
+    )
+}
+
+/// Every node, by id.
+pub(crate) fn nodes(conn: &Connection) -> Result<Vec<Node>, StoreError> {
+    rows(conn, concat!("SELECT ", node_cols!(), " FROM nodes ORDER BY id"), [], "reading nodes", codec::node)
+}
+
+/// Ready nodes per pool, ordered by pool.
+pub(crate) fn ready_counts(conn: &Connection) -> Result<Vec<(PoolKey, u32)>, StoreError> {
+    let mut out = rows(
+        conn,
+        "SELECT image_release, image_arch, image_flavor, COUNT(*) FROM nodes \
+         WHERE state = 'Ready' AND image_release IS NOT NULL \
+         GROUP BY image_release, image_arch, image_flavor",
+        [],
+        "counting ready nodes",
+        codec::ready_count,
+    )?;
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Whether a node has this hostname.
+pub(crate) fn hostname_exists(conn: &Connection, hostname: &str) -> Result<bool, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT 1 FROM nodes WHERE hostname = ?1").ctx("checking a hostname")?;
+    stmt.exists([hostname]).ctx("checking a hostname")
+}
+
+/// A node's stored version, if it exists.
+pub(crate) fn node_version(conn: &Connection, id: NodeId) -> Result<Option<u64>, StoreError> {
+    let Ok(id) = i64::try_from(id.0) else { return Ok(None) };
+    let mut stmt = conn.prepare_cached("SELECT version FROM nodes WHERE id = ?1").ctx("reading a node's version")?;
+    let v: Option<i64> = stmt.query_row([id], |r| r.get(0)).optional().ctx("reading a node's version")?;
+    Ok(v.and_then(|v| u64::try_from(v).ok()))
+}
+
+/// The claim's choice of nodes: the pool's Ready nodes in claim order.
+///
+/// No `LIMIT ?`: SQLite's planner looks at a bound LIMIT's value, so such a
+/// statement is re-prepared on every execution (13% of the writer's time
+/// in a profile). The index yields rows in claim order, so reading stops
+/// after `count` rows instead.
+pub(crate) const CLAIMABLE: &str = concat!(
+    "SELECT ",
+    node_cols!(),
+    " FROM nodes \
+     WHERE state = 'Ready' AND image_release = ?1 AND image_arch = ?2 AND image_flavor IS ?3 \
+     ORDER BY used_count, id"
+);
+
+/// The `count` Ready nodes of `pool` a claim takes: least `used_count`
+/// first, then lowest id. One range scan of the `nodes_ready` index,
+/// stopped after `count` rows.
+pub(crate) fn claimable(conn: &Connection, pool: &PoolKey, count: u32) -> Result<Vec<Node>, StoreError> {
+    const WHAT: &str = "choosing nodes";
+    let mut stmt = conn.prepare_cached(CLAIMABLE).ctx(WHAT)?;
+    let mut rows = stmt.query(params![pool.release, pool.arch.as_str(), pool.flavor]).ctx(WHAT)?;
+    let mut out = Vec::with_capacity(count.min(1024) as usize);
+    while out.len() < count as usize {
+        match rows.next().ctx(WHAT)? {
+            Some(r) => out.push(codec::node(r)?),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Counts a pool's Ready nodes.
+pub(crate) const READY_IN_POOL: &str = "SELECT COUNT(*) FROM nodes \
+     WHERE state = 'Ready' AND image_release = ?1 AND image_arch = ?2 AND image_flavor IS ?3";
+
+/// Ready nodes of one pool.
+pub(crate) fn ready_in_pool(conn: &Connection, pool: &PoolKey) -> Result<u32, StoreError> {
+    count(conn, READY_IN_POOL, params![pool.release, pool.arch.as_str(), pool.flavor], "counting a pool's ready nodes")
+        .map(sat_u32)
+}
+
+fn image_cols(n: &Node) -> (Option<&str>, Option<&'static str>, Option<&str>) {
+    match &n.image {
+        Some(p) => (Some(p.release.as_str()), Some(p.arch.as_str()), p.flavor.as_deref()),
+        None => (None, None, None),
+    }
+}
+
+/// Inserts a new node; SQLite assigns the id (one more than the largest,
+/// as nodes are never deleted). Returns the id.
+pub(crate) fn insert_node(conn: &Connection, n: &Node) -> Result<NodeId, StoreError> {
+    const WHAT: &str = "inserting a node";
+    let (release, arch, flavor) = image_cols(n);
+    let mut stmt = conn
+        .prepare_cached(concat!(
+            "INSERT INTO nodes (",
+            node_cols!(),
+            ") \
+             VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+        ))
+        .ctx(WHAT)?;
+    stmt.execute(params![
+        n.hostname,
+        n.ip,
+        n.chassis,
+        n.hardware_arch.as_str(),
+        n.flavor,
+        n.bmc,
+        n.console_port,
+        n.state.as_str(),
+        release,
+        arch,
+        flavor,
+        to_sql_u64(n.used_count, "used_count")?,
+        n.session.as_ref().map(SessionId::as_str),
+        n.state_since.0,
+        n.installed_at.map(|t| t.0),
+        n.hold_until.map(|t| t.0),
+        n.fail_reason,
+        n.power.as_str(),
+        to_sql_u64(n.version, "version")?,
+    ])
+    .ctx(WHAT)?;
+    let id = conn.last_insert_rowid();
+    u64::try_from(id).map(NodeId).map_err(|_| StoreError::Corrupt(format!("SQLite assigned node id {id}")))
+}
+
+/// Overwrites a node's row if it still has `expected`; returns whether it
+/// did.
+pub(crate) fn update_node(conn: &Connection, n: &Node, expected: u64) -> Result<bool, StoreError> {
+    const WHAT: &str = "writing a node";
+    let (release, arch, flavor) = image_cols(n);
+    let mut stmt = conn
+        .prepare_cached(
+            "UPDATE nodes SET hostname = ?2, ip = ?3, chassis = ?4, hardware_arch = ?5, flavor = ?6, bmc = ?7, \
+             console_port = ?8, state = ?9, image_release = ?10, image_arch = ?11, image_flavor = ?12, \
+             used_count = ?13, session = ?14, state_since = ?15, installed_at = ?16, hold_until = ?17, \
+             fail_reason = ?18, power = ?19, version = ?20 \
+             WHERE id = ?1 AND version = ?21",
+        )
+        .ctx(WHAT)?;
+    let changed = stmt
+        .execute(params![
+            to_sql_u64(n.id.0, "node id")?,
+            n.hostname,
+            n.ip,
+            n.chassis,
+            n.hardware_arch.as_str(),
+            n.flavor,
+            n.bmc,
+            n.console_port,
+            n.state.as_str(),
+            release,
+            arch,
+            flavor,
+            to_sql_u64(n.used_count, "used_count")?,
+            n.session.as_ref().map(SessionId::as_str),
+            n.state_since.0,
+            n.installed_at.map(|t| t.0),
+            n.hold_until.map(|t| t.0),
+            n.fail_reason,
+            n.power.as_str(),
+            to_sql_u64(n.version, "version")?,
+            to_sql_u64(expected, "expected version")?,
+        ])
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::ConstraintViolation) => {
+                StoreError::Duplicate(format!("node {} (hostname {})", n.id, n.hostname))
+            }
+            _ => StoreError::backend(WHAT, e),
+        })?;
+    Ok(changed == 1)
+}
+
+// ----- events -----
+
+/// Appends an event; the store assigns its `seq` (one more than the last).
+pub(crate) fn insert_event(conn: &Connection, e: &Event) -> Result<(), StoreError> {
+    const WHAT: &str = "appending to the event log";
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO events (seq, node, from_state, to_state, cause, detail, actor, session, at) \
+             VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .ctx(WHAT)?;
+    stmt.execute(params![
+        to_sql_u64(e.node.0, "event node")?,
+        e.from.as_str(),
+        e.to.as_str(),
+        e.cause.as_str(),
+        e.detail,
+        e.actor.to_string(),
+        e.session.as_ref().map(SessionId::as_str),
+        e.at.0,
+    ])
+    .ctx(WHAT)?;
+    Ok(())
+}
+
+/// Reads the event log (in `seq` order, stopping after `limit` rows; no
+/// `LIMIT ?`, which would re-prepare the statement on every call).
+pub(crate) fn events(conn: &Connection, q: EventQuery) -> Result<Vec<Event>, StoreError> {
+    const WHAT: &str = "reading the event log";
+    let after = i64::try_from(q.after_seq).unwrap_or(i64::MAX);
+    let limit = if q.limit == 0 { usize::MAX } else { q.limit };
+    let mut stmt;
+    let mut rows = match q.node {
+        None => {
+            stmt = conn
+                .prepare_cached(concat!("SELECT ", event_cols!(), " FROM events WHERE seq > ?1 ORDER BY seq"))
+                .ctx(WHAT)?;
+            stmt.query(params![after]).ctx(WHAT)?
+        }
+        Some(node) => {
+            let Ok(node) = i64::try_from(node.0) else { return Ok(Vec::new()) };
+            stmt = conn
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    event_cols!(),
+                    " FROM events WHERE node = ?1 AND seq > ?2 ORDER BY seq"
+                ))
+                .ctx(WHAT)?;
+            stmt.query(params![node, after]).ctx(WHAT)?
+        }
+    };
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match rows.next().ctx(WHAT)? {
+            Some(r) => out.push(codec::event(r)?),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+// ----- sessions -----
+
+/// One session by id.
+pub(crate) fn session(conn: &Connection, id: &SessionId) -> Result<Option<Session>, StoreError> {
+    one(
+        conn,
+        concat!("SELECT ", session_cols!(), " FROM sessions WHERE id = ?1"),
+        [id.as_str()],
+        "reading a session",
+        codec::session,
+    )
+}
+
+/// Live sessions in order.
+pub(crate) const LIVE_SESSIONS: &str =
+    concat!("SELECT ", session_cols!(), " FROM sessions WHERE live = 1 ORDER BY created_at, id");
+
+/// Live sessions by creation time, then id.
+pub(crate) fn live_sessions(conn: &Connection) -> Result<Vec<Session>, StoreError> {
+    rows(conn, LIVE_SESSIONS, [], "reading live sessions", codec::session)
+}
+
+/// A session's stored version, if it exists.
+pub(crate) fn session_version(conn: &Connection, id: &SessionId) -> Result<Option<u64>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT version FROM sessions WHERE id = ?1").ctx("reading a session's version")?;
+    let v: Option<i64> = stmt.query_row([id.as_str()], |r| r.get(0)).optional().ctx("reading a session's version")?;
+    Ok(v.and_then(|v| u64::try_from(v).ok()))
+}
+
+/// Inserts a session, or overwrites it. The key and creation time the
+/// rate limit counts are those of the first insert.
+pub(crate) fn put_session(conn: &Connection, s: &Session) -> Result<(), StoreError> {
+    const WHAT: &str = "writing a session";
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, pool_flavor, nodes, \
+             created_at, delivered_at, lease_until, hold_until, ended_at, end_reason, version, origin_key, origin_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?3, ?9) \
+             ON CONFLICT (id) DO UPDATE SET project = excluded.project, key_id = excluded.key_id, \
+             state = excluded.state, pool_release = excluded.pool_release, pool_arch = excluded.pool_arch, \
+             pool_flavor = excluded.pool_flavor, nodes = excluded.nodes, created_at = excluded.created_at, \
+             delivered_at = excluded.delivered_at, lease_until = excluded.lease_until, \
+             hold_until = excluded.hold_until, ended_at = excluded.ended_at, end_reason = excluded.end_reason, \
+             version = excluded.version",
+        )
+        .ctx(WHAT)?;
+    stmt.execute(params![
+        s.id.as_str(),
+        s.project,
+        to_sql_u64(s.key_id.0, "key id")?,
+        s.state.as_str(),
+        s.pool.release,
+        s.pool.arch.as_str(),
+        s.pool.flavor,
+        codec::node_list(&s.nodes),
+        s.created_at.0,
+        s.delivered_at.map(|t| t.0),
+        s.lease_until.map(|t| t.0),
+        s.hold_until.map(|t| t.0),
+        s.ended_at.map(|t| t.0),
+        s.end_reason,
+        to_sql_u64(s.version, "session version")?,
+    ])
+    .ctx(WHAT)?;
+    Ok(())
+}
+
+/// Counts the sessions a key created since a time.
+pub(crate) const RECENT_SESSIONS: &str = "SELECT COUNT(*) FROM sessions WHERE origin_key = ?1 AND origin_at > ?2";
+
+/// Sessions `key` created after `since` (whatever became of them).
+pub(crate) fn recent_sessions(conn: &Connection, key: KeyId, since: Timestamp) -> Result<u32, StoreError> {
+    let Ok(key) = i64::try_from(key.0) else { return Ok(0) };
+    count(conn, RECENT_SESSIONS, params![key, since.0], "checking the rate limit").map(sat_u32)
+}
+
+/// Counts the nodes a project's live sessions hold.
+pub(crate) const HELD_BY_PROJECT: &str = "SELECT COUNT(*) FROM sessions AS s, json_each(s.nodes) AS j, nodes AS n \
+     WHERE s.project = ?1 AND s.live = 1 AND n.id = j.value AND n.session = s.id";
+
+/// Nodes held by the project's live sessions: listed by the session and
+/// holding it.
+pub(crate) fn held_by_project(conn: &Connection, project: &str) -> Result<u32, StoreError> {
+    count(conn, HELD_BY_PROJECT, [project], "checking the quota").map(sat_u32)
+}
+
+/// Counts the Failed nodes a project's sessions in Fail hold.
+pub(crate) const FAILED_HELD_BY_PROJECT: &str = "SELECT COUNT(*) FROM sessions AS s, json_each(s.nodes) AS j, \
+     nodes AS n WHERE s.project = ?1 AND s.live = 1 AND s.state = 'Fail' \
+     AND n.id = j.value AND n.state = 'Failed' AND n.session = s.id";
+
+/// Failed nodes held by the project's sessions in Fail.
+pub(crate) fn failed_held_by_project(conn: &Connection, project: &str) -> Result<u64, StoreError> {
+    count(conn, FAILED_HELD_BY_PROJECT, [project], "evaluating a guard")
+}
+
+// ----- projects, keys, pools, settings -----
+
+/// One project.
+pub(crate) fn project(conn: &Connection, name: &str) -> Result<Option<Project>, StoreError> {
+    one(conn, "SELECT name, quota, ssh_keys FROM projects WHERE name = ?1", [name], "reading a project", codec::project)
+}
+
+/// Creates a project or replaces its quota and keys.
+pub(crate) fn put_project(conn: &Connection, p: &Project) -> Result<(), StoreError> {
+    const WHAT: &str = "writing a project";
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO projects (name, quota, ssh_keys) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (name) DO UPDATE SET quota = excluded.quota, ssh_keys = excluded.ssh_keys",
+        )
+        .ctx(WHAT)?;
+    stmt.execute(params![p.name, p.quota, codec::ssh_keys(&p.ssh_keys)?]).ctx(WHAT)?;
+    Ok(())
+}
+
+/// Whether the project exists.
+pub(crate) fn project_exists(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT 1 FROM projects WHERE name = ?1").ctx("checking a project")?;
+    stmt.exists([name]).ctx("checking a project")
+}
+
+/// The key with this hash.
+pub(crate) fn api_key_by_hash(conn: &Connection, hash: &ApiKeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
+    one(
+        conn,
+        concat!("SELECT ", key_cols!(), " FROM api_keys WHERE hash = ?1"),
+        [&hash.0[..]],
+        "reading an API key",
+        codec::api_key,
+    )
+}
+
+/// Inserts a key; returns its id.
+pub(crate) fn insert_api_key(
+    conn: &Connection,
+    project: &str,
+    hash: &ApiKeyHash,
+    admin: bool,
+    now: Timestamp,
+) -> Result<KeyId, StoreError> {
+    const WHAT: &str = "inserting an API key";
+    let mut stmt = conn
+        .prepare_cached("INSERT INTO api_keys (id, project, hash, admin, created_at) VALUES (NULL, ?1, ?2, ?3, ?4)")
+        .ctx(WHAT)?;
+    stmt.execute(params![project, &hash.0[..], admin, now.0]).ctx(WHAT)?;
+    let id = conn.last_insert_rowid();
+    u64::try_from(id).map(KeyId).map_err(|_| StoreError::Corrupt(format!("SQLite assigned key id {id}")))
+}
+
+/// Every pool target, ordered by pool.
+pub(crate) fn pool_targets(conn: &Connection) -> Result<Vec<PoolTarget>, StoreError> {
+    let mut out = rows(
+        conn,
+        "SELECT release, arch, flavor, standby FROM pool_targets",
+        [],
+        "reading pool targets",
+        codec::pool_target,
+    )?;
+    out.sort_by(|a, b| a.pool.cmp(&b.pool));
+    Ok(out)
+}
+
+/// Sets a pool's target.
+pub(crate) fn put_pool_target(conn: &Connection, t: &PoolTarget) -> Result<(), StoreError> {
+    const WHAT: &str = "writing a pool target";
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO pool_targets (release, arch, flavor, standby) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (release, arch, flavor) DO UPDATE SET standby = excluded.standby",
+        )
+        .ctx(WHAT)?;
+    stmt.execute(params![t.pool.release, t.pool.arch.as_str(), t.pool.flavor.as_deref().unwrap_or(""), t.standby])
+        .ctx(WHAT)?;
+    Ok(())
+}
+
+/// The pause flag.
+pub(crate) fn paused(conn: &Connection) -> Result<bool, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT paused FROM settings WHERE id = 1").ctx("reading the pause flag")?;
+    let p: Option<bool> = stmt.query_row([], |r| r.get(0)).optional().ctx("reading the pause flag")?;
+    p.ok_or_else(|| StoreError::Corrupt("the settings row is missing".into()))
+}
+
+/// Sets the pause flag.
+pub(crate) fn set_paused(conn: &Connection, paused: bool) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached("UPDATE settings SET paused = ?1 WHERE id = 1").ctx("writing the pause flag")?;
+    stmt.execute([paused]).ctx("writing the pause flag")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The query plan of `sql`, one line per step.
+    fn plan(conn: &Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).expect("prepare");
+        let n = stmt.parameter_count();
+        let params: Vec<rusqlite::types::Value> = (0..n).map(|_| rusqlite::types::Value::Integer(1)).collect();
+        let lines: Vec<String> = stmt
+            .query_map(rusqlite::params_from_iter(params), |r| r.get::<_, String>(3))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        lines.join("\n")
+    }
+
+    fn schema() -> Connection {
+        let conn = Connection::open_in_memory().expect("open");
+        crate::schema::migrate(&conn, std::path::Path::new(":memory:")).expect("migrate");
+        conn
+    }
+
+    #[test]
+    fn claim_is_a_range_scan_of_the_ready_index() {
+        let conn = schema();
+        let p = plan(&conn, CLAIMABLE);
+        assert!(p.contains("USING INDEX nodes_ready"), "{p}");
+        assert!(!p.contains("TEMP B-TREE"), "the index gives the order: {p}");
+        assert!(!p.contains("SCAN nodes"), "{p}");
+        let p = plan(&conn, READY_IN_POOL);
+        assert!(p.contains("nodes_ready"), "{p}");
+    }
+
+    #[test]
+    fn hot_statements_are_not_re_prepared() {
+        use rusqlite::StatementStatus;
+        let conn = schema();
+        for sql in [CLAIMABLE, READY_IN_POOL, HELD_BY_PROJECT, FAILED_HELD_BY_PROJECT, RECENT_SESSIONS, LIVE_SESSIONS] {
+            let mut stmt = conn.prepare(sql).expect("prepare");
+            let n = stmt.parameter_count();
+            for i in 0..3 {
+                let params: Vec<rusqlite::types::Value> =
+                    (0..n).map(|_| rusqlite::types::Value::Text(format!("v{i}"))).collect();
+                let mut rows = stmt.query(rusqlite::params_from_iter(params)).expect("query");
+                while rows.next().expect("row").is_some() {}
+            }
+            assert_eq!(stmt.get_status(StatementStatus::RePrepare), 0, "{sql}");
+        }
+    }
+
+    #[test]
+    fn quota_rate_limit_and_guards_use_indexes() {
+        let conn = schema();
+        for sql in [HELD_BY_PROJECT, FAILED_HELD_BY_PROJECT] {
+            let p = plan(&conn, sql);
+            assert!(p.contains("USING INDEX sessions_live_project"), "{p}");
+            assert!(p.contains("SEARCH n USING INTEGER PRIMARY KEY"), "{p}");
+        }
+        let p = plan(&conn, RECENT_SESSIONS);
+        assert!(p.contains("sessions_origin"), "{p}");
+        let p = plan(&conn, LIVE_SESSIONS);
+        assert!(p.contains("sessions_live"), "{p}");
+        assert!(!p.contains("TEMP B-TREE"), "{p}");
+    }
+}

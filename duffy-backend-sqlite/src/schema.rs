@@ -1,0 +1,194 @@
+//! The schema, as versioned forward-only migrations.
+//!
+//! The file's `PRAGMA user_version` is the number of migrations applied;
+//! `PRAGMA application_id` marks the file as Duffy's. On open every
+//! migration after the file's version is applied, all in one transaction
+//! together with the version bump, so a crash mid-upgrade leaves the old
+//! version intact. A file whose version is newer than this build knows is
+//! refused with [`OpenError::SchemaTooNew`](crate::OpenError::SchemaTooNew):
+//! migrations never go backwards.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+use tracing::info;
+
+use crate::OpenError;
+
+/// `PRAGMA application_id` of a Duffy store: "DUFY".
+pub const APPLICATION_ID: i32 = 0x4455_4659;
+
+/// Version 1: nodes, sessions, the event log, projects, keys, pool targets
+/// and the pause flag.
+///
+/// Encodings: enums as their stable names (`NodeState::as_str` and so on),
+/// timestamps as milliseconds, a pool key as three columns (release, arch,
+/// flavor; a missing flavor is NULL, except in `pool_targets` where it is
+/// `''` so it can be part of the primary key: flavors are validated
+/// non-empty), a session's node list and a project's SSH keys as JSON
+/// arrays.
+const V1: &str = r#"
+CREATE TABLE nodes (
+    id            INTEGER PRIMARY KEY,
+    hostname      TEXT    NOT NULL UNIQUE,
+    ip            TEXT,
+    chassis       TEXT,
+    hardware_arch TEXT    NOT NULL,
+    flavor        TEXT,
+    bmc           TEXT,
+    console_port  INTEGER,
+    state         TEXT    NOT NULL,
+    image_release TEXT,
+    image_arch    TEXT,
+    image_flavor  TEXT,
+    used_count    INTEGER NOT NULL,
+    session       TEXT,
+    state_since   INTEGER NOT NULL,
+    installed_at  INTEGER,
+    hold_until    INTEGER,
+    fail_reason   TEXT,
+    power         TEXT    NOT NULL,
+    version       INTEGER NOT NULL
+);
+-- The claim index: Ready nodes by pool, least used first, then lowest id.
+-- A claim is one range scan of it, whatever the size of the farm.
+CREATE INDEX nodes_ready ON nodes (image_release, image_arch, image_flavor, used_count, id)
+    WHERE state = 'Ready';
+
+CREATE TABLE sessions (
+    id           TEXT    NOT NULL PRIMARY KEY,
+    project      TEXT    NOT NULL,
+    key_id       INTEGER NOT NULL,
+    state        TEXT    NOT NULL,
+    pool_release TEXT    NOT NULL,
+    pool_arch    TEXT    NOT NULL,
+    pool_flavor  TEXT,
+    nodes        TEXT    NOT NULL,
+    created_at   INTEGER NOT NULL,
+    delivered_at INTEGER,
+    lease_until  INTEGER,
+    hold_until   INTEGER,
+    ended_at     INTEGER,
+    end_reason   TEXT,
+    version      INTEGER NOT NULL,
+    -- The key and creation time as first inserted, never updated: what the
+    -- rate limit counts.
+    origin_key   INTEGER NOT NULL,
+    origin_at    INTEGER NOT NULL,
+    live         INTEGER NOT NULL GENERATED ALWAYS AS (state IN ('Allocating', 'Prod', 'Fail')) VIRTUAL
+) WITHOUT ROWID;
+-- live_sessions(), in order.
+CREATE INDEX sessions_live ON sessions (created_at, id) WHERE live = 1;
+-- The quota and the fail-cap guard: a project's live sessions.
+CREATE INDEX sessions_live_project ON sessions (project) WHERE live = 1;
+-- The rate limit: sessions a key created since a time.
+CREATE INDEX sessions_origin ON sessions (origin_key, origin_at);
+
+CREATE TABLE events (
+    seq        INTEGER PRIMARY KEY,
+    node       INTEGER NOT NULL REFERENCES nodes (id),
+    from_state TEXT    NOT NULL,
+    to_state   TEXT    NOT NULL,
+    cause      TEXT    NOT NULL,
+    detail     TEXT,
+    actor      TEXT    NOT NULL,
+    session    TEXT,
+    at         INTEGER NOT NULL
+);
+CREATE INDEX events_node ON events (node, seq);
+
+CREATE TABLE projects (
+    name     TEXT NOT NULL PRIMARY KEY,
+    quota    INTEGER,
+    ssh_keys TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE api_keys (
+    id         INTEGER PRIMARY KEY,
+    project    TEXT    NOT NULL REFERENCES projects (name),
+    hash       BLOB    NOT NULL UNIQUE,
+    admin      INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX api_keys_project ON api_keys (project);
+
+CREATE TABLE pool_targets (
+    release TEXT    NOT NULL,
+    arch    TEXT    NOT NULL,
+    flavor  TEXT    NOT NULL,
+    standby INTEGER NOT NULL,
+    PRIMARY KEY (release, arch, flavor)
+) WITHOUT ROWID;
+
+CREATE TABLE settings (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    paused INTEGER NOT NULL
+);
+INSERT INTO settings (id, paused) VALUES (1, 0);
+"#;
+
+/// Every migration, in order: migration `i` takes the file from version
+/// `i` to `i + 1`. Append only; never edit a released one.
+const MIGRATIONS: &[&str] = &[V1];
+
+/// The schema version this build writes (the number of migrations).
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the file to [`SCHEMA_VERSION`], in one immediate transaction.
+/// Returns the version the file had before.
+pub(crate) fn migrate(conn: &Connection, path: &Path) -> Result<i64, OpenError> {
+    let sql = |context: &str| {
+        let context = context.to_string();
+        move |source| OpenError::Sqlite { context, source }
+    };
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(sql("starting the migration transaction"))?;
+    let result = (|| {
+        let found: i64 =
+            conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql("reading the schema version"))?;
+        let app: i32 =
+            conn.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(sql("reading the application id"))?;
+        let foreign = if app == 0 { found != 0 } else { app != APPLICATION_ID };
+        if foreign {
+            return Err(OpenError::ForeignDatabase {
+                path: path.to_path_buf(),
+                application_id: app,
+                user_version: found,
+            });
+        }
+        if found > SCHEMA_VERSION {
+            return Err(OpenError::SchemaTooNew { path: path.to_path_buf(), found, supported: SCHEMA_VERSION });
+        }
+        if found < 0 {
+            return Err(OpenError::ForeignDatabase {
+                path: path.to_path_buf(),
+                application_id: app,
+                user_version: found,
+            });
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            conn.execute_batch(m).map_err(sql(&format!("applying schema migration {}", i + 1)))?;
+        }
+        if found < SCHEMA_VERSION {
+            conn.execute_batch(&format!(
+                "PRAGMA user_version = {SCHEMA_VERSION}; PRAGMA application_id = {APPLICATION_ID};"
+            ))
+            .map_err(sql("recording the schema version"))?;
+        }
+        Ok(found)
+    })();
+    match result {
+        Ok(found) => {
+            conn.execute_batch("COMMIT").map_err(sql("committing the migration"))?;
+            if found < SCHEMA_VERSION {
+                info!(path = %path.display(), from = found, to = SCHEMA_VERSION, "migrated the store's schema");
+            }
+            Ok(found)
+        }
+        Err(e) => {
+            // The transaction is rolled back whole: nothing of a partial
+            // upgrade remains.
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! The writer thread and group commit.
+//!
+//! One thread owns the write connection. Write operations arrive over a
+//! channel, each with a oneshot for its answer. The thread takes the first
+//! waiting operation, drains whatever else is queued (up to the maximum
+//! batch), and runs them all in one `BEGIN IMMEDIATE` transaction, each
+//! inside its own `SAVEPOINT`: an operation that is refused (a claim that
+//! finds too few nodes, a compare-and-set conflict, a failed guard, bad
+//! input) or fails is rolled back to its savepoint, and its batch-mates
+//! keep their writes. Then one `COMMIT` (one fsync in `synchronous=FULL`)
+//! makes the whole batch durable, and only then does every caller get its
+//! answer. If the transaction as a whole fails (`BEGIN`, a savepoint, or
+//! `COMMIT`), nothing of the batch was written and every caller gets an
+//! error.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SendError, Sender, TryRecvError};
+use std::time::Instant;
+
+use duffy_core::store::claim_writes;
+use duffy_core::{
+    Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, Guard, NewNode,
+    Node, NodeId, PoolTarget, Project, StoreError, Timestamp, model::validate_token,
+};
+use futures::channel::oneshot;
+use rusqlite::Connection;
+use tracing::{debug, error, trace};
+
+use crate::durability::{Durability, Synced};
+use crate::queries as q;
+
+/// Counters of the writer's work, for tests, benchmarks and metrics.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) transactions: AtomicU64,
+    pub(crate) operations: AtomicU64,
+    pub(crate) failed_transactions: AtomicU64,
+    pub(crate) syncs: AtomicU64,
+    /// Set by the checkpointer when the WAL has grown past
+    /// [`RESTART_FRAMES`](crate::checkpointer::RESTART_FRAMES): the writer
+    /// finishes the checkpoint between two batches so the WAL can restart.
+    pub(crate) restart_wanted: AtomicBool,
+    pub(crate) wal_restarts: AtomicU64,
+}
+
+/// The answer channel of one operation.
+pub(crate) type Reply<T> = oneshot::Sender<T>;
+
+/// A write operation queued for the writer thread.
+pub(crate) enum Op {
+    AddNodes {
+        nodes: Vec<NewNode>,
+        actor: Actor,
+        now: Timestamp,
+        reply: Reply<Result<Vec<Node>, StoreError>>,
+    },
+    Claim {
+        req: ClaimRequest,
+        reply: Reply<Result<Result<Claimed, ClaimRefusal>, StoreError>>,
+    },
+    Commit {
+        batch: Batch,
+        reply: Reply<Result<(), CommitError>>,
+    },
+    UpsertProject {
+        project: Project,
+        reply: Reply<Result<(), StoreError>>,
+    },
+    AddApiKey {
+        project: String,
+        hash: ApiKeyHash,
+        admin: bool,
+        now: Timestamp,
+        reply: Reply<Result<ApiKeyRecord, StoreError>>,
+    },
+    SetPoolTarget {
+        target: PoolTarget,
+        reply: Reply<Result<(), StoreError>>,
+    },
+    SetPaused {
+        paused: bool,
+        reply: Reply<Result<bool, StoreError>>,
+    },
+}
+
+/// An operation's answer, held until its transaction commits (and, with
+/// `Synchronous::Full`, until the syncer has fsynced it).
+pub(crate) trait Finish: Send {
+    /// The transaction committed: send the answer.
+    fn send(self: Box<Self>);
+    /// The transaction failed: send this error instead.
+    fn fail(self: Box<Self>, err: StoreError);
+}
+
+struct Outcome<T> {
+    reply: Reply<T>,
+    value: T,
+    on_fail: fn(StoreError) -> T,
+}
+
+impl<T: Send> Finish for Outcome<T> {
+    fn send(self: Box<Self>) {
+        // A caller that stopped waiting (its future was dropped) is not an
+        // error: the operation happened all the same.
+        let _ = self.reply.send(self.value);
+    }
+    fn fail(self: Box<Self>, err: StoreError) {
+        let _ = self.reply.send((self.on_fail)(err));
+    }
+}
+
+fn store_err<T>(e: StoreError) -> Result<T, StoreError> {
+    Err(e)
+}
+
+fn commit_err(e: StoreError) -> Result<(), CommitError> {
+    Err(CommitError::Store(e))
+}
+
+fn outcome<T: Send + 'static>(reply: Reply<T>, value: T, on_fail: fn(StoreError) -> T) -> Box<dyn Finish> {
+    Box::new(Outcome { reply, value, on_fail })
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::AddNodes { .. } => "add_nodes",
+            Op::Claim { .. } => "claim",
+            Op::Commit { .. } => "commit",
+            Op::UpsertProject { .. } => "upsert_project",
+            Op::AddApiKey { .. } => "add_api_key",
+            Op::SetPoolTarget { .. } => "set_pool_target",
+            Op::SetPaused { .. } => "set_paused",
+        }
+    }
+
+    /// Runs the operation on the open transaction (inside its savepoint).
+    /// Returns its answer and whether its writes are to be kept.
+    fn run(self, conn: &Connection) -> (Box<dyn Finish>, bool) {
+        match self {
+            Op::AddNodes { nodes, actor, now, reply } => {
+                let v = add_nodes(conn, nodes, actor, now);
+                let keep = v.is_ok();
+                (outcome(reply, v, store_err), keep)
+            }
+            Op::Claim { req, reply } => {
+                let v = claim(conn, req);
+                let keep = matches!(v, Ok(Ok(_)));
+                (outcome(reply, v, store_err), keep)
+            }
+            Op::Commit { batch, reply } => {
+                let v = commit(conn, batch);
+                let keep = v.is_ok();
+                (outcome(reply, v, commit_err), keep)
+            }
+            Op::UpsertProject { project, reply } => {
+                let v = upsert_project(conn, &project);
+                let keep = v.is_ok();
+                (outcome(reply, v, store_err), keep)
+            }
+            Op::AddApiKey { project, hash, admin, now, reply } => {
+                let v = add_api_key(conn, project, hash, admin, now);
+                let keep = v.is_ok();
+                (outcome(reply, v, store_err), keep)
+            }
+            Op::SetPoolTarget { target, reply } => {
+                let v = set_pool_target(conn, &target);
+                let keep = v.is_ok();
+                (outcome(reply, v, store_err), keep)
+            }
+            Op::SetPaused { paused, reply } => {
+                let v = set_paused(conn, paused);
+                let keep = v.is_ok();
+                (outcome(reply, v, store_err), keep)
+            }
+        }
+    }
+
+    /// Answers without running: the batch's transaction failed.
+    fn fail(self, err: StoreError) {
+        match self {
+            Op::AddNodes { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            Op::Claim { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            Op::Commit { reply, .. } => {
+                let _ = reply.send(Err(CommitError::Store(err)));
+            }
+            Op::UpsertProject { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            Op::AddApiKey { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            Op::SetPoolTarget { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            Op::SetPaused { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
+}
+
+/// Where committed batches go: straight to their callers
+/// (`Synchronous::Normal`), or to the syncer thread first (`Full`).
+pub(crate) struct Sink {
+    pub(crate) syncer: Option<Sender<Synced>>,
+    pub(crate) durability: Arc<Durability>,
+}
+
+/// The writer thread's body: batches until every sender is gone.
+pub(crate) fn run(conn: Connection, rx: Receiver<Op>, max_batch: usize, counters: Arc<Counters>, sink: Sink) {
+    debug!(max_batch, "SQLite writer thread started");
+    let mut ops = Vec::with_capacity(max_batch);
+    while let Ok(first) = rx.recv() {
+        ops.push(first);
+        while ops.len() < max_batch {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        run_batch(&conn, &mut ops, &counters, &sink);
+    }
+    debug!("SQLite writer thread stopping: the store was dropped");
+}
+
+/// The error every operation of a batch gets when its transaction fails
+/// as a whole.
+type Shared = Arc<dyn std::error::Error + Send + Sync>;
+
+/// SQLite itself rolled the transaction back after an operation's error
+/// (it does so on some I/O and out-of-memory errors).
+#[derive(Debug, thiserror::Error)]
+#[error("SQLite rolled back the whole transaction after an error in one of its operations")]
+struct RolledBack;
+
+fn exec(conn: &Connection, sql: &str) -> Result<(), rusqlite::Error> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+/// Completes the checkpoint the checkpointer thread could not: it copies
+/// most of the WAL in the background, but while the writer keeps appending
+/// it never reaches the end, and SQLite restarts the WAL from its beginning
+/// only once every frame is copied. Run between two batches, with nothing
+/// appended meanwhile, this copies what was appended since the
+/// checkpointer's last pass, and the next write transaction restarts the
+/// WAL. Without it the WAL grows until the writer's own (much larger)
+/// auto-checkpoint, and every page lookup gets slower with its size.
+fn finish_checkpoint(conn: &Connection, counters: &Counters) {
+    let r = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+    });
+    match r {
+        Ok((busy, log, done)) => {
+            if busy == 0 && log == done {
+                counters.wal_restarts.fetch_add(1, Ordering::Relaxed);
+            }
+            trace!(busy, log, done, "writer finished a checkpoint");
+        }
+        Err(e) => debug!(error = %e, "the writer's checkpoint failed; the checkpointer will ask again"),
+    }
+}
+
+/// Runs one batch in one transaction and answers every caller.
+fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &Sink) {
+    let n = ops.len();
+    if counters.restart_wanted.swap(false, Ordering::Relaxed) {
+        finish_checkpoint(conn, counters);
+    }
+    if let Some(e) = sink.durability.failure() {
+        // An fsync failed: nothing more is written until the store is
+        // reopened.
+        let e: Shared = Arc::new(e);
+        for op in ops.drain(..) {
+            op.fail(StoreError::backend("refusing writes", Arc::clone(&e)));
+        }
+        return;
+    }
+    let started = Instant::now();
+    counters.transactions.fetch_add(1, Ordering::Relaxed);
+    counters.operations.fetch_add(n as u64, Ordering::Relaxed);
+    let mut done: Vec<Box<dyn Finish>> = Vec::with_capacity(n);
+    let mut rest: Vec<Op> = Vec::new();
+    let mut refused = 0usize;
+    let mut lost: Option<(String, Shared)> = None;
+    if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
+        lost = Some(("starting a write transaction".to_string(), Arc::new(e)));
+        rest.append(ops);
+    }
+    let mut pending = ops.drain(..);
+    for op in pending.by_ref() {
+        let name = op.name();
+        if let Err(e) = exec(conn, "SAVEPOINT op") {
+            lost = Some((format!("opening a savepoint for {name}"), Arc::new(e)));
+            rest.push(op);
+            break;
+        }
+        let (finish, keep) = op.run(conn);
+        done.push(finish);
+        if conn.is_autocommit() {
+            lost = Some((format!("running {name}"), Arc::new(RolledBack)));
+            break;
+        }
+        let closed = if keep {
+            exec(conn, "RELEASE op")
+        } else {
+            refused += 1;
+            exec(conn, "ROLLBACK TO op").and_then(|()| exec(conn, "RELEASE op"))
+        };
+        if let Err(e) = closed {
+            lost = Some((format!("closing the savepoint of {name}"), Arc::new(e)));
+            break;
+        }
+    }
+    rest.extend(pending);
+    if lost.is_none() {
+        // Counted before COMMIT: a reader that sees this batch sees the
+        // count too, and waits for its fsync.
+        let seq = sink.syncer.as_ref().map(|_| sink.durability.next_visible());
+        match exec(conn, "COMMIT") {
+            Ok(()) => {
+                trace!(ops = n, refused, elapsed_us = started.elapsed().as_micros() as u64, "committed a batch");
+                match (&sink.syncer, seq) {
+                    (Some(syncer), Some(seq)) => {
+                        if let Err(SendError(item)) = syncer.send(Synced { seq, done }) {
+                            for f in item.done {
+                                f.fail(StoreError::Closed);
+                            }
+                        }
+                    }
+                    _ => {
+                        for f in done {
+                            f.send();
+                        }
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                if let (Some(syncer), Some(seq)) = (&sink.syncer, seq) {
+                    // Nothing of it became visible; the sequence moves on.
+                    let _ = syncer.send(Synced { seq, done: Vec::new() });
+                }
+                lost = Some((format!("committing a batch of {n} operations"), Arc::new(e)));
+            }
+        }
+    }
+    // The transaction failed as a whole: nothing of the batch is written,
+    // and every caller is told so.
+    let (context, e) = lost.unwrap_or_else(|| ("committing".to_string(), Arc::new(RolledBack)));
+    counters.failed_transactions.fetch_add(1, Ordering::Relaxed);
+    error!(error = %e, context, ops = n, "a write transaction failed; failing its whole batch");
+    if !conn.is_autocommit() {
+        if let Err(e) = exec(conn, "ROLLBACK") {
+            error!(error = %e, "could not roll back the failed transaction");
+        }
+    }
+    for f in done {
+        f.fail(StoreError::backend(context.clone(), Arc::clone(&e)));
+    }
+    for op in rest {
+        op.fail(StoreError::backend(context.clone(), Arc::clone(&e)));
+    }
+}
+
+// ----- the operations, each on an open transaction -----
+
+fn add_nodes(conn: &Connection, nodes: Vec<NewNode>, actor: Actor, now: Timestamp) -> Result<Vec<Node>, StoreError> {
+    let mut names = HashSet::with_capacity(nodes.len());
+    for n in &nodes {
+        n.validate().map_err(|e| StoreError::Invalid(e.to_string()))?;
+        if q::hostname_exists(conn, &n.hostname)? || !names.insert(n.hostname.as_str()) {
+            return Err(StoreError::Duplicate(format!("node {}", n.hostname)));
+        }
+    }
+    let mut out = Vec::with_capacity(nodes.len());
+    for n in nodes {
+        let mut node = n.into_node(NodeId(0), now);
+        node.id = q::insert_node(conn, &node)?;
+        q::insert_event(conn, &Event::added(&node, actor.clone()))?;
+        out.push(node);
+    }
+    Ok(out)
+}
+
+fn claim(conn: &Connection, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {
+    if req.count == 0 {
+        return Err(StoreError::Invalid("a claim needs a count of at least 1".into()));
+    }
+    if q::session_version(conn, &req.session)?.is_some() {
+        return Err(StoreError::Duplicate(format!("session {}", req.session)));
+    }
+    if let Some(limit) = req.rate_limit {
+        let recent = q::recent_sessions(conn, req.key_id, req.now.minus(limit.window))?;
+        if recent >= limit.max {
+            return Ok(Err(ClaimRefusal::RateLimited { recent, limit }));
+        }
+    }
+    if let Some(quota) = req.quota {
+        let held = q::held_by_project(conn, &req.project)?;
+        if held.saturating_add(req.count) > quota {
+            return Ok(Err(ClaimRefusal::QuotaExceeded { held, requested: req.count, quota }));
+        }
+    }
+    let chosen = q::claimable(conn, &req.pool, req.count)?;
+    if chosen.len() < req.count as usize {
+        let available = q::ready_in_pool(conn, &req.pool)?;
+        return Ok(Err(ClaimRefusal::InsufficientNodes { requested: req.count, available }));
+    }
+    let (session, writes) = claim_writes(&req, &chosen).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let mut nodes = Vec::with_capacity(writes.len());
+    for w in writes {
+        if !q::update_node(conn, &w.node, w.expected_version)? {
+            return Err(StoreError::Corrupt(format!("claim could not apply its own write of node {}", w.node.id)));
+        }
+        q::insert_event(conn, &w.event)?;
+        nodes.push(w.node);
+    }
+    q::put_session(conn, &session)?;
+    Ok(Ok(Claimed { session, nodes }))
+}
+
+fn commit(conn: &Connection, batch: Batch) -> Result<(), CommitError> {
+    // Every expectation first, in MemStore's order: node versions, then
+    // a node written twice, then session versions.
+    for w in &batch.nodes {
+        let ok = q::node_version(conn, w.node.id)? == Some(w.expected_version)
+            && w.expected_version.checked_add(1) == Some(w.node.version);
+        if !ok {
+            return Err(CommitError::Conflict(format!("node {}", w.node.id)));
+        }
+    }
+    let mut seen = HashSet::with_capacity(batch.nodes.len());
+    if !batch.nodes.iter().all(|w| seen.insert(w.node.id)) {
+        return Err(CommitError::Store(StoreError::Invalid("a batch writes the same node twice".into())));
+    }
+    for w in &batch.sessions {
+        if q::session_version(conn, &w.session.id)? != w.expected_version {
+            return Err(CommitError::Conflict(format!("session {}", w.session.id)));
+        }
+    }
+    for w in &batch.nodes {
+        if !q::update_node(conn, &w.node, w.expected_version)? {
+            return Err(CommitError::Store(StoreError::Corrupt(format!(
+                "node {} changed inside its own transaction",
+                w.node.id
+            ))));
+        }
+        q::insert_event(conn, &w.event)?;
+    }
+    for w in &batch.sessions {
+        q::put_session(conn, &w.session)?;
+    }
+    for g in &batch.guards {
+        let Guard::ProjectFailedNodesAtMost { project, max } = g;
+        let actual = q::failed_held_by_project(conn, project)?;
+        if actual > u64::from(*max) {
+            return Err(CommitError::GuardFailed { guard: g.clone(), actual });
+        }
+    }
+    Ok(())
+}
+
+fn upsert_project(conn: &Connection, project: &Project) -> Result<(), StoreError> {
+    validate_token("project name", &project.name, 64).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    q::put_project(conn, project)
+}
+
+fn add_api_key(
+    conn: &Connection,
+    project: String,
+    hash: ApiKeyHash,
+    admin: bool,
+    now: Timestamp,
+) -> Result<ApiKeyRecord, StoreError> {
+    if !q::project_exists(conn, &project)? {
+        return Err(StoreError::NotFound(format!("project {project}")));
+    }
+    if q::api_key_by_hash(conn, &hash)?.is_some() {
+        return Err(StoreError::Duplicate("API key".into()));
+    }
+    let id = q::insert_api_key(conn, &project, &hash, admin, now)?;
+    Ok(ApiKeyRecord { id, project, hash, admin, created_at: now })
+}
+
+fn set_pool_target(conn: &Connection, target: &PoolTarget) -> Result<(), StoreError> {
+    target.pool.validate().map_err(|e| StoreError::Invalid(e.to_string()))?;
+    q::put_pool_target(conn, target)
+}
+
+fn set_paused(conn: &Connection, paused: bool) -> Result<bool, StoreError> {
+    let was = q::paused(conn)?;
+    q::set_paused(conn, paused)?;
+    Ok(was)
+}

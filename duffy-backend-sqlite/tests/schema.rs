@@ -1,0 +1,117 @@
+//! Opening files: migrations, versions, foreign and broken files, options.
+
+use duffy_backend_sqlite::{APPLICATION_ID, OpenError, SCHEMA_VERSION, SqliteOptions, SqliteStore};
+use duffy_core::{Actor, Arch, NewNode, Store, StoreError, Timestamp};
+use rusqlite::Connection;
+
+fn pragma(path: &std::path::Path, name: &str) -> i64 {
+    let c = Connection::open(path).expect("raw open");
+    c.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0)).expect("pragma")
+}
+
+#[test]
+fn a_new_file_gets_the_current_schema_and_reopening_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+    let added = futures::executor::block_on(store.add_nodes(
+        vec![NewNode::new("a", Arch::X86_64)],
+        Actor::Operator,
+        Timestamp(1),
+    ))
+    .expect("add");
+    drop(store);
+    assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
+    assert_eq!(pragma(&path, "application_id"), i64::from(APPLICATION_ID));
+    let c = Connection::open(&path).expect("raw open");
+    let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("mode");
+    assert_eq!(mode, "wal");
+    drop(c);
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("reopen");
+    assert_eq!(futures::executor::block_on(store.nodes()).expect("nodes"), added);
+}
+
+#[test]
+fn a_file_from_a_newer_version_is_refused_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    drop(SqliteStore::open(&path, SqliteOptions::default()).expect("open"));
+    let newer = SCHEMA_VERSION + 1;
+    Connection::open(&path).expect("raw").execute_batch(&format!("PRAGMA user_version = {newer}")).expect("bump");
+    match SqliteStore::open(&path, SqliteOptions::default()) {
+        Err(OpenError::SchemaTooNew { found, supported, .. }) => {
+            assert_eq!((found, supported), (newer, SCHEMA_VERSION));
+        }
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+    assert_eq!(pragma(&path, "user_version"), newer, "nothing was changed");
+    let e = SqliteStore::open(&path, SqliteOptions::default()).expect_err("still refused");
+    assert!(e.to_string().contains("newer"), "{e}");
+    // As a StoreError it is a backend error with context, not corruption.
+    let e: StoreError = e.into();
+    assert!(matches!(e, StoreError::Backend { .. }), "{e}");
+}
+
+#[test]
+fn another_applications_database_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("other.db");
+    Connection::open(&path)
+        .expect("raw")
+        .execute_batch("CREATE TABLE t (x); PRAGMA user_version = 3;")
+        .expect("other app's schema");
+    assert!(matches!(
+        SqliteStore::open(&path, SqliteOptions::default()),
+        Err(OpenError::ForeignDatabase { user_version: 3, application_id: 0, .. })
+    ));
+    let path = dir.path().join("other2.db");
+    Connection::open(&path).expect("raw").execute_batch("PRAGMA application_id = 1234;").expect("app id");
+    assert!(matches!(
+        SqliteStore::open(&path, SqliteOptions::default()),
+        Err(OpenError::ForeignDatabase { application_id: 1234, .. })
+    ));
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("garbage.db");
+    std::fs::write(&path, vec![0x5a; 8192]).expect("write");
+    match SqliteStore::open(&path, SqliteOptions::default()) {
+        Err(OpenError::Sqlite { source, .. }) => {
+            assert_eq!(source.sqlite_error_code(), Some(rusqlite::ErrorCode::NotADatabase), "{source}");
+        }
+        other => panic!("expected a SQLite error, got {other:?}"),
+    }
+    let missing_dir = dir.path().join("no/such/dir/duffy.db");
+    assert!(matches!(SqliteStore::open(&missing_dir, SqliteOptions::default()), Err(OpenError::Sqlite { .. })));
+}
+
+#[test]
+fn in_memory_databases_and_bad_options_are_refused() {
+    assert!(matches!(SqliteStore::open(":memory:", SqliteOptions::default()), Err(OpenError::NotWal { .. })));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    for options in [
+        SqliteOptions { read_connections: 0, ..SqliteOptions::default() },
+        SqliteOptions { max_batch: 0, ..SqliteOptions::default() },
+    ] {
+        assert!(matches!(SqliteStore::open(&path, options), Err(OpenError::InvalidOptions(_))));
+    }
+}
+
+#[test]
+fn two_stores_on_one_file_share_it_safely() {
+    // Not the intended deployment (one process owns the file), but SQLite's
+    // locking keeps it correct: the second writer waits for the first.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    let a = SqliteStore::open(&path, SqliteOptions::default()).expect("open a");
+    let b = SqliteStore::open(&path, SqliteOptions::default()).expect("open b");
+    futures::executor::block_on(async {
+        a.add_nodes(vec![NewNode::new("x", Arch::X86_64)], Actor::Operator, Timestamp(1)).await.expect("a adds");
+        let dup = b.add_nodes(vec![NewNode::new("x", Arch::X86_64)], Actor::Operator, Timestamp(1)).await;
+        assert!(matches!(dup, Err(StoreError::Duplicate(_))), "{dup:?}");
+        assert_eq!(b.nodes().await.expect("read").len(), 1);
+    });
+}
