@@ -1,0 +1,558 @@
+//! The HTTP API: the legacy endpoints `cico` and job scripts call, the
+//! admin endpoints, `/metrics` and `/healthz`.
+//!
+//! This is the only module that knows the legacy wire shapes (see
+//! `shared/spec/legacy-api.md`): clients ignore status codes and judge a
+//! reply by the shape of its body, so every reply here is built to that
+//! contract. Every parameter is validated before anything is read or
+//! written; a rejected request changes nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use duffy_core::{Arch, Engine, EngineError, Node, NodeRequest, Principal, validate_token};
+use serde_json::{Value, json};
+use tracing::{error, warn};
+
+use crate::metrics::Metrics;
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// The engine.
+    pub engine: Engine,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+/// A reply: a status and a body in one of the contract's shapes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// A JSON value, sent as `application/json` followed by a newline.
+    Json(StatusCode, Value),
+    /// Plain text, sent as is.
+    Text(StatusCode, String),
+}
+
+impl Reply {
+    /// A JSON string: how a human-readable error reaches `cico`'s output.
+    pub fn message(status: StatusCode, msg: impl Into<String>) -> Reply {
+        Reply::Json(status, Value::String(msg.into()))
+    }
+
+    /// `{"msg": ...}`, the legacy error object.
+    pub fn msg(status: StatusCode, msg: &str) -> Reply {
+        Reply::Json(status, json!({ "msg": msg }))
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Reply::Json(s, _) | Reply::Text(s, _) => *s,
+        }
+    }
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let (status, ctype, body) = match self {
+            Reply::Json(s, v) => {
+                let mut b = serde_json::to_vec(&v).unwrap_or_else(|_| b"null".to_vec());
+                b.push(b'\n');
+                (s, "application/json", b)
+            }
+            Reply::Text(s, t) => (s, "text/plain; charset=utf-8", t.into_bytes()),
+        };
+        let mut r = Response::new(Body::from(body));
+        *r.status_mut() = status;
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+        r
+    }
+}
+
+const INVALID_KEY: &str = "Invalid duffy key";
+const INVALID_SESSION: &str = "Invalid session ID";
+
+/// The query string, parsed and checked against the endpoint's allowed
+/// parameters: no unknown names, no repeats, no absurd lengths.
+struct Query(HashMap<String, String>);
+
+impl Query {
+    fn parse(raw: Option<&str>, allowed: &[&str]) -> Result<Query, Reply> {
+        let mut out = HashMap::new();
+        let raw = raw.unwrap_or("");
+        if raw.len() > 4096 {
+            return Err(Reply::message(StatusCode::BAD_REQUEST, "query string too long (at most 4096 bytes)"));
+        }
+        for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
+            if k.is_empty() && v.is_empty() {
+                continue;
+            }
+            if !allowed.contains(&k.as_ref()) {
+                let shown: String = k.chars().take(40).collect();
+                let allowed = if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") };
+                return Err(Reply::message(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown parameter {shown:?}; allowed parameters: {allowed}"),
+                ));
+            }
+            if v.len() > 256 {
+                return Err(Reply::message(
+                    StatusCode::BAD_REQUEST,
+                    format!("parameter {k} is too long (at most 256 characters)"),
+                ));
+            }
+            if out.insert(k.to_string(), v.to_string()).is_some() {
+                return Err(Reply::message(StatusCode::BAD_REQUEST, format!("parameter {k} given more than once")));
+            }
+        }
+        Ok(Query(out))
+    }
+
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str)
+    }
+
+    /// The key, or the legacy 403 object when it is missing or empty.
+    fn key(&self) -> Result<&str, Reply> {
+        match self.get("key") {
+            Some(k) if !k.is_empty() => Ok(k),
+            _ => Err(Reply::msg(StatusCode::FORBIDDEN, INVALID_KEY)),
+        }
+    }
+}
+
+/// Builds the router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/Node/get", get(node_get))
+        .route("/Node/done", get(node_done))
+        .route("/Node/fail", get(node_fail))
+        .route("/Inventory", get(inventory))
+        .route("/Help", get(help))
+        .route("/Overtime", get(overtime))
+        .route("/NodeSetAdmin/{node}", get(node_set_admin))
+        .route("/NodeRecover/{node}", get(node_recover))
+        .route("/PauseService", get(pause))
+        .route("/ResumeService", get(resume))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let endpoint = Metrics::endpoint_index(req.uri().path());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    st.metrics.observe(endpoint, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+fn unexpected(what: &str, e: &EngineError) -> Reply {
+    error!(error = %e, "{what} failed");
+    Reply::message(StatusCode::SERVICE_UNAVAILABLE, format!("{what} failed: {e}; try again"))
+}
+
+fn parse_request(q: &Query) -> Result<NodeRequest, Reply> {
+    let bad = |m: String| Reply::message(StatusCode::BAD_REQUEST, m);
+    let release = q
+        .get("ver")
+        .map(|v| validate_token("ver", v, 64).map(|()| v.to_string()))
+        .transpose()
+        .map_err(|e| bad(e.to_string()))?;
+    let arch = q.get("arch").map(str::parse::<Arch>).transpose().map_err(|e| bad(format!("invalid arch: {e}")))?;
+    let flavor = q
+        .get("flavor")
+        .map(|v| validate_token("flavor", v, 64).map(|()| v.to_string()))
+        .transpose()
+        .map_err(|e| bad(e.to_string()))?;
+    let count = match q.get("count") {
+        None => None,
+        Some(c) => match c.parse::<u32>() {
+            Ok(n) if n >= 1 => Some(n),
+            _ => {
+                let shown: String = c.chars().take(40).collect();
+                return Err(bad(format!("invalid count {shown:?}: must be a whole number of at least 1")));
+            }
+        },
+    };
+    Ok(NodeRequest { release, arch, count, flavor })
+}
+
+/// `/Node/get?key=K[&ver=7][&arch=x86_64][&count=1][&flavor=F]`
+async fn node_get(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
+    let q = match Query::parse(raw.as_deref(), &["key", "ver", "arch", "count", "flavor"]) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let key = match q.key() {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let req = match parse_request(&q) {
+        Ok(r) => r,
+        Err(r) => {
+            st.metrics.allocation("invalid", 0);
+            return r;
+        }
+    };
+    let who = match st.engine.authenticate(key).await {
+        Ok(w) => w,
+        Err(EngineError::InvalidKey) => return Reply::Text(StatusCode::OK, INVALID_KEY.into()),
+        Err(e) => return unexpected("authentication", &e),
+    };
+    let count = req.count.unwrap_or(1) as usize;
+    let m = &st.metrics;
+    match st.engine.get_nodes(&who, &req).await {
+        Ok(a) => {
+            m.allocation("allocated", count);
+            Reply::Json(StatusCode::OK, json!({ "hosts": a.hosts, "ssid": a.session.0 }))
+        }
+        Err(EngineError::InsufficientNodes { .. }) => {
+            m.allocation("insufficient", 0);
+            Reply::Text(StatusCode::OK, "Insufficient Nodes in READY State".into())
+        }
+        Err(e @ EngineError::RateLimited { .. }) => {
+            m.allocation("rate_limited", 0);
+            Reply::message(StatusCode::TOO_MANY_REQUESTS, format!("Failed to allocate nodes: {e}"))
+        }
+        Err(e @ EngineError::QuotaExceeded { .. }) => {
+            m.allocation("quota", 0);
+            Reply::message(StatusCode::FORBIDDEN, format!("Failed to allocate nodes: {e}"))
+        }
+        Err(EngineError::PreparationFailed { hostname, reason }) => {
+            m.allocation("preparation_failed", 0);
+            warn!(node = %hostname, %reason, "allocation failed while preparing nodes");
+            Reply::message(StatusCode::OK, "Failed to allocate nodes")
+        }
+        Err(EngineError::Paused) => {
+            m.allocation("paused", 0);
+            // Not a server error: the service is deliberately refusing.
+            Reply::message(StatusCode::CONFLICT, "Failed to allocate nodes: the service is paused; try again later")
+        }
+        Err(e @ (EngineError::NoSuchPool { .. } | EngineError::InvalidRequest(_))) => {
+            m.allocation("invalid", 0);
+            Reply::message(StatusCode::BAD_REQUEST, format!("Failed to allocate nodes: {e}"))
+        }
+        Err(e) => {
+            m.allocation("error", 0);
+            unexpected("allocation", &e)
+        }
+    }
+}
+
+/// Key and ssid of `/Node/done` and `/Node/fail`, key checked first.
+async fn session_call(st: &AppState, raw: Option<&str>) -> Result<(Principal, String), Reply> {
+    let q = Query::parse(raw, &["key", "ssid"])?;
+    let key = q.key()?;
+    let ssid = q.get("ssid").unwrap_or("").to_string();
+    let who = match st.engine.authenticate(key).await {
+        Ok(w) => w,
+        Err(EngineError::InvalidKey) => return Err(Reply::msg(StatusCode::FORBIDDEN, INVALID_KEY)),
+        Err(e) => return Err(unexpected("authentication", &e)),
+    };
+    if ssid.is_empty() {
+        return Err(Reply::msg(StatusCode::FORBIDDEN, INVALID_SESSION));
+    }
+    Ok((who, ssid))
+}
+
+fn session_error(what: &str, e: EngineError) -> Reply {
+    match e {
+        EngineError::InvalidSession | EngineError::InvalidKey => Reply::msg(StatusCode::FORBIDDEN, INVALID_SESSION),
+        EngineError::SessionNotInProd { .. } => Reply::msg(StatusCode::OK, "Session not in Prod"),
+        EngineError::FailCapExceeded { .. } => Reply::msg(
+            StatusCode::FORBIDDEN,
+            "Exceeded maximum allowed fail nodes limit, please release other machines to continue",
+        ),
+        e => unexpected(what, &e),
+    }
+}
+
+/// `/Node/done?key=K&ssid=S`
+async fn node_done(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
+    let (who, ssid) = match session_call(&st, raw.as_deref()).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    match st.engine.done(&who, &ssid).await {
+        Ok(()) => Reply::message(StatusCode::OK, "Done"),
+        Err(e) => session_error("releasing the session", e),
+    }
+}
+
+/// `/Node/fail?key=K&ssid=S`
+async fn node_fail(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
+    let (who, ssid) = match session_call(&st, raw.as_deref()).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    match st.engine.fail(&who, &ssid).await {
+        Ok(()) => {
+            st.metrics.session_failed();
+            Reply::message(StatusCode::OK, "Done")
+        }
+        Err(e) => session_error("failing the session", e),
+    }
+}
+
+/// One legacy inventory row: `[id, hostname, ip, chassis, used_count,
+/// state, comment, distro, rel, ver, arch, pool, console_port, flavor]`.
+pub fn inventory_row(n: &Node) -> Value {
+    let in_rotation = u8::from(n.state != duffy_core::NodeState::Reserved);
+    let arch = n.image.as_ref().map(|i| i.arch).unwrap_or(n.hardware_arch);
+    json!([
+        n.id.0,
+        n.hostname,
+        n.ip,
+        n.chassis,
+        n.used_count,
+        n.state.as_str(),
+        n.session.as_ref().map(|s| s.0.as_str()),
+        Value::Null,
+        Value::Null,
+        n.image.as_ref().map(|i| i.release.as_str()),
+        arch.as_str(),
+        in_rotation,
+        n.console_port,
+        n.flavor,
+    ])
+}
+
+/// `/Inventory[?key=K]`
+async fn inventory(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
+    let q = match Query::parse(raw.as_deref(), &["key"]) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    match q.get("key") {
+        None => match st.engine.inventory().await {
+            Ok(nodes) => Reply::Json(StatusCode::OK, Value::Array(nodes.iter().map(inventory_row).collect())),
+            Err(e) => unexpected("reading the inventory", &e),
+        },
+        Some(key) => {
+            let who = match st.engine.authenticate(key).await {
+                Ok(w) => w,
+                Err(EngineError::InvalidKey) => return Reply::Json(StatusCode::OK, json!([])),
+                Err(e) => return unexpected("authentication", &e),
+            };
+            match st.engine.inventory_of(&who).await {
+                Ok(rows) => {
+                    Reply::Json(StatusCode::OK, Value::Array(rows.into_iter().map(|(h, s)| json!([h, s.0])).collect()))
+                }
+                Err(e) => unexpected("reading the inventory", &e),
+            }
+        }
+    }
+}
+
+/// The text of `/Help`.
+pub const HELP: &str = "\
+Duffy: freshly installed test machines for CI jobs.
+
+All calls are GET requests; parameters go in the query string.
+
+/Node/get?key=KEY[&ver=7][&arch=x86_64][&count=1][&flavor=FLAVOR]
+    Allocates COUNT Ready nodes of that release and architecture to a new
+    session. Returns {\"hosts\": [...], \"ssid\": \"SESSION\"}.
+    aarch64 and ppc64le default to flavor 'tiny'. If the pool has too few
+    Ready nodes the answer is 'Insufficient Nodes in READY State': retry later.
+/Node/done?key=KEY&ssid=SESSION
+    Releases every node of the session; they are reinstalled.
+/Node/fail?key=KEY&ssid=SESSION
+    Marks the session's nodes failed and keeps them for debugging (your SSH
+    keys stay on root) for the fail-hold period, then reclaims them. Release
+    them earlier with /Node/done.
+/Inventory[?key=KEY]
+    Without a key: every node, as [id, hostname, ip, chassis, used_count,
+    state, session, distro, rel, ver, arch, pool, console_port, flavor].
+    With a key: [hostname, session] for each node your key holds.
+/Help
+    This text.
+
+Admin calls (need an admin key):
+/Overtime?key=KEY            sessions holding nodes past their lease
+/NodeSetAdmin/HOST?key=KEY   take a node out of the pool (administrative downtime)
+/NodeRecover/HOST?key=KEY    put a node back into the pool
+/PauseService?key=KEY        no new allocations; the warm pool is powered down
+/ResumeService?key=KEY       resume allocations and provision the pool again
+
+Operations: /metrics (Prometheus), /healthz.
+";
+
+/// `/Help`
+async fn help(RawQuery(raw): RawQuery) -> Reply {
+    match Query::parse(raw.as_deref(), &["key"]) {
+        Ok(_) => Reply::Text(StatusCode::OK, HELP.into()),
+        Err(r) => r,
+    }
+}
+
+/// Authenticates an admin call.
+async fn admin(st: &AppState, raw: Option<&str>) -> Result<Principal, Reply> {
+    let q = Query::parse(raw, &["key"])?;
+    let key = q.key()?;
+    match st.engine.authenticate(key).await {
+        Ok(w) if w.admin => Ok(w),
+        Ok(_) => Err(Reply::msg(StatusCode::FORBIDDEN, "This call needs an admin key")),
+        Err(EngineError::InvalidKey) => Err(Reply::msg(StatusCode::FORBIDDEN, INVALID_KEY)),
+        Err(e) => Err(unexpected("authentication", &e)),
+    }
+}
+
+fn admin_error(what: &str, e: EngineError) -> Reply {
+    match e {
+        EngineError::NotAdmin => Reply::msg(StatusCode::FORBIDDEN, "This call needs an admin key"),
+        EngineError::UnknownNode(h) => Reply::message(StatusCode::NOT_FOUND, format!("No node named {h:?}")),
+        e @ (EngineError::Transition(_) | EngineError::NotPaused) => {
+            Reply::message(StatusCode::CONFLICT, e.to_string())
+        }
+        e => unexpected(what, &e),
+    }
+}
+
+/// `/Overtime?key=ADMIN`
+async fn overtime(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
+    let who = match admin(&st, raw.as_deref()).await {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    match st.engine.overtime(&who).await {
+        Ok(list) => Reply::Json(
+            StatusCode::OK,
+            Value::Array(
+                list.into_iter()
+                    .map(|o| {
+                        json!({
+                            "ssid": o.session.id.0,
+                            "project": o.session.project,
+                            "hosts": o.hosts,
+                            "delivered_at": o.session.delivered_at.map(|t| t.to_string()),
+                            "lease_until": o.session.lease_until.map(|t| t.to_string()),
+                            "overdue_minutes": o.overdue.as_secs() / 60,
+                        })
+                    })
+                    .collect(),
+            ),
+        ),
+        Err(e) => admin_error("listing overtime", e),
+    }
+}
+
+fn check_hostname(node: &str) -> Result<(), Reply> {
+    let ok = !node.is_empty()
+        && node.len() <= 253
+        && node.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        let shown: String = node.chars().take(60).collect();
+        Err(Reply::message(
+            StatusCode::BAD_REQUEST,
+            format!("invalid node name {shown:?}: a hostname of letters, digits, '.' and '-'"),
+        ))
+    }
+}
+
+fn node_reply(n: &Node) -> Reply {
+    Reply::Json(StatusCode::OK, json!({ "hostname": n.hostname, "state": n.state.as_str() }))
+}
+
+/// `/NodeSetAdmin/<node>?key=ADMIN`
+async fn node_set_admin(State(st): State<AppState>, Path(node): Path<String>, RawQuery(raw): RawQuery) -> Reply {
+    let who = match admin(&st, raw.as_deref()).await {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_hostname(&node) {
+        return r;
+    }
+    match st.engine.set_admin(&who, &node).await {
+        Ok(n) => node_reply(&n),
+        Err(e) => admin_error("setting admin downtime", e),
+    }
+}
+
+/// `/NodeRecover/<node>?key=ADMIN`
+async fn node_recover(State(st): State<AppState>, Path(node): Path<String>, RawQuery(raw): RawQuery) -> Reply {
+    let who = match admin(&st, raw.as_deref()).await {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_hostname(&node) {
+        return r;
+    }
+    match st.engine.recover(&who, &node).await {
+        Ok(n) => node_reply(&n),
+        Err(e) => admin_error("recovering the node", e),
+    }
+}
+
+/// `/PauseService?key=ADMIN`
+async fn pause(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
+    let who = match admin(&st, raw.as_deref()).await {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    match st.engine.pause(&who).await {
+        Ok(()) => Reply::message(StatusCode::OK, "Done"),
+        Err(e) => admin_error("pausing", e),
+    }
+}
+
+/// `/ResumeService?key=ADMIN`
+async fn resume(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
+    let who = match admin(&st, raw.as_deref()).await {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    match st.engine.resume(&who).await {
+        Ok(()) => Reply::message(StatusCode::OK, "Done"),
+        Err(e) => admin_error("resuming", e),
+    }
+}
+
+/// `/metrics`
+async fn metrics(State(st): State<AppState>) -> Response {
+    let store = st.engine.store();
+    let (nodes, paused) = match (store.nodes().await, store.paused().await) {
+        (Ok(n), Ok(p)) => (n, p),
+        (Err(e), _) | (_, Err(e)) => return unexpected("reading metrics", &e.into()).into_response(),
+    };
+    let body = st.metrics.render(&nodes, paused);
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    r
+}
+
+/// `/healthz`: the store answers.
+async fn healthz(State(st): State<AppState>) -> Reply {
+    match st.engine.store().paused().await {
+        Ok(paused) => Reply::Json(StatusCode::OK, json!({ "status": "ok", "paused": paused })),
+        Err(e) => {
+            error!(error = %e, "health check failed");
+            Reply::Json(StatusCode::SERVICE_UNAVAILABLE, json!({ "status": "error", "error": e.to_string() }))
+        }
+    }
+}
+
+async fn not_found(req: Request) -> Reply {
+    let path: String = req.uri().path().chars().take(100).collect();
+    Reply::message(StatusCode::NOT_FOUND, format!("no such endpoint {path:?}; see /Help"))
+}
+
+impl Reply {
+    /// The status code (for tests).
+    pub fn status_code(&self) -> StatusCode {
+        self.status()
+    }
+}

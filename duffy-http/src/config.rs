@@ -1,0 +1,308 @@
+//! The `duffy serve` configuration file (TOML). Every field has a default,
+//! so an empty file (or none) is the embedded default: a SQLite file, a
+//! simulated farm shaped like the original pool table, on 127.0.0.1:8080.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use duffy_core::testkit::SimConfig;
+use duffy_core::{Arch, NewNode, Policy, PoolKey, PoolTarget};
+use serde::Deserialize;
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on (`127.0.0.1:8080`).
+    pub listen: SocketAddr,
+    /// The SQLite database file (`duffy.db`).
+    pub database: PathBuf,
+    /// Leases, holds, quotas, rate limits, concurrency (see
+    /// `duffy_core::Policy`; durations in seconds).
+    pub policy: Policy,
+    /// Warm pools and their standby targets (default: the original farm's
+    /// table).
+    pub pools: Vec<PoolConfig>,
+    /// What drives the machines.
+    pub hardware: HardwareConfig,
+    /// Machines of a real farm (added on start if missing).
+    pub nodes: Vec<NodeConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database: PathBuf::from("duffy.db"),
+            policy: Policy { max_concurrent_installs: 16, ..Policy::default() },
+            pools: Vec::new(),
+            hardware: HardwareConfig::default(),
+            nodes: Vec::new(),
+        }
+    }
+}
+
+/// One warm pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// OS release (`ver` in the API), e.g. "7".
+    pub release: String,
+    /// Image architecture.
+    pub arch: Arch,
+    /// Hardware flavor (aarch64 and ppc64le default to "tiny").
+    #[serde(default)]
+    pub flavor: Option<String>,
+    /// Ready nodes to keep.
+    pub standby: u32,
+}
+
+/// What powers and installs the machines.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+pub enum HardwareConfig {
+    /// A simulated farm: no hardware, installs take a few seconds.
+    Simulated(SimulatedConfig),
+}
+
+impl Default for HardwareConfig {
+    fn default() -> Self {
+        HardwareConfig::Simulated(SimulatedConfig::default())
+    }
+}
+
+/// The simulated farm.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulatedConfig {
+    /// Machines to create when the database has none (48: the 38 standby
+    /// of the original table plus spares).
+    pub machines: usize,
+    /// Shortest simulated install, in milliseconds (2000).
+    pub install_min_ms: u64,
+    /// Longest simulated install, in milliseconds (5000).
+    pub install_max_ms: u64,
+    /// Chance that an install attempt fails (0.0).
+    pub install_failure_rate: f64,
+    /// Time to prepare a node for a project, in milliseconds (50).
+    pub prepare_ms: u64,
+    /// Chance that preparing a node fails (0.0).
+    pub prepare_failure_rate: f64,
+    /// Seed for the simulated latencies and failures.
+    pub seed: u64,
+}
+
+impl Default for SimulatedConfig {
+    fn default() -> Self {
+        SimulatedConfig {
+            machines: 48,
+            install_min_ms: 2000,
+            install_max_ms: 5000,
+            install_failure_rate: 0.0,
+            prepare_ms: 50,
+            prepare_failure_rate: 0.0,
+            seed: 1,
+        }
+    }
+}
+
+impl SimulatedConfig {
+    /// The test kit's configuration for these settings.
+    pub fn sim(&self) -> SimConfig {
+        SimConfig {
+            seed: self.seed,
+            install_min: Duration::from_millis(self.install_min_ms),
+            install_max: Duration::from_millis(self.install_max_ms.max(self.install_min_ms)),
+            install_failure_rate: self.install_failure_rate,
+            prepare_time: Duration::from_millis(self.prepare_ms),
+            prepare_failure_rate: self.prepare_failure_rate,
+            power_latency: Duration::from_millis(5),
+        }
+    }
+}
+
+/// A machine of a real farm.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Fully qualified host name.
+    pub hostname: String,
+    /// Hardware architecture (default x86_64).
+    #[serde(default = "default_arch")]
+    pub arch: Arch,
+    /// Hardware flavor.
+    #[serde(default)]
+    pub flavor: Option<String>,
+    /// IP address.
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// Chassis.
+    #[serde(default)]
+    pub chassis: Option<String>,
+    /// Serial console port.
+    #[serde(default)]
+    pub console_port: Option<u16>,
+    /// BMC address (host or host:port).
+    #[serde(default)]
+    pub bmc: Option<String>,
+    /// Added as Reserved (not managed).
+    #[serde(default)]
+    pub reserved: bool,
+}
+
+fn default_arch() -> Arch {
+    Arch::X86_64
+}
+
+impl NodeConfig {
+    /// The node to add.
+    pub fn new_node(&self) -> NewNode {
+        NewNode {
+            hostname: self.hostname.clone(),
+            ip: self.ip.clone(),
+            chassis: self.chassis.clone(),
+            hardware_arch: self.arch,
+            flavor: self.flavor.clone(),
+            bmc: self.bmc.clone(),
+            console_port: self.console_port,
+            reserved: self.reserved,
+        }
+    }
+}
+
+/// A file of nodes for `duffy node import`: `[[nodes]]` tables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// The machines.
+    pub nodes: Vec<NodeConfig>,
+}
+
+impl Config {
+    /// Reads and checks a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let cfg: Config =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.policy.validate().map_err(|e| ConfigError::Invalid(format!("policy: {e}")))?;
+        for p in &self.pools {
+            self.pool_key(p).validate().map_err(|e| ConfigError::Invalid(format!("pools: {e}")))?;
+        }
+        for n in &self.nodes {
+            n.new_node().validate().map_err(|e| ConfigError::Invalid(format!("nodes: {e}")))?;
+        }
+        let HardwareConfig::Simulated(s) = &self.hardware;
+        for (name, r) in
+            [("install_failure_rate", s.install_failure_rate), ("prepare_failure_rate", s.prepare_failure_rate)]
+        {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(ConfigError::Invalid(format!("hardware.{name} must be between 0 and 1, got {r}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn pool_key(&self, p: &PoolConfig) -> PoolKey {
+        PoolKey::new(p.release.clone(), p.arch, p.flavor.clone())
+    }
+
+    /// The pool targets: the configured ones, or the original table.
+    pub fn targets(&self) -> Vec<PoolTarget> {
+        if self.pools.is_empty() {
+            return PoolTarget::seed_defaults();
+        }
+        self.pools.iter().map(|p| PoolTarget { pool: self.pool_key(p), standby: p.standby }).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.targets().len(), 5);
+        assert!(matches!(c.hardware, HardwareConfig::Simulated(ref s) if s.machines == 48));
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let c: Config = toml::from_str(
+            r#"
+            listen = "0.0.0.0:9000"
+            database = "/var/lib/duffy/duffy.db"
+            [policy]
+            lease = 7200
+            fail_hold = 3600
+            default_quota = 10
+            rate_limit = { max = 20, window = 60 }
+            [[pools]]
+            release = "9"
+            arch = "x86_64"
+            standby = 3
+            [[pools]]
+            release = "9"
+            arch = "aarch64"
+            standby = 1
+            [hardware]
+            kind = "simulated"
+            machines = 10
+            install_min_ms = 0
+            install_max_ms = 0
+            [[nodes]]
+            hostname = "n1.example.org"
+            bmc = "10.0.0.1"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.policy.lease, Duration::from_secs(7200));
+        assert_eq!(c.policy.rate_limit.unwrap().max, 20);
+        assert_eq!(c.targets()[1].pool.flavor.as_deref(), Some("tiny"));
+    }
+
+    #[test]
+    fn mistakes_are_reported() {
+        assert!(toml::from_str::<Config>("lisen = \"x\"").is_err(), "unknown keys are refused");
+        let c: Config = toml::from_str("[policy]\nmax_concurrent_installs = 0").unwrap();
+        assert!(c.validate().is_err());
+        let c: Config = toml::from_str("[hardware]\nkind = \"simulated\"\ninstall_failure_rate = 2.0").unwrap();
+        assert!(c.validate().is_err());
+    }
+}

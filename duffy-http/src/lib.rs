@@ -1,0 +1,21 @@
+//! # duffy-http
+//!
+//! The REST service that Jenkins jobs and the `cico` client call, wired to
+//! the Duffy engine: the legacy-compatible API, the admin calls,
+//! Prometheus metrics and a health check, plus the `duffy` binary.
+//!
+//! This crate is the only one that knows HTTP and the legacy wire shapes,
+//! and, through [`clock::SystemClock`], the only one that reads the OS
+//! clock.
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod keys;
+pub mod metrics;
+pub mod server;
+
+pub use api::{AppState, router};
+pub use clock::SystemClock;
+pub use config::Config;
+pub use server::{Built, Running, ServeError, build_engine, serve_until, start, start_with};
