@@ -43,10 +43,16 @@ struct NetbootInstaller {
 #[async_trait]
 impl Installer for NetbootInstaller {
     async fn install(&self, node: &Node, _image: &PoolKey) -> Result<(), InstallError> {
-        self.power.set_next_boot(node, BootDevice::Pxe).await.map_err(|e| InstallError::new(format!("next boot PXE: {e}")))?;
+        self.power
+            .set_next_boot(node, BootDevice::Pxe)
+            .await
+            .map_err(|e| InstallError::new(format!("next boot PXE: {e}")))?;
         self.power.power(node, PowerAction::Cycle).await.map_err(|e| InstallError::new(format!("power cycle: {e}")))?;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        self.power.set_next_boot(node, BootDevice::Disk).await.map_err(|e| InstallError::new(format!("next boot disk: {e}")))?;
+        self.power
+            .set_next_boot(node, BootDevice::Disk)
+            .await
+            .map_err(|e| InstallError::new(format!("next boot disk: {e}")))?;
         Ok(())
     }
 
