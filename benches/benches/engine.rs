@@ -81,7 +81,7 @@ fn mem_claim_release(c: &mut Criterion) {
                             image: PoolKey::new("7", Arch::X86_64, None),
                             why: "bench".into(),
                         },
-                        duffy_core::Cause::InstallSucceeded,
+                        duffy_core::Cause::InstallSucceeded { host_key: None },
                     ] {
                         let cur = store.node(n.id).await.expect("read").expect("exists");
                         let w =

@@ -16,8 +16,8 @@ use duffy_core::testkit::MemStore;
 use duffy_core::testkit::conformance::{check_history, check_invariants};
 use duffy_core::time::BoxFuture;
 use duffy_core::{
-    Actor, Arch, BootDevice, CauseKind, Clock, Engine, EventQuery, InstallError, Installer, NewNode, Node, NodeState,
-    Policy, PoolKey, PoolTarget, PowerAction, PowerController, Project, SessionId, Store, Timestamp,
+    Actor, Arch, BootDevice, CauseKind, Clock, Engine, EventQuery, InstallError, Installed, Installer, NewNode, Node,
+    NodeState, Policy, PoolKey, PoolTarget, PowerAction, PowerController, Project, SessionId, Store, Timestamp,
 };
 
 /// Wall-clock time and tokio sleeps (the service's `SystemClock`, which
@@ -42,7 +42,7 @@ struct NetbootInstaller {
 
 #[async_trait]
 impl Installer for NetbootInstaller {
-    async fn install(&self, node: &Node, _image: &PoolKey) -> Result<(), InstallError> {
+    async fn install(&self, node: &Node, _image: &PoolKey) -> Result<Installed, InstallError> {
         self.power
             .set_next_boot(node, BootDevice::Pxe)
             .await
@@ -53,7 +53,7 @@ impl Installer for NetbootInstaller {
             .set_next_boot(node, BootDevice::Disk)
             .await
             .map_err(|e| InstallError::new(format!("next boot disk: {e}")))?;
-        Ok(())
+        Ok(Installed::default())
     }
 
     async fn prepare(&self, _node: &Node, _project: &Project, _session: &SessionId) -> Result<(), InstallError> {

@@ -53,9 +53,10 @@ fn build_template(path: &Path, n: usize, rt: &tokio::runtime::Runtime) {
         store.commit(batch).await.expect("install started");
         let mut batch = Batch::default();
         for node in &provisioning {
-            batch
-                .nodes
-                .push(NodeWrite::transition(node, Cause::InstallSucceeded, Actor::Reconciler, T0).expect("legal"));
+            batch.nodes.push(
+                NodeWrite::transition(node, Cause::InstallSucceeded { host_key: None }, Actor::Reconciler, T0)
+                    .expect("legal"),
+            );
         }
         store.commit(batch).await.expect("install succeeded");
     });
@@ -106,7 +107,9 @@ async fn refill(store: &dyn Store, nodes: Vec<Node>) {
     store.commit(batch).await.expect("refill started");
     let mut batch = Batch::default();
     for n in &provisioning {
-        batch.nodes.push(NodeWrite::transition(n, Cause::InstallSucceeded, Actor::Reconciler, T0).expect("legal"));
+        batch.nodes.push(
+            NodeWrite::transition(n, Cause::InstallSucceeded { host_key: None }, Actor::Reconciler, T0).expect("legal"),
+        );
     }
     store.commit(batch).await.expect("refill succeeded");
 }

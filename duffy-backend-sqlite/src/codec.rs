@@ -17,7 +17,7 @@ macro_rules! node_cols {
     () => {
         "id, hostname, ip, chassis, hardware_arch, flavor, bmc, console_port, state, \
          image_release, image_arch, image_flavor, used_count, session, state_since, installed_at, hold_until, \
-         fail_reason, power, version"
+         fail_reason, power, version, host_key"
     };
 }
 pub(crate) use node_cols;
@@ -121,6 +121,7 @@ pub(crate) fn node(r: &Row<'_>) -> Result<Node, StoreError> {
         fail_reason: col(r, 17, "nodes.fail_reason")?,
         power: parse::<PowerState>(r, 18, "nodes.power")?,
         version: unsigned(r, 19, "nodes.version")?,
+        host_key: col(r, 20, "nodes.host_key")?,
     })
 }
 

@@ -179,7 +179,7 @@ pub(crate) fn insert_node(conn: &Connection, n: &Node) -> Result<NodeId, StoreEr
             "INSERT INTO nodes (",
             node_cols!(),
             ") \
-             VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+             VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
         ))
         .ctx(WHAT)?;
     stmt.execute(params![
@@ -202,6 +202,7 @@ pub(crate) fn insert_node(conn: &Connection, n: &Node) -> Result<NodeId, StoreEr
         n.fail_reason,
         n.power.as_str(),
         to_sql_u64(n.version, "version")?,
+        n.host_key,
     ])
     .ctx(WHAT)?;
     let id = conn.last_insert_rowid();
@@ -218,7 +219,7 @@ pub(crate) fn update_node(conn: &Connection, n: &Node, expected: u64) -> Result<
             "UPDATE nodes SET hostname = ?2, ip = ?3, chassis = ?4, hardware_arch = ?5, flavor = ?6, bmc = ?7, \
              console_port = ?8, state = ?9, image_release = ?10, image_arch = ?11, image_flavor = ?12, \
              used_count = ?13, session = ?14, state_since = ?15, installed_at = ?16, hold_until = ?17, \
-             fail_reason = ?18, power = ?19, version = ?20 \
+             fail_reason = ?18, power = ?19, version = ?20, host_key = ?22 \
              WHERE id = ?1 AND version = ?21",
         )
         .ctx(WHAT)?;
@@ -245,6 +246,7 @@ pub(crate) fn update_node(conn: &Connection, n: &Node, expected: u64) -> Result<
             n.power.as_str(),
             to_sql_u64(n.version, "version")?,
             to_sql_u64(expected, "expected version")?,
+            n.host_key,
         ])
         .map_err(|e| match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::ConstraintViolation) => {

@@ -127,9 +127,15 @@ CREATE TABLE settings (
 INSERT INTO settings (id, paused) VALUES (1, 0);
 "#;
 
+/// Version 2: the SSH host key an install reported, checked when Duffy
+/// connects to the node.
+const V2: &str = r#"
+ALTER TABLE nodes ADD COLUMN host_key TEXT;
+"#;
+
 /// Every migration, in order: migration `i` takes the file from version
 /// `i` to `i + 1`. Append only; never edit a released one.
-const MIGRATIONS: &[&str] = &[V1];
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this build writes (the number of migrations).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

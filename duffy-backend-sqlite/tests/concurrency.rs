@@ -86,7 +86,9 @@ async fn reinstall(store: &dyn Store, nodes: &[Node], task: u64) {
     store.commit(batch).await.expect("install started");
     let mut batch = Batch::default();
     for n in &provisioning {
-        batch.nodes.push(NodeWrite::transition(n, Cause::InstallSucceeded, actor(task), T0).expect("legal"));
+        batch.nodes.push(
+            NodeWrite::transition(n, Cause::InstallSucceeded { host_key: None }, actor(task), T0).expect("legal"),
+        );
     }
     store.commit(batch).await.expect("install succeeded");
 }

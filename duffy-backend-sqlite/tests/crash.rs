@@ -99,7 +99,7 @@ async fn reinstall(store: &dyn Store, nodes: Vec<Node>) {
     for n in &nodes {
         let cause = match n.state {
             NodeState::Active => Cause::InstallStarted { image: pool7(), why: "crash test".into() },
-            NodeState::Provisioning => Cause::InstallSucceeded,
+            NodeState::Provisioning => Cause::InstallSucceeded { host_key: None },
             _ => continue,
         };
         if let Ok(w) = NodeWrite::transition(n, cause, Actor::Reconciler, T0) {

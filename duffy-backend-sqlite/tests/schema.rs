@@ -115,3 +115,29 @@ fn two_stores_on_one_file_share_it_safely() {
         assert_eq!(b.nodes().await.expect("read").len(), 1);
     });
 }
+
+#[test]
+fn a_version_1_file_is_migrated_forward_keeping_its_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+    let added = futures::executor::block_on(store.add_nodes(
+        vec![NewNode::new("old.example", Arch::X86_64)],
+        Actor::Operator,
+        Timestamp(1),
+    ))
+    .expect("add");
+    drop(store);
+    // Make it the file a version-1 build wrote: no host_key column.
+    Connection::open(&path)
+        .expect("raw")
+        .execute_batch("ALTER TABLE nodes DROP COLUMN host_key; PRAGMA user_version = 1;")
+        .expect("downgrade");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
+    let nodes = futures::executor::block_on(store.nodes()).expect("nodes");
+    assert_eq!(nodes, added, "rows survive the migration");
+    assert_eq!(nodes[0].host_key, None);
+    drop(store);
+    assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
+    assert_eq!(SCHEMA_VERSION, 2);
+}

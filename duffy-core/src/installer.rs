@@ -5,6 +5,15 @@ use async_trait::async_trait;
 
 use crate::model::{Node, PoolKey, Project, SessionId};
 
+/// What a finished install reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Installed {
+    /// The new OS's SSH host public key (`ssh-ed25519 AAAA…`), when the
+    /// installer learned it; recorded on the node and checked whenever
+    /// Duffy connects to it.
+    pub host_key: Option<String>,
+}
+
 /// An install or preparation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -30,7 +39,7 @@ impl InstallError {
 pub trait Installer: Send + Sync {
     /// Installs `image` on `node`; returns once the machine is installed
     /// and reachable.
-    async fn install(&self, node: &Node, image: &PoolKey) -> Result<(), InstallError>;
+    async fn install(&self, node: &Node, image: &PoolKey) -> Result<Installed, InstallError>;
 
     /// Prepares an installed node for `project` (e.g. pushes its SSH public
     /// keys to root) before it is handed over in `session`.

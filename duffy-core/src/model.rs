@@ -288,6 +288,10 @@ pub struct Node {
     pub fail_reason: Option<String>,
     /// Power state as last seen or set.
     pub power: PowerState,
+    /// The SSH host key the installed OS reported when its install
+    /// finished (`ssh-ed25519 AAAA…`); checked when Duffy connects to the
+    /// node. Cleared when a new install starts.
+    pub host_key: Option<String>,
     /// Optimistic-concurrency version; bumped by every write.
     pub version: u64,
 }
@@ -381,6 +385,7 @@ impl NewNode {
             hold_until: None,
             fail_reason: None,
             power: PowerState::Unknown,
+            host_key: None,
             version: 1,
         }
     }

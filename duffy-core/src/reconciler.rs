@@ -493,8 +493,9 @@ async fn install_op(inner: Arc<Inner>, mut node: Node, image: PoolKey) -> OpDone
     for attempt in 0..attempts {
         let r = timeout(&*inner.clock, inner.policy.install_timeout, inner.installer.install(&node, &image)).await;
         let reason = match r {
-            Ok(Ok(())) => {
-                return done(match write(&inner, &node, Cause::InstallSucceeded).await {
+            Ok(Ok(installed)) => {
+                let cause = Cause::InstallSucceeded { host_key: installed.host_key };
+                return done(match write(&inner, &node, cause).await {
                     Ok(Some(_)) => OpOutcome::Installed,
                     Ok(None) => OpOutcome::Superseded,
                     Err(e) => OpOutcome::StoreFailed(e.to_string()),

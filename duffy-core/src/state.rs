@@ -95,7 +95,10 @@ pub enum Cause {
         reason: String,
     },
     /// The install finished; the node joins its warm pool.
-    InstallSucceeded,
+    InstallSucceeded {
+        /// The new OS's SSH host key, if the installer reported it.
+        host_key: Option<String>,
+    },
     /// Every attempt failed; `retry_at` is when the node gets another
     /// chance (`None`: an operator must recover it).
     InstallFailed {
@@ -237,7 +240,7 @@ impl Cause {
             Cause::InstallStarted { .. } => CauseKind::InstallStarted,
             Cause::InstallRestarted => CauseKind::InstallRestarted,
             Cause::InstallAttemptFailed { .. } => CauseKind::InstallAttemptFailed,
-            Cause::InstallSucceeded => CauseKind::InstallSucceeded,
+            Cause::InstallSucceeded { .. } => CauseKind::InstallSucceeded,
             Cause::InstallFailed { .. } => CauseKind::InstallFailed,
             Cause::Allocated { .. } => CauseKind::Allocated,
             Cause::Prepared => CauseKind::Prepared,
@@ -388,11 +391,13 @@ impl Node {
                 }
                 n.image = Some(image);
                 n.installed_at = None;
+                n.host_key = None;
                 n.power = PowerState::On;
             }
             Cause::InstallRestarted | Cause::InstallAttemptFailed { .. } => {}
-            Cause::InstallSucceeded => {
+            Cause::InstallSucceeded { host_key } => {
                 n.installed_at = Some(now);
+                n.host_key = host_key;
             }
             Cause::InstallFailed { reason, retry_at } | Cause::PrepareFailed { reason, retry_at } => {
                 n.fail_reason = Some(reason);
@@ -502,7 +507,7 @@ mod tests {
             CauseKind::InstallStarted => Cause::InstallStarted { image: pool(), why: "test".into() },
             CauseKind::InstallRestarted => Cause::InstallRestarted,
             CauseKind::InstallAttemptFailed => Cause::InstallAttemptFailed { reason: "x".into() },
-            CauseKind::InstallSucceeded => Cause::InstallSucceeded,
+            CauseKind::InstallSucceeded => Cause::InstallSucceeded { host_key: None },
             CauseKind::InstallFailed => Cause::InstallFailed { reason: "x".into(), retry_at: None },
             CauseKind::Allocated => Cause::Allocated { session: SessionId("s".into()) },
             CauseKind::Prepared => Cause::Prepared,

@@ -85,7 +85,8 @@ pub async fn add_ready(store: &dyn Store, prefix: &str, count: usize, pool: &Poo
         .expect("legal");
         let n = w.node.clone();
         store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.expect("install started");
-        let w = NodeWrite::transition(&n, Cause::InstallSucceeded, Actor::Reconciler, T0).expect("legal");
+        let host_key = Some(format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{prefix}{}", n.id));
+        let w = NodeWrite::transition(&n, Cause::InstallSucceeded { host_key }, Actor::Reconciler, T0).expect("legal");
         let n = w.node.clone();
         store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.expect("install succeeded");
         out.push(n);
@@ -237,6 +238,10 @@ pub async fn event_log_is_ordered_and_filtered(store: Arc<dyn Store>) {
         ]
     );
     assert_eq!(n1[1].detail.as_deref(), Some("7/x86_64 (test)"));
+    // Every field of the row is stored, the host key included.
+    let stored = store.node(ready[1].id).await.expect("read").expect("exists");
+    assert_eq!(stored, ready[1]);
+    assert_eq!(stored.host_key, Some(format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIn{}", ready[1].id)));
     assert_eq!(n1[1].actor, Actor::Reconciler);
     let after =
         store.events(EventQuery { after_seq: all[4].seq, limit: 2, ..EventQuery::default() }).await.expect("events");
@@ -288,7 +293,8 @@ async fn add_back(store: &dyn Store, n: &Node) {
             .expect("legal");
     let n = w.node.clone();
     store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.expect("commit");
-    let w = NodeWrite::transition(&n, Cause::InstallSucceeded, Actor::Reconciler, T0).expect("legal");
+    let w =
+        NodeWrite::transition(&n, Cause::InstallSucceeded { host_key: None }, Actor::Reconciler, T0).expect("legal");
     store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.expect("commit");
 }
 

@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::engine::SessionIds;
-use crate::installer::{InstallError, Installer};
+use crate::installer::{InstallError, Installed, Installer};
 use crate::model::{Arch, NewNode, Node, PoolKey, PowerState, Project, SessionId};
 use crate::power::{BootDevice, PowerAction, PowerController, PowerError, PowerErrorKind};
 use crate::time::{Clock, sleep};
@@ -256,7 +256,7 @@ impl PowerController for SimFarm {
 
 #[async_trait]
 impl Installer for SimFarm {
-    async fn install(&self, node: &Node, image: &PoolKey) -> Result<(), InstallError> {
+    async fn install(&self, node: &Node, image: &PoolKey) -> Result<Installed, InstallError> {
         self.installs.fetch_add(1, Ordering::Relaxed);
         // Like a PXE install: next boot from the network, power cycle,
         // wait for the OS installer, come up from disk.
@@ -282,7 +282,7 @@ impl Installer for SimFarm {
             return Err(InstallError::new(format!("simulated install of {image} on {} failed", node.hostname)));
         }
         self.lock().boot.insert(node.hostname.clone(), BootDevice::Disk);
-        Ok(())
+        Ok(Installed { host_key: None })
     }
 
     async fn prepare(&self, node: &Node, _project: &Project, _session: &SessionId) -> Result<(), InstallError> {
