@@ -7,9 +7,7 @@ use std::time::Duration;
 use criterion::{Criterion, SamplingMode, criterion_main};
 use duffy_backend_ipmi::{BmcDriver, Driver, IpmitoolDriver, NativeDriver};
 
-#[allow(dead_code)]
-#[path = "../tests/common/rig.rs"]
-mod rig;
+use duffy_backend_ipmi::rig;
 
 fn power_status(c: &mut Criterion) {
     rig::require("ipmitool", "-V");

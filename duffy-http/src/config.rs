@@ -90,6 +90,10 @@ pub struct PoolConfig {
 pub enum HardwareConfig {
     /// A simulated farm: no hardware, installs take a few seconds.
     Simulated(SimulatedConfig),
+    /// Real machines whose BMCs speak IPMI 2.0: `[hardware.defaults]` and
+    /// one `[[hardware.bmc]]` per node (`node`, `address`, credentials,
+    /// `driver = "native" | "ipmitool"`).
+    Ipmi(duffy_backend_ipmi::IpmiConfig),
 }
 
 impl Default for HardwareConfig {
@@ -225,12 +229,26 @@ impl Config {
         for n in &self.nodes {
             n.new_node().validate().map_err(|e| ConfigError::Invalid(format!("nodes: {e}")))?;
         }
-        let HardwareConfig::Simulated(s) = &self.hardware;
-        for (name, r) in
-            [("install_failure_rate", s.install_failure_rate), ("prepare_failure_rate", s.prepare_failure_rate)]
-        {
-            if !(0.0..=1.0).contains(&r) {
-                return Err(ConfigError::Invalid(format!("hardware.{name} must be between 0 and 1, got {r}")));
+        match &self.hardware {
+            HardwareConfig::Simulated(s) => {
+                for (name, r) in
+                    [("install_failure_rate", s.install_failure_rate), ("prepare_failure_rate", s.prepare_failure_rate)]
+                {
+                    if !(0.0..=1.0).contains(&r) {
+                        return Err(ConfigError::Invalid(format!("hardware.{name} must be between 0 and 1, got {r}")));
+                    }
+                }
+            }
+            HardwareConfig::Ipmi(ipmi) => {
+                let inv = ipmi.resolve().map_err(|e| ConfigError::Invalid(format!("hardware: {e}")))?;
+                for n in &self.nodes {
+                    if inv.get(&n.hostname).is_none() {
+                        return Err(ConfigError::Invalid(format!(
+                            "node {} has no [[hardware.bmc]] entry with node = {:?}",
+                            n.hostname, n.hostname
+                        )));
+                    }
+                }
             }
         }
         Ok(())
@@ -238,6 +256,17 @@ impl Config {
 
     fn pool_key(&self, p: &PoolConfig) -> PoolKey {
         PoolKey::new(p.release.clone(), p.arch, p.flavor.clone())
+    }
+
+    /// The BMCs of an IPMI farm, resolved (password files read), or `None`
+    /// for a simulated farm.
+    pub fn bmc_inventory(&self) -> Result<Option<duffy_backend_ipmi::BmcInventory>, ConfigError> {
+        match &self.hardware {
+            HardwareConfig::Simulated(_) => Ok(None),
+            HardwareConfig::Ipmi(ipmi) => {
+                ipmi.resolve().map(Some).map_err(|e| ConfigError::Invalid(format!("hardware: {e}")))
+            }
+        }
     }
 
     /// The pool targets: the configured ones, or the original table.

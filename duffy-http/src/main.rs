@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use duffy_core::{Actor, Arch, Clock, PoolKey, PoolTarget, Store};
+use duffy_core::{Actor, Arch, BootDevice, Clock, PoolKey, PoolTarget, PowerAction, PowerController, Store};
 use duffy_http::config::{Config, NodeConfig, NodeFile};
 use duffy_http::{SystemClock, build_engine, serve_until};
 use tracing::{error, info};
@@ -73,6 +73,38 @@ enum NodeCommand {
     },
     /// Lists every machine.
     List,
+    /// Power control through the node's BMC, as configured in the
+    /// `[hardware]` section of the config file.
+    Power {
+        /// The node's host name.
+        hostname: String,
+        /// What to do.
+        action: PowerCommand,
+        /// The configuration file naming the node's BMC.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+/// `duffy node power` actions.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PowerCommand {
+    /// Show the power state.
+    Status,
+    /// Power on.
+    On,
+    /// Power off (hard).
+    Off,
+    /// Power cycle.
+    Cycle,
+    /// Hard reset.
+    Reset,
+    /// Ask the OS to shut down.
+    Soft,
+    /// Boot from the network next time.
+    Pxe,
+    /// Boot from disk next time.
+    Disk,
 }
 
 #[derive(Debug, Args)]
@@ -248,6 +280,44 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 );
             }
         }
+        Command::Node(NodeCommand::Power { hostname, action, config }) => {
+            let cfg = Config::load(&config)?;
+            let Some(inventory) = cfg.bmc_inventory()? else {
+                return Err(CliError::Other(format!(
+                    "{}: [hardware] is simulated; node power needs kind = \"ipmi\" with a [[hardware.bmc]] entry per node",
+                    config.display()
+                )));
+            };
+            if inventory.get(&hostname).is_none() {
+                return Err(CliError::Other(format!(
+                    "{}: no [[hardware.bmc]] entry for node {hostname:?}",
+                    config.display()
+                )));
+            }
+            let db = cli.db.unwrap_or(cfg.database.clone());
+            let store = open_store(&db).await?;
+            let node = store
+                .node_by_hostname(&hostname)
+                .await?
+                .ok_or_else(|| CliError::Other(format!("no node named {hostname:?} in {}", db.display())))?;
+            let power = duffy_backend_ipmi::IpmiPowerController::new(inventory);
+            let done = match action {
+                PowerCommand::Status => {
+                    let st = power.status(&node).await.map_err(|e| CliError::Other(format!("{hostname}: {e}")))?;
+                    println!("{hostname}: power {}", st.as_str());
+                    return Ok(());
+                }
+                PowerCommand::On => power.power(&node, PowerAction::On).await,
+                PowerCommand::Off => power.power(&node, PowerAction::Off).await,
+                PowerCommand::Cycle => power.power(&node, PowerAction::Cycle).await,
+                PowerCommand::Reset => power.power(&node, PowerAction::Reset).await,
+                PowerCommand::Soft => power.power(&node, PowerAction::Soft).await,
+                PowerCommand::Pxe => power.set_next_boot(&node, BootDevice::Pxe).await,
+                PowerCommand::Disk => power.set_next_boot(&node, BootDevice::Disk).await,
+            };
+            done.map_err(|e| CliError::Other(format!("{hostname}: {e}")))?;
+            println!("{hostname}: {}", format!("{action:?}").to_lowercase());
+        }
         Command::Pool(PoolCommand::Set { release, arch, flavor, standby }) => {
             let pool = PoolKey::new(release, arch, flavor);
             pool.validate().map_err(|e| CliError::Other(e.to_string()))?;
@@ -265,10 +335,12 @@ fn db_path(db: Option<PathBuf>) -> PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The service logs what it does; an operator command only what went wrong.
+    let default_level = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();

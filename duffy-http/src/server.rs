@@ -37,6 +37,9 @@ pub enum ServeError {
     /// The engine refused the configuration.
     #[error("configuring the engine: {0}")]
     Engine(#[from] EngineError),
+    /// The configuration asks for something this build cannot do.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// An engine built from a configuration, with a handle on the simulated
@@ -53,7 +56,14 @@ pub struct Built {
 pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, ServeError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let now = clock.now();
-    let HardwareConfig::Simulated(sim) = &cfg.hardware;
+    let sim = match &cfg.hardware {
+        HardwareConfig::Simulated(sim) => sim,
+        HardwareConfig::Ipmi(_) => {
+            return Err(ServeError::Unsupported(
+                "hardware kind \"ipmi\" needs an installer; this build serves simulated farms only".into(),
+            ));
+        }
+    };
     let farm = Arc::new(SimFarm::new(clock.clone(), sim.sim()));
     let existing = store.nodes().await?;
     if existing.is_empty() && cfg.nodes.is_empty() && sim.machines > 0 {

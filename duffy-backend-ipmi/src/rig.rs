@@ -5,6 +5,8 @@
 //! that injects faults on demand.
 //!
 //! Missing tools make the rig panic with what to install: tests never skip.
+//! (This is test infrastructure, behind the `rig` feature: a failed
+//! `expect` here is a failed test, which is why it may panic.)
 //! Every `ipmi_sim` is killed when its [`SimBmc`] is dropped, and also when
 //! the test process dies: each runs under a small shell that kills it as
 //! soon as its standard input (a pipe from the test process) closes.
@@ -15,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use duffy_backend_ipmi::lanplus::packet::{Request, encode_v15};
-use duffy_backend_ipmi::{BmcConfig, BmcInventory, Driver, Secret};
+use crate::lanplus::packet::{Request, encode_v15};
+use crate::{BmcConfig, BmcInventory, Driver, Secret};
 
 /// Every rig password starts with this, so tests can check that no
 /// password shows in an error.
