@@ -65,6 +65,14 @@ struct Args {
     /// No progress line.
     #[arg(long)]
     quiet: bool,
+    /// Baseline mode: instead of jobs, every worker GETs this path in a loop
+    /// (e.g. /healthz), to measure the HTTP stack alone in the same run.
+    #[arg(long, value_name = "PATH")]
+    baseline_path: Option<String>,
+    /// Measure fsync (write 4 KiB + fdatasync) in this directory before the
+    /// run (put it where the server's database is) and report it.
+    #[arg(long, value_name = "DIR")]
+    fsync_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +191,58 @@ struct Report {
     done: Percentiles,
     waits_for_nodes: u64,
     errors: BTreeMap<String, u64>,
+    /// Write 4 KiB + fdatasync in --fsync-dir, measured before the run.
+    fsync: Option<Percentiles>,
+}
+
+/// Times `n` rounds of writing 4 KiB and `fdatasync` in `dir`.
+fn measure_fsync(dir: &std::path::Path, n: usize) -> Result<Percentiles, LoadError> {
+    use std::io::Write;
+    let path = dir.join(format!(".duffy-load-fsync-{}", std::process::id()));
+    let mut f = std::fs::File::create(&path)?;
+    let block = [0x5au8; 4096];
+    let mut us = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f.write_all(&block)?;
+        f.sync_data()?;
+        us.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(percentiles(&mut us))
+}
+
+/// Baseline worker: GET `path` in a loop.
+async fn baseline(
+    addr: String,
+    path: String,
+    measuring: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> JobStats {
+    let mut st = JobStats::default();
+    let mut conn = Conn::new(&addr);
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        let r = conn.get(&path).await;
+        let took = t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+        match r {
+            Ok((s, _)) if s < 400 => {
+                if measuring.load(Ordering::Relaxed) {
+                    st.get_us.push(took);
+                    st.cycles += 1;
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((s, b)) => {
+                let b: String = b.trim().chars().take(80).collect();
+                *st.errors.entry(format!("{path} {s}: {b}")).or_default() += 1;
+            }
+            Err(e) => *st.errors.entry(format!("{path}: {e}")).or_default() += 1,
+        }
+    }
+    st
 }
 
 fn percentiles(v: &mut [u32]) -> Percentiles {
@@ -271,6 +331,10 @@ async fn run(args: Args) -> Result<Report, LoadError> {
         .map(|r| r.trim_end_matches('/').to_string())
         .filter(|a| !a.is_empty() && !a.contains('/'))
         .ok_or_else(|| LoadError::Url(args.url.clone()))?;
+    let fsync = match &args.fsync_dir {
+        Some(dir) => Some(measure_fsync(dir, 300)?),
+        None => None,
+    };
     // Fail fast if nothing listens there.
     Conn::new(&addr).get("/healthz").await?;
     let args = Arc::new(args);
@@ -280,14 +344,19 @@ async fn run(args: Args) -> Result<Report, LoadError> {
     let mut tasks = Vec::new();
     for i in 0..args.concurrency {
         let key = args.keys[i % args.keys.len()].clone();
-        tasks.push(tokio::spawn(job(
-            args.clone(),
-            addr.clone(),
-            key,
-            measuring.clone(),
-            stop.clone(),
-            done_jobs.clone(),
-        )));
+        if let Some(path) = &args.baseline_path {
+            let path = path.clone();
+            tasks.push(tokio::spawn(baseline(addr.clone(), path, measuring.clone(), stop.clone(), done_jobs.clone())));
+        } else {
+            tasks.push(tokio::spawn(job(
+                args.clone(),
+                addr.clone(),
+                key,
+                measuring.clone(),
+                stop.clone(),
+                done_jobs.clone(),
+            )));
+        }
     }
     if args.warmup > 0.0 {
         tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
@@ -351,6 +420,7 @@ async fn run(args: Args) -> Result<Report, LoadError> {
         done: percentiles(&mut all.done_us),
         waits_for_nodes: all.waits,
         errors: all.errors,
+        fsync,
     })
 }
 
@@ -383,6 +453,12 @@ fn main() -> ExitCode {
                     );
                 }
                 println!("  waits for nodes: {}", r.waits_for_nodes);
+                if let Some(f) = &r.fsync {
+                    println!(
+                        "  fsync (4 KiB + fdatasync) ms: p50 {:.2}  p99 {:.2}  max {:.2}",
+                        f.p50_ms, f.p99_ms, f.max_ms
+                    );
+                }
                 if r.errors.is_empty() {
                     println!("  errors: none");
                 } else {

@@ -76,6 +76,7 @@ async fn cycle(store: &dyn Store, session: String, key: u64) -> Node {
         rate_limit: None,
         actor: Actor::Key(KeyId(key)),
         now: T0,
+        deliver: None,
     };
     let claimed = store.claim(req).await.expect("store ok").expect("claimed");
     let node = &claimed.nodes[0];

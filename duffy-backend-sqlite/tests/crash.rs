@@ -147,6 +147,7 @@ async fn child_task(store: Arc<SqliteStore>, round: u64, task: u64, seq: Arc<Ato
                     rate_limit: Some(RateLimit { max: 1_000_000, window: Duration::from_secs(3600) }),
                     actor: Actor::Key(KeyId(task)),
                     now: T0,
+                    deliver: None,
                 };
                 match store.claim(req).await.expect("store ok") {
                     Ok(c) => {

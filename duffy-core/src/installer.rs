@@ -44,4 +44,11 @@ pub trait Installer: Send + Sync {
     /// Prepares an installed node for `project` (e.g. pushes its SSH public
     /// keys to root) before it is handed over in `session`.
     async fn prepare(&self, node: &Node, project: &Project, session: &SessionId) -> Result<(), InstallError>;
+
+    /// Whether [`Installer::prepare`] does anything. When it does not, the
+    /// engine hands nodes over in the claim itself: one durable write per
+    /// allocation instead of two.
+    fn prepares(&self) -> bool {
+        true
+    }
 }

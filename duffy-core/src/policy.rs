@@ -67,6 +67,10 @@ pub struct Policy {
     /// The reconciler re-plans at least this often (10 s).
     #[serde(with = "secs")]
     pub tick: Duration,
+    /// ...and at most this often, however many changes wake it (50 ms;
+    /// milliseconds in a configuration file).
+    #[serde(with = "millis")]
+    pub min_pass_interval: Duration,
     /// How many times an engine operation retries after losing a
     /// compare-and-set race before giving up (16).
     pub cas_retries: u32,
@@ -94,6 +98,7 @@ impl Default for Policy {
             fail_cap: Some(5),
             max_count: 100,
             tick: Duration::from_secs(10),
+            min_pass_interval: Duration::from_millis(50),
             cas_retries: 16,
             power_check_interval: Some(Duration::from_secs(3600)),
         }
@@ -159,6 +164,19 @@ mod secs {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         u64::deserialize(d).map(Duration::from_secs)
+    }
+}
+
+/// Durations as whole milliseconds in configuration files.
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
     }
 }
 

@@ -142,6 +142,7 @@ impl Reconciler {
         let mut shutdown = pin!(shutdown.fuse());
         let inner = self.engine.inner.clone();
         loop {
+            let pass_started = inner.clock.now();
             match self.pass().await {
                 Ok(r) if r != PassReport::default() => debug!(?r, "reconciler pass"),
                 Ok(_) => {}
@@ -161,6 +162,25 @@ impl Reconciler {
                     woke = true;
                 }
                 if woke { Poll::Ready(Wake::Work) } else { Poll::Pending }
+            })
+            .await;
+            if let Wake::Stop = wake {
+                info!(in_flight = self.in_flight.len(), "reconciler stopping");
+                return;
+            }
+            // Under a stream of kicks (every /Node/done kicks), re-plan at
+            // most once per `min_pass_interval`: one pass then starts the
+            // installs of every node released meanwhile, instead of one
+            // full read of the farm per release.
+            let mut settle = inner.clock.sleep_until(pass_started.plus(inner.policy.min_pass_interval));
+            let wake = poll_fn(|cx| {
+                if shutdown.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Stop);
+                }
+                while let Poll::Ready(Some(done)) = self.ops.poll_next_unpin(cx) {
+                    self.finish(done);
+                }
+                if settle.as_mut().poll(cx).is_ready() { Poll::Ready(Wake::Work) } else { Poll::Pending }
             })
             .await;
             if let Wake::Stop = wake {

@@ -114,6 +114,12 @@ pub enum Cause {
     },
     /// Prepared for the project and handed over.
     Prepared,
+    /// Claimed and handed over at once: the installer has nothing to
+    /// prepare, so allocation is a single write.
+    Delivered {
+        /// The session.
+        session: SessionId,
+    },
     /// Preparing for the project failed.
     PrepareFailed {
         /// Why.
@@ -161,6 +167,7 @@ pub enum CauseKind {
     InstallFailed,
     Allocated,
     Prepared,
+    Delivered,
     PrepareFailed,
     AllocationAborted,
     Released,
@@ -176,7 +183,7 @@ pub enum CauseKind {
 
 impl CauseKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [CauseKind; 17] = [
+    pub const ALL: [CauseKind; 18] = [
         CauseKind::InstallStarted,
         CauseKind::InstallRestarted,
         CauseKind::InstallAttemptFailed,
@@ -184,6 +191,7 @@ impl CauseKind {
         CauseKind::InstallFailed,
         CauseKind::Allocated,
         CauseKind::Prepared,
+        CauseKind::Delivered,
         CauseKind::PrepareFailed,
         CauseKind::AllocationAborted,
         CauseKind::Released,
@@ -206,6 +214,7 @@ impl CauseKind {
             CauseKind::InstallFailed => "install_failed",
             CauseKind::Allocated => "allocated",
             CauseKind::Prepared => "prepared",
+            CauseKind::Delivered => "delivered",
             CauseKind::PrepareFailed => "prepare_failed",
             CauseKind::AllocationAborted => "allocation_aborted",
             CauseKind::Released => "released",
@@ -244,6 +253,7 @@ impl Cause {
             Cause::InstallFailed { .. } => CauseKind::InstallFailed,
             Cause::Allocated { .. } => CauseKind::Allocated,
             Cause::Prepared => CauseKind::Prepared,
+            Cause::Delivered { .. } => CauseKind::Delivered,
             Cause::PrepareFailed { .. } => CauseKind::PrepareFailed,
             Cause::AllocationAborted { .. } => CauseKind::AllocationAborted,
             Cause::Released => CauseKind::Released,
@@ -283,6 +293,7 @@ pub const TRANSITIONS: &[(CauseKind, &[NodeState], Option<NodeState>)] = &[
     (CauseKind::InstallFailed, &[S::Provisioning], Some(S::Failed)),
     (CauseKind::Allocated, &[S::Ready], Some(S::Contextualizing)),
     (CauseKind::Prepared, &[S::Contextualizing], Some(S::Deployed)),
+    (CauseKind::Delivered, &[S::Ready], Some(S::Deployed)),
     (CauseKind::PrepareFailed, &[S::Contextualizing], Some(S::Failed)),
     (CauseKind::AllocationAborted, &[S::Contextualizing], Some(S::Active)),
     (CauseKind::Released, &[S::Deployed, S::Failed], Some(S::Active)),
@@ -405,7 +416,7 @@ impl Node {
                 n.session = None;
                 n.installed_at = None;
             }
-            Cause::Allocated { session } => {
+            Cause::Allocated { session } | Cause::Delivered { session } => {
                 n.session = Some(session);
                 n.used_count += 1;
             }
@@ -511,6 +522,7 @@ mod tests {
             CauseKind::InstallFailed => Cause::InstallFailed { reason: "x".into(), retry_at: None },
             CauseKind::Allocated => Cause::Allocated { session: SessionId("s".into()) },
             CauseKind::Prepared => Cause::Prepared,
+            CauseKind::Delivered => Cause::Delivered { session: SessionId("s".into()) },
             CauseKind::PrepareFailed => Cause::PrepareFailed { reason: "x".into(), retry_at: None },
             CauseKind::AllocationAborted => Cause::AllocationAborted { reason: "x".into() },
             CauseKind::Released => Cause::Released,

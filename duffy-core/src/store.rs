@@ -155,6 +155,10 @@ pub struct ClaimRequest {
     pub actor: Actor,
     /// The time of the claim.
     pub now: Timestamp,
+    /// `Some(lease end)`: hand the nodes over in the claim itself (nodes
+    /// Ready → Deployed, session Prod), for installers with nothing to
+    /// prepare; `None`: nodes to Contextualizing, session Allocating.
+    pub deliver: Option<Timestamp>,
 }
 
 /// A successful claim: the new session (state Allocating) and its nodes
@@ -213,22 +217,24 @@ pub struct EventQuery {
 /// (Ready, in the pool, least `used_count` first, then lowest id) and
 /// makes the whole thing atomic.
 pub fn claim_writes(req: &ClaimRequest, chosen: &[Node]) -> Result<(Session, Vec<NodeWrite>), TransitionError> {
+    let cause = || match req.deliver {
+        Some(_) => Cause::Delivered { session: req.session.clone() },
+        None => Cause::Allocated { session: req.session.clone() },
+    };
     let writes = chosen
         .iter()
-        .map(|n| {
-            NodeWrite::transition(n, Cause::Allocated { session: req.session.clone() }, req.actor.clone(), req.now)
-        })
+        .map(|n| NodeWrite::transition(n, cause(), req.actor.clone(), req.now))
         .collect::<Result<Vec<_>, _>>()?;
     let session = Session {
         id: req.session.clone(),
         project: req.project.clone(),
         key_id: req.key_id,
-        state: SessionState::Allocating,
+        state: if req.deliver.is_some() { SessionState::Prod } else { SessionState::Allocating },
         pool: req.pool.clone(),
         nodes: chosen.iter().map(|n| n.id).collect(),
         created_at: req.now,
-        delivered_at: None,
-        lease_until: None,
+        delivered_at: req.deliver.map(|_| req.now),
+        lease_until: req.deliver,
         hold_until: None,
         ended_at: None,
         end_reason: None,

@@ -106,6 +106,7 @@ pub fn claim_req(session: &str, key: u64, project: &str, count: u32, now: Timest
         rate_limit: None,
         actor: Actor::Key(KeyId(key)),
         now,
+        deliver: None,
     }
 }
 
@@ -280,10 +281,26 @@ pub async fn claim_takes_least_used_first(store: Arc<dyn Store>) {
         assert!(n.used_count >= 1);
     }
     assert_eq!(second.nodes[2].used_count, 2);
+    // A claim that delivers at once: nodes Deployed, session Prod, one event each.
+    add_back(&*store, &store.node(ready[1].id).await.expect("read").expect("exists")).await;
+    let mut direct = claim_req("s3", 1, "p", 1, T0);
+    direct.deliver = Some(T0.plus(Duration::from_secs(3600)));
+    let d = claim_ok(&*store, direct).await;
+    assert_eq!((d.nodes[0].id, d.nodes[0].state), (ready[1].id, NodeState::Deployed));
+    let s3 = store.session(&SessionId("s3".into())).await.expect("read").expect("exists");
+    assert_eq!(
+        (s3.state, s3.delivered_at, s3.lease_until),
+        (SessionState::Prod, Some(T0), Some(T0.plus(Duration::from_secs(3600))))
+    );
+    let last = store.events(EventQuery { node: Some(ready[1].id), ..EventQuery::default() }).await.expect("events");
+    assert_eq!(
+        last.last().map(|e| (e.cause, e.from, e.to)),
+        Some((CauseKind::Delivered, NodeState::Ready, NodeState::Deployed))
+    );
     let ev = store.events(EventQuery { node: Some(ready[0].id), ..EventQuery::default() }).await.expect("events");
     assert_eq!(ev.iter().filter(|e| e.cause == CauseKind::Allocated).count(), 2);
     let counts = store.ready_counts().await.expect("counts");
-    assert_eq!(counts, vec![(other, 2), (pool7(), 1)]);
+    assert_eq!(counts, vec![(other, 2)], "the last Ready 7/x86_64 node was delivered");
     check_invariants(&*store).await.expect("invariants");
 }
 

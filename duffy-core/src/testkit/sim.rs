@@ -285,6 +285,11 @@ impl Installer for SimFarm {
         Ok(Installed { host_key: None })
     }
 
+    fn prepares(&self) -> bool {
+        let s = self.lock();
+        !s.cfg.prepare_time.is_zero() || s.cfg.prepare_failure_rate > 0.0 || !s.broken_prepares.is_empty()
+    }
+
     async fn prepare(&self, node: &Node, _project: &Project, _session: &SessionId) -> Result<(), InstallError> {
         self.prepares.fetch_add(1, Ordering::Relaxed);
         let (took, fails) = {
