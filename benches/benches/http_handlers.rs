@@ -54,7 +54,7 @@ fn handlers(c: &mut Criterion) {
         .await;
         let key =
             duffy_http::keys::create_key(&*store, "bench", false, None, duffy_core::Timestamp(0)).await.expect("key").0;
-        (router(AppState { engine, metrics: Default::default() }), key)
+        (router(AppState { engine, metrics: Default::default(), pxe: None }), key)
     });
     let mut g = c.benchmark_group("http_handlers");
     g.bench_function("get+done", |b| {

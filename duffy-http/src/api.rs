@@ -13,12 +13,14 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, Request, State};
+use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use duffy_core::{Arch, Engine, EngineError, Node, NodeRequest, Principal, validate_token};
+use duffy_installers::pxe::LOCAL_BOOT_SCRIPT;
+use duffy_installers::{PxeError, PxeRegistry};
 use serde_json::{Value, json};
 use tracing::{error, warn};
 
@@ -31,6 +33,9 @@ pub struct AppState {
     pub engine: Engine,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// The PXE installer's pending installs, when it is the configured
+    /// installer: machines fetch their boot script and kickstart here.
+    pub pxe: Option<Arc<PxeRegistry>>,
 }
 
 /// A reply: a status and a body in one of the contract's shapes.
@@ -144,6 +149,10 @@ pub fn router(state: AppState) -> Router {
         .route("/ResumeService", get(resume))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/Install/ipxe", get(install_ipxe))
+        .route("/Install/kickstart", get(install_kickstart))
+        .route("/Install/done", get(install_done))
+        .route("/Install/failed", get(install_failed))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -542,6 +551,100 @@ async fn healthz(State(st): State<AppState>) -> Reply {
             error!(error = %e, "health check failed");
             Reply::Json(StatusCode::SERVICE_UNAVAILABLE, json!({ "status": "error", "error": e.to_string() }))
         }
+    }
+}
+
+fn pxe_registry(st: &AppState) -> Result<&Arc<PxeRegistry>, Reply> {
+    st.pxe.as_ref().ok_or_else(|| Reply::Text(StatusCode::NOT_FOUND, "no PXE installer is configured\n".into()))
+}
+
+fn pxe_error(e: &PxeError) -> Reply {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+    if status.is_server_error() {
+        error!(error = %e, "PXE installer");
+    } else {
+        warn!(error = %e, "PXE request refused");
+    }
+    Reply::Text(status, format!("{e}\n"))
+}
+
+/// `/Install/ipxe?host=HOSTNAME`: the boot script of a machine that is
+/// being installed; any other machine is told to boot from its disk. Only
+/// the node's own address may fetch it when the node's IP is known: the
+/// script carries its one-time install token.
+async fn install_ipxe(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let reg = match pxe_registry(&st) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let q = match Query::parse(raw.as_deref(), &["host"]) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let Some(host) = q.get("host").filter(|h| check_hostname(h).is_ok()) else {
+        return Reply::Text(StatusCode::BAD_REQUEST, "host=HOSTNAME is required\n".into());
+    };
+    if let Some(ip) = reg.pending_ip(host) {
+        if ip.parse::<std::net::IpAddr>().ok() != Some(peer.ip()) {
+            warn!(node = %host, %peer, "boot script asked for from another address");
+            return Reply::Text(StatusCode::FORBIDDEN, "this boot script is for the node's own address\n".into());
+        }
+    }
+    match reg.ipxe_script(host) {
+        Ok(script) => Reply::Text(StatusCode::OK, script),
+        Err(PxeError::NoPendingInstall { .. }) => Reply::Text(StatusCode::OK, LOCAL_BOOT_SCRIPT.into()),
+        Err(e) => pxe_error(&e),
+    }
+}
+
+fn token_query(raw: Option<&str>, allowed: &[&str]) -> Result<Query, Reply> {
+    let q = Query::parse(raw, allowed)?;
+    if q.get("token").is_none_or(str::is_empty) {
+        return Err(Reply::Text(StatusCode::BAD_REQUEST, "token=TOKEN is required\n".into()));
+    }
+    Ok(q)
+}
+
+/// `/Install/kickstart?token=T`: the kickstart of a pending install.
+async fn install_kickstart(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
+    let (reg, q) = match (pxe_registry(&st), token_query(raw.as_deref(), &["token"])) {
+        (Ok(r), Ok(q)) => (r, q),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    match reg.kickstart(q.get("token").unwrap_or_default()) {
+        Ok(ks) => Reply::Text(StatusCode::OK, ks),
+        Err(e) => pxe_error(&e),
+    }
+}
+
+/// `/Install/done?token=T[&host_key=K]`: the installed machine reports
+/// success (once; the token is then spent).
+async fn install_done(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
+    let (reg, q) = match (pxe_registry(&st), token_query(raw.as_deref(), &["token", "host_key"])) {
+        (Ok(r), Ok(q)) => (r, q),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let host_key = q.get("host_key").map(|k| k.trim().to_string()).filter(|k| !k.is_empty());
+    match reg.complete(q.get("token").unwrap_or_default(), host_key) {
+        Ok(()) => Reply::Text(StatusCode::OK, "OK\n".into()),
+        Err(e) => pxe_error(&e),
+    }
+}
+
+/// `/Install/failed?token=T&reason=R`: the machine reports a failed
+/// install; the reason goes into the node's history.
+async fn install_failed(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
+    let (reg, q) = match (pxe_registry(&st), token_query(raw.as_deref(), &["token", "reason"])) {
+        (Ok(r), Ok(q)) => (r, q),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    match reg.fail(q.get("token").unwrap_or_default(), q.get("reason").unwrap_or("no reason given")) {
+        Ok(()) => Reply::Text(StatusCode::OK, "OK\n".into()),
+        Err(e) => pxe_error(&e),
     }
 }
 

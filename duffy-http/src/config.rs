@@ -50,8 +50,13 @@ pub struct Config {
     /// Warm pools and their standby targets (default: the original farm's
     /// table).
     pub pools: Vec<PoolConfig>,
-    /// What drives the machines.
+    /// What drives the machines' power.
     pub hardware: HardwareConfig,
+    /// What installs them (default: the simulated farm's installs).
+    pub installer: InstallerConfig,
+    /// How they are prepared for a project at allocation (default: not at
+    /// all; `ssh` pushes the project's keys).
+    pub contextualize: ContextualizeConfig,
     /// Machines of a real farm (added on start if missing).
     pub nodes: Vec<NodeConfig>,
 }
@@ -64,6 +69,8 @@ impl Default for Config {
             policy: Policy { max_concurrent_installs: 16, ..Policy::default() },
             pools: Vec::new(),
             hardware: HardwareConfig::default(),
+            installer: InstallerConfig::Simulated,
+            contextualize: ContextualizeConfig::None,
             nodes: Vec::new(),
         }
     }
@@ -100,6 +107,37 @@ impl Default for HardwareConfig {
     fn default() -> Self {
         HardwareConfig::Simulated(SimulatedConfig::default())
     }
+}
+
+/// How machines get a fresh OS.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+pub enum InstallerConfig {
+    /// The simulated farm installs (only with simulated hardware).
+    #[default]
+    Simulated,
+    /// Network install: next boot PXE, power cycle, the machine fetches
+    /// its iPXE script and kickstart from this service and calls back
+    /// (`public_url`, `provisioning_public_key`, `token_ttl`,
+    /// `templates_dir`, kernel/initrd/repo URL patterns).
+    Pxe(duffy_installers::PxeConfig),
+    /// An operator's command (e.g. an Ansible playbook): node and image as
+    /// JSON on stdin and in `DUFFY_*` variables, JSON result on stdout
+    /// (`program`, `args`, `timeout`, `env`).
+    Command(duffy_installers::CommandConfig),
+}
+
+/// How a node is prepared for the project it is given to.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+pub enum ContextualizeConfig {
+    /// Not at all.
+    #[default]
+    None,
+    /// Log in as root with Duffy's provisioning key (checking the host
+    /// key the install recorded) and append the project's public keys to
+    /// `authorized_keys` between marker lines.
+    Ssh(duffy_installers::SshConfig),
 }
 
 /// The simulated farm.
@@ -228,6 +266,20 @@ impl Config {
         }
         for n in &self.nodes {
             n.new_node().validate().map_err(|e| ConfigError::Invalid(format!("nodes: {e}")))?;
+        }
+        match (&self.installer, &self.hardware) {
+            (InstallerConfig::Simulated, HardwareConfig::Ipmi(_)) => {
+                return Err(ConfigError::Invalid(
+                    "hardware kind \"ipmi\" needs a real installer: [installer] kind = \"pxe\" or \"command\"".into(),
+                ));
+            }
+            (InstallerConfig::Pxe(_), HardwareConfig::Simulated(_)) => {
+                return Err(ConfigError::Invalid(
+                    "[installer] kind = \"pxe\" network-boots real machines: it needs [hardware] kind = \"ipmi\""
+                        .into(),
+                ));
+            }
+            _ => {}
         }
         match &self.hardware {
             HardwareConfig::Simulated(s) => {

@@ -214,7 +214,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             let store = open_store(&cfg.database).await?;
             info!(database = %cfg.database.display(), "store opened");
             let built = build_engine(&cfg, store).await?;
-            serve_until(cfg.listen, built.engine, shutdown_signal()).await?;
+            serve_until(cfg.listen, built, shutdown_signal()).await?;
             info!("stopped");
         }
         Command::Key(KeyCommand::Create { project, admin, quota }) => {

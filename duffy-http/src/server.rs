@@ -5,15 +5,17 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use duffy_backend_ipmi::IpmiPowerController;
 use duffy_core::testkit::SimFarm;
-use duffy_core::{Actor, Clock, Engine, EngineError, Store, StoreError};
+use duffy_core::{Actor, Clock, Engine, EngineError, Installer, PowerController, Store, StoreError};
+use duffy_installers::{CommandInstaller, Contextualized, PxeInstaller, PxeRegistry, SshContextualizer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::api::{AppState, router};
 use crate::clock::SystemClock;
-use crate::config::{Config, HardwareConfig};
+use crate::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig};
 use crate::metrics::Metrics;
 
 /// Why the service could not start or stopped with an error.
@@ -42,46 +44,79 @@ pub enum ServeError {
     Unsupported(String),
 }
 
-/// An engine built from a configuration, with a handle on the simulated
-/// farm when the hardware is simulated (tests break machines through it).
+/// An engine built from a configuration, with handles on the parts that
+/// tests and the HTTP layer need.
 pub struct Built {
     /// The engine.
     pub engine: Engine,
-    /// The simulated hardware, if that is what drives the machines.
+    /// The simulated hardware, if that is what drives the machines (tests
+    /// break machines through it).
     pub sim: Option<Arc<SimFarm>>,
+    /// The PXE installer's pending installs, served at `/Install/*`.
+    pub pxe: Option<Arc<PxeRegistry>>,
 }
 
-/// Builds the engine for `cfg` over `store`, adding the configured (or
-/// simulated) machines and pool targets the store does not have yet.
+fn unsupported(what: &str) -> impl Fn(String) -> ServeError + '_ {
+    move |e| ServeError::Unsupported(format!("{what}: {e}"))
+}
+
+/// Builds the engine for `cfg` over `store`: power control, installer and
+/// contextualization as configured, the configured (or simulated) machines
+/// and pool targets the store does not have yet.
 pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, ServeError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let now = clock.now();
-    let sim = match &cfg.hardware {
-        HardwareConfig::Simulated(sim) => sim,
-        HardwareConfig::Ipmi(_) => {
-            return Err(ServeError::Unsupported(
-                "hardware kind \"ipmi\" needs an installer; this build serves simulated farms only".into(),
-            ));
+    let existing = store.nodes().await?;
+    let (power, farm): (Arc<dyn PowerController>, Option<Arc<SimFarm>>) = match &cfg.hardware {
+        HardwareConfig::Simulated(sim) => {
+            let farm = Arc::new(SimFarm::new(clock.clone(), sim.sim()));
+            if existing.is_empty() && cfg.nodes.is_empty() && sim.machines > 0 {
+                store.add_nodes(SimFarm::machines(sim.machines), Actor::Operator, now).await?;
+                info!(machines = sim.machines, "created a simulated farm");
+            }
+            (farm.clone(), Some(farm))
+        }
+        HardwareConfig::Ipmi(ipmi) => {
+            let inventory = ipmi.resolve().map_err(|e| unsupported("hardware")(e.to_string()))?;
+            info!(bmcs = inventory.len(), "IPMI power control");
+            (Arc::new(IpmiPowerController::new(inventory)), None)
         }
     };
-    let farm = Arc::new(SimFarm::new(clock.clone(), sim.sim()));
-    let existing = store.nodes().await?;
-    if existing.is_empty() && cfg.nodes.is_empty() && sim.machines > 0 {
-        store.add_nodes(SimFarm::machines(sim.machines), Actor::Operator, now).await?;
-        info!(machines = sim.machines, "created a simulated farm");
-    }
+    let (installer, pxe): (Arc<dyn Installer>, Option<Arc<PxeRegistry>>) = match (&cfg.installer, &farm) {
+        (InstallerConfig::Simulated, Some(farm)) => (farm.clone(), None),
+        (InstallerConfig::Simulated, None) => {
+            return Err(ServeError::Unsupported("the simulated installer needs simulated hardware".into()));
+        }
+        (InstallerConfig::Pxe(p), _) => {
+            let registry =
+                Arc::new(PxeRegistry::new(p, clock.clone()).map_err(|e| unsupported("installer")(e.to_string()))?);
+            info!(public_url = %p.public_url, "PXE installer");
+            (Arc::new(PxeInstaller::new(p, power.clone(), registry.clone(), clock.clone())), Some(registry))
+        }
+        (InstallerConfig::Command(c), _) => {
+            info!(program = %c.program.display(), "command installer");
+            (Arc::new(CommandInstaller::new(c.clone())), None)
+        }
+    };
+    let installer: Arc<dyn Installer> = match &cfg.contextualize {
+        ContextualizeConfig::None => installer,
+        ContextualizeConfig::Ssh(s) => {
+            let ssh = SshContextualizer::new(s.clone()).map_err(|e| unsupported("contextualize")(e.to_string()))?;
+            info!(user = %s.user, "SSH contextualization");
+            Arc::new(Contextualized::new(installer, Arc::new(ssh)))
+        }
+    };
     let missing: Vec<_> =
         cfg.nodes.iter().filter(|n| !existing.iter().any(|e| e.hostname == n.hostname)).map(|n| n.new_node()).collect();
     if !missing.is_empty() {
         info!(count = missing.len(), "adding configured nodes");
         store.add_nodes(missing, Actor::Operator, now).await?;
     }
-    let engine =
-        Engine::builder(store.clone(), farm.clone(), farm.clone(), clock).policy(cfg.policy.clone()).build()?;
+    let engine = Engine::builder(store.clone(), power, installer, clock).policy(cfg.policy.clone()).build()?;
     if !cfg.pools.is_empty() || store.pool_targets().await?.is_empty() {
         engine.set_pool_targets(&cfg.targets()).await?;
     }
-    Ok(Built { engine, sim: Some(farm) })
+    Ok(Built { engine, sim: farm, pxe })
 }
 
 /// A running service.
@@ -111,23 +146,26 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     }
 }
 
-/// Binds `addr` and serves the engine, with its reconciler, until
+/// Binds `addr` and serves what was built, with its reconciler, until
 /// [`Running::stop`].
-pub async fn start(addr: SocketAddr, engine: Engine) -> Result<Running, ServeError> {
-    start_with(addr, engine, true).await
+pub async fn start(addr: SocketAddr, built: Built) -> Result<Running, ServeError> {
+    start_with(addr, built, true).await
 }
 
 /// As [`start`]; with `reconcile` false no reconciler runs, so the farm
 /// changes only through requests (for tests that compare states).
-pub async fn start_with(addr: SocketAddr, engine: Engine, reconcile: bool) -> Result<Running, ServeError> {
+pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Result<Running, ServeError> {
+    let Built { engine, pxe, .. } = built;
     let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let (stop, rx) = watch::channel(false);
-    let state = AppState { engine: engine.clone(), metrics: Arc::new(Metrics::default()) };
+    let state = AppState { engine: engine.clone(), metrics: Arc::new(Metrics::default()), pxe };
     let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().run(stopped(rx.clone()))));
     let app = router(state);
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app).with_graceful_shutdown(stopped(rx)).await;
+        let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(stopped(rx))
+            .await;
         if let Some(r) = reconciler {
             if r.await.is_err() {
                 warn!("the reconciler task panicked");
@@ -140,12 +178,8 @@ pub async fn start_with(addr: SocketAddr, engine: Engine, reconcile: bool) -> Re
 }
 
 /// Serves until `shutdown` completes (e.g. SIGINT/SIGTERM).
-pub async fn serve_until(
-    addr: SocketAddr,
-    engine: Engine,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServeError> {
-    let running = start(addr, engine).await?;
+pub async fn serve_until(addr: SocketAddr, built: Built, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let running = start(addr, built).await?;
     shutdown.await;
     info!("shutting down: finishing in-flight requests");
     running.stop().await

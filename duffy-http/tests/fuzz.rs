@@ -24,6 +24,8 @@ const PATHS: &[&str] = &[
     "/ResumeService",
     "/metrics",
     "/healthz",
+    "/Install/ipxe",
+    "/Install/done",
     "/Node",
     "/",
 ];

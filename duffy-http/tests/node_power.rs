@@ -31,6 +31,9 @@ fn node_power_goes_through_the_configured_bmc() {
         format!(
             r#"
 database = "{db}"
+[installer]
+kind = "command"
+program = "/bin/true"
 [hardware]
 kind = "ipmi"
 [hardware.defaults]

@@ -86,17 +86,10 @@ impl TestServer {
             ..Config::default()
         };
         let built = build_engine(&cfg, store.clone()).await.expect("build engine");
-        let running =
-            start_with("127.0.0.1:0".parse().expect("addr"), built.engine, setup.reconcile).await.expect("start");
+        let sim = built.sim.clone().expect("simulated");
+        let running = start_with("127.0.0.1:0".parse().expect("addr"), built, setup.reconcile).await.expect("start");
         let base = format!("http://{}", running.addr);
-        TestServer {
-            running: Some(running),
-            base,
-            client: reqwest::Client::new(),
-            sim: built.sim.expect("simulated"),
-            store,
-            dir,
-        }
+        TestServer { running: Some(running), base, client: reqwest::Client::new(), sim, store, dir }
     }
 
     pub async fn key(&self, project: &str, admin: bool, quota: Option<u32>) -> String {

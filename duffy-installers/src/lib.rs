@@ -1,0 +1,43 @@
+//! # duffy-installers
+//!
+//! Real implementations of duffy-core's [`Installer`](duffy_core::Installer)
+//! trait: how a machine of the farm gets a fresh OS, and how an installed
+//! machine gets the SSH keys of the project it is handed to.
+//!
+//! - [`pxe`]: network installs. [`PxeInstaller`] registers a pending install
+//!   under a random one-time token in a shared [`PxeRegistry`], sets the
+//!   machine's next boot to PXE and power-cycles it through a
+//!   [`PowerController`](duffy_core::PowerController). The machine fetches
+//!   its iPXE script and kickstart from Duffy's HTTP service (which calls
+//!   the registry), installs, and calls back with its SSH host key; the
+//!   callback wakes the waiting install.
+//! - [`command`]: [`CommandInstaller`] runs an operator's command (an
+//!   Ansible playbook wrapper, say) with the node and image as JSON on stdin
+//!   and in environment variables, with a timeout that kills the whole
+//!   process group.
+//! - [`ssh`]: [`SshContextualizer`] pushes the project's public keys to the
+//!   node's `authorized_keys` over the system OpenSSH client, checking the
+//!   host key the install recorded; [`Contextualized`] pairs any installer
+//!   with a [`Contextualizer`].
+//!
+//! Also: [`template`], the tiny `{{name}}` renderer behind the PXE templates,
+//! and [`keys`], the OpenSSH public key validation every module shares.
+//!
+//! No secret is ever logged: install tokens appear in logs as an 8-character
+//! prefix only, and private keys are referenced by path.
+
+pub mod command;
+mod duration;
+pub mod keys;
+mod process;
+pub mod pxe;
+pub mod ssh;
+pub mod template;
+mod util;
+
+pub use command::{CommandConfig, CommandError, CommandInstaller};
+pub use duration::parse_duration;
+pub use keys::{KeyError, PublicKey};
+pub use pxe::{PxeConfig, PxeError, PxeImage, PxeInstaller, PxeRegistry};
+pub use ssh::{Contextualized, Contextualizer, SshConfig, SshContextualizer, SshError};
+pub use template::TemplateError;

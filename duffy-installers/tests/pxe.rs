@@ -1,0 +1,528 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The PXE installer with a fake power controller and a tokio clock; the
+//! test plays the machine through the registry, as duffy-http's handlers
+//! would.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use duffy_core::model::NewNode;
+use duffy_core::time::BoxFuture;
+use duffy_core::{
+    Arch, BootDevice, Clock, InstallError, Installed, Installer, Node, NodeId, PoolKey, PowerAction, PowerController,
+    PowerError, PowerErrorKind, PowerState, Timestamp,
+};
+use duffy_installers::pxe::LOCAL_BOOT_SCRIPT;
+use duffy_installers::{PxeConfig, PxeError, PxeImage, PxeInstaller, PxeRegistry, TemplateError};
+use tokio::task::JoinHandle;
+
+const PUBLIC_URL: &str = "http://10.0.0.1:8080";
+const PROVISIONING_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIByrgFoRodMpGoIGtVxnK/CTnXeEUb1KLNez/P0VJgK+ duffy@farm";
+const HOST_KEY: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBEcbTzXQ2o4dsaenJU4FAX6E36s81FO7Dgmyh87F2vtByzhlkoZW1TXMxVo0KA2d5aCzif5RzNwrsrWxAYDD9n8=";
+
+/// Wall time from tokio's clock, in the shape duffy-http's SystemClock has.
+struct TokioClock {
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    fn new() -> Arc<Self> {
+        Arc::new(TokioClock { start: tokio::time::Instant::now() })
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(1_700_000_000_000 + self.start.elapsed().as_millis() as i64)
+    }
+
+    fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<()> {
+        let wait = deadline.since(self.now());
+        Box::pin(tokio::time::sleep(wait))
+    }
+}
+
+/// Records every call; answers `status` with `state`; fails `set_next_boot`
+/// when `broken`.
+struct FakePower {
+    calls: Mutex<Vec<String>>,
+    state: PowerState,
+    broken: bool,
+}
+
+impl FakePower {
+    fn new(state: PowerState) -> Arc<Self> {
+        Arc::new(FakePower { calls: Mutex::new(Vec::new()), state, broken: false })
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl PowerController for FakePower {
+    async fn status(&self, node: &Node) -> Result<PowerState, PowerError> {
+        self.calls.lock().unwrap().push(format!("status {}", node.hostname));
+        Ok(self.state)
+    }
+
+    async fn power(&self, node: &Node, action: PowerAction) -> Result<(), PowerError> {
+        self.calls.lock().unwrap().push(format!("power {action} {}", node.hostname));
+        Ok(())
+    }
+
+    async fn set_next_boot(&self, node: &Node, device: BootDevice) -> Result<(), PowerError> {
+        self.calls.lock().unwrap().push(format!("boot {device} {}", node.hostname));
+        if self.broken {
+            return Err(PowerError::new(PowerErrorKind::Unreachable, "no answer from 10.1.0.11:623"));
+        }
+        Ok(())
+    }
+}
+
+struct Rig {
+    installer: Arc<PxeInstaller>,
+    registry: Arc<PxeRegistry>,
+    power: Arc<FakePower>,
+}
+
+fn rig_with(config: PxeConfig, power: Arc<FakePower>) -> Rig {
+    let clock: Arc<dyn Clock> = TokioClock::new();
+    let registry = Arc::new(PxeRegistry::new(&config, clock.clone()).unwrap());
+    let installer = Arc::new(PxeInstaller::new(&config, power.clone(), registry.clone(), clock));
+    Rig { installer, registry, power }
+}
+
+fn rig() -> Rig {
+    rig_with(PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY), FakePower::new(PowerState::On))
+}
+
+fn node(hostname: &str) -> Node {
+    let mut n = NewNode::new(hostname, Arch::X86_64);
+    n.ip = Some("10.0.0.11".into());
+    n.into_node(NodeId(1), Timestamp(0))
+}
+
+fn image(release: &str) -> PoolKey {
+    PoolKey::new(release, Arch::X86_64, None)
+}
+
+fn start(rig: &Rig, node: &Node, image: &PoolKey) -> JoinHandle<Result<Installed, InstallError>> {
+    let (inst, node, image) = (rig.installer.clone(), node.clone(), image.clone());
+    tokio::spawn(async move { inst.install(&node, &image).await })
+}
+
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Plays the machine's first steps: waits for the install to be pending and
+/// the power cycle to be sent, fetches the iPXE script and returns it and
+/// the token in its kickstart URL.
+async fn machine_boots(rig: &Rig, hostname: &str) -> (String, String) {
+    eventually("the install is pending and the machine power-cycled", || {
+        rig.registry.is_pending(hostname) && rig.power.calls().iter().any(|c| c.starts_with("power "))
+    })
+    .await;
+    let script = rig.registry.ipxe_script(hostname).unwrap();
+    let prefix = format!("{PUBLIC_URL}/Install/kickstart?token=");
+    let at = script.find(&prefix).unwrap_or_else(|| panic!("no kickstart URL in:\n{script}")) + prefix.len();
+    let token: String = script[at..].chars().take_while(|c| !c.is_whitespace()).collect();
+    assert_eq!(token.len(), 64, "token {token:?} is not 256 bits of hex");
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+    (script, token)
+}
+
+async fn result(h: JoinHandle<Result<Installed, InstallError>>) -> Result<Installed, InstallError> {
+    tokio::time::timeout(Duration::from_secs(10), h).await.expect("install did not finish").unwrap()
+}
+
+/// The text between a line starting with `start` and the next line equal
+/// to `end`.
+fn section<'a>(text: &'a str, start: &str, end: &str) -> &'a str {
+    let from = text.find(&format!("\n{start}")).unwrap_or_else(|| panic!("no {start} in:\n{text}")) + 1;
+    let body = &text[from..];
+    let body = &body[body.find('\n').unwrap() + 1..];
+    &body[..body.find(&format!("\n{end}\n")).unwrap_or_else(|| panic!("no {end} after {start}")) + 1]
+}
+
+fn sh_syntax_ok(script: &str) {
+    let out = std::process::Command::new("sh").arg("-n").arg("-c").arg(script).output().unwrap();
+    assert!(out.status.success(), "sh -n: {}\n{script}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn install_completes_with_the_machines_host_key() {
+    let rig = rig();
+    let n = node("n1.example.org");
+    let h = start(&rig, &n, &image("9"));
+    let (script, token) = machine_boots(&rig, "n1.example.org").await;
+    assert_eq!(rig.power.calls(), ["boot pxe n1.example.org", "status n1.example.org", "power cycle n1.example.org"]);
+
+    // The iPXE script chains the image's kernel and initrd.
+    assert!(script.starts_with("#!ipxe\n"), "{script}");
+    assert!(script.contains(&format!(" inst.ks={PUBLIC_URL}/Install/kickstart?token={token} ")), "{script}");
+    assert!(script.contains("kernel http://mirror.centos.org/centos/9/os/x86_64/images/pxeboot/vmlinuz "), "{script}");
+    assert!(
+        script
+            .contains("initrd --name initrd.img http://mirror.centos.org/centos/9/os/x86_64/images/pxeboot/initrd.img")
+    );
+    assert!(script.contains("inst.repo=http://mirror.centos.org/centos/9/os/x86_64/"), "{script}");
+    // Fetching it again is fine while the install is pending.
+    assert_eq!(rig.registry.ipxe_script("n1.example.org").unwrap(), script);
+
+    // The kickstart installs the provisioning key and calls back.
+    let ks = rig.registry.kickstart(&token).unwrap();
+    assert!(ks.contains(&format!("\n{PROVISIONING_KEY}\n")), "{ks}");
+    assert!(ks.contains(&format!("'{PUBLIC_URL}/Install/done?token={token}'")), "{ks}");
+    assert!(ks.contains(&format!("'{PUBLIC_URL}/Install/failed?token={token}'")), "{ks}");
+    assert!(ks.contains("--data-urlencode \"host_key@$key\""), "{ks}");
+    assert!(ks.contains("/etc/ssh/ssh_host_${t}_key.pub"), "{ks}");
+    assert!(ks.contains("network --bootproto=dhcp --hostname=n1.example.org"), "{ks}");
+    assert!(ks.contains("url --url=http://mirror.centos.org/centos/9/os/x86_64/"), "{ks}");
+    assert!(!ks.contains("{{"), "unrendered placeholder in:\n{ks}");
+    let post = section(&ks, "%post", "%end");
+    sh_syntax_ok(post);
+    sh_syntax_ok(section(post, "cat > /usr/local/sbin/duffy-report-installed", "DUFFY_REPORT_EOF"));
+    sh_syntax_ok(section(&ks, "%onerror", "%end"));
+
+    // Still waiting: nothing returned yet.
+    assert!(!h.is_finished());
+    rig.registry.complete(&token, Some(format!("{HOST_KEY} root@n1.example.org\n"))).unwrap();
+    let installed = result(h).await.unwrap();
+    assert_eq!(installed.host_key.as_deref(), Some(HOST_KEY));
+
+    // Single use: every later callback with the token is refused.
+    assert!(!rig.registry.is_pending("n1.example.org"));
+    assert_eq!(rig.registry.pending_count(), 0);
+    assert!(matches!(rig.registry.complete(&token, Some(HOST_KEY.into())), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.fail(&token, "late"), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.kickstart(&token), Err(PxeError::UnknownToken)));
+    let e = rig.registry.ipxe_script("n1.example.org").unwrap_err();
+    assert!(matches!(e, PxeError::NoPendingInstall { .. }), "{e}");
+    assert_eq!(e.http_status(), 404);
+    assert!(LOCAL_BOOT_SCRIPT.starts_with("#!ipxe\n"));
+}
+
+#[tokio::test]
+async fn powered_off_machine_is_powered_on_and_blank_host_key_is_none() {
+    let rig = rig_with(PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY), FakePower::new(PowerState::Off));
+    let n = node("n2.example.org");
+    let h = start(&rig, &n, &image("8"));
+    let (_, token) = machine_boots(&rig, "n2.example.org").await;
+    assert_eq!(rig.power.calls(), ["boot pxe n2.example.org", "status n2.example.org", "power on n2.example.org"]);
+    // `host_key=` empty: the machine had no key file.
+    rig.registry.complete(&token, Some("\n".into())).unwrap();
+    assert_eq!(result(h).await.unwrap(), Installed { host_key: None });
+}
+
+#[tokio::test]
+async fn failed_callback_fails_the_install_with_the_machines_reason() {
+    let rig = rig();
+    let n = node("n3.example.org");
+    let h = start(&rig, &n, &image("9"));
+    let (_, token) = machine_boots(&rig, "n3.example.org").await;
+    rig.registry.fail(&token, "cannot write /root/.ssh/authorized_keys\n\x1b[31m").unwrap();
+    let err = result(h).await.unwrap_err();
+    assert!(err.message.contains("n3.example.org"), "{err}");
+    assert!(err.message.contains("cannot write /root/.ssh/authorized_keys"), "{err}");
+    assert!(!err.message.contains('\x1b'), "control characters kept: {err:?}");
+    assert!(matches!(rig.registry.fail(&token, "again"), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.complete(&token, None), Err(PxeError::UnknownToken)));
+}
+
+#[tokio::test]
+async fn expired_token_fails_the_install_naming_the_node() {
+    let mut config = PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY);
+    config.token_ttl = Duration::from_millis(300);
+    let rig = rig_with(config, FakePower::new(PowerState::On));
+    let n = node("n4.example.org");
+    let h = start(&rig, &n, &image("9"));
+    let (_, token) = machine_boots(&rig, "n4.example.org").await;
+    let err = result(h).await.unwrap_err();
+    assert!(err.message.contains("n4.example.org"), "{err}");
+    assert!(err.message.contains("expired"), "{err}");
+    // A late machine is told its token expired; no install is pending.
+    let e = rig.registry.complete(&token, Some(HOST_KEY.into())).unwrap_err();
+    assert!(matches!(&e, PxeError::Expired { hostname } if hostname == "n4.example.org"), "{e}");
+    assert_eq!(e.http_status(), 410);
+    assert!(matches!(rig.registry.kickstart(&token), Err(PxeError::Expired { .. })));
+    assert!(!rig.registry.is_pending("n4.example.org"));
+    assert!(matches!(rig.registry.ipxe_script("n4.example.org"), Err(PxeError::NoPendingInstall { .. })));
+
+    // The node's next install starts afresh: the old token is forgotten.
+    let h = start(&rig, &n, &image("9"));
+    let (_, token2) = machine_boots(&rig, "n4.example.org").await;
+    assert_ne!(token, token2);
+    assert!(matches!(rig.registry.complete(&token, None), Err(PxeError::UnknownToken)));
+    rig.registry.complete(&token2, None).unwrap();
+    result(h).await.unwrap();
+}
+
+#[tokio::test]
+async fn wrong_tokens_are_refused() {
+    let rig = rig();
+    let n = node("n5.example.org");
+    let h = start(&rig, &n, &image("9"));
+    let (_, token) = machine_boots(&rig, "n5.example.org").await;
+    let mut other = token.clone().into_bytes();
+    other[63] = if other[63] == b'0' { b'1' } else { b'0' };
+    let other = String::from_utf8(other).unwrap();
+    for wrong in [other.as_str(), "", "deadbeef", &token.to_uppercase(), &format!("{token}0"), "../../etc/passwd"] {
+        assert!(matches!(rig.registry.complete(wrong, Some(HOST_KEY.into())), Err(PxeError::UnknownToken)), "{wrong}");
+        assert!(matches!(rig.registry.fail(wrong, "x"), Err(PxeError::UnknownToken)), "{wrong}");
+        assert!(matches!(rig.registry.kickstart(wrong), Err(PxeError::UnknownToken)), "{wrong}");
+    }
+    assert!(matches!(rig.registry.ipxe_script("other.example.org"), Err(PxeError::NoPendingInstall { .. })));
+    // The real token still works.
+    assert!(!h.is_finished());
+    rig.registry.complete(&token, Some(HOST_KEY.into())).unwrap();
+    assert_eq!(result(h).await.unwrap().host_key.as_deref(), Some(HOST_KEY));
+}
+
+#[tokio::test]
+async fn invalid_host_key_is_refused_and_fails_the_install() {
+    let rig = rig();
+    let n = node("n6.example.org");
+    let h = start(&rig, &n, &image("9"));
+    let (_, token) = machine_boots(&rig, "n6.example.org").await;
+    let e = rig.registry.complete(&token, Some("ssh-ed25519 AAAA\nrm -rf /".into())).unwrap_err();
+    assert!(matches!(e, PxeError::InvalidHostKey { .. }), "{e}");
+    assert_eq!(e.http_status(), 400);
+    let err = result(h).await.unwrap_err();
+    assert!(err.message.contains("n6.example.org") && err.message.contains("invalid SSH host key"), "{err}");
+    assert!(matches!(rig.registry.complete(&token, Some(HOST_KEY.into())), Err(PxeError::UnknownToken)));
+}
+
+#[tokio::test]
+async fn dropping_the_install_removes_the_pending_entry() {
+    let rig = rig();
+    let n = node("n7.example.org");
+    // Cancelled by an outer deadline, like the reconciler's.
+    let h = start(&rig, &n, &image("9"));
+    let (_, token) = machine_boots(&rig, "n7.example.org").await;
+    h.abort();
+    assert!(h.await.unwrap_err().is_cancelled());
+    assert!(!rig.registry.is_pending("n7.example.org"));
+    assert_eq!(rig.registry.pending_count(), 0);
+    assert!(matches!(rig.registry.complete(&token, Some(HOST_KEY.into())), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.ipxe_script("n7.example.org"), Err(PxeError::NoPendingInstall { .. })));
+
+    // The same with the future dropped in place by a timeout.
+    let inst = rig.installer.clone();
+    let img = image("9");
+    let fut = inst.install(&n, &img);
+    assert!(tokio::time::timeout(Duration::from_millis(200), fut).await.is_err());
+    assert_eq!(rig.registry.pending_count(), 0);
+}
+
+#[tokio::test]
+async fn a_new_install_of_the_node_supersedes_the_old_one() {
+    let rig = rig();
+    let n = node("n8.example.org");
+    let first = start(&rig, &n, &image("9"));
+    let (_, old) = machine_boots(&rig, "n8.example.org").await;
+    let second = start(&rig, &n, &image("8"));
+    let err = result(first).await.unwrap_err();
+    assert!(err.message.contains("superseded") && err.message.contains("n8.example.org"), "{err}");
+    assert_eq!(rig.registry.pending_count(), 1);
+    assert!(matches!(rig.registry.complete(&old, None), Err(PxeError::UnknownToken)));
+    let (script, new) = machine_boots(&rig, "n8.example.org").await;
+    assert_ne!(old, new);
+    assert!(script.contains("/centos/8/os/x86_64/"), "{script}");
+    rig.registry.complete(&new, Some(HOST_KEY.into())).unwrap();
+    result(second).await.unwrap();
+    assert_eq!(rig.registry.pending_count(), 0);
+}
+
+#[tokio::test]
+async fn power_failure_fails_the_install_and_removes_the_entry() {
+    let power = Arc::new(FakePower { calls: Mutex::new(Vec::new()), state: PowerState::On, broken: true });
+    let rig = rig_with(PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY), power);
+    let err = rig.installer.install(&node("n9.example.org"), &image("9")).await.unwrap_err();
+    assert!(err.message.contains("n9.example.org") && err.message.contains("PXE"), "{err}");
+    assert!(err.message.contains("no answer from 10.1.0.11:623"), "{err}");
+    assert_eq!(rig.registry.pending_count(), 0);
+    assert_eq!(rig.power.calls(), ["boot pxe n9.example.org"]);
+}
+
+#[tokio::test]
+async fn invalid_node_names_are_refused_before_anything_happens() {
+    let rig = rig();
+    let mut n = node("n10.example.org");
+    n.hostname = "n10 --kickstart=evil".into();
+    let err = rig.installer.install(&n, &image("9")).await.unwrap_err();
+    assert!(err.message.contains("hostname"), "{err}");
+    let mut n = node("n10.example.org");
+    n.ip = Some("10.0.0.1' ; reboot".into());
+    assert!(rig.installer.install(&n, &image("9")).await.is_err());
+    assert!(rig.installer.install(&node("n10.example.org"), &image("9;reboot")).await.is_err());
+    assert!(rig.power.calls().is_empty());
+    assert_eq!(rig.registry.pending_count(), 0);
+}
+
+#[tokio::test]
+async fn custom_templates_and_image_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ipxe.tmpl"),
+        "#!ipxe\necho custom {{hostname}} {{hardware_arch}}\nkernel {{kernel_url}} ks={{kickstart_url}}\ninitrd {{initrd_url}}\nboot\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("ks.tmpl"), "# generic {{release}}/{{arch}} for {{hostname}} ip {{ip}}\n").unwrap();
+    std::fs::write(
+        dir.path().join("ks-9-x86_64.tmpl"),
+        "# specific {{ release }}/{{arch}}{{flavor}}\n{{provisioning_key}}\n{{callback_done}}\n{{callback_failed}}\n{{token}} {{public_url}} {{repo_url}}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("README"), "not a template {{whatever}}").unwrap();
+    let mut config: PxeConfig = toml::from_str(&format!(
+        r#"
+        public_url = "{PUBLIC_URL}/"
+        provisioning_public_key = "{PROVISIONING_KEY}"
+        templates_dir = "{}"
+        kernel_url = "http://mirror.local/{{{{release}}}}/{{{{arch}}}}/vmlinuz"
+        initrd_url = "http://mirror.local/{{{{release}}}}/{{{{arch}}}}/initrd.img"
+        repo_url = "http://mirror.local/{{{{release}}}}/{{{{arch}}}}/os/"
+        [[images]]
+        release = "9"
+        arch = "x86_64"
+        kernel_url = "tftp://10.0.0.1/stream9/vmlinuz"
+        "#,
+        dir.path().display()
+    ))
+    .unwrap();
+    config.token_ttl = Duration::from_secs(60);
+    let rig = rig_with(config, FakePower::new(PowerState::On));
+
+    // Release 9: the per-image kernel, the default-pattern initrd, the
+    // release-specific kickstart.
+    let n = node("n11.example.org");
+    let h = start(&rig, &n, &image("9"));
+    let (script, token) = machine_boots(&rig, "n11.example.org").await;
+    assert_eq!(
+        script,
+        format!(
+            "#!ipxe\necho custom n11.example.org x86_64\nkernel tftp://10.0.0.1/stream9/vmlinuz \
+             ks={PUBLIC_URL}/Install/kickstart?token={token}\ninitrd http://mirror.local/9/x86_64/initrd.img\nboot\n"
+        )
+    );
+    let ks = rig.registry.kickstart(&token).unwrap();
+    assert_eq!(
+        ks,
+        format!(
+            "# specific 9/x86_64\n{PROVISIONING_KEY}\n{PUBLIC_URL}/Install/done?token={token}\n\
+             {PUBLIC_URL}/Install/failed?token={token}\n{token} {PUBLIC_URL} http://mirror.local/9/x86_64/os/\n"
+        )
+    );
+    rig.registry.complete(&token, None).unwrap();
+    result(h).await.unwrap();
+
+    // Release 8: falls back to ks.tmpl.
+    let n = node("n12.example.org");
+    let h = start(&rig, &n, &image("8"));
+    let (script, token) = machine_boots(&rig, "n12.example.org").await;
+    assert!(script.contains("kernel http://mirror.local/8/x86_64/vmlinuz "), "{script}");
+    assert_eq!(rig.registry.kickstart(&token).unwrap(), "# generic 8/x86_64 for n12.example.org ip 10.0.0.11\n");
+    rig.registry.fail(&token, "test").unwrap();
+    assert!(result(h).await.is_err());
+}
+
+#[tokio::test]
+async fn unknown_placeholder_in_a_template_is_an_error() {
+    let clock: Arc<dyn Clock> = TokioClock::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ks.tmpl"), "text\nreboot\nnetwork --hostname={{hostnmae}}\n").unwrap();
+    let mut config = PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY);
+    config.templates_dir = Some(dir.path().to_path_buf());
+    let err = PxeRegistry::new(&config, clock.clone()).unwrap_err();
+    match &err {
+        PxeError::Template { name, source: TemplateError::UnknownPlaceholder { name: ph, line, .. } } => {
+            assert_eq!(name, "ks.tmpl");
+            assert_eq!(ph, "hostnmae");
+            assert_eq!(*line, 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains("ks.tmpl") && msg.contains("{{hostnmae}}") && msg.contains("line 3"), "{msg}");
+
+    std::fs::write(dir.path().join("ks.tmpl"), "ok {{hostname}}\n").unwrap();
+    std::fs::write(dir.path().join("ipxe-9-x86_64.tmpl"), "#!ipxe\nkernel {{kernel_url\n").unwrap();
+    let err = PxeRegistry::new(&config, clock.clone()).unwrap_err();
+    assert!(
+        matches!(&err, PxeError::Template { name, source: TemplateError::Unclosed { line: 2 } } if name == "ipxe-9-x86_64.tmpl"),
+        "{err}"
+    );
+
+    // URL patterns too.
+    let mut config = PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY);
+    config.repo_url = "http://m/{{version}}/".into();
+    assert!(matches!(PxeRegistry::new(&config, clock.clone()), Err(PxeError::Template { .. })));
+    let mut config = PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY);
+    config.images.push(PxeImage {
+        release: "9".into(),
+        arch: Arch::Aarch64,
+        kernel_url: Some("http://m/{{hostname}}".into()),
+        initrd_url: None,
+        repo_url: None,
+    });
+    assert!(matches!(PxeRegistry::new(&config, clock.clone()), Err(PxeError::Template { .. })));
+    // A missing directory is an error too, naming it.
+    let mut config = PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY);
+    config.templates_dir = Some(dir.path().join("missing"));
+    let err = PxeRegistry::new(&config, clock).unwrap_err();
+    assert!(matches!(err, PxeError::Io { .. }) && err.to_string().contains("missing"), "{err}");
+}
+
+#[test]
+fn config_validation() {
+    let clock: Arc<dyn Clock> = Arc::new(FixedClock);
+    let ok = PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY);
+    assert!(PxeRegistry::new(&ok, clock.clone()).is_ok());
+    let bad_key = PxeConfig { provisioning_public_key: "ssh-ed25519 AAAA\nevil".into(), ..ok.clone() };
+    let e = PxeRegistry::new(&bad_key, clock.clone()).unwrap_err();
+    assert!(e.to_string().contains("provisioning_public_key"), "{e}");
+    let bad_url = PxeConfig { public_url: "http://10.0.0.1:8080/'$(reboot)'".into(), ..ok.clone() };
+    assert!(matches!(PxeRegistry::new(&bad_url, clock.clone()), Err(PxeError::Config(_))));
+    let zero = PxeConfig { token_ttl: Duration::ZERO, ..ok.clone() };
+    assert!(matches!(PxeRegistry::new(&zero, clock.clone()), Err(PxeError::Config(_))));
+
+    let c: PxeConfig = toml::from_str(&format!(
+        "public_url = \"{PUBLIC_URL}\"\nprovisioning_public_key = \"{PROVISIONING_KEY}\"\ntoken_ttl = \"90m\""
+    ))
+    .unwrap();
+    assert_eq!(c.token_ttl, Duration::from_secs(5400));
+    assert_eq!(c.templates_dir, None);
+    assert!(c.kernel_url.contains("{{release}}"));
+    let d: PxeConfig =
+        toml::from_str(&format!("public_url = \"{PUBLIC_URL}\"\nprovisioning_public_key = \"{PROVISIONING_KEY}\""))
+            .unwrap();
+    assert_eq!(d.token_ttl, Duration::from_secs(3600));
+    assert!(
+        toml::from_str::<PxeConfig>(&format!(
+            "public_url = \"{PUBLIC_URL}\"\nprovisioning_public_key = \"{PROVISIONING_KEY}\"\ntoken_tll = 5"
+        ))
+        .is_err()
+    );
+    assert!(toml::from_str::<PxeConfig>("provisioning_public_key = \"x\"").is_err());
+}
+
+struct FixedClock;
+
+impl Clock for FixedClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(0)
+    }
+
+    fn sleep_until(&self, _deadline: Timestamp) -> BoxFuture<()> {
+        Box::pin(std::future::pending())
+    }
+}
