@@ -44,6 +44,31 @@ enum Command {
     /// Warm pools.
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// Projects.
+    #[command(subcommand)]
+    Project(ProjectCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectCommand {
+    /// Creates or updates a project: its node quota and the SSH public keys
+    /// pushed to root on its nodes at allocation.
+    Set {
+        /// The project.
+        name: String,
+        /// Nodes its sessions may hold at once.
+        #[arg(long)]
+        quota: Option<u32>,
+        /// A file of OpenSSH public keys, one per line (`#` comments and
+        /// blank lines ignored); replaces the project's keys.
+        #[arg(long, value_name = "FILE")]
+        ssh_keys: Option<PathBuf>,
+    },
+    /// Shows a project.
+    Show {
+        /// The project.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -317,6 +342,48 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             };
             done.map_err(|e| CliError::Other(format!("{hostname}: {e}")))?;
             println!("{hostname}: {}", format!("{action:?}").to_lowercase());
+        }
+        Command::Project(ProjectCommand::Set { name, quota, ssh_keys }) => {
+            duffy_core::validate_token("project name", &name, 64).map_err(|e| CliError::Other(e.to_string()))?;
+            let keys = match &ssh_keys {
+                None => None,
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .map_err(|e| CliError::Other(format!("reading {}: {e}", path.display())))?;
+                    let mut keys = Vec::new();
+                    for (i, line) in text.lines().enumerate() {
+                        let line = line.trim();
+                        if line.is_empty() || line.starts_with('#') {
+                            continue;
+                        }
+                        let key = duffy_installers::PublicKey::parse(line)
+                            .map_err(|e| CliError::Other(format!("{}:{}: {e}", path.display(), i + 1)))?;
+                        keys.push(key.to_string());
+                    }
+                    Some(keys)
+                }
+            };
+            let store = open_store(&db_path(cli.db)).await?;
+            let current = store.project(&name).await?;
+            let project = duffy_core::Project {
+                name: name.clone(),
+                quota: quota.or(current.as_ref().and_then(|p| p.quota)),
+                ssh_keys: keys.unwrap_or_else(|| current.map(|p| p.ssh_keys).unwrap_or_default()),
+            };
+            store.upsert_project(project.clone()).await?;
+            println!(
+                "project {name}: quota {}, {} SSH keys",
+                project.quota.map(|q| q.to_string()).unwrap_or_else(|| "none".into()),
+                project.ssh_keys.len()
+            );
+        }
+        Command::Project(ProjectCommand::Show { name }) => {
+            let store = open_store(&db_path(cli.db)).await?;
+            let p = store.project(&name).await?.ok_or_else(|| CliError::Other(format!("no project {name:?}")))?;
+            println!("project {}: quota {}", p.name, p.quota.map(|q| q.to_string()).unwrap_or_else(|| "none".into()));
+            for k in &p.ssh_keys {
+                println!("  {k}");
+            }
         }
         Command::Pool(PoolCommand::Set { release, arch, flavor, standby }) => {
             let pool = PoolKey::new(release, arch, flavor);
