@@ -89,6 +89,11 @@ pub struct PoolConfig {
     pub flavor: Option<String>,
     /// Ready nodes to keep.
     pub standby: u32,
+    /// How this pool's image is installed, when not by the service's
+    /// `[installer]` (e.g. `{ kind = "command", program = "..." }` for one
+    /// pool of an otherwise PXE-installed farm).
+    #[serde(default)]
+    pub installer: Option<InstallerConfig>,
 }
 
 /// What powers and installs the machines.
@@ -267,19 +272,31 @@ impl Config {
         for n in &self.nodes {
             n.new_node().validate().map_err(|e| ConfigError::Invalid(format!("nodes: {e}")))?;
         }
-        match (&self.installer, &self.hardware) {
-            (InstallerConfig::Simulated, HardwareConfig::Ipmi(_)) => {
-                return Err(ConfigError::Invalid(
-                    "hardware kind \"ipmi\" needs a real installer: [installer] kind = \"pxe\" or \"command\"".into(),
-                ));
+        let installers = std::iter::once(("[installer]".to_string(), &self.installer)).chain(
+            self.pools.iter().filter_map(|p| p.installer.as_ref().map(|i| (format!("pool {}", self.pool_key(p)), i))),
+        );
+        let mut pxe = 0;
+        for (whose, installer) in installers {
+            match (installer, &self.hardware) {
+                (InstallerConfig::Simulated, HardwareConfig::Ipmi(_)) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{whose}: hardware kind \"ipmi\" needs a real installer: kind = \"pxe\" or \"command\""
+                    )));
+                }
+                (InstallerConfig::Pxe(_), HardwareConfig::Simulated(_)) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{whose}: kind = \"pxe\" network-boots real machines: it needs [hardware] kind = \"ipmi\""
+                    )));
+                }
+                (InstallerConfig::Pxe(_), _) => pxe += 1,
+                _ => {}
             }
-            (InstallerConfig::Pxe(_), HardwareConfig::Simulated(_)) => {
-                return Err(ConfigError::Invalid(
-                    "[installer] kind = \"pxe\" network-boots real machines: it needs [hardware] kind = \"ipmi\""
-                        .into(),
-                ));
-            }
-            _ => {}
+        }
+        if pxe > 1 {
+            return Err(ConfigError::Invalid(
+                "PXE is configured more than once: one PXE configuration (one set of /Install endpoints) per service"
+                    .into(),
+            ));
         }
         match &self.hardware {
             HardwareConfig::Simulated(s) => {

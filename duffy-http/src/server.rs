@@ -82,22 +82,35 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
             (Arc::new(IpmiPowerController::new(inventory)), None)
         }
     };
-    let (installer, pxe): (Arc<dyn Installer>, Option<Arc<PxeRegistry>>) = match (&cfg.installer, &farm) {
-        (InstallerConfig::Simulated, Some(farm)) => (farm.clone(), None),
-        (InstallerConfig::Simulated, None) => {
-            return Err(ServeError::Unsupported("the simulated installer needs simulated hardware".into()));
-        }
-        (InstallerConfig::Pxe(p), _) => {
-            let registry =
-                Arc::new(PxeRegistry::new(p, clock.clone()).map_err(|e| unsupported("installer")(e.to_string()))?);
-            info!(public_url = %p.public_url, "PXE installer");
-            (Arc::new(PxeInstaller::new(p, power.clone(), registry.clone(), clock.clone())), Some(registry))
-        }
-        (InstallerConfig::Command(c), _) => {
-            info!(program = %c.program.display(), "command installer");
-            (Arc::new(CommandInstaller::new(c.clone())), None)
-        }
+    let mut pxe: Option<Arc<PxeRegistry>> = None;
+    let mut make = |which: &InstallerConfig| -> Result<Arc<dyn Installer>, ServeError> {
+        Ok(match (which, &farm) {
+            (InstallerConfig::Simulated, Some(farm)) => farm.clone(),
+            (InstallerConfig::Simulated, None) => {
+                return Err(ServeError::Unsupported("the simulated installer needs simulated hardware".into()));
+            }
+            (InstallerConfig::Pxe(p), _) => {
+                let registry =
+                    Arc::new(PxeRegistry::new(p, clock.clone()).map_err(|e| unsupported("installer")(e.to_string()))?);
+                info!(public_url = %p.public_url, "PXE installer");
+                pxe = Some(registry.clone());
+                Arc::new(PxeInstaller::new(p, power.clone(), registry, clock.clone()))
+            }
+            (InstallerConfig::Command(c), _) => {
+                info!(program = %c.program.display(), "command installer");
+                Arc::new(CommandInstaller::new(c.clone()))
+            }
+        })
     };
+    let default = make(&cfg.installer)?;
+    let mut by_pool = Vec::new();
+    for (t, p) in cfg.targets().into_iter().zip(&cfg.pools) {
+        if let Some(which) = &p.installer {
+            by_pool.push((t.pool, make(which)?));
+        }
+    }
+    let installer: Arc<dyn Installer> =
+        if by_pool.is_empty() { default } else { Arc::new(PerPoolInstaller { default, by_pool }) };
     let installer: Arc<dyn Installer> = match &cfg.contextualize {
         ContextualizeConfig::None => installer,
         ContextualizeConfig::Ssh(s) => {
@@ -117,6 +130,38 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         engine.set_pool_targets(&cfg.targets()).await?;
     }
     Ok(Built { engine, sim: farm, pxe })
+}
+
+/// Installs each pool's image with that pool's installer (the service's
+/// default for the others). Preparation is the default installer's.
+struct PerPoolInstaller {
+    default: Arc<dyn Installer>,
+    by_pool: Vec<(duffy_core::PoolKey, Arc<dyn Installer>)>,
+}
+
+#[async_trait::async_trait]
+impl Installer for PerPoolInstaller {
+    async fn install(
+        &self,
+        node: &duffy_core::Node,
+        image: &duffy_core::PoolKey,
+    ) -> Result<duffy_core::Installed, duffy_core::InstallError> {
+        let chosen = self.by_pool.iter().find(|(p, _)| p == image).map(|(_, i)| i).unwrap_or(&self.default);
+        chosen.install(node, image).await
+    }
+
+    async fn prepare(
+        &self,
+        node: &duffy_core::Node,
+        project: &duffy_core::Project,
+        session: &duffy_core::SessionId,
+    ) -> Result<(), duffy_core::InstallError> {
+        self.default.prepare(node, project, session).await
+    }
+
+    fn prepares(&self) -> bool {
+        self.default.prepares()
+    }
 }
 
 /// A running service.

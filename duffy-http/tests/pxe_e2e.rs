@@ -4,7 +4,8 @@
 //! chassis hook starts a small "simulated machine" that, as firmware and
 //! the installer would, fetches its iPXE script and kickstart from the
 //! service and calls back with its SSH host key. A machine that never calls
-//! back ends Failed on timeout.
+//! back ends Failed on timeout. One pool is installed by a command instead
+//! (the installer is chosen per pool): its machine is never network-booted.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
@@ -70,8 +71,10 @@ fn base64(data: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pxe_installs_through_ipmi_and_http() {
-    const N: usize = 3;
+    const N: usize = 4;
     const SILENT: usize = 2;
+    /// Node 3 carries the pool installed by a command.
+    const COMMANDED: usize = 3;
     let rig = Rig::start(N);
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -105,6 +108,14 @@ async fn pxe_installs_through_ipmi_and_http() {
         "public_url = \"{base}\"\ntoken_ttl = \"6s\"\nprovisioning_public_key = \"{} duffy\"\n",
         provisioning_key()
     );
+    let installer_script = dir.path().join("install.sh");
+    std::fs::write(
+        &installer_script,
+        format!("#!/bin/sh\ncat >/dev/null\necho '{{\"host_key\": \"{}\"}}'\n", host_key(COMMANDED)),
+    )
+    .unwrap();
+    std::fs::set_permissions(&installer_script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let command = format!("kind = \"command\"\nprogram = \"{}\"\ntimeout = \"10s\"\n", installer_script.display());
     let cfg = Config {
         database: dir.path().join("duffy.db"),
         policy: Policy {
@@ -115,12 +126,22 @@ async fn pxe_installs_through_ipmi_and_http() {
             power_check_interval: None,
             ..Policy::default()
         },
-        pools: vec![PoolConfig {
-            release: "7".into(),
-            arch: duffy_core::Arch::X86_64,
-            flavor: None,
-            standby: N as u32,
-        }],
+        pools: vec![
+            PoolConfig {
+                release: "7".into(),
+                arch: duffy_core::Arch::X86_64,
+                flavor: None,
+                standby: 3,
+                installer: None,
+            },
+            PoolConfig {
+                release: "8".into(),
+                arch: duffy_core::Arch::X86_64,
+                flavor: None,
+                standby: 1,
+                installer: Some(toml::from_str(&command).unwrap()),
+            },
+        ],
         hardware: HardwareConfig::Ipmi(toml::from_str(&ipmi).unwrap()),
         installer: InstallerConfig::Pxe(toml::from_str(&pxe).unwrap()),
         nodes: (0..N)
@@ -157,6 +178,14 @@ async fn pxe_installs_through_ipmi_and_http() {
 
     for (i, n) in nodes.iter().enumerate() {
         let log = std::fs::read_to_string(rig.bmc(i).state.with_extension("machine.log")).unwrap_or_default();
+        if i == COMMANDED {
+            assert_eq!(n.state, NodeState::Ready, "{:?}", n.fail_reason);
+            assert_eq!(n.image.as_ref().map(|p| p.release.as_str()), Some("8"));
+            assert_eq!(n.host_key.as_deref(), Some(host_key(i).as_str()), "the command's reported host key");
+            assert!(log.is_empty(), "never network-booted: {log}");
+            assert!(!rig.bmc(i).log().iter().any(|l| l.contains("boot pxe")));
+            continue;
+        }
         assert!(log.contains("kickstart fetched"), "{} booted from the network: {log}", n.hostname);
         let history: Vec<_> = store
             .events(EventQuery { node: Some(n.id), ..EventQuery::default() })

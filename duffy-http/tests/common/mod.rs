@@ -74,7 +74,13 @@ impl TestServer {
             pools: setup
                 .pools
                 .iter()
-                .map(|(r, a, n)| PoolConfig { release: r.clone(), arch: *a, flavor: None, standby: *n })
+                .map(|(r, a, n)| PoolConfig {
+                    release: r.clone(),
+                    arch: *a,
+                    flavor: None,
+                    standby: *n,
+                    installer: None,
+                })
                 .collect(),
             hardware: HardwareConfig::Simulated(SimulatedConfig {
                 machines: setup.machines,
