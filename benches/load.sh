@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the service benchmarks of BENCHMARKS.md in one command:
-#   benches/load.sh [MACHINES] [CONCURRENCY] [SECONDS]
+#   benches/load.sh [MACHINES] [CONCURRENCY] [SECONDS] [STANDBY]
 # Builds the release binaries, starts `duffy serve` on a fresh SQLite file
 # (synchronous=FULL) with a simulated farm of MACHINES nodes and zero install
 # time, waits for the pool to fill, then runs in one go: fsync probe, the
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 machines=${1:-1000}
 conc=${2:-64}
 secs=${3:-10}
-standby=$(( machines * 9 / 10 ))
+standby=${4:-$(( machines * 9 / 10 ))}
 cargo build -q --release -p duffy-http -p duffy-benches
 work=$(mktemp -d /tmp/duffy-load.XXXXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -53,6 +53,14 @@ echo "== get+done, $conc concurrent jobs, hold 0 (synchronous=FULL)"
 target/release/duffy-load --url "$url" "${keys[@]}" -c "$conc" --duration "$secs" --quiet --fsync-dir "$work"
 echo "== one job at a time"
 target/release/duffy-load --url "$url" "${keys[@]}" -c 1 --duration "$secs" --quiet --fsync-dir "$work"
+echo "== /Node/get alone, one job at a time, 200 calls (ms)"
+k=${keys[1]}
+for i in $(seq 200); do
+  t=$(curl -s -o "$work/get.json" -w '%{time_total}' "$url/Node/get?key=$k")
+  ssid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ssid"])' "$work/get.json")
+  curl -s -o /dev/null "$url/Node/done?key=$k&ssid=$ssid"
+  echo "$t"
+done | sort -n | awk '{a[NR]=$1} END {printf "p50 %.2f ms  p99 %.2f ms\n", a[int(NR/2)]*1000, a[int(NR*0.99)]*1000}'
 echo "== full /Inventory ($machines nodes), 20 calls"
 for i in $(seq 20); do curl -s -o /dev/null -w '%{time_total}\n' "$url/Inventory"; done | sort -n | awk '{a[NR]=$1} END {printf "p50 %.1f ms  max %.1f ms\n", a[int(NR/2)]*1000, a[NR]*1000}'
 echo "== server resident memory"
