@@ -45,6 +45,9 @@ pub enum Reply {
     Json(StatusCode, Value),
     /// Plain text, sent as is.
     Text(StatusCode, String),
+    /// JSON already serialized (large replies, streamed from the rows
+    /// without building a value tree), sent with a trailing newline.
+    JsonBytes(StatusCode, Vec<u8>),
 }
 
 impl Reply {
@@ -60,7 +63,7 @@ impl Reply {
 
     fn status(&self) -> StatusCode {
         match self {
-            Reply::Json(s, _) | Reply::Text(s, _) => *s,
+            Reply::Json(s, _) | Reply::Text(s, _) | Reply::JsonBytes(s, _) => *s,
         }
     }
 }
@@ -74,6 +77,10 @@ impl IntoResponse for Reply {
                 (s, "application/json", b)
             }
             Reply::Text(s, t) => (s, "text/plain; charset=utf-8", t.into_bytes()),
+            Reply::JsonBytes(s, mut b) => {
+                b.push(b'\n');
+                (s, "application/json", b)
+            }
         };
         let mut r = Response::new(Body::from(body));
         *r.status_mut() = status;
@@ -315,26 +322,33 @@ async fn node_fail(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply
 }
 
 /// One legacy inventory row: `[id, hostname, ip, chassis, used_count,
-/// state, comment, distro, rel, ver, arch, pool, console_port, flavor]`.
-pub fn inventory_row(n: &Node) -> Value {
-    let in_rotation = u8::from(n.state != duffy_core::NodeState::Reserved);
-    let arch = n.image.as_ref().map(|i| i.arch).unwrap_or(n.hardware_arch);
-    json!([
-        n.id.0,
-        n.hostname,
-        n.ip,
-        n.chassis,
-        n.used_count,
-        n.state.as_str(),
-        n.session.as_ref().map(|s| s.0.as_str()),
-        Value::Null,
-        Value::Null,
-        n.image.as_ref().map(|i| i.release.as_str()),
-        arch.as_str(),
-        in_rotation,
-        n.console_port,
-        n.flavor,
-    ])
+/// state, comment, distro, rel, ver, arch, pool, console_port, flavor]`,
+/// serialized straight from the node.
+pub struct InventoryRow<'a>(pub &'a Node);
+
+impl serde::Serialize for InventoryRow<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let n = self.0;
+        let in_rotation = u8::from(n.state != duffy_core::NodeState::Reserved);
+        let arch = n.image.as_ref().map(|i| i.arch).unwrap_or(n.hardware_arch);
+        let mut seq = s.serialize_seq(Some(14))?;
+        seq.serialize_element(&n.id.0)?;
+        seq.serialize_element(&n.hostname)?;
+        seq.serialize_element(&n.ip)?;
+        seq.serialize_element(&n.chassis)?;
+        seq.serialize_element(&n.used_count)?;
+        seq.serialize_element(n.state.as_str())?;
+        seq.serialize_element(&n.session.as_ref().map(|s| s.0.as_str()))?;
+        seq.serialize_element(&None::<&str>)?; // distro
+        seq.serialize_element(&None::<&str>)?; // rel
+        seq.serialize_element(&n.image.as_ref().map(|i| i.release.as_str()))?;
+        seq.serialize_element(arch.as_str())?;
+        seq.serialize_element(&in_rotation)?;
+        seq.serialize_element(&n.console_port)?;
+        seq.serialize_element(&n.flavor)?;
+        seq.end()
+    }
 }
 
 /// `/Inventory[?key=K]`
@@ -345,7 +359,13 @@ async fn inventory(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply
     };
     match q.get("key") {
         None => match st.engine.inventory().await {
-            Ok(nodes) => Reply::Json(StatusCode::OK, Value::Array(nodes.iter().map(inventory_row).collect())),
+            Ok(nodes) => {
+                let rows: Vec<InventoryRow<'_>> = nodes.iter().map(InventoryRow).collect();
+                match serde_json::to_vec(&rows) {
+                    Ok(body) => Reply::JsonBytes(StatusCode::OK, body),
+                    Err(e) => Reply::message(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the inventory: {e}")),
+                }
+            }
             Err(e) => unexpected("reading the inventory", &e),
         },
         Some(key) => {
