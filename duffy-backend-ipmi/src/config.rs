@@ -117,14 +117,14 @@ pub struct BmcConfig {
     pub driver: Driver,
     /// How long to wait for one answer before retransmitting (ipmitool
     /// `-N`, rounded up to whole seconds there).
-    #[serde(default = "default_timeout", deserialize_with = "de_duration")]
+    #[serde(default = "default_timeout", deserialize_with = "duffy_core::time::serde_duration::deserialize")]
     pub timeout: Duration,
     /// How many times to retransmit an unanswered request (ipmitool `-R`).
     #[serde(default = "default_retries")]
     pub retries: u32,
     /// The most one power operation may take, waiting included; past it the
     /// operation fails with `Timeout` (the ipmitool child is killed).
-    #[serde(default = "default_deadline", deserialize_with = "de_duration")]
+    #[serde(default = "default_deadline", deserialize_with = "duffy_core::time::serde_duration::deserialize")]
     pub deadline: Duration,
 }
 
@@ -235,12 +235,12 @@ pub struct BmcDefaults {
     /// Driver.
     pub driver: Option<Driver>,
     /// Wait for one answer.
-    #[serde(default, deserialize_with = "de_opt_duration")]
+    #[serde(default, deserialize_with = "duffy_core::time::serde_duration::deserialize_option")]
     pub timeout: Option<Duration>,
     /// Retransmissions per request.
     pub retries: Option<u32>,
     /// Limit on one operation.
-    #[serde(default, deserialize_with = "de_opt_duration")]
+    #[serde(default, deserialize_with = "duffy_core::time::serde_duration::deserialize_option")]
     pub deadline: Option<Duration>,
 }
 
@@ -264,12 +264,12 @@ pub struct BmcEntry {
     /// Driver.
     pub driver: Option<Driver>,
     /// Wait for one answer.
-    #[serde(default, deserialize_with = "de_opt_duration")]
+    #[serde(default, deserialize_with = "duffy_core::time::serde_duration::deserialize_option")]
     pub timeout: Option<Duration>,
     /// Retransmissions per request.
     pub retries: Option<u32>,
     /// Limit on one operation.
-    #[serde(default, deserialize_with = "de_opt_duration")]
+    #[serde(default, deserialize_with = "duffy_core::time::serde_duration::deserialize_option")]
     pub deadline: Option<Duration>,
 }
 
@@ -396,45 +396,8 @@ impl FromIterator<(String, BmcConfig)> for BmcInventory {
     }
 }
 
-/// Parses a duration: a number of seconds (`2`, `0.5`) or a string with a
-/// unit (`"500ms"`, `"2s"`, `"1.5s"`, `"1m"`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num.trim().parse().map_err(|_| format!("invalid duration {s:?}; use e.g. \"500ms\", \"2s\""))?;
-    seconds(v * scale)
-}
-
-fn seconds(v: f64) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(v).map_err(|_| format!("invalid duration {v} s"))
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Int(u64),
-        Float(f64),
-        Text(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::Int(n) => Ok(Duration::from_secs(n)),
-        Raw::Float(f) => seconds(f).map_err(serde::de::Error::custom),
-        Raw::Text(s) => parse_duration(&s).map_err(serde::de::Error::custom),
-    }
-}
-
-fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    de_duration(d).map(Some)
-}
+/// Parses a duration (see [`duffy_core::time::parse_duration`]).
+pub use duffy_core::time::parse_duration;
 
 #[cfg(test)]
 mod tests {

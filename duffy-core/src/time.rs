@@ -119,9 +119,87 @@ pub async fn timeout<F: Future>(clock: &dyn Clock, d: Duration, fut: F) -> Resul
     }
 }
 
+/// Parses a duration as configuration files write it: a number of seconds
+/// (`"2"`, `"0.5"`) or a number with a unit, `ms`, `s`, `m` or `h`
+/// (`"500ms"`, `"30s"`, `"10m"`, `"1h"`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}; use seconds or e.g. \"500ms\", \"30s\", \"10m\", \"1h\""))?;
+    Duration::try_from_secs_f64(v * scale).map_err(|_| format!("invalid duration {s:?}"))
+}
+
+/// Serde helpers for [`Duration`] fields in configuration files: an integer
+/// or fractional number of seconds, or a string [`parse_duration`] accepts.
+/// Use with `#[serde(deserialize_with = "duffy_core::time::serde_duration::deserialize")]`.
+pub mod serde_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Float(f64),
+        Text(String),
+    }
+
+    /// Deserializes a [`Duration`].
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Duration::from_secs(n)),
+            Raw::Float(f) => {
+                Duration::try_from_secs_f64(f).map_err(|_| serde::de::Error::custom(format!("invalid duration {f} s")))
+            }
+            Raw::Text(s) => super::parse_duration(&s).map_err(serde::de::Error::custom),
+        }
+    }
+
+    /// Deserializes an `Option<Duration>` (for `#[serde(default)]` fields).
+    pub fn deserialize_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        deserialize(d).map(Some)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_configuration_durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration(" 3 "), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+        #[derive(serde::Deserialize)]
+        struct C {
+            #[serde(deserialize_with = "serde_duration::deserialize")]
+            a: Duration,
+            #[serde(deserialize_with = "serde_duration::deserialize")]
+            b: Duration,
+            #[serde(deserialize_with = "serde_duration::deserialize")]
+            c: Duration,
+        }
+        let c: C = serde_json::from_str(r#"{"a": 2, "b": 0.25, "c": "1m"}"#).unwrap();
+        assert_eq!((c.a, c.b, c.c), (Duration::from_secs(2), Duration::from_millis(250), Duration::from_secs(60)));
+    }
 
     #[test]
     fn formats_rfc3339() {

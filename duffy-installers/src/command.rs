@@ -54,7 +54,7 @@ pub struct CommandConfig {
     pub args: Vec<String>,
     /// How long one install may run before its process group is killed.
     /// Default 1 h. Seconds, or a string like `"45m"`.
-    #[serde(default = "default_timeout", deserialize_with = "crate::duration::deserialize")]
+    #[serde(default = "default_timeout", deserialize_with = "duffy_core::time::serde_duration::deserialize")]
     pub timeout: Duration,
     /// Extra environment variables. Their values are never logged.
     #[serde(default)]

@@ -33,7 +33,6 @@
 //! prefix only, and private keys are referenced by path.
 
 pub mod command;
-mod duration;
 pub mod keys;
 mod process;
 pub mod pxe;
@@ -45,7 +44,7 @@ pub mod test_sshd;
 mod util;
 
 pub use command::{CommandConfig, CommandError, CommandInstaller};
-pub use duration::parse_duration;
+pub use duffy_core::time::parse_duration;
 pub use keys::{KeyError, PublicKey};
 pub use pxe::{PxeConfig, PxeError, PxeImage, PxeInstaller, PxeRegistry};
 pub use ssh::{Contextualized, Contextualizer, SshConfig, SshContextualizer, SshError};

@@ -151,7 +151,7 @@ pub struct PxeConfig {
     pub public_url: String,
     /// How long an install token is valid, i.e. how long an install may
     /// take from registration to the machine's callback. Default 1 h.
-    #[serde(default = "default_token_ttl", deserialize_with = "crate::duration::deserialize")]
+    #[serde(default = "default_token_ttl", deserialize_with = "duffy_core::time::serde_duration::deserialize")]
     pub token_ttl: Duration,
     /// A directory of templates overriding the built-in ones (see the
     /// module docs). Loaded once, when the registry is built.

@@ -102,12 +102,12 @@ pub struct SshConfig {
     pub authorized_keys: String,
     /// How long connecting may take (`ssh -o ConnectTimeout`, whole
     /// seconds, at least 1). Default 10 s.
-    #[serde(default = "default_connect_timeout", deserialize_with = "crate::duration::deserialize")]
+    #[serde(default = "default_connect_timeout", deserialize_with = "duffy_core::time::serde_duration::deserialize")]
     pub connect_timeout: Duration,
     /// How long the remote script may run once connected. Default 60 s.
     /// The whole `ssh` run is killed after `connect_timeout +
     /// command_timeout`.
-    #[serde(default = "default_command_timeout", deserialize_with = "crate::duration::deserialize")]
+    #[serde(default = "default_command_timeout", deserialize_with = "duffy_core::time::serde_duration::deserialize")]
     pub command_timeout: Duration,
     /// The OpenSSH client. Default `ssh`.
     #[serde(default = "default_ssh_program")]
