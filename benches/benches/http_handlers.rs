@@ -41,10 +41,16 @@ fn handlers(c: &mut Criterion) {
             ..SimConfig::default()
         };
         let farm = Arc::new(SimFarm::new(clock.clone(), sim));
-        let policy = Policy { rate_limit: None, max_concurrent_installs: 256, ..Policy::default() };
+        let policy = Policy {
+            rate_limit: None,
+            max_concurrent_installs: 256,
+            min_pass_interval: Duration::ZERO,
+            ..Policy::default()
+        };
         let engine = Engine::builder(store.clone(), farm.clone(), farm, clock).policy(policy).build().expect("engine");
         tokio::spawn(engine.reconciler().run(std::future::pending()));
-        engine.set_pool_targets(&PoolTarget::seed_defaults()).await.expect("targets");
+        let pool = duffy_core::PoolKey::new("7", duffy_core::Arch::X86_64, None);
+        engine.set_pool_targets(&[PoolTarget { pool, standby: 200 }]).await.expect("targets");
         duffy_core::testkit::conformance::add_ready(
             &*store,
             "n",
@@ -60,7 +66,15 @@ fn handlers(c: &mut Criterion) {
     g.bench_function("get+done", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let body = call(&app, &format!("/Node/get?key={key}")).await;
+                // The reconciler refills in the background; wait for it if
+                // the loop outran it.
+                let body = loop {
+                    let b = call(&app, &format!("/Node/get?key={key}")).await;
+                    if b != "Insufficient Nodes in READY State" {
+                        break b;
+                    }
+                    tokio::task::yield_now().await;
+                };
                 let v: serde_json::Value = serde_json::from_str(&body).expect("json");
                 let ssid = v["ssid"].as_str().expect("allocated");
                 let done = call(&app, &format!("/Node/done?key={key}&ssid={ssid}")).await;
