@@ -3,7 +3,7 @@
 
 #![allow(missing_docs)] // criterion_group! generates undocumented functions
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,9 +40,17 @@ fn planner(c: &mut Criterion) {
         PoolTarget::seed_defaults().into_iter().map(|t| PoolTarget { standby: t.standby * 1000, ..t }).collect();
     for n in [1_000u64, 100_000] {
         let nodes = farm(n);
+        // What the store's `ready_counts` would answer.
+        let mut ready: BTreeMap<PoolKey, u32> = BTreeMap::new();
+        for n in &nodes {
+            if let (NodeState::Ready, Some(p)) = (n.state, &n.image) {
+                *ready.entry(p.clone()).or_default() += 1;
+            }
+        }
         g.bench_with_input(BenchmarkId::from_parameter(n), &nodes, |b, nodes| {
             b.iter(|| {
                 plan(PlanInput {
+                    ready: &ready,
                     nodes,
                     targets: &targets,
                     policy: &policy,

@@ -83,7 +83,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, EventQuery,
-    NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId, Store, StoreError, Timestamp,
+    NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store, StoreError, Timestamp,
 };
 use futures::channel::oneshot;
 use rusqlite::{Connection, OpenFlags};
@@ -492,6 +492,23 @@ impl Store for SqliteStore {
 
     async fn ready_counts(&self) -> Result<Vec<(PoolKey, u32)>, StoreError> {
         self.readers.read(queries::ready_counts).await
+    }
+
+    async fn nodes_in_states(&self, states: &[NodeState]) -> Result<Vec<Node>, StoreError> {
+        let states = states.to_vec();
+        self.readers.read(move |c| queries::nodes_in_states(c, &states)).await
+    }
+
+    async fn stale_ready(&self, installed_before: Timestamp, limit: usize) -> Result<Vec<Node>, StoreError> {
+        self.readers.read(move |c| queries::stale_ready(c, installed_before, limit)).await
+    }
+
+    async fn idle_nodes(&self, limit: usize) -> Result<Vec<Node>, StoreError> {
+        self.readers.read(move |c| queries::idle_nodes(c, limit)).await
+    }
+
+    async fn nodes_after(&self, after: NodeId, limit: usize) -> Result<Vec<Node>, StoreError> {
+        self.readers.read(move |c| queries::nodes_after(c, after, limit)).await
     }
 
     async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {

@@ -5,8 +5,8 @@
 //! connection's prepared-statement cache.
 
 use duffy_core::{
-    ApiKeyHash, ApiKeyRecord, Event, EventQuery, KeyId, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId,
-    StoreError, Timestamp,
+    ApiKeyHash, ApiKeyRecord, Event, EventQuery, KeyId, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session,
+    SessionId, StoreError, Timestamp,
 };
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
@@ -90,6 +90,91 @@ pub(crate) fn node_by_hostname(conn: &Connection, hostname: &str) -> Result<Opti
 /// Every node, by id.
 pub(crate) fn nodes(conn: &Connection) -> Result<Vec<Node>, StoreError> {
     rows(conn, concat!("SELECT ", node_cols!(), " FROM nodes ORDER BY id"), [], "reading nodes", codec::node)
+}
+
+/// Reads rows of a cached query and decodes the first `limit` of them.
+///
+/// No `LIMIT ?` (see [`CLAIMABLE`]): the statement gives rows in order and
+/// reading stops after `limit`.
+fn first_rows<P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<Node>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).ctx(what)?;
+    let mut rows = stmt.query(params).ctx(what)?;
+    let mut out = Vec::with_capacity(limit.min(1024));
+    while out.len() < limit {
+        match rows.next().ctx(what)? {
+            Some(r) => out.push(codec::node(r)?),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+/// One state's nodes, by id: a range scan of the `nodes_state` index.
+///
+/// The state is a literal, not a bound parameter: with a parameter compared
+/// to `state`, SQLite re-prepares the statement on every execution (the
+/// partial indexes on `state = 'Ready'` might apply), so there is one
+/// cached statement per state instead.
+pub(crate) fn nodes_in_state_sql(state: NodeState) -> String {
+    format!(concat!("SELECT ", node_cols!(), " FROM nodes WHERE state = '{}' ORDER BY id"), state.as_str())
+}
+
+/// The nodes in any of `states`, by id: one index range scan per state.
+pub(crate) fn nodes_in_states(conn: &Connection, states: &[NodeState]) -> Result<Vec<Node>, StoreError> {
+    let mut states = states.to_vec();
+    states.sort();
+    states.dedup();
+    let mut out = Vec::new();
+    for st in &states {
+        out.extend(rows(conn, &nodes_in_state_sql(*st), [], "reading nodes by state", codec::node)?);
+    }
+    if states.len() > 1 {
+        out.sort_by_key(|n| n.id);
+    }
+    Ok(out)
+}
+
+/// Ready nodes installed at or before a time, oldest first, then by id: a
+/// range scan of the `nodes_stale` index. Named, because without
+/// statistics SQLite prefers `nodes_state` (an equality) and sorts every
+/// Ready row.
+pub(crate) const STALE_READY: &str = concat!(
+    "SELECT ",
+    node_cols!(),
+    " FROM nodes INDEXED BY nodes_stale WHERE state = 'Ready' AND installed_at <= ?1 ORDER BY installed_at, id"
+);
+
+/// The first `limit` Ready nodes installed at or before `before`.
+pub(crate) fn stale_ready(conn: &Connection, before: Timestamp, limit: usize) -> Result<Vec<Node>, StoreError> {
+    first_rows(conn, STALE_READY, [before.0], limit, "reading stale ready nodes")
+}
+
+/// Idle nodes, least used first: a range scan of the `nodes_idle` index
+/// (named, so that SQLite never sorts every Active row instead).
+pub(crate) const IDLE_NODES: &str = concat!(
+    "SELECT ",
+    node_cols!(),
+    " FROM nodes INDEXED BY nodes_idle WHERE state = 'Active' ORDER BY used_count, id"
+);
+
+/// The first `limit` idle nodes.
+pub(crate) fn idle_nodes(conn: &Connection, limit: usize) -> Result<Vec<Node>, StoreError> {
+    first_rows(conn, IDLE_NODES, [], limit, "reading idle nodes")
+}
+
+/// Nodes after an id, by id: a range scan of the primary key.
+pub(crate) const NODES_AFTER: &str = concat!("SELECT ", node_cols!(), " FROM nodes WHERE id > ?1 ORDER BY id");
+
+/// The first `limit` nodes with an id greater than `after`.
+pub(crate) fn nodes_after(conn: &Connection, after: NodeId, limit: usize) -> Result<Vec<Node>, StoreError> {
+    let Ok(after) = i64::try_from(after.0) else { return Ok(Vec::new()) };
+    first_rows(conn, NODES_AFTER, [after], limit, "reading a page of nodes")
 }
 
 /// Ready nodes per pool, ordered by pool.
@@ -408,7 +493,7 @@ pub(crate) fn held_by_project(conn: &Connection, project: &str) -> Result<u32, S
 /// Counts the Failed nodes a project's sessions in Fail hold.
 pub(crate) const FAILED_HELD_BY_PROJECT: &str = "SELECT COUNT(*) FROM sessions AS s, json_each(s.nodes) AS j, \
      nodes AS n WHERE s.project = ?1 AND s.live = 1 AND s.state = 'Fail' \
-     AND n.id = j.value AND n.state = 'Failed' AND n.session = s.id";
+     AND n.id = j.value AND +n.state = 'Failed' AND n.session = s.id";
 
 /// Failed nodes held by the project's sessions in Fail.
 pub(crate) fn failed_held_by_project(conn: &Connection, project: &str) -> Result<u64, StoreError> {
@@ -545,10 +630,38 @@ mod tests {
     }
 
     #[test]
+    fn reconciler_reads_are_index_range_scans() {
+        let conn = schema();
+        for st in [NodeState::Active, NodeState::Provisioning, NodeState::Failed, NodeState::Ready] {
+            let p = plan(&conn, &nodes_in_state_sql(st));
+            assert!(p.contains("USING INDEX nodes_state"), "{p}");
+            assert!(!p.contains("TEMP B-TREE"), "the index gives the order: {p}");
+        }
+        let p = plan(&conn, STALE_READY);
+        assert!(p.contains("USING INDEX nodes_stale"), "{p}");
+        let p = plan(&conn, IDLE_NODES);
+        assert!(p.contains("USING INDEX nodes_idle") && !p.contains("TEMP B-TREE"), "{p}");
+        assert!(!p.contains("TEMP B-TREE"), "the index gives the order: {p}");
+        let p = plan(&conn, NODES_AFTER);
+        assert!(p.contains("INTEGER PRIMARY KEY"), "{p}");
+        assert!(!p.contains("TEMP B-TREE"), "{p}");
+    }
+
+    #[test]
     fn hot_statements_are_not_re_prepared() {
         use rusqlite::StatementStatus;
         let conn = schema();
-        for sql in [CLAIMABLE, READY_IN_POOL, HELD_BY_PROJECT, FAILED_HELD_BY_PROJECT, RECENT_SESSIONS, LIVE_SESSIONS] {
+        for sql in [
+            CLAIMABLE,
+            READY_IN_POOL,
+            HELD_BY_PROJECT,
+            FAILED_HELD_BY_PROJECT,
+            RECENT_SESSIONS,
+            LIVE_SESSIONS,
+            STALE_READY,
+            IDLE_NODES,
+            NODES_AFTER,
+        ] {
             let mut stmt = conn.prepare(sql).expect("prepare");
             let n = stmt.parameter_count();
             for i in 0..3 {

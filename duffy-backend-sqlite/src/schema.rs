@@ -133,9 +133,18 @@ const V2: &str = r#"
 ALTER TABLE nodes ADD COLUMN host_key TEXT;
 "#;
 
+/// Version 3: the reconciler's reads, so a pass does not read the whole
+/// farm: nodes by state (in id order), Ready nodes by install time (the
+/// stale ones, oldest first), and idle (Active) nodes least used first.
+const V3: &str = r#"
+CREATE INDEX nodes_state ON nodes (state, id);
+CREATE INDEX nodes_stale ON nodes (installed_at, id) WHERE state = 'Ready';
+CREATE INDEX nodes_idle ON nodes (used_count, id) WHERE state = 'Active';
+"#;
+
 /// Every migration, in order: migration `i` takes the file from version
 /// `i` to `i + 1`. Append only; never edit a released one.
-const MIGRATIONS: &[&str] = &[V1, V2];
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this build writes (the number of migrations).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -131,7 +131,10 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     // Make it the file a version-1 build wrote: no host_key column.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch("ALTER TABLE nodes DROP COLUMN host_key; PRAGMA user_version = 1;")
+        .execute_batch(
+            "DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; ALTER TABLE nodes DROP COLUMN host_key; \
+             PRAGMA user_version = 1;",
+        )
         .expect("downgrade");
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
     let nodes = futures::executor::block_on(store.nodes()).expect("nodes");
@@ -139,5 +142,45 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     assert_eq!(nodes[0].host_key, None);
     drop(store);
     assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 2);
+    assert_eq!(SCHEMA_VERSION, 3);
+}
+
+fn index_names(path: &std::path::Path) -> Vec<String> {
+    let c = Connection::open(path).expect("raw open");
+    let mut stmt = c
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'nodes' ORDER BY name")
+        .expect("q");
+    stmt.query_map([], |r| r.get(0)).expect("query").collect::<Result<_, _>>().expect("rows")
+}
+
+#[test]
+fn a_version_2_file_is_migrated_forward_keeping_its_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+    let added = futures::executor::block_on(store.add_nodes(
+        vec![NewNode::new("old.example", Arch::X86_64), NewNode::new("older.example", Arch::X86_64)],
+        Actor::Operator,
+        Timestamp(1),
+    ))
+    .expect("add");
+    drop(store);
+    // Make it the file a version-2 build wrote: no reconciler indexes.
+    Connection::open(&path)
+        .expect("raw")
+        .execute_batch(
+            "DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; PRAGMA user_version = 2;",
+        )
+        .expect("downgrade");
+    assert!(!index_names(&path).iter().any(|n| n == "nodes_state" || n == "nodes_stale"));
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
+    let nodes = futures::executor::block_on(store.nodes()).expect("nodes");
+    assert_eq!(nodes, added, "rows survive the migration");
+    let active = futures::executor::block_on(store.nodes_in_states(&[duffy_core::NodeState::Active])).expect("read");
+    assert_eq!(active, added, "the new reads work on the migrated file");
+    drop(store);
+    assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
+    let names = index_names(&path);
+    assert!(names.iter().any(|n| n == "nodes_state"), "{names:?}");
+    assert!(names.iter().any(|n| n == "nodes_stale") && names.iter().any(|n| n == "nodes_idle"), "{names:?}");
 }

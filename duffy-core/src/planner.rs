@@ -2,8 +2,9 @@
 //! keeps every warm pool at its standby target.
 //!
 //! [`plan`] reads nothing and changes nothing. The reconciler feeds it the
-//! nodes, the targets, the policy, the time and what is already in flight,
-//! and executes what it returns.
+//! per-pool Ready counts, the candidate nodes (not the whole farm), the
+//! targets, the policy, the time and what is already in flight, and
+//! executes what it returns.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -50,7 +51,12 @@ pub struct PoolStatus {
 /// Inputs to [`plan`].
 #[derive(Debug, Clone, Copy)]
 pub struct PlanInput<'a> {
-    /// Every node in the farm.
+    /// Ready nodes per pool (every pool with Ready nodes, targeted or not).
+    pub ready: &'a BTreeMap<PoolKey, u32>,
+    /// The candidate nodes, ordered by id: every Active, Provisioning and
+    /// Failed node, the stale Ready nodes (oldest installs first may be cut
+    /// off; see [`Plan::more_stale_wanted`]) and, only while paused, every
+    /// Ready node. Other nodes may be included; they are ignored.
     pub nodes: &'a [Node],
     /// Standby targets.
     pub targets: &'a [PoolTarget],
@@ -81,6 +87,11 @@ pub struct Plan {
     pub expired_failures: Vec<NodeId>,
     /// Per-pool numbers, in target order.
     pub pools: Vec<PoolStatus>,
+    /// After the last stale Ready node it was given, the plan still had a
+    /// free install slot or a pool with surplus Ready nodes: had it been
+    /// given more stale nodes (if there are more), it might have acted on
+    /// them.
+    pub more_stale_wanted: bool,
 }
 
 /// Decides which idle machines to install with which image, which stale
@@ -97,15 +108,24 @@ pub struct Plan {
 /// - Never more than `max_concurrent_installs` in flight, never two
 ///   operations on one BMC.
 pub fn plan(input: PlanInput<'_>) -> Plan {
-    let PlanInput { nodes, targets, policy, now, paused, busy_nodes, busy_bmcs, installs_in_flight } = input;
+    let PlanInput {
+        ready: ready_counts,
+        nodes,
+        targets,
+        policy,
+        now,
+        paused,
+        busy_nodes,
+        busy_bmcs,
+        installs_in_flight,
+    } = input;
     let mut out = Plan::default();
 
     // Count what each pool has (Ready or on its way).
-    let mut ready: BTreeMap<&PoolKey, u32> = BTreeMap::new();
+    let ready: BTreeMap<&PoolKey, u32> = ready_counts.iter().map(|(p, c)| (p, *c)).collect();
     let mut provisioning: BTreeMap<&PoolKey, u32> = BTreeMap::new();
     for n in nodes {
         match (n.state, &n.image) {
-            (NodeState::Ready, Some(img)) => *ready.entry(img).or_default() += 1,
             (NodeState::Provisioning, Some(img)) => *provisioning.entry(img).or_default() += 1,
             (NodeState::Failed, _) if n.session.is_none() && n.hold_until.is_some_and(|t| t <= now) => {
                 out.expired_failures.push(n.id)
@@ -207,6 +227,7 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
             _ => {}
         }
     }
+    out.more_stale_wanted = slots > 0 || surplus.values().any(|s| *s > 0);
 
     out.pools = targets
         .iter()
@@ -238,8 +259,20 @@ mod tests {
         (1..=n).map(|i| NewNode::new(format!("n{i}"), arch).into_node(NodeId(i), Timestamp(0))).collect()
     }
 
+    /// Ready nodes per pool, counted the way a store's `ready_counts` does.
+    fn ready_of(nodes: &[Node]) -> BTreeMap<PoolKey, u32> {
+        let mut m = BTreeMap::new();
+        for n in nodes {
+            if let (NodeState::Ready, Some(p)) = (n.state, &n.image) {
+                *m.entry(p.clone()).or_default() += 1;
+            }
+        }
+        m
+    }
+
     fn run(nodes: &[Node], targets: &[PoolTarget], policy: &Policy, now: Timestamp, paused: bool) -> Plan {
         plan(PlanInput {
+            ready: &ready_of(nodes),
             nodes,
             targets,
             policy,
@@ -307,6 +340,7 @@ mod tests {
         let policy = Policy { max_concurrent_installs: 3, ..Policy::default() };
         let busy = HashSet::from([NodeId(4)]);
         let p = plan(PlanInput {
+            ready: &ready_of(&nodes),
             nodes: &nodes,
             targets: &targets,
             policy: &policy,
@@ -349,6 +383,44 @@ mod tests {
         let p =
             run(&nodes, &targets, &Policy::default(), Timestamp(0).plus(day).minus(Duration::from_millis(1)), false);
         assert!(p.installs.is_empty() && p.power_downs.is_empty());
+    }
+
+    #[test]
+    fn the_oldest_stale_nodes_plan_the_same_once_no_more_are_wanted() {
+        let mut nodes = farm(20, Arch::X86_64);
+        let pool = PoolKey::new("7", Arch::X86_64, None);
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.state = NodeState::Ready;
+            n.image = Some(pool.clone());
+            n.installed_at = Some(Timestamp((i as i64 * 7) % 20));
+        }
+        let day = Duration::from_secs(86_400);
+        let now = Timestamp(0).plus(day).plus(day);
+        let targets = vec![PoolTarget { pool, standby: 15 }];
+        let policy = Policy { max_concurrent_installs: 2, ..Policy::default() };
+        let full = run(&nodes, &targets, &policy, now, false);
+        assert_eq!((full.installs.len(), full.power_downs.len()), (2, 5));
+        let ready = ready_of(&nodes);
+        let mut oldest: Vec<Node> = nodes.clone();
+        oldest.sort_by_key(|n| (n.installed_at, n.id));
+        for k in 0..=oldest.len() {
+            let p = plan(PlanInput {
+                ready: &ready,
+                nodes: &oldest[..k],
+                targets: &targets,
+                policy: &policy,
+                now,
+                paused: false,
+                busy_nodes: &HashSet::new(),
+                busy_bmcs: &HashSet::new(),
+                installs_in_flight: 0,
+            });
+            // 5 surplus to power down and 2 slots: 7 nodes are enough.
+            assert_eq!(p.more_stale_wanted, k < 7, "{k}");
+            if !p.more_stale_wanted {
+                assert_eq!((&p.installs, &p.power_downs), (&full.installs, &full.power_downs), "{k}");
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! same for work another process abandoned (older than the policy's
 //! deadlines), and reclaims failed sessions whose hold ran out.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
@@ -102,6 +102,8 @@ pub struct Reconciler {
     /// When each node's power state was last checked (in memory: after a
     /// restart every node is due once, which is what one wants).
     power_checked: HashMap<NodeId, crate::Timestamp>,
+    /// Where the rotating power checks resume: the last node looked at.
+    power_cursor: NodeId,
 }
 
 impl Engine {
@@ -114,6 +116,7 @@ impl Engine {
             started: false,
             completed: Vec::new(),
             power_checked: HashMap::new(),
+            power_cursor: NodeId(0),
         }
     }
 }
@@ -251,9 +254,45 @@ impl Reconciler {
             }
         }
 
-        let nodes = store.nodes().await?;
         let targets = store.pool_targets().await?;
         let paused = store.paused().await?;
+        // Only the rows a pass can act on, not the whole farm: idle
+        // hardware, installs, failures and (paused) the warm pool; the
+        // stale Ready ones are read below. The counts are read after the
+        // rows, so a node that turns Ready in between is counted twice
+        // (the pool fills a pass later), never missed (an extra install).
+        // Idle hardware is read separately, least used first and bounded:
+        // a big farm is mostly idle, and a pass only needs enough of it to
+        // fill its free install slots.
+        let mut states = vec![NodeState::Provisioning, NodeState::Failed];
+        if paused {
+            states.push(NodeState::Ready);
+        }
+        let others = store.nodes_in_states(&states).await?;
+        let ready: BTreeMap<PoolKey, u32> = store.ready_counts().await?.into_iter().collect();
+        let free_slots = policy.max_concurrent_installs.saturating_sub(self.installs_in_flight());
+        // Fills can use at most min(free slots, what the pools miss) idle
+        // machines; read that many (twice over, for arch and flavor
+        // mismatches) plus a margin, and more below only if needed.
+        let mut provisioning: BTreeMap<&PoolKey, u32> = BTreeMap::new();
+        for n in others.iter().filter(|n| n.state == NodeState::Provisioning) {
+            if let Some(img) = &n.image {
+                *provisioning.entry(img).or_default() += 1;
+            }
+        }
+        let missing: usize = targets
+            .iter()
+            .map(|t| {
+                let have = ready.get(&t.pool).copied().unwrap_or(0) + provisioning.get(&t.pool).copied().unwrap_or(0);
+                t.standby.saturating_sub(have) as usize
+            })
+            .sum();
+        // At most IDLE_PER_PASS fills are planned from one read; a farm
+        // that misses more gets them over the next passes (every 50 ms).
+        const IDLE_PER_PASS: usize = 4096;
+        let mut idle_limit =
+            if paused { 0 } else { free_slots.min(missing).min(IDLE_PER_PASS).saturating_mul(2).saturating_add(64) };
+        let mut nodes = with_idle(others.clone(), store, idle_limit).await?;
 
         // Installs nobody is driving: after a crash, or abandoned by a dead
         // process. Re-drive them with the image they were getting.
@@ -285,16 +324,70 @@ impl Reconciler {
         let busy_nodes: HashSet<NodeId> = self.in_flight.keys().copied().collect();
         let busy_bmcs: HashSet<String> = self.in_flight.values().map(|(b, _)| b.clone()).collect();
         let installs_in_flight = self.in_flight.values().filter(|(_, install)| *install).count();
-        let Plan { installs, power_downs, expired_failures, .. } = plan(PlanInput {
-            nodes: &nodes,
-            targets: &targets,
-            policy,
-            now,
-            paused,
-            busy_nodes: &busy_nodes,
-            busy_bmcs: &busy_bmcs,
-            installs_in_flight,
-        });
+        let plan_with = |nodes: &[Node]| {
+            plan(PlanInput {
+                ready: &ready,
+                nodes,
+                targets: &targets,
+                policy,
+                now,
+                paused,
+                busy_nodes: &busy_nodes,
+                busy_bmcs: &busy_bmcs,
+                installs_in_flight,
+            })
+        };
+        let Plan { installs, power_downs, expired_failures, .. } = if paused {
+            // Every Ready node is among the rows already.
+            plan_with(&nodes)
+        } else {
+            // More idle hardware only if the page was full and a pool still
+            // found none that fits while slots were free (e.g. the only
+            // aarch64 machines are the most used ones).
+            loop {
+                let p = plan_with(&nodes);
+                let idle_read = nodes.iter().filter(|n| n.state == NodeState::Active).count();
+                // Nothing could be started though pools miss nodes and
+                // slots are free: the hardware that fits is further down.
+                let short = p.installs.is_empty() && free_slots > 0 && p.pools.iter().any(|s| s.unfilled > 0);
+                if idle_read < idle_limit || !short {
+                    break;
+                }
+                idle_limit = idle_limit.saturating_mul(4);
+                nodes = with_idle(others.clone(), store, idle_limit).await?;
+            }
+            // Stale Ready nodes, oldest first: as many as the plan can act
+            // on (free slots, surplus to power down, busy ones it skips),
+            // and more only if it used them all and still wanted more, so
+            // the plan is the one the whole farm would give.
+            let cutoff = if policy.reinstall_age.is_zero() {
+                crate::Timestamp(i64::MAX)
+            } else {
+                now.minus(policy.reinstall_age)
+            };
+            let standby_of =
+                |p: &PoolKey| targets.iter().find(|t| &t.pool == p).map(|t| t.standby).unwrap_or(0) as usize;
+            let surplus: usize = ready.iter().map(|(p, r)| (*r as usize).saturating_sub(standby_of(p))).sum();
+            let mut limit = policy.max_concurrent_installs + surplus + self.in_flight.len() + 64;
+            let base = nodes.len();
+            loop {
+                nodes.truncate(base);
+                let stale = store.stale_ready(cutoff, limit).await?;
+                let full = stale.len() >= limit;
+                // A node read twice (it changed between the reads) is
+                // planned once.
+                let fresh: Vec<Node> = stale
+                    .into_iter()
+                    .filter(|n| nodes[..base].binary_search_by_key(&n.id, |b| b.id).is_err())
+                    .collect();
+                nodes.extend(fresh);
+                let p = plan_with(&nodes);
+                if !full || !p.more_stale_wanted {
+                    break p;
+                }
+                limit = limit.saturating_mul(4);
+            }
+        };
         let by_id: HashMap<NodeId, &Node> = nodes.iter().map(|n| (n.id, n)).collect();
 
         // Each group's writes go to the store concurrently, so that a store
@@ -358,9 +451,23 @@ impl Reconciler {
         if let Some(e) = first_error {
             return Err(e);
         }
-        report.power_checks_started = self.start_power_checks(&nodes, now);
+        report.power_checks_started = self.start_power_checks(now).await?;
         Ok(report)
     }
+}
+
+/// `others` plus up to `limit` idle nodes, in id order. (A free function:
+/// the reconciler's future must stay `Send`; see [`commit_one`].)
+async fn with_idle(
+    mut others: Vec<Node>,
+    store: &Arc<dyn crate::Store>,
+    limit: usize,
+) -> Result<Vec<Node>, EngineError> {
+    if limit > 0 {
+        others.extend(store.idle_nodes(limit).await?);
+        others.sort_by_key(|n| n.id);
+    }
+    Ok(others)
 }
 
 /// Writes one transition; `Ok(None)` if the node changed since it was read
@@ -422,6 +529,10 @@ async fn reclaim(engine: &Engine, s: &crate::Session) -> Result<bool, EngineErro
 }
 
 impl Reconciler {
+    fn installs_in_flight(&self) -> usize {
+        self.in_flight.values().filter(|(_, install)| *install).count()
+    }
+
     fn start_install(&mut self, node: Node, image: PoolKey) {
         let inner = self.engine.inner.clone();
         self.in_flight.insert(node.id, (node.bmc_key().to_string(), true));
@@ -431,14 +542,29 @@ impl Reconciler {
     /// Starts power-state checks of nodes whose last check is older than
     /// the policy's interval: a few per pass, never on a busy node or BMC,
     /// never on a node mid-operation or out of Duffy's hands.
-    fn start_power_checks(&mut self, nodes: &[Node], now: crate::Timestamp) -> usize {
+    ///
+    /// Each pass reads one page of nodes after a cursor that goes round the
+    /// farm (back to the start after the last node), not the whole farm.
+    async fn start_power_checks(&mut self, now: crate::Timestamp) -> Result<usize, EngineError> {
         const PER_PASS: usize = 4;
-        let Some(interval) = self.engine.inner.policy.power_check_interval else { return 0 };
+        const PAGE: usize = 64;
+        let Some(interval) = self.engine.inner.policy.power_check_interval else { return Ok(0) };
+        let store = self.engine.inner.store.clone();
+        let page = store.nodes_after(self.power_cursor, PAGE).await?;
+        // Past the end: start again from the beginning next pass.
+        let mut next = match page.last() {
+            Some(last) if page.len() == PAGE => last.id,
+            _ => NodeId(0),
+        };
         let mut started = 0;
-        for n in nodes {
+        let mut seen = self.power_cursor;
+        for n in &page {
             if started == PER_PASS {
+                // Resume right after the last node looked at.
+                next = seen;
                 break;
             }
+            seen = n.id;
             if matches!(n.state, NodeState::Provisioning | NodeState::Contextualizing | NodeState::Reserved)
                 || self.in_flight.contains_key(&n.id)
                 || self.in_flight.values().any(|(b, _)| b == n.bmc_key())
@@ -450,7 +576,8 @@ impl Reconciler {
             self.start_power_check(n.clone());
             started += 1;
         }
-        started
+        self.power_cursor = next;
+        Ok(started)
     }
 
     fn start_power_check(&mut self, node: Node) {

@@ -18,7 +18,7 @@ use crate::model::{
     SessionState,
 };
 use crate::policy::RateLimit;
-use crate::state::{Cause, Event, TransitionError};
+use crate::state::{Cause, Event, NodeState, TransitionError};
 use crate::time::Timestamp;
 
 /// A store failed to do what was asked, for a reason other than a lost race.
@@ -266,6 +266,56 @@ pub trait Store: Send + Sync {
     /// Ready nodes per pool (for sizing decisions without reading every
     /// row): `(pool, count)` ordered by pool.
     async fn ready_counts(&self) -> Result<Vec<(PoolKey, u32)>, StoreError>;
+
+    /// The nodes in any of `states`, ordered by id.
+    ///
+    /// The default reads every node with [`Store::nodes`] and filters;
+    /// backends should override it with an indexed read, since the
+    /// reconciler calls it on every pass.
+    async fn nodes_in_states(&self, states: &[NodeState]) -> Result<Vec<Node>, StoreError> {
+        let mut nodes = self.nodes().await?;
+        nodes.retain(|n| states.contains(&n.state));
+        Ok(nodes)
+    }
+
+    /// Ready nodes installed at or before `installed_before` (nodes with no
+    /// install time are left out), oldest install first, then lowest id;
+    /// at most `limit` of them.
+    ///
+    /// The default reads every node with [`Store::nodes`]; backends should
+    /// override it with an indexed read.
+    async fn stale_ready(&self, installed_before: Timestamp, limit: usize) -> Result<Vec<Node>, StoreError> {
+        let mut nodes = self.nodes().await?;
+        nodes.retain(|n| n.state == NodeState::Ready && n.installed_at.is_some_and(|t| t <= installed_before));
+        nodes.sort_by_key(|n| (n.installed_at, n.id));
+        nodes.truncate(limit);
+        Ok(nodes)
+    }
+
+    /// Idle hardware: Active nodes, least `used_count` first, then lowest
+    /// id (the order the planner picks them in); at most `limit` of them.
+    ///
+    /// The default reads every node with [`Store::nodes`]; backends should
+    /// override it with an indexed read.
+    async fn idle_nodes(&self, limit: usize) -> Result<Vec<Node>, StoreError> {
+        let mut nodes = self.nodes().await?;
+        nodes.retain(|n| n.state == NodeState::Active);
+        nodes.sort_by_key(|n| (n.used_count, n.id));
+        nodes.truncate(limit);
+        Ok(nodes)
+    }
+
+    /// A page of nodes: those with an id greater than `after`, ordered by
+    /// id, at most `limit` of them (`NodeId(0)` starts at the beginning).
+    ///
+    /// The default reads every node with [`Store::nodes`]; backends should
+    /// override it with a range read.
+    async fn nodes_after(&self, after: NodeId, limit: usize) -> Result<Vec<Node>, StoreError> {
+        let mut nodes = self.nodes().await?;
+        nodes.retain(|n| n.id > after);
+        nodes.truncate(limit);
+        Ok(nodes)
+    }
 
     /// One session by id (any state).
     async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError>;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use duffy_backend_sqlite::{SqliteOptions, SqliteStore};
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, EventQuery,
-    NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId, Store, StoreError, Timestamp,
+    NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store, StoreError, Timestamp,
 };
 
 /// A fresh store in its own temporary directory (removed on drop, after
@@ -65,6 +65,18 @@ impl Store for Owned {
     }
     async fn ready_counts(&self) -> Result<Vec<(PoolKey, u32)>, StoreError> {
         self.store.ready_counts().await
+    }
+    async fn nodes_in_states(&self, states: &[NodeState]) -> Result<Vec<Node>, StoreError> {
+        self.store.nodes_in_states(states).await
+    }
+    async fn stale_ready(&self, installed_before: Timestamp, limit: usize) -> Result<Vec<Node>, StoreError> {
+        self.store.stale_ready(installed_before, limit).await
+    }
+    async fn nodes_after(&self, after: NodeId, limit: usize) -> Result<Vec<Node>, StoreError> {
+        self.store.nodes_after(after, limit).await
+    }
+    async fn idle_nodes(&self, limit: usize) -> Result<Vec<Node>, StoreError> {
+        self.store.idle_nodes(limit).await
     }
     async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
         self.store.session(id).await

@@ -49,6 +49,10 @@ macro_rules! store_conformance_tests {
             guards_undo_the_whole_batch,
             projects_and_keys,
             pool_targets_and_pause_flag,
+            nodes_in_states_filters_and_orders_by_id,
+            stale_ready_is_oldest_first_and_bounded,
+            nodes_after_pages_through_the_farm,
+            idle_nodes_are_least_used_first,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -572,6 +576,130 @@ pub async fn pool_targets_and_pause_flag(store: Arc<dyn Store>) {
     assert!(store.set_paused(true).await.expect("pause again"));
     assert!(store.set_paused(false).await.expect("resume"));
     assert!(!store.paused().await.expect("read"));
+}
+
+/// Writes a transition of a node as it is stored now, and returns the row.
+async fn step(store: &dyn Store, id: NodeId, cause: Cause, now: Timestamp) -> Node {
+    let n = store.node(id).await.expect("read").expect("exists");
+    let w = NodeWrite::transition(&n, cause, Actor::Reconciler, now).expect("legal");
+    let after = w.node.clone();
+    store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.expect("write");
+    after
+}
+
+/// `nodes_in_states` returns exactly the nodes in the given states (a
+/// state named twice counts once), ordered by id.
+pub async fn nodes_in_states_filters_and_orders_by_id(store: Arc<dyn Store>) {
+    let news = (0..3).map(|i| NewNode::new(format!("a{i}"), Arch::X86_64)).collect();
+    store.add_nodes(news, Actor::Operator, T0).await.expect("add");
+    add_ready(&*store, "r", 3, &pool7()).await;
+    let mut reserved = NewNode::new("res", Arch::X86_64);
+    reserved.reserved = true;
+    store.add_nodes(vec![reserved], Actor::Operator, T0).await.expect("add reserved");
+    store.add_nodes(vec![NewNode::new("a9", Arch::Aarch64)], Actor::Operator, T0).await.expect("add");
+    let all = store.nodes().await.expect("nodes");
+    let want =
+        |states: &[NodeState]| -> Vec<Node> { all.iter().filter(|n| states.contains(&n.state)).cloned().collect() };
+    for states in [
+        vec![NodeState::Active],
+        vec![NodeState::Ready],
+        vec![NodeState::Ready, NodeState::Active],
+        vec![NodeState::Active, NodeState::Reserved, NodeState::Active],
+        vec![NodeState::Failed],
+        vec![],
+    ] {
+        let got = store.nodes_in_states(&states).await.expect("read");
+        assert_eq!(got, want(&states), "{states:?}");
+        assert!(got.windows(2).all(|w| w[0].id < w[1].id), "ordered by id: {states:?}");
+    }
+    assert_eq!(store.nodes_in_states(&[NodeState::Active]).await.expect("read").len(), 4);
+    // A node that moves leaves one list and joins the other.
+    let moved = step(&*store, all[0].id, Cause::SetAdmin, T0).await;
+    assert_eq!(moved.state, NodeState::Reserved);
+    let active = store.nodes_in_states(&[NodeState::Active]).await.expect("read");
+    assert!(!active.iter().any(|n| n.id == moved.id));
+    let res = store.nodes_in_states(&[NodeState::Reserved]).await.expect("read");
+    assert_eq!(res.first(), Some(&moved));
+}
+
+/// `stale_ready` returns Ready nodes installed at or before the time,
+/// oldest install first, then lowest id, at most `limit` of them.
+pub async fn stale_ready_is_oldest_first_and_bounded(store: Arc<dyn Store>) {
+    let s = |secs: u64| T0.plus(Duration::from_secs(secs));
+    let news = (0..6).map(|i| NewNode::new(format!("n{i}"), Arch::X86_64)).collect();
+    let added = store.add_nodes(news, Actor::Operator, T0).await.expect("add");
+    // Install times 30, 10, 20, 10, 40 s; the sixth stays Active.
+    for (n, at) in added.iter().zip([30, 10, 20, 10, 40]) {
+        step(&*store, n.id, Cause::InstallStarted { image: pool7(), why: "test".into() }, s(at)).await;
+        step(&*store, n.id, Cause::InstallSucceeded { host_key: None }, s(at)).await;
+    }
+    let ids = |v: Vec<Node>| v.into_iter().map(|n| n.id).collect::<Vec<_>>();
+    let (a, b, c, d) = (added[0].id, added[1].id, added[2].id, added[3].id);
+    assert_eq!(ids(store.stale_ready(s(20), 10).await.expect("read")), vec![b, d, c]);
+    assert_eq!(ids(store.stale_ready(s(20), 2).await.expect("read")), vec![b, d]);
+    assert_eq!(ids(store.stale_ready(s(30), 10).await.expect("read")), vec![b, d, c, a]);
+    assert!(store.stale_ready(s(9), 10).await.expect("read").is_empty());
+    assert!(store.stale_ready(s(100), 0).await.expect("read").is_empty());
+    let everything = store.stale_ready(s(100), 100).await.expect("read");
+    assert_eq!(everything.len(), 5, "never the node without an install");
+    for n in &everything {
+        assert_eq!(Some(n), store.node(n.id).await.expect("read").as_ref(), "rows as stored");
+    }
+    // A node that leaves Ready is no longer stale.
+    step(&*store, b, Cause::InstallStarted { image: pool7(), why: "stale".into() }, s(50)).await;
+    assert_eq!(ids(store.stale_ready(s(20), 10).await.expect("read")), vec![d, c]);
+}
+
+/// `idle_nodes` lists Active nodes, least used first, then by id, bounded.
+pub async fn idle_nodes_are_least_used_first(store: Arc<dyn Store>) {
+    assert!(store.idle_nodes(10).await.expect("read").is_empty());
+    let news = (0..4).map(|i| NewNode::new(format!("n{i}"), Arch::X86_64)).collect();
+    let added = store.add_nodes(news, Actor::Operator, T0).await.expect("add");
+    // Use n0 and n2 once: install, claim, release.
+    let used = [added[0].clone(), added[2].clone()];
+    for (i, n) in used.iter().enumerate() {
+        add_back(&*store, n).await;
+        let c = claim_ok(&*store, claim_req(&format!("u{i}"), 1, "p", 1, T0)).await;
+        assert_eq!(c.nodes[0].id, n.id);
+        release(&*store, &c.session.id, T0).await.expect("release");
+    }
+    let ids = |v: Vec<Node>| v.into_iter().map(|n| n.id).collect::<Vec<_>>();
+    let all = ids(store.idle_nodes(10).await.expect("read"));
+    assert_eq!(all, vec![added[1].id, added[3].id, added[0].id, added[2].id], "unused first, then by id");
+    assert_eq!(ids(store.idle_nodes(3).await.expect("read")), all[..3].to_vec());
+    assert!(store.idle_nodes(0).await.expect("read").is_empty());
+    // Leaving Active leaves the list; the rows are the stored ones.
+    let n1 = store.node(added[1].id).await.expect("read").expect("exists");
+    let w = NodeWrite::transition(&n1, Cause::SetAdmin, Actor::Operator, T0).expect("legal");
+    store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.expect("commit");
+    let idle = store.idle_nodes(10).await.expect("read");
+    assert_eq!(ids(idle.clone()), vec![added[3].id, added[0].id, added[2].id]);
+    for n in &idle {
+        assert_eq!(Some(n), store.node(n.id).await.expect("read").as_ref());
+    }
+}
+
+/// `nodes_after` pages through every node by id.
+pub async fn nodes_after_pages_through_the_farm(store: Arc<dyn Store>) {
+    assert!(store.nodes_after(NodeId(0), 10).await.expect("read").is_empty());
+    let news = (0..5).map(|i| NewNode::new(format!("n{i}"), Arch::X86_64)).collect();
+    store.add_nodes(news, Actor::Operator, T0).await.expect("add");
+    add_ready(&*store, "r", 2, &pool7()).await;
+    let all = store.nodes().await.expect("nodes");
+    let mut seen = Vec::new();
+    let mut cursor = NodeId(0);
+    loop {
+        let page = store.nodes_after(cursor, 3).await.expect("read");
+        assert!(page.len() <= 3);
+        assert!(page.iter().all(|n| n.id > cursor));
+        let Some(last) = page.last() else { break };
+        cursor = last.id;
+        seen.extend(page);
+    }
+    assert_eq!(seen, all, "every node once, in id order");
+    assert!(store.nodes_after(NodeId(0), 0).await.expect("read").is_empty());
+    assert_eq!(store.nodes_after(all[1].id, 100).await.expect("read"), all[2..].to_vec());
+    assert!(store.nodes_after(NodeId(u64::MAX), 10).await.expect("read").is_empty());
 }
 
 /// Checks the farm-wide invariants on a store's current state:

@@ -19,6 +19,11 @@ struct State {
     by_hostname: HashMap<String, NodeId>,
     /// Ready nodes by (pool, used_count, id): the claim index.
     ready: BTreeSet<(PoolKey, u64, NodeId)>,
+    /// Node ids by state.
+    by_state: HashMap<NodeState, BTreeSet<NodeId>>,
+    /// Ready nodes with an install time by (installed_at, id): the stale
+    /// index.
+    ready_by_install: BTreeSet<(Timestamp, NodeId)>,
     sessions: HashMap<SessionId, Session>,
     /// Live sessions by (created_at, id).
     live: BTreeSet<(Timestamp, SessionId)>,
@@ -40,10 +45,20 @@ impl State {
             if let (NodeState::Ready, Some(p)) = (o.state, &o.image) {
                 self.ready.remove(&(p.clone(), o.used_count, o.id));
             }
+            if let (NodeState::Ready, Some(t)) = (o.state, o.installed_at) {
+                self.ready_by_install.remove(&(t, o.id));
+            }
+            if let Some(ids) = self.by_state.get_mut(&o.state) {
+                ids.remove(&o.id);
+            }
         }
         if let (NodeState::Ready, Some(p)) = (n.state, &n.image) {
             self.ready.insert((p.clone(), n.used_count, n.id));
         }
+        if let (NodeState::Ready, Some(t)) = (n.state, n.installed_at) {
+            self.ready_by_install.insert((t, n.id));
+        }
+        self.by_state.entry(n.state).or_default().insert(n.id);
         old
     }
 
@@ -219,6 +234,47 @@ impl Store for MemStore {
             *m.entry(p.clone()).or_default() += 1;
         }
         Ok(m.into_iter().collect())
+    }
+
+    async fn nodes_in_states(&self, states: &[NodeState]) -> Result<Vec<Node>, StoreError> {
+        let s = self.lock();
+        let mut out: Vec<Node> = Vec::new();
+        for state in states.iter().collect::<BTreeSet<_>>() {
+            if let Some(ids) = s.by_state.get(state) {
+                out.extend(ids.iter().filter_map(|id| s.nodes.get(id).cloned()));
+            }
+        }
+        out.sort_by_key(|n| n.id);
+        Ok(out)
+    }
+
+    async fn stale_ready(&self, installed_before: Timestamp, limit: usize) -> Result<Vec<Node>, StoreError> {
+        let s = self.lock();
+        Ok(s.ready_by_install
+            .range(..=(installed_before, NodeId(u64::MAX)))
+            .take(limit)
+            .filter_map(|(_, id)| s.nodes.get(id).cloned())
+            .collect())
+    }
+
+    async fn idle_nodes(&self, limit: usize) -> Result<Vec<Node>, StoreError> {
+        let s = self.lock();
+        let mut idle: Vec<&Node> = s
+            .by_state
+            .get(&NodeState::Active)
+            .map(|ids| ids.iter().filter_map(|id| s.nodes.get(id)).collect())
+            .unwrap_or_default();
+        idle.sort_by_key(|n| (n.used_count, n.id));
+        Ok(idle.into_iter().take(limit).cloned().collect())
+    }
+
+    async fn nodes_after(&self, after: NodeId, limit: usize) -> Result<Vec<Node>, StoreError> {
+        let s = self.lock();
+        Ok(s.nodes
+            .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            .take(limit)
+            .map(|(_, n)| n.clone())
+            .collect())
     }
 
     async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
