@@ -197,6 +197,26 @@ impl SimFarm {
     }
 }
 
+impl SimFarm {
+    /// A dead BMC does not answer.
+    fn check_bmc(&self, node: &Node) -> Result<(), PowerError> {
+        if self.lock().dead_bmcs.contains(&node.hostname) {
+            return Err(PowerError::new(
+                PowerErrorKind::Unreachable,
+                format!("no answer from the BMC of {}", node.hostname),
+            ));
+        }
+        Ok(())
+    }
+
+    /// One request to the BMC: its latency, then its answer (or none).
+    async fn bmc_round_trip(&self, node: &Node) -> Result<(), PowerError> {
+        let latency = self.lock().cfg.power_latency;
+        sleep(&*self.clock, latency).await;
+        self.check_bmc(node)
+    }
+}
+
 fn toggle(set: &mut HashSet<String>, name: &str, on: bool) {
     if on {
         set.insert(name.to_string());
@@ -208,32 +228,12 @@ fn toggle(set: &mut HashSet<String>, name: &str, on: bool) {
 #[async_trait]
 impl PowerController for SimFarm {
     async fn status(&self, node: &Node) -> Result<PowerState, PowerError> {
-        let (lat, dead) = {
-            let s = self.lock();
-            (s.cfg.power_latency, s.dead_bmcs.contains(&node.hostname))
-        };
-        sleep(&*self.clock, lat).await;
-        if dead {
-            return Err(PowerError::new(
-                PowerErrorKind::Unreachable,
-                format!("no answer from the BMC of {}", node.hostname),
-            ));
-        }
+        self.bmc_round_trip(node).await?;
         Ok(self.power_of(&node.hostname))
     }
 
     async fn power(&self, node: &Node, action: PowerAction) -> Result<(), PowerError> {
-        let (lat, dead) = {
-            let s = self.lock();
-            (s.cfg.power_latency, s.dead_bmcs.contains(&node.hostname))
-        };
-        sleep(&*self.clock, lat).await;
-        if dead {
-            return Err(PowerError::new(
-                PowerErrorKind::Unreachable,
-                format!("no answer from the BMC of {}", node.hostname),
-            ));
-        }
+        self.bmc_round_trip(node).await?;
         let st = match action {
             PowerAction::Off | PowerAction::Soft => PowerState::Off,
             PowerAction::On | PowerAction::Cycle | PowerAction::Reset => PowerState::On,
@@ -243,12 +243,7 @@ impl PowerController for SimFarm {
     }
 
     async fn set_next_boot(&self, node: &Node, device: BootDevice) -> Result<(), PowerError> {
-        if self.lock().dead_bmcs.contains(&node.hostname) {
-            return Err(PowerError::new(
-                PowerErrorKind::Unreachable,
-                format!("no answer from the BMC of {}", node.hostname),
-            ));
-        }
+        self.check_bmc(node)?;
         self.lock().boot.insert(node.hostname.clone(), device);
         Ok(())
     }
