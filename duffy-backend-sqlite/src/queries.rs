@@ -254,11 +254,37 @@ fn image_cols(n: &Node) -> (Option<&str>, Option<&'static str>, Option<&str>) {
     }
 }
 
+/// Binds a node's row, in `node_cols!()` order without the id, to
+/// parameters ?1..?20 of `stmt`: the one place that maps a node to its
+/// columns for writing.
+fn bind_node(stmt: &mut rusqlite::Statement<'_>, n: &Node, what: &str) -> Result<(), StoreError> {
+    let (release, arch, flavor) = image_cols(n);
+    stmt.raw_bind_parameter(1, &n.hostname).ctx(what)?;
+    stmt.raw_bind_parameter(2, &n.ip).ctx(what)?;
+    stmt.raw_bind_parameter(3, &n.chassis).ctx(what)?;
+    stmt.raw_bind_parameter(4, n.hardware_arch.as_str()).ctx(what)?;
+    stmt.raw_bind_parameter(5, &n.flavor).ctx(what)?;
+    stmt.raw_bind_parameter(6, &n.bmc).ctx(what)?;
+    stmt.raw_bind_parameter(7, n.console_port).ctx(what)?;
+    stmt.raw_bind_parameter(8, n.state.as_str()).ctx(what)?;
+    stmt.raw_bind_parameter(9, release).ctx(what)?;
+    stmt.raw_bind_parameter(10, arch).ctx(what)?;
+    stmt.raw_bind_parameter(11, flavor).ctx(what)?;
+    stmt.raw_bind_parameter(12, to_sql_u64(n.used_count, "used_count")?).ctx(what)?;
+    stmt.raw_bind_parameter(13, n.session.as_ref().map(SessionId::as_str)).ctx(what)?;
+    stmt.raw_bind_parameter(14, n.state_since.0).ctx(what)?;
+    stmt.raw_bind_parameter(15, n.installed_at.map(|t| t.0)).ctx(what)?;
+    stmt.raw_bind_parameter(16, n.hold_until.map(|t| t.0)).ctx(what)?;
+    stmt.raw_bind_parameter(17, &n.fail_reason).ctx(what)?;
+    stmt.raw_bind_parameter(18, n.power.as_str()).ctx(what)?;
+    stmt.raw_bind_parameter(19, to_sql_u64(n.version, "version")?).ctx(what)?;
+    stmt.raw_bind_parameter(20, &n.host_key).ctx(what)
+}
+
 /// Inserts a new node; SQLite assigns the id (one more than the largest,
 /// as nodes are never deleted). Returns the id.
 pub(crate) fn insert_node(conn: &Connection, n: &Node) -> Result<NodeId, StoreError> {
     const WHAT: &str = "inserting a node";
-    let (release, arch, flavor) = image_cols(n);
     let mut stmt = conn
         .prepare_cached(concat!(
             "INSERT INTO nodes (",
@@ -267,29 +293,8 @@ pub(crate) fn insert_node(conn: &Connection, n: &Node) -> Result<NodeId, StoreEr
              VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
         ))
         .ctx(WHAT)?;
-    stmt.execute(params![
-        n.hostname,
-        n.ip,
-        n.chassis,
-        n.hardware_arch.as_str(),
-        n.flavor,
-        n.bmc,
-        n.console_port,
-        n.state.as_str(),
-        release,
-        arch,
-        flavor,
-        to_sql_u64(n.used_count, "used_count")?,
-        n.session.as_ref().map(SessionId::as_str),
-        n.state_since.0,
-        n.installed_at.map(|t| t.0),
-        n.hold_until.map(|t| t.0),
-        n.fail_reason,
-        n.power.as_str(),
-        to_sql_u64(n.version, "version")?,
-        n.host_key,
-    ])
-    .ctx(WHAT)?;
+    bind_node(&mut stmt, n, WHAT)?;
+    stmt.raw_execute().ctx(WHAT)?;
     let id = conn.last_insert_rowid();
     u64::try_from(id).map(NodeId).map_err(|_| StoreError::Corrupt(format!("SQLite assigned node id {id}")))
 }
@@ -298,47 +303,24 @@ pub(crate) fn insert_node(conn: &Connection, n: &Node) -> Result<NodeId, StoreEr
 /// did.
 pub(crate) fn update_node(conn: &Connection, n: &Node, expected: u64) -> Result<bool, StoreError> {
     const WHAT: &str = "writing a node";
-    let (release, arch, flavor) = image_cols(n);
     let mut stmt = conn
         .prepare_cached(
-            "UPDATE nodes SET hostname = ?2, ip = ?3, chassis = ?4, hardware_arch = ?5, flavor = ?6, bmc = ?7, \
-             console_port = ?8, state = ?9, image_release = ?10, image_arch = ?11, image_flavor = ?12, \
-             used_count = ?13, session = ?14, state_since = ?15, installed_at = ?16, hold_until = ?17, \
-             fail_reason = ?18, power = ?19, version = ?20, host_key = ?22 \
-             WHERE id = ?1 AND version = ?21",
+            "UPDATE nodes SET hostname = ?1, ip = ?2, chassis = ?3, hardware_arch = ?4, flavor = ?5, bmc = ?6, \
+             console_port = ?7, state = ?8, image_release = ?9, image_arch = ?10, image_flavor = ?11, \
+             used_count = ?12, session = ?13, state_since = ?14, installed_at = ?15, hold_until = ?16, \
+             fail_reason = ?17, power = ?18, version = ?19, host_key = ?20 \
+             WHERE id = ?21 AND version = ?22",
         )
         .ctx(WHAT)?;
-    let changed = stmt
-        .execute(params![
-            to_sql_u64(n.id.0, "node id")?,
-            n.hostname,
-            n.ip,
-            n.chassis,
-            n.hardware_arch.as_str(),
-            n.flavor,
-            n.bmc,
-            n.console_port,
-            n.state.as_str(),
-            release,
-            arch,
-            flavor,
-            to_sql_u64(n.used_count, "used_count")?,
-            n.session.as_ref().map(SessionId::as_str),
-            n.state_since.0,
-            n.installed_at.map(|t| t.0),
-            n.hold_until.map(|t| t.0),
-            n.fail_reason,
-            n.power.as_str(),
-            to_sql_u64(n.version, "version")?,
-            to_sql_u64(expected, "expected version")?,
-            n.host_key,
-        ])
-        .map_err(|e| match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::ConstraintViolation) => {
-                StoreError::Duplicate(format!("node {} (hostname {})", n.id, n.hostname))
-            }
-            _ => StoreError::backend(WHAT, e),
-        })?;
+    bind_node(&mut stmt, n, WHAT)?;
+    stmt.raw_bind_parameter(21, to_sql_u64(n.id.0, "node id")?).ctx(WHAT)?;
+    stmt.raw_bind_parameter(22, to_sql_u64(expected, "expected version")?).ctx(WHAT)?;
+    let changed = stmt.raw_execute().map_err(|e| match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::ConstraintViolation) => {
+            StoreError::Duplicate(format!("node {} (hostname {})", n.id, n.hostname))
+        }
+        _ => StoreError::backend(WHAT, e),
+    })?;
     Ok(changed == 1)
 }
 
