@@ -37,6 +37,43 @@ pub(crate) fn lookup<'a>(inventory: &'a BmcInventory, node: &Node) -> Result<&'a
     })
 }
 
+/// Implements [`PowerController`](duffy_core::PowerController) for a
+/// [`BmcDriver`] with an `inventory` field: look the node's BMC up, then run
+/// the driver's operation (a node with no BMC is `NotConfigured`).
+macro_rules! power_controller_by_inventory {
+    ($driver:ty) => {
+        #[async_trait::async_trait]
+        impl duffy_core::PowerController for $driver {
+            async fn status(&self, node: &duffy_core::Node) -> Result<duffy_core::PowerState, duffy_core::PowerError> {
+                $crate::controller::BmcDriver::status(self, $crate::controller::lookup(&self.inventory, node)?).await
+            }
+
+            async fn power(
+                &self,
+                node: &duffy_core::Node,
+                action: duffy_core::PowerAction,
+            ) -> Result<(), duffy_core::PowerError> {
+                $crate::controller::BmcDriver::power(self, $crate::controller::lookup(&self.inventory, node)?, action)
+                    .await
+            }
+
+            async fn set_next_boot(
+                &self,
+                node: &duffy_core::Node,
+                device: duffy_core::BootDevice,
+            ) -> Result<(), duffy_core::PowerError> {
+                $crate::controller::BmcDriver::set_next_boot(
+                    self,
+                    $crate::controller::lookup(&self.inventory, node)?,
+                    device,
+                )
+                .await
+            }
+        }
+    };
+}
+pub(crate) use power_controller_by_inventory;
+
 /// Power control of the farm over IPMI: maps a node (by host name) to its
 /// [`BmcConfig`] and runs the operation with the configured [`Driver`].
 /// Both drivers share one set of [`BmcLocks`].

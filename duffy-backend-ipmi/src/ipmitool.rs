@@ -12,13 +12,13 @@ use std::process::Stdio;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use duffy_core::model::{Node, PowerState};
-use duffy_core::power::{BootDevice, PowerAction, PowerController, PowerError, PowerErrorKind};
+use duffy_core::model::PowerState;
+use duffy_core::power::{BootDevice, PowerAction, PowerError, PowerErrorKind};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::config::{BmcConfig, BmcInventory};
-use crate::controller::{BmcDriver, lookup};
+use crate::controller::BmcDriver;
 use crate::lanplus::commands::{ipmitool_bootdev, plan};
 use crate::locks::BmcLocks;
 
@@ -214,20 +214,7 @@ impl BmcDriver for IpmitoolDriver {
     }
 }
 
-#[async_trait]
-impl PowerController for IpmitoolDriver {
-    async fn status(&self, node: &Node) -> Result<PowerState, PowerError> {
-        BmcDriver::status(self, lookup(&self.inventory, node)?).await
-    }
-
-    async fn power(&self, node: &Node, action: PowerAction) -> Result<(), PowerError> {
-        BmcDriver::power(self, lookup(&self.inventory, node)?, action).await
-    }
-
-    async fn set_next_boot(&self, node: &Node, device: BootDevice) -> Result<(), PowerError> {
-        BmcDriver::set_next_boot(self, lookup(&self.inventory, node)?, device).await
-    }
-}
+crate::controller::power_controller_by_inventory!(IpmitoolDriver);
 
 /// Replaces the password, should ipmitool ever print it, by `***`.
 fn redact(mut e: PowerError, bmc: &BmcConfig) -> PowerError {

@@ -16,14 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use duffy_core::model::{Node, PowerState};
-use duffy_core::power::{BootDevice, PowerAction, PowerController, PowerError, PowerErrorKind};
+use duffy_core::model::PowerState;
+use duffy_core::power::{BootDevice, PowerAction, PowerError, PowerErrorKind};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tracing::{debug, trace, warn};
 
 use crate::config::{BmcConfig, BmcInventory};
-use crate::controller::{BmcDriver, lookup};
+use crate::controller::BmcDriver;
 use crate::lanplus::codes::{completion_code_text, rmcp_status_text};
 use crate::lanplus::commands::{
     CHANNEL_AUTH_CAPABILITIES_REQUEST, CMD_CHASSIS_CONTROL, CMD_CLOSE_SESSION, CMD_GET_CHANNEL_AUTH_CAPABILITIES,
@@ -571,20 +571,7 @@ impl BmcDriver for NativeDriver {
     }
 }
 
-#[async_trait]
-impl PowerController for NativeDriver {
-    async fn status(&self, node: &Node) -> Result<PowerState, PowerError> {
-        BmcDriver::status(self, lookup(&self.inventory, node)?).await
-    }
-
-    async fn power(&self, node: &Node, action: PowerAction) -> Result<(), PowerError> {
-        BmcDriver::power(self, lookup(&self.inventory, node)?, action).await
-    }
-
-    async fn set_next_boot(&self, node: &Node, device: BootDevice) -> Result<(), PowerError> {
-        BmcDriver::set_next_boot(self, lookup(&self.inventory, node)?, device).await
-    }
-}
+crate::controller::power_controller_by_inventory!(NativeDriver);
 
 #[cfg(test)]
 mod tests {
