@@ -98,7 +98,6 @@ pub struct Reconciler {
     in_flight: HashMap<NodeId, (String, bool)>,
     ops: FuturesUnordered<OpFuture>,
     started: bool,
-    completed: Vec<OpDone>,
     /// When each node's power state was last checked (in memory: after a
     /// restart every node is due once, which is what one wants).
     power_checked: HashMap<NodeId, crate::Timestamp>,
@@ -114,7 +113,6 @@ impl Engine {
             in_flight: HashMap::new(),
             ops: FuturesUnordered::new(),
             started: false,
-            completed: Vec::new(),
             power_checked: HashMap::new(),
             power_cursor: NodeId(0),
         }
@@ -130,12 +128,6 @@ impl Reconciler {
     /// Operations running now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
-    }
-
-    /// Takes the list of operations finished since the last call (for
-    /// tests and metrics).
-    pub fn take_completed(&mut self) -> Vec<OpDone> {
-        std::mem::take(&mut self.completed)
     }
 
     /// Runs until `shutdown` completes. Stops between steps: in-flight
@@ -218,7 +210,6 @@ impl Reconciler {
             OpOutcome::PowerCheckFailed(r) => warn!(node = %done.node, error = %r, "power state check failed"),
             _ => debug!(node = %done.node, outcome = ?done.outcome, "operation finished"),
         }
-        self.completed.push(done);
     }
 
     /// One step: sweeps (start-up recovery on the first call, expired holds,
@@ -296,7 +287,7 @@ impl Reconciler {
 
         // Installs nobody is driving: after a crash, or abandoned by a dead
         // process. Re-drive them with the image they were getting.
-        let installs_in_flight = self.in_flight.values().filter(|(_, install)| *install).count();
+        let installs_in_flight = self.installs_in_flight();
         let mut restart_budget = policy.max_concurrent_installs.saturating_sub(installs_in_flight);
         for n in nodes.iter().filter(|n| n.state == NodeState::Provisioning) {
             if self.in_flight.contains_key(&n.id) || restart_budget == 0 {
@@ -323,7 +314,7 @@ impl Reconciler {
 
         let busy_nodes: HashSet<NodeId> = self.in_flight.keys().copied().collect();
         let busy_bmcs: HashSet<String> = self.in_flight.values().map(|(b, _)| b.clone()).collect();
-        let installs_in_flight = self.in_flight.values().filter(|(_, install)| *install).count();
+        let installs_in_flight = self.installs_in_flight();
         let plan_with = |nodes: &[Node]| {
             plan(PlanInput {
                 ready: &ready,

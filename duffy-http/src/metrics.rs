@@ -52,8 +52,7 @@ pub struct Metrics {
 impl Metrics {
     /// Index of an endpoint label.
     pub fn endpoint_index(path: &str) -> usize {
-        let base = if let Some(rest) = path.strip_prefix("/NodeSetAdmin/") {
-            let _ = rest;
+        let base = if path.starts_with("/NodeSetAdmin/") {
             "/NodeSetAdmin"
         } else if path.starts_with("/NodeRecover/") {
             "/NodeRecover"
