@@ -17,7 +17,7 @@ use duffy_core::testkit::conformance::{check_history, check_invariants};
 use duffy_core::time::BoxFuture;
 use duffy_core::{
     Actor, Arch, BootDevice, CauseKind, Clock, Engine, EventQuery, InstallError, Installed, Installer, NewNode, Node,
-    NodeState, Policy, PoolKey, PoolTarget, PowerAction, PowerController, Project, SessionId, Store, Timestamp,
+    NodeState, Policy, PoolKey, PoolTarget, PowerAction, PowerController, Store, Timestamp,
 };
 
 /// Wall-clock time and tokio sleeps (the service's `SystemClock`, which
@@ -54,10 +54,6 @@ impl Installer for NetbootInstaller {
             .await
             .map_err(|e| InstallError::new(format!("next boot disk: {e}")))?;
         Ok(Installed::default())
-    }
-
-    async fn prepare(&self, _node: &Node, _project: &Project, _session: &SessionId) -> Result<(), InstallError> {
-        Ok(())
     }
 }
 

@@ -83,7 +83,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, EventQuery,
-    NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store, StoreError, Timestamp,
+    Hardware, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store, StoreError,
+    Timestamp,
 };
 use futures::channel::oneshot;
 use rusqlite::{Connection, OpenFlags};
@@ -503,8 +504,9 @@ impl Store for SqliteStore {
         self.readers.read(move |c| queries::stale_ready(c, installed_before, limit)).await
     }
 
-    async fn idle_nodes(&self, limit: usize) -> Result<Vec<Node>, StoreError> {
-        self.readers.read(move |c| queries::idle_nodes(c, limit)).await
+    async fn idle_nodes(&self, hardware: &Hardware, limit: usize) -> Result<Vec<Node>, StoreError> {
+        let hardware = hardware.clone();
+        self.readers.read(move |c| queries::idle_nodes(c, &hardware, limit)).await
     }
 
     async fn nodes_after(&self, after: NodeId, limit: usize) -> Result<Vec<Node>, StoreError> {

@@ -5,8 +5,8 @@
 //! connection's prepared-statement cache.
 
 use duffy_core::{
-    ApiKeyHash, ApiKeyRecord, Event, EventQuery, KeyId, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session,
-    SessionId, StoreError, Timestamp,
+    ApiKeyHash, ApiKeyRecord, Event, EventQuery, Hardware, KeyId, Node, NodeId, NodeState, PoolKey, PoolTarget,
+    Project, Session, SessionId, StoreError, Timestamp,
 };
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
@@ -155,17 +155,25 @@ pub(crate) fn stale_ready(conn: &Connection, before: Timestamp, limit: usize) ->
     first_rows(conn, STALE_READY, [before.0], limit, "reading stale ready nodes")
 }
 
-/// Idle nodes, least used first: a range scan of the `nodes_idle` index
-/// (named, so that SQLite never sorts every Active row instead).
+/// Idle nodes of one kind, least used first: a range scan of the
+/// `nodes_idle` index (named, so that SQLite never sorts every Active row
+/// instead). `IS` matches a missing flavor (NULL) too.
 pub(crate) const IDLE_NODES: &str = concat!(
     "SELECT ",
     node_cols!(),
-    " FROM nodes INDEXED BY nodes_idle WHERE state = 'Active' ORDER BY used_count, id"
+    " FROM nodes INDEXED BY nodes_idle WHERE state = 'Active' AND hardware_arch = ?1 AND flavor IS ?2 \
+     ORDER BY used_count, id"
 );
 
-/// The first `limit` idle nodes.
-pub(crate) fn idle_nodes(conn: &Connection, limit: usize) -> Result<Vec<Node>, StoreError> {
-    first_rows(conn, IDLE_NODES, [], limit, "reading idle nodes")
+/// The first `limit` idle nodes of `hardware`.
+pub(crate) fn idle_nodes(conn: &Connection, hardware: &Hardware, limit: usize) -> Result<Vec<Node>, StoreError> {
+    first_rows(
+        conn,
+        IDLE_NODES,
+        rusqlite::params![hardware.arch.as_str(), hardware.flavor.as_deref()],
+        limit,
+        "reading idle nodes",
+    )
 }
 
 /// Nodes after an id, by id: a range scan of the primary key.
@@ -622,7 +630,8 @@ mod tests {
         let p = plan(&conn, STALE_READY);
         assert!(p.contains("USING INDEX nodes_stale"), "{p}");
         let p = plan(&conn, IDLE_NODES);
-        assert!(p.contains("USING INDEX nodes_idle") && !p.contains("TEMP B-TREE"), "{p}");
+        // A search on (arch, flavor), not a scan of every idle machine.
+        assert!(p.contains("SEARCH nodes USING INDEX nodes_idle (hardware_arch=? AND flavor=?)"), "{p}");
         assert!(!p.contains("TEMP B-TREE"), "the index gives the order: {p}");
         let p = plan(&conn, NODES_AFTER);
         assert!(p.contains("INTEGER PRIMARY KEY"), "{p}");

@@ -142,9 +142,17 @@ CREATE INDEX nodes_stale ON nodes (installed_at, id) WHERE state = 'Ready';
 CREATE INDEX nodes_idle ON nodes (used_count, id) WHERE state = 'Active';
 "#;
 
+/// Version 4: idle machines by kind (architecture, flavor), least used
+/// first, so the reconciler reads the candidates of each pool in deficit
+/// without scanning idle machines of other kinds.
+const V4: &str = r#"
+DROP INDEX nodes_idle;
+CREATE INDEX nodes_idle ON nodes (hardware_arch, flavor, used_count, id) WHERE state = 'Active';
+"#;
+
 /// Every migration, in order: migration `i` takes the file from version
 /// `i` to `i + 1`. Append only; never edit a released one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// The schema version this build writes (the number of migrations).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

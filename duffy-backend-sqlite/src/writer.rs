@@ -397,6 +397,9 @@ fn claim(conn: &Connection, req: ClaimRequest) -> Result<Result<Claimed, ClaimRe
     if q::session_version(conn, &req.session)?.is_some() {
         return Err(StoreError::Duplicate(format!("session {}", req.session)));
     }
+    if q::paused(conn)? {
+        return Ok(Err(ClaimRefusal::Paused));
+    }
     if let Some(limit) = req.rate_limit {
         let recent = q::recent_sessions(conn, req.key_id, req.now.minus(limit.window))?;
         if recent >= limit.max {

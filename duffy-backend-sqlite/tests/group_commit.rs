@@ -92,7 +92,9 @@ async fn refused_operations_do_not_undo_their_batch_mates() {
     let events_before = store.events(EventQuery::default()).await.expect("events").len();
 
     let raw = lock(&t.path());
-    let blocker = send(store.set_paused(true)).await;
+    // Holds the writer in a batch of its own while the others queue (not a
+    // pause: claims check the flag in their transaction).
+    let blocker = send(store.set_paused(false)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = t.store.writer_stats();
 
@@ -132,7 +134,7 @@ async fn refused_operations_do_not_undo_their_batch_mates() {
     assert!(matches!(bad_project.await, Err(StoreError::Invalid(_))));
     project.await.expect("project");
     target.await.expect("target");
-    assert!(unpause.await.expect("unpause"), "saw the blocker's write");
+    assert!(!unpause.await.expect("unpause"), "never paused");
     assert_eq!(claim_none_left.await.expect("ok"), Err(ClaimRefusal::InsufficientNodes { requested: 1, available: 0 }));
 
     let after = t.store.writer_stats();

@@ -142,7 +142,7 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     assert_eq!(nodes[0].host_key, None);
     drop(store);
     assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 3);
+    assert_eq!(SCHEMA_VERSION, 4);
 }
 
 fn index_names(path: &std::path::Path) -> Vec<String> {
@@ -183,4 +183,43 @@ fn a_version_2_file_is_migrated_forward_keeping_its_data() {
     let names = index_names(&path);
     assert!(names.iter().any(|n| n == "nodes_state"), "{names:?}");
     assert!(names.iter().any(|n| n == "nodes_stale") && names.iter().any(|n| n == "nodes_idle"), "{names:?}");
+}
+
+#[test]
+fn a_version_3_file_gets_the_idle_index_by_kind_of_machine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+    let mut arm = NewNode::new("arm.example", Arch::Aarch64);
+    arm.flavor = Some("tiny".into());
+    let added = futures::executor::block_on(store.add_nodes(
+        vec![NewNode::new("x86.example", Arch::X86_64), arm],
+        Actor::Operator,
+        Timestamp(1),
+    ))
+    .expect("add");
+    drop(store);
+    // Make it the file a version-3 build wrote: idle nodes by use only.
+    Connection::open(&path)
+        .expect("raw")
+        .execute_batch(
+            "DROP INDEX nodes_idle; CREATE INDEX nodes_idle ON nodes (used_count, id) WHERE state = 'Active'; \
+             PRAGMA user_version = 3;",
+        )
+        .expect("downgrade");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
+    let kind = duffy_core::Hardware::of(&added[1]);
+    let idle = futures::executor::block_on(store.idle_nodes(&kind, 10)).expect("read");
+    assert_eq!(idle, vec![added[1].clone()], "the new read works on the migrated file");
+    drop(store);
+    assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
+    let c = Connection::open(&path).expect("raw open");
+    let cols: Vec<String> = c
+        .prepare("SELECT name FROM pragma_index_info('nodes_idle') ORDER BY seqno")
+        .expect("q")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(cols, ["hardware_arch", "flavor", "used_count", "id"]);
 }

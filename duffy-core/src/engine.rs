@@ -14,10 +14,10 @@ use std::task::{Context, Poll};
 
 use futures::future::join_all;
 use futures::task::AtomicWaker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::auth::{hash_api_key, verify_api_key};
-use crate::installer::Installer;
+use crate::installer::{Blame, Contextualizer, Installer, PrepareError};
 use crate::model::{Actor, Arch, KeyId, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId, SessionState};
 use crate::policy::Policy;
 use crate::power::PowerController;
@@ -168,6 +168,16 @@ pub enum EngineError {
         /// The window, in seconds.
         window_secs: u64,
     },
+    /// The project cannot be given nodes as it is (for SSH
+    /// contextualization: it has no usable SSH keys). Nothing was claimed
+    /// or blamed; an operator must fix the project.
+    #[error("project {project:?} cannot be given nodes: {reason}")]
+    ProjectUnusable {
+        /// The project.
+        project: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
     /// Preparing a node for the project failed; nothing was handed out.
     #[error("failed to allocate nodes: preparing {hostname} failed: {reason}")]
     PreparationFailed {
@@ -245,10 +255,15 @@ pub(crate) struct Inner {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) power: Arc<dyn PowerController>,
     pub(crate) installer: Arc<dyn Installer>,
+    pub(crate) contextualizer: Option<Arc<dyn Contextualizer>>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) ids: Arc<dyn SessionIds>,
     pub(crate) policy: Policy,
     pub(crate) kick: Kick,
+    /// When this engine was built. Work older than this (sessions still
+    /// Allocating, nodes still Provisioning) cannot be driven by this
+    /// process: start-up recovery takes it over.
+    pub(crate) started_at: Timestamp,
     /// Keys already seen, by hash. Stored keys never change (the store has
     /// no call that alters or removes one), so a hit is exactly what the
     /// store would answer; misses are never cached, so a key created a
@@ -277,6 +292,7 @@ pub struct EngineBuilder {
     store: Arc<dyn Store>,
     power: Arc<dyn PowerController>,
     installer: Arc<dyn Installer>,
+    contextualizer: Option<Arc<dyn Contextualizer>>,
     clock: Arc<dyn Clock>,
     ids: Arc<dyn SessionIds>,
     policy: Policy,
@@ -286,6 +302,13 @@ impl EngineBuilder {
     /// Sets the policy (default: [`Policy::default`]).
     pub fn policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// Prepares every node for its project before it is handed over
+    /// (default: none, and a claim hands the nodes over in one write).
+    pub fn contextualizer(mut self, contextualizer: Arc<dyn Contextualizer>) -> Self {
+        self.contextualizer = Some(contextualizer);
         self
     }
 
@@ -303,6 +326,8 @@ impl EngineBuilder {
                 store: self.store,
                 power: self.power,
                 installer: self.installer,
+                contextualizer: self.contextualizer,
+                started_at: self.clock.now(),
                 clock: self.clock,
                 ids: self.ids,
                 policy: self.policy,
@@ -321,7 +346,15 @@ impl Engine {
         installer: Arc<dyn Installer>,
         clock: Arc<dyn Clock>,
     ) -> EngineBuilder {
-        EngineBuilder { store, power, installer, clock, ids: Arc::new(UuidSessionIds), policy: Policy::default() }
+        EngineBuilder {
+            store,
+            power,
+            installer,
+            contextualizer: None,
+            clock,
+            ids: Arc::new(UuidSessionIds),
+            policy: Policy::default(),
+        }
     }
 
     /// The store.
@@ -389,9 +422,14 @@ impl Engine {
 
     /// `/Node/get`: claims `count` Ready nodes of the pool for a new session
     /// of `who`, prepares every one for the project, and hands them over —
-    /// all or nothing. If preparing any node fails, that node is Failed
-    /// with the reason, the others go back to be reinstalled, and no
-    /// session is left behind.
+    /// all or nothing.
+    ///
+    /// What can be checked before the claim is: a project the
+    /// contextualizer cannot serve (no SSH keys, say) is refused with
+    /// nothing claimed. If preparing a node fails, the allocation is
+    /// aborted and no session is left behind: a node at fault is Failed
+    /// with the reason (and the policy's cool-down), every other node goes
+    /// back to be reinstalled at once.
     pub async fn get_nodes(&self, who: &Principal, req: &NodeRequest) -> Result<Allocation, EngineError> {
         let key_id = who.key_id.ok_or(EngineError::InvalidKey)?;
         let pool = req.pool();
@@ -402,12 +440,10 @@ impl Engine {
             return Err(EngineError::InvalidRequest(format!("count must be between 1 and {max}, got {count}")));
         }
         let store = &self.inner.store;
-        // Independent reads, concurrently: latency of one, not three.
-        let (paused, targets, project) =
-            futures::future::join3(store.paused(), store.pool_targets(), store.project(&who.project)).await;
-        if paused? {
-            return Err(EngineError::Paused);
-        }
+        // Independent reads, concurrently: latency of one, not two. The
+        // pause flag is not read here: the claim checks it in its own
+        // transaction, so no claim can follow an acknowledged pause.
+        let (targets, project) = futures::future::join(store.pool_targets(), store.project(&who.project)).await;
         let targets = targets?;
         let Some(target) = targets.iter().find(|t| t.pool == pool && t.standby > 0) else {
             return Err(EngineError::NoSuchPool {
@@ -422,6 +458,16 @@ impl Engine {
             )));
         }
         let project = project?.unwrap_or(Project { name: who.project.clone(), quota: None, ssh_keys: Vec::new() });
+        let contextualizer = self.inner.contextualizer.clone();
+        if let Some(ctx) = &contextualizer {
+            ctx.check_project(&project)
+                .map_err(|e| EngineError::ProjectUnusable { project: project.name.clone(), reason: e.message })?;
+        }
+        let now = self.now();
+        // Nothing to prepare: hand the nodes over in the claim itself, one
+        // durable write. Otherwise the claim must be durable before any
+        // node is touched (a crash must never return a node that carries a
+        // project's keys to the pool).
         let claim = ClaimRequest {
             session: self.inner.ids.next_id(),
             project: who.project.clone(),
@@ -431,15 +477,9 @@ impl Engine {
             quota: project.quota.or(self.inner.policy.default_quota),
             rate_limit: self.inner.policy.rate_limit,
             actor: who.actor(),
-            now: self.now(),
-            deliver: None,
+            now,
+            deliver: contextualizer.is_none().then(|| now.plus(self.inner.policy.lease)),
         };
-        // Nothing to prepare: hand the nodes over in the claim itself, one
-        // durable write. Otherwise the claim must be durable before any
-        // node is touched (a crash must never return a node that carries a
-        // project's keys to the pool).
-        let direct = !self.inner.installer.prepares();
-        let claim = ClaimRequest { deliver: direct.then(|| claim.now.plus(self.inner.policy.lease)), ..claim };
         let claimed = match store.claim(claim).await? {
             Ok(c) => c,
             Err(ClaimRefusal::InsufficientNodes { requested, available }) => {
@@ -451,30 +491,42 @@ impl Engine {
             Err(ClaimRefusal::RateLimited { recent, limit }) => {
                 return Err(EngineError::RateLimited { recent, window_secs: limit.window.as_secs() });
             }
+            Err(ClaimRefusal::Paused) => return Err(EngineError::Paused),
         };
         let sid = claimed.session.id.clone();
-        if direct {
+        let Some(ctx) = contextualizer else {
             info!(session = %sid, project = %who.project, count, pool = %pool, "nodes delivered");
             return Ok(Allocation { session: sid, hosts: claimed.nodes.into_iter().map(|n| n.hostname).collect() });
-        }
+        };
         debug!(session = %sid, project = %who.project, count, pool = %pool, "claimed nodes");
 
-        // Prepare every node concurrently, each with its own deadline.
+        // Prepare every node concurrently, each with its own deadline. A
+        // node that does not answer in time is the node's fault.
         let inner = &self.inner;
         let results = join_all(claimed.nodes.iter().map(|n| async {
-            let r =
-                timeout(&*inner.clock, inner.policy.prepare_timeout, inner.installer.prepare(n, &project, &sid)).await;
-            match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.message),
-                Err(el) => Err(format!("preparing the node {el}")),
+            match timeout(&*inner.clock, inner.policy.prepare_timeout, ctx.prepare(n, &project, &sid)).await {
+                Ok(r) => r,
+                Err(el) => Err(PrepareError::node(format!("preparing the node {el}"))),
             }
         }))
         .await;
-        let failures: HashMap<NodeId, String> =
-            claimed.nodes.iter().zip(results).filter_map(|(n, r)| r.err().map(|e| (n.id, e))).collect();
+        // Only a node at fault is Failed; when the project or Duffy's own
+        // side is at fault, every node goes back to be reinstalled at once.
+        let mut blamed: HashMap<NodeId, String> = HashMap::new();
+        let mut refused: Option<(String, PrepareError)> = None;
+        for (n, r) in claimed.nodes.iter().zip(results) {
+            match r {
+                Ok(()) => {}
+                Err(e) if e.blame == Blame::Node => {
+                    blamed.insert(n.id, e.message);
+                }
+                Err(e) => {
+                    refused.get_or_insert((n.hostname.clone(), e));
+                }
+            }
+        }
 
-        if failures.is_empty() {
+        if blamed.is_empty() && refused.is_none() {
             match self.deliver(&claimed.session, &claimed.nodes, who).await {
                 Ok(()) => {
                     info!(session = %sid, project = %who.project, count, pool = %pool, "nodes delivered");
@@ -499,12 +551,29 @@ impl Engine {
                 }
             }
         }
-        let (bad_id, reason) =
-            failures.iter().min_by_key(|(id, _)| **id).map(|(i, r)| (*i, r.clone())).unwrap_or_default();
-        let hostname = claimed.nodes.iter().find(|n| n.id == bad_id).map(|n| n.hostname.clone()).unwrap_or_default();
-        warn!(session = %sid, node = %hostname, %reason, "preparing a node failed; aborting the allocation");
-        self.abort_allocation(&sid, &failures, &format!("preparing {hostname} failed"), who.actor()).await?;
-        Err(EngineError::PreparationFailed { hostname, reason })
+        // A node at fault is named first: it is what an operator must look
+        // at. Otherwise the request itself was at fault, and no node is.
+        if let Some((bad_id, reason)) = blamed.iter().min_by_key(|(id, _)| **id).map(|(i, r)| (*i, r.clone())) {
+            let hostname =
+                claimed.nodes.iter().find(|n| n.id == bad_id).map(|n| n.hostname.clone()).unwrap_or_default();
+            warn!(session = %sid, node = %hostname, %reason, "preparing a node failed; aborting the allocation");
+            self.abort_allocation(&sid, &blamed, &format!("preparing {hostname} failed"), who.actor()).await?;
+            return Err(EngineError::PreparationFailed { hostname, reason });
+        }
+        let Some((hostname, e)) = refused else {
+            return Err(EngineError::Contention(format!("session {sid}: preparation failed without a reason")));
+        };
+        self.abort_allocation(&sid, &HashMap::new(), &format!("preparation refused: {}", e.message), who.actor())
+            .await?;
+        if e.blame == Blame::Project {
+            warn!(session = %sid, project = %who.project, reason = %e.message,
+                "the project cannot be prepared for; allocation aborted, no node blamed");
+            Err(EngineError::ProjectUnusable { project: who.project.clone(), reason: e.message })
+        } else {
+            error!(session = %sid, node = %hostname, reason = %e.message,
+                "preparation failed on Duffy's side; allocation aborted, no node blamed");
+            Err(EngineError::PreparationFailed { hostname, reason: e.message })
+        }
     }
 
     /// Session Allocating→Prod and its nodes Contextualizing→Deployed, in

@@ -30,7 +30,7 @@ pub use auth::{hash_api_key, verify_api_key};
 pub use engine::{
     Allocation, Engine, EngineBuilder, EngineError, NodeRequest, Overtime, Principal, SessionIds, UuidSessionIds,
 };
-pub use installer::{InstallError, Installed, Installer};
+pub use installer::{Blame, Contextualizer, InstallError, Installed, Installer, PrepareError};
 pub use model::*;
 pub use planner::{Plan, PlanInput, PlannedInstall, plan};
 pub use policy::{Policy, RateLimit};

@@ -187,6 +187,43 @@ impl fmt::Display for PoolKey {
     }
 }
 
+/// A kind of machine, as pools are matched against it: the hardware's
+/// architecture and flavor. A node of this kind can carry a pool's image
+/// when its architecture can run the image's and the flavors are equal.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Hardware {
+    /// The hardware's architecture.
+    pub arch: Arch,
+    /// The hardware's flavor.
+    pub flavor: Option<String>,
+}
+
+impl Hardware {
+    /// The kind of machine `node` is.
+    pub fn of(node: &Node) -> Hardware {
+        Hardware { arch: node.hardware_arch, flavor: node.flavor.clone() }
+    }
+
+    /// Every kind of machine that can carry `pool`'s image (e.g. both
+    /// i386 and x86_64 hardware for an i386 pool).
+    pub fn able_to_carry(pool: &PoolKey) -> impl Iterator<Item = Hardware> + '_ {
+        Arch::ALL
+            .into_iter()
+            .filter(|a| a.can_run(pool.arch))
+            .map(|arch| Hardware { arch, flavor: pool.flavor.clone() })
+    }
+}
+
+impl fmt::Display for Hardware {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.arch)?;
+        if let Some(fl) = &self.flavor {
+            write!(f, "/{fl}")?;
+        }
+        Ok(())
+    }
+}
+
 /// How many Ready nodes a pool should keep on standby.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolTarget {
@@ -303,7 +340,8 @@ impl Node {
         self.bmc.as_deref().unwrap_or(&self.hostname)
     }
 
-    /// Whether this hardware can carry an image of `pool`.
+    /// Whether this hardware can carry an image of `pool` (see
+    /// [`Hardware::able_to_carry`], which must agree).
     pub fn can_host(&self, pool: &PoolKey) -> bool {
         self.hardware_arch.can_run(pool.arch) && self.flavor == pool.flavor
     }

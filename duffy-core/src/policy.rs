@@ -113,17 +113,6 @@ impl Policy {
         self.prepare_timeout * 2 + Duration::from_secs(60)
     }
 
-    /// How long a node may stay Provisioning without a live install
-    /// driving it before the reconciler takes it over: the full retry
-    /// budget plus a minute.
-    pub fn stale_install_after(&self) -> Duration {
-        let mut total = Duration::from_secs(60);
-        for attempt in 0..self.install_attempts.max(1) {
-            total += self.install_timeout + self.backoff(attempt);
-        }
-        total
-    }
-
     /// The wait before retry number `attempt` (0-based), doubling from
     /// [`Policy::install_backoff`], capped at one hour.
     pub fn backoff(&self, attempt: u32) -> Duration {

@@ -8,11 +8,14 @@
 //! a time, each install attempt with a deadline, retried with doubling
 //! backoff, then Failed with the reason recorded.
 //!
-//! On start it finds work a crash left half-done: allocations stuck in
-//! Allocating are aborted (their nodes go back to be reinstalled) and
-//! installs stuck in Provisioning are re-driven. While running it does the
-//! same for work another process abandoned (older than the policy's
-//! deadlines), and reclaims failed sessions whose hold ran out.
+//! Every pass finds work a crash left half-done, until none is left (a
+//! failed pass does not lose it): allocations still Allocating from before
+//! the engine started are aborted (their nodes go back to be reinstalled),
+//! and Provisioning nodes that none of its operations drives are
+//! re-driven (there is one reconciler per store, so such an install has
+//! nobody else). Allocations made since the start are aborted only once
+//! they are past the prepare deadline (their request may still be
+//! preparing them). It also reclaims failed sessions whose hold ran out.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -27,7 +30,7 @@ use futures::stream::FuturesUnordered;
 use tracing::{debug, info, warn};
 
 use crate::engine::{Engine, EngineError, Inner};
-use crate::model::{Actor, Node, NodeId, PoolKey, PowerState, SessionState};
+use crate::model::{Actor, Hardware, Node, NodeId, PoolKey, PowerState, SessionState};
 use crate::planner::{Plan, PlanInput, plan};
 use crate::power::PowerAction;
 use crate::state::{Cause, NodeState};
@@ -97,7 +100,6 @@ pub struct Reconciler {
     engine: Engine,
     in_flight: HashMap<NodeId, (String, bool)>,
     ops: FuturesUnordered<OpFuture>,
-    started: bool,
     /// When each node's power state was last checked (in memory: after a
     /// restart every node is due once, which is what one wants).
     power_checked: HashMap<NodeId, crate::Timestamp>,
@@ -112,7 +114,6 @@ impl Engine {
             engine: self.clone(),
             in_flight: HashMap::new(),
             ops: FuturesUnordered::new(),
-            started: false,
             power_checked: HashMap::new(),
             power_cursor: NodeId(0),
         }
@@ -221,19 +222,27 @@ impl Reconciler {
         let store = &inner.store;
         let policy = &inner.policy;
         let mut report = PassReport::default();
-        let startup = !self.started;
-        self.started = true;
         let now = inner.clock.now();
+        // Start-up recovery is not a one-off step that a failed pass could
+        // lose: work older than this engine's start cannot be driven by
+        // this process, so every pass takes it over until none is left.
+        let started_at = inner.started_at;
 
-        // Sessions: reclaim expired fail holds, abort stale allocations.
+        // Sessions: reclaim expired fail holds, abort interrupted and stale
+        // allocations. An allocation made since the start belongs to a
+        // request of this process (or another one's): only the deadline
+        // ends it.
         for s in store.live_sessions().await? {
             match s.state {
                 SessionState::Fail if s.hold_until.is_some_and(|t| t <= now) => {
                     report.sessions_reclaimed += usize::from(reclaim(&self.engine, &s).await?);
                 }
-                SessionState::Allocating if startup || now.since(s.created_at) >= policy.stale_allocation_after() => {
-                    let actor = if startup { Actor::Recovery } else { Actor::Reconciler };
-                    let why = if startup {
+                SessionState::Allocating
+                    if s.created_at < started_at || now.since(s.created_at) >= policy.stale_allocation_after() =>
+                {
+                    let interrupted = s.created_at < started_at;
+                    let actor = if interrupted { Actor::Recovery } else { Actor::Reconciler };
+                    let why = if interrupted {
                         "allocation interrupted by a restart"
                     } else {
                         "allocation abandoned (no progress within the prepare deadline)"
@@ -262,45 +271,55 @@ impl Reconciler {
         let others = store.nodes_in_states(&states).await?;
         let ready: BTreeMap<PoolKey, u32> = store.ready_counts().await?.into_iter().collect();
         let free_slots = policy.max_concurrent_installs.saturating_sub(self.installs_in_flight());
-        // Fills can use at most min(free slots, what the pools miss) idle
-        // machines; read that many (twice over, for arch and flavor
-        // mismatches) plus a margin, and more below only if needed.
         let mut provisioning: BTreeMap<&PoolKey, u32> = BTreeMap::new();
         for n in others.iter().filter(|n| n.state == NodeState::Provisioning) {
             if let Some(img) = &n.image {
                 *provisioning.entry(img).or_default() += 1;
             }
         }
-        let missing: usize = targets
-            .iter()
-            .map(|t| {
-                let have = ready.get(&t.pool).copied().unwrap_or(0) + provisioning.get(&t.pool).copied().unwrap_or(0);
-                t.standby.saturating_sub(have) as usize
-            })
-            .sum();
-        // At most IDLE_PER_PASS fills are planned from one read; a farm
-        // that misses more gets them over the next passes (every 50 ms).
+        // Idle hardware is read per kind of machine that a pool in deficit
+        // can use, least used first: every such pool sees its own
+        // candidates, however many idle machines of other kinds come
+        // before them in the farm-wide order, so "largest deficit first"
+        // holds across pages. A kind's fills can use at most min(free
+        // slots, what its pools miss) machines: read that many twice over
+        // (for machines behind a busy BMC) plus a margin, more below only
+        // if needed, and at most IDLE_PER_PASS: a farm that misses more
+        // gets the rest over the next passes (every 50 ms).
         const IDLE_PER_PASS: usize = 4096;
-        let mut idle_limit =
-            if paused { 0 } else { free_slots.min(missing).min(IDLE_PER_PASS).saturating_mul(2).saturating_add(64) };
-        let mut nodes = with_idle(others.clone(), store, idle_limit).await?;
+        let mut idle_limits: BTreeMap<Hardware, usize> = BTreeMap::new();
+        if !paused && free_slots > 0 {
+            for t in &targets {
+                let have = ready.get(&t.pool).copied().unwrap_or(0) + provisioning.get(&t.pool).copied().unwrap_or(0);
+                let missing = t.standby.saturating_sub(have) as usize;
+                if missing > 0 {
+                    for hw in Hardware::able_to_carry(&t.pool) {
+                        *idle_limits.entry(hw).or_default() += missing;
+                    }
+                }
+            }
+            for limit in idle_limits.values_mut() {
+                *limit = free_slots.min(*limit).min(IDLE_PER_PASS).saturating_mul(2).saturating_add(64);
+            }
+        }
+        let (mut nodes, mut full) = with_idle(others.clone(), store, &idle_limits).await?;
 
-        // Installs nobody is driving: after a crash, or abandoned by a dead
-        // process. Re-drive them with the image they were getting.
+        // Installs nobody is driving: there is one reconciler per store,
+        // so a Provisioning node that none of its operations drives was
+        // left by a crash (or by an operation whose last write failed).
+        // Re-drive them with the image they were getting, as slots and
+        // BMCs allow; the rest wait for the next pass, not for a deadline.
         let installs_in_flight = self.installs_in_flight();
         let mut restart_budget = policy.max_concurrent_installs.saturating_sub(installs_in_flight);
         for n in nodes.iter().filter(|n| n.state == NodeState::Provisioning) {
             if self.in_flight.contains_key(&n.id) || restart_budget == 0 {
                 continue;
             }
-            if !startup && now.since(n.state_since) < policy.stale_install_after() {
-                continue;
-            }
             if self.in_flight.values().any(|(b, _)| b == n.bmc_key()) {
                 continue;
             }
             let Some(image) = n.image.clone() else { continue };
-            let actor = if startup { Actor::Recovery } else { Actor::Reconciler };
+            let actor = if n.state_since < started_at { Actor::Recovery } else { Actor::Reconciler };
             match commit_one(&self.engine, n, Cause::InstallRestarted, actor, now).await? {
                 Some(after) => {
                     info!(node = %n.hostname, %image, "re-driving an interrupted install");
@@ -332,20 +351,21 @@ impl Reconciler {
             // Every Ready node is among the rows already.
             plan_with(&nodes)
         } else {
-            // More idle hardware only if the page was full and a pool still
-            // found none that fits while slots were free (e.g. the only
-            // aarch64 machines are the most used ones).
+            // More idle hardware only if a pool still found none that fits
+            // while slots were free and some kind's read was cut short (its
+            // first machines all sit behind busy BMCs, say).
             loop {
                 let p = plan_with(&nodes);
-                let idle_read = nodes.iter().filter(|n| n.state == NodeState::Active).count();
-                // Nothing could be started though pools miss nodes and
-                // slots are free: the hardware that fits is further down.
                 let short = p.installs.is_empty() && free_slots > 0 && p.pools.iter().any(|s| s.unfilled > 0);
-                if idle_read < idle_limit || !short {
+                if full.is_empty() || !short {
                     break;
                 }
-                idle_limit = idle_limit.saturating_mul(4);
-                nodes = with_idle(others.clone(), store, idle_limit).await?;
+                for hw in &full {
+                    if let Some(limit) = idle_limits.get_mut(hw) {
+                        *limit = limit.saturating_mul(4);
+                    }
+                }
+                (nodes, full) = with_idle(others.clone(), store, &idle_limits).await?;
             }
             // Stale Ready nodes, oldest first: as many as the plan can act
             // on (free slots, surplus to power down, busy ones it skips),
@@ -447,18 +467,27 @@ impl Reconciler {
     }
 }
 
-/// `others` plus up to `limit` idle nodes, in id order. (A free function:
-/// the reconciler's future must stay `Send`; see [`commit_one`].)
+/// `others` plus up to `limits[kind]` idle nodes of each kind, in id
+/// order, and the kinds whose read hit its limit (there may be more). (A
+/// free function: the reconciler's future must stay `Send`; see
+/// [`commit_one`].)
 async fn with_idle(
     mut others: Vec<Node>,
     store: &Arc<dyn crate::Store>,
-    limit: usize,
-) -> Result<Vec<Node>, EngineError> {
-    if limit > 0 {
-        others.extend(store.idle_nodes(limit).await?);
-        others.sort_by_key(|n| n.id);
+    limits: &BTreeMap<Hardware, usize>,
+) -> Result<(Vec<Node>, Vec<Hardware>), EngineError> {
+    let mut full = Vec::new();
+    for (hw, limit) in limits {
+        let idle = store.idle_nodes(hw, *limit).await?;
+        if idle.len() >= *limit {
+            full.push(hw.clone());
+        }
+        others.extend(idle);
     }
-    Ok(others)
+    others.sort_by_key(|n| n.id);
+    // A node read twice (it became idle between two reads) counts once.
+    others.dedup_by_key(|n| n.id);
+    Ok((others, full))
 }
 
 /// Writes one transition; `Ok(None)` if the node changed since it was read
@@ -595,9 +624,19 @@ impl Reconciler {
             if current.version != node.version {
                 return done(OpOutcome::Superseded);
             }
-            warn!(node = %node.hostname, believed = node.power.as_str(), observed = observed.as_str(), "power state mismatch");
-            done(match write(&inner, &current, Cause::PowerMismatch { observed }).await {
-                Ok(Some(_)) => OpOutcome::PowerChecked { mismatch: true },
+            // Not knowing is not disagreeing: a new farm's first check of
+            // every machine records what the BMC says, without a warning.
+            let mismatch = node.power != PowerState::Unknown;
+            let cause = if mismatch {
+                warn!(node = %node.hostname, believed = node.power.as_str(), observed = observed.as_str(),
+                    "power state mismatch");
+                Cause::PowerMismatch { observed }
+            } else {
+                debug!(node = %node.hostname, observed = observed.as_str(), "power state observed");
+                Cause::PowerObserved { observed }
+            };
+            done(match write(&inner, &current, cause).await {
+                Ok(Some(_)) => OpOutcome::PowerChecked { mismatch },
                 Ok(None) => OpOutcome::Superseded,
                 Err(e) => OpOutcome::StoreFailed(e.to_string()),
             })
@@ -609,6 +648,18 @@ impl Reconciler {
         let bmc = node.bmc_key().to_string();
         self.in_flight.insert(node.id, (bmc.clone(), false));
         self.ops.push(Box::pin(async move {
+            match still_ours(&inner, &node).await {
+                Ok(true) => {}
+                Ok(false) => return OpDone { node: node.id, bmc, install: false, outcome: OpOutcome::Superseded },
+                Err(e) => {
+                    return OpDone {
+                        node: node.id,
+                        bmc,
+                        install: false,
+                        outcome: OpOutcome::StoreFailed(e.to_string()),
+                    };
+                }
+            }
             let r =
                 timeout(&*inner.clock, inner.policy.prepare_timeout, inner.power.power(&node, PowerAction::Off)).await;
             match r {
@@ -629,6 +680,14 @@ async fn install_op(inner: Arc<Inner>, mut node: Node, image: PoolKey) -> OpDone
     let done = |outcome| OpDone { node: id, bmc: bmc.clone(), install: true, outcome };
     let attempts = inner.policy.install_attempts.max(1);
     for attempt in 0..attempts {
+        // The install powers the machine: make sure it is still ours first.
+        // An operator may have reserved it, or set it aside, while this
+        // attempt waited for its backoff.
+        match still_ours(&inner, &node).await {
+            Ok(true) => {}
+            Ok(false) => return done(OpOutcome::Superseded),
+            Err(e) => return done(OpOutcome::StoreFailed(e.to_string())),
+        }
         let r = timeout(&*inner.clock, inner.policy.install_timeout, inner.installer.install(&node, &image)).await;
         let reason = match r {
             Ok(Ok(installed)) => {
@@ -660,6 +719,17 @@ async fn install_op(inner: Arc<Inner>, mut node: Node, image: PoolKey) -> OpDone
         sleep(&*inner.clock, inner.policy.backoff(attempt)).await;
     }
     done(OpOutcome::Superseded)
+}
+
+/// Whether `node` is still stored exactly as this operation last wrote
+/// it: nobody (operator, engine) has changed it since.
+async fn still_ours(inner: &Inner, node: &Node) -> Result<bool, EngineError> {
+    let current = inner.store.node(node.id).await?;
+    let ours = current.as_ref().is_some_and(|c| c.version == node.version && c.state == node.state);
+    if !ours {
+        debug!(node = %node.hostname, "the node changed under the operation; leaving it alone");
+    }
+    Ok(ours)
 }
 
 async fn write(inner: &Inner, node: &Node, cause: Cause) -> Result<Option<Node>, EngineError> {

@@ -154,6 +154,12 @@ pub enum Cause {
         /// What the BMC said.
         observed: PowerState,
     },
+    /// The BMC reported the power state of a node whose power the store
+    /// did not know (a new farm's first check): recorded, not a mismatch.
+    PowerObserved {
+        /// What the BMC said.
+        observed: PowerState,
+    },
 }
 
 /// The name of a [`Cause`], as kept in the event log.
@@ -177,13 +183,14 @@ pub enum CauseKind {
     Recovered,
     PoweredDown,
     PowerMismatch,
+    PowerObserved,
     /// Not a transition: the node was added to the farm.
     Added,
 }
 
 impl CauseKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [CauseKind; 18] = [
+    pub const ALL: [CauseKind; 19] = [
         CauseKind::InstallStarted,
         CauseKind::InstallRestarted,
         CauseKind::InstallAttemptFailed,
@@ -201,6 +208,7 @@ impl CauseKind {
         CauseKind::Recovered,
         CauseKind::PoweredDown,
         CauseKind::PowerMismatch,
+        CauseKind::PowerObserved,
         CauseKind::Added,
     ];
 
@@ -224,6 +232,7 @@ impl CauseKind {
             CauseKind::Recovered => "recovered",
             CauseKind::PoweredDown => "powered_down",
             CauseKind::PowerMismatch => "power_mismatch",
+            CauseKind::PowerObserved => "power_observed",
             CauseKind::Added => "added",
         }
     }
@@ -263,6 +272,7 @@ impl Cause {
             Cause::Recovered => CauseKind::Recovered,
             Cause::PoweredDown => CauseKind::PoweredDown,
             Cause::PowerMismatch { .. } => CauseKind::PowerMismatch,
+            Cause::PowerObserved { .. } => CauseKind::PowerObserved,
         }
     }
 
@@ -274,7 +284,9 @@ impl Cause {
             | Cause::PrepareFailed { reason, .. }
             | Cause::AllocationAborted { reason } => Some(reason.clone()),
             Cause::FailedByUser { hold_until } => Some(format!("held until {hold_until}")),
-            Cause::PowerMismatch { observed } => Some(format!("BMC reports power {}", observed.as_str())),
+            Cause::PowerMismatch { observed } | Cause::PowerObserved { observed } => {
+                Some(format!("BMC reports power {}", observed.as_str()))
+            }
             _ => None,
         }
     }
@@ -303,6 +315,7 @@ pub const TRANSITIONS: &[(CauseKind, &[NodeState], Option<NodeState>)] = &[
     (CauseKind::Recovered, &[S::Reserved, S::Failed], Some(S::Active)),
     (CauseKind::PoweredDown, &[S::Ready], Some(S::Active)),
     (CauseKind::PowerMismatch, &NodeState::ALL, None),
+    (CauseKind::PowerObserved, &NodeState::ALL, None),
 ];
 
 /// Looks up `(from, cause)` in [`TRANSITIONS`]: the target state, or `None`
@@ -467,7 +480,7 @@ impl Node {
                 n.installed_at = None;
                 n.power = PowerState::Off;
             }
-            Cause::PowerMismatch { observed } => {
+            Cause::PowerMismatch { observed } | Cause::PowerObserved { observed } => {
                 n.power = observed;
             }
         }
@@ -532,6 +545,7 @@ mod tests {
             CauseKind::Recovered => Cause::Recovered,
             CauseKind::PoweredDown => Cause::PoweredDown,
             CauseKind::PowerMismatch => Cause::PowerMismatch { observed: PowerState::Off },
+            CauseKind::PowerObserved => Cause::PowerObserved { observed: PowerState::On },
             CauseKind::Added => unreachable!("not a transition"),
         }
     }

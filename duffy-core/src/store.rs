@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    Actor, ApiKeyHash, ApiKeyRecord, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId,
-    SessionState,
+    Actor, ApiKeyHash, ApiKeyRecord, Hardware, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session,
+    SessionId, SessionState,
 };
 use crate::policy::RateLimit;
 use crate::state::{Cause, Event, NodeState, TransitionError};
@@ -190,6 +190,10 @@ pub enum ClaimRefusal {
         /// The quota.
         quota: u32,
     },
+    /// The service is paused: no new allocations. Checked in the claim's
+    /// own transaction, so no claim is made after a pause was
+    /// acknowledged.
+    Paused,
     /// The key created too many sessions recently.
     RateLimited {
         /// Sessions it created in the window.
@@ -292,14 +296,18 @@ pub trait Store: Send + Sync {
         Ok(nodes)
     }
 
-    /// Idle hardware: Active nodes, least `used_count` first, then lowest
-    /// id (the order the planner picks them in); at most `limit` of them.
+    /// Idle machines of one kind: Active nodes of `hardware`, least
+    /// `used_count` first, then lowest id (the order the planner picks
+    /// them in); at most `limit` of them. The reconciler reads them per
+    /// kind of machine that a pool in deficit can use, so that every such
+    /// pool sees its own candidates however many idle machines of other
+    /// kinds there are.
     ///
     /// The default reads every node with [`Store::nodes`]; backends should
     /// override it with an indexed read.
-    async fn idle_nodes(&self, limit: usize) -> Result<Vec<Node>, StoreError> {
+    async fn idle_nodes(&self, hardware: &Hardware, limit: usize) -> Result<Vec<Node>, StoreError> {
         let mut nodes = self.nodes().await?;
-        nodes.retain(|n| n.state == NodeState::Active);
+        nodes.retain(|n| n.state == NodeState::Active && Hardware::of(n) == *hardware);
         nodes.sort_by_key(|n| (n.used_count, n.id));
         nodes.truncate(limit);
         Ok(nodes)
@@ -324,7 +332,8 @@ pub trait Store: Send + Sync {
     /// id.
     async fn live_sessions(&self) -> Result<Vec<Session>, StoreError>;
 
-    /// Atomically: checks the key's rate limit and the project's quota,
+    /// Atomically: checks that the service is not paused, the key's rate
+    /// limit and the project's quota,
     /// picks `count` Ready nodes of the pool (least `used_count` first,
     /// then lowest id), moves them to Contextualizing and inserts the
     /// session, with the writes [`claim_writes`] computes. Either all of it

@@ -245,6 +245,10 @@ async fn node_get(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply 
             m.allocation("quota", 0);
             Reply::message(StatusCode::FORBIDDEN, format!("Failed to allocate nodes: {e}"))
         }
+        Err(e @ EngineError::ProjectUnusable { .. }) => {
+            m.allocation("invalid", 0);
+            Reply::message(StatusCode::BAD_REQUEST, format!("Failed to allocate nodes: {e}"))
+        }
         Err(EngineError::PreparationFailed { hostname, reason }) => {
             m.allocation("preparation_failed", 0);
             warn!(node = %hostname, %reason, "allocation failed while preparing nodes");

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use duffy_backend_ipmi::IpmiPowerController;
 use duffy_core::testkit::SimFarm;
-use duffy_core::{Actor, Clock, Engine, EngineError, Installer, PowerController, Store, StoreError};
-use duffy_installers::{CommandInstaller, Contextualized, PxeInstaller, PxeRegistry, SshContextualizer};
+use duffy_core::{Actor, Clock, Contextualizer, Engine, EngineError, Installer, PowerController, Store, StoreError};
+use duffy_installers::{CommandInstaller, PxeInstaller, PxeRegistry, SshContextualizer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -111,13 +111,17 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
     }
     let installer: Arc<dyn Installer> =
         if by_pool.is_empty() { default } else { Arc::new(PerPoolInstaller { default, by_pool }) };
-    let installer: Arc<dyn Installer> = match &cfg.contextualize {
-        ContextualizeConfig::None => installer,
-        ContextualizeConfig::Ssh(s) => {
+    // The simulated farm prepares nodes (a delay, seeded failures) when
+    // no real contextualization is configured and it has anything to
+    // prepare; with nothing to prepare, allocation is one write.
+    let contextualizer: Option<Arc<dyn Contextualizer>> = match (&cfg.contextualize, &farm) {
+        (ContextualizeConfig::Ssh(s), _) => {
             let ssh = SshContextualizer::new(s.clone()).map_err(|e| unsupported("contextualize")(e.to_string()))?;
             info!(user = %s.user, "SSH contextualization");
-            Arc::new(Contextualized::new(installer, Arc::new(ssh)))
+            Some(Arc::new(ssh))
         }
+        (ContextualizeConfig::None, Some(farm)) if farm.config().prepares() => Some(farm.clone()),
+        (ContextualizeConfig::None, _) => None,
     };
     let missing: Vec<_> =
         cfg.nodes.iter().filter(|n| !existing.iter().any(|e| e.hostname == n.hostname)).map(|n| n.new_node()).collect();
@@ -125,7 +129,11 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         info!(count = missing.len(), "adding configured nodes");
         store.add_nodes(missing, Actor::Operator, now).await?;
     }
-    let engine = Engine::builder(store.clone(), power, installer, clock).policy(cfg.policy.clone()).build()?;
+    let mut builder = Engine::builder(store.clone(), power, installer, clock).policy(cfg.policy.clone());
+    if let Some(c) = contextualizer {
+        builder = builder.contextualizer(c);
+    }
+    let engine = builder.build()?;
     if !cfg.pools.is_empty() || store.pool_targets().await?.is_empty() {
         engine.set_pool_targets(&cfg.targets()).await?;
     }
@@ -133,7 +141,7 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
 }
 
 /// Installs each pool's image with that pool's installer (the service's
-/// default for the others). Preparation is the default installer's.
+/// default for the others).
 struct PerPoolInstaller {
     default: Arc<dyn Installer>,
     by_pool: Vec<(duffy_core::PoolKey, Arc<dyn Installer>)>,
@@ -148,19 +156,6 @@ impl Installer for PerPoolInstaller {
     ) -> Result<duffy_core::Installed, duffy_core::InstallError> {
         let chosen = self.by_pool.iter().find(|(p, _)| p == image).map(|(_, i)| i).unwrap_or(&self.default);
         chosen.install(node, image).await
-    }
-
-    async fn prepare(
-        &self,
-        node: &duffy_core::Node,
-        project: &duffy_core::Project,
-        session: &duffy_core::SessionId,
-    ) -> Result<(), duffy_core::InstallError> {
-        self.default.prepare(node, project, session).await
-    }
-
-    fn prepares(&self) -> bool {
-        self.default.prepares()
     }
 }
 

@@ -264,3 +264,85 @@ async fn allocations_push_the_project_keys_and_a_node_with_ssh_down_fails_the_re
     check_history(&*store).await.unwrap();
     eprintln!("contextualize_e2e took {:?}", started.elapsed());
 }
+
+/// A project that cannot be prepared for (no SSH keys, as a fresh `duffy
+/// key create --project new` makes it, or an invalid key) is refused
+/// before anything is claimed: one request with count=20 used to claim 20
+/// nodes, fail to prepare them and put every one in the 6 h cool-down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_without_usable_keys_does_not_drain_the_pool() {
+    const NODES: usize = 20;
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("install.sh");
+    std::fs::write(&script, INSTALL_SCRIPT).unwrap();
+    let mut installer = CommandConfig::new("/bin/sh");
+    installer.args = vec![script.display().to_string()];
+    installer.env = BTreeMap::from([
+        ("E2E_DIR".to_string(), dir.path().display().to_string()),
+        ("E2E_HOST_KEY".to_string(), sshd.host_public_key().trim().to_string()),
+    ]);
+    let hostnames: Vec<String> = (0..NODES).map(|i| format!("n{i}.e2e.test")).collect();
+    let mut ssh = sshd.ssh_config();
+    for h in &hostnames {
+        ssh.ports.insert(h.clone(), sshd.port());
+    }
+    let cfg = Config {
+        database: dir.path().join("duffy.db"),
+        policy: Policy {
+            rate_limit: None,
+            install_attempts: 1,
+            tick: Duration::from_millis(200),
+            power_check_interval: None,
+            max_concurrent_installs: NODES,
+            ..Policy::default()
+        },
+        pools: vec![PoolConfig {
+            release: "7".into(),
+            arch: duffy_core::Arch::X86_64,
+            flavor: None,
+            standby: NODES as u32,
+            installer: None,
+        }],
+        hardware: HardwareConfig::Simulated(SimulatedConfig { machines: 0, ..SimulatedConfig::default() }),
+        installer: InstallerConfig::Command(installer),
+        contextualize: ContextualizeConfig::Ssh(ssh),
+        nodes: hostnames.iter().map(|h| node(h, false)).collect(),
+        ..Config::default()
+    };
+    cfg.validate().unwrap();
+    let store: Arc<dyn Store> = Arc::new(
+        duffy_backend_sqlite::SqliteStore::open(&cfg.database, duffy_backend_sqlite::SqliteOptions::default()).unwrap(),
+    );
+    // A fresh project has no keys; another has one that is not a key.
+    let keyless = duffy_http::keys::create_key(&*store, "new", false, None, SystemClock.now()).await.unwrap().0;
+    store
+        .upsert_project(Project { name: "typo".into(), quota: None, ssh_keys: vec!["ssh-ed25519 not-base64!".into()] })
+        .await
+        .unwrap();
+    let typo = duffy_http::keys::create_key(&*store, "typo", false, None, SystemClock.now()).await.unwrap().0;
+    let built = build_engine(&cfg, store.clone()).await.unwrap();
+    let running = start("127.0.0.1:0".parse().unwrap(), built).await.unwrap();
+    let client = Client { http: reqwest::Client::new(), base: format!("http://{}", running.addr) };
+    let names: Vec<&str> = hostnames.iter().map(String::as_str).collect();
+    wait_ready(&*store, &names).await;
+    let before = store.nodes().await.unwrap();
+
+    for (key, project, what) in [(&keyless, "new", "has no SSH keys"), (&typo, "typo", "is refused")] {
+        let (status, v) = client.get(&format!("/Node/get?key={key}&count={NODES}")).await;
+        let msg = v.as_str().unwrap_or_else(|| panic!("a JSON string for cico to print: {v}"));
+        assert_eq!(status, 400, "{msg}");
+        assert!(msg.contains(&format!("\"{project}\"")) && msg.contains(what), "names the project and why: {msg}");
+        assert!(msg.contains(&format!("duffy project set {project} --ssh-keys FILE")), "names the fix: {msg}");
+        // Nothing was claimed: the Ready count is unchanged, no node is
+        // Failed, no session exists.
+        let after = store.nodes().await.unwrap();
+        assert_eq!(after.iter().filter(|n| n.state == NodeState::Ready).count(), NODES);
+        assert!(after.iter().all(|n| n.state != NodeState::Failed));
+        assert_eq!(after, before, "no row changed");
+        assert!(store.live_sessions().await.unwrap().is_empty());
+    }
+    running.stop().await.unwrap();
+    check_invariants(&*store).await.unwrap();
+    check_history(&*store).await.unwrap();
+}

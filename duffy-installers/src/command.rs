@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use duffy_core::{InstallError, Installed, Installer, Node, PoolKey, Project, SessionId};
+use duffy_core::{InstallError, Installed, Installer, Node, PoolKey};
 use serde::Deserialize;
 use tokio::process::Command;
 
@@ -281,18 +281,5 @@ impl CommandInstaller {
 impl Installer for CommandInstaller {
     async fn install(&self, node: &Node, image: &PoolKey) -> Result<Installed, InstallError> {
         Ok(self.run(node, image).await?)
-    }
-
-    /// A no-op: preparation for a project is a [`Contextualizer`]'s job
-    /// (see [`Contextualized`](crate::ssh::Contextualized)).
-    ///
-    /// [`Contextualizer`]: crate::ssh::Contextualizer
-    async fn prepare(&self, _node: &Node, _project: &Project, _session: &SessionId) -> Result<(), InstallError> {
-        Ok(())
-    }
-
-    /// Nothing to prepare: allocation hands nodes over in one write.
-    fn prepares(&self) -> bool {
-        false
     }
 }

@@ -17,8 +17,9 @@
 //!   process group.
 //! - [`ssh`]: [`SshContextualizer`] pushes the project's public keys to the
 //!   node's `authorized_keys` over the system OpenSSH client, checking the
-//!   host key the install recorded; [`Contextualized`] pairs any installer
-//!   with a [`Contextualizer`].
+//!   host key the install recorded: duffy-core's
+//!   [`Contextualizer`](duffy_core::Contextualizer), set on the engine
+//!   beside the installer.
 //!
 //! Also: [`template`], the tiny `{{name}}` renderer behind the PXE templates,
 //! and [`keys`], the OpenSSH public key validation every module shares.
@@ -47,5 +48,5 @@ pub use command::{CommandConfig, CommandError, CommandInstaller};
 pub use duffy_core::time::parse_duration;
 pub use keys::{KeyError, PublicKey};
 pub use pxe::{PxeConfig, PxeError, PxeImage, PxeInstaller, PxeRegistry};
-pub use ssh::{Contextualized, Contextualizer, SshConfig, SshContextualizer, SshError};
+pub use ssh::{SshConfig, SshContextualizer, SshError};
 pub use template::TemplateError;

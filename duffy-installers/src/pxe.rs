@@ -67,7 +67,7 @@ use duffy_core::model::NewNode;
 use duffy_core::time::timeout;
 use duffy_core::{
     Arch, BootDevice, Clock, InstallError, Installed, Installer, Node, PoolKey, PowerAction, PowerController,
-    PowerState, Project, SessionId, Timestamp,
+    PowerState, Timestamp,
 };
 use rand::RngCore;
 use serde::Deserialize;
@@ -856,19 +856,6 @@ impl Installer for PxeInstaller {
                 )))
             }
         }
-    }
-
-    /// A no-op: preparation for a project is a [`Contextualizer`]'s job
-    /// (see [`Contextualized`](crate::ssh::Contextualized)).
-    ///
-    /// [`Contextualizer`]: crate::ssh::Contextualizer
-    async fn prepare(&self, _node: &Node, _project: &Project, _session: &SessionId) -> Result<(), InstallError> {
-        Ok(())
-    }
-
-    /// Nothing to prepare: allocation hands nodes over in one write.
-    fn prepares(&self) -> bool {
-        false
     }
 }
 

@@ -21,18 +21,21 @@
 //! OpenSSH public key line before anything connects, and the block is
 //! passed as the body of a here-document with a quoted, random delimiter.
 //!
-//! [`Contextualized`] pairs any [`Installer`] with a [`Contextualizer`].
+//! Failures are classified for the engine ([`SshError::blame`]): only
+//! those about the node (unreachable, wrong host key, timed out, refused
+//! the provisioning key, the remote script failed) fail the node; a
+//! project without usable keys is refused before any node is claimed
+//! ([`Contextualizer::check_project`]).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use duffy_core::model::validate_token;
-use duffy_core::{InstallError, Installed, Installer, Node, PoolKey, Project, SessionId};
+use duffy_core::{Blame, Contextualizer, Node, PrepareError, Project, SessionId};
 use rand::RngCore;
 use serde::Deserialize;
 use tokio::process::Command;
@@ -40,43 +43,6 @@ use tokio::process::Command;
 use crate::keys::{KeyError, PublicKey};
 use crate::process::{self, RunError, describe_status};
 use crate::util::one_line;
-
-/// Prepares an installed node for the project it is handed to.
-#[async_trait]
-pub trait Contextualizer: Send + Sync {
-    /// Prepares `node` for `project` in `session` (e.g. installs the
-    /// project's SSH keys). Called on every node of a new session before
-    /// it is handed over; an error fails the allocation.
-    async fn prepare(&self, node: &Node, project: &Project, session: &SessionId) -> Result<(), InstallError>;
-}
-
-/// An [`Installer`] whose installs are done by `installer` and whose
-/// preparation is done by `contextualizer`.
-#[derive(Clone)]
-pub struct Contextualized {
-    /// Installs machines.
-    pub installer: Arc<dyn Installer>,
-    /// Prepares installed machines for projects.
-    pub contextualizer: Arc<dyn Contextualizer>,
-}
-
-impl Contextualized {
-    /// Pairs `installer` with `contextualizer`.
-    pub fn new(installer: Arc<dyn Installer>, contextualizer: Arc<dyn Contextualizer>) -> Self {
-        Contextualized { installer, contextualizer }
-    }
-}
-
-#[async_trait]
-impl Installer for Contextualized {
-    async fn install(&self, node: &Node, image: &PoolKey) -> Result<Installed, InstallError> {
-        self.installer.install(node, image).await
-    }
-
-    async fn prepare(&self, node: &Node, project: &Project, session: &SessionId) -> Result<(), InstallError> {
-        self.contextualizer.prepare(node, project, session).await
-    }
-}
 
 /// How Duffy logs in to its nodes.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -158,8 +124,9 @@ impl SshConfig {
     }
 }
 
-/// Why a node could not be prepared. Every message names the node; those
-/// from `ssh` carry the tail of its stderr.
+/// Why a node could not be prepared. Every message about a node names
+/// it; those from `ssh` carry the tail of its stderr. Those about the
+/// project say how to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum SshError {
     /// The configuration is invalid.
@@ -167,10 +134,11 @@ pub enum SshError {
     Config(String),
     /// A project key is not a single-line OpenSSH public key; nothing was
     /// sent.
-    #[error("preparing {hostname}: SSH key #{index} of project {project:?} is refused: {source}")]
+    #[error(
+        "SSH key #{index} of project {project:?} is refused: {source}; \
+         replace the project's keys with `duffy project set {project} --ssh-keys FILE`"
+    )]
     InvalidProjectKey {
-        /// The node.
-        hostname: String,
         /// The project.
         project: String,
         /// 1-based position of the key in the project's list.
@@ -180,20 +148,28 @@ pub enum SshError {
         source: KeyError,
     },
     /// The project has no SSH keys: nobody could use the node.
-    #[error("preparing {hostname}: project {project:?} has no SSH keys")]
+    #[error(
+        "project {project:?} has no SSH keys, so nobody could log in to its nodes; \
+         add them with `duffy project set {project} --ssh-keys FILE`"
+    )]
     NoProjectKeys {
-        /// The node.
-        hostname: String,
         /// The project.
         project: String,
     },
-    /// A name that goes into the marker lines is invalid.
-    #[error("preparing {hostname}: {reason}")]
+    /// A project or session name that goes into the marker lines is
+    /// invalid.
+    #[error("{reason}")]
     InvalidName {
-        /// The node.
-        hostname: String,
         /// What is wrong.
         reason: String,
+    },
+    /// The node's address cannot be passed to ssh.
+    #[error("preparing {hostname}: invalid address {address:?}")]
+    InvalidAddress {
+        /// The node.
+        hostname: String,
+        /// The address (shortened to one line).
+        address: String,
     },
     /// The node has no recorded host key and the configuration requires one.
     #[error(
@@ -295,9 +271,32 @@ pub enum SshError {
     },
 }
 
-impl From<SshError> for InstallError {
+impl SshError {
+    /// Whose fault the failure is: the node's (it is Failed), the
+    /// project's (refused, the caller is told what to fix), or Duffy's own
+    /// side (an operator must look). No node is blamed for a failure any
+    /// node would have.
+    pub fn blame(&self) -> Blame {
+        match self {
+            SshError::InvalidProjectKey { .. } | SshError::NoProjectKeys { .. } | SshError::InvalidName { .. } => {
+                Blame::Project
+            }
+            SshError::Config(_) | SshError::Local { .. } | SshError::Spawn { .. } => Blame::Service,
+            SshError::InvalidAddress { .. }
+            | SshError::NoHostKey { .. }
+            | SshError::BadRecordedHostKey { .. }
+            | SshError::HostKeyMismatch { .. }
+            | SshError::AuthFailed { .. }
+            | SshError::Connect { .. }
+            | SshError::Timeout { .. }
+            | SshError::Remote { .. } => Blame::Node,
+        }
+    }
+}
+
+impl From<SshError> for PrepareError {
     fn from(e: SshError) -> Self {
-        InstallError::new(e.to_string())
+        PrepareError::new(e.blame(), e.to_string())
     }
 }
 
@@ -348,28 +347,9 @@ impl SshContextualizer {
     /// typed error.
     pub async fn push_keys(&self, node: &Node, project: &Project, session: &SessionId) -> Result<(), SshError> {
         let hostname = &node.hostname;
-        if project.ssh_keys.is_empty() {
-            return Err(SshError::NoProjectKeys { hostname: hostname.clone(), project: project.name.clone() });
-        }
-        let keys = project
-            .ssh_keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                PublicKey::parse(k).map_err(|source| SshError::InvalidProjectKey {
-                    hostname: hostname.clone(),
-                    project: project.name.clone(),
-                    index: i + 1,
-                    source,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let invalid = |e: duffy_core::model::InvalidName| SshError::InvalidName {
-            hostname: hostname.clone(),
-            reason: e.to_string(),
-        };
-        validate_token("project", &project.name, 64).map_err(invalid)?;
-        validate_token("session id", session.as_str(), 64).map_err(invalid)?;
+        let keys = project_keys(project)?;
+        validate_token("session id", session.as_str(), 64)
+            .map_err(|e| SshError::InvalidName { reason: e.to_string() })?;
         let mut block = format!("# BEGIN duffy session {session} project {}\n", project.name);
         for k in &keys {
             block.push_str(&k.to_string());
@@ -398,10 +378,7 @@ impl SshContextualizer {
             && !addr.starts_with('-')
             && addr.bytes().all(|b| b.is_ascii_alphanumeric() || b".:-%".contains(&b));
         if !addr_ok {
-            return Err(SshError::InvalidName {
-                hostname: hostname.clone(),
-                reason: format!("invalid address {:?}", one_line(addr, 80)),
-            });
+            return Err(SshError::InvalidAddress { hostname: hostname.clone(), address: one_line(addr, 80) });
         }
         let port = cfg.ports.get(&node.hostname).copied().unwrap_or(cfg.port);
         let target = format!("{}@{addr}:{port}", cfg.user);
@@ -508,9 +485,37 @@ impl SshContextualizer {
     }
 }
 
+/// The project's keys, each validated as one OpenSSH public key line, and
+/// its name checked for the marker lines: everything about the project
+/// that can be known before connecting to any node.
+fn project_keys(project: &Project) -> Result<Vec<PublicKey>, SshError> {
+    if project.ssh_keys.is_empty() {
+        return Err(SshError::NoProjectKeys { project: project.name.clone() });
+    }
+    validate_token("project", &project.name, 64).map_err(|e| SshError::InvalidName { reason: e.to_string() })?;
+    project
+        .ssh_keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            PublicKey::parse(k).map_err(|source| SshError::InvalidProjectKey {
+                project: project.name.clone(),
+                index: i + 1,
+                source,
+            })
+        })
+        .collect()
+}
+
 #[async_trait]
 impl Contextualizer for SshContextualizer {
-    async fn prepare(&self, node: &Node, project: &Project, session: &SessionId) -> Result<(), InstallError> {
+    /// A project with no keys, or with a key that is not a valid OpenSSH
+    /// public key line, is refused before any node is claimed.
+    fn check_project(&self, project: &Project) -> Result<(), PrepareError> {
+        project_keys(project).map(|_| ()).map_err(PrepareError::from)
+    }
+
+    async fn prepare(&self, node: &Node, project: &Project, session: &SessionId) -> Result<(), PrepareError> {
         Ok(self.push_keys(node, project, session).await?)
     }
 }

@@ -10,11 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use duffy_core::model::NewNode;
-use duffy_core::{Arch, Installer, Node, NodeId, Project, SessionId, Timestamp};
+use duffy_core::{Arch, Blame, Contextualizer, Node, NodeId, Project, SessionId, Timestamp};
 use duffy_installers::test_sshd::{OPERATOR_LINE, Sshd, free_port, keygen, read};
-use duffy_installers::{
-    CommandConfig, CommandInstaller, Contextualized, Contextualizer, SshConfig, SshContextualizer, SshError,
-};
+use duffy_installers::{SshConfig, SshContextualizer, SshError};
 
 const HOSTNAME: &str = "node1.example.org";
 
@@ -56,12 +54,12 @@ fn blocks(text: &str) -> usize {
 async fn prepare_installs_the_project_keys() {
     let sshd = Sshd::start();
     assert!(!can_login(&sshd, "project_key1"), "the project key must not work before prepare");
-    let ctx = Arc::new(SshContextualizer::new(ssh_config(&sshd)).unwrap());
-    // Through the Installer the engine sees: install elsewhere, prepare here.
-    let installer = Contextualized::new(Arc::new(CommandInstaller::new(CommandConfig::new("true"))), ctx);
+    // Through the trait object the engine holds.
+    let ctx: Arc<dyn Contextualizer> = Arc::new(SshContextualizer::new(ssh_config(&sshd)).unwrap());
     let p = project("infra", vec![sshd.project_public_key(1), format!("  {}\n", sshd.project_public_key(2))]);
+    ctx.check_project(&p).unwrap();
     let ssid = session("4f6d2c1e-0000-4000-8000-000000000001");
-    installer.prepare(&test_node(&sshd), &p, &ssid).await.unwrap();
+    ctx.prepare(&test_node(&sshd), &p, &ssid).await.unwrap();
 
     let text = sshd.authorized_keys();
     assert_eq!(blocks(&text), 1, "{text}");
@@ -134,6 +132,7 @@ async fn a_wrong_recorded_host_key_is_refused_and_nothing_is_written() {
         ctx.push_keys(&node, &project("infra", vec![sshd.project_public_key(1)]), &session("s-1")).await.unwrap_err();
     eprintln!("{err}");
     assert!(matches!(err, SshError::HostKeyMismatch { .. }), "{err:?}");
+    assert_eq!(err.blame(), Blame::Node, "the node is at fault");
     let msg = err.to_string();
     assert!(msg.contains(HOSTNAME) && msg.contains("host key"), "{msg}");
     assert!(msg.contains("Host key verification failed"), "ssh's own words missing: {msg}");
@@ -156,6 +155,7 @@ async fn a_node_with_ssh_down_fails_clearly_and_quickly() {
     eprintln!("{err}");
     assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
     assert!(matches!(err, SshError::Connect { .. }), "{err:?}");
+    assert_eq!(err.blame(), Blame::Node, "the node is at fault");
     let msg = err.to_string();
     assert!(msg.contains(HOSTNAME) && msg.contains("Connection refused"), "{msg}");
 }
@@ -185,6 +185,7 @@ async fn a_node_that_never_answers_is_given_up_within_the_deadline() {
     eprintln!("{err}");
     assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
     assert!(matches!(err, SshError::Connect { .. } | SshError::Timeout { .. }), "{err:?}");
+    assert_eq!(err.blame(), Blame::Node, "the node is at fault");
     assert!(err.to_string().contains(HOSTNAME), "{err}");
     holder.abort();
 }
@@ -218,11 +219,18 @@ async fn bad_project_keys_are_refused_before_connecting() {
             other => panic!("{bad:?}: {other:?}"),
         }
         assert!(err.to_string().contains("refused"), "{err}");
+        assert_eq!(err.blame(), Blame::Project, "no node is at fault");
+        // The same refusal, before any node is claimed.
+        let checked = ctx.check_project(&p).unwrap_err();
+        assert_eq!((checked.blame, checked.message), (Blame::Project, err.to_string()));
     }
     // A project without keys, and names that would break the markers.
     let err = ctx.push_keys(&node, &project("infra", vec![]), &session("s-1")).await.unwrap_err();
     eprintln!("{err}");
     assert!(matches!(err, SshError::NoProjectKeys { .. }), "{err:?}");
+    assert!(err.to_string().contains("duffy project set infra --ssh-keys FILE"), "names the fix: {err}");
+    assert_eq!(err.blame(), Blame::Project, "no node is at fault");
+    assert_eq!(ctx.check_project(&project("infra", vec![])).unwrap_err().blame, Blame::Project);
     let err = ctx.push_keys(&node, &project("in\nfra", vec![good.clone()]), &session("s-1")).await.unwrap_err();
     eprintln!("{err}");
     assert!(matches!(err, SshError::InvalidName { .. }), "{err:?}");
@@ -233,6 +241,7 @@ async fn bad_project_keys_are_refused_before_connecting() {
     let err = ctx.push_keys(&node, &project("infra", vec![good]), &session("s-1")).await.unwrap_err();
     eprintln!("{err}");
     assert!(matches!(err, SshError::Spawn { .. }), "{err:?}");
+    assert_eq!(err.blame(), Blame::Service, "Duffy's side, not the node's");
     assert!(!Path::new("/tmp/pwned").exists());
 }
 

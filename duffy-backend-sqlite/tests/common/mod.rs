@@ -7,7 +7,8 @@ use std::sync::Arc;
 use duffy_backend_sqlite::{SqliteOptions, SqliteStore};
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, EventQuery,
-    NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store, StoreError, Timestamp,
+    Hardware, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store, StoreError,
+    Timestamp,
 };
 
 /// A fresh store in its own temporary directory (removed on drop, after
@@ -75,8 +76,8 @@ impl Store for Owned {
     async fn nodes_after(&self, after: NodeId, limit: usize) -> Result<Vec<Node>, StoreError> {
         self.store.nodes_after(after, limit).await
     }
-    async fn idle_nodes(&self, limit: usize) -> Result<Vec<Node>, StoreError> {
-        self.store.idle_nodes(limit).await
+    async fn idle_nodes(&self, hardware: &Hardware, limit: usize) -> Result<Vec<Node>, StoreError> {
+        self.store.idle_nodes(hardware, limit).await
     }
     async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
         self.store.session(id).await

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::model::{
-    Actor, Arch, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId, SessionState,
+    Actor, Arch, Hardware, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId, SessionState,
 };
 use crate::policy::RateLimit;
 use crate::state::{Cause, CauseKind, NodeState};
@@ -576,6 +576,18 @@ pub async fn pool_targets_and_pause_flag(store: Arc<dyn Store>) {
     assert!(store.set_paused(true).await.expect("pause again"));
     assert!(store.set_paused(false).await.expect("resume"));
     assert!(!store.paused().await.expect("read"));
+
+    // The claim reads the flag in its own transaction: paused, it refuses
+    // and writes nothing; resumed, the same claim goes through.
+    add_ready(&*store, "p", 2, &pool7()).await;
+    store.set_paused(true).await.expect("pause");
+    let before = store.nodes().await.expect("read");
+    let r = store.claim(claim_req("paused", 1, "proj", 1, Timestamp(50_000))).await.expect("claim");
+    assert_eq!(r.err(), Some(ClaimRefusal::Paused), "a claim while paused is refused");
+    assert_eq!(store.nodes().await.expect("read"), before, "a refused claim writes nothing");
+    assert!(store.session(&SessionId("paused".into())).await.expect("read").is_none());
+    store.set_paused(false).await.expect("resume");
+    claim_ok(&*store, claim_req("paused", 1, "proj", 1, Timestamp(50_000))).await;
 }
 
 /// Writes a transition of a node as it is stored now, and returns the row.
@@ -650,11 +662,19 @@ pub async fn stale_ready_is_oldest_first_and_bounded(store: Arc<dyn Store>) {
     assert_eq!(ids(store.stale_ready(s(20), 10).await.expect("read")), vec![d, c]);
 }
 
-/// `idle_nodes` lists Active nodes, least used first, then by id, bounded.
+/// `idle_nodes` lists the Active nodes of one kind of machine, least used
+/// first, then by id, bounded.
 pub async fn idle_nodes_are_least_used_first(store: Arc<dyn Store>) {
-    assert!(store.idle_nodes(10).await.expect("read").is_empty());
+    let x86 = Hardware { arch: Arch::X86_64, flavor: None };
+    assert!(store.idle_nodes(&x86, 10).await.expect("read").is_empty());
     let news = (0..4).map(|i| NewNode::new(format!("n{i}"), Arch::X86_64)).collect();
     let added = store.add_nodes(news, Actor::Operator, T0).await.expect("add");
+    // Other kinds of machine, interleaved by id: never listed for x86_64
+    // without a flavor, each listed for its own kind.
+    let mut others = vec![NewNode::new("arm-tiny", Arch::Aarch64), NewNode::new("x86-big", Arch::X86_64)];
+    others[0].flavor = Some("tiny".into());
+    others[1].flavor = Some("big".into());
+    let others = store.add_nodes(others, Actor::Operator, T0).await.expect("add");
     // Use n0 and n2 once: install, claim, release.
     let used = [added[0].clone(), added[2].clone()];
     for (i, n) in used.iter().enumerate() {
@@ -664,15 +684,21 @@ pub async fn idle_nodes_are_least_used_first(store: Arc<dyn Store>) {
         release(&*store, &c.session.id, T0).await.expect("release");
     }
     let ids = |v: Vec<Node>| v.into_iter().map(|n| n.id).collect::<Vec<_>>();
-    let all = ids(store.idle_nodes(10).await.expect("read"));
+    let all = ids(store.idle_nodes(&x86, 10).await.expect("read"));
     assert_eq!(all, vec![added[1].id, added[3].id, added[0].id, added[2].id], "unused first, then by id");
-    assert_eq!(ids(store.idle_nodes(3).await.expect("read")), all[..3].to_vec());
-    assert!(store.idle_nodes(0).await.expect("read").is_empty());
+    assert_eq!(ids(store.idle_nodes(&x86, 3).await.expect("read")), all[..3].to_vec());
+    assert!(store.idle_nodes(&x86, 0).await.expect("read").is_empty());
+    for n in &others {
+        let kind = Hardware::of(n);
+        assert_eq!(ids(store.idle_nodes(&kind, 10).await.expect("read")), vec![n.id], "{kind}");
+    }
+    let arm_big = Hardware { arch: Arch::Aarch64, flavor: Some("big".into()) };
+    assert!(store.idle_nodes(&arm_big, 10).await.expect("read").is_empty(), "arch and flavor must both match");
     // Leaving Active leaves the list; the rows are the stored ones.
     let n1 = store.node(added[1].id).await.expect("read").expect("exists");
     let w = NodeWrite::transition(&n1, Cause::SetAdmin, Actor::Operator, T0).expect("legal");
     store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.expect("commit");
-    let idle = store.idle_nodes(10).await.expect("read");
+    let idle = store.idle_nodes(&x86, 10).await.expect("read");
     assert_eq!(ids(idle.clone()), vec![added[3].id, added[0].id, added[2].id]);
     for n in &idle {
         assert_eq!(Some(n), store.node(n.id).await.expect("read").as_ref());

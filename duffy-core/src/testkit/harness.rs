@@ -40,11 +40,7 @@ impl Harness {
         let store = Arc::new(MemStore::new());
         let seed = sim.seed;
         let farm = Arc::new(SimFarm::new(Arc::new(clock.clone()), sim));
-        let engine = Engine::builder(store.clone(), farm.clone(), farm.clone(), Arc::new(clock.clone()))
-            .policy(policy)
-            .session_ids(Arc::new(SeededSessionIds::new(seed)))
-            .build()
-            .expect("the harness policy is valid");
+        let engine = Self::engine(store.clone(), &farm, &clock, policy, seed);
         let mut h = Harness { store, clock, farm, engine, pool: LocalPool::new(), keys_made: 0 };
         let (store, now) = (h.store.clone(), h.clock.now());
         let targets = targets.to_vec();
@@ -60,18 +56,36 @@ impl Harness {
         h
     }
 
+    /// The engine over the harness's parts: the farm powers and installs
+    /// the machines, and prepares them when its configuration has
+    /// anything to prepare ([`SimConfig::prepares`]).
+    fn engine(store: Arc<dyn Store>, farm: &Arc<SimFarm>, clock: &ManualClock, policy: Policy, seed: u64) -> Engine {
+        let clock: Arc<dyn Clock> = Arc::new(clock.clone());
+        let mut builder = Engine::builder(store, farm.clone(), farm.clone(), clock)
+            .policy(policy)
+            .session_ids(Arc::new(SeededSessionIds::new(seed)));
+        if farm.config().prepares() {
+            builder = builder.contextualizer(farm.clone());
+        }
+        builder.build().expect("the harness policy is valid")
+    }
+
     /// Simulates a crash and a restart: every running task (the
     /// reconciler, requests in flight, installs) is dropped mid-step, and a
     /// new engine and reconciler start over the same store, hardware and
     /// clock, with a new policy.
     pub fn crash_and_restart(&mut self, policy: Policy) {
+        self.crash_and_restart_over(policy, |store| store);
+    }
+
+    /// As [`Harness::crash_and_restart`], with the new engine seeing the
+    /// store through `wrap` (an
+    /// [`InterceptStore`](super::InterceptStore) that fails some calls,
+    /// say); the harness's own reads still go to the store directly.
+    pub fn crash_and_restart_over(&mut self, policy: Policy, wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>) {
         self.pool = LocalPool::new();
-        let clock: Arc<dyn Clock> = Arc::new(self.clock.clone());
-        self.engine = Engine::builder(self.store.clone(), self.farm.clone(), self.farm.clone(), clock)
-            .policy(policy)
-            .session_ids(Arc::new(SeededSessionIds::new(self.clock.now().as_millis() as u64)))
-            .build()
-            .expect("the harness policy is valid");
+        let store = wrap(self.store.clone());
+        self.engine = Self::engine(store, &self.farm, &self.clock, policy, self.clock.now().as_millis() as u64);
         let reconciler = self.engine.reconciler();
         self.spawn(reconciler.run(futures::future::pending()));
         self.run();

@@ -4,8 +4,8 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use crate::model::{
-    Actor, ApiKeyHash, ApiKeyRecord, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId,
-    SessionState,
+    Actor, ApiKeyHash, ApiKeyRecord, Hardware, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session,
+    SessionId, SessionState,
 };
 use crate::state::{Event, NodeState};
 use crate::store::{
@@ -257,12 +257,12 @@ impl Store for MemStore {
             .collect())
     }
 
-    async fn idle_nodes(&self, limit: usize) -> Result<Vec<Node>, StoreError> {
+    async fn idle_nodes(&self, hardware: &Hardware, limit: usize) -> Result<Vec<Node>, StoreError> {
         let s = self.lock();
         let mut idle: Vec<&Node> = s
             .by_state
             .get(&NodeState::Active)
-            .map(|ids| ids.iter().filter_map(|id| s.nodes.get(id)).collect())
+            .map(|ids| ids.iter().filter_map(|id| s.nodes.get(id)).filter(|n| Hardware::of(n) == *hardware).collect())
             .unwrap_or_default();
         idle.sort_by_key(|n| (n.used_count, n.id));
         Ok(idle.into_iter().take(limit).cloned().collect())
@@ -293,6 +293,9 @@ impl Store for MemStore {
         let mut s = self.lock();
         if s.sessions.contains_key(&req.session) {
             return Err(StoreError::Duplicate(format!("session {}", req.session)));
+        }
+        if s.paused {
+            return Ok(Err(ClaimRefusal::Paused));
         }
         if let Some(limit) = req.rate_limit {
             let since = req.now.minus(limit.window);

@@ -6,6 +6,8 @@
 //! - [`SimFarm`]: simulated power and installer with seeded latency and
 //!   failure rates.
 //! - [`SeededSessionIds`]: reproducible session ids.
+//! - [`InterceptStore`]: any store behind a hook that can fail or delay
+//!   each call.
 //! - [`Harness`]: all of the above plus the engine and reconciler on one
 //!   thread, for deterministic simulations.
 //! - [`conformance`]: the suite every `Store` backend must pass.
@@ -13,10 +15,12 @@
 mod clock;
 pub mod conformance;
 mod harness;
+mod intercept;
 mod mem_store;
 mod sim;
 
 pub use clock::ManualClock;
 pub use harness::Harness;
+pub use intercept::{Hook, InterceptStore};
 pub use mem_store::MemStore;
 pub use sim::{SeededSessionIds, SimConfig, SimFarm};

@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::engine::SessionIds;
-use crate::installer::{InstallError, Installed, Installer};
+use crate::installer::{Contextualizer, InstallError, Installed, Installer, PrepareError};
 use crate::model::{Arch, NewNode, Node, PoolKey, PowerState, Project, SessionId};
 use crate::power::{BootDevice, PowerAction, PowerController, PowerError, PowerErrorKind};
 use crate::time::{Clock, sleep};
@@ -63,6 +63,15 @@ impl Default for SimConfig {
             prepare_failure_rate: 0.0,
             power_latency: Duration::from_millis(50),
         }
+    }
+}
+
+impl SimConfig {
+    /// Whether the simulated farm has anything to prepare (a preparation
+    /// time or a failure rate), i.e. whether it should be the engine's
+    /// [`Contextualizer`]. Without one, allocation is a single write.
+    pub fn prepares(&self) -> bool {
+        !self.prepare_time.is_zero() || self.prepare_failure_rate > 0.0
     }
 }
 
@@ -138,6 +147,11 @@ impl SimFarm {
                 reserved: false,
             })
             .collect()
+    }
+
+    /// The current behaviour (latencies, rates).
+    pub fn config(&self) -> SimConfig {
+        self.lock().cfg.clone()
     }
 
     /// Changes the behaviour (latencies, rates); keeps the random stream.
@@ -279,13 +293,15 @@ impl Installer for SimFarm {
         self.lock().boot.insert(node.hostname.clone(), BootDevice::Disk);
         Ok(Installed { host_key: None })
     }
+}
 
-    fn prepares(&self) -> bool {
-        let s = self.lock();
-        !s.cfg.prepare_time.is_zero() || s.cfg.prepare_failure_rate > 0.0 || !s.broken_prepares.is_empty()
-    }
-
-    async fn prepare(&self, node: &Node, _project: &Project, _session: &SessionId) -> Result<(), InstallError> {
+#[async_trait]
+impl Contextualizer for SimFarm {
+    /// A simulated preparation: takes `prepare_time`, fails (blaming the
+    /// node, like an unreachable machine) at `prepare_failure_rate` or on
+    /// a node broken with [`SimFarm::break_prepare`]; a project with no
+    /// SSH keys is accepted (the simulated machines need none).
+    async fn prepare(&self, node: &Node, _project: &Project, _session: &SessionId) -> Result<(), PrepareError> {
         self.prepares.fetch_add(1, Ordering::Relaxed);
         let (took, fails) = {
             let mut s = self.lock();
@@ -295,7 +311,7 @@ impl Installer for SimFarm {
         };
         sleep(&*self.clock, took).await;
         if fails {
-            return Err(InstallError::new(format!("ssh to {}: connection refused (simulated)", node.hostname)));
+            return Err(PrepareError::node(format!("ssh to {}: connection refused (simulated)", node.hostname)));
         }
         Ok(())
     }
