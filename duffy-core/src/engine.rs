@@ -21,6 +21,7 @@ use crate::installer::{Blame, Contextualizer, Installer, PrepareError};
 use crate::model::{Actor, Arch, KeyId, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId, SessionState};
 use crate::policy::Policy;
 use crate::power::PowerController;
+use crate::session::{SessionCause, SessionTransitionError};
 use crate::state::{Cause, NodeState, TransitionError};
 use crate::store::{Batch, ClaimRefusal, ClaimRequest, CommitError, Guard, NodeWrite, SessionWrite, Store, StoreError};
 use crate::time::{Clock, Timestamp, timeout};
@@ -204,6 +205,9 @@ pub enum EngineError {
     /// The node's state does not allow the operation.
     #[error(transparent)]
     Transition(#[from] TransitionError),
+    /// The session's state does not allow the operation.
+    #[error(transparent)]
+    SessionTransition(#[from] SessionTransitionError),
     /// The operation kept losing compare-and-set races.
     #[error("too much contention on {0}; try again")]
     Contention(String),
@@ -226,6 +230,15 @@ impl From<CommitError> for EngineError {
             other => EngineError::Contention(other.to_string()),
         }
     }
+}
+
+/// One attempt of a compare-and-set operation (see
+/// [`Engine::with_retries`]).
+enum Attempt<T> {
+    /// Nothing (more) to write: the answer.
+    Done(T),
+    /// Write this batch; if it commits, the answer is the value.
+    Commit(Batch, T),
 }
 
 /// Wakes the reconciler early when something it cares about changed
@@ -269,6 +282,36 @@ pub(crate) struct Inner {
     /// store would answer; misses are never cached, so a key created a
     /// moment ago works at once. A key-revocation call must clear this.
     key_cache: std::sync::Mutex<HashMap<crate::model::ApiKeyHash, crate::model::ApiKeyRecord>>,
+}
+
+impl Inner {
+    /// Writes one node's transition on its own: `Ok(None)` if the node
+    /// changed since it was read (someone else got there first) or the
+    /// transition no longer applies. The one path by which a single node
+    /// is committed (reconciler operations and sweeps).
+    pub(crate) async fn commit_node(
+        &self,
+        node: &Node,
+        cause: Cause,
+        actor: Actor,
+    ) -> Result<Option<Node>, EngineError> {
+        let w = match NodeWrite::transition(node, cause, actor, self.clock.now()) {
+            Ok(w) => w,
+            Err(e) => {
+                debug!(node = %node.hostname, error = %e, "transition no longer applies");
+                return Ok(None);
+            }
+        };
+        let after = w.node.clone();
+        match self.store.commit(Batch { nodes: vec![w], ..Batch::default() }).await {
+            Ok(()) => Ok(Some(after)),
+            Err(CommitError::Store(e)) => Err(e.into()),
+            Err(e) => {
+                debug!(node = %node.hostname, error = %e, "the node changed since it was read");
+                Ok(None)
+            }
+        }
+    }
 }
 
 /// Most keys remembered by [`Inner::key_cache`]; past it the cache starts
@@ -584,12 +627,8 @@ impl Engine {
         for n in nodes {
             batch.nodes.push(NodeWrite::transition(n, Cause::Prepared, who.actor(), now)?);
         }
-        let mut s = session.clone();
-        s.state = SessionState::Prod;
-        s.delivered_at = Some(now);
-        s.lease_until = Some(now.plus(self.inner.policy.lease));
-        s.version += 1;
-        batch.sessions.push(SessionWrite { expected_version: Some(session.version), session: s });
+        let lease_until = now.plus(self.inner.policy.lease);
+        batch.sessions.push(SessionWrite::transition(session, SessionCause::Delivered { lease_until }, now)?);
         self.inner.store.commit(batch).await?;
         Ok(())
     }
@@ -605,41 +644,73 @@ impl Engine {
         actor: Actor,
     ) -> Result<(), EngineError> {
         let store = &self.inner.store;
-        for _ in 0..self.inner.policy.cas_retries {
-            let Some(session) = store.session(sid).await? else { return Ok(()) };
-            if session.state != SessionState::Allocating {
-                return Ok(());
-            }
-            let now = self.now();
-            let retry_at = self.inner.policy.failed_retry_after.map(|d| now.plus(d));
-            let mut batch = Batch::default();
-            for id in &session.nodes {
-                let Some(n) = store.node(*id).await? else { continue };
-                if n.state != NodeState::Contextualizing || n.session.as_ref() != Some(sid) {
-                    continue;
+        self.with_retries(
+            || format!("aborting session {sid}"),
+            || async {
+                let Some(session) = store.session(sid).await? else { return Ok(Attempt::Done(())) };
+                if session.state != SessionState::Allocating {
+                    return Ok(Attempt::Done(()));
                 }
-                let cause = match failures.get(id) {
-                    Some(r) => Cause::PrepareFailed { reason: r.clone(), retry_at },
-                    None => Cause::AllocationAborted { reason: reason.to_string() },
-                };
-                batch.nodes.push(NodeWrite::transition(&n, cause, actor.clone(), now)?);
-            }
-            let mut s = session.clone();
-            s.state = SessionState::Aborted;
-            s.ended_at = Some(now);
-            s.end_reason = Some(reason.to_string());
-            s.version += 1;
-            batch.sessions.push(SessionWrite { expected_version: Some(session.version), session: s });
-            match store.commit(batch).await {
-                Ok(()) => {
-                    self.kick();
-                    return Ok(());
+                let now = self.now();
+                let retry_at = self.inner.policy.failed_retry_after.map(|d| now.plus(d));
+                let mut batch = Batch::default();
+                for n in self.session_nodes(&session).await? {
+                    if n.state != NodeState::Contextualizing || n.session.as_ref() != Some(sid) {
+                        continue;
+                    }
+                    let cause = match failures.get(&n.id) {
+                        Some(r) => Cause::PrepareFailed { reason: r.clone(), retry_at },
+                        None => Cause::AllocationAborted { reason: reason.to_string() },
+                    };
+                    batch.nodes.push(NodeWrite::transition(&n, cause, actor.clone(), now)?);
+                }
+                let cause = SessionCause::Aborted { reason: reason.to_string() };
+                batch.sessions.push(SessionWrite::transition(&session, cause, now)?);
+                Ok(Attempt::Commit(batch, ()))
+            },
+        )
+        .await?;
+        self.kick();
+        Ok(())
+    }
+
+    /// Runs `attempt` until its batch commits: each attempt reads what it
+    /// needs afresh and returns the batch to write (or a final answer), and
+    /// a lost compare-and-set race starts a new attempt, at most the
+    /// policy's `cas_retries` times. The one place a refused guard becomes
+    /// an engine error.
+    async fn with_retries<T, F, Fut>(&self, what: impl Fn() -> String, mut attempt: F) -> Result<T, EngineError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Attempt<T>, EngineError>>,
+    {
+        for _ in 0..self.inner.policy.cas_retries {
+            let (batch, value) = match attempt().await? {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::Commit(batch, v) => (batch, v),
+            };
+            match self.inner.store.commit(batch).await {
+                Ok(()) => return Ok(value),
+                Err(CommitError::Conflict(c)) => debug!(what = %what(), conflict = %c, "lost a race; retrying"),
+                Err(CommitError::GuardFailed { guard: Guard::ProjectFailedNodesAtMost { max, .. }, .. }) => {
+                    return Err(EngineError::FailCapExceeded { cap: max });
                 }
                 Err(CommitError::Store(e)) => return Err(e.into()),
-                Err(e) => debug!(session = %sid, error = %e, "abort lost a race; retrying"),
             }
         }
-        Err(EngineError::Contention(format!("aborting session {sid}")))
+        Err(EngineError::Contention(what()))
+    }
+
+    /// Writes one node's transition on its own: `Ok(None)` if the node
+    /// changed since it was read or the transition no longer applies (see
+    /// `Inner::commit_node`, the one single-node path).
+    pub(crate) async fn commit_node(
+        &self,
+        node: &Node,
+        cause: Cause,
+        actor: Actor,
+    ) -> Result<Option<Node>, EngineError> {
+        self.inner.commit_node(node, cause, actor).await
     }
 
     /// Reads a session that `who` may see: unknown, foreign and
@@ -672,75 +743,62 @@ impl Engine {
     /// `/Node/done`: releases every node of the session (Prod or Fail); they
     /// go back to be reinstalled.
     pub async fn done(&self, who: &Principal, sid: &str) -> Result<(), EngineError> {
-        for _ in 0..self.inner.policy.cas_retries {
-            let s = self.own_session(who, sid).await?;
-            match s.state {
-                SessionState::Prod | SessionState::Fail => {}
-                other => return Err(EngineError::SessionNotInProd { id: s.id, state: other.as_str() }),
-            }
-            let now = self.now();
-            let mut batch = Batch::default();
-            for n in self.session_nodes(&s).await? {
-                if n.session.as_ref() == Some(&s.id) {
-                    batch.nodes.push(NodeWrite::transition(&n, Cause::Released, who.actor(), now)?);
-                }
-            }
-            let mut done = s.clone();
-            done.state = SessionState::Done;
-            done.ended_at = Some(now);
-            done.version += 1;
-            batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: done });
-            match self.inner.store.commit(batch).await {
-                Ok(()) => {
-                    info!(session = %s.id, project = %s.project, "session done");
-                    self.kick();
-                    return Ok(());
-                }
-                Err(CommitError::Store(e)) => return Err(e.into()),
-                Err(e) => debug!(session = %s.id, error = %e, "done lost a race; retrying"),
-            }
-        }
-        Err(EngineError::Contention(format!("session {sid}")))
+        let s = self
+            .with_retries(
+                || format!("session {sid}"),
+                || async {
+                    let s = self.own_session(who, sid).await?;
+                    if !matches!(s.state, SessionState::Prod | SessionState::Fail) {
+                        return Err(EngineError::SessionNotInProd { id: s.id, state: s.state.as_str() });
+                    }
+                    let now = self.now();
+                    let mut batch = Batch::default();
+                    for n in self.session_nodes(&s).await? {
+                        if n.session.as_ref() == Some(&s.id) {
+                            batch.nodes.push(NodeWrite::transition(&n, Cause::Released, who.actor(), now)?);
+                        }
+                    }
+                    batch.sessions.push(SessionWrite::transition(&s, SessionCause::Released, now)?);
+                    Ok(Attempt::Commit(batch, s))
+                },
+            )
+            .await?;
+        info!(session = %s.id, project = %s.project, "session done");
+        self.kick();
+        Ok(())
     }
 
     /// `/Node/fail`: marks every node of the session Failed and holds them
     /// (with the project's SSH keys still on root) for the fail-hold
     /// period, within the project's cap on failed nodes.
     pub async fn fail(&self, who: &Principal, sid: &str) -> Result<(), EngineError> {
-        for _ in 0..self.inner.policy.cas_retries {
-            let s = self.own_session(who, sid).await?;
-            if s.state != SessionState::Prod {
-                return Err(EngineError::SessionNotInProd { id: s.id, state: s.state.as_str() });
-            }
-            let now = self.now();
-            let hold_until = now.plus(self.inner.policy.fail_hold);
-            let mut batch = Batch::default();
-            for n in self.session_nodes(&s).await? {
-                if n.session.as_ref() == Some(&s.id) {
-                    batch.nodes.push(NodeWrite::transition(&n, Cause::FailedByUser { hold_until }, who.actor(), now)?);
-                }
-            }
-            let mut failed = s.clone();
-            failed.state = SessionState::Fail;
-            failed.hold_until = Some(hold_until);
-            failed.version += 1;
-            batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: failed });
-            if let Some(cap) = self.inner.policy.fail_cap {
-                batch.guards.push(Guard::ProjectFailedNodesAtMost { project: s.project.clone(), max: cap });
-            }
-            match self.inner.store.commit(batch).await {
-                Ok(()) => {
-                    info!(session = %s.id, project = %s.project, %hold_until, "session failed; nodes held");
-                    return Ok(());
-                }
-                Err(CommitError::GuardFailed { guard: Guard::ProjectFailedNodesAtMost { max, .. }, .. }) => {
-                    return Err(EngineError::FailCapExceeded { cap: max });
-                }
-                Err(CommitError::Store(e)) => return Err(e.into()),
-                Err(e) => debug!(session = %s.id, error = %e, "fail lost a race; retrying"),
-            }
-        }
-        Err(EngineError::Contention(format!("session {sid}")))
+        let (s, hold_until) = self
+            .with_retries(
+                || format!("session {sid}"),
+                || async {
+                    let s = self.own_session(who, sid).await?;
+                    if s.state != SessionState::Prod {
+                        return Err(EngineError::SessionNotInProd { id: s.id, state: s.state.as_str() });
+                    }
+                    let now = self.now();
+                    let hold_until = now.plus(self.inner.policy.fail_hold);
+                    let mut batch = Batch::default();
+                    for n in self.session_nodes(&s).await? {
+                        if n.session.as_ref() == Some(&s.id) {
+                            let cause = Cause::FailedByUser { hold_until };
+                            batch.nodes.push(NodeWrite::transition(&n, cause, who.actor(), now)?);
+                        }
+                    }
+                    batch.sessions.push(SessionWrite::transition(&s, SessionCause::FailedByUser { hold_until }, now)?);
+                    if let Some(cap) = self.inner.policy.fail_cap {
+                        batch.guards.push(Guard::ProjectFailedNodesAtMost { project: s.project.clone(), max: cap });
+                    }
+                    Ok(Attempt::Commit(batch, (s, hold_until)))
+                },
+            )
+            .await?;
+        info!(session = %s.id, project = %s.project, %hold_until, "session failed; nodes held");
+        Ok(())
     }
 
     /// `/Inventory`: every node, by id.
@@ -782,38 +840,32 @@ impl Engine {
         Ok(out)
     }
 
-    async fn admin_transition(
-        &self,
-        who: &Principal,
-        hostname: &str,
-        make: impl Fn() -> Cause,
-    ) -> Result<Node, EngineError> {
+    async fn admin_transition(&self, who: &Principal, hostname: &str, cause: Cause) -> Result<Node, EngineError> {
         Self::require_admin(who)?;
-        for _ in 0..self.inner.policy.cas_retries {
-            let n = self
-                .inner
-                .store
-                .node_by_hostname(hostname)
-                .await?
-                .ok_or_else(|| EngineError::UnknownNode(hostname.chars().take(253).collect()))?;
-            let w = NodeWrite::transition(&n, make(), who.actor(), self.now())?;
-            let after = w.node.clone();
-            match self.inner.store.commit(Batch { nodes: vec![w], ..Batch::default() }).await {
-                Ok(()) => {
-                    self.kick();
-                    return Ok(after);
-                }
-                Err(CommitError::Store(e)) => return Err(e.into()),
-                Err(e) => debug!(node = %hostname, error = %e, "admin change lost a race; retrying"),
-            }
-        }
-        Err(EngineError::Contention(format!("node {hostname}")))
+        let after = self
+            .with_retries(
+                || format!("node {hostname}"),
+                || async {
+                    let n = self
+                        .inner
+                        .store
+                        .node_by_hostname(hostname)
+                        .await?
+                        .ok_or_else(|| EngineError::UnknownNode(hostname.chars().take(253).collect()))?;
+                    let w = NodeWrite::transition(&n, cause.clone(), who.actor(), self.now())?;
+                    let after = w.node.clone();
+                    Ok(Attempt::Commit(Batch { nodes: vec![w], ..Batch::default() }, after))
+                },
+            )
+            .await?;
+        self.kick();
+        Ok(after)
     }
 
     /// `/NodeSetAdmin/<node>` (admin): takes the node out of the pool
     /// (Reserved). Refused while a session holds it.
     pub async fn set_admin(&self, who: &Principal, hostname: &str) -> Result<Node, EngineError> {
-        let n = self.admin_transition(who, hostname, || Cause::SetAdmin).await?;
+        let n = self.admin_transition(who, hostname, Cause::SetAdmin).await?;
         info!(node = %hostname, actor = %who.actor(), "node set to administrative downtime");
         Ok(n)
     }
@@ -821,7 +873,7 @@ impl Engine {
     /// `/NodeRecover/<node>` (admin): puts a Reserved or Failed node back
     /// (Active, to be reinstalled).
     pub async fn recover(&self, who: &Principal, hostname: &str) -> Result<Node, EngineError> {
-        let n = self.admin_transition(who, hostname, || Cause::Recovered).await?;
+        let n = self.admin_transition(who, hostname, Cause::Recovered).await?;
         info!(node = %hostname, actor = %who.actor(), "node recovered");
         Ok(n)
     }

@@ -19,6 +19,7 @@ pub mod planner;
 pub mod policy;
 pub mod power;
 pub mod reconciler;
+pub mod session;
 pub mod state;
 pub mod store;
 pub mod time;
@@ -36,6 +37,7 @@ pub use planner::{Plan, PlanInput, PlannedInstall, plan};
 pub use policy::{Policy, RateLimit};
 pub use power::{BootDevice, PowerAction, PowerController, PowerError, PowerErrorKind};
 pub use reconciler::{OpDone, OpOutcome, PassReport, Reconciler};
+pub use session::{SESSION_TRANSITIONS, SessionCause, SessionCauseKind, SessionEvent, SessionTransitionError};
 pub use state::{Cause, CauseKind, Event, NodeState, TransitionError};
 pub use store::{
     Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeWrite, SessionWrite, Store,

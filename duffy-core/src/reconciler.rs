@@ -33,6 +33,7 @@ use crate::engine::{Engine, EngineError, Inner};
 use crate::model::{Actor, Hardware, Node, NodeId, PoolKey, PowerState, SessionState};
 use crate::planner::{Plan, PlanInput, plan};
 use crate::power::PowerAction;
+use crate::session::SessionCause;
 use crate::state::{Cause, NodeState};
 use crate::store::{Batch, CommitError, NodeWrite, SessionWrite};
 use crate::time::{sleep, timeout};
@@ -320,7 +321,7 @@ impl Reconciler {
             }
             let Some(image) = n.image.clone() else { continue };
             let actor = if n.state_since < started_at { Actor::Recovery } else { Actor::Reconciler };
-            match commit_one(&self.engine, n, Cause::InstallRestarted, actor, now).await? {
+            match self.engine.commit_node(n, Cause::InstallRestarted, actor).await? {
                 Some(after) => {
                     info!(node = %n.hostname, %image, "re-driving an interrupted install");
                     self.start_install(after, image);
@@ -408,7 +409,7 @@ impl Reconciler {
             expired_failures
                 .iter()
                 .filter_map(|id| by_id.get(id))
-                .map(|n| async move { commit_one(engine, n, Cause::HoldExpired, Actor::Reconciler, now).await }),
+                .map(|n| async move { engine.commit_node(n, Cause::HoldExpired, Actor::Reconciler).await }),
         )
         .await;
         // A store error fails the pass, but only after every write that did
@@ -428,7 +429,7 @@ impl Reconciler {
                     crate::planner::InstallReason::Stale => "stale",
                 };
                 let cause = Cause::InstallStarted { image: p.image.clone(), why: why.to_string() };
-                commit_one(engine, n, cause, Actor::Reconciler, now).await.map(|r| r.map(|after| (after, p.image)))
+                engine.commit_node(n, cause, Actor::Reconciler).await.map(|r| r.map(|after| (after, p.image)))
             },
         ))
         .await;
@@ -436,7 +437,7 @@ impl Reconciler {
             power_downs
                 .iter()
                 .filter_map(|id| by_id.get(id))
-                .map(|n| async move { commit_one(engine, n, Cause::PoweredDown, Actor::Reconciler, now).await }),
+                .map(|n| async move { engine.commit_node(n, Cause::PoweredDown, Actor::Reconciler).await }),
         )
         .await;
         for r in started {
@@ -469,8 +470,9 @@ impl Reconciler {
 
 /// `others` plus up to `limits[kind]` idle nodes of each kind, in id
 /// order, and the kinds whose read hit its limit (there may be more). (A
-/// free function: the reconciler's future must stay `Send`; see
-/// [`commit_one`].)
+/// free function, as are the other helpers of a pass: the reconciler's
+/// future must be `Send`, and holding `&Reconciler` across an await would
+/// require it to be `Sync`.)
 async fn with_idle(
     mut others: Vec<Node>,
     store: &Arc<dyn crate::Store>,
@@ -490,36 +492,6 @@ async fn with_idle(
     Ok((others, full))
 }
 
-/// Writes one transition; `Ok(None)` if the node changed since it was read
-/// (someone else got there first) or the transition no longer applies.
-///
-/// A free function, not a method: the reconciler's future must be `Send`,
-/// and holding `&Reconciler` across an await would require it to be `Sync`.
-async fn commit_one(
-    engine: &Engine,
-    n: &Node,
-    cause: Cause,
-    actor: Actor,
-    now: crate::Timestamp,
-) -> Result<Option<Node>, EngineError> {
-    let w = match NodeWrite::transition(n, cause, actor, now) {
-        Ok(w) => w,
-        Err(e) => {
-            debug!(node = %n.hostname, error = %e, "planned transition no longer applies");
-            return Ok(None);
-        }
-    };
-    let after = w.node.clone();
-    match engine.inner.store.commit(Batch { nodes: vec![w], ..Batch::default() }).await {
-        Ok(()) => Ok(Some(after)),
-        Err(CommitError::Store(e)) => Err(e.into()),
-        Err(e) => {
-            debug!(node = %n.hostname, error = %e, "node changed under the reconciler");
-            Ok(None)
-        }
-    }
-}
-
 /// Ends a failed session whose hold ran out; its nodes go back to be
 /// reinstalled.
 async fn reclaim(engine: &Engine, s: &crate::Session) -> Result<bool, EngineError> {
@@ -532,12 +504,7 @@ async fn reclaim(engine: &Engine, s: &crate::Session) -> Result<bool, EngineErro
             batch.nodes.push(NodeWrite::transition(&n, Cause::HoldExpired, Actor::Reconciler, now)?);
         }
     }
-    let mut done = s.clone();
-    done.state = SessionState::Done;
-    done.ended_at = Some(now);
-    done.end_reason = Some("fail hold expired; nodes reclaimed".into());
-    done.version += 1;
-    batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: done });
+    batch.sessions.push(SessionWrite::transition(s, SessionCause::HoldExpired, now)?);
     match inner.store.commit(batch).await {
         Ok(()) => {
             info!(session = %s.id, project = %s.project, "fail hold expired; session reclaimed");
@@ -635,7 +602,7 @@ impl Reconciler {
                 debug!(node = %node.hostname, observed = observed.as_str(), "power state observed");
                 Cause::PowerObserved { observed }
             };
-            done(match write(&inner, &current, cause).await {
+            done(match inner.commit_node(&current, cause, Actor::Reconciler).await {
                 Ok(Some(_)) => OpOutcome::PowerChecked { mismatch },
                 Ok(None) => OpOutcome::Superseded,
                 Err(e) => OpOutcome::StoreFailed(e.to_string()),
@@ -692,7 +659,7 @@ async fn install_op(inner: Arc<Inner>, mut node: Node, image: PoolKey) -> OpDone
         let reason = match r {
             Ok(Ok(installed)) => {
                 let cause = Cause::InstallSucceeded { host_key: installed.host_key };
-                return done(match write(&inner, &node, cause).await {
+                return done(match inner.commit_node(&node, cause, Actor::Reconciler).await {
                     Ok(Some(_)) => OpOutcome::Installed,
                     Ok(None) => OpOutcome::Superseded,
                     Err(e) => OpOutcome::StoreFailed(e.to_string()),
@@ -704,14 +671,19 @@ async fn install_op(inner: Arc<Inner>, mut node: Node, image: PoolKey) -> OpDone
         if attempt + 1 == attempts {
             let retry_at = inner.policy.failed_retry_after.map(|d| inner.clock.now().plus(d));
             let reason = format!("install of {image} failed after {attempts} attempts: {reason}");
-            return done(match write(&inner, &node, Cause::InstallFailed { reason: reason.clone(), retry_at }).await {
-                Ok(Some(_)) => OpOutcome::InstallFailed(reason),
-                Ok(None) => OpOutcome::Superseded,
-                Err(e) => OpOutcome::StoreFailed(e.to_string()),
-            });
+            return done(
+                match inner
+                    .commit_node(&node, Cause::InstallFailed { reason: reason.clone(), retry_at }, Actor::Reconciler)
+                    .await
+                {
+                    Ok(Some(_)) => OpOutcome::InstallFailed(reason),
+                    Ok(None) => OpOutcome::Superseded,
+                    Err(e) => OpOutcome::StoreFailed(e.to_string()),
+                },
+            );
         }
         debug!(node = %node.hostname, attempt = attempt + 1, %reason, "install attempt failed; retrying");
-        match write(&inner, &node, Cause::InstallAttemptFailed { reason }).await {
+        match inner.commit_node(&node, Cause::InstallAttemptFailed { reason }, Actor::Reconciler).await {
             Ok(Some(after)) => node = after,
             Ok(None) => return done(OpOutcome::Superseded),
             Err(e) => return done(OpOutcome::StoreFailed(e.to_string())),
@@ -730,16 +702,6 @@ async fn still_ours(inner: &Inner, node: &Node) -> Result<bool, EngineError> {
         debug!(node = %node.hostname, "the node changed under the operation; leaving it alone");
     }
     Ok(ours)
-}
-
-async fn write(inner: &Inner, node: &Node, cause: Cause) -> Result<Option<Node>, EngineError> {
-    let Ok(w) = NodeWrite::transition(node, cause, Actor::Reconciler, inner.clock.now()) else { return Ok(None) };
-    let after = w.node.clone();
-    match inner.store.commit(Batch { nodes: vec![w], ..Batch::default() }).await {
-        Ok(()) => Ok(Some(after)),
-        Err(CommitError::Store(e)) => Err(e.into()),
-        Err(_) => Ok(None),
-    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use crate::model::{
     SessionId, SessionState,
 };
 use crate::policy::RateLimit;
+use crate::session::{SessionCause, SessionTransitionError};
 use crate::state::{Cause, Event, NodeState, TransitionError};
 use crate::time::Timestamp;
 
@@ -86,6 +87,21 @@ pub struct SessionWrite {
     pub expected_version: Option<u64>,
     /// The row to write.
     pub session: Session,
+}
+
+impl SessionWrite {
+    /// Applies `cause` to `session` through the session state machine and
+    /// wraps the result as a compare-and-set write.
+    pub fn transition(
+        session: &Session,
+        cause: SessionCause,
+        now: Timestamp,
+    ) -> Result<SessionWrite, SessionTransitionError> {
+        let (after, event) = session.apply(cause, now)?;
+        tracing::debug!(session = %event.session, from = event.from.as_str(), to = event.to.as_str(),
+            cause = %event.cause, "session transition");
+        Ok(SessionWrite { expected_version: Some(session.version), session: after })
+    }
 }
 
 /// A condition checked inside the batch's transaction, on the state the
