@@ -169,6 +169,23 @@ pub struct NofileLimit {
     pub after: Option<u64>,
 }
 
+/// Pending connections the kernel queues for `accept` (capped by
+/// `net.core.somaxconn`, 4096 by default on Linux).
+const BACKLOG: u32 = 1024;
+
+/// Binds a listening socket with a backlog for bursts of clients (a farm's
+/// machines booting at once, a wave of CI jobs): with the 128 that
+/// `TcpListener::bind` asks for, a burst overflows the queue and each
+/// overflowing client waits a second or more for its SYN to be resent.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As `TcpListener::bind`: a restarted service can bind at once even
+    // with connections of the previous one in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 /// Raises the process's soft `RLIMIT_NOFILE` to its hard limit: the soft
 /// default (often 1024) is far below what a service holding thousands of
 /// connections needs, and the hard limit is what the administrator allows.

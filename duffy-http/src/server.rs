@@ -9,14 +9,13 @@ use duffy_backend_ipmi::IpmiPowerController;
 use duffy_core::testkit::SimFarm;
 use duffy_core::{Actor, Clock, Engine, EngineError, Installer, PowerController, Store, StoreError};
 use duffy_installers::{CommandInstaller, Contextualized, PxeInstaller, PxeRegistry, SshContextualizer};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::api::{AppState, router};
 use crate::clock::SystemClock;
 use crate::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig};
-use crate::listener::{Limits, serve};
+use crate::listener::{Limits, bind, serve};
 use crate::metrics::Metrics;
 
 /// Why the service could not start or stopped with an error.
@@ -205,7 +204,7 @@ pub async fn start(addr: SocketAddr, built: Built) -> Result<Running, ServeError
 /// changes only through requests (for tests that compare states).
 pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Result<Running, ServeError> {
     let Built { engine, pxe, limits, .. } = built;
-    let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
+    let listener = bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let (stop, rx) = watch::channel(false);
     let state = AppState { engine: engine.clone(), metrics: Arc::new(Metrics::default()), pxe };
