@@ -196,8 +196,12 @@ fn ok(o: &Output, server: &Server) -> String {
     out
 }
 
+/// Connects, or fails the test if the service no longer accepts (the
+/// kernel would otherwise retry for minutes).
 fn connect(port: u16) -> TcpStream {
-    TcpStream::connect(("127.0.0.1", port)).expect("connect on loopback")
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the service no longer accepts connections: {e}"))
 }
 
 /// True if the server has closed `s` (EOF or reset); `s` must be
