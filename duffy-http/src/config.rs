@@ -59,6 +59,9 @@ pub struct Config {
     pub contextualize: ContextualizeConfig,
     /// Machines of a real farm (added on start if missing).
     pub nodes: Vec<NodeConfig>,
+    /// Limits on connections and time that keep idle or slow clients from
+    /// exhausting the service.
+    pub limits: LimitsConfig,
 }
 
 impl Default for Config {
@@ -72,7 +75,82 @@ impl Default for Config {
             installer: InstallerConfig::Simulated,
             contextualize: ContextualizeConfig::None,
             nodes: Vec::new(),
+            limits: LimitsConfig::default(),
         }
+    }
+}
+
+/// `[limits]`: how long a client may take and how many connections may be
+/// open at once (durations in seconds, or "10s", "2m").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Time a client has to send a request's complete header: from
+    /// connecting for the first request, from its first byte on a kept-alive
+    /// connection (10 s). Cuts off slowloris clients and connections that
+    /// never send anything.
+    #[serde(deserialize_with = "duffy_core::time::serde_duration::deserialize")]
+    pub header_read: Duration,
+    /// A kept-alive connection with no request in progress, or a response
+    /// the client stopped reading, is closed after this long (60 s).
+    #[serde(deserialize_with = "duffy_core::time::serde_duration::deserialize")]
+    pub idle: Duration,
+    /// A request not answered within this time gets a 503 and its handler
+    /// is abandoned. Default: `policy.prepare_timeout` + 60 s, because
+    /// `/Node/get` legitimately takes as long as preparing the nodes (SSH
+    /// contextualization); a value must exceed `prepare_timeout` by 10 s.
+    #[serde(deserialize_with = "duffy_core::time::serde_duration::deserialize_option")]
+    pub request: Option<Duration>,
+    /// Most connections open at once, over every listener; one more is
+    /// answered at once with a 503 and closed. Default: the open-file limit
+    /// (raised to its hard limit at start-up) less 256 for the database,
+    /// installers and BMCs, at most 10,000.
+    pub max_connections: Option<usize>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            request: None,
+            max_connections: None,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The margin by which `request` must exceed `policy.prepare_timeout`.
+    pub const REQUEST_MARGIN: Duration = Duration::from_secs(10);
+
+    /// The per-request timeout: the configured one, or derived from the
+    /// longest legitimate handler, `/Node/get` preparing its nodes.
+    pub fn request_timeout(&self, policy: &Policy) -> Duration {
+        self.request.unwrap_or(policy.prepare_timeout + Duration::from_secs(60))
+    }
+
+    fn validate(&self, policy: &Policy) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(format!("limits: {m}")));
+        if self.header_read.is_zero() || self.idle.is_zero() {
+            return bad("header_read and idle must be longer than zero".into());
+        }
+        if let Some(r) = self.request {
+            if r < policy.prepare_timeout + Self::REQUEST_MARGIN {
+                return bad(format!(
+                    "request ({} s) must be at least {} s longer than policy.prepare_timeout ({} s), or /Node/get \
+                     would be cut short while it prepares the nodes; omit it to use prepare_timeout + 60 s",
+                    r.as_secs_f64(),
+                    Self::REQUEST_MARGIN.as_secs(),
+                    policy.prepare_timeout.as_secs()
+                ));
+            }
+        }
+        if let Some(m) = self.max_connections {
+            if m == 0 || m > 1_000_000 {
+                return bad(format!("max_connections must be between 1 and 1000000, got {m}"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -266,6 +344,7 @@ impl Config {
     /// Checks values that the types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.policy.validate().map_err(|e| ConfigError::Invalid(format!("policy: {e}")))?;
+        self.limits.validate(&self.policy)?;
         for p in &self.pools {
             self.pool_key(p).validate().map_err(|e| ConfigError::Invalid(format!("pools: {e}")))?;
         }
@@ -393,6 +472,38 @@ mod tests {
         assert_eq!(c.policy.lease, Duration::from_secs(7200));
         assert_eq!(c.policy.rate_limit.unwrap().max, 20);
         assert_eq!(c.targets()[1].pool.flavor.as_deref(), Some("tiny"));
+    }
+
+    #[test]
+    fn limits_parse_and_default_from_the_policy() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert_eq!(c.limits.request_timeout(&c.policy), Duration::from_secs(180), "prepare_timeout + 60 s");
+        let c: Config = toml::from_str(
+            "[policy]\nprepare_timeout = 600\n[limits]\nheader_read = \"2.5s\"\nidle = 75\nmax_connections = 500",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.header_read, Duration::from_millis(2500));
+        assert_eq!(c.limits.idle, Duration::from_secs(75));
+        assert_eq!(c.limits.max_connections, Some(500));
+        assert_eq!(c.limits.request_timeout(&c.policy), Duration::from_secs(660), "follows prepare_timeout");
+        let c: Config = toml::from_str("[limits]\nrequest = \"3m\"").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.request_timeout(&c.policy), Duration::from_secs(180));
+    }
+
+    #[test]
+    fn limits_that_would_break_the_service_are_refused() {
+        let err = |text: &str| toml::from_str::<Config>(text).unwrap().validate().unwrap_err().to_string();
+        let e = err("[limits]\nrequest = 60");
+        assert!(e.contains("prepare_timeout (120 s)") && e.contains("/Node/get"), "{e}");
+        assert!(err("[policy]\nprepare_timeout = 30\n[limits]\nrequest = 39").contains("request"));
+        toml::from_str::<Config>("[policy]\nprepare_timeout = 30\n[limits]\nrequest = 40").unwrap().validate().unwrap();
+        assert!(err("[limits]\nheader_read = 0").contains("header_read"));
+        assert!(err("[limits]\nidle = 0").contains("idle"));
+        assert!(err("[limits]\nmax_connections = 0").contains("max_connections"));
+        assert!(toml::from_str::<Config>("[limits]\nidle_timeout = 5").is_err(), "unknown keys are refused");
     }
 
     #[test]

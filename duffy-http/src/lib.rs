@@ -12,6 +12,7 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod keys;
+pub mod listener;
 pub mod metrics;
 pub mod server;
 

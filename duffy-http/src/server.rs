@@ -9,13 +9,13 @@ use duffy_backend_ipmi::IpmiPowerController;
 use duffy_core::testkit::SimFarm;
 use duffy_core::{Actor, Clock, Contextualizer, Engine, EngineError, Installer, PowerController, Store, StoreError};
 use duffy_installers::{CommandInstaller, PxeInstaller, PxeRegistry, SshContextualizer};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::api::{AppState, router};
 use crate::clock::SystemClock;
 use crate::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig};
+use crate::listener::{Limits, bind, serve};
 use crate::metrics::Metrics;
 
 /// Why the service could not start or stopped with an error.
@@ -54,6 +54,8 @@ pub struct Built {
     pub sim: Option<Arc<SimFarm>>,
     /// The PXE installer's pending installs, served at `/Install/*`.
     pub pxe: Option<Arc<PxeRegistry>>,
+    /// Limits on connections and time for every listener of the service.
+    pub limits: Limits,
 }
 
 fn unsupported(what: &str) -> impl Fn(String) -> ServeError + '_ {
@@ -137,7 +139,8 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
     if !cfg.pools.is_empty() || store.pool_targets().await?.is_empty() {
         engine.set_pool_targets(&cfg.targets()).await?;
     }
-    Ok(Built { engine, sim: farm, pxe })
+    let limits = Limits::from_config(&cfg.limits, &cfg.policy);
+    Ok(Built { engine, sim: farm, pxe, limits })
 }
 
 /// Installs each pool's image with that pool's installer (the service's
@@ -195,17 +198,15 @@ pub async fn start(addr: SocketAddr, built: Built) -> Result<Running, ServeError
 /// As [`start`]; with `reconcile` false no reconciler runs, so the farm
 /// changes only through requests (for tests that compare states).
 pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Result<Running, ServeError> {
-    let Built { engine, pxe, .. } = built;
-    let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
+    let Built { engine, pxe, limits, .. } = built;
+    let listener = bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let (stop, rx) = watch::channel(false);
     let state = AppState { engine: engine.clone(), metrics: Arc::new(Metrics::default()), pxe };
     let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().run(stopped(rx.clone()))));
     let app = router(state);
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(stopped(rx))
-            .await;
+        let served = serve(listener, app, &limits, stopped(rx)).await;
         if let Some(r) = reconciler {
             if r.await.is_err() {
                 warn!("the reconciler task panicked");
