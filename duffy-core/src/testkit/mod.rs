@@ -8,6 +8,9 @@
 //! - [`SeededSessionIds`]: reproducible session ids.
 //! - [`Harness`]: all of the above plus the engine and reconciler on one
 //!   thread, for deterministic simulations.
+//! - [`YieldingStore`]: wraps any store and yields to the executor (a
+//!   seeded number of times) around every call, so that concurrent
+//!   operations interleave at every `await`.
 //! - [`conformance`]: the suite every `Store` backend must pass.
 
 mod clock;
@@ -15,8 +18,10 @@ pub mod conformance;
 mod harness;
 mod mem_store;
 mod sim;
+mod yielding;
 
 pub use clock::ManualClock;
 pub use harness::Harness;
 pub use mem_store::MemStore;
 pub use sim::{SeededSessionIds, SimConfig, SimFarm};
+pub use yielding::YieldingStore;
