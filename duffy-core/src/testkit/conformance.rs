@@ -791,15 +791,16 @@ pub async fn check_invariants(store: &dyn Store) -> Result<(), String> {
     // And as the node rows state it: the same, the other way round.
     for n in &nodes {
         match (&n.session, n.state) {
-            (Some(sid), NodeState::Contextualizing | NodeState::Deployed | NodeState::Failed) => {
-                if listed_by.get(&n.id) != Some(&sid) {
-                    return Err(if sessions.contains(sid) {
-                        format!("node {} names session {sid} as its holder, which does not list it", n.hostname)
-                    } else {
-                        format!("node {} names session {sid} as its holder, which is not live", n.hostname)
-                    });
-                }
+            (Some(sid), NodeState::Contextualizing | NodeState::Deployed | NodeState::Failed)
+                if listed_by.get(&n.id) != Some(&sid) =>
+            {
+                return Err(if sessions.contains(sid) {
+                    format!("node {} names session {sid} as its holder, which does not list it", n.hostname)
+                } else {
+                    format!("node {} names session {sid} as its holder, which is not live", n.hostname)
+                });
             }
+            (Some(_), NodeState::Contextualizing | NodeState::Deployed | NodeState::Failed) => {}
             (Some(sid), st) => {
                 return Err(format!("node {} is {st} yet names session {sid} as its holder", n.hostname));
             }
