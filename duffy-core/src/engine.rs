@@ -239,6 +239,9 @@ enum Attempt<T> {
     Done(T),
     /// Write this batch; if it commits, the answer is the value.
     Commit(Batch, T),
+    /// What was read changed while it was being read (a node moved under
+    /// a session read a moment before): read again.
+    Retry,
 }
 
 /// Wakes the reconciler early when something it cares about changed
@@ -688,6 +691,7 @@ impl Engine {
             let (batch, value) = match attempt().await? {
                 Attempt::Done(v) => return Ok(v),
                 Attempt::Commit(batch, v) => (batch, v),
+                Attempt::Retry => continue,
             };
             match self.inner.store.commit(batch).await {
                 Ok(()) => return Ok(value),
@@ -711,6 +715,14 @@ impl Engine {
         actor: Actor,
     ) -> Result<Option<Node>, EngineError> {
         self.inner.commit_node(node, cause, actor).await
+    }
+
+    /// A node of `s` refused its transition: it moved after the session
+    /// was read (another `done` or `fail` of the same session won the
+    /// race), so the session is read again and judged afresh.
+    fn moved_under<T>(s: &Session, e: TransitionError) -> Attempt<T> {
+        debug!(session = %s.id, error = %e, "a node moved under the session; reading it again");
+        Attempt::Retry
     }
 
     /// Reads a session that `who` may see: unknown, foreign and
@@ -755,7 +767,10 @@ impl Engine {
                     let mut batch = Batch::default();
                     for n in self.session_nodes(&s).await? {
                         if n.session.as_ref() == Some(&s.id) {
-                            batch.nodes.push(NodeWrite::transition(&n, Cause::Released, who.actor(), now)?);
+                            match NodeWrite::transition(&n, Cause::Released, who.actor(), now) {
+                                Ok(w) => batch.nodes.push(w),
+                                Err(e) => return Ok(Self::moved_under(&s, e)),
+                            }
                         }
                     }
                     batch.sessions.push(SessionWrite::transition(&s, SessionCause::Released, now)?);
@@ -785,8 +800,10 @@ impl Engine {
                     let mut batch = Batch::default();
                     for n in self.session_nodes(&s).await? {
                         if n.session.as_ref() == Some(&s.id) {
-                            let cause = Cause::FailedByUser { hold_until };
-                            batch.nodes.push(NodeWrite::transition(&n, cause, who.actor(), now)?);
+                            match NodeWrite::transition(&n, Cause::FailedByUser { hold_until }, who.actor(), now) {
+                                Ok(w) => batch.nodes.push(w),
+                                Err(e) => return Ok(Self::moved_under(&s, e)),
+                            }
                         }
                     }
                     batch.sessions.push(SessionWrite::transition(&s, SessionCause::FailedByUser { hold_until }, now)?);

@@ -1,20 +1,54 @@
-//! Model-based property test: random interleavings of get/done/fail, admin
-//! calls, reconciler steps, clock jumps and injected failures against the
-//! engine, with the farm's invariants checked after every step.
+//! Model-based property test: random steps of concurrent API calls (get,
+//! done, fail, foreign-key access, admin calls, pause/resume), clock jumps
+//! and injected hardware failures against the engine and its reconciler.
+//!
+//! The store is the in-memory one seen through a yielding store, which
+//! hands control back to the executor a seeded number of times around
+//! every call, so the calls of a step (and the reconciler) interleave at
+//! every `await` and the engine's read → compare-and-set windows race for
+//! real. After every step the test checks the farm-wide invariants, the
+//! event log's replay, that the farm still has exactly the machines it was
+//! given, the rate limit against a model of it, every handed-out session
+//! against what its owner did with it, and that no key touched another
+//! key's session. At the end the farm is healed and every pool must reach
+//! its target.
+//!
+//! 256 cases by default (`PROPTEST_CASES=n` for more); a failure is saved
+//! to `proptest-regressions/model_proptest.txt` (commit it) and replayed
+//! before new cases. The last tests run the same property over
+//! deliberately broken stores and check that it fails.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::{ClaimOutcome, ClaimRecord, Fault, Tap};
 use duffy_core::testkit::conformance::{check_history, check_invariants};
-use duffy_core::testkit::{Harness, SimConfig, SimFarm};
-use duffy_core::{Arch, EngineError, NewNode, NodeRequest, NodeState, PoolKey, PoolTarget, Principal, SessionState};
+use duffy_core::testkit::{Harness, InterceptStore, SimConfig, SimFarm, Yields};
+use duffy_core::{
+    Actor, Arch, EngineError, EventQuery, KeyId, NewNode, NodeRequest, NodeState, PoolKey, PoolTarget, Principal,
+    RateLimit, SessionId, SessionState,
+};
 use proptest::prelude::*;
+use proptest::test_runner::{FileFailurePersistence, TestError, TestRng, TestRunner};
 
+/// Where failing cases are saved and replayed from.
+const REGRESSIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/proptest-regressions/model_proptest.txt");
+
+/// Small enough that the random steps run into it: three keys make about
+/// one `get` per step between them, and a step moves the clock about two
+/// and a half minutes on average.
+const RATE_LIMIT: RateLimit = RateLimit { max: 2, window: Duration::from_secs(900) };
+
+/// One API call.
 #[derive(Debug, Clone)]
-enum Action {
+enum Op {
     Get {
         key: usize,
         pool: usize,
@@ -38,6 +72,12 @@ enum Action {
     },
     Pause,
     Resume,
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// API calls started together, running concurrently.
+    Calls(Vec<Op>),
     Advance {
         secs: u64,
     },
@@ -54,21 +94,33 @@ enum Action {
     },
 }
 
-fn action() -> impl Strategy<Value = Action> {
+fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        10 => (0..3usize, 0..3usize, 1..4u32).prop_map(|(key, pool, count)| Action::Get { key, pool, count }),
-        4 => (0..8usize).prop_map(|pick| Action::Done { pick }),
-        2 => (0..8usize).prop_map(|pick| Action::Fail { pick }),
-        1 => (0..8usize).prop_map(|pick| Action::ForeignDone { pick }),
-        1 => (0..16usize).prop_map(|node| Action::SetAdmin { node }),
-        1 => (0..16usize).prop_map(|node| Action::Recover { node }),
-        1 => Just(Action::Pause),
-        1 => Just(Action::Resume),
-        6 => (1..1200u64).prop_map(|secs| Action::Advance { secs }),
-        1 => prop_oneof![Just(0u8), Just(30), Just(100)].prop_map(|percent| Action::InstallFailureRate { percent }),
-        1 => (0..16usize, any::<bool>()).prop_map(|(node, broken)| Action::BreakPrepare { node, broken }),
-        1 => (0..16usize, any::<bool>()).prop_map(|(node, hung)| Action::HangInstall { node, hung }),
+        10 => (0..3usize, 0..3usize, 1..4u32).prop_map(|(key, pool, count)| Op::Get { key, pool, count }),
+        4 => (0..8usize).prop_map(|pick| Op::Done { pick }),
+        2 => (0..8usize).prop_map(|pick| Op::Fail { pick }),
+        1 => (0..8usize).prop_map(|pick| Op::ForeignDone { pick }),
+        1 => (0..16usize).prop_map(|node| Op::SetAdmin { node }),
+        1 => (0..16usize).prop_map(|node| Op::Recover { node }),
+        1 => Just(Op::Pause),
+        1 => Just(Op::Resume),
     ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        14 => proptest::collection::vec(op(), 1..=4).prop_map(Step::Calls),
+        6 => (1..1200u64).prop_map(|secs| Step::Advance { secs }),
+        1 => prop_oneof![Just(0u8), Just(30), Just(100)].prop_map(|percent| Step::InstallFailureRate { percent }),
+        1 => (0..16usize, any::<bool>()).prop_map(|(node, broken)| Step::BreakPrepare { node, broken }),
+        1 => (0..16usize, any::<bool>()).prop_map(|(node, hung)| Step::HangInstall { node, hung }),
+    ]
+}
+
+/// A seed (for the simulated farm, the session ids and the yields) and the
+/// steps.
+fn case() -> impl Strategy<Value = (u64, Vec<Step>)> {
+    (any::<u64>(), proptest::collection::vec(step(), 1..60))
 }
 
 fn pools() -> Vec<PoolKey> {
@@ -110,35 +162,106 @@ fn policy() -> duffy_core::Policy {
         failed_retry_after: Some(Duration::from_secs(3600)),
         prepare_timeout: Duration::from_secs(60),
         fail_cap: Some(3),
-        rate_limit: None,
+        rate_limit: Some(RATE_LIMIT),
         tick: Duration::from_secs(300),
         ..duffy_core::Policy::default()
     }
 }
 
-type Sessions = Rc<RefCell<Vec<(usize, String)>>>;
+/// What a handed-out session must be, given what its owner did with it.
+/// Only its owner ends a Prod session; the reconciler may end a Fail one
+/// when its hold runs out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Expect {
+    /// Delivered with these hosts, not released or failed since.
+    Prod(Vec<String>),
+    /// Failed by its owner: Fail, or Done once the hold ran out.
+    Fail,
+    /// Released by its owner.
+    Done,
+}
+
+impl Expect {
+    fn rank(&self) -> u8 {
+        match self {
+            Expect::Prod(_) => 0,
+            Expect::Fail => 1,
+            Expect::Done => 2,
+        }
+    }
+}
+
+/// What the test knows from the answers it got.
+#[derive(Debug, Default)]
+struct Model {
+    /// Sessions handed out, in order: (key index, ssid).
+    handed_out: Vec<(usize, String)>,
+    /// What each of them must be now.
+    expect: HashMap<String, Expect>,
+    /// `get_nodes` answers `RateLimited`, per key index.
+    rate_limited: [u32; 3],
+}
+
+impl Model {
+    /// Records what an owner did. Concurrent calls on one session may
+    /// report back in another order than they took effect, so a session
+    /// only ever moves forward (Prod, Fail, Done).
+    fn owner_did(&mut self, sid: &str, to: Expect) {
+        match self.expect.get(sid) {
+            Some(cur) if cur.rank() >= to.rank() => {}
+            _ => {
+                self.expect.insert(sid.to_string(), to);
+            }
+        }
+    }
+}
+
+/// The store stack under test and how it is broken, if at all.
+#[derive(Debug, Clone, Copy)]
+struct Variant {
+    fault: Fault,
+    /// Yields around each store call: 0 to this many.
+    max_yields: u32,
+}
+
+/// The real stack: the in-memory store, yielding, no fault.
+const REAL: Variant = Variant { fault: Fault::None, max_yields: 3 };
 
 struct World {
     h: Harness,
-    keys: Vec<String>,
+    tap: Arc<Tap>,
+    yielding: Arc<Yields>,
+    /// The three user keys: key 0 of project "small" (quota 3); keys 1 and
+    /// 2 of project "big".
+    keys: Vec<Principal>,
     admin: Principal,
-    sessions: Sessions,
-    node_count: usize,
+    model: Rc<RefCell<Model>>,
+    /// The event log is checked up to here.
+    events_checked: u64,
 }
 
 impl World {
-    fn new(seed: u64) -> World {
+    fn new(seed: u64, variant: Variant) -> World {
         let sim = SimConfig { seed, ..SimConfig::default() };
-        let mut h = Harness::new(policy(), sim, machines(), &targets());
-        // Project "small" has a quota of 3 nodes; two keys share project "big".
-        let keys = vec![h.key("small", Some(3), false), h.key("big", None, false), h.key("big", None, false)];
+        let mut tap = None;
+        let mut h = Harness::with_store(policy(), sim, machines(), &targets(), |mem| {
+            let t = Arc::new(Tap::new(mem, variant.fault));
+            let (y, yields) = InterceptStore::yielding(t.clone(), seed ^ 0x9e37_79b9_7f4a_7c15, variant.max_yields);
+            tap = Some((t, yields));
+            Arc::new(y)
+        });
+        let (tap, yielding) = tap.expect("with_store made the stack");
+        let keys = [h.key("small", Some(3), false), h.key("big", None, false), h.key("big", None, false)];
         let admin_key = h.key("ops", None, true);
-        let engine = h.engine.clone();
-        let admin = h.block_on(async move { engine.authenticate(&admin_key).await.expect("admin key") });
+        let mut auth = |key: String| {
+            let engine = h.engine.clone();
+            h.block_on(async move { engine.authenticate(&key).await.expect("known key") })
+        };
+        let keys: Vec<Principal> = keys.into_iter().map(&mut auth).collect();
+        let admin = auth(admin_key);
         // Start with warm pools, as a running farm has.
         h.advance(Duration::from_secs(900));
-        let node_count = machines().len();
-        World { h, keys, admin, sessions: Rc::new(RefCell::new(Vec::new())), node_count }
+        World { h, tap, yielding, keys, admin, model: Rc::new(RefCell::new(Model::default())), events_checked: 0 }
     }
 
     fn hostname(i: usize) -> String {
@@ -146,18 +269,35 @@ impl World {
         m[i % m.len()].hostname.clone()
     }
 
-    fn principal(&mut self, key: usize) -> Principal {
-        let engine = self.h.engine.clone();
-        let k = self.keys[key].clone();
-        self.h.block_on(async move { engine.authenticate(&k).await.expect("known key") })
+    fn pick(&self, pick: usize) -> Option<(usize, String)> {
+        let m = self.model.borrow();
+        m.handed_out.get(pick % m.handed_out.len().max(1)).cloned()
     }
 
-    fn apply(&mut self, a: &Action) {
+    fn apply(&mut self, step: &Step) {
+        match step.clone() {
+            Step::Calls(ops) => {
+                for op in ops {
+                    self.start(op);
+                }
+            }
+            Step::Advance { secs } => self.h.advance(Duration::from_secs(secs)),
+            Step::InstallFailureRate { percent } => {
+                self.h.farm.configure(|c| c.install_failure_rate = f64::from(percent) / 100.0)
+            }
+            Step::BreakPrepare { node, broken } => self.h.farm.break_prepare(&Self::hostname(node), broken),
+            Step::HangInstall { node, hung } => self.h.farm.hang_install(&Self::hostname(node), hung),
+        }
+        self.h.run();
+    }
+
+    /// Spawns one call; it runs when the step's calls are run together.
+    fn start(&mut self, op: Op) {
         let engine = self.h.engine.clone();
-        match a.clone() {
-            Action::Get { key, pool, count } => {
-                let who = self.principal(key);
-                let sessions = self.sessions.clone();
+        let model = self.model.clone();
+        match op {
+            Op::Get { key, pool, count } => {
+                let who = self.keys[key].clone();
                 let p = pools()[pool].clone();
                 let req =
                     NodeRequest { release: Some(p.release), arch: Some(p.arch), count: Some(count), flavor: None };
@@ -165,12 +305,16 @@ impl World {
                     match engine.get_nodes(&who, &req).await {
                         Ok(alloc) => {
                             assert_eq!(alloc.hosts.len(), count as usize);
-                            sessions.borrow_mut().push((key, alloc.session.0));
+                            let mut m = model.borrow_mut();
+                            m.handed_out.push((key, alloc.session.0.clone()));
+                            m.expect.insert(alloc.session.0, Expect::Prod(alloc.hosts));
                         }
+                        Err(EngineError::RateLimited { .. }) => model.borrow_mut().rate_limited[key] += 1,
                         Err(
                             EngineError::InsufficientNodes { .. }
                             | EngineError::QuotaExceeded { .. }
                             | EngineError::PreparationFailed { .. }
+                            | EngineError::ProjectUnusable { .. }
                             | EngineError::Paused
                             | EngineError::InvalidRequest(_),
                         ) => {}
@@ -178,42 +322,41 @@ impl World {
                     }
                 });
             }
-            Action::Done { pick } | Action::Fail { pick } => {
-                let list = self.sessions.borrow().clone();
-                let Some((owner, sid)) = list.get(pick % list.len().max(1)).cloned() else { return };
-                let who = self.principal(owner);
-                let is_done = matches!(a, Action::Done { .. });
+            Op::Done { pick } | Op::Fail { pick } => {
+                let Some((owner, sid)) = self.pick(pick) else { return };
+                let who = self.keys[owner].clone();
+                let is_done = matches!(op, Op::Done { .. });
                 self.h.spawn(async move {
                     let r = if is_done { engine.done(&who, &sid).await } else { engine.fail(&who, &sid).await };
                     match r {
-                        Ok(()) | Err(EngineError::SessionNotInProd { .. } | EngineError::FailCapExceeded { .. }) => {}
+                        Ok(()) => model.borrow_mut().owner_did(&sid, if is_done { Expect::Done } else { Expect::Fail }),
+                        Err(EngineError::SessionNotInProd { .. } | EngineError::FailCapExceeded { .. }) => {}
                         Err(e) => panic!("unexpected done/fail error: {e}"),
                     }
                 });
             }
-            Action::ForeignDone { pick } => {
-                let list = self.sessions.borrow().clone();
-                let Some((owner, sid)) = list.get(pick % list.len().max(1)).cloned() else { return };
-                // Keys 1 and 2 share a project: even so, neither may touch the other's sessions.
+            Op::ForeignDone { pick } => {
+                let Some((owner, sid)) = self.pick(pick) else { return };
+                // Keys 1 and 2 share a project: even so, neither may touch
+                // the other's sessions. (That nothing was written is
+                // checked from the event log after the step.)
                 let stranger = match owner {
                     0 => 1,
                     1 => 2,
                     _ => 1,
                 };
-                let who = self.principal(stranger);
-                let store = self.h.dyn_store();
+                let who = self.keys[stranger].clone();
                 self.h.spawn(async move {
-                    let before = store.session(&duffy_core::SessionId(sid.clone())).await.expect("read");
-                    assert!(matches!(engine.done(&who, &sid).await, Err(EngineError::InvalidSession)));
-                    assert!(matches!(engine.fail(&who, &sid).await, Err(EngineError::InvalidSession)));
-                    let after = store.session(&duffy_core::SessionId(sid)).await.expect("read");
-                    assert_eq!(before.map(|s| s.version), after.map(|s| s.version), "a stranger changed nothing");
+                    let done = engine.done(&who, &sid).await;
+                    assert!(matches!(done, Err(EngineError::InvalidSession)), "a stranger's done: {done:?}");
+                    let fail = engine.fail(&who, &sid).await;
+                    assert!(matches!(fail, Err(EngineError::InvalidSession)), "a stranger's fail: {fail:?}");
                 });
             }
-            Action::SetAdmin { node } | Action::Recover { node } => {
+            Op::SetAdmin { node } | Op::Recover { node } => {
                 let admin = self.admin.clone();
                 let host = Self::hostname(node);
-                let set = matches!(a, Action::SetAdmin { .. });
+                let set = matches!(op, Op::SetAdmin { .. });
                 self.h.spawn(async move {
                     let r =
                         if set { engine.set_admin(&admin, &host).await } else { engine.recover(&admin, &host).await };
@@ -223,11 +366,11 @@ impl World {
                     }
                 });
             }
-            Action::Pause => {
+            Op::Pause => {
                 let admin = self.admin.clone();
                 self.h.spawn(async move { engine.pause(&admin).await.expect("pause") });
             }
-            Action::Resume => {
+            Op::Resume => {
                 let admin = self.admin.clone();
                 self.h.spawn(async move {
                     match engine.resume(&admin).await {
@@ -236,34 +379,95 @@ impl World {
                     }
                 });
             }
-            Action::Advance { secs } => self.h.advance(Duration::from_secs(secs)),
-            Action::InstallFailureRate { percent } => {
-                self.h.farm.configure(|c| c.install_failure_rate = f64::from(percent) / 100.0)
-            }
-            Action::BreakPrepare { node, broken } => self.h.farm.break_prepare(&Self::hostname(node), broken),
-            Action::HangInstall { node, hung } => self.h.farm.hang_install(&Self::hostname(node), hung),
         }
-        self.h.run();
     }
 
+    /// Everything the test can check once every task is waiting for the
+    /// clock. Reads go through the same store stack as the engine's (a
+    /// broken variant's reads are what is checked); nothing else runs
+    /// meanwhile, so they see one state.
     fn check(&mut self) {
         let store = self.h.dyn_store();
-        let n = self.node_count;
-        self.h.block_on(async move {
-            check_invariants(&*store).await.expect("invariants");
-            check_history(&*store).await.expect("history");
-            let nodes = store.nodes().await.expect("nodes");
-            assert_eq!(nodes.len(), n, "no node lost or invented");
-            // Every Deployed node belongs to exactly one live Prod session.
-            let live = store.live_sessions().await.expect("live");
-            for node in nodes.iter().filter(|x| x.state == NodeState::Deployed) {
-                let holders: Vec<_> = live
-                    .iter()
-                    .filter(|s| s.nodes.contains(&node.id) && node.session.as_ref() == Some(&s.id))
-                    .collect();
-                assert_eq!(holders.len(), 1, "{} held by {} sessions", node.hostname, holders.len());
-                assert_eq!(holders[0].state, SessionState::Prod);
+        let tap = self.tap.clone();
+        let model = self.model.clone();
+        let keys: Vec<KeyId> = self.keys.iter().map(|p| p.key_id.expect("a key")).collect();
+        let admin = self.admin.key_id.expect("a key");
+        let after = self.events_checked;
+        self.events_checked = self.h.block_on(async move {
+            if let Err(e) = check_invariants(&*store).await {
+                panic!("invariants: {e}");
             }
+            if let Err(e) = check_history(&*store).await {
+                panic!("history: {e}");
+            }
+
+            // Exactly the machines added, each once: a store that loses or
+            // invents a node is caught here.
+            let mut hosts: Vec<String> = store.nodes().await.expect("nodes").into_iter().map(|n| n.hostname).collect();
+            hosts.sort();
+            let mut want: Vec<String> = machines().into_iter().map(|n| n.hostname).collect();
+            want.sort();
+            assert_eq!(hosts, want, "no node lost or invented");
+
+            let claims = tap.claims();
+            if let Err(e) = check_rate_limit(&claims, RATE_LIMIT) {
+                panic!("rate limit: {e}");
+            }
+            if let Some(i) = claims.iter().position(|c| c.outcome == ClaimOutcome::Claimed && c.paused_after) {
+                panic!("claim {i} took effect while the service was paused");
+            }
+            for (i, k) in keys.iter().enumerate() {
+                let refused =
+                    claims.iter().filter(|c| c.key == *k && c.outcome == ClaimOutcome::RateLimited).count() as u32;
+                let answered = model.borrow().rate_limited[i];
+                assert_eq!(
+                    answered, refused,
+                    "key {i} was told RateLimited {answered} times; the store refused {refused}"
+                );
+            }
+
+            // Every handed-out session is what its owner's calls made it.
+            let expect = model.borrow().expect.clone();
+            for (sid, want) in expect {
+                let s =
+                    store.session(&SessionId(sid.clone())).await.expect("read").expect("a handed-out session exists");
+                match want {
+                    Expect::Prod(hosts) => {
+                        assert_eq!(s.state, SessionState::Prod, "session {sid} was handed out and not released");
+                        let mut names = Vec::new();
+                        for id in &s.nodes {
+                            names.push(store.node(*id).await.expect("read").expect("exists").hostname);
+                        }
+                        assert_eq!(names, hosts, "session {sid} holds the hosts it was given");
+                    }
+                    Expect::Fail => assert!(
+                        matches!(s.state, SessionState::Fail | SessionState::Done),
+                        "session {sid} was failed by its owner but is {}",
+                        s.state.as_str()
+                    ),
+                    Expect::Done => assert_eq!(s.state, SessionState::Done, "session {sid} was released"),
+                }
+            }
+
+            // A key's writes only ever touch its own sessions.
+            let events = store.events(EventQuery { after_seq: after, ..EventQuery::default() }).await.expect("events");
+            let mut owners: HashMap<SessionId, KeyId> = HashMap::new();
+            for e in &events {
+                let (Actor::Key(k), Some(sid)) = (&e.actor, &e.session) else { continue };
+                if *k == admin {
+                    continue;
+                }
+                let owner = match owners.get(sid) {
+                    Some(o) => *o,
+                    None => {
+                        let o = store.session(sid).await.expect("read").expect("an event's session exists").key_id;
+                        owners.insert(sid.clone(), o);
+                        o
+                    }
+                };
+                assert_eq!(owner, *k, "event {} by key {k} touched session {sid} of key {owner}", e.seq);
+            }
+            events.last().map_or(after, |e| e.seq)
         });
     }
 
@@ -271,27 +475,32 @@ impl World {
     /// pool reaches its target.
     fn heal_and_converge(&mut self) {
         self.h.farm.configure(|c| c.install_failure_rate = 0.0);
-        for i in 0..self.node_count {
+        for i in 0..machines().len() {
             let host = Self::hostname(i);
             self.h.farm.hang_install(&host, false);
             self.h.farm.break_prepare(&host, false);
         }
         let engine = self.h.engine.clone();
         let admin = self.admin.clone();
-        let sessions = self.sessions.borrow().clone();
-        let mut owners = Vec::new();
-        for (key, sid) in sessions {
-            owners.push((self.principal(key), sid));
-        }
+        let owners: Vec<(Principal, String)> =
+            self.model.borrow().handed_out.iter().map(|(k, sid)| (self.keys[*k].clone(), sid.clone())).collect();
         let store = self.h.dyn_store();
+        let model = self.model.clone();
         self.h.spawn(async move {
             let _ = engine.resume(&admin).await;
             for (who, sid) in owners {
-                let _ = engine.done(&who, &sid).await;
+                if engine.done(&who, &sid).await.is_ok() {
+                    model.borrow_mut().owner_did(&sid, Expect::Done);
+                }
             }
             for n in store.nodes().await.expect("nodes") {
                 if matches!(n.state, NodeState::Reserved | NodeState::Failed) && n.session.is_none() {
-                    engine.recover(&admin, &n.hostname).await.expect("recover");
+                    // The reconciler runs meanwhile: a Failed node whose
+                    // cool-down ran out may have gone back on its own.
+                    match engine.recover(&admin, &n.hostname).await {
+                        Ok(_) | Err(EngineError::Transition(_)) => {}
+                        Err(e) => panic!("recover {}: {e}", n.hostname),
+                    }
                 }
             }
         });
@@ -306,26 +515,125 @@ impl World {
     }
 }
 
+/// The rate limit as a model: replaying the claims in the order they took
+/// effect, a claim is refused for the rate limit exactly when its key
+/// already created `max` sessions in the window before it (the store
+/// checks the rate limit first, so any other answer means the check
+/// passed). And, counted independently, no key ever has more than `max`
+/// sessions in any window.
+fn check_rate_limit(claims: &[ClaimRecord], limit: RateLimit) -> Result<(), String> {
+    for (i, c) in claims.iter().enumerate() {
+        let since = c.now.minus(limit.window);
+        let recent = claims[..i]
+            .iter()
+            .filter(|p| p.key == c.key && p.outcome == ClaimOutcome::Claimed && p.now > since)
+            .count() as u32;
+        match (c.outcome, recent >= limit.max) {
+            (ClaimOutcome::RateLimited, false) => {
+                return Err(format!(
+                    "claim {i} of key {} was refused for the rate limit with {recent} sessions in the window (limit {})",
+                    c.key, limit.max
+                ));
+            }
+            (ClaimOutcome::Claimed | ClaimOutcome::Refused, true) => {
+                return Err(format!(
+                    "claim {i} of key {} was not refused though the key created {recent} sessions in the window (limit {})",
+                    c.key, limit.max
+                ));
+            }
+            _ => {}
+        }
+    }
+    let mut created: HashMap<KeyId, Vec<duffy_core::Timestamp>> = HashMap::new();
+    for c in claims.iter().filter(|c| c.outcome == ClaimOutcome::Claimed) {
+        let times = created.entry(c.key).or_default();
+        times.push(c.now);
+        let in_window = times.iter().filter(|t| **t > c.now.minus(limit.window)).count();
+        if in_window > limit.max as usize {
+            return Err(format!("key {} created {in_window} sessions within {:?}", c.key, limit.window));
+        }
+    }
+    Ok(())
+}
+
+/// One case: the steps, a check after each, then healing.
+fn run_case(seed: u64, steps: &[Step], variant: Variant) {
+    let mut w = World::new(seed, variant);
+    w.check();
+    for s in steps {
+        w.apply(s);
+        w.check();
+    }
+    w.heal_and_converge();
+    w.check();
+    if variant.max_yields > 0 {
+        // The operations really were interleaved (a stack without the
+        // yielding store would pass without testing any race).
+        assert!(w.yielding.made() > 0, "the store never yielded");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 64,
-        max_shrink_iters: 2000,
-        failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::Off)),
+        // `cases` is proptest's default, 256, unless PROPTEST_CASES says otherwise.
+        max_shrink_iters: 1000,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(REGRESSIONS))),
         ..ProptestConfig::default()
     })]
 
     #[test]
-    fn engine_keeps_invariants_under_random_interleavings(
-        seed in any::<u64>(),
-        actions in proptest::collection::vec(action(), 1..60),
-    ) {
-        let mut w = World::new(seed);
-        w.check();
-        for a in &actions {
-            w.apply(a);
-            w.check();
-        }
-        w.heal_and_converge();
-        w.check();
+    fn engine_keeps_invariants_under_random_interleavings((seed, steps) in case()) {
+        run_case(seed, &steps, REAL);
     }
+}
+
+/// Runs the property over `variant` with a fixed generator (the same
+/// cases every run) and returns why it failed; panics if it did not.
+fn property_fails_over(variant: Variant, cases: u32) -> String {
+    let config = ProptestConfig {
+        cases,
+        max_shrink_iters: 0,
+        // A broken variant's failures are expected, not regressions.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let mut runner = TestRunner::new_with_rng(config.clone(), TestRng::deterministic_rng(config.rng_algorithm));
+    let r = runner.run(&case(), |(seed, steps)| {
+        run_case(seed, &steps, variant);
+        Ok(())
+    });
+    match r {
+        Err(TestError::Fail(why, _)) => why.to_string(),
+        other => panic!("the model test did not catch {variant:?} in {cases} cases: {other:?}"),
+    }
+}
+
+#[test]
+fn catches_a_store_that_claims_while_paused() {
+    let why = property_fails_over(Variant { fault: Fault::ClaimWhilePaused, ..REAL }, 64);
+    assert!(why.contains("while the service was paused"), "{why}");
+}
+
+#[test]
+fn catches_a_store_that_ignores_the_rate_limit() {
+    let why = property_fails_over(Variant { fault: Fault::IgnoreRateLimit, ..REAL }, 64);
+    assert!(why.contains("rate limit") && why.contains("was not refused"), "{why}");
+}
+
+#[test]
+fn catches_a_store_that_loses_a_node() {
+    let why = property_fails_over(Variant { fault: Fault::LoseLastAddedNode, ..REAL }, 4);
+    assert!(why.contains("no node lost or invented"), "{why}");
+}
+
+#[test]
+fn catches_a_second_session_written_over_a_claim() {
+    let why = property_fails_over(Variant { fault: Fault::SecondSessionOverClaim, ..REAL }, 16);
+    assert!(why.contains("listed by two live sessions"), "{why}");
+}
+
+#[test]
+fn catches_a_claim_that_drops_a_node_write() {
+    let why = property_fails_over(Variant { fault: Fault::ClaimDropsNodeWrite, ..REAL }, 16);
+    assert!(why.contains("invariants:"), "{why}");
 }

@@ -408,6 +408,8 @@ pub async fn quota_counts_live_sessions(store: Arc<dyn Store>) {
     let mut r = claim_req("d", 2, "proj", 2, T0);
     r.quota = Some(3);
     claim_ok(&*store, r).await;
+    check_invariants(&*store).await.expect("invariants");
+    check_history(&*store).await.expect("history");
 }
 
 /// The rate limit counts the key's sessions created inside the window,
@@ -430,6 +432,8 @@ pub async fn rate_limit_counts_recent_sessions(store: Arc<dyn Store>) {
     claim_ok(&*store, req("s4", 2, T0.plus(Duration::from_secs(20)))).await;
     // Once the first session is out of the window, one more is allowed.
     claim_ok(&*store, req("s5", 1, T0.plus(Duration::from_secs(301)))).await;
+    check_invariants(&*store).await.expect("invariants");
+    check_history(&*store).await.expect("history");
 }
 
 /// Sessions are inserted once and updated only from the version read;
@@ -728,45 +732,104 @@ pub async fn nodes_after_pages_through_the_farm(store: Arc<dyn Store>) {
     assert!(store.nodes_after(NodeId(u64::MAX), 10).await.expect("read").is_empty());
 }
 
-/// Checks the farm-wide invariants on a store's current state:
+/// Checks the farm-wide invariants on a store's current state.
 ///
-/// - a node holds a session only in Contextualizing, Deployed or Failed,
-///   and then that session exists, is live, lists the node, and is in the
-///   matching state (Allocating, Prod, Fail);
-/// - nodes in any other state hold no session, Ready nodes carry an image;
-/// - no node is listed as held by two live sessions;
-/// - no project holds more nodes than its quota.
+/// Membership is read from both sides and must agree both ways, so a store
+/// that writes a session over a node another session holds, or drops one
+/// row of a batch, is caught whichever row it got wrong:
+///
+/// - `nodes()` lists each node once, in id order, hostnames unique;
+///   `live_sessions()` lists each session once, and only live ones;
+/// - from the session rows: no node is listed by two live sessions (nor
+///   twice by one); every node a live session lists exists, names that
+///   session as its holder, and is in the state matching the session's
+///   (Allocating: Contextualizing, Prod: Deployed, Fail: Failed);
+/// - from the node rows: a node names a session only in Contextualizing,
+///   Deployed or Failed, and then that session is live and lists it;
+///   Contextualizing and Deployed nodes always name one; so every
+///   Contextualizing or Deployed node is listed by exactly one live
+///   session; Ready nodes carry an image;
+/// - no project's live sessions hold more nodes than its quota.
 pub async fn check_invariants(store: &dyn Store) -> Result<(), String> {
     let nodes = store.nodes().await.map_err(|e| e.to_string())?;
     let live = store.live_sessions().await.map_err(|e| e.to_string())?;
-    let by_id: HashMap<&SessionId, &Session> = live.iter().map(|s| (&s.id, s)).collect();
-    let mut held_by: HashMap<NodeId, &SessionId> = HashMap::new();
+    for w in nodes.windows(2) {
+        if w[0].id >= w[1].id {
+            return Err(format!("nodes() lists node {} after node {}: not once each in id order", w[1].id, w[0].id));
+        }
+    }
+    let mut hostnames: HashSet<&str> = HashSet::new();
+    if let Some(n) = nodes.iter().find(|n| !hostnames.insert(n.hostname.as_str())) {
+        return Err(format!("hostname {} is on two nodes", n.hostname));
+    }
+    let by_id: HashMap<NodeId, &Node> = nodes.iter().map(|n| (n.id, n)).collect();
+
+    // Membership as the session rows state it.
+    let mut sessions: HashSet<&SessionId> = HashSet::new();
+    let mut listed_by: HashMap<NodeId, &SessionId> = HashMap::new();
     let mut per_project: HashMap<&str, u32> = HashMap::new();
+    for s in &live {
+        if !sessions.insert(&s.id) {
+            return Err(format!("live_sessions() lists session {} twice", s.id));
+        }
+        let want = match s.state {
+            SessionState::Allocating => NodeState::Contextualizing,
+            SessionState::Prod => NodeState::Deployed,
+            SessionState::Fail => NodeState::Failed,
+            other => return Err(format!("live_sessions() lists session {}, which is {}", s.id, other.as_str())),
+        };
+        if s.nodes.is_empty() {
+            return Err(format!("live session {} lists no node", s.id));
+        }
+        for id in &s.nodes {
+            if let Some(other) = listed_by.insert(*id, &s.id) {
+                return Err(if *other == s.id {
+                    format!("live session {} lists node {id} twice", s.id)
+                } else {
+                    format!("node {id} is listed by two live sessions, {other} and {}", s.id)
+                });
+            }
+            let n = by_id
+                .get(id)
+                .ok_or_else(|| format!("live session {} lists node {id}, which is not in the store", s.id))?;
+            if n.session.as_ref() != Some(&s.id) {
+                let holder = n.session.as_ref().map_or_else(|| "no session".to_string(), |h| format!("session {h}"));
+                return Err(format!(
+                    "live session {} ({}) lists node {}, which names {holder} as its holder",
+                    s.id,
+                    s.state.as_str(),
+                    n.hostname
+                ));
+            }
+            if n.state != want {
+                return Err(format!(
+                    "node {} is {} but its session {} is {}",
+                    n.hostname,
+                    n.state,
+                    s.id,
+                    s.state.as_str()
+                ));
+            }
+            *per_project.entry(s.project.as_str()).or_default() += 1;
+        }
+    }
+
+    // And as the node rows state it: the same, the other way round.
     for n in &nodes {
         match (&n.session, n.state) {
-            (Some(sid), NodeState::Contextualizing | NodeState::Deployed | NodeState::Failed) => {
-                let s =
-                    by_id.get(sid).ok_or_else(|| format!("node {} held by {sid}, which is not live", n.hostname))?;
-                let want = match n.state {
-                    NodeState::Contextualizing => SessionState::Allocating,
-                    NodeState::Deployed => SessionState::Prod,
-                    _ => SessionState::Fail,
-                };
-                if s.state != want {
-                    return Err(format!(
-                        "node {} is {} but its session {sid} is {}",
-                        n.hostname,
-                        n.state,
-                        s.state.as_str()
-                    ));
-                }
-                if !s.nodes.contains(&n.id) {
-                    return Err(format!("node {} claims session {sid}, which does not list it", n.hostname));
-                }
-                *per_project.entry(s.project.as_str()).or_default() += 1;
-                held_by.insert(n.id, sid);
+            (Some(sid), NodeState::Contextualizing | NodeState::Deployed | NodeState::Failed)
+                if listed_by.get(&n.id) != Some(&sid) =>
+            {
+                return Err(if sessions.contains(sid) {
+                    format!("node {} names session {sid} as its holder, which does not list it", n.hostname)
+                } else {
+                    format!("node {} names session {sid} as its holder, which is not live", n.hostname)
+                });
             }
-            (Some(sid), st) => return Err(format!("node {} is {st} yet holds session {sid}", n.hostname)),
+            (Some(_), NodeState::Contextualizing | NodeState::Deployed | NodeState::Failed) => {}
+            (Some(sid), st) => {
+                return Err(format!("node {} is {st} yet names session {sid} as its holder", n.hostname));
+            }
             (None, NodeState::Contextualizing | NodeState::Deployed) => {
                 return Err(format!("node {} is {} without a session", n.hostname, n.state));
             }
@@ -774,20 +837,6 @@ pub async fn check_invariants(store: &dyn Store) -> Result<(), String> {
                 return Err(format!("node {} is Ready without an image", n.hostname));
             }
             _ => {}
-        }
-    }
-    let mut listed: HashSet<NodeId> = HashSet::new();
-    for s in &live {
-        for id in &s.nodes {
-            if held_by.get(id) == Some(&&s.id) && !listed.insert(*id) {
-                return Err(format!("node {id} listed by two live sessions"));
-            }
-        }
-        if s.state == SessionState::Prod {
-            let holding = s.nodes.iter().filter(|id| held_by.get(id) == Some(&&s.id)).count();
-            if holding != s.nodes.len() {
-                return Err(format!("live session {} lists {} nodes but holds {holding}", s.id, s.nodes.len()));
-            }
         }
     }
     for (project, held) in per_project {
@@ -802,8 +851,9 @@ pub async fn check_invariants(store: &dyn Store) -> Result<(), String> {
 
 /// Replays every node's history: it starts with `Added`, each event leaves
 /// the state the next one starts from, every step is in the transition
-/// table, and the last one ends in the node's current state. A node can
-/// never have been in two places at once.
+/// table, and the last one ends in the node's current state; every node
+/// with a history is still in the store. A node can never have been in two
+/// places at once, nor quietly disappear.
 pub async fn check_history(store: &dyn Store) -> Result<(), String> {
     let nodes = store.nodes().await.map_err(|e| e.to_string())?;
     let events = store.events(EventQuery::default()).await.map_err(|e| e.to_string())?;
@@ -831,6 +881,12 @@ pub async fn check_history(store: &dyn Store) -> Result<(), String> {
             }
         }
         last.insert(e.node, e.to);
+    }
+    // Every node with a history is still in the store: a store that lost
+    // a row (or never wrote one it acknowledged) shows up here.
+    let present: HashSet<NodeId> = nodes.iter().map(|n| n.id).collect();
+    if let Some(id) = last.keys().filter(|id| !present.contains(id)).min() {
+        return Err(format!("node {id} has a history but is not in the store"));
     }
     for n in &nodes {
         match last.get(&n.id) {

@@ -20,8 +20,12 @@ use super::{ManualClock, MemStore, SeededSessionIds, SimConfig, SimFarm};
 /// simulated day runs in well under a second and the same seed always
 /// gives the same history.
 pub struct Harness {
-    /// The store.
+    /// The in-memory store underneath. The engine may see it through a
+    /// wrapper (see [`Harness::with_store`]); reading it here bypasses the
+    /// wrapper.
     pub store: Arc<MemStore>,
+    /// The store as the engine sees it.
+    engine_store: Arc<dyn Store>,
     /// The clock.
     pub clock: ManualClock,
     /// The simulated hardware.
@@ -36,13 +40,29 @@ impl Harness {
     /// Builds a harness: `machines` added to the store, `targets` set, the
     /// reconciler running.
     pub fn new(policy: Policy, sim: SimConfig, machines: Vec<NewNode>, targets: &[PoolTarget]) -> Self {
+        Self::with_store(policy, sim, machines, targets, |store| store)
+    }
+
+    /// Like [`Harness::new`], but everything (the engine, the reconciler,
+    /// adding the machines and keys, [`Harness::dyn_store`]) goes through
+    /// the store `wrap` makes of the in-memory one: a
+    /// [yielding store](super::InterceptStore::yielding) to interleave operations, or
+    /// a deliberately broken variant to check that a test catches it.
+    pub fn with_store(
+        policy: Policy,
+        sim: SimConfig,
+        machines: Vec<NewNode>,
+        targets: &[PoolTarget],
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+    ) -> Self {
         let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000)); // 2026-01-01
         let store = Arc::new(MemStore::new());
+        let engine_store = wrap(store.clone());
         let seed = sim.seed;
         let farm = Arc::new(SimFarm::new(Arc::new(clock.clone()), sim));
-        let engine = Self::engine(store.clone(), &farm, &clock, policy, seed);
-        let mut h = Harness { store, clock, farm, engine, pool: LocalPool::new(), keys_made: 0 };
-        let (store, now) = (h.store.clone(), h.clock.now());
+        let engine = Self::engine(engine_store.clone(), &farm, &clock, policy, seed);
+        let mut h = Harness { store, engine_store, clock, farm, engine, pool: LocalPool::new(), keys_made: 0 };
+        let (store, now) = (h.engine_store.clone(), h.clock.now());
         let targets = targets.to_vec();
         h.block_on(async move {
             store.add_nodes(machines, Actor::Operator, now).await.expect("machines are valid and unique");
@@ -84,7 +104,7 @@ impl Harness {
     /// say); the harness's own reads still go to the store directly.
     pub fn crash_and_restart_over(&mut self, policy: Policy, wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>) {
         self.pool = LocalPool::new();
-        let store = wrap(self.store.clone());
+        let store = wrap(self.engine_store.clone());
         self.engine = Self::engine(store, &self.farm, &self.clock, policy, self.clock.now().as_millis() as u64);
         let reconciler = self.engine.reconciler();
         self.spawn(reconciler.run(futures::future::pending()));
@@ -94,7 +114,7 @@ impl Harness {
     /// Creates a project (with an optional quota) and an API key for it,
     /// returning the key.
     pub fn key(&mut self, project: &str, quota: Option<u32>, admin: bool) -> String {
-        let store = self.store.clone();
+        let store = self.engine_store.clone();
         self.keys_made += 1;
         let key = format!("key-{project}-{}", self.keys_made);
         let k = key.clone();
@@ -172,8 +192,8 @@ impl Harness {
         cell
     }
 
-    /// The store as a trait object.
+    /// The store as the engine sees it (through the wrapper, if any).
     pub fn dyn_store(&self) -> Arc<dyn Store> {
-        self.store.clone()
+        self.engine_store.clone()
     }
 }

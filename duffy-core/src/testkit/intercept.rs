@@ -1,7 +1,9 @@
-//! A [`Store`] wrapper that runs a hook before every call: to fail chosen
-//! calls (a store error in the first reconciler pass, a commit refused
-//! mid-operation) or to yield to the executor so that concurrent engine
-//! operations interleave at every await.
+//! A [`Store`] wrapper that runs hooks around every call: before it, to
+//! fail chosen calls (a store error in the first reconciler pass, a
+//! commit refused mid-operation) or to delay them; before and after it, to
+//! yield to the executor so that concurrent engine operations interleave
+//! at every await ([`InterceptStore::yielding`]). The test kit's one
+//! forwarding implementation of the whole trait.
 
 use std::sync::Arc;
 
@@ -20,17 +22,29 @@ use crate::time::{BoxFuture, Timestamp};
 /// calling the inner store.
 pub type Hook = Arc<dyn Fn(&'static str) -> BoxFuture<Result<(), StoreError>> + Send + Sync>;
 
-/// Wraps a store; every call first awaits the [`Hook`].
+/// Awaited after every call (with the method's name), whatever its
+/// outcome.
+pub type AfterHook = Arc<dyn Fn(&'static str) -> BoxFuture<()> + Send + Sync>;
+
+/// Wraps a store; every call first awaits the [`Hook`], and then, if one
+/// is set, the [`AfterHook`].
 #[derive(Clone)]
 pub struct InterceptStore {
     inner: Arc<dyn Store>,
     hook: Hook,
+    after: Option<AfterHook>,
 }
 
 impl InterceptStore {
     /// Wraps `inner`, running `hook` before each call.
     pub fn new(inner: Arc<dyn Store>, hook: Hook) -> Self {
-        InterceptStore { inner, hook }
+        InterceptStore { inner, hook, after: None }
+    }
+
+    /// Also runs `after` after each call.
+    pub fn with_after(mut self, after: AfterHook) -> Self {
+        self.after = Some(after);
+        self
     }
 
     /// A hook from a synchronous decision: `decide(method)` returns the
@@ -57,6 +71,20 @@ impl InterceptStore {
     async fn before(&self, method: &'static str) -> Result<(), StoreError> {
         (self.hook)(method).await
     }
+
+    /// Runs `call` between the hooks.
+    async fn around<T: Send, E: From<StoreError> + Send>(
+        &self,
+        method: &'static str,
+        call: impl std::future::Future<Output = Result<T, E>> + Send,
+    ) -> Result<T, E> {
+        self.before(method).await?;
+        let out = call.await;
+        if let Some(after) = &self.after {
+            after(method).await;
+        }
+        out
+    }
 }
 
 impl std::fmt::Debug for InterceptStore {
@@ -68,83 +96,67 @@ impl std::fmt::Debug for InterceptStore {
 #[async_trait]
 impl Store for InterceptStore {
     async fn add_nodes(&self, nodes: Vec<NewNode>, actor: Actor, now: Timestamp) -> Result<Vec<Node>, StoreError> {
-        self.before("add_nodes").await?;
-        self.inner.add_nodes(nodes, actor, now).await
+        self.around("add_nodes", self.inner.add_nodes(nodes, actor, now)).await
     }
 
     async fn node(&self, id: NodeId) -> Result<Option<Node>, StoreError> {
-        self.before("node").await?;
-        self.inner.node(id).await
+        self.around("node", self.inner.node(id)).await
     }
 
     async fn node_by_hostname(&self, hostname: &str) -> Result<Option<Node>, StoreError> {
-        self.before("node_by_hostname").await?;
-        self.inner.node_by_hostname(hostname).await
+        self.around("node_by_hostname", self.inner.node_by_hostname(hostname)).await
     }
 
     async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
-        self.before("nodes").await?;
-        self.inner.nodes().await
+        self.around("nodes", self.inner.nodes()).await
     }
 
     async fn ready_counts(&self) -> Result<Vec<(PoolKey, u32)>, StoreError> {
-        self.before("ready_counts").await?;
-        self.inner.ready_counts().await
+        self.around("ready_counts", self.inner.ready_counts()).await
     }
 
     async fn nodes_in_states(&self, states: &[NodeState]) -> Result<Vec<Node>, StoreError> {
-        self.before("nodes_in_states").await?;
-        self.inner.nodes_in_states(states).await
+        self.around("nodes_in_states", self.inner.nodes_in_states(states)).await
     }
 
     async fn stale_ready(&self, installed_before: Timestamp, limit: usize) -> Result<Vec<Node>, StoreError> {
-        self.before("stale_ready").await?;
-        self.inner.stale_ready(installed_before, limit).await
+        self.around("stale_ready", self.inner.stale_ready(installed_before, limit)).await
     }
 
     async fn idle_nodes(&self, hardware: &Hardware, limit: usize) -> Result<Vec<Node>, StoreError> {
-        self.before("idle_nodes").await?;
-        self.inner.idle_nodes(hardware, limit).await
+        self.around("idle_nodes", self.inner.idle_nodes(hardware, limit)).await
     }
 
     async fn nodes_after(&self, after: NodeId, limit: usize) -> Result<Vec<Node>, StoreError> {
-        self.before("nodes_after").await?;
-        self.inner.nodes_after(after, limit).await
+        self.around("nodes_after", self.inner.nodes_after(after, limit)).await
     }
 
     async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
-        self.before("session").await?;
-        self.inner.session(id).await
+        self.around("session", self.inner.session(id)).await
     }
 
     async fn live_sessions(&self) -> Result<Vec<Session>, StoreError> {
-        self.before("live_sessions").await?;
-        self.inner.live_sessions().await
+        self.around("live_sessions", self.inner.live_sessions()).await
     }
 
     async fn claim(&self, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {
-        self.before("claim").await?;
-        self.inner.claim(req).await
+        self.around("claim", self.inner.claim(req)).await
     }
 
     async fn commit(&self, batch: Batch) -> Result<(), CommitError> {
-        self.before("commit").await?;
-        self.inner.commit(batch).await
+        self.around("commit", self.inner.commit(batch)).await
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
-        self.before("events").await?;
-        self.inner.events(query).await
+        self.around("events", self.inner.events(query)).await
     }
 
     async fn upsert_project(&self, project: Project) -> Result<(), StoreError> {
-        self.before("upsert_project").await?;
-        self.inner.upsert_project(project).await
+        self.around("upsert_project", self.inner.upsert_project(project)).await
     }
 
     async fn project(&self, name: &str) -> Result<Option<Project>, StoreError> {
-        self.before("project").await?;
-        self.inner.project(name).await
+        self.around("project", self.inner.project(name)).await
     }
 
     async fn add_api_key(
@@ -154,32 +166,26 @@ impl Store for InterceptStore {
         admin: bool,
         now: Timestamp,
     ) -> Result<ApiKeyRecord, StoreError> {
-        self.before("add_api_key").await?;
-        self.inner.add_api_key(project, hash, admin, now).await
+        self.around("add_api_key", self.inner.add_api_key(project, hash, admin, now)).await
     }
 
     async fn api_key_by_hash(&self, hash: &ApiKeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
-        self.before("api_key_by_hash").await?;
-        self.inner.api_key_by_hash(hash).await
+        self.around("api_key_by_hash", self.inner.api_key_by_hash(hash)).await
     }
 
     async fn set_pool_target(&self, target: PoolTarget) -> Result<(), StoreError> {
-        self.before("set_pool_target").await?;
-        self.inner.set_pool_target(target).await
+        self.around("set_pool_target", self.inner.set_pool_target(target)).await
     }
 
     async fn pool_targets(&self) -> Result<Vec<PoolTarget>, StoreError> {
-        self.before("pool_targets").await?;
-        self.inner.pool_targets().await
+        self.around("pool_targets", self.inner.pool_targets()).await
     }
 
     async fn paused(&self) -> Result<bool, StoreError> {
-        self.before("paused").await?;
-        self.inner.paused().await
+        self.around("paused", self.inner.paused()).await
     }
 
     async fn set_paused(&self, paused: bool) -> Result<bool, StoreError> {
-        self.before("set_paused").await?;
-        self.inner.set_paused(paused).await
+        self.around("set_paused", self.inner.set_paused(paused)).await
     }
 }
