@@ -211,6 +211,9 @@ impl Op {
 pub(crate) struct Sink {
     pub(crate) syncer: Option<Sender<Synced>>,
     pub(crate) durability: Arc<Durability>,
+    /// Broken on purpose for a test: never finish a checkpoint (see
+    /// [`TestHooks::skip_writer_checkpoint`](crate::TestHooks)).
+    pub(crate) skip_checkpoints: bool,
 }
 
 /// The writer thread's body: batches until every sender is gone.
@@ -271,7 +274,7 @@ fn finish_checkpoint(conn: &Connection, counters: &Counters) {
 /// Runs one batch in one transaction and answers every caller.
 fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &Sink) {
     let n = ops.len();
-    if counters.restart_wanted.swap(false, Ordering::Relaxed) {
+    if counters.restart_wanted.swap(false, Ordering::Relaxed) && !sink.skip_checkpoints {
         finish_checkpoint(conn, counters);
     }
     if let Some(e) = sink.durability.failure() {
