@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use duffy_core::StoreError;
 use tracing::{debug, error};
 
+use crate::WalSync;
 use crate::writer::{Counters, Finish};
 
 /// A read's answer, released once what it saw is durable (or with the
@@ -142,8 +143,36 @@ pub(crate) struct Synced {
     pub(crate) done: Vec<Box<dyn Finish>>,
 }
 
+/// How the syncer makes the WAL durable, and the deliberately broken
+/// variants the tests use to show that their checks can fail (see
+/// [`TestHooks`](crate::TestHooks)).
+#[derive(Default)]
+pub(crate) struct SyncPolicy {
+    /// Replaces `fdatasync` (a slow or failing disk in tests).
+    pub(crate) wal_sync: Option<WalSync>,
+    /// Broken: callers are answered before the fsync.
+    pub(crate) answer_before_sync: bool,
+    /// Broken: reads are released before the fsync.
+    pub(crate) release_reads_before_sync: bool,
+}
+
+impl SyncPolicy {
+    fn sync(&self, wal: &File) -> std::io::Result<()> {
+        match &self.wal_sync {
+            Some(f) => f(wal),
+            None => wal.sync_data(),
+        }
+    }
+}
+
 /// The syncer thread's body: until the writer is gone.
-pub(crate) fn run(wal: File, rx: Receiver<Synced>, durability: Arc<Durability>, counters: Arc<Counters>) {
+pub(crate) fn run(
+    wal: File,
+    rx: Receiver<Synced>,
+    durability: Arc<Durability>,
+    counters: Arc<Counters>,
+    policy: SyncPolicy,
+) {
     let mut items: Vec<Synced> = Vec::new();
     while let Ok(first) = rx.recv() {
         items.push(first);
@@ -152,11 +181,22 @@ pub(crate) fn run(wal: File, rx: Receiver<Synced>, durability: Arc<Durability>, 
         }
         let last = items.iter().map(|i| i.seq).max().unwrap_or(0);
         let needed = items.iter().any(|i| !i.done.is_empty());
-        let synced = match durability.lock().failed.clone() {
+        let failed = durability.lock().failed.clone();
+        if failed.is_none() && policy.release_reads_before_sync {
+            durability.advance(last);
+        }
+        if failed.is_none() && policy.answer_before_sync {
+            for item in &mut items {
+                for f in item.done.drain(..) {
+                    f.send();
+                }
+            }
+        }
+        let synced = match failed {
             Some(e) => Err(e),
             None if needed => {
                 counters.syncs.fetch_add(1, Ordering::Relaxed);
-                wal.sync_data().map_err(Arc::new)
+                policy.sync(&wal).map_err(Arc::new)
             }
             None => Ok(()),
         };

@@ -88,7 +88,7 @@ use duffy_core::{
 };
 use futures::channel::oneshot;
 use rusqlite::{Connection, OpenFlags};
-use tracing::info;
+use tracing::{info, warn};
 
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
 
@@ -134,7 +134,86 @@ pub struct SqliteOptions {
     /// How long a connection waits for a lock held by another process
     /// before failing (default 5 s).
     pub busy_timeout: Duration,
+    /// Fault injection and observation points for the store's own tests
+    /// (not a stable API; see [`TestHooks`]). Leave it at its default.
+    #[doc(hidden)]
+    pub test_hooks: TestHooks,
 }
+
+/// A hook that replaces the syncer's `fdatasync` of the WAL.
+#[doc(hidden)]
+pub type WalSync = Arc<dyn Fn(&std::fs::File) -> std::io::Result<()> + Send + Sync>;
+
+/// Fault injection and observation points, for the store's own tests only.
+///
+/// Hidden from the documentation and not a stable API. The default sets
+/// nothing and changes nothing; no configuration file or command line of
+/// the service can reach it. Two switches deliberately break the store's
+/// promise ("acknowledged means fsynced"): they exist so that the tests
+/// can show their checks catch exactly that defect.
+#[doc(hidden)]
+#[derive(Clone, Default)]
+pub struct TestHooks {
+    /// Called on the reader thread between the statements of a read that
+    /// answers from one snapshot (`nodes_in_states` with several states),
+    /// so a test can commit a write exactly there.
+    pub between_read_statements: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Replaces the syncer thread's `fdatasync` of the WAL (a slow or a
+    /// failing disk). Called once per group of committed batches, on the
+    /// syncer thread, with the store's handle on the WAL file.
+    pub wal_sync: Option<WalSync>,
+    /// BROKEN ON PURPOSE: the syncer answers the callers of a group before
+    /// it fsyncs the WAL (and fails nothing when the fsync fails).
+    pub answer_before_sync: bool,
+    /// BROKEN ON PURPOSE: the syncer releases the reads that saw a group
+    /// before it fsyncs the WAL.
+    pub release_reads_before_sync: bool,
+    /// BROKEN ON PURPOSE: the writer never finishes a checkpoint between
+    /// batches, so under continuous writes the WAL never restarts.
+    pub skip_writer_checkpoint: bool,
+}
+
+impl TestHooks {
+    /// Whether any hook is set.
+    fn any(&self) -> bool {
+        self.between_read_statements.is_some()
+            || self.wal_sync.is_some()
+            || self.answer_before_sync
+            || self.release_reads_before_sync
+            || self.skip_writer_checkpoint
+    }
+}
+
+impl std::fmt::Debug for TestHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestHooks")
+            .field("between_read_statements", &self.between_read_statements.is_some())
+            .field("wal_sync", &self.wal_sync.is_some())
+            .field("answer_before_sync", &self.answer_before_sync)
+            .field("release_reads_before_sync", &self.release_reads_before_sync)
+            .field("skip_writer_checkpoint", &self.skip_writer_checkpoint)
+            .finish()
+    }
+}
+
+impl PartialEq for TestHooks {
+    fn eq(&self, other: &Self) -> bool {
+        fn same<T: ?Sized>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+            match (a, b) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+        }
+        same(&self.between_read_statements, &other.between_read_statements)
+            && same(&self.wal_sync, &other.wal_sync)
+            && self.answer_before_sync == other.answer_before_sync
+            && self.release_reads_before_sync == other.release_reads_before_sync
+            && self.skip_writer_checkpoint == other.skip_writer_checkpoint
+    }
+}
+
+impl Eq for TestHooks {}
 
 impl Default for SqliteOptions {
     fn default() -> Self {
@@ -143,6 +222,7 @@ impl Default for SqliteOptions {
             read_connections: 4,
             max_batch: 256,
             busy_timeout: Duration::from_secs(5),
+            test_hooks: TestHooks::default(),
         }
     }
 }
@@ -259,6 +339,8 @@ pub struct SqliteStore {
     syncer: Option<JoinHandle<()>>,
     checkpointer: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
     counters: Arc<Counters>,
+    /// [`TestHooks::between_read_statements`].
+    between_read_statements: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -379,9 +461,14 @@ impl SqliteStore {
                 let (tx, rx) = std::sync::mpsc::channel();
                 let d = Arc::clone(&durability);
                 let c = Arc::clone(&counters);
+                let policy = durability::SyncPolicy {
+                    wal_sync: options.test_hooks.wal_sync.clone(),
+                    answer_before_sync: options.test_hooks.answer_before_sync,
+                    release_reads_before_sync: options.test_hooks.release_reads_before_sync,
+                };
                 let t = std::thread::Builder::new()
                     .name("duffy-sqlite-syncer".into())
-                    .spawn(move || durability::run(wal, rx, d, c))
+                    .spawn(move || durability::run(wal, rx, d, c, policy))
                     .map_err(|source| OpenError::Spawn { what: "syncer", source })?;
                 (Some(tx), Some(t))
             }
@@ -397,10 +484,14 @@ impl SqliteStore {
             .map_err(|source| OpenError::Spawn { what: "checkpointer", source })?;
         let (tx, rx) = std::sync::mpsc::channel();
         let max_batch = options.max_batch;
+        let skip_writer_checkpoint = options.test_hooks.skip_writer_checkpoint;
         let c = Arc::clone(&counters);
         let writer_thread = std::thread::Builder::new()
             .name("duffy-sqlite-writer".into())
-            .spawn(move || writer::run(conn, rx, max_batch, c, writer::Sink { syncer: syncer_tx, durability }))
+            .spawn(move || {
+                let sink = writer::Sink { syncer: syncer_tx, durability, skip_checkpoints: skip_writer_checkpoint };
+                writer::run(conn, rx, max_batch, c, sink)
+            })
             .map_err(|source| OpenError::Spawn { what: "writer", source })?;
         info!(
             path = %path.display(),
@@ -411,6 +502,9 @@ impl SqliteStore {
             max_batch,
             "opened the SQLite store"
         );
+        if options.test_hooks.any() {
+            warn!(hooks = ?options.test_hooks, "the SQLite store runs with test hooks: for its own tests only");
+        }
         Ok(SqliteStore {
             path,
             writer: Some(tx),
@@ -419,6 +513,7 @@ impl SqliteStore {
             syncer,
             checkpointer: Some((stop, checkpointer)),
             counters,
+            between_read_statements: options.test_hooks.between_read_statements,
         })
     }
 
@@ -497,7 +592,8 @@ impl Store for SqliteStore {
 
     async fn nodes_in_states(&self, states: &[NodeState]) -> Result<Vec<Node>, StoreError> {
         let states = states.to_vec();
-        self.readers.read(move |c| queries::nodes_in_states(c, &states)).await
+        let hook = self.between_read_statements.clone();
+        self.readers.read(move |c| queries::nodes_in_states(c, &states, hook.as_deref())).await
     }
 
     async fn stale_ready(&self, installed_before: Timestamp, limit: usize) -> Result<Vec<Node>, StoreError> {

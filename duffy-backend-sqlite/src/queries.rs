@@ -125,19 +125,49 @@ pub(crate) fn nodes_in_state_sql(state: NodeState) -> String {
     format!(concat!("SELECT ", node_cols!(), " FROM nodes WHERE state = '{}' ORDER BY id"), state.as_str())
 }
 
-/// The nodes in any of `states`, by id: one index range scan per state.
-pub(crate) fn nodes_in_states(conn: &Connection, states: &[NodeState]) -> Result<Vec<Node>, StoreError> {
+/// Runs several statements as one read of one snapshot: inside one read
+/// transaction, which in WAL mode sees the database as of its first
+/// statement, whatever commits meanwhile. Each statement alone would see
+/// the last commit at its own start.
+pub(crate) fn snapshot<T>(
+    conn: &Connection,
+    what: &str,
+    read: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    // Dropped without commit on error: a read transaction has nothing to
+    // undo, its rollback just ends it.
+    let tx = conn.unchecked_transaction().ctx(what)?;
+    let out = read(&tx)?;
+    tx.commit().ctx(what)?;
+    Ok(out)
+}
+
+/// The nodes in any of `states`, by id: one index range scan per state,
+/// all of one snapshot (as `MemStore` answers). `between` runs between
+/// two scans (a test hook).
+pub(crate) fn nodes_in_states(
+    conn: &Connection,
+    states: &[NodeState],
+    between: Option<&(dyn Fn() + Send + Sync)>,
+) -> Result<Vec<Node>, StoreError> {
     let mut states = states.to_vec();
     states.sort();
     states.dedup();
-    let mut out = Vec::new();
-    for st in &states {
-        out.extend(rows(conn, &nodes_in_state_sql(*st), [], "reading nodes by state", codec::node)?);
-    }
-    if states.len() > 1 {
-        out.sort_by_key(|n| n.id);
-    }
-    Ok(out)
+    snapshot(conn, "reading nodes by state", |conn| {
+        let mut out = Vec::new();
+        for (i, st) in states.iter().enumerate() {
+            if i > 0 {
+                if let Some(hook) = between {
+                    hook();
+                }
+            }
+            out.extend(rows(conn, &nodes_in_state_sql(*st), [], "reading nodes by state", codec::node)?);
+        }
+        if states.len() > 1 {
+            out.sort_by_key(|n| n.id);
+        }
+        Ok(out)
+    })
 }
 
 /// Ready nodes installed at or before a time, oldest first, then by id: a

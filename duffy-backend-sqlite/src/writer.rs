@@ -211,6 +211,9 @@ impl Op {
 pub(crate) struct Sink {
     pub(crate) syncer: Option<Sender<Synced>>,
     pub(crate) durability: Arc<Durability>,
+    /// Broken on purpose for a test: never finish a checkpoint (see
+    /// [`TestHooks::skip_writer_checkpoint`](crate::TestHooks)).
+    pub(crate) skip_checkpoints: bool,
 }
 
 /// The writer thread's body: batches until every sender is gone.
@@ -239,6 +242,33 @@ type Shared = Arc<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 #[error("SQLite rolled back the whole transaction after an error in one of its operations")]
 struct RolledBack;
+
+/// An I/O error of the transaction, with what the store found out about
+/// its cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{source} ({cause})")]
+struct Diagnosed {
+    source: rusqlite::Error,
+    cause: String,
+}
+
+/// SQLite reports a read-only file system as a plain "disk I/O error"
+/// (it keeps the OS error to itself): when a write transaction fails with
+/// an I/O error, look at the file system, so the error says what is wrong.
+fn diagnose(conn: &Connection, e: rusqlite::Error) -> Shared {
+    let io =
+        matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::ReadOnly));
+    let Some(path) = conn.path().filter(|p| io && !p.is_empty()) else { return Arc::new(e) };
+    let mut wal = std::ffi::OsString::from(path);
+    wal.push("-wal");
+    // Opening for writing (no create, no truncate) changes nothing.
+    match std::fs::OpenOptions::new().write(true).open(&wal) {
+        Err(probe) if probe.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+            Arc::new(Diagnosed { source: e, cause: format!("the file system holding {path} is read-only") })
+        }
+        _ => Arc::new(e),
+    }
+}
 
 fn exec(conn: &Connection, sql: &str) -> Result<(), rusqlite::Error> {
     conn.prepare_cached(sql)?.execute([])?;
@@ -271,7 +301,7 @@ fn finish_checkpoint(conn: &Connection, counters: &Counters) {
 /// Runs one batch in one transaction and answers every caller.
 fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &Sink) {
     let n = ops.len();
-    if counters.restart_wanted.swap(false, Ordering::Relaxed) {
+    if counters.restart_wanted.swap(false, Ordering::Relaxed) && !sink.skip_checkpoints {
         finish_checkpoint(conn, counters);
     }
     if let Some(e) = sink.durability.failure() {
@@ -291,7 +321,7 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
     let mut refused = 0usize;
     let mut lost: Option<(String, Shared)> = None;
     if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
-        lost = Some(("starting a write transaction".to_string(), Arc::new(e)));
+        lost = Some(("starting a write transaction".to_string(), diagnose(conn, e)));
         rest.append(ops);
     }
     let mut pending = ops.drain(..);
@@ -348,7 +378,7 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
                     // Nothing of it became visible; the sequence moves on.
                     let _ = syncer.send(Synced { seq, done: Vec::new() });
                 }
-                lost = Some((format!("committing a batch of {n} operations"), Arc::new(e)));
+                lost = Some((format!("committing a batch of {n} operations"), diagnose(conn, e)));
             }
         }
     }

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use duffy_backend_sqlite::{SqliteOptions, SqliteStore};
+use duffy_backend_sqlite::{SqliteOptions, SqliteStore, Synchronous, TestHooks};
 use duffy_core::testkit::conformance::{add_ready, check_history, check_invariants, claim_req, pool7};
 use duffy_core::{
     Actor, Arch, Batch, Cause, ClaimRefusal, CommitError, EventQuery, Guard, KeyId, NewNode, NodeState, PoolKey,
@@ -365,38 +365,77 @@ async fn full_fsyncs_before_answering_and_normal_never_does() {
     assert_eq!(t.store.writer_stats().syncs, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_wal_restarts_under_continuous_writes() {
+/// Writes continuously from 8 tasks until the writer has restarted the WAL
+/// `restarts` times, or until `budget` nodes were written. Returns what
+/// was wrong: no restart within the budget, or a WAL file that grew past
+/// what restarting keeps it to.
+async fn check_wal_restarts(options: SqliteOptions, restarts: u64, budget: u64) -> Result<(), String> {
     // A checkpoint from another connection never catches up with a writer
     // that never stops; the writer finishes it between batches when asked.
-    let t = common::fresh(SqliteOptions {
-        synchronous: duffy_backend_sqlite::Synchronous::Normal,
-        ..SqliteOptions::default()
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let t = common::fresh(options);
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let writers: Vec<_> = (0..8)
         .map(|w| {
             let store = t.store.clone();
-            let stop = stop.clone();
+            let (stop, written) = (stop.clone(), written.clone());
             tokio::spawn(async move {
                 let mut i = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let nodes = (0..20).map(|k| NewNode::new(format!("w{w}-{i}-{k}"), Arch::X86_64)).collect();
                     store.add_nodes(nodes, Actor::Operator, T0).await.expect("add");
+                    written.fetch_add(20, std::sync::atomic::Ordering::Relaxed);
                     i += 1;
                 }
             })
         })
         .collect();
-    while t.store.writer_stats().wal_restarts == 0 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let wal = {
+        let mut p = t.path().into_os_string();
+        p.push("-wal");
+        std::path::PathBuf::from(p)
+    };
+    let mut largest_wal = 0;
+    while t.store.writer_stats().wal_restarts < restarts
+        && written.load(std::sync::atomic::Ordering::Relaxed) < budget
+        && std::time::Instant::now() < deadline
+    {
+        largest_wal = largest_wal.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in writers {
         w.await.expect("writer");
     }
+    largest_wal = largest_wal.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
     let stats = t.store.writer_stats();
-    assert!(stats.wal_restarts > 0, "no WAL restart in 30 s of writing: {stats:?}");
-    check_history(&*t.store).await.expect("history");
+    let written = written.load(std::sync::atomic::Ordering::Relaxed);
+    check_history(&*t.store).await?;
+    eprintln!("{written} nodes written, WAL at most {largest_wal} bytes: {stats:?}");
+    if stats.wal_restarts < restarts {
+        return Err(format!("{} WAL restarts after {written} nodes written: {stats:?}", stats.wal_restarts));
+    }
+    // The checkpointer asks for a restart past 2000 frames (8 MiB); the WAL
+    // may run ahead of it by what is written meanwhile, not by multiples.
+    if largest_wal > 32 << 20 {
+        return Err(format!("the WAL grew to {largest_wal} bytes although it restarted: {stats:?}"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_restarts_under_continuous_writes() {
+    for synchronous in [Synchronous::Normal, Synchronous::Full] {
+        let options = SqliteOptions { synchronous, ..SqliteOptions::default() };
+        check_wal_restarts(options, 2, 2_000_000).await.unwrap_or_else(|e| panic!("{synchronous:?}: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_restart_check_catches_a_writer_that_never_checkpoints() {
+    let hooks = TestHooks { skip_writer_checkpoint: true, ..TestHooks::default() };
+    let options = SqliteOptions { test_hooks: hooks, ..SqliteOptions::default() };
+    let e = check_wal_restarts(options, 2, 40_000).await.expect_err("must be caught");
+    assert!(e.contains("0 WAL restarts"), "{e}");
 }
