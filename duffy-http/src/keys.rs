@@ -25,6 +25,6 @@ pub async fn create_key(
         None => store.upsert_project(Project { name: project.to_string(), quota, ssh_keys: Vec::new() }).await?,
     }
     let key = generate_key();
-    let rec = store.add_api_key(project, hash_api_key(&key), admin, now).await?;
+    let rec = store.add_api_key(project, hash_api_key(&key), admin, now, None).await?;
     Ok((key, rec))
 }
