@@ -1,6 +1,7 @@
 //! API key issuing.
 
-use duffy_core::{ApiKeyRecord, Project, Store, StoreError, Timestamp, hash_api_key};
+use duffy_core::{ApiKeyRecord, Engine, Project, Store, StoreError, Timestamp, hash_api_key};
+use tracing::warn;
 
 /// A new random API key: a version-4 UUID, 122 random bits from the OS,
 /// in the legacy format (`9c67d9c6-b5e2-4...`), safe in a URL as is.
@@ -27,4 +28,27 @@ pub async fn create_key(
     let key = generate_key();
     let rec = store.add_api_key(project, hash_api_key(&key), admin, now, None).await?;
     Ok((key, rec))
+}
+
+/// How often a running service writes the API keys' last use (one store
+/// write for every key used since the previous one).
+pub const KEY_USE_RECORD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Writes the engine's noted key uses every [`KEY_USE_RECORD_INTERVAL`],
+/// and once more when `stop` completes, so a clean stop loses none. A
+/// failed write is logged and retried at the next interval.
+pub async fn record_key_use_until(engine: Engine, stop: impl std::future::Future<Output = ()>) {
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let stopping = tokio::select! {
+            () = &mut stop => true,
+            () = tokio::time::sleep(KEY_USE_RECORD_INTERVAL) => false,
+        };
+        if let Err(e) = engine.flush_key_usage().await {
+            warn!(error = %e, "recording the API keys' last use failed; will retry");
+        }
+        if stopping {
+            return;
+        }
+    }
 }

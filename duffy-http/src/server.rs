@@ -204,8 +204,10 @@ pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Resu
     let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let (stop, rx) = watch::channel(false);
-    let state = AppState { engine: engine.clone(), metrics: Arc::new(Metrics::default()), pxe };
+    let state =
+        AppState { engine: engine.clone(), metrics: Arc::new(Metrics::default()), pxe, auth_guard: Default::default() };
     let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().run(stopped(rx.clone()))));
+    let key_use = tokio::spawn(crate::keys::record_key_use_until(engine.clone(), stopped(rx.clone())));
     let app = router(state);
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
@@ -215,6 +217,9 @@ pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Resu
             if r.await.is_err() {
                 warn!("the reconciler task panicked");
             }
+        }
+        if key_use.await.is_err() {
+            warn!("the key-use recorder panicked");
         }
         served.map_err(ServeError::Http)
     });
