@@ -455,7 +455,7 @@ async fn connection(stream: UnixStream, own_uid: u32, target: Target, turns: Arc
                 Ok(Request { op: RequestOp::Ping, .. }) => Response::default(),
                 Ok(Request { op: RequestOp::Run(cmd), .. }) => {
                     let _turn = turns.acquire_owned().await;
-                    info!(uid, command = ?cmd_name(&cmd), "operator command");
+                    info!(uid, command = cmd.name(), "operator command");
                     Response::from_result(execute(cmd, &target).await.map_err(|e| e.to_string()))
                 }
             },
@@ -470,13 +470,4 @@ async fn connection(stream: UnixStream, own_uid: u32, target: Target, turns: Arc
         }
         Err(e) => warn!(error = %e, "control socket: encoding an answer failed"),
     }
-}
-
-/// The command's name for the log (its arguments may be long, e.g. a
-/// whole node import).
-fn cmd_name(cmd: &OperatorCommand) -> String {
-    serde_json::to_value(cmd)
-        .ok()
-        .and_then(|v| v.get("command").and_then(|c| c.as_str()).map(str::to_string))
-        .unwrap_or_default()
 }

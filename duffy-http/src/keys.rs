@@ -9,8 +9,19 @@ pub fn generate_key() -> String {
     uuid::Uuid::new_v4().hyphenated().to_string()
 }
 
+/// Creates the project if it does not exist, and sets its quota when one
+/// is given (other settings untouched): what creating a key for it needs.
+pub async fn ensure_project(store: &dyn Store, project: &str, quota: Option<u32>) -> Result<(), StoreError> {
+    match store.project(project).await? {
+        Some(p) if quota.is_none() || p.quota == quota => Ok(()),
+        Some(p) => store.upsert_project(Project { quota, ..p }).await,
+        None => store.upsert_project(Project { name: project.to_string(), quota, ssh_keys: Vec::new() }).await,
+    }
+}
+
 /// Creates the project if needed (updating its quota when one is given)
-/// and a new key for it. Returns the key, which is stored only as its hash
+/// and a new key for it, directly in the store (a running engine learns of
+/// it on first use; operator commands go through `operator::execute`). Returns the key, which is stored only as its hash
 /// and cannot be shown again.
 pub async fn create_key(
     store: &dyn Store,
@@ -19,12 +30,7 @@ pub async fn create_key(
     quota: Option<u32>,
     now: Timestamp,
 ) -> Result<(String, ApiKeyRecord), StoreError> {
-    let existing = store.project(project).await?;
-    match existing {
-        Some(p) if quota.is_none() || p.quota == quota => {}
-        Some(p) => store.upsert_project(Project { quota, ..p }).await?,
-        None => store.upsert_project(Project { name: project.to_string(), quota, ssh_keys: Vec::new() }).await?,
-    }
+    ensure_project(store, project, quota).await?;
     let key = generate_key();
     let rec = store.add_api_key(project, hash_api_key(&key), admin, now, None).await?;
     Ok((key, rec))

@@ -21,7 +21,7 @@ use duffy_core::{
 use serde::{Deserialize, Serialize};
 
 use crate::clock::SystemClock;
-use crate::keys::generate_key;
+use crate::keys::{ensure_project, generate_key};
 
 /// One operator command, as the CLI parsed it. Files the operator named
 /// (node lists, SSH keys) have been read and parsed by the CLI; everything
@@ -90,6 +90,21 @@ pub enum OperatorCommand {
 }
 
 impl OperatorCommand {
+    /// The command's name, for logs (its arguments may be a whole farm).
+    pub fn name(&self) -> &'static str {
+        match self {
+            OperatorCommand::KeyCreate { .. } => "key create",
+            OperatorCommand::KeyList { .. } => "key list",
+            OperatorCommand::KeyRevoke { .. } => "key revoke",
+            OperatorCommand::NodeAdd { .. } => "node add",
+            OperatorCommand::NodeList => "node list",
+            OperatorCommand::NodeGet { .. } => "node get",
+            OperatorCommand::PoolSet { .. } => "pool set",
+            OperatorCommand::ProjectSet { .. } => "project set",
+            OperatorCommand::ProjectShow { .. } => "project show",
+        }
+    }
+
     /// Whether the command may create the database file when it does not
     /// exist. Commands that only read (or change what must already be
     /// there) refuse a missing file instead: a mistyped `--db` must not
@@ -184,11 +199,7 @@ pub async fn execute(cmd: OperatorCommand, target: &Target) -> Result<Outcome, C
                 Some(s) => Some(now.plus(Duration::from_secs(s))),
                 None => None,
             };
-            match store.project(&project).await? {
-                Some(p) if quota.is_none() || p.quota == quota => {}
-                Some(p) => store.upsert_project(Project { quota, ..p }).await?,
-                None => store.upsert_project(Project { name: project.clone(), quota, ssh_keys: Vec::new() }).await?,
-            }
+            ensure_project(&**store, &project, quota).await?;
             let key = generate_key();
             let hash = hash_api_key(&key);
             match target {
