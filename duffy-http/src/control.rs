@@ -149,7 +149,7 @@ impl ControlPaths {
             s.push(ext);
             PathBuf::from(s)
         };
-        Ok(ControlPaths { db: db.to_path_buf(), lock: beside(".lock"), socket: beside(".sock") })
+        Ok(ControlPaths { db: db.to_path_buf(), lock: beside(".lock"), socket: short_spelling(beside(".sock")) })
     }
 
     fn check_socket_len(&self) -> Result<(), ControlError> {
@@ -167,6 +167,35 @@ impl ControlPaths {
         let s = s.trim();
         if s.is_empty() { "another process".into() } else { s.to_string() }
     }
+}
+
+/// `path` (absolute), or the same file spelled relative to the current
+/// directory when that is short enough for a socket address and the
+/// absolute path is not: a database deep in a build directory still gets
+/// its control socket. Each process picks its own spelling; they name one
+/// file.
+fn short_spelling(path: PathBuf) -> PathBuf {
+    if path.as_os_str().len() <= SOCKET_PATH_MAX {
+        return path;
+    }
+    let Ok(cwd) = std::env::current_dir().and_then(std::fs::canonicalize) else { return path };
+    let relative = relative_to(&path, &cwd);
+    if relative.as_os_str().len() < path.as_os_str().len() { relative } else { path }
+}
+
+/// `target` spelled relative to `base` (both absolute, symbolic links
+/// resolved).
+fn relative_to(target: &Path, base: &Path) -> PathBuf {
+    let (t, b): (Vec<_>, Vec<_>) = (target.components().collect(), base.components().collect());
+    let common = t.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out = PathBuf::new();
+    for _ in common..b.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c);
+    }
+    out
 }
 
 /// The exclusive lock on a database's lock file, held until dropped.
@@ -469,5 +498,27 @@ async fn connection(stream: UnixStream, own_uid: u32, target: Target, turns: Arc
             }
         }
         Err(e) => warn!(error = %e, "control socket: encoding an answer failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_is_spelled_relative_to_a_directory() {
+        let r = |t: &str, b: &str| relative_to(Path::new(t), Path::new(b));
+        assert_eq!(r("/a/b/c/d.sock", "/a/b"), PathBuf::from("c/d.sock"));
+        assert_eq!(r("/a/b/d.sock", "/a/b/c/e"), PathBuf::from("../../d.sock"));
+        assert_eq!(r("/x/d.sock", "/a/b"), PathBuf::from("../../x/d.sock"));
+    }
+
+    #[test]
+    fn a_long_socket_path_falls_back_to_a_relative_spelling() {
+        let cwd = std::env::current_dir().and_then(std::fs::canonicalize).expect("cwd");
+        let deep = cwd.join("d".repeat(SOCKET_PATH_MAX)).join("duffy.db.sock");
+        assert_eq!(short_spelling(deep), PathBuf::from("d".repeat(SOCKET_PATH_MAX)).join("duffy.db.sock"));
+        let short = PathBuf::from("/run/duffy.db.sock");
+        assert_eq!(short_spelling(short.clone()), short);
     }
 }

@@ -82,8 +82,15 @@ fn get(port: u16, path: &str) -> (u16, String) {
 /// Starts `duffy serve` on `db` (the embedded default farm) and waits until
 /// it answers HTTP and its control socket exists.
 fn start(db: &Path) -> Server {
+    start_in(db, Path::new("."))
+}
+
+/// [`start`], with `cwd` as the service's current directory (`db` may be
+/// relative to it).
+fn start_in(db: &Path, cwd: &Path) -> Server {
     let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_duffy"))
+        .current_dir(cwd)
         .arg("--db")
         .arg(db)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -100,7 +107,7 @@ fn start(db: &Path) -> Server {
             panic!("duffy serve exited early: {st}");
         }
         let up = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && get(port, "/healthz").0 == 200;
-        if up && sock(db).exists() {
+        if up && cwd.join(sock(db)).exists() {
             return server;
         }
         assert!(Instant::now() < deadline, "duffy serve did not come up");
@@ -295,4 +302,23 @@ fn a_client_that_is_neither_the_services_user_nor_root_is_refused() {
 
 fn running_as_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+#[test]
+fn a_database_deep_in_a_long_path_still_gets_its_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = dir.path().join("a-rather-long-directory-name-as-build-systems-make-them".repeat(2)).join("work");
+    std::fs::create_dir_all(&deep).unwrap();
+    assert!(deep.join("duffy.db.sock").as_os_str().len() > 108, "longer than a socket address holds");
+    let db = Path::new("duffy.db");
+    let server = start_in(db, &deep);
+    let o = Command::new(env!("CARGO_BIN_EXE_duffy"))
+        .current_dir(&deep)
+        .args(["--db", "duffy.db", "node", "add", "deep.example.org"])
+        .output()
+        .unwrap();
+    assert_eq!(ok(&o).trim(), "added deep.example.org (id 49, Active)");
+    assert!(get(server.port, "/Inventory").1.contains("deep.example.org"));
+    assert!(server.terminate().success());
+    assert!(!deep.join("duffy.db.sock").exists());
 }
