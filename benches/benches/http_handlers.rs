@@ -60,7 +60,10 @@ fn handlers(c: &mut Criterion) {
         .await;
         let key =
             duffy_http::keys::create_key(&*store, "bench", false, None, duffy_core::Timestamp(0)).await.expect("key").0;
-        (router(AppState { engine, metrics: Default::default(), pxe: None }), key)
+        // In process there is no socket: every request comes from one made-up address.
+        let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
+        let state = AppState { engine, metrics: Default::default(), pxe: None, auth_guard: Default::default() };
+        (router(state).layer(axum::extract::connect_info::MockConnectInfo(peer)), key)
     });
     let mut g = c.benchmark_group("http_handlers");
     g.bench_function("get+done", |b| {

@@ -42,7 +42,7 @@ pub(crate) use event_cols;
 /// The `api_keys` columns in the order [`api_key`] reads them.
 macro_rules! key_cols {
     () => {
-        "id, project, hash, admin, created_at"
+        "id, project, hash, admin, created_at, expires_at, revoked_at, last_used"
     };
 }
 pub(crate) use key_cols;
@@ -183,6 +183,9 @@ pub(crate) fn api_key(r: &Row<'_>) -> Result<ApiKeyRecord, StoreError> {
         hash: ApiKeyHash(hash),
         admin: col(r, 3, "api_keys.admin")?,
         created_at: ts(r, 4, "api_keys.created_at")?,
+        expires_at: ts_opt(r, 5, "api_keys.expires_at")?,
+        revoked_at: ts_opt(r, 6, "api_keys.revoked_at")?,
+        last_used: ts_opt(r, 7, "api_keys.last_used")?,
     })
 }
 

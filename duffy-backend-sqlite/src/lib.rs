@@ -12,7 +12,8 @@
 //!   no-fsync reference for benchmarks and for throwaway stores.
 //! - **Group commit.** One dedicated writer thread owns the write
 //!   connection. Every write operation (`claim`, `commit`, `add_nodes`,
-//!   `upsert_project`, `add_api_key`, `set_pool_target`, `set_paused`) is
+//!   `upsert_project`, `add_api_key`, `revoke_api_key`, `record_key_use`,
+//!   `set_pool_target`, `set_paused`) is
 //!   sent to it over a channel with a oneshot for the answer. The writer
 //!   takes the first queued operation, drains whatever else is queued (up
 //!   to [`SqliteOptions::max_batch`]) and runs them all in one
@@ -83,8 +84,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, EventQuery,
-    Hardware, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store, StoreError,
-    Timestamp,
+    Hardware, KeyId, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store,
+    StoreError, Timestamp,
 };
 use futures::channel::oneshot;
 use rusqlite::{Connection, OpenFlags};
@@ -645,14 +646,31 @@ impl Store for SqliteStore {
         hash: ApiKeyHash,
         admin: bool,
         now: Timestamp,
+        expires_at: Option<Timestamp>,
     ) -> Result<ApiKeyRecord, StoreError> {
         let project = project.to_string();
-        self.write(|reply| Op::AddApiKey { project, hash, admin, now, reply }, closed).await
+        self.write(|reply| Op::AddApiKey { project, hash, admin, now, expires_at, reply }, closed).await
     }
 
     async fn api_key_by_hash(&self, hash: &ApiKeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
         let hash = *hash;
         self.readers.read(move |c| queries::api_key_by_hash(c, &hash)).await
+    }
+
+    async fn api_keys(&self, project: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let project = project.map(str::to_string);
+        self.readers.read(move |c| queries::api_keys(c, project.as_deref())).await
+    }
+
+    async fn revoke_api_key(&self, id: KeyId, now: Timestamp) -> Result<ApiKeyRecord, StoreError> {
+        self.write(|reply| Op::RevokeApiKey { id, now, reply }, closed).await
+    }
+
+    async fn record_key_use(&self, used: Vec<(KeyId, Timestamp)>) -> Result<(), StoreError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        self.write(|reply| Op::RecordKeyUse { used, reply }, closed).await
     }
 
     async fn set_pool_target(&self, target: PoolTarget) -> Result<(), StoreError> {

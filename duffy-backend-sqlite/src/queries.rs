@@ -557,6 +557,56 @@ pub(crate) fn api_key_by_hash(conn: &Connection, hash: &ApiKeyHash) -> Result<Op
     )
 }
 
+/// The key with this id.
+pub(crate) fn api_key(conn: &Connection, id: KeyId) -> Result<Option<ApiKeyRecord>, StoreError> {
+    one(
+        conn,
+        concat!("SELECT ", key_cols!(), " FROM api_keys WHERE id = ?1"),
+        [to_sql_u64(id.0, "api_keys.id")?],
+        "reading an API key",
+        codec::api_key,
+    )
+}
+
+/// Every key, or one project's (by the `api_keys_project` index), by id.
+pub(crate) fn api_keys(conn: &Connection, project: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError> {
+    match project {
+        None => rows(
+            conn,
+            concat!("SELECT ", key_cols!(), " FROM api_keys ORDER BY id"),
+            [],
+            "listing API keys",
+            codec::api_key,
+        ),
+        Some(p) => rows(
+            conn,
+            concat!("SELECT ", key_cols!(), " FROM api_keys WHERE project = ?1 ORDER BY id"),
+            [p],
+            "listing API keys",
+            codec::api_key,
+        ),
+    }
+}
+
+/// Sets a key's revocation time unless it has one already.
+pub(crate) fn revoke_api_key(conn: &Connection, id: KeyId, now: Timestamp) -> Result<(), StoreError> {
+    const WHAT: &str = "revoking an API key";
+    let mut stmt =
+        conn.prepare_cached("UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL").ctx(WHAT)?;
+    stmt.execute(params![to_sql_u64(id.0, "api_keys.id")?, now.0]).ctx(WHAT)?;
+    Ok(())
+}
+
+/// Moves a key's last use forward to `at` (never back).
+pub(crate) fn record_key_use(conn: &Connection, id: KeyId, at: Timestamp) -> Result<(), StoreError> {
+    const WHAT: &str = "recording an API key's use";
+    let mut stmt = conn
+        .prepare_cached("UPDATE api_keys SET last_used = ?2 WHERE id = ?1 AND (last_used IS NULL OR last_used < ?2)")
+        .ctx(WHAT)?;
+    stmt.execute(params![to_sql_u64(id.0, "api_keys.id")?, at.0]).ctx(WHAT)?;
+    Ok(())
+}
+
 /// Inserts a key; returns its id.
 pub(crate) fn insert_api_key(
     conn: &Connection,
@@ -564,12 +614,15 @@ pub(crate) fn insert_api_key(
     hash: &ApiKeyHash,
     admin: bool,
     now: Timestamp,
+    expires_at: Option<Timestamp>,
 ) -> Result<KeyId, StoreError> {
     const WHAT: &str = "inserting an API key";
     let mut stmt = conn
-        .prepare_cached("INSERT INTO api_keys (id, project, hash, admin, created_at) VALUES (NULL, ?1, ?2, ?3, ?4)")
+        .prepare_cached(
+            "INSERT INTO api_keys (id, project, hash, admin, created_at, expires_at) VALUES (NULL, ?1, ?2, ?3, ?4, ?5)",
+        )
         .ctx(WHAT)?;
-    stmt.execute(params![project, &hash.0[..], admin, now.0]).ctx(WHAT)?;
+    stmt.execute(params![project, &hash.0[..], admin, now.0, expires_at.map(|t| t.0)]).ctx(WHAT)?;
     let id = conn.last_insert_rowid();
     u64::try_from(id).map(KeyId).map_err(|_| StoreError::Corrupt(format!("SQLite assigned key id {id}")))
 }

@@ -150,9 +150,19 @@ DROP INDEX nodes_idle;
 CREATE INDEX nodes_idle ON nodes (hardware_arch, flavor, used_count, id) WHERE state = 'Active';
 "#;
 
+/// Version 5: key management. A key may expire; a revoked key keeps its
+/// row (its sessions name it) with the time it was revoked; the last time
+/// it authenticated a request, as the engine records it (coarsely, not per
+/// request).
+const V5: &str = r#"
+ALTER TABLE api_keys ADD COLUMN expires_at INTEGER;
+ALTER TABLE api_keys ADD COLUMN revoked_at INTEGER;
+ALTER TABLE api_keys ADD COLUMN last_used INTEGER;
+"#;
+
 /// Every migration, in order: migration `i` takes the file from version
 /// `i` to `i + 1`. Append only; never edit a released one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version this build writes (the number of migrations).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -21,8 +21,8 @@ use std::time::Instant;
 
 use duffy_core::store::claim_writes;
 use duffy_core::{
-    Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, Guard, NewNode,
-    Node, NodeId, PoolTarget, Project, StoreError, Timestamp, model::validate_token,
+    Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, Guard, KeyId,
+    NewNode, Node, NodeId, PoolTarget, Project, StoreError, Timestamp, model::validate_token,
 };
 use futures::channel::oneshot;
 use rusqlite::Connection;
@@ -73,7 +73,17 @@ pub(crate) enum Op {
         hash: ApiKeyHash,
         admin: bool,
         now: Timestamp,
+        expires_at: Option<Timestamp>,
         reply: Reply<Result<ApiKeyRecord, StoreError>>,
+    },
+    RevokeApiKey {
+        id: KeyId,
+        now: Timestamp,
+        reply: Reply<Result<ApiKeyRecord, StoreError>>,
+    },
+    RecordKeyUse {
+        used: Vec<(KeyId, Timestamp)>,
+        reply: Reply<Result<(), StoreError>>,
     },
     SetPoolTarget {
         target: PoolTarget,
@@ -131,6 +141,8 @@ impl Op {
             Op::Commit { .. } => "commit",
             Op::UpsertProject { .. } => "upsert_project",
             Op::AddApiKey { .. } => "add_api_key",
+            Op::RevokeApiKey { .. } => "revoke_api_key",
+            Op::RecordKeyUse { .. } => "record_key_use",
             Op::SetPoolTarget { .. } => "set_pool_target",
             Op::SetPaused { .. } => "set_paused",
         }
@@ -160,8 +172,18 @@ impl Op {
                 let keep = v.is_ok();
                 (outcome(reply, v, store_err), keep)
             }
-            Op::AddApiKey { project, hash, admin, now, reply } => {
-                let v = add_api_key(conn, project, hash, admin, now);
+            Op::AddApiKey { project, hash, admin, now, expires_at, reply } => {
+                let v = add_api_key(conn, project, hash, admin, now, expires_at);
+                let keep = v.is_ok();
+                (outcome(reply, v, store_err), keep)
+            }
+            Op::RevokeApiKey { id, now, reply } => {
+                let v = revoke_api_key(conn, id, now);
+                let keep = v.is_ok();
+                (outcome(reply, v, store_err), keep)
+            }
+            Op::RecordKeyUse { used, reply } => {
+                let v = used.iter().try_for_each(|(id, at)| q::record_key_use(conn, *id, *at));
                 let keep = v.is_ok();
                 (outcome(reply, v, store_err), keep)
             }
@@ -193,7 +215,10 @@ impl Op {
             Op::UpsertProject { reply, .. } => {
                 let _ = reply.send(Err(err));
             }
-            Op::AddApiKey { reply, .. } => {
+            Op::AddApiKey { reply, .. } | Op::RevokeApiKey { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            Op::RecordKeyUse { reply, .. } => {
                 let _ = reply.send(Err(err));
             }
             Op::SetPoolTarget { reply, .. } => {
@@ -512,6 +537,7 @@ fn add_api_key(
     hash: ApiKeyHash,
     admin: bool,
     now: Timestamp,
+    expires_at: Option<Timestamp>,
 ) -> Result<ApiKeyRecord, StoreError> {
     if !q::project_exists(conn, &project)? {
         return Err(StoreError::NotFound(format!("project {project}")));
@@ -519,8 +545,13 @@ fn add_api_key(
     if q::api_key_by_hash(conn, &hash)?.is_some() {
         return Err(StoreError::Duplicate("API key".into()));
     }
-    let id = q::insert_api_key(conn, &project, &hash, admin, now)?;
-    Ok(ApiKeyRecord { id, project, hash, admin, created_at: now })
+    let id = q::insert_api_key(conn, &project, &hash, admin, now, expires_at)?;
+    Ok(ApiKeyRecord { id, project, hash, admin, created_at: now, expires_at, revoked_at: None, last_used: None })
+}
+
+fn revoke_api_key(conn: &Connection, id: KeyId, now: Timestamp) -> Result<ApiKeyRecord, StoreError> {
+    q::revoke_api_key(conn, id, now)?;
+    q::api_key(conn, id)?.ok_or_else(|| StoreError::NotFound(format!("API key {id}")))
 }
 
 fn set_pool_target(conn: &Connection, target: &PoolTarget) -> Result<(), StoreError> {

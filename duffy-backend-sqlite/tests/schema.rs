@@ -116,6 +116,10 @@ fn two_stores_on_one_file_share_it_safely() {
     });
 }
 
+/// Undoes migration 5 (key expiry, revocation and last use).
+const V5_DOWN: &str = "ALTER TABLE api_keys DROP COLUMN expires_at; ALTER TABLE api_keys DROP COLUMN revoked_at; \
+                       ALTER TABLE api_keys DROP COLUMN last_used;";
+
 #[test]
 fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -131,10 +135,10 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     // Make it the file a version-1 build wrote: no host_key column.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(
+        .execute_batch(&format!(
             "DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; ALTER TABLE nodes DROP COLUMN host_key; \
-             PRAGMA user_version = 1;",
-        )
+             {V5_DOWN} PRAGMA user_version = 1;"
+        ))
         .expect("downgrade");
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
     let nodes = futures::executor::block_on(store.nodes()).expect("nodes");
@@ -142,7 +146,7 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     assert_eq!(nodes[0].host_key, None);
     drop(store);
     assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 4);
+    assert_eq!(SCHEMA_VERSION, 5);
 }
 
 fn index_names(path: &std::path::Path) -> Vec<String> {
@@ -168,9 +172,9 @@ fn a_version_2_file_is_migrated_forward_keeping_its_data() {
     // Make it the file a version-2 build wrote: no reconciler indexes.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(
-            "DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; PRAGMA user_version = 2;",
-        )
+        .execute_batch(&format!(
+            "DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; {V5_DOWN} PRAGMA user_version = 2;"
+        ))
         .expect("downgrade");
     assert!(!index_names(&path).iter().any(|n| n == "nodes_state" || n == "nodes_stale"));
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
@@ -202,10 +206,10 @@ fn a_version_3_file_gets_the_idle_index_by_kind_of_machine() {
     // Make it the file a version-3 build wrote: idle nodes by use only.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(
+        .execute_batch(&format!(
             "DROP INDEX nodes_idle; CREATE INDEX nodes_idle ON nodes (used_count, id) WHERE state = 'Active'; \
-             PRAGMA user_version = 3;",
-        )
+                 {V5_DOWN} PRAGMA user_version = 3;"
+        ))
         .expect("downgrade");
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
     let kind = duffy_core::Hardware::of(&added[1]);
@@ -222,4 +226,48 @@ fn a_version_3_file_gets_the_idle_index_by_kind_of_machine() {
         .collect::<Result<_, _>>()
         .expect("rows");
     assert_eq!(cols, ["hardware_arch", "flavor", "used_count", "id"]);
+}
+
+fn column_names(path: &std::path::Path, table: &str) -> Vec<String> {
+    let c = Connection::open(path).expect("raw open");
+    let mut stmt = c.prepare(&format!("SELECT name FROM pragma_table_info('{table}')")).expect("q");
+    stmt.query_map([], |r| r.get(0)).expect("query").collect::<Result<_, _>>().expect("rows")
+}
+
+#[test]
+fn a_version_4_file_is_migrated_forward_keeping_its_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+    let key = futures::executor::block_on(async {
+        store
+            .upsert_project(duffy_core::Project { name: "ci".into(), quota: None, ssh_keys: vec![] })
+            .await
+            .expect("project");
+        store.add_api_key("ci", duffy_core::hash_api_key("old-key"), true, Timestamp(7), None).await.expect("key")
+    });
+    drop(store);
+    // Make it the file a version-4 build wrote: keys without expiry,
+    // revocation or last use.
+    Connection::open(&path)
+        .expect("raw")
+        .execute_batch(&format!("{V5_DOWN} PRAGMA user_version = 4;"))
+        .expect("downgrade");
+    assert!(!column_names(&path, "api_keys").iter().any(|c| c == "revoked_at"));
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
+    futures::executor::block_on(async {
+        let read = store.api_key_by_hash(&key.hash).await.expect("read").expect("the key survives");
+        assert_eq!(read, key, "same row, no expiry, not revoked, never used");
+        assert_eq!(store.api_keys(None).await.expect("list"), vec![key.clone()]);
+        let revoked = store.revoke_api_key(key.id, Timestamp(9)).await.expect("revocable after the migration");
+        assert_eq!(revoked.revoked_at, Some(Timestamp(9)));
+        store.record_key_use(vec![(key.id, Timestamp(8))]).await.expect("use recorded");
+        assert_eq!(store.api_keys(Some("ci")).await.expect("list")[0].last_used, Some(Timestamp(8)));
+    });
+    drop(store);
+    assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
+    let cols = column_names(&path, "api_keys");
+    for c in ["expires_at", "revoked_at", "last_used"] {
+        assert!(cols.iter().any(|n| n == c), "{c} missing: {cols:?}");
+    }
 }

@@ -16,7 +16,6 @@ use futures::future::join_all;
 use futures::task::AtomicWaker;
 use tracing::{debug, error, info, warn};
 
-use crate::auth::{hash_api_key, verify_api_key};
 use crate::installer::{Blame, Contextualizer, Installer, PrepareError};
 use crate::model::{Actor, Arch, KeyId, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId, SessionState};
 use crate::policy::Policy;
@@ -280,11 +279,8 @@ pub(crate) struct Inner {
     /// Allocating, nodes still Provisioning) cannot be driven by this
     /// process: start-up recovery takes it over.
     pub(crate) started_at: Timestamp,
-    /// Keys already seen, by hash. Stored keys never change (the store has
-    /// no call that alters or removes one), so a hit is exactly what the
-    /// store would answer; misses are never cached, so a key created a
-    /// moment ago works at once. A key-revocation call must clear this.
-    key_cache: std::sync::Mutex<HashMap<crate::model::ApiKeyHash, crate::model::ApiKeyRecord>>,
+    /// API keys remembered, and their unrecorded uses (`keys` module).
+    pub(crate) keys: crate::keys::KeyCache,
 }
 
 impl Inner {
@@ -316,10 +312,6 @@ impl Inner {
         }
     }
 }
-
-/// Most keys remembered by [`Inner::key_cache`]; past it the cache starts
-/// over (a farm has far fewer keys than this).
-const KEY_CACHE_MAX: usize = 100_000;
 
 /// The Duffy engine. Cheap to clone; clones share everything.
 #[derive(Clone)]
@@ -378,7 +370,7 @@ impl EngineBuilder {
                 ids: self.ids,
                 policy: self.policy,
                 kick: Kick::default(),
-                key_cache: std::sync::Mutex::new(HashMap::new()),
+                keys: crate::keys::KeyCache::default(),
             }),
         })
     }
@@ -430,36 +422,6 @@ impl Engine {
 
     fn now(&self) -> Timestamp {
         self.inner.clock.now()
-    }
-
-    /// Resolves an API key to its principal. The key is hashed and compared
-    /// in constant time; an empty or unknown key is [`EngineError::InvalidKey`].
-    pub async fn authenticate(&self, key: &str) -> Result<Principal, EngineError> {
-        if key.is_empty() || key.len() > 256 {
-            return Err(EngineError::InvalidKey);
-        }
-        let hash = hash_api_key(key);
-        let cached = self.inner.key_cache.lock().unwrap_or_else(|p| p.into_inner()).get(&hash).cloned();
-        let rec = match cached {
-            Some(rec) => Some(rec),
-            None => {
-                let rec = self.inner.store.api_key_by_hash(&hash).await?;
-                if let Some(r) = &rec {
-                    let mut cache = self.inner.key_cache.lock().unwrap_or_else(|p| p.into_inner());
-                    if cache.len() >= KEY_CACHE_MAX {
-                        cache.clear();
-                    }
-                    cache.insert(hash, r.clone());
-                }
-                rec
-            }
-        };
-        match rec {
-            Some(rec) if verify_api_key(key, &rec.hash) => {
-                Ok(Principal { key_id: Some(rec.id), project: rec.project, admin: rec.admin })
-            }
-            _ => Err(EngineError::InvalidKey),
-        }
     }
 
     fn require_admin(who: &Principal) -> Result<(), EngineError> {

@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod engine;
 pub mod installer;
+pub mod keys;
 pub mod model;
 pub mod planner;
 pub mod policy;

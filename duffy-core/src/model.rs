@@ -539,6 +539,26 @@ pub struct ApiKeyRecord {
     pub admin: bool,
     /// When it was created.
     pub created_at: Timestamp,
+    /// From this time on the key is refused; `None`: it never expires.
+    #[serde(default)]
+    pub expires_at: Option<Timestamp>,
+    /// When an operator revoked it (a revoked key is refused; the row stays
+    /// for the history of the sessions it made).
+    #[serde(default)]
+    pub revoked_at: Option<Timestamp>,
+    /// When it last authenticated a request, as last recorded: the engine
+    /// keeps uses in memory and records them coarsely (see
+    /// `Engine::flush_key_usage`), so this may lag by that interval.
+    #[serde(default)]
+    pub last_used: Option<Timestamp>,
+}
+
+impl ApiKeyRecord {
+    /// Whether the key may authenticate a request at `now`: not revoked and
+    /// not expired.
+    pub fn usable_at(&self, now: Timestamp) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|t| now < t)
+    }
 }
 
 /// Who caused a change: recorded with every event.

@@ -369,17 +369,36 @@ pub trait Store: Send + Sync {
     /// One project by name.
     async fn project(&self, name: &str) -> Result<Option<Project>, StoreError>;
 
-    /// Stores a new API key (only its hash) for an existing project.
+    /// Stores a new API key (only its hash) for an existing project,
+    /// created at `now`, refused from `expires_at` on (`None`: never
+    /// expires).
     async fn add_api_key(
         &self,
         project: &str,
         hash: ApiKeyHash,
         admin: bool,
         now: Timestamp,
+        expires_at: Option<Timestamp>,
     ) -> Result<ApiKeyRecord, StoreError>;
 
-    /// The key with this hash, if any.
+    /// The key with this hash, if any, revoked and expired ones included
+    /// (the engine decides what a key may do).
     async fn api_key_by_hash(&self, hash: &ApiKeyHash) -> Result<Option<ApiKeyRecord>, StoreError>;
+
+    /// Every key, or only `project`'s, ordered by id; revoked and expired
+    /// ones included.
+    async fn api_keys(&self, project: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError>;
+
+    /// Revokes a key at `now` and returns it as stored. The row stays (its
+    /// sessions still name it); revoking a revoked key changes nothing and
+    /// returns it with its first revocation time. An unknown id is
+    /// [`StoreError::NotFound`].
+    async fn revoke_api_key(&self, id: KeyId, now: Timestamp) -> Result<ApiKeyRecord, StoreError>;
+
+    /// Records when keys were last used, in one write: each key's
+    /// `last_used` becomes the later of the stored time and the given one
+    /// (never earlier). Unknown ids are skipped.
+    async fn record_key_use(&self, used: Vec<(KeyId, Timestamp)>) -> Result<(), StoreError>;
 
     /// Sets a pool's standby target (creating the pool).
     async fn set_pool_target(&self, target: PoolTarget) -> Result<(), StoreError>;

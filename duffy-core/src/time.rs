@@ -120,8 +120,8 @@ pub async fn timeout<F: Future>(clock: &dyn Clock, d: Duration, fut: F) -> Resul
 }
 
 /// Parses a duration as configuration files write it: a number of seconds
-/// (`"2"`, `"0.5"`) or a number with a unit, `ms`, `s`, `m` or `h`
-/// (`"500ms"`, `"30s"`, `"10m"`, `"1h"`).
+/// (`"2"`, `"0.5"`) or a number with a unit, `ms`, `s`, `m`, `h` or `d`
+/// (`"500ms"`, `"30s"`, `"10m"`, `"1h"`, `"90d"`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
@@ -132,13 +132,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         (n, 60.0)
     } else if let Some(n) = s.strip_suffix('h') {
         (n, 3600.0)
+    } else if let Some(n) = s.strip_suffix('d') {
+        (n, 86_400.0)
     } else {
         (s, 1.0)
     };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}; use seconds or e.g. \"500ms\", \"30s\", \"10m\", \"1h\""))?;
+    let v: f64 = num.trim().parse().map_err(|_| {
+        format!("invalid duration {s:?}; use seconds or e.g. \"500ms\", \"30s\", \"10m\", \"1h\", \"90d\"")
+    })?;
     Duration::try_from_secs_f64(v * scale).map_err(|_| format!("invalid duration {s:?}"))
 }
 
@@ -185,6 +186,7 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86_400)));
         assert_eq!(parse_duration(" 3 "), Ok(Duration::from_secs(3)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-1s").is_err());

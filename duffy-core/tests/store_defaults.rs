@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use duffy_core::store::{Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery};
 use duffy_core::testkit::{MemStore, conformance};
 use duffy_core::{
-    Actor, ApiKeyHash, ApiKeyRecord, Event, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId,
-    Store, StoreError, Timestamp,
+    Actor, ApiKeyHash, ApiKeyRecord, Event, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session,
+    SessionId, Store, StoreError, Timestamp,
 };
 
 /// A store that implements only the required methods (by delegating to a
@@ -61,11 +61,21 @@ impl Store for Plain {
         hash: ApiKeyHash,
         admin: bool,
         now: Timestamp,
+        expires_at: Option<Timestamp>,
     ) -> Result<ApiKeyRecord, StoreError> {
-        self.0.add_api_key(project, hash, admin, now).await
+        self.0.add_api_key(project, hash, admin, now, expires_at).await
     }
     async fn api_key_by_hash(&self, hash: &ApiKeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
         self.0.api_key_by_hash(hash).await
+    }
+    async fn api_keys(&self, project: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.0.api_keys(project).await
+    }
+    async fn revoke_api_key(&self, id: KeyId, now: Timestamp) -> Result<ApiKeyRecord, StoreError> {
+        self.0.revoke_api_key(id, now).await
+    }
+    async fn record_key_use(&self, used: Vec<(KeyId, Timestamp)>) -> Result<(), StoreError> {
+        self.0.record_key_use(used).await
     }
     async fn set_pool_target(&self, target: PoolTarget) -> Result<(), StoreError> {
         self.0.set_pool_target(target).await

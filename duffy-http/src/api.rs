@@ -8,6 +8,7 @@
 //! written; a rejected request changes nothing.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +25,7 @@ use duffy_installers::{PxeError, PxeRegistry};
 use serde_json::{Value, json};
 use tracing::{error, warn};
 
+use crate::auth_guard::{AuthGuard, AuthRefusal, authenticate};
 use crate::metrics::Metrics;
 
 /// Shared state of the handlers.
@@ -36,6 +38,8 @@ pub struct AppState {
     /// The PXE installer's pending installs, when it is the configured
     /// installer: machines fetch their boot script and kickstart here.
     pub pxe: Option<Arc<PxeRegistry>>,
+    /// Per-address budgets of failed API key lookups.
+    pub auth_guard: Arc<AuthGuard>,
 }
 
 /// A reply: a status and a body in one of the contract's shapes.
@@ -90,6 +94,11 @@ impl IntoResponse for Reply {
 }
 
 const INVALID_KEY: &str = "Invalid duffy key";
+/// The answer, with 429, when a client's address is over its budget of
+/// failed key lookups (see `auth_guard`): in the shape of the endpoint's
+/// invalid-key answer, except on `/Inventory`, where that shape (`[]`)
+/// would tell a job it holds nothing, so it is a JSON string.
+const LOOKUPS_LIMITED: &str = "Too many invalid duffy keys from your address; try again in a minute";
 const INVALID_SESSION: &str = "Invalid session ID";
 
 /// The query string, parsed and checked against the endpoint's allowed
@@ -205,7 +214,11 @@ fn parse_request(q: &Query) -> Result<NodeRequest, Reply> {
 }
 
 /// `/Node/get?key=K[&ver=7][&arch=x86_64][&count=1][&flavor=F]`
-async fn node_get(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
+async fn node_get(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
     let q = match Query::parse(raw.as_deref(), &["key", "ver", "arch", "count", "flavor"]) {
         Ok(q) => q,
         Err(r) => return r,
@@ -221,10 +234,11 @@ async fn node_get(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply 
             return r;
         }
     };
-    let who = match st.engine.authenticate(key).await {
+    let who = match authenticate(&st, peer, key).await {
         Ok(w) => w,
-        Err(EngineError::InvalidKey) => return Reply::Text(StatusCode::OK, INVALID_KEY.into()),
-        Err(e) => return unexpected("authentication", &e),
+        Err(AuthRefusal::Invalid) => return Reply::Text(StatusCode::OK, INVALID_KEY.into()),
+        Err(AuthRefusal::Limited) => return Reply::Text(StatusCode::TOO_MANY_REQUESTS, LOOKUPS_LIMITED.into()),
+        Err(AuthRefusal::Failed(e)) => return unexpected("authentication", &e),
     };
     let count = req.count.unwrap_or(1) as usize;
     let m = &st.metrics;
@@ -271,14 +285,15 @@ async fn node_get(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply 
 }
 
 /// Key and ssid of `/Node/done` and `/Node/fail`, key checked first.
-async fn session_call(st: &AppState, raw: Option<&str>) -> Result<(Principal, String), Reply> {
+async fn session_call(st: &AppState, peer: SocketAddr, raw: Option<&str>) -> Result<(Principal, String), Reply> {
     let q = Query::parse(raw, &["key", "ssid"])?;
     let key = q.key()?;
     let ssid = q.get("ssid").unwrap_or("").to_string();
-    let who = match st.engine.authenticate(key).await {
+    let who = match authenticate(st, peer, key).await {
         Ok(w) => w,
-        Err(EngineError::InvalidKey) => return Err(Reply::msg(StatusCode::FORBIDDEN, INVALID_KEY)),
-        Err(e) => return Err(unexpected("authentication", &e)),
+        Err(AuthRefusal::Invalid) => return Err(Reply::msg(StatusCode::FORBIDDEN, INVALID_KEY)),
+        Err(AuthRefusal::Limited) => return Err(Reply::msg(StatusCode::TOO_MANY_REQUESTS, LOOKUPS_LIMITED)),
+        Err(AuthRefusal::Failed(e)) => return Err(unexpected("authentication", &e)),
     };
     if ssid.is_empty() {
         return Err(Reply::msg(StatusCode::FORBIDDEN, INVALID_SESSION));
@@ -299,8 +314,12 @@ fn session_error(what: &str, e: EngineError) -> Reply {
 }
 
 /// `/Node/done?key=K&ssid=S`
-async fn node_done(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
-    let (who, ssid) = match session_call(&st, raw.as_deref()).await {
+async fn node_done(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let (who, ssid) = match session_call(&st, peer, raw.as_deref()).await {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -311,8 +330,12 @@ async fn node_done(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply
 }
 
 /// `/Node/fail?key=K&ssid=S`
-async fn node_fail(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
-    let (who, ssid) = match session_call(&st, raw.as_deref()).await {
+async fn node_fail(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let (who, ssid) = match session_call(&st, peer, raw.as_deref()).await {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -356,7 +379,11 @@ impl serde::Serialize for InventoryRow<'_> {
 }
 
 /// `/Inventory[?key=K]`
-async fn inventory(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
+async fn inventory(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
     let q = match Query::parse(raw.as_deref(), &["key"]) {
         Ok(q) => q,
         Err(r) => return r,
@@ -373,10 +400,12 @@ async fn inventory(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply
             Err(e) => unexpected("reading the inventory", &e),
         },
         Some(key) => {
-            let who = match st.engine.authenticate(key).await {
+            let who = match authenticate(&st, peer, key).await {
                 Ok(w) => w,
-                Err(EngineError::InvalidKey) => return Reply::Json(StatusCode::OK, json!([])),
-                Err(e) => return unexpected("authentication", &e),
+                Err(AuthRefusal::Invalid) => return Reply::Json(StatusCode::OK, json!([])),
+                // Not `[]`: that would tell a job it holds nothing.
+                Err(AuthRefusal::Limited) => return Reply::message(StatusCode::TOO_MANY_REQUESTS, LOOKUPS_LIMITED),
+                Err(AuthRefusal::Failed(e)) => return unexpected("authentication", &e),
             };
             match st.engine.inventory_of(&who).await {
                 Ok(rows) => {
@@ -431,14 +460,15 @@ async fn help(RawQuery(raw): RawQuery) -> Reply {
 }
 
 /// Authenticates an admin call.
-async fn admin(st: &AppState, raw: Option<&str>) -> Result<Principal, Reply> {
+async fn admin(st: &AppState, peer: SocketAddr, raw: Option<&str>) -> Result<Principal, Reply> {
     let q = Query::parse(raw, &["key"])?;
     let key = q.key()?;
-    match st.engine.authenticate(key).await {
+    match authenticate(st, peer, key).await {
         Ok(w) if w.admin => Ok(w),
         Ok(_) => Err(Reply::msg(StatusCode::FORBIDDEN, "This call needs an admin key")),
-        Err(EngineError::InvalidKey) => Err(Reply::msg(StatusCode::FORBIDDEN, INVALID_KEY)),
-        Err(e) => Err(unexpected("authentication", &e)),
+        Err(AuthRefusal::Invalid) => Err(Reply::msg(StatusCode::FORBIDDEN, INVALID_KEY)),
+        Err(AuthRefusal::Limited) => Err(Reply::msg(StatusCode::TOO_MANY_REQUESTS, LOOKUPS_LIMITED)),
+        Err(AuthRefusal::Failed(e)) => Err(unexpected("authentication", &e)),
     }
 }
 
@@ -454,8 +484,12 @@ fn admin_error(what: &str, e: EngineError) -> Reply {
 }
 
 /// `/Overtime?key=ADMIN`
-async fn overtime(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
-    let who = match admin(&st, raw.as_deref()).await {
+async fn overtime(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let who = match admin(&st, peer, raw.as_deref()).await {
         Ok(w) => w,
         Err(r) => return r,
     };
@@ -501,8 +535,13 @@ fn node_reply(n: &Node) -> Reply {
 }
 
 /// `/NodeSetAdmin/<node>?key=ADMIN`
-async fn node_set_admin(State(st): State<AppState>, Path(node): Path<String>, RawQuery(raw): RawQuery) -> Reply {
-    let who = match admin(&st, raw.as_deref()).await {
+async fn node_set_admin(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(node): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let who = match admin(&st, peer, raw.as_deref()).await {
         Ok(w) => w,
         Err(r) => return r,
     };
@@ -516,8 +555,13 @@ async fn node_set_admin(State(st): State<AppState>, Path(node): Path<String>, Ra
 }
 
 /// `/NodeRecover/<node>?key=ADMIN`
-async fn node_recover(State(st): State<AppState>, Path(node): Path<String>, RawQuery(raw): RawQuery) -> Reply {
-    let who = match admin(&st, raw.as_deref()).await {
+async fn node_recover(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(node): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let who = match admin(&st, peer, raw.as_deref()).await {
         Ok(w) => w,
         Err(r) => return r,
     };
@@ -531,8 +575,12 @@ async fn node_recover(State(st): State<AppState>, Path(node): Path<String>, RawQ
 }
 
 /// `/PauseService?key=ADMIN`
-async fn pause(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
-    let who = match admin(&st, raw.as_deref()).await {
+async fn pause(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let who = match admin(&st, peer, raw.as_deref()).await {
         Ok(w) => w,
         Err(r) => return r,
     };
@@ -543,8 +591,12 @@ async fn pause(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
 }
 
 /// `/ResumeService?key=ADMIN`
-async fn resume(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
-    let who = match admin(&st, raw.as_deref()).await {
+async fn resume(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let who = match admin(&st, peer, raw.as_deref()).await {
         Ok(w) => w,
         Err(r) => return r,
     };

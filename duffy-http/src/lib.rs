@@ -9,11 +9,14 @@
 //! clock.
 
 pub mod api;
+pub mod auth_guard;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod keys;
 pub mod listener;
 pub mod metrics;
+pub mod operator;
 pub mod server;
 
 pub use api::{AppState, router};

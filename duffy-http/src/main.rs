@@ -1,16 +1,32 @@
 //! The `duffy` binary: the service, and the operator commands that manage
 //! its database.
+//!
+//! Operator commands are built here from the arguments and run by
+//! `duffy_http::operator::execute`: in this process when no service runs
+//! on the database, otherwise inside the service, through its control
+//! socket (`duffy_http::control`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use duffy_core::{Actor, Arch, BootDevice, Clock, PoolKey, PoolTarget, PowerAction, PowerController, Store};
+use duffy_core::{Arch, BootDevice, PoolKey, PowerAction, PowerController, Store};
 use duffy_http::config::{Config, NodeConfig, NodeFile};
-use duffy_http::{SystemClock, build_engine, serve_until};
+use duffy_http::control::{ControlPaths, ControlServer, DbLock, PROTOCOL_VERSION, Request, RequestOp, SendError};
+use duffy_http::operator::{OperatorCommand, Outcome, Target, execute};
+use duffy_http::{build_engine, start};
 use tracing::{error, info};
+
+/// How long `duffy serve` waits for an operator command that holds the
+/// database lock to finish.
+const SERVE_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// How long an operator command waits for the lock to come free or for a
+/// starting service to open its control socket.
+const COMMAND_LOCK_WAIT: Duration = Duration::from_secs(15);
 
 /// Duffy: keeps a farm of test machines installed and hands them to CI jobs.
 #[derive(Debug, Parser)]
@@ -84,7 +100,31 @@ enum KeyCommand {
         /// The project's node quota (nodes its sessions may hold at once).
         #[arg(long)]
         quota: Option<u32>,
+        /// The key is refused this long after it is created (e.g. 90d, 12h, 30m).
+        #[arg(long, value_name = "DURATION", value_parser = parse_expiry)]
+        expires: Option<u64>,
     },
+    /// Lists keys: id, project, admin, created, expires, last used, revoked
+    /// (never the key or its hash).
+    List {
+        /// Only this project's keys.
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Revokes a key: a running service refuses it from the next request on.
+    Revoke {
+        /// The key's id, as `key list` shows it.
+        id: u64,
+    },
+}
+
+/// `--expires`: a duration of at least one second, in whole seconds.
+fn parse_expiry(s: &str) -> Result<u64, String> {
+    let d = duffy_core::time::parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?} is too short: a key must live at least 1s"));
+    }
+    Ok(d.as_secs())
 }
 
 #[derive(Debug, Subcommand)]
@@ -185,6 +225,8 @@ enum CliError {
     Store(#[from] duffy_core::StoreError),
     #[error(transparent)]
     Serve(#[from] duffy_http::ServeError),
+    #[error(transparent)]
+    Control(#[from] duffy_http::control::ControlError),
     #[error("{0}")]
     Other(String),
 }
@@ -223,31 +265,111 @@ async fn shutdown_signal() {
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
-    let now = SystemClock.now();
     match cli.command {
-        Command::Serve { config, listen } => {
-            let mut cfg = match &config {
-                Some(path) => Config::load(path)?,
-                None => Config::default(),
-            };
-            if let Some(db) = cli.db {
-                cfg.database = db;
-            }
-            if let Some(l) = listen {
-                cfg.listen = l;
-            }
-            let store = open_store(&cfg.database).await?;
-            info!(database = %cfg.database.display(), "store opened");
-            let built = build_engine(&cfg, store).await?;
-            serve_until(cfg.listen, built, shutdown_signal()).await?;
-            info!("stopped");
+        Command::Serve { config, listen } => serve(cli.db, config, listen).await,
+        Command::Node(NodeCommand::Power { hostname, action, config }) => {
+            node_power(cli.db, &hostname, action, &config).await
         }
-        Command::Key(KeyCommand::Create { project, admin, quota }) => {
-            duffy_core::validate_token("project name", &project, 64).map_err(|e| CliError::Other(e.to_string()))?;
-            let store = open_store(&db_path(cli.db)).await?;
-            let (key, _) = duffy_http::keys::create_key(&*store, &project, admin, quota, now).await?;
-            println!("{key}");
+        other => {
+            let cmd = operator_command(other)?;
+            let outcome = run_operator(&db_path(cli.db), cmd).await?;
+            print!("{}", outcome.output);
+            Ok(())
         }
+    }
+}
+
+/// `duffy serve`: takes the database lock for the service's whole life,
+/// then serves HTTP and the control socket.
+async fn serve(db: Option<PathBuf>, config: Option<PathBuf>, listen: Option<SocketAddr>) -> Result<(), CliError> {
+    let mut cfg = match &config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(db) = db {
+        cfg.database = db;
+    }
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    let paths = ControlPaths::for_db(&cfg.database)?;
+    let lock = DbLock::acquire_for_service(&paths, SERVE_LOCK_WAIT).await?;
+    let store = open_store(&cfg.database).await?;
+    info!(database = %cfg.database.display(), "store opened");
+    let built = build_engine(&cfg, store).await?;
+    let control = ControlServer::start(&paths, &lock, built.engine.clone())?;
+    let running = match start(cfg.listen, built).await {
+        Ok(r) => r,
+        Err(e) => {
+            control.stop().await;
+            return Err(e.into());
+        }
+    };
+    shutdown_signal().await;
+    info!("shutting down: finishing in-flight requests and operator commands");
+    control.stop().await;
+    running.stop().await?;
+    // The store is closed (the last engine went with the service); only
+    // now may an operator command open the file.
+    drop(lock);
+    info!("stopped");
+    Ok(())
+}
+
+/// Runs an operator command: here, against the database file, when no
+/// service runs on it (holding its lock meanwhile), or in the service
+/// through its control socket.
+async fn run_operator(db: &Path, cmd: OperatorCommand) -> Result<Outcome, CliError> {
+    if !cmd.creates_database() && !db.exists() {
+        return Err(CliError::Other(format!(
+            "no database at {}: this command only reads it and does not create one; check --db \
+             (commands that add keys, nodes, pools or projects create it)",
+            db.display()
+        )));
+    }
+    let paths = ControlPaths::for_db(db)?;
+    let deadline = tokio::time::Instant::now() + COMMAND_LOCK_WAIT;
+    loop {
+        if let Some(lock) = DbLock::try_acquire(&paths, "duffy operator command")? {
+            let target = Target::Store(open_store(db).await?);
+            let result = execute(cmd, &target).await;
+            // Close the store before letting a service start on the file.
+            drop(target);
+            drop(lock);
+            return result.map_err(|e| CliError::Other(e.to_string()));
+        }
+        let req = Request { version: PROTOCOL_VERSION, op: RequestOp::Run(cmd.clone()) };
+        match duffy_http::control::send(&paths.socket, &req).await {
+            Ok(answer) => return answer.into_result().map_err(CliError::Other),
+            // The holder is another command, or a service not listening
+            // yet (starting) or any more (stopping): wait for either.
+            Err(SendError::NoService(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(SendError::NoService(socket)) => {
+                return Err(CliError::Other(format!(
+                    "{} is locked by {} and no service answers on {}; try again when it has finished",
+                    db.display(),
+                    paths.holder(),
+                    socket.display()
+                )));
+            }
+            Err(SendError::Control(e)) => return Err(e.into()),
+        }
+    }
+}
+
+/// The operator command an invocation means, with the files it names read
+/// and checked here (errors name the file and line).
+fn operator_command(command: Command) -> Result<OperatorCommand, CliError> {
+    let invalid = |e: &dyn std::fmt::Display| CliError::Other(e.to_string());
+    Ok(match command {
+        Command::Key(KeyCommand::Create { project, admin, quota, expires }) => {
+            duffy_core::validate_token("project name", &project, 64).map_err(|e| invalid(&e))?;
+            OperatorCommand::KeyCreate { project, admin, quota, expires_after_secs: expires }
+        }
+        Command::Key(KeyCommand::List { project }) => OperatorCommand::KeyList { project },
+        Command::Key(KeyCommand::Revoke { id }) => OperatorCommand::KeyRevoke { id },
         Command::Node(NodeCommand::Add(a)) => {
             let n = NodeConfig {
                 hostname: a.hostname,
@@ -260,139 +382,97 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 reserved: a.reserved,
             }
             .new_node();
-            n.validate().map_err(|e| CliError::Other(e.to_string()))?;
-            let store = open_store(&db_path(cli.db)).await?;
-            let added = store.add_nodes(vec![n], Actor::Operator, now).await?;
-            for n in added {
-                println!("added {} (id {}, {})", n.hostname, n.id, n.state);
-            }
+            n.validate().map_err(|e| invalid(&e))?;
+            OperatorCommand::NodeAdd { nodes: vec![n], skip_existing: false }
         }
         Command::Node(NodeCommand::Import { file }) => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| CliError::Other(format!("reading {}: {e}", file.display())))?;
-            let nodes: NodeFile =
+            let parsed: NodeFile =
                 toml::from_str(&text).map_err(|e| CliError::Other(format!("{}: {e}", file.display())))?;
-            let store = open_store(&db_path(cli.db)).await?;
-            let existing = store.nodes().await?;
-            let mut new = Vec::new();
-            for n in &nodes.nodes {
+            let mut nodes = Vec::with_capacity(parsed.nodes.len());
+            for n in &parsed.nodes {
                 let nn = n.new_node();
                 nn.validate().map_err(|e| CliError::Other(format!("{}: {e}", file.display())))?;
-                if !existing.iter().any(|e| e.hostname == nn.hostname) {
-                    new.push(nn);
-                }
+                nodes.push(nn);
             }
-            let skipped = nodes.nodes.len() - new.len();
-            let added = store.add_nodes(new, Actor::Operator, now).await?;
-            println!("added {} nodes, {} already present", added.len(), skipped);
+            OperatorCommand::NodeAdd { nodes, skip_existing: true }
         }
-        Command::Node(NodeCommand::List) => {
-            let store = open_store(&db_path(cli.db)).await?;
-            println!(
-                "{:>6}  {:<32} {:<16} {:<8} {:>5}  {:<12} session",
-                "id", "hostname", "state", "arch", "used", "image"
-            );
-            for n in store.nodes().await? {
-                println!(
-                    "{:>6}  {:<32} {:<16} {:<8} {:>5}  {:<12} {}",
-                    n.id.0,
-                    n.hostname,
-                    n.state.as_str(),
-                    n.hardware_arch.as_str(),
-                    n.used_count,
-                    n.image.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into()),
-                    n.session.as_ref().map(|s| s.0.as_str()).unwrap_or("-"),
-                );
-            }
-        }
-        Command::Node(NodeCommand::Power { hostname, action, config }) => {
-            let cfg = Config::load(&config)?;
-            let Some(inventory) = cfg.bmc_inventory()? else {
-                return Err(CliError::Other(format!(
-                    "{}: [hardware] is simulated; node power needs kind = \"ipmi\" with a [[hardware.bmc]] entry per node",
-                    config.display()
-                )));
-            };
-            if inventory.get(&hostname).is_none() {
-                return Err(CliError::Other(format!(
-                    "{}: no [[hardware.bmc]] entry for node {hostname:?}",
-                    config.display()
-                )));
-            }
-            let db = cli.db.unwrap_or(cfg.database.clone());
-            let store = open_store(&db).await?;
-            let node = store
-                .node_by_hostname(&hostname)
-                .await?
-                .ok_or_else(|| CliError::Other(format!("no node named {hostname:?} in {}", db.display())))?;
-            let power = duffy_backend_ipmi::IpmiPowerController::new(inventory);
-            let done = match action {
-                PowerCommand::Status => {
-                    let st = power.status(&node).await.map_err(|e| CliError::Other(format!("{hostname}: {e}")))?;
-                    println!("{hostname}: power {}", st.as_str());
-                    return Ok(());
-                }
-                PowerCommand::On => power.power(&node, PowerAction::On).await,
-                PowerCommand::Off => power.power(&node, PowerAction::Off).await,
-                PowerCommand::Cycle => power.power(&node, PowerAction::Cycle).await,
-                PowerCommand::Reset => power.power(&node, PowerAction::Reset).await,
-                PowerCommand::Soft => power.power(&node, PowerAction::Soft).await,
-                PowerCommand::Pxe => power.set_next_boot(&node, BootDevice::Pxe).await,
-                PowerCommand::Disk => power.set_next_boot(&node, BootDevice::Disk).await,
-            };
-            done.map_err(|e| CliError::Other(format!("{hostname}: {e}")))?;
-            println!("{hostname}: {}", format!("{action:?}").to_lowercase());
-        }
-        Command::Project(ProjectCommand::Set { name, quota, ssh_keys }) => {
-            duffy_core::validate_token("project name", &name, 64).map_err(|e| CliError::Other(e.to_string()))?;
-            let keys = match &ssh_keys {
-                None => None,
-                Some(path) => {
-                    let text = std::fs::read_to_string(path)
-                        .map_err(|e| CliError::Other(format!("reading {}: {e}", path.display())))?;
-                    let mut keys = Vec::new();
-                    for (i, line) in text.lines().enumerate() {
-                        let line = line.trim();
-                        if line.is_empty() || line.starts_with('#') {
-                            continue;
-                        }
-                        let key = duffy_installers::PublicKey::parse(line)
-                            .map_err(|e| CliError::Other(format!("{}:{}: {e}", path.display(), i + 1)))?;
-                        keys.push(key.to_string());
-                    }
-                    Some(keys)
-                }
-            };
-            let store = open_store(&db_path(cli.db)).await?;
-            let current = store.project(&name).await?;
-            let project = duffy_core::Project {
-                name: name.clone(),
-                quota: quota.or(current.as_ref().and_then(|p| p.quota)),
-                ssh_keys: keys.unwrap_or_else(|| current.map(|p| p.ssh_keys).unwrap_or_default()),
-            };
-            store.upsert_project(project.clone()).await?;
-            println!(
-                "project {name}: quota {}, {} SSH keys",
-                project.quota.map(|q| q.to_string()).unwrap_or_else(|| "none".into()),
-                project.ssh_keys.len()
-            );
-        }
-        Command::Project(ProjectCommand::Show { name }) => {
-            let store = open_store(&db_path(cli.db)).await?;
-            let p = store.project(&name).await?.ok_or_else(|| CliError::Other(format!("no project {name:?}")))?;
-            println!("project {}: quota {}", p.name, p.quota.map(|q| q.to_string()).unwrap_or_else(|| "none".into()));
-            for k in &p.ssh_keys {
-                println!("  {k}");
-            }
-        }
+        Command::Node(NodeCommand::List) => OperatorCommand::NodeList,
         Command::Pool(PoolCommand::Set { release, arch, flavor, standby }) => {
             let pool = PoolKey::new(release, arch, flavor);
-            pool.validate().map_err(|e| CliError::Other(e.to_string()))?;
-            let store = open_store(&db_path(cli.db)).await?;
-            store.set_pool_target(PoolTarget { pool: pool.clone(), standby }).await?;
-            println!("pool {pool}: standby {standby}");
+            pool.validate().map_err(|e| invalid(&e))?;
+            OperatorCommand::PoolSet { pool, standby }
         }
+        Command::Project(ProjectCommand::Set { name, quota, ssh_keys }) => {
+            duffy_core::validate_token("project name", &name, 64).map_err(|e| invalid(&e))?;
+            let ssh_keys = match &ssh_keys {
+                None => None,
+                Some(path) => Some(read_ssh_keys(path)?),
+            };
+            OperatorCommand::ProjectSet { name, quota, ssh_keys }
+        }
+        Command::Project(ProjectCommand::Show { name }) => OperatorCommand::ProjectShow { name },
+        Command::Serve { .. } | Command::Node(NodeCommand::Power { .. }) => {
+            return Err(CliError::Other("not an operator command".into()));
+        }
+    })
+}
+
+/// A file of OpenSSH public keys, one per line (`#` comments and blank
+/// lines ignored), each validated; an error names the line.
+fn read_ssh_keys(path: &Path) -> Result<Vec<String>, CliError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| CliError::Other(format!("reading {}: {e}", path.display())))?;
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let key = duffy_installers::PublicKey::parse(line)
+            .map_err(|e| CliError::Other(format!("{}:{}: {e}", path.display(), i + 1)))?;
+        keys.push(key.to_string());
     }
+    Ok(keys)
+}
+
+/// `duffy node power`: the node is looked up like any operator command
+/// (in the service when one runs); the BMC is driven from here, with the
+/// credentials of the config file the operator names.
+async fn node_power(db: Option<PathBuf>, hostname: &str, action: PowerCommand, config: &Path) -> Result<(), CliError> {
+    let cfg = Config::load(config)?;
+    let Some(inventory) = cfg.bmc_inventory()? else {
+        return Err(CliError::Other(format!(
+            "{}: [hardware] is simulated; node power needs kind = \"ipmi\" with a [[hardware.bmc]] entry per node",
+            config.display()
+        )));
+    };
+    if inventory.get(hostname).is_none() {
+        return Err(CliError::Other(format!("{}: no [[hardware.bmc]] entry for node {hostname:?}", config.display())));
+    }
+    let db = db.unwrap_or(cfg.database.clone());
+    let node = run_operator(&db, OperatorCommand::NodeGet { hostname: hostname.to_string() })
+        .await?
+        .node
+        .ok_or_else(|| CliError::Other(format!("no node named {hostname:?} in {}", db.display())))?;
+    let power = duffy_backend_ipmi::IpmiPowerController::new(inventory);
+    let done = match action {
+        PowerCommand::Status => {
+            let st = power.status(&node).await.map_err(|e| CliError::Other(format!("{hostname}: {e}")))?;
+            println!("{hostname}: power {}", st.as_str());
+            return Ok(());
+        }
+        PowerCommand::On => power.power(&node, PowerAction::On).await,
+        PowerCommand::Off => power.power(&node, PowerAction::Off).await,
+        PowerCommand::Cycle => power.power(&node, PowerAction::Cycle).await,
+        PowerCommand::Reset => power.power(&node, PowerAction::Reset).await,
+        PowerCommand::Soft => power.power(&node, PowerAction::Soft).await,
+        PowerCommand::Pxe => power.set_next_boot(&node, BootDevice::Pxe).await,
+        PowerCommand::Disk => power.set_next_boot(&node, BootDevice::Disk).await,
+    };
+    done.map_err(|e| CliError::Other(format!("{hostname}: {e}")))?;
+    println!("{hostname}: {}", format!("{action:?}").to_lowercase());
     Ok(())
 }
 

@@ -202,8 +202,10 @@ pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Resu
     let listener = bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let (stop, rx) = watch::channel(false);
-    let state = AppState { engine: engine.clone(), metrics: Arc::new(Metrics::default()), pxe };
+    let state =
+        AppState { engine: engine.clone(), metrics: Arc::new(Metrics::default()), pxe, auth_guard: Default::default() };
     let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().run(stopped(rx.clone()))));
+    let key_use = tokio::spawn(crate::keys::record_key_use_until(engine.clone(), stopped(rx.clone())));
     let app = router(state);
     let task = tokio::spawn(async move {
         let served = serve(listener, app, &limits, stopped(rx)).await;
@@ -211,6 +213,9 @@ pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Resu
             if r.await.is_err() {
                 warn!("the reconciler task panicked");
             }
+        }
+        if key_use.await.is_err() {
+            warn!("the key-use recorder panicked");
         }
         served.map_err(ServeError::Http)
     });

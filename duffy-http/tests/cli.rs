@@ -59,3 +59,53 @@ fn nodes_pools_projects_and_keys() {
     let bad = duffy(&db, &["node", "add", "-bad-"]);
     assert!(!bad.status.success());
 }
+
+#[test]
+fn read_only_commands_refuse_a_missing_database_and_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("dufy.db");
+    for args in [&["node", "list"][..], &["project", "show", "ci"], &["key", "list"], &["key", "revoke", "1"]] {
+        let o = duffy(&typo, args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "{args:?} succeeded on a missing database: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        assert!(err.contains("no database at") && err.contains("dufy.db") && err.contains("--db"), "{args:?}: {err}");
+        assert!(!typo.exists(), "{args:?} created the file");
+    }
+    // Commands that add things create it.
+    out(&duffy(&typo, &["project", "set", "ci"]));
+    assert!(out(&duffy(&typo, &["project", "show", "ci"])).contains("project ci"));
+}
+
+#[test]
+fn keys_are_listed_expire_and_are_revoked_without_a_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("duffy.db");
+    let k1 = out(&duffy(&db, &["key", "create", "--project", "ci", "--expires", "90d"]));
+    out(&duffy(&db, &["key", "create", "--project", "qa", "--admin"]));
+    let list = out(&duffy(&db, &["key", "list"]));
+    let rows: Vec<Vec<&str>> = list.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 2, "{list}");
+    // id, project, admin, created, expires, last used, revoked
+    assert_eq!((rows[0][0], rows[0][1], rows[0][2], rows[0][5], rows[0][6]), ("1", "ci", "no", "-", "-"), "{list}");
+    assert!(rows[0][4] > rows[0][3] && rows[0][4].ends_with('Z'), "{list}");
+    assert_eq!((rows[1][1], rows[1][2], rows[1][4]), ("qa", "yes", "-"), "{list}");
+    assert!(!list.contains(k1.trim()), "{list}");
+    assert_eq!(out(&duffy(&db, &["key", "list", "--project", "qa"])).lines().count(), 2);
+    assert_eq!(out(&duffy(&db, &["key", "revoke", "1"])).trim(), "revoked key 1 (project ci)");
+    assert!(out(&duffy(&db, &["key", "revoke", "1"])).contains("was already revoked at"));
+    let list = out(&duffy(&db, &["key", "list", "--project", "ci"]));
+    assert!(
+        list.lines().nth(1).is_some_and(|l| l.split_whitespace().nth(6).is_some_and(|r| r.ends_with('Z'))),
+        "{list}"
+    );
+    for bad in ["0s", "soon", "500ms"] {
+        let o = duffy(&db, &["key", "create", "--project", "ci", "--expires", bad]);
+        assert!(!o.status.success(), "--expires {bad} accepted");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("--expires"), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(out(&duffy(&db, &["key", "list"])).lines().count(), 3, "the refused keys were not made");
+}

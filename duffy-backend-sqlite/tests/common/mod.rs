@@ -9,8 +9,8 @@ use std::sync::Arc;
 use duffy_backend_sqlite::{SqliteOptions, SqliteStore};
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, EventQuery,
-    Hardware, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store, StoreError,
-    Timestamp,
+    Hardware, KeyId, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store,
+    StoreError, Timestamp,
 };
 
 /// A fresh store in its own temporary directory (removed on drop, after
@@ -108,11 +108,21 @@ impl Store for Owned {
         hash: ApiKeyHash,
         admin: bool,
         now: Timestamp,
+        expires_at: Option<Timestamp>,
     ) -> Result<ApiKeyRecord, StoreError> {
-        self.store.add_api_key(project, hash, admin, now).await
+        self.store.add_api_key(project, hash, admin, now, expires_at).await
     }
     async fn api_key_by_hash(&self, hash: &ApiKeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
         self.store.api_key_by_hash(hash).await
+    }
+    async fn api_keys(&self, project: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.store.api_keys(project).await
+    }
+    async fn revoke_api_key(&self, id: KeyId, now: Timestamp) -> Result<ApiKeyRecord, StoreError> {
+        self.store.revoke_api_key(id, now).await
+    }
+    async fn record_key_use(&self, used: Vec<(KeyId, Timestamp)>) -> Result<(), StoreError> {
+        self.store.record_key_use(used).await
     }
     async fn set_pool_target(&self, target: PoolTarget) -> Result<(), StoreError> {
         self.store.set_pool_target(target).await

@@ -251,7 +251,7 @@ async fn child_task(store: Arc<SqliteStore>, round: u64, task: u64, seq: Arc<Ato
             }
             _ => {
                 let key = format!("key-{round}-{task}-{i}");
-                store.add_api_key(PROJECT, duffy_core::hash_api_key(&key), false, T0).await.expect("key");
+                store.add_api_key(PROJECT, duffy_core::hash_api_key(&key), false, T0, None).await.expect("key");
                 ack(format_args!("key {key}"));
             }
         }

@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::model::{
-    Actor, Arch, Hardware, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId, SessionState,
+    Actor, ApiKeyRecord, Arch, Hardware, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session,
+    SessionId, SessionState,
 };
 use crate::policy::RateLimit;
 use crate::state::{Cause, CauseKind, NodeState};
@@ -53,6 +54,8 @@ macro_rules! store_conformance_tests {
             stale_ready_is_oldest_first_and_bounded,
             nodes_after_pages_through_the_farm,
             idle_nodes_are_least_used_first,
+            api_keys_are_listed_and_revoked,
+            key_use_is_recorded_forward_only,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -531,7 +534,7 @@ pub async fn guards_undo_the_whole_batch(store: Arc<dyn Store>) {
 /// projects only, found by hash, and unique.
 pub async fn projects_and_keys(store: Arc<dyn Store>) {
     let h = crate::hash_api_key("k1");
-    let missing = store.add_api_key("nope", h, false, T0).await;
+    let missing = store.add_api_key("nope", h, false, T0, None).await;
     assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
     let p = Project { name: "proj".into(), quota: Some(5), ssh_keys: vec!["ssh-ed25519 AAAA test".into()] };
     store.upsert_project(p.clone()).await.expect("create");
@@ -539,17 +542,64 @@ pub async fn projects_and_keys(store: Arc<dyn Store>) {
     let p2 = Project { quota: None, ..p };
     store.upsert_project(p2.clone()).await.expect("update");
     assert_eq!(store.project("proj").await.expect("read"), Some(p2));
-    let k = store.add_api_key("proj", h, true, T0).await.expect("key");
+    let k = store.add_api_key("proj", h, true, T0, None).await.expect("key");
     assert_eq!((k.project.as_str(), k.admin, k.hash), ("proj", true, h));
-    let k2 = store.add_api_key("proj", crate::hash_api_key("k2"), false, T0).await.expect("second key");
+    let k2 = store.add_api_key("proj", crate::hash_api_key("k2"), false, T0, None).await.expect("second key");
     assert_ne!(k.id, k2.id);
     assert_eq!(store.api_key_by_hash(&h).await.expect("read"), Some(k));
     assert_eq!(store.api_key_by_hash(&crate::hash_api_key("k3")).await.expect("read"), None);
-    assert!(matches!(store.add_api_key("proj", h, false, T0).await, Err(StoreError::Duplicate(_))));
+    assert!(matches!(store.add_api_key("proj", h, false, T0, None).await, Err(StoreError::Duplicate(_))));
     assert!(matches!(
         store.upsert_project(Project { name: "bad name".into(), quota: None, ssh_keys: vec![] }).await,
         Err(StoreError::Invalid(_))
     ));
+}
+
+/// Keys are listed by id (all, or one project's) with their expiry;
+/// revocation keeps the row, is idempotent (the first time stays), and is
+/// seen by lookups by hash; an unknown id is `NotFound`.
+pub async fn api_keys_are_listed_and_revoked(store: Arc<dyn Store>) {
+    for name in ["alpha", "beta"] {
+        store.upsert_project(Project { name: name.into(), quota: None, ssh_keys: vec![] }).await.expect("project");
+    }
+    assert!(store.api_keys(None).await.expect("list").is_empty());
+    let later = T0.plus(Duration::from_secs(3600));
+    let a1 = store.add_api_key("alpha", crate::hash_api_key("a1"), true, T0, None).await.expect("a1");
+    let b1 = store.add_api_key("beta", crate::hash_api_key("b1"), false, T0, Some(later)).await.expect("b1");
+    let a2 = store.add_api_key("alpha", crate::hash_api_key("a2"), false, T0, None).await.expect("a2");
+    assert_eq!((b1.expires_at, b1.revoked_at, b1.last_used), (Some(later), None, None));
+    assert_eq!(store.api_keys(None).await.expect("list"), vec![a1.clone(), b1.clone(), a2.clone()]);
+    assert_eq!(store.api_keys(Some("alpha")).await.expect("list"), vec![a1.clone(), a2.clone()]);
+    assert!(store.api_keys(Some("nobody")).await.expect("list").is_empty());
+    assert_eq!(store.api_key_by_hash(&b1.hash).await.expect("read"), Some(b1.clone()), "expiry is stored");
+
+    let t1 = T0.plus(Duration::from_secs(60));
+    let revoked = store.revoke_api_key(a2.id, t1).await.expect("revoke");
+    assert_eq!(revoked, ApiKeyRecord { revoked_at: Some(t1), ..a2.clone() });
+    let again = store.revoke_api_key(a2.id, t1.plus(Duration::from_secs(60))).await.expect("revoke again");
+    assert_eq!(again.revoked_at, Some(t1), "the first revocation time stays");
+    assert_eq!(store.api_key_by_hash(&a2.hash).await.expect("read"), Some(revoked.clone()));
+    assert_eq!(store.api_keys(Some("alpha")).await.expect("list"), vec![a1.clone(), revoked]);
+    assert_eq!(store.api_key_by_hash(&a1.hash).await.expect("read"), Some(a1), "other keys untouched");
+    let missing = store.revoke_api_key(KeyId(9999), t1).await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
+}
+
+/// Key use is recorded for many keys in one call; `last_used` only ever
+/// moves forward, and unknown ids are skipped.
+pub async fn key_use_is_recorded_forward_only(store: Arc<dyn Store>) {
+    store.upsert_project(Project { name: "p".into(), quota: None, ssh_keys: vec![] }).await.expect("project");
+    let k1 = store.add_api_key("p", crate::hash_api_key("u1"), false, T0, None).await.expect("k1");
+    let k2 = store.add_api_key("p", crate::hash_api_key("u2"), false, T0, None).await.expect("k2");
+    let (t1, t2) = (T0.plus(Duration::from_secs(10)), T0.plus(Duration::from_secs(20)));
+    store.record_key_use(vec![(k1.id, t2), (k2.id, t1), (KeyId(9999), t2)]).await.expect("record");
+    store.record_key_use(vec![(k1.id, t1)]).await.expect("an older use");
+    store.record_key_use(Vec::new()).await.expect("nothing to record");
+    let keys = store.api_keys(None).await.expect("list");
+    assert_eq!(keys.iter().map(|k| k.last_used).collect::<Vec<_>>(), vec![Some(t2), Some(t1)]);
+    let k2_read = store.api_key_by_hash(&k2.hash).await.expect("read").expect("k2");
+    assert_eq!(k2_read, ApiKeyRecord { last_used: Some(t1), ..k2 });
+    assert_eq!(keys.len(), 2, "no key was made for an unknown id");
 }
 
 /// Pool targets are set and listed by pool; the pause flag swaps

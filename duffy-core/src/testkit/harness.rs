@@ -122,7 +122,7 @@ impl Harness {
         let now = self.clock.now();
         self.block_on(async move {
             store.upsert_project(Project { name: name.clone(), quota, ssh_keys: vec![] }).await.expect("project");
-            store.add_api_key(&name, crate::hash_api_key(&k), admin, now).await.expect("key");
+            store.add_api_key(&name, crate::hash_api_key(&k), admin, now, None).await.expect("key");
         });
         key
     }

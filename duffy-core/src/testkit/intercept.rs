@@ -10,7 +10,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::model::{
-    Actor, ApiKeyHash, ApiKeyRecord, Hardware, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId,
+    Actor, ApiKeyHash, ApiKeyRecord, Hardware, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session,
+    SessionId,
 };
 use crate::state::{Event, NodeState};
 use crate::store::{Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Store, StoreError};
@@ -165,12 +166,25 @@ impl Store for InterceptStore {
         hash: ApiKeyHash,
         admin: bool,
         now: Timestamp,
+        expires_at: Option<Timestamp>,
     ) -> Result<ApiKeyRecord, StoreError> {
-        self.around("add_api_key", self.inner.add_api_key(project, hash, admin, now)).await
+        self.around("add_api_key", self.inner.add_api_key(project, hash, admin, now, expires_at)).await
     }
 
     async fn api_key_by_hash(&self, hash: &ApiKeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
         self.around("api_key_by_hash", self.inner.api_key_by_hash(hash)).await
+    }
+
+    async fn api_keys(&self, project: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.around("api_keys", self.inner.api_keys(project)).await
+    }
+
+    async fn revoke_api_key(&self, id: KeyId, now: Timestamp) -> Result<ApiKeyRecord, StoreError> {
+        self.around("revoke_api_key", self.inner.revoke_api_key(id, now)).await
+    }
+
+    async fn record_key_use(&self, used: Vec<(KeyId, Timestamp)>) -> Result<(), StoreError> {
+        self.around("record_key_use", self.inner.record_key_use(used)).await
     }
 
     async fn set_pool_target(&self, target: PoolTarget) -> Result<(), StoreError> {

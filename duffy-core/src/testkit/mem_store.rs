@@ -32,6 +32,8 @@ struct State {
     events: Vec<Event>,
     projects: BTreeMap<String, Project>,
     keys: HashMap<ApiKeyHash, ApiKeyRecord>,
+    /// Key hashes by id, in id order (listing, revocation).
+    key_ids: BTreeMap<KeyId, ApiKeyHash>,
     targets: BTreeMap<PoolKey, u32>,
     paused: bool,
     next_node: u64,
@@ -178,6 +180,9 @@ impl State {
 #[derive(Debug, Default)]
 pub struct MemStore {
     state: Mutex<State>,
+    /// Calls of `api_key_by_hash`: tests check that the engine's key
+    /// caches spare the store.
+    key_lookups: std::sync::atomic::AtomicU64,
 }
 
 impl MemStore {
@@ -188,6 +193,12 @@ impl MemStore {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many times a key has been looked up by hash
+    /// ([`Store::api_key_by_hash`]) since the store was made.
+    pub fn key_lookups(&self) -> u64 {
+        self.key_lookups.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -362,6 +373,7 @@ impl Store for MemStore {
         hash: ApiKeyHash,
         admin: bool,
         now: Timestamp,
+        expires_at: Option<Timestamp>,
     ) -> Result<ApiKeyRecord, StoreError> {
         let mut s = self.lock();
         if !s.projects.contains_key(project) {
@@ -371,13 +383,53 @@ impl Store for MemStore {
             return Err(StoreError::Duplicate("API key".into()));
         }
         s.next_key += 1;
-        let rec = ApiKeyRecord { id: KeyId(s.next_key), project: project.to_string(), hash, admin, created_at: now };
+        let rec = ApiKeyRecord {
+            id: KeyId(s.next_key),
+            project: project.to_string(),
+            hash,
+            admin,
+            created_at: now,
+            expires_at,
+            revoked_at: None,
+            last_used: None,
+        };
         s.keys.insert(hash, rec.clone());
+        s.key_ids.insert(rec.id, hash);
         Ok(rec)
     }
 
     async fn api_key_by_hash(&self, hash: &ApiKeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
+        self.key_lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(self.lock().keys.get(hash).cloned())
+    }
+
+    async fn api_keys(&self, project: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let s = self.lock();
+        Ok(s.key_ids
+            .values()
+            .filter_map(|h| s.keys.get(h))
+            .filter(|k| project.is_none_or(|p| k.project == p))
+            .cloned()
+            .collect())
+    }
+
+    async fn revoke_api_key(&self, id: KeyId, now: Timestamp) -> Result<ApiKeyRecord, StoreError> {
+        let mut s = self.lock();
+        let hash = *s.key_ids.get(&id).ok_or_else(|| StoreError::NotFound(format!("API key {id}")))?;
+        let rec = s.keys.get_mut(&hash).ok_or_else(|| StoreError::Corrupt(format!("API key {id} has no row")))?;
+        rec.revoked_at.get_or_insert(now);
+        Ok(rec.clone())
+    }
+
+    async fn record_key_use(&self, used: Vec<(KeyId, Timestamp)>) -> Result<(), StoreError> {
+        let mut s = self.lock();
+        for (id, at) in used {
+            let Some(hash) = s.key_ids.get(&id).copied() else { continue };
+            if let Some(rec) = s.keys.get_mut(&hash) {
+                rec.last_used = rec.last_used.max(Some(at));
+            }
+        }
+        Ok(())
     }
 
     async fn set_pool_target(&self, target: PoolTarget) -> Result<(), StoreError> {

@@ -301,8 +301,21 @@ impl Store for Tap {
         hash: ApiKeyHash,
         admin: bool,
         now: Timestamp,
+        expires_at: Option<Timestamp>,
     ) -> Result<ApiKeyRecord, StoreError> {
-        self.inner.add_api_key(project, hash, admin, now).await
+        self.inner.add_api_key(project, hash, admin, now, expires_at).await
+    }
+
+    async fn api_keys(&self, project: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.inner.api_keys(project).await
+    }
+
+    async fn revoke_api_key(&self, id: KeyId, now: Timestamp) -> Result<ApiKeyRecord, StoreError> {
+        self.inner.revoke_api_key(id, now).await
+    }
+
+    async fn record_key_use(&self, used: Vec<(KeyId, Timestamp)>) -> Result<(), StoreError> {
+        self.inner.record_key_use(used).await
     }
 
     async fn api_key_by_hash(&self, hash: &ApiKeyHash) -> Result<Option<ApiKeyRecord>, StoreError> {
