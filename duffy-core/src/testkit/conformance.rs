@@ -24,6 +24,7 @@ use crate::model::{
     SessionId, SessionState,
 };
 use crate::policy::RateLimit;
+use crate::session::SessionCause;
 use crate::state::{Cause, CauseKind, NodeState};
 use crate::store::{
     Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeWrite, SessionWrite, Store,
@@ -125,8 +126,9 @@ pub async fn claim_ok(store: &dyn Store, req: ClaimRequest) -> Claimed {
     }
 }
 
-/// Releases a session the way the engine's done does: Allocating or Prod
-/// to Done, its nodes back to Active.
+/// Ends a session the way the engine does: a Prod (or Fail) session is
+/// released (Done), an Allocating one aborted; its nodes go back to
+/// Active.
 pub async fn release(store: &dyn Store, sid: &SessionId, now: Timestamp) -> Result<(), CommitError> {
     let s = store.session(sid).await?.ok_or_else(|| StoreError::NotFound(format!("session {sid}")))?;
     let mut batch = Batch::default();
@@ -142,11 +144,12 @@ pub async fn release(store: &dyn Store, sid: &SessionId, now: Timestamp) -> Resu
                 .map_err(|e| StoreError::Invalid(e.to_string()))?,
         );
     }
-    let mut done = s.clone();
-    done.state = SessionState::Done;
-    done.ended_at = Some(now);
-    done.version += 1;
-    batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: done });
+    let cause = if s.state == SessionState::Allocating {
+        SessionCause::Aborted { reason: "test".into() }
+    } else {
+        SessionCause::Released
+    };
+    batch.sessions.push(SessionWrite::transition(&s, cause, now).map_err(|e| StoreError::Invalid(e.to_string()))?);
     store.commit(batch).await
 }
 
@@ -447,12 +450,9 @@ pub async fn sessions_are_compare_and_set(store: Arc<dyn Store>) {
     let b = claim_ok(&*store, claim_req("sb", 1, "p", 1, T0.plus(Duration::from_secs(1)))).await;
     let live: Vec<_> = store.live_sessions().await.expect("live").into_iter().map(|s| s.id.0).collect();
     assert_eq!(live, vec!["sb", "sa"], "ordered by creation time");
-    let mut prod: Session = a.session.clone();
-    prod.state = SessionState::Prod;
-    prod.delivered_at = Some(T0);
-    prod.lease_until = Some(T0.plus(Duration::from_secs(3600)));
-    prod.version += 1;
-    let w = SessionWrite { expected_version: Some(a.session.version), session: prod.clone() };
+    let lease_until = T0.plus(Duration::from_secs(3600));
+    let w = SessionWrite::transition(&a.session, SessionCause::Delivered { lease_until }, T0).expect("legal");
+    let prod: Session = w.session.clone();
     store.commit(Batch { sessions: vec![w.clone()], ..Batch::default() }).await.expect("update");
     assert!(matches!(
         store.commit(Batch { sessions: vec![w], ..Batch::default() }).await,
@@ -467,8 +467,8 @@ pub async fn sessions_are_compare_and_set(store: Arc<dyn Store>) {
     release(&*store, &b.session.id, T0).await.expect("release");
     let live: Vec<_> = store.live_sessions().await.expect("live").into_iter().map(|s| s.id.0).collect();
     assert_eq!(live, vec!["sa"]);
-    let done = store.session(&b.session.id).await.expect("read").expect("kept");
-    assert_eq!(done.state, SessionState::Done);
+    let ended = store.session(&b.session.id).await.expect("read").expect("kept");
+    assert_eq!(ended.state, SessionState::Aborted, "an allocation that never delivered ends Aborted");
 }
 
 /// A batch whose guard fails on the state it would leave writes nothing.
@@ -485,10 +485,9 @@ pub async fn guards_undo_the_whole_batch(store: Arc<dyn Store>) {
             nodes.push(w.node.clone());
             batch.nodes.push(w);
         }
-        let mut s = c.session.clone();
-        s.state = SessionState::Prod;
-        s.version += 1;
-        batch.sessions.push(SessionWrite { expected_version: Some(c.session.version), session: s.clone() });
+        let w = SessionWrite::transition(&c.session, SessionCause::Delivered { lease_until: T0 }, T0).expect("legal");
+        let s = w.session.clone();
+        batch.sessions.push(w);
         store.commit(batch).await.expect("deliver");
         held.push((s, nodes));
     }
@@ -501,11 +500,9 @@ pub async fn guards_undo_the_whole_batch(store: Arc<dyn Store>) {
                     .expect("legal"),
             );
         }
-        let mut f = s.clone();
-        f.state = SessionState::Fail;
-        f.hold_until = Some(hold);
-        f.version += 1;
-        batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: f });
+        batch
+            .sessions
+            .push(SessionWrite::transition(s, SessionCause::FailedByUser { hold_until: hold }, T0).expect("legal"));
         batch.guards.push(Guard::ProjectFailedNodesAtMost { project: "proj".into(), max });
         batch
     };
