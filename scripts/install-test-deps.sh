@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine that has Rust:
 # the BMC simulator and IPMI client, an SSH server for contextualization
-# tests, and a Python venv with the legacy `cico` client. Idempotent: a
+# tests, curl (the PXE test runs the kickstart's first-boot reporter), and a
+# Python venv with the legacy `cico` client. Idempotent: a
 # second run only checks. Needs root (or sudo) for the Debian packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(openipmi ipmitool openssh-server openssh-client python3-venv)
+packages=(openipmi ipmitool openssh-server openssh-client python3-venv curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -29,7 +30,7 @@ if [ ! -x "$venv/bin/cico" ]; then
 fi
 "$venv/bin/cico" --help >/dev/null
 
-for tool in ipmi_sim ipmitool sshd ssh-keygen; do
+for tool in ipmi_sim ipmitool sshd ssh-keygen curl; do
   command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool after install" >&2; exit 1; }
 done
 echo "test dependencies ready"
