@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::api::{AppState, router};
+use crate::api::{AppState, install_router, public_router, router};
 use crate::clock::SystemClock;
 use crate::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig};
 use crate::metrics::Metrics;
@@ -54,6 +54,9 @@ pub struct Built {
     pub sim: Option<Arc<SimFarm>>,
     /// The PXE installer's pending installs, served at `/Install/*`.
     pub pxe: Option<Arc<PxeRegistry>>,
+    /// The install endpoints' own listener (`[installer] listen`), if
+    /// configured: `/Install/*` is then served there only.
+    pub install_listen: Option<SocketAddr>,
 }
 
 fn unsupported(what: &str) -> impl Fn(String) -> ServeError + '_ {
@@ -83,6 +86,7 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         }
     };
     let mut pxe: Option<Arc<PxeRegistry>> = None;
+    let mut install_listen = None;
     let mut make = |which: &InstallerConfig| -> Result<Arc<dyn Installer>, ServeError> {
         Ok(match (which, &farm) {
             (InstallerConfig::Simulated, Some(farm)) => farm.clone(),
@@ -93,7 +97,11 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
                 let registry =
                     Arc::new(PxeRegistry::new(p, clock.clone()).map_err(|e| unsupported("installer")(e.to_string()))?);
                 info!(public_url = %p.public_url, "PXE installer");
+                for n in existing.iter().filter(|n| duffy_installers::pxe::node_address(n.ip.as_deref()).is_err()) {
+                    warn!(node = %n.hostname, ip = ?n.ip, "node has no usable IP address: PXE installs of it will fail");
+                }
                 pxe = Some(registry.clone());
+                install_listen = p.listen;
                 Arc::new(PxeInstaller::new(p, power.clone(), registry, clock.clone()))
             }
             (InstallerConfig::Command(c), _) => {
@@ -129,7 +137,7 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
     if !cfg.pools.is_empty() || store.pool_targets().await?.is_empty() {
         engine.set_pool_targets(&cfg.targets()).await?;
     }
-    Ok(Built { engine, sim: farm, pxe })
+    Ok(Built { engine, sim: farm, pxe, install_listen })
 }
 
 /// Installs each pool's image with that pool's installer (the service's
@@ -168,6 +176,9 @@ impl Installer for PerPoolInstaller {
 pub struct Running {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where the install endpoints listen, when they have their own
+    /// listener.
+    pub install_addr: Option<SocketAddr>,
     /// The engine (for tests and embedding).
     pub engine: Engine,
     stop: watch::Sender<bool>,
@@ -200,26 +211,69 @@ pub async fn start(addr: SocketAddr, built: Built) -> Result<Running, ServeError
 /// As [`start`]; with `reconcile` false no reconciler runs, so the farm
 /// changes only through requests (for tests that compare states).
 pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Result<Running, ServeError> {
-    let Built { engine, pxe, .. } = built;
-    let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
+    let Built { engine, pxe, install_listen, .. } = built;
+    let listener = bind(addr).await?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
+    let install_listener = match install_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
     let (stop, rx) = watch::channel(false);
     let state = AppState { engine: engine.clone(), metrics: Arc::new(Metrics::default()), pxe };
     let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().run(stopped(rx.clone()))));
-    let app = router(state);
+    let (app, install) = match install_listener {
+        None => (router(state), None),
+        Some(l) => (public_router(state.clone()), Some(start_install_listener(l, state, rx.clone())?)),
+    };
+    let install_addr = install.as_ref().map(|(a, _)| *a);
+    let main = serve_on(listener, app, rx);
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(stopped(rx))
-            .await;
+        let served = main.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let install_served = match install {
+            Some((_, t)) => t.await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            None => Ok(()),
+        };
         if let Some(r) = reconciler {
             if r.await.is_err() {
                 warn!("the reconciler task panicked");
             }
         }
-        served.map_err(ServeError::Http)
+        served.and(install_served).map_err(ServeError::Http)
     });
     info!(%addr, "duffy listening");
-    Ok(Running { addr, engine, stop, task })
+    Ok(Running { addr, install_addr, engine, stop, task })
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Serves `app` on `listener` until `rx` says stop. Every listener goes
+/// through here. The handlers get the peer's address (`ConnectInfo`): the
+/// install endpoints check it.
+fn serve_on(
+    listener: TcpListener,
+    app: axum::Router,
+    rx: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(stopped(rx))
+            .await
+    })
+}
+
+/// The install endpoints' own listener (`[installer] listen`, on the
+/// provisioning network): serves only `/Install/*`, which the main
+/// listener then does not.
+fn start_install_listener(
+    listener: TcpListener,
+    state: AppState,
+    rx: watch::Receiver<bool>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>), ServeError> {
+    let addr = listener.local_addr().map_err(ServeError::Http)?;
+    info!(%addr, "install endpoints (/Install/*) listening");
+    Ok((addr, serve_on(listener, install_router(state), rx)))
 }
 
 /// Serves until `shutdown` completes (e.g. SIGINT/SIGTERM).
