@@ -1,11 +1,19 @@
 //! The HTTP API: the legacy endpoints `cico` and job scripts call, the
-//! admin endpoints, `/metrics` and `/healthz`.
+//! admin endpoints, `/metrics`, `/healthz`, and the `/Install/*` endpoints
+//! machines being installed by PXE call.
 //!
 //! This is the only module that knows the legacy wire shapes (see
 //! `shared/spec/legacy-api.md`): clients ignore status codes and judge a
 //! reply by the shape of its body, so every reply here is built to that
-//! contract. Every parameter is validated before anything is read or
-//! written; a rejected request changes nothing.
+//! contract. Every known parameter is validated before anything is read or
+//! written; a rejected request changes nothing. The legacy endpoints ignore
+//! parameters they do not know, as the legacy server did (counted in
+//! `duffy_ignored_parameters_total`); `/Install/*` refuses them.
+//!
+//! Replies never carry a store's own error text (SQL, paths): callers are
+//! told "store unavailable", the log gets the details. The install
+//! endpoints pass the caller's address to the [`PxeRegistry`], which serves
+//! only the node's own address (see `duffy_installers::pxe`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

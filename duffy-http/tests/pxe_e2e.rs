@@ -188,7 +188,6 @@ async fn pxe_installs_through_ipmi_and_http() {
                 reserved: false,
             })
             .collect(),
-        ..Config::default()
     };
     cfg.validate().unwrap();
     let store: Arc<dyn Store> = Arc::new(

@@ -145,6 +145,15 @@ async fn machine_boots(rig: &Rig, hostname: &str) -> (String, String) {
     (script, token)
 }
 
+/// An install that must be refused before anything happens: bounded, so
+/// that one that waits for a machine instead fails the test.
+async fn refused(rig: &Rig, node: &Node, image: &PoolKey) -> InstallError {
+    tokio::time::timeout(Duration::from_secs(10), rig.installer.install(node, image))
+        .await
+        .expect("the install was refused at once, not left waiting for a machine")
+        .unwrap_err()
+}
+
 async fn result(h: JoinHandle<Result<Installed, InstallError>>) -> Result<Installed, InstallError> {
     tokio::time::timeout(Duration::from_secs(10), h).await.expect("install did not finish").unwrap()
 }
@@ -394,12 +403,12 @@ async fn invalid_node_names_are_refused_before_anything_happens() {
     let rig = rig();
     let mut n = node("n10.example.org");
     n.hostname = "n10 --kickstart=evil".into();
-    let err = rig.installer.install(&n, &image("9")).await.unwrap_err();
+    let err = refused(&rig, &n, &image("9")).await;
     assert!(err.message.contains("hostname"), "{err}");
     let mut n = node("n10.example.org");
     n.ip = Some("10.0.0.1' ; reboot".into());
-    assert!(rig.installer.install(&n, &image("9")).await.is_err());
-    assert!(rig.installer.install(&node("n10.example.org"), &image("9;reboot")).await.is_err());
+    refused(&rig, &n, &image("9")).await;
+    refused(&rig, &node("n10.example.org"), &image("9;reboot")).await;
     assert!(rig.power.calls().is_empty());
     assert_eq!(rig.registry.pending_count(), 0);
 }
@@ -410,7 +419,7 @@ async fn a_node_without_an_ip_address_is_not_installed_by_pxe() {
     for ip in [None, Some(""), Some("  "), Some("n13.example.org"), Some("10.0.0.300")] {
         let mut n = node("n13.example.org");
         n.ip = ip.map(str::to_string);
-        let err = rig.installer.install(&n, &image("9")).await.unwrap_err();
+        let err = refused(&rig, &n, &image("9")).await;
         assert!(err.message.contains("n13.example.org") && err.message.contains("IP address"), "{ip:?}: {err}");
     }
     assert!(rig.power.calls().is_empty(), "nothing was powered");
