@@ -22,7 +22,7 @@ use std::time::Instant;
 use duffy_core::store::claim_writes;
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, Guard, KeyId,
-    NewNode, Node, NodeId, PoolTarget, Project, StoreError, Timestamp, model::validate_token,
+    NewNode, Node, NodeId, PoolTarget, Project, StorageFault, StoreError, Timestamp, model::validate_token,
 };
 use futures::channel::oneshot;
 use rusqlite::Connection;
@@ -275,6 +275,7 @@ struct RolledBack;
 struct Diagnosed {
     source: rusqlite::Error,
     cause: String,
+    fault: StorageFault,
 }
 
 /// SQLite reports a read-only file system as a plain "disk I/O error"
@@ -288,9 +289,11 @@ fn diagnose(conn: &Connection, e: rusqlite::Error) -> Shared {
     wal.push("-wal");
     // Opening for writing (no create, no truncate) changes nothing.
     match std::fs::OpenOptions::new().write(true).open(&wal) {
-        Err(probe) if probe.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
-            Arc::new(Diagnosed { source: e, cause: format!("the file system holding {path} is read-only") })
-        }
+        Err(probe) if probe.kind() == std::io::ErrorKind::ReadOnlyFilesystem => Arc::new(Diagnosed {
+            source: e,
+            cause: format!("the file system holding {path} is read-only"),
+            fault: StorageFault::ReadOnly,
+        }),
         _ => Arc::new(e),
     }
 }
@@ -417,11 +420,29 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
             error!(error = %e, "could not roll back the failed transaction");
         }
     }
+    let fault = storage_fault(&e);
+    let err = || match fault {
+        Some(fault) => StoreError::Unavailable { context: context.clone(), fault, source: Box::new(Arc::clone(&e)) },
+        None => StoreError::backend(context.clone(), Arc::clone(&e)),
+    };
     for f in done {
-        f.fail(StoreError::backend(context.clone(), Arc::clone(&e)));
+        f.fail(err());
     }
     for op in rest {
-        op.fail(StoreError::backend(context.clone(), Arc::clone(&e)));
+        op.fail(err());
+    }
+}
+
+/// Whether a failed transaction's error is a storage condition a caller
+/// may be told about (see [`duffy_core::StorageFault`]).
+fn storage_fault(e: &Shared) -> Option<StorageFault> {
+    if let Some(d) = e.downcast_ref::<Diagnosed>() {
+        return Some(d.fault);
+    }
+    match e.downcast_ref::<rusqlite::Error>()?.sqlite_error_code()? {
+        rusqlite::ErrorCode::DiskFull => Some(StorageFault::DiskFull),
+        rusqlite::ErrorCode::ReadOnly => Some(StorageFault::ReadOnly),
+        _ => None,
     }
 }
 

@@ -34,6 +34,19 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The storage refused the write for a reason an operator fixes and a
+    /// caller can be told about (its disk is full, its file system turned
+    /// read-only); nothing was written. Retry once it is fixed.
+    #[error("{context}: {fault}: {source}")]
+    Unavailable {
+        /// What the store was doing.
+        context: String,
+        /// What is wrong with the storage.
+        fault: StorageFault,
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A unique name (hostname, project) already exists.
     #[error("{0} already exists")]
     Duplicate(String),
@@ -49,6 +62,26 @@ pub enum StoreError {
     /// The store is shut down.
     #[error("the store is closed")]
     Closed,
+}
+
+/// What is wrong with the storage behind [`StoreError::Unavailable`]. Its
+/// `Display` is safe to show to any caller: it names the condition, never
+/// a path or the database's own words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageFault {
+    /// No space left for the database or its journal.
+    DiskFull,
+    /// The database's file system is mounted read-only.
+    ReadOnly,
+}
+
+impl std::fmt::Display for StorageFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StorageFault::DiskFull => "database or disk is full",
+            StorageFault::ReadOnly => "the database's file system is read-only",
+        })
+    }
 }
 
 impl StoreError {

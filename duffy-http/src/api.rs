@@ -1,14 +1,22 @@
 //! The HTTP API: the legacy endpoints `cico` and job scripts call, the
-//! admin endpoints, `/metrics` and `/healthz`.
+//! admin endpoints, `/metrics`, `/healthz`, and the `/Install/*` endpoints
+//! machines being installed by PXE call.
 //!
 //! This is the only module that knows the legacy wire shapes (see
 //! `shared/spec/legacy-api.md`): clients ignore status codes and judge a
 //! reply by the shape of its body, so every reply here is built to that
-//! contract. Every parameter is validated before anything is read or
-//! written; a rejected request changes nothing.
+//! contract. Every known parameter is validated before anything is read or
+//! written; a rejected request changes nothing. The legacy endpoints ignore
+//! parameters they do not know, as the legacy server did (counted in
+//! `duffy_ignored_parameters_total`); `/Install/*` refuses them.
+//!
+//! Replies never carry a store's own error text (SQL, paths): callers are
+//! told "store unavailable", the log gets the details. The install
+//! endpoints pass the caller's address to the [`PxeRegistry`], which serves
+//! only the node's own address (see `duffy_installers::pxe`).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,11 +27,11 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use duffy_core::{Arch, Engine, EngineError, Node, NodeRequest, Principal, validate_token};
+use duffy_core::{Arch, Engine, EngineError, Node, NodeRequest, Principal, StoreError, validate_token};
 use duffy_installers::pxe::LOCAL_BOOT_SCRIPT;
 use duffy_installers::{PxeError, PxeRegistry};
 use serde_json::{Value, json};
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use crate::auth_guard::{AuthGuard, AuthRefusal, authenticate};
 use crate::metrics::Metrics;
@@ -101,44 +109,155 @@ const INVALID_KEY: &str = "Invalid duffy key";
 const LOOKUPS_LIMITED: &str = "Too many invalid duffy keys from your address; try again in a minute";
 const INVALID_SESSION: &str = "Invalid session ID";
 
-/// The query string, parsed and checked against the endpoint's allowed
-/// parameters: no unknown names, no repeats, no absurd lengths.
-struct Query(HashMap<String, String>);
+/// A query parameter an endpoint knows, with the longest value (decoded,
+/// in bytes) it accepts.
+#[derive(Debug, Clone, Copy)]
+struct Param {
+    name: &'static str,
+    max: usize,
+}
+
+/// The usual limit on a parameter's value.
+const MAX_VALUE: usize = 256;
+
+const fn param(name: &'static str) -> Param {
+    Param { name, max: MAX_VALUE }
+}
+
+/// The whole raw query string of a legacy endpoint is at most this long:
+/// enough for every known parameter and a few cache-busters.
+const MAX_LEGACY_QUERY: usize = 4096;
+
+/// What an endpoint does with a parameter it does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unknown {
+    /// Ignore it, counted in `duffy_ignored_parameters_total`: the legacy
+    /// server did, and job scripts in the wild add cache-busters and extra
+    /// fields.
+    Ignore,
+    /// Refuse the request (400): the install endpoints have no legacy
+    /// callers, and a machine's first-boot script sends exactly what its
+    /// kickstart says.
+    Refuse,
+}
+
+/// An endpoint's query: the label its metrics carry, the parameters it
+/// knows, and what it does with others.
+#[derive(Debug)]
+struct Spec {
+    endpoint: &'static str,
+    params: &'static [Param],
+    unknown: Unknown,
+}
+
+impl Spec {
+    /// The longest raw query accepted: for the legacy endpoints
+    /// [`MAX_LEGACY_QUERY`]; for the others, every known parameter at its
+    /// longest, fully percent-encoded (3 bytes per byte), whichever is
+    /// more.
+    fn max_query(&self) -> usize {
+        let known: usize = self.params.iter().map(|p| p.name.len() + 2 + 3 * p.max).sum();
+        match self.unknown {
+            Unknown::Ignore => MAX_LEGACY_QUERY,
+            Unknown::Refuse => known.max(MAX_LEGACY_QUERY),
+        }
+    }
+
+    fn param(&self, name: &str) -> Option<&Param> {
+        self.params.iter().find(|p| p.name == name)
+    }
+}
+
+const fn legacy(endpoint: &'static str, params: &'static [Param]) -> Spec {
+    Spec { endpoint, params, unknown: Unknown::Ignore }
+}
+
+const KEY_ONLY: &[Param] = &[param("key")];
+const NODE_GET: Spec =
+    legacy("/Node/get", &[param("key"), param("ver"), param("arch"), param("count"), param("flavor")]);
+const NODE_DONE: Spec = legacy("/Node/done", &[param("key"), param("ssid")]);
+const NODE_FAIL: Spec = legacy("/Node/fail", &[param("key"), param("ssid")]);
+const INVENTORY: Spec = legacy("/Inventory", KEY_ONLY);
+const HELP_SPEC: Spec = legacy("/Help", KEY_ONLY);
+const OVERTIME: Spec = legacy("/Overtime", KEY_ONLY);
+const NODE_SET_ADMIN: Spec = legacy("/NodeSetAdmin", KEY_ONLY);
+const NODE_RECOVER: Spec = legacy("/NodeRecover", KEY_ONLY);
+const PAUSE: Spec = legacy("/PauseService", KEY_ONLY);
+const RESUME: Spec = legacy("/ResumeService", KEY_ONLY);
+
+/// The longest host key a machine may report: an RSA-16384 key is about
+/// 2.8 KB, an RSA-4096 one about 750 bytes (see `keys::MAX_KEY_LINE`).
+const MAX_HOST_KEY: usize = duffy_installers::keys::MAX_KEY_LINE;
+/// The longest failure reason a machine may report (the node's history
+/// keeps the first 1000 characters).
+const MAX_REASON: usize = 4096;
+
+const INSTALL_IPXE: Spec = Spec { endpoint: "/Install/ipxe", params: &[param("host")], unknown: Unknown::Refuse };
+const INSTALL_KICKSTART: Spec =
+    Spec { endpoint: "/Install/kickstart", params: &[param("token")], unknown: Unknown::Refuse };
+const INSTALL_DONE: Spec = Spec {
+    endpoint: "/Install/done",
+    params: &[param("token"), Param { name: "host_key", max: MAX_HOST_KEY }],
+    unknown: Unknown::Refuse,
+};
+const INSTALL_FAILED: Spec = Spec {
+    endpoint: "/Install/failed",
+    params: &[param("token"), Param { name: "reason", max: MAX_REASON }],
+    unknown: Unknown::Refuse,
+};
+
+/// The query string, parsed and checked against the endpoint's [`Spec`]:
+/// each known parameter at most once and within its length; unknown ones
+/// ignored or refused as the endpoint says; no absurd total length.
+struct Query {
+    values: HashMap<String, String>,
+    /// Names of the parameters that were ignored (legacy endpoints only).
+    ignored: Vec<String>,
+}
 
 impl Query {
-    fn parse(raw: Option<&str>, allowed: &[&str]) -> Result<Query, Reply> {
-        let mut out = HashMap::new();
+    fn parse(raw: Option<&str>, spec: &Spec) -> Result<Query, Reply> {
+        let mut values = HashMap::new();
+        let mut ignored = Vec::new();
         let raw = raw.unwrap_or("");
-        if raw.len() > 4096 {
-            return Err(Reply::message(StatusCode::BAD_REQUEST, "query string too long (at most 4096 bytes)"));
+        let max_query = spec.max_query();
+        if raw.len() > max_query {
+            return Err(Reply::message(
+                StatusCode::BAD_REQUEST,
+                format!("query string too long (at most {max_query} bytes)"),
+            ));
         }
         for (k, v) in form_urlencoded::parse(raw.as_bytes()) {
             if k.is_empty() && v.is_empty() {
                 continue;
             }
-            if !allowed.contains(&k.as_ref()) {
+            let Some(param) = spec.param(&k) else {
                 let shown: String = k.chars().take(40).collect();
-                let allowed = if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") };
+                if spec.unknown == Unknown::Ignore {
+                    ignored.push(shown);
+                    continue;
+                }
+                let allowed = spec.params.iter().map(|p| p.name).collect::<Vec<_>>().join(", ");
                 return Err(Reply::message(
                     StatusCode::BAD_REQUEST,
                     format!("unknown parameter {shown:?}; allowed parameters: {allowed}"),
                 ));
-            }
-            if v.len() > 256 {
+            };
+            if v.len() > param.max {
                 return Err(Reply::message(
                     StatusCode::BAD_REQUEST,
-                    format!("parameter {k} is too long (at most 256 characters)"),
+                    format!("parameter {k} is too long (at most {} bytes)", param.max),
                 ));
             }
-            if out.insert(k.to_string(), v.to_string()).is_some() {
+            if values.insert(k.to_string(), v.to_string()).is_some() {
                 return Err(Reply::message(StatusCode::BAD_REQUEST, format!("parameter {k} given more than once")));
             }
         }
-        Ok(Query(out))
+        Ok(Query { values, ignored })
     }
 
     fn get(&self, k: &str) -> Option<&str> {
-        self.0.get(k).map(String::as_str)
+        self.values.get(k).map(String::as_str)
     }
 
     /// The key, or the legacy 403 object when it is missing or empty.
@@ -150,8 +269,19 @@ impl Query {
     }
 }
 
-/// Builds the router.
-pub fn router(state: AppState) -> Router {
+/// Parses `raw` for the endpoint of `spec`, counting and logging the
+/// parameters it ignores.
+fn query(st: &AppState, spec: &Spec, raw: Option<&str>) -> Result<Query, Reply> {
+    let q = Query::parse(raw, spec)?;
+    if !q.ignored.is_empty() {
+        st.metrics.ignored_parameters(Metrics::endpoint_index(spec.endpoint), q.ignored.len());
+        debug!(endpoint = spec.endpoint, ignored = ?q.ignored, "ignoring unknown query parameters");
+    }
+    Ok(q)
+}
+
+/// The legacy, admin and operations endpoints.
+fn api_routes() -> Router<AppState> {
     Router::new()
         .route("/Node/get", get(node_get))
         .route("/Node/done", get(node_done))
@@ -165,13 +295,37 @@ pub fn router(state: AppState) -> Router {
         .route("/ResumeService", get(resume))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+}
+
+/// The endpoints machines being installed call.
+fn install_routes() -> Router<AppState> {
+    Router::new()
         .route("/Install/ipxe", get(install_ipxe))
         .route("/Install/kickstart", get(install_kickstart))
         .route("/Install/done", get(install_done))
         .route("/Install/failed", get(install_failed))
-        .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .with_state(state)
+}
+
+fn finish(routes: Router<AppState>, state: AppState) -> Router {
+    routes.fallback(not_found).layer(middleware::from_fn_with_state(state.clone(), observe)).with_state(state)
+}
+
+/// Builds the router of every endpoint: the service on one listener.
+pub fn router(state: AppState) -> Router {
+    finish(api_routes().merge(install_routes()), state)
+}
+
+/// The router of the main listener when the install endpoints have their
+/// own ([`install_router`]): everything but `/Install/*`, which is then an
+/// unknown path here.
+pub fn public_router(state: AppState) -> Router {
+    finish(api_routes(), state)
+}
+
+/// The router of the install listener (`[installer] listen`): only
+/// `/Install/*`; every other path is unknown.
+pub fn install_router(state: AppState) -> Router {
+    finish(install_routes(), state)
 }
 
 async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Response {
@@ -182,10 +336,33 @@ async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Respon
     resp
 }
 
+/// An error no caller can do anything about but retry: the details go to
+/// the log, the reply says what failed and never carries a store's own
+/// words (SQL, file names, the database's messages).
 fn unexpected(what: &str, e: &EngineError) -> Reply {
     error!(error = %e, "{what} failed");
-    Reply::message(StatusCode::SERVICE_UNAVAILABLE, format!("{what} failed: {e}; try again"))
+    Reply::message(StatusCode::SERVICE_UNAVAILABLE, format!("{what} failed: {}; try again", public_reason(e)))
 }
+
+/// What a caller may be told about an unexpected error.
+fn public_reason(e: &EngineError) -> String {
+    match e {
+        // The storage's condition (disk full, read-only) is the operator's
+        // to fix and safe to name; anything else stays in the log.
+        EngineError::Store(duffy_core::StoreError::Unavailable { fault, .. }) => {
+            format!("{STORE_UNAVAILABLE}: {fault}")
+        }
+        EngineError::Store(_) => STORE_UNAVAILABLE.to_string(),
+        EngineError::Contention(_) => "too much contention".to_string(),
+        // The engine's own refusals are worded for callers; anything else
+        // reaching here is an internal matter.
+        EngineError::PreparationFailed { .. } => "preparing the nodes failed".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// What any caller is told when the store fails.
+const STORE_UNAVAILABLE: &str = "store unavailable";
 
 fn parse_request(q: &Query) -> Result<NodeRequest, Reply> {
     let bad = |m: String| Reply::message(StatusCode::BAD_REQUEST, m);
@@ -219,7 +396,7 @@ async fn node_get(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    let q = match Query::parse(raw.as_deref(), &["key", "ver", "arch", "count", "flavor"]) {
+    let q = match query(&st, &NODE_GET, raw.as_deref()) {
         Ok(q) => q,
         Err(r) => return r,
     };
@@ -285,8 +462,13 @@ async fn node_get(
 }
 
 /// Key and ssid of `/Node/done` and `/Node/fail`, key checked first.
-async fn session_call(st: &AppState, peer: SocketAddr, raw: Option<&str>) -> Result<(Principal, String), Reply> {
-    let q = Query::parse(raw, &["key", "ssid"])?;
+async fn session_call(
+    st: &AppState,
+    spec: &Spec,
+    peer: SocketAddr,
+    raw: Option<&str>,
+) -> Result<(Principal, String), Reply> {
+    let q = query(st, spec, raw)?;
     let key = q.key()?;
     let ssid = q.get("ssid").unwrap_or("").to_string();
     let who = match authenticate(st, peer, key).await {
@@ -319,7 +501,7 @@ async fn node_done(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    let (who, ssid) = match session_call(&st, peer, raw.as_deref()).await {
+    let (who, ssid) = match session_call(&st, &NODE_DONE, peer, raw.as_deref()).await {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -335,7 +517,7 @@ async fn node_fail(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    let (who, ssid) = match session_call(&st, peer, raw.as_deref()).await {
+    let (who, ssid) = match session_call(&st, &NODE_FAIL, peer, raw.as_deref()).await {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -384,7 +566,7 @@ async fn inventory(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    let q = match Query::parse(raw.as_deref(), &["key"]) {
+    let q = match query(&st, &INVENTORY, raw.as_deref()) {
         Ok(q) => q,
         Err(r) => return r,
     };
@@ -394,7 +576,10 @@ async fn inventory(
                 let rows: Vec<InventoryRow<'_>> = nodes.iter().map(InventoryRow).collect();
                 match serde_json::to_vec(&rows) {
                     Ok(body) => Reply::JsonBytes(StatusCode::OK, body),
-                    Err(e) => Reply::message(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the inventory: {e}")),
+                    Err(e) => {
+                        error!(error = %e, "encoding the inventory failed");
+                        Reply::message(StatusCode::INTERNAL_SERVER_ERROR, "encoding the inventory failed")
+                    }
                 }
             }
             Err(e) => unexpected("reading the inventory", &e),
@@ -452,16 +637,16 @@ Operations: /metrics (Prometheus), /healthz.
 ";
 
 /// `/Help`
-async fn help(RawQuery(raw): RawQuery) -> Reply {
-    match Query::parse(raw.as_deref(), &["key"]) {
+async fn help(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
+    match query(&st, &HELP_SPEC, raw.as_deref()) {
         Ok(_) => Reply::Text(StatusCode::OK, HELP.into()),
         Err(r) => r,
     }
 }
 
 /// Authenticates an admin call.
-async fn admin(st: &AppState, peer: SocketAddr, raw: Option<&str>) -> Result<Principal, Reply> {
-    let q = Query::parse(raw, &["key"])?;
+async fn admin(st: &AppState, spec: &Spec, peer: SocketAddr, raw: Option<&str>) -> Result<Principal, Reply> {
+    let q = query(st, spec, raw)?;
     let key = q.key()?;
     match authenticate(st, peer, key).await {
         Ok(w) if w.admin => Ok(w),
@@ -489,7 +674,7 @@ async fn overtime(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    let who = match admin(&st, peer, raw.as_deref()).await {
+    let who = match admin(&st, &OVERTIME, peer, raw.as_deref()).await {
         Ok(w) => w,
         Err(r) => return r,
     };
@@ -541,7 +726,7 @@ async fn node_set_admin(
     Path(node): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    let who = match admin(&st, peer, raw.as_deref()).await {
+    let who = match admin(&st, &NODE_SET_ADMIN, peer, raw.as_deref()).await {
         Ok(w) => w,
         Err(r) => return r,
     };
@@ -561,7 +746,7 @@ async fn node_recover(
     Path(node): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    let who = match admin(&st, peer, raw.as_deref()).await {
+    let who = match admin(&st, &NODE_RECOVER, peer, raw.as_deref()).await {
         Ok(w) => w,
         Err(r) => return r,
     };
@@ -580,7 +765,7 @@ async fn pause(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    let who = match admin(&st, peer, raw.as_deref()).await {
+    let who = match admin(&st, &PAUSE, peer, raw.as_deref()).await {
         Ok(w) => w,
         Err(r) => return r,
     };
@@ -596,7 +781,7 @@ async fn resume(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    let who = match admin(&st, peer, raw.as_deref()).await {
+    let who = match admin(&st, &RESUME, peer, raw.as_deref()).await {
         Ok(w) => w,
         Err(r) => return r,
     };
@@ -621,11 +806,16 @@ async fn metrics(State(st): State<AppState>) -> Response {
 
 /// `/healthz`: the store answers.
 async fn healthz(State(st): State<AppState>) -> Reply {
-    match st.engine.store().paused().await {
+    health_reply(st.engine.store().paused().await)
+}
+
+fn health_reply(paused: Result<bool, StoreError>) -> Reply {
+    match paused {
         Ok(paused) => Reply::Json(StatusCode::OK, json!({ "status": "ok", "paused": paused })),
         Err(e) => {
+            // Anyone may call this: the store's own words go to the log only.
             error!(error = %e, "health check failed");
-            Reply::Json(StatusCode::SERVICE_UNAVAILABLE, json!({ "status": "error", "error": e.to_string() }))
+            Reply::Json(StatusCode::SERVICE_UNAVAILABLE, json!({ "status": "error", "error": STORE_UNAVAILABLE }))
         }
     }
 }
@@ -634,93 +824,108 @@ fn pxe_registry(st: &AppState) -> Result<&Arc<PxeRegistry>, Reply> {
     st.pxe.as_ref().ok_or_else(|| Reply::Text(StatusCode::NOT_FOUND, "no PXE installer is configured\n".into()))
 }
 
-fn pxe_error(e: &PxeError) -> Reply {
+/// The reply to a refused install request. Refusals are logged with the
+/// caller's address; server errors (templates) are logged in full and
+/// answered without details (file names, template text).
+fn pxe_error(e: &PxeError, peer: IpAddr) -> Reply {
     let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
     if status.is_server_error() {
-        error!(error = %e, "PXE installer");
-    } else {
-        warn!(error = %e, "PXE request refused");
+        error!(error = %e, %peer, "PXE installer");
+        return Reply::Text(status, "internal error; see the service's log\n".into());
     }
+    warn!(error = %e, %peer, "PXE request refused");
     Reply::Text(status, format!("{e}\n"))
 }
 
 /// `/Install/ipxe?host=HOSTNAME`: the boot script of a machine that is
-/// being installed; any other machine is told to boot from its disk. Only
-/// the node's own address may fetch it when the node's IP is known: the
-/// script carries its one-time install token.
+/// being installed, for that machine's own address only (the script
+/// carries its one-time install token). Any other request, for a host
+/// with no install pending, from another address, or after the install's
+/// time ran out, gets the same boot-from-disk script: a stranger learns
+/// nothing about which hosts are being installed.
 async fn install_ipxe(
     State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
     let reg = match pxe_registry(&st) {
         Ok(r) => r,
         Err(r) => return r,
     };
-    let q = match Query::parse(raw.as_deref(), &["host"]) {
+    let q = match query(&st, &INSTALL_IPXE, raw.as_deref()) {
         Ok(q) => q,
         Err(r) => return r,
     };
     let Some(host) = q.get("host").filter(|h| check_hostname(h).is_ok()) else {
         return Reply::Text(StatusCode::BAD_REQUEST, "host=HOSTNAME is required\n".into());
     };
-    if let Some(ip) = reg.pending_ip(host) {
-        if ip.parse::<std::net::IpAddr>().ok() != Some(peer.ip()) {
-            warn!(node = %host, %peer, "boot script asked for from another address");
-            return Reply::Text(StatusCode::FORBIDDEN, "this boot script is for the node's own address\n".into());
-        }
-    }
-    match reg.ipxe_script(host) {
+    match reg.ipxe_script(host, peer.ip()) {
         Ok(script) => Reply::Text(StatusCode::OK, script),
-        Err(PxeError::NoPendingInstall { .. }) => Reply::Text(StatusCode::OK, LOCAL_BOOT_SCRIPT.into()),
-        Err(e) => pxe_error(&e),
+        Err(PxeError::NoPendingInstall { .. } | PxeError::Expired { .. }) => {
+            Reply::Text(StatusCode::OK, LOCAL_BOOT_SCRIPT.into())
+        }
+        Err(e) => pxe_error(&e, peer.ip()),
     }
 }
 
-fn token_query(raw: Option<&str>, allowed: &[&str]) -> Result<Query, Reply> {
-    let q = Query::parse(raw, allowed)?;
+fn token_query(st: &AppState, spec: &Spec, raw: Option<&str>) -> Result<Query, Reply> {
+    let q = query(st, spec, raw)?;
     if q.get("token").is_none_or(str::is_empty) {
         return Err(Reply::Text(StatusCode::BAD_REQUEST, "token=TOKEN is required\n".into()));
     }
     Ok(q)
 }
 
-/// `/Install/kickstart?token=T`: the kickstart of a pending install.
-async fn install_kickstart(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
-    let (reg, q) = match (pxe_registry(&st), token_query(raw.as_deref(), &["token"])) {
+/// `/Install/kickstart?token=T`: the kickstart of a pending install, for
+/// the node's own address.
+async fn install_kickstart(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let (reg, q) = match (pxe_registry(&st), token_query(&st, &INSTALL_KICKSTART, raw.as_deref())) {
         (Ok(r), Ok(q)) => (r, q),
         (Err(r), _) | (_, Err(r)) => return r,
     };
-    match reg.kickstart(q.get("token").unwrap_or_default()) {
+    match reg.kickstart(q.get("token").unwrap_or_default(), peer.ip()) {
         Ok(ks) => Reply::Text(StatusCode::OK, ks),
-        Err(e) => pxe_error(&e),
+        Err(e) => pxe_error(&e, peer.ip()),
     }
 }
 
-/// `/Install/done?token=T[&host_key=K]`: the installed machine reports
-/// success (once; the token is then spent).
-async fn install_done(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
-    let (reg, q) = match (pxe_registry(&st), token_query(raw.as_deref(), &["token", "host_key"])) {
+/// `/Install/done?token=T&host_key=K`: the installed machine, from its own
+/// address, reports success with its SSH host key (once; the token is then
+/// spent). A missing (unless not required) or invalid key fails the
+/// install.
+async fn install_done(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let (reg, q) = match (pxe_registry(&st), token_query(&st, &INSTALL_DONE, raw.as_deref())) {
         (Ok(r), Ok(q)) => (r, q),
         (Err(r), _) | (_, Err(r)) => return r,
     };
-    let host_key = q.get("host_key").map(|k| k.trim().to_string()).filter(|k| !k.is_empty());
-    match reg.complete(q.get("token").unwrap_or_default(), host_key) {
+    match reg.complete(q.get("token").unwrap_or_default(), peer.ip(), q.get("host_key")) {
         Ok(()) => Reply::Text(StatusCode::OK, "OK\n".into()),
-        Err(e) => pxe_error(&e),
+        Err(e) => pxe_error(&e, peer.ip()),
     }
 }
 
-/// `/Install/failed?token=T&reason=R`: the machine reports a failed
-/// install; the reason goes into the node's history.
-async fn install_failed(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
-    let (reg, q) = match (pxe_registry(&st), token_query(raw.as_deref(), &["token", "reason"])) {
+/// `/Install/failed?token=T&reason=R`: the machine, from its own address,
+/// reports a failed install; the reason goes into the node's history.
+async fn install_failed(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let (reg, q) = match (pxe_registry(&st), token_query(&st, &INSTALL_FAILED, raw.as_deref())) {
         (Ok(r), Ok(q)) => (r, q),
         (Err(r), _) | (_, Err(r)) => return r,
     };
-    match reg.fail(q.get("token").unwrap_or_default(), q.get("reason").unwrap_or("no reason given")) {
+    match reg.fail(q.get("token").unwrap_or_default(), peer.ip(), q.get("reason").unwrap_or("no reason given")) {
         Ok(()) => Reply::Text(StatusCode::OK, "OK\n".into()),
-        Err(e) => pxe_error(&e),
+        Err(e) => pxe_error(&e, peer.ip()),
     }
 }
 
@@ -733,5 +938,89 @@ impl Reply {
     /// The status code (for tests).
     pub fn status_code(&self) -> StatusCode {
         self.status()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(r: Reply) -> String {
+        match r {
+            Reply::Json(_, v) => v.to_string(),
+            Reply::Text(_, t) => t,
+            Reply::JsonBytes(_, b) => String::from_utf8_lossy(&b).into_owned(),
+        }
+    }
+
+    /// What SQLite says when its file is damaged: never for a caller's eyes.
+    fn sql_error() -> StoreError {
+        StoreError::backend(
+            "reading the pause flag from /var/lib/duffy/duffy.db",
+            std::io::Error::other("database disk image is malformed: SELECT paused FROM service"),
+        )
+    }
+
+    #[test]
+    fn store_errors_never_reach_a_reply() {
+        let r = health_reply(Err(sql_error()));
+        assert_eq!(r.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body(r), r#"{"error":"store unavailable","status":"error"}"#);
+
+        for e in [
+            EngineError::Store(sql_error()),
+            EngineError::Store(StoreError::Corrupt("node 3 has state 'Bogus' in table nodes".into())),
+        ] {
+            let r = unexpected("allocation", &e);
+            assert_eq!(r.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(body(r), r#""allocation failed: store unavailable; try again""#);
+        }
+        // An engine refusal worded for callers is kept.
+        let r = unexpected("releasing the session", &EngineError::Contention("session 42".into()));
+        assert!(!body(r).contains("42"));
+        // A storage condition is named (the operator's to fix), its
+        // details (the path, SQLite's words) are not.
+        let full = StoreError::Unavailable {
+            context: "committing a batch of 3 operations".into(),
+            fault: duffy_core::StorageFault::DiskFull,
+            source: Box::new(std::io::Error::other("/var/lib/duffy/duffy.db-wal: SQLITE_FULL")),
+        };
+        let r = unexpected("allocation", &EngineError::Store(full));
+        assert_eq!(body(r), r#""allocation failed: store unavailable: database or disk is full; try again""#);
+    }
+
+    #[test]
+    fn template_errors_are_not_shown_to_machines() {
+        let e = PxeError::Io {
+            path: "/etc/duffy/templates/ks.tmpl".into(),
+            source: std::io::Error::other("permission denied"),
+        };
+        let r = pxe_error(&e, IpAddr::from([10, 0, 0, 11]));
+        assert_eq!(r.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
+        let b = body(r);
+        assert!(!b.contains("/etc/duffy") && !b.contains("permission"), "{b}");
+    }
+
+    #[test]
+    fn parameter_limits_are_per_parameter() {
+        let key = "A".repeat(MAX_HOST_KEY);
+        let token = "0".repeat(64);
+        let raw = format!("token={token}&host_key={}", "%2B".repeat(MAX_HOST_KEY));
+        let q = Query::parse(Some(&raw), &INSTALL_DONE).unwrap_or_else(|r| panic!("{}", body(r)));
+        assert_eq!(q.get("host_key").map(str::len), Some(MAX_HOST_KEY));
+        let too_long = format!("token={token}&host_key={key}A");
+        let r = Query::parse(Some(&too_long), &INSTALL_DONE).err().expect("refused");
+        assert!(body(r).contains("host_key is too long (at most 8192 bytes)"));
+        // The others as before: 256.
+        let r = Query::parse(Some(&format!("token={}", "0".repeat(257))), &INSTALL_DONE).err().expect("refused");
+        assert!(body(r).contains("token is too long (at most 256 bytes)"));
+        let r = Query::parse(Some(&format!("key={}", "k".repeat(257))), &NODE_GET).err().expect("refused");
+        assert!(body(r).contains("key is too long (at most 256 bytes)"));
+        let reason = format!("token={token}&reason={}", "r".repeat(MAX_REASON));
+        assert!(Query::parse(Some(&reason), &INSTALL_FAILED).is_ok());
+        assert!(Query::parse(Some(&format!("{reason}r")), &INSTALL_FAILED).is_err());
+        // Legacy endpoints keep their overall cap.
+        let r = Query::parse(Some(&format!("key=k&_={}", "x".repeat(MAX_LEGACY_QUERY))), &NODE_GET).err();
+        assert!(body(r.expect("refused")).contains("at most 4096 bytes"));
     }
 }

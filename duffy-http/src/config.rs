@@ -354,7 +354,7 @@ impl Config {
         let installers = std::iter::once(("[installer]".to_string(), &self.installer)).chain(
             self.pools.iter().filter_map(|p| p.installer.as_ref().map(|i| (format!("pool {}", self.pool_key(p)), i))),
         );
-        let mut pxe = 0;
+        let mut pxe = Vec::new();
         for (whose, installer) in installers {
             match (installer, &self.hardware) {
                 (InstallerConfig::Simulated, HardwareConfig::Ipmi(_)) => {
@@ -367,15 +367,18 @@ impl Config {
                         "{whose}: kind = \"pxe\" network-boots real machines: it needs [hardware] kind = \"ipmi\""
                     )));
                 }
-                (InstallerConfig::Pxe(_), _) => pxe += 1,
+                (InstallerConfig::Pxe(p), _) => pxe.push(p),
                 _ => {}
             }
         }
-        if pxe > 1 {
+        if pxe.len() > 1 {
             return Err(ConfigError::Invalid(
                 "PXE is configured more than once: one PXE configuration (one set of /Install endpoints) per service"
                     .into(),
             ));
+        }
+        if let Some(p) = pxe.first() {
+            self.validate_pxe(p)?;
         }
         match &self.hardware {
             HardwareConfig::Simulated(s) => {
@@ -397,6 +400,38 @@ impl Config {
                         )));
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// With PXE installs: every node has an address (the install endpoints
+    /// answer only the node's own), the install listener is not the main
+    /// one, and a PXE install may finish without a host key only if
+    /// contextualization does not need one.
+    fn validate_pxe(&self, p: &duffy_installers::PxeConfig) -> Result<(), ConfigError> {
+        // Any node may be installed by PXE: the planner gives idle machines
+        // to whichever pool needs them.
+        for n in &self.nodes {
+            duffy_installers::pxe::node_address(n.ip.as_deref()).map_err(|reason| {
+                ConfigError::Invalid(format!("node {}: {reason}; set ip = \"…\" in its [[nodes]] entry", n.hostname))
+            })?;
+        }
+        if p.listen == Some(self.listen) {
+            return Err(ConfigError::Invalid(format!(
+                "[installer] listen = \"{}\" is the main listen address; give the install endpoints their own \
+                 address (on the provisioning network), or leave it out to serve them on the main listener",
+                self.listen
+            )));
+        }
+        if let ContextualizeConfig::Ssh(ssh) = &self.contextualize {
+            if !p.require_host_key && ssh.require_host_key {
+                return Err(ConfigError::Invalid(
+                    "[installer] require_host_key = false lets a PXE install finish without a host key, but \
+                     [contextualize] requires one (require_host_key = true): such a node could never be handed \
+                     over. Require the host key in [installer], or set require_host_key = false in both"
+                        .into(),
+                ));
             }
         }
         Ok(())
@@ -472,6 +507,54 @@ mod tests {
         assert_eq!(c.policy.lease, Duration::from_secs(7200));
         assert_eq!(c.policy.rate_limit.unwrap().max, 20);
         assert_eq!(c.targets()[1].pool.flavor.as_deref(), Some("tiny"));
+    }
+
+    const PXE_FARM: &str = r#"
+        [hardware]
+        kind = "ipmi"
+        [[hardware.bmc]]
+        node = "n1.example.org"
+        address = "10.1.0.11"
+        username = "admin"
+        password = "x"
+        [installer]
+        kind = "pxe"
+        public_url = "http://10.0.0.1:8081"
+        provisioning_public_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIByrgFoRodMpGoIGtVxnK/CTnXeEUb1KLNez/P0VJgK+ duffy"
+        "#;
+
+    fn pxe_config(installer_extra: &str, node_extra: &str, rest: &str) -> Result<(), ConfigError> {
+        let text =
+            format!("{PXE_FARM}{installer_extra}\n{rest}\n[[nodes]]\nhostname = \"n1.example.org\"\n{node_extra}\n");
+        toml::from_str::<Config>(&text).expect("parses").validate()
+    }
+
+    #[test]
+    fn pxe_farms_are_checked() {
+        pxe_config("", "ip = \"10.0.0.11\"", "").expect("a valid PXE farm");
+        pxe_config("listen = \"10.0.0.1:8081\"", "ip = \"10.0.0.11\"", "").expect("with its own install listener");
+        let c: Config =
+            toml::from_str(&format!("{PXE_FARM}listen = \"10.0.0.1:8081\"\nrequire_host_key = false")).unwrap();
+        let InstallerConfig::Pxe(p) = &c.installer else { panic!("PXE") };
+        assert_eq!(p.listen, Some("10.0.0.1:8081".parse().unwrap()));
+        assert!(!p.require_host_key);
+
+        // A node installed by PXE needs an address: the install endpoints
+        // answer only the node's own.
+        for node in ["", "ip = \"\"", "ip = \"n1\""] {
+            let e = pxe_config("", node, "").unwrap_err().to_string();
+            assert!(e.contains("n1.example.org") && e.contains("IP address"), "{node}: {e}");
+        }
+        // The install listener is not the main one.
+        let e = pxe_config("listen = \"127.0.0.1:8080\"", "ip = \"10.0.0.11\"", "").unwrap_err().to_string();
+        assert!(e.contains("main listen address"), "{e}");
+        // No host key from the install, but contextualization needs one.
+        let ssh = "[contextualize]\nkind = \"ssh\"\nprivate_key = \"/etc/duffy/key\"";
+        let e = pxe_config("require_host_key = false", "ip = \"10.0.0.11\"", ssh).unwrap_err().to_string();
+        assert!(e.contains("require_host_key"), "{e}");
+        pxe_config("", "ip = \"10.0.0.11\"", ssh).expect("both require the host key");
+        pxe_config("require_host_key = false", "ip = \"10.0.0.11\"", &format!("{ssh}\nrequire_host_key = false"))
+            .expect("neither requires it");
     }
 
     #[test]

@@ -25,6 +25,21 @@ pub const ENDPOINTS: [&str; 13] = [
     "other",
 ];
 
+/// The endpoints that ignore unknown query parameters (the legacy ones):
+/// `duffy_ignored_parameters_total` has a series for each.
+pub const LEGACY_ENDPOINTS: [&str; 10] = [
+    "/Node/get",
+    "/Node/done",
+    "/Node/fail",
+    "/Inventory",
+    "/Help",
+    "/Overtime",
+    "/NodeSetAdmin",
+    "/NodeRecover",
+    "/PauseService",
+    "/ResumeService",
+];
+
 /// Upper bounds of the latency histogram buckets, in seconds.
 pub const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
@@ -47,6 +62,7 @@ pub struct Metrics {
     outcomes: [AtomicU64; OUTCOMES.len()],
     nodes_allocated: AtomicU64,
     sessions_failed: AtomicU64,
+    ignored_parameters: [AtomicU64; ENDPOINTS.len()],
 }
 
 impl Metrics {
@@ -81,6 +97,12 @@ impl Metrics {
             self.outcomes[i].fetch_add(1, Ordering::Relaxed);
         }
         self.nodes_allocated.fetch_add(nodes as u64, Ordering::Relaxed);
+    }
+
+    /// Records `n` query parameters that `endpoint` (an index of
+    /// [`ENDPOINTS`]) did not know and ignored.
+    pub fn ignored_parameters(&self, endpoint: usize, n: usize) {
+        self.ignored_parameters[endpoint.min(ENDPOINTS.len() - 1)].fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Records a session marked failed by its job.
@@ -122,6 +144,15 @@ impl Metrics {
         let _ = writeln!(out, "# HELP duffy_sessions_failed_total Sessions marked failed with /Node/fail.");
         let _ = writeln!(out, "# TYPE duffy_sessions_failed_total counter");
         let _ = writeln!(out, "duffy_sessions_failed_total {}", self.sessions_failed.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP duffy_ignored_parameters_total Query parameters a legacy endpoint did not know and ignored."
+        );
+        let _ = writeln!(out, "# TYPE duffy_ignored_parameters_total counter");
+        for e in LEGACY_ENDPOINTS {
+            let v = self.ignored_parameters[Self::endpoint_index(e)].load(Ordering::Relaxed);
+            let _ = writeln!(out, "duffy_ignored_parameters_total{{endpoint=\"{e}\"}} {v}");
+        }
         let _ = writeln!(out, "# HELP duffy_http_requests_total Requests by endpoint and status class.");
         let _ = writeln!(out, "# TYPE duffy_http_requests_total counter");
         for (i, e) in ENDPOINTS.iter().enumerate() {

@@ -12,11 +12,12 @@ use duffy_installers::{CommandInstaller, PxeInstaller, PxeRegistry, SshContextua
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::api::{AppState, router};
+use crate::api::{AppState, install_router, public_router, router};
 use crate::clock::SystemClock;
 use crate::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig};
-use crate::listener::{Limits, bind, serve};
+use crate::listener::{Limits, serve};
 use crate::metrics::Metrics;
+use tokio::net::TcpListener;
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,9 @@ pub struct Built {
     pub pxe: Option<Arc<PxeRegistry>>,
     /// Limits on connections and time for every listener of the service.
     pub limits: Limits,
+    /// The install endpoints' own listener (`[installer] listen`), if
+    /// configured: `/Install/*` is then served there only.
+    pub install_listen: Option<SocketAddr>,
 }
 
 fn unsupported(what: &str) -> impl Fn(String) -> ServeError + '_ {
@@ -85,6 +89,7 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         }
     };
     let mut pxe: Option<Arc<PxeRegistry>> = None;
+    let mut install_listen = None;
     let mut make = |which: &InstallerConfig| -> Result<Arc<dyn Installer>, ServeError> {
         Ok(match (which, &farm) {
             (InstallerConfig::Simulated, Some(farm)) => farm.clone(),
@@ -95,7 +100,11 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
                 let registry =
                     Arc::new(PxeRegistry::new(p, clock.clone()).map_err(|e| unsupported("installer")(e.to_string()))?);
                 info!(public_url = %p.public_url, "PXE installer");
+                for n in existing.iter().filter(|n| duffy_installers::pxe::node_address(n.ip.as_deref()).is_err()) {
+                    warn!(node = %n.hostname, ip = ?n.ip, "node has no usable IP address: PXE installs of it will fail");
+                }
                 pxe = Some(registry.clone());
+                install_listen = p.listen;
                 Arc::new(PxeInstaller::new(p, power.clone(), registry, clock.clone()))
             }
             (InstallerConfig::Command(c), _) => {
@@ -140,7 +149,7 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         engine.set_pool_targets(&cfg.targets()).await?;
     }
     let limits = Limits::from_config(&cfg.limits, &cfg.policy);
-    Ok(Built { engine, sim: farm, pxe, limits })
+    Ok(Built { engine, sim: farm, pxe, limits, install_listen })
 }
 
 /// Installs each pool's image with that pool's installer (the service's
@@ -166,6 +175,9 @@ impl Installer for PerPoolInstaller {
 pub struct Running {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where the install endpoints listen, when they have their own
+    /// listener.
+    pub install_addr: Option<SocketAddr>,
     /// The engine (for tests and embedding).
     pub engine: Engine,
     stop: watch::Sender<bool>,
@@ -198,17 +210,27 @@ pub async fn start(addr: SocketAddr, built: Built) -> Result<Running, ServeError
 /// As [`start`]; with `reconcile` false no reconciler runs, so the farm
 /// changes only through requests (for tests that compare states).
 pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Result<Running, ServeError> {
-    let Built { engine, pxe, limits, .. } = built;
-    let listener = bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
+    let Built { engine, pxe, limits, install_listen, .. } = built;
+    let listener = bind(addr)?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
+    let install_listener = install_listen.map(bind).transpose()?;
     let (stop, rx) = watch::channel(false);
     let state =
         AppState { engine: engine.clone(), metrics: Arc::new(Metrics::default()), pxe, auth_guard: Default::default() };
     let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().run(stopped(rx.clone()))));
     let key_use = tokio::spawn(crate::keys::record_key_use_until(engine.clone(), stopped(rx.clone())));
-    let app = router(state);
+    let (app, install) = match install_listener {
+        None => (router(state), None),
+        Some(l) => (public_router(state.clone()), Some(start_install_listener(l, state, &limits, rx.clone())?)),
+    };
+    let install_addr = install.as_ref().map(|(a, _)| *a);
+    let main = serve_on(listener, app, &limits, rx);
     let task = tokio::spawn(async move {
-        let served = serve(listener, app, &limits, stopped(rx)).await;
+        let served = main.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let install_served = match install {
+            Some((_, t)) => t.await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            None => Ok(()),
+        };
         if let Some(r) = reconciler {
             if r.await.is_err() {
                 warn!("the reconciler task panicked");
@@ -217,10 +239,42 @@ pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Resu
         if key_use.await.is_err() {
             warn!("the key-use recorder panicked");
         }
-        served.map_err(ServeError::Http)
+        served.and(install_served).map_err(ServeError::Http)
     });
     info!(%addr, "duffy listening");
-    Ok(Running { addr, engine, stop, task })
+    Ok(Running { addr, install_addr, engine, stop, task })
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    crate::listener::bind(addr).map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Serves `app` on `listener` with `limits` until `rx` says stop. Every
+/// listener goes through here, so all share one connection cap. The
+/// handlers get the peer's address (`ConnectInfo`): the install endpoints
+/// check it.
+fn serve_on(
+    listener: TcpListener,
+    app: axum::Router,
+    limits: &Limits,
+    rx: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let limits = limits.clone();
+    tokio::spawn(async move { serve(listener, app, &limits, stopped(rx)).await })
+}
+
+/// The install endpoints' own listener (`[installer] listen`, on the
+/// provisioning network): serves only `/Install/*`, which the main
+/// listener then does not.
+fn start_install_listener(
+    listener: TcpListener,
+    state: AppState,
+    limits: &Limits,
+    rx: watch::Receiver<bool>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>), ServeError> {
+    let addr = listener.local_addr().map_err(ServeError::Http)?;
+    info!(%addr, "install endpoints (/Install/*) listening");
+    Ok((addr, serve_on(listener, install_router(state), limits, rx)))
 }
 
 /// Serves until `shutdown` completes (e.g. SIGINT/SIGTERM).

@@ -1,5 +1,8 @@
 //! Arbitrary paths and query strings at every endpoint: never a 5xx, never
-//! a panic, and a rejected request changes nothing.
+//! a panic, and a rejected request changes nothing. The legacy endpoints
+//! ignore parameters they do not know: a rejected request is rejected with
+//! the same answer when unknown parameters are added, and no legacy
+//! endpoint ever refuses a request for an unknown parameter.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
@@ -25,7 +28,9 @@ const PATHS: &[&str] = &[
     "/metrics",
     "/healthz",
     "/Install/ipxe",
+    "/Install/kickstart",
     "/Install/done",
+    "/Install/failed",
     "/Node",
     "/",
 ];
@@ -38,6 +43,11 @@ fn piece() -> impl Strategy<Value = String> {
         Just("arch".to_string()),
         Just("count".to_string()),
         Just("flavor".to_string()),
+        Just("_".to_string()),
+        Just("token".to_string()),
+        Just("host_key".to_string()),
+        Just("reason".to_string()),
+        Just("host".to_string()),
         Just("KEY".to_string()),
         Just("x86_64".to_string()),
         Just("7".to_string()),
@@ -63,6 +73,23 @@ async fn snapshot(store: &dyn Store) -> (Vec<duffy_core::Node>, Vec<duffy_core::
         store.events(EventQuery::default()).await.unwrap().len(),
         store.paused().await.unwrap(),
     )
+}
+
+/// The endpoints that ignore unknown parameters.
+fn is_legacy(path: &str) -> bool {
+    !path.starts_with("/Install/") && !matches!(path, "/metrics" | "/healthz" | "/Node" | "/")
+}
+
+/// Parameters no endpoint knows, as job scripts add them.
+fn extras() -> impl Strategy<Value = String> {
+    proptest::collection::vec(
+        (
+            prop_oneof![Just("_"), Just("cachebust"), Just("job"), Just("Key"), Just("ssid2"), Just("")],
+            "[a-z0-9%]{0,8}",
+        ),
+        1..4,
+    )
+    .prop_map(|v| v.into_iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&"))
 }
 
 fn is_success(path: &str, body: &str) -> bool {
@@ -93,9 +120,9 @@ fn arbitrary_requests_never_break_anything() {
         failure_persistence: None,
         ..ProptestConfig::default()
     });
-    let strategy = (proptest::sample::select(PATHS), query(), 0..3usize);
+    let strategy = (proptest::sample::select(PATHS), query(), 0..3usize, extras());
     runner
-        .run(&strategy, |(path, q, which_key)| {
+        .run(&strategy, |(path, q, which_key, extra)| {
             // Sometimes a real key in front, so that validation past the key is reached.
             let q = match which_key {
                 1 => format!("key={user}&{q}"),
@@ -116,9 +143,24 @@ fn arbitrary_requests_never_break_anything() {
                 let body = r.text().await.unwrap();
                 prop_assert!(status < 500, "{url} -> {status} {body}");
                 prop_assert!(!body.is_empty(), "{url}: empty body");
+                if is_legacy(path) {
+                    prop_assert!(!body.contains("unknown parameter"), "{url}: a legacy endpoint refused a parameter");
+                }
                 if !is_success(path, &body) {
                     let after = snapshot(&*s.store).await;
                     prop_assert!(before == after, "{url} was rejected ({status} {body}) but changed the store");
+                    if is_legacy(path) {
+                        // Nothing changed, so the same request with unknown
+                        // parameters added gets the same answer.
+                        let url2 = format!("{url}&{extra}");
+                        let r2 = s.client.get(&url2).send().await.unwrap();
+                        let (status2, body2) = (r2.status().as_u16(), r2.text().await.unwrap());
+                        prop_assert!(
+                            (status2, &body2) == (status, &body),
+                            "{url} -> {status} {body}\nbut {url2} -> {status2} {body2}"
+                        );
+                        prop_assert!(before == snapshot(&*s.store).await, "{url2} changed the store");
+                    }
                 }
                 Ok(())
             })

@@ -33,17 +33,44 @@
 //! fails with an error naming the node. When the install future is dropped
 //! (the reconciler's own deadline, shutdown), its pending entry is removed.
 //!
-//! # Suggested HTTP mapping
+//! # Who may call the install endpoints
 //!
-//! `GET /Install/ipxe?hostname=…` → [`PxeRegistry::ipxe_script`] (on
-//! [`PxeError::NoPendingInstall`], serve [`LOCAL_BOOT_SCRIPT`]);
-//! `GET /Install/kickstart?token=…` → [`PxeRegistry::kickstart`];
-//! `GET /Install/done?token=…&host_key=…` → [`PxeRegistry::complete`];
-//! `GET /Install/failed?token=…&reason=…` → [`PxeRegistry::fail`].
-//! [`PxeError::http_status`] gives the status code for each error. The
-//! iPXE endpoint is keyed by host name only, so the HTTP layer should
-//! check that the request comes from the node's own address
-//! ([`PxeRegistry::pending_ip`]).
+//! The endpoints are unauthenticated: a machine being installed has no
+//! API key. What stands in for one is the pair (token, address):
+//!
+//! - every node installed by PXE has an IP address ([`PxeInstaller::install`]
+//!   refuses one without, before anything is powered);
+//! - every registry call takes the caller's address (`peer`), and checks
+//!   it against the node's address *inside the registry's lock*, in the
+//!   same critical section that reads or uses up the pending install, so
+//!   nothing can change between check and use. IPv4-mapped IPv6 addresses
+//!   (`::ffff:10.0.0.11`, what a `[::]` listener reports for an IPv4
+//!   client) are canonicalised first;
+//! - a request from another address changes nothing and gets the same
+//!   answer as an unknown token ([`PxeError::UnknownToken`]), or, for the
+//!   iPXE script, as a host with no install ([`PxeError::NoPendingInstall`]);
+//!   the registry logs it with the address;
+//! - a done callback must carry a valid OpenSSH host key (unless
+//!   [`PxeConfig::require_host_key`] is off): it is what every later SSH
+//!   connection to the node checks, so a "done" without one, or with a
+//!   malformed one, fails the install instead of making the node Ready.
+//!
+//! A sniffed token is then useless from anywhere but the node's own
+//! address. What is left is an attacker who can send from that address
+//! (on the provisioning network, or by spoofing it there): hence the
+//! recommended deployment, a separate listener for the install endpoints
+//! on the provisioning network only ([`PxeConfig::listen`]).
+//!
+//! # HTTP mapping
+//!
+//! `GET /Install/ipxe?host=…` → [`PxeRegistry::ipxe_script`] (on
+//! [`PxeError::NoPendingInstall`] and [`PxeError::Expired`], serve
+//! [`LOCAL_BOOT_SCRIPT`], so a stranger cannot tell which hosts are being
+//! installed); `GET /Install/kickstart?token=…` →
+//! [`PxeRegistry::kickstart`]; `GET /Install/done?token=…&host_key=…` →
+//! [`PxeRegistry::complete`]; `GET /Install/failed?token=…&reason=…` →
+//! [`PxeRegistry::fail`]. [`PxeError::http_status`] gives the status code
+//! for each error.
 //!
 //! # Templates
 //!
@@ -58,6 +85,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -131,7 +159,8 @@ const MAX_REASON: usize = 1000;
 /// PXE install configuration.
 ///
 /// ```toml
-/// public_url = "http://10.0.0.1:8080"
+/// public_url = "http://10.0.0.1:8081"
+/// listen = "10.0.0.1:8081"           # the provisioning network only
 /// provisioning_public_key = "ssh-ed25519 AAAA… duffy@farm"
 /// token_ttl = "90m"
 /// templates_dir = "/etc/duffy/pxe"
@@ -173,6 +202,21 @@ pub struct PxeConfig {
     /// Per-image URLs, overriding the patterns.
     #[serde(default)]
     pub images: Vec<PxeImage>,
+    /// Whether a done callback must carry the machine's SSH host key.
+    /// Default `true`: the key is what SSH contextualization checks, so a
+    /// node without one could not be handed over, and a "done" without
+    /// one is the first sign of a forged or half-finished report. With
+    /// `false`, a done callback without a key records none (a key that is
+    /// given must still be valid).
+    #[serde(default = "default_true")]
+    pub require_host_key: bool,
+    /// A separate address for the install endpoints (`/Install/*`), e.g.
+    /// `10.0.0.1:8081` on the provisioning network. Read by the HTTP
+    /// service, which then serves `/Install/*` only there and not on its
+    /// main listener. `public_url` must point at it. Default: none, the
+    /// install endpoints are on the main listener.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 /// URLs for one (release, arch), overriding [`PxeConfig`]'s patterns. Each
@@ -193,6 +237,10 @@ pub struct PxeImage {
     /// Package repository URL.
     #[serde(default)]
     pub repo_url: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_token_ttl() -> Duration {
@@ -224,6 +272,8 @@ impl PxeConfig {
             initrd_url: default_initrd_url(),
             repo_url: default_repo_url(),
             images: Vec::new(),
+            require_host_key: true,
+            listen: None,
         }
     }
 }
@@ -256,6 +306,14 @@ pub enum PxeError {
         /// Why the key was refused.
         #[source]
         source: KeyError,
+    },
+    /// A done callback carried no host key, and the configuration
+    /// requires one ([`PxeConfig::require_host_key`]). The install fails
+    /// with this reason.
+    #[error("{hostname} reported its install done without an SSH host key; the PXE installer requires one")]
+    MissingHostKey {
+        /// The node.
+        hostname: String,
     },
     /// A template has an error.
     #[error("PXE template {name}: {source}")]
@@ -290,13 +348,13 @@ pub enum PxeError {
 
 impl PxeError {
     /// The HTTP status an endpoint should answer with: 404 for an unknown
-    /// token or host, 410 for an expired token, 400 for an invalid host
-    /// key, 500 otherwise.
+    /// token or host, 410 for an expired token, 400 for an invalid or
+    /// missing host key, 500 otherwise.
     pub fn http_status(&self) -> u16 {
         match self {
             PxeError::UnknownToken | PxeError::NoPendingInstall { .. } => 404,
             PxeError::Expired { .. } => 410,
-            PxeError::InvalidHostKey { .. } => 400,
+            PxeError::InvalidHostKey { .. } | PxeError::MissingHostKey { .. } => 400,
             _ => 500,
         }
     }
@@ -312,7 +370,9 @@ enum Outcome {
 
 struct Pending {
     hostname: String,
-    ip: Option<String>,
+    /// The node's address, canonical: the only one its requests may come
+    /// from.
+    ip: IpAddr,
     hardware_arch: Arch,
     image: PoolKey,
     expires_at: Timestamp,
@@ -325,10 +385,23 @@ struct State {
     pending: HashMap<String, Pending>,
     /// Host name → token of its pending install.
     by_host: HashMap<String, String>,
-    /// Tokens whose install expired, with the host name, so a late callback
-    /// gets [`PxeError::Expired`]. At most one per host: dropped when the
-    /// host's next install registers.
-    expired: HashMap<String, String>,
+    /// Tokens whose install expired, with the host, so a late callback
+    /// (from the host's address) gets [`PxeError::Expired`]. At most one per
+    /// host: dropped when the host's next install registers.
+    expired: HashMap<String, Expired>,
+}
+
+/// What is kept of an expired install.
+struct Expired {
+    hostname: String,
+    ip: IpAddr,
+}
+
+/// Canonical form of an address: an IPv4-mapped IPv6 address (what a
+/// dual-stack `[::]` socket reports for an IPv4 peer) becomes the IPv4
+/// address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
 }
 
 /// The URLs of one image.
@@ -350,6 +423,7 @@ pub struct PxeRegistry {
     images: Vec<PxeImage>,
     /// Templates from `templates_dir`, by file name.
     templates: BTreeMap<String, String>,
+    require_host_key: bool,
     state: Mutex<State>,
 }
 
@@ -408,37 +482,48 @@ impl PxeRegistry {
             repo_url: config.repo_url.clone(),
             images: config.images.clone(),
             templates,
+            require_host_key: config.require_host_key,
             state: Mutex::new(State::default()),
         })
     }
 
-    /// The iPXE script for `hostname`'s pending install: boots the
-    /// installer kernel and initrd with `inst.ks=` pointing at the
-    /// kickstart URL. May be fetched any number of times while the install
-    /// is pending.
-    pub fn ipxe_script(&self, hostname: &str) -> Result<String, PxeError> {
+    /// The iPXE script for `hostname`'s pending install, asked for from
+    /// `peer`: boots the installer kernel and initrd with `inst.ks=`
+    /// pointing at the kickstart URL. May be fetched any number of times
+    /// while the install is pending, from the node's own address only.
+    ///
+    /// A host with no pending install, and a request from any other
+    /// address, get [`PxeError::NoPendingInstall`] (the latter is logged
+    /// with the address); the HTTP layer answers both alike.
+    pub fn ipxe_script(&self, hostname: &str, peer: IpAddr) -> Result<String, PxeError> {
+        let none = || PxeError::NoPendingInstall { hostname: one_line(hostname, 80) };
         let (vars, image) = {
             let st = self.lock();
             let Some(token) = st.by_host.get(hostname) else {
-                return Err(PxeError::NoPendingInstall { hostname: one_line(hostname, 80) });
+                return Err(none());
             };
             let Some(p) = st.pending.get(token) else {
-                return Err(PxeError::NoPendingInstall { hostname: one_line(hostname, 80) });
+                return Err(none());
             };
+            if !from_node(p.ip, peer, &p.hostname, "iPXE script", token) {
+                return Err(none());
+            }
             self.check_not_expired(p)?;
             (self.vars(p, token)?, p.image.clone())
         };
         let (name, text) = self.template("ipxe", &image, DEFAULT_IPXE_TEMPLATE);
-        tracing::info!(node = %hostname, template = %name, "serving iPXE script");
+        tracing::info!(node = %hostname, %peer, template = %name, "serving iPXE script");
         render(&name, text, &vars)
     }
 
-    /// The kickstart for the install holding `token`. May be fetched any
-    /// number of times while the install is pending.
-    pub fn kickstart(&self, token: &str) -> Result<String, PxeError> {
+    /// The kickstart for the install holding `token`, asked for from
+    /// `peer`. May be fetched any number of times while the install is
+    /// pending, from the node's own address only (any other gets
+    /// [`PxeError::UnknownToken`]).
+    pub fn kickstart(&self, token: &str, peer: IpAddr) -> Result<String, PxeError> {
         let (vars, image, hostname) = {
             let st = self.lock();
-            let p = self.lookup(&st, token)?;
+            let p = self.lookup(&st, token, peer, "kickstart")?;
             self.check_not_expired(p)?;
             (self.vars(p, token)?, p.image.clone(), p.hostname.clone())
         };
@@ -447,25 +532,37 @@ impl PxeRegistry {
         render(&name, text, &vars)
     }
 
-    /// The machine reports its install done, with its SSH host public key
-    /// (`ssh-ed25519 AAAA… [comment]`; `None` or blank when it has none).
-    /// Wakes the waiting install, which returns the key without its
-    /// comment. The token is used up, whatever the outcome.
+    /// The machine at `peer` reports its install done, with its SSH host
+    /// public key (`ssh-ed25519 AAAA… [comment]`; `None` or blank when it
+    /// has none). Wakes the waiting install, which returns the key without
+    /// its comment. The token is used up, whatever the outcome, unless the
+    /// request came from another address than the node's: that changes
+    /// nothing and gets [`PxeError::UnknownToken`].
     ///
     /// A key that is not an OpenSSH host key is refused with
-    /// [`PxeError::InvalidHostKey`], and the install fails with that reason.
-    pub fn complete(&self, token: &str, host_key: Option<String>) -> Result<(), PxeError> {
-        let p = self.take(token)?;
-        let host_key = match host_key.as_deref().map(str::trim).filter(|k| !k.is_empty()) {
+    /// [`PxeError::InvalidHostKey`], and no key at all (when
+    /// [`PxeConfig::require_host_key`] is on, the default) with
+    /// [`PxeError::MissingHostKey`]; the install then fails with that
+    /// reason.
+    pub fn complete(&self, token: &str, peer: IpAddr, host_key: Option<&str>) -> Result<(), PxeError> {
+        let p = self.take(token, peer, "done callback")?;
+        let fail = |p: Pending, err: PxeError| {
+            tracing::warn!(node = %p.hostname, token = %token_prefix(token), error = %err,
+                "refused install done callback; failing the install");
+            let _ = p.tx.send(Outcome::Failed(format!("the machine's done callback was refused: {err}")));
+            Err(err)
+        };
+        let host_key = match host_key.map(str::trim).filter(|k| !k.is_empty()) {
+            None if self.require_host_key => {
+                let err = PxeError::MissingHostKey { hostname: p.hostname.clone() };
+                return fail(p, err);
+            }
             None => None,
             Some(k) => match PublicKey::parse_host_key(k) {
                 Ok(k) => Some(k.without_comment()),
                 Err(source) => {
-                    tracing::warn!(node = %p.hostname, token = %token_prefix(token), error = %source,
-                        "install callback with an invalid host key; failing the install");
-                    let _ =
-                        p.tx.send(Outcome::Failed(format!("the machine reported an invalid SSH host key ({source})")));
-                    return Err(PxeError::InvalidHostKey { hostname: p.hostname, source });
+                    let err = PxeError::InvalidHostKey { hostname: p.hostname.clone(), source };
+                    return fail(p, err);
                 }
             },
         };
@@ -474,11 +571,13 @@ impl PxeRegistry {
         p.tx.send(Outcome::Done(host_key)).map_err(|_| PxeError::UnknownToken)
     }
 
-    /// The machine reports its install failed, with a reason (kept, on one
-    /// line and cut to 1000 characters, in the node's history). Wakes the
-    /// waiting install with an error. The token is used up.
-    pub fn fail(&self, token: &str, reason: &str) -> Result<(), PxeError> {
-        let p = self.take(token)?;
+    /// The machine at `peer` reports its install failed, with a reason
+    /// (kept, on one line and cut to 1000 characters, in the node's
+    /// history). Wakes the waiting install with an error. The token is used
+    /// up; a request from another address changes nothing and gets
+    /// [`PxeError::UnknownToken`].
+    pub fn fail(&self, token: &str, peer: IpAddr, reason: &str) -> Result<(), PxeError> {
+        let p = self.take(token, peer, "failed callback")?;
         let reason = match one_line(reason, MAX_REASON) {
             r if r.is_empty() => "no reason given".to_string(),
             r => r,
@@ -497,17 +596,10 @@ impl PxeRegistry {
         self.lock().pending.len()
     }
 
-    /// The IP address recorded for `hostname`'s pending install, if it has
-    /// one and the node has a known address: the HTTP layer can serve the
-    /// iPXE script only to that address.
-    pub fn pending_ip(&self, hostname: &str) -> Option<String> {
-        let st = self.lock();
-        st.by_host.get(hostname).and_then(|t| st.pending.get(t)).and_then(|p| p.ip.clone())
-    }
-
     /// Registers a pending install of `image` on `node` until `expires_at`,
     /// replacing any older one of the node. Returns the token and the
-    /// receiver of the outcome.
+    /// receiver of the outcome. A node without a valid IP address is
+    /// refused: its address is what the install endpoints check.
     fn register(
         &self,
         node: &Node,
@@ -520,10 +612,7 @@ impl PxeRegistry {
         check.flavor = node.flavor.clone();
         check.validate().map_err(|e| invalid(e.to_string()))?;
         image.validate().map_err(|e| invalid(e.to_string()))?;
-        let ip_ok = |ip: &String| !ip.is_empty() && ip.bytes().all(|b| b.is_ascii_hexdigit() || b == b'.' || b == b':');
-        if let Some(ip) = node.ip.as_ref().filter(|ip| !ip_ok(ip)) {
-            return Err(invalid(format!("invalid IP address {:?}", one_line(ip, 80))));
-        }
+        let ip = node_address(node.ip.as_deref()).map_err(invalid)?;
         let token = new_token();
         let (tx, rx) = oneshot::channel();
         let mut st = self.lock();
@@ -531,12 +620,12 @@ impl PxeRegistry {
             tracing::warn!(node = %node.hostname, old_token = %token_prefix(&old),
                 "replacing an older pending install of the node");
         }
-        st.expired.retain(|_, h| *h != node.hostname);
+        st.expired.retain(|_, e| e.hostname != node.hostname);
         st.pending.insert(
             token.clone(),
             Pending {
                 hostname: node.hostname.clone(),
-                ip: node.ip.clone(),
+                ip,
                 hardware_arch: node.hardware_arch,
                 image: image.clone(),
                 expires_at,
@@ -567,39 +656,51 @@ impl PxeRegistry {
             if st.by_host.get(&p.hostname).is_some_and(|t| t == token) {
                 st.by_host.remove(&p.hostname);
             }
-            st.expired.retain(|_, h| *h != p.hostname);
-            st.expired.insert(token.to_string(), p.hostname);
+            st.expired.retain(|_, e| e.hostname != p.hostname);
+            st.expired.insert(token.to_string(), Expired { hostname: p.hostname, ip: p.ip });
         }
     }
 
-    /// Takes the pending install of `token` for a callback: the token is
-    /// used up. An expired one is turned into a tombstone and its waiter
-    /// told.
-    fn take(&self, token: &str) -> Result<Pending, PxeError> {
+    /// Takes the pending install of `token` for a callback from `peer`:
+    /// the token is used up. The address is checked in the same critical
+    /// section; a request from elsewhere takes nothing. An expired install
+    /// is turned into a tombstone and its waiter told.
+    fn take(&self, token: &str, peer: IpAddr, what: &str) -> Result<Pending, PxeError> {
         let mut st = self.lock();
-        self.lookup(&st, token)?;
+        self.lookup(&st, token, peer, what)?;
         let p = st.pending.remove(token).ok_or(PxeError::UnknownToken)?;
         if st.by_host.get(&p.hostname).is_some_and(|t| t == token) {
             st.by_host.remove(&p.hostname);
         }
         if self.clock.now() >= p.expires_at {
             tracing::warn!(node = %p.hostname, token = %token_prefix(token), "install callback after the token expired");
-            st.expired.retain(|_, h| *h != p.hostname);
-            st.expired.insert(token.to_string(), p.hostname.clone());
+            st.expired.retain(|_, e| e.hostname != p.hostname);
+            st.expired.insert(token.to_string(), Expired { hostname: p.hostname.clone(), ip: p.ip });
             let _ = p.tx.send(Outcome::Expired);
             return Err(PxeError::Expired { hostname: p.hostname });
         }
         Ok(p)
     }
 
-    fn lookup<'s>(&self, st: &'s State, token: &str) -> Result<&'s Pending, PxeError> {
+    /// The pending install of `token`, if `peer` is its node's address.
+    /// Anything else (malformed, unknown, or another address, also for an
+    /// expired token) is [`PxeError::UnknownToken`]; an expired token from
+    /// the node's address is [`PxeError::Expired`].
+    fn lookup<'s>(&self, st: &'s State, token: &str, peer: IpAddr, what: &str) -> Result<&'s Pending, PxeError> {
         if !is_token_shaped(token) {
             return Err(PxeError::UnknownToken);
         }
-        if let Some(hostname) = st.expired.get(token) {
-            return Err(PxeError::Expired { hostname: hostname.clone() });
+        if let Some(e) = st.expired.get(token) {
+            if !from_node(e.ip, peer, &e.hostname, what, token) {
+                return Err(PxeError::UnknownToken);
+            }
+            return Err(PxeError::Expired { hostname: e.hostname.clone() });
         }
-        st.pending.get(token).ok_or(PxeError::UnknownToken)
+        let p = st.pending.get(token).ok_or(PxeError::UnknownToken)?;
+        if !from_node(p.ip, peer, &p.hostname, what, token) {
+            return Err(PxeError::UnknownToken);
+        }
+        Ok(p)
     }
 
     fn check_not_expired(&self, p: &Pending) -> Result<(), PxeError> {
@@ -652,7 +753,7 @@ impl PxeRegistry {
         let base = &self.public_url;
         Ok(vec![
             ("hostname", p.hostname.clone()),
-            ("ip", p.ip.clone().unwrap_or_default()),
+            ("ip", p.ip.to_string()),
             ("hardware_arch", p.hardware_arch.as_str().to_string()),
             ("release", p.image.release.clone()),
             ("arch", p.image.arch.as_str().to_string()),
@@ -673,6 +774,33 @@ impl PxeRegistry {
 fn render(name: &str, text: &str, vars: &[(&'static str, String)]) -> Result<String, PxeError> {
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     template::render(text, &vars).map_err(|source| PxeError::Template { name: name.to_string(), source })
+}
+
+/// Whether a request for `hostname`'s install comes from its address
+/// `ip`; logs a refusal with both addresses (and never the whole token).
+fn from_node(ip: IpAddr, peer: IpAddr, hostname: &str, what: &str, token: &str) -> bool {
+    let peer = canonical(peer);
+    if peer == ip {
+        return true;
+    }
+    tracing::warn!(node = %hostname, %peer, node_ip = %ip, token = %token_prefix(token),
+        "{what} requested from another address than the node's; refused, nothing changed");
+    false
+}
+
+/// The address of a node to be installed by PXE, canonical, or why it has
+/// none a PXE install can use: the check [`PxeInstaller::install`] makes
+/// before anything else, public so that configuration can refuse such a
+/// node early.
+pub fn node_address(ip: Option<&str>) -> Result<IpAddr, String> {
+    let Some(text) = ip.map(str::trim).filter(|ip| !ip.is_empty()) else {
+        return Err("it has no IP address; a node installed by PXE needs one (the install endpoints answer \
+                    only requests from the node's own address)"
+            .to_string());
+    };
+    text.parse::<IpAddr>()
+        .map(canonical)
+        .map_err(|_| format!("invalid IP address {:?} (an IPv4 or IPv6 address is needed)", one_line(text, 80)))
 }
 
 /// 256 random bits from the OS, as 64 lowercase hex digits.

@@ -3,6 +3,7 @@
 //! test plays the machine through the registry, as duffy-http's handlers
 //! would.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +19,10 @@ use duffy_installers::{PxeConfig, PxeError, PxeImage, PxeInstaller, PxeRegistry,
 use tokio::task::JoinHandle;
 
 const PUBLIC_URL: &str = "http://10.0.0.1:8080";
+/// The address of the nodes `node()` makes: where their requests come from.
+const NODE_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 11));
+/// Another machine on the same network.
+const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 12));
 const PROVISIONING_KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIByrgFoRodMpGoIGtVxnK/CTnXeEUb1KLNez/P0VJgK+ duffy@farm";
 const HOST_KEY: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBEcbTzXQ2o4dsaenJU4FAX6E36s81FO7Dgmyh87F2vtByzhlkoZW1TXMxVo0KA2d5aCzif5RzNwrsrWxAYDD9n8=";
@@ -131,13 +136,22 @@ async fn machine_boots(rig: &Rig, hostname: &str) -> (String, String) {
         rig.registry.is_pending(hostname) && rig.power.calls().iter().any(|c| c.starts_with("power "))
     })
     .await;
-    let script = rig.registry.ipxe_script(hostname).unwrap();
+    let script = rig.registry.ipxe_script(hostname, NODE_IP).unwrap();
     let prefix = format!("{PUBLIC_URL}/Install/kickstart?token=");
     let at = script.find(&prefix).unwrap_or_else(|| panic!("no kickstart URL in:\n{script}")) + prefix.len();
     let token: String = script[at..].chars().take_while(|c| !c.is_whitespace()).collect();
     assert_eq!(token.len(), 64, "token {token:?} is not 256 bits of hex");
     assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
     (script, token)
+}
+
+/// An install that must be refused before anything happens: bounded, so
+/// that one that waits for a machine instead fails the test.
+async fn refused(rig: &Rig, node: &Node, image: &PoolKey) -> InstallError {
+    tokio::time::timeout(Duration::from_secs(10), rig.installer.install(node, image))
+        .await
+        .expect("the install was refused at once, not left waiting for a machine")
+        .unwrap_err()
 }
 
 async fn result(h: JoinHandle<Result<Installed, InstallError>>) -> Result<Installed, InstallError> {
@@ -176,10 +190,10 @@ async fn install_completes_with_the_machines_host_key() {
     );
     assert!(script.contains("inst.repo=http://mirror.centos.org/centos/9/os/x86_64/"), "{script}");
     // Fetching it again is fine while the install is pending.
-    assert_eq!(rig.registry.ipxe_script("n1.example.org").unwrap(), script);
+    assert_eq!(rig.registry.ipxe_script("n1.example.org", NODE_IP).unwrap(), script);
 
     // The kickstart installs the provisioning key and calls back.
-    let ks = rig.registry.kickstart(&token).unwrap();
+    let ks = rig.registry.kickstart(&token, NODE_IP).unwrap();
     assert!(ks.contains(&format!("\n{PROVISIONING_KEY}\n")), "{ks}");
     assert!(ks.contains(&format!("'{PUBLIC_URL}/Install/done?token={token}'")), "{ks}");
     assert!(ks.contains(&format!("'{PUBLIC_URL}/Install/failed?token={token}'")), "{ks}");
@@ -195,32 +209,60 @@ async fn install_completes_with_the_machines_host_key() {
 
     // Still waiting: nothing returned yet.
     assert!(!h.is_finished());
-    rig.registry.complete(&token, Some(format!("{HOST_KEY} root@n1.example.org\n"))).unwrap();
+    rig.registry.complete(&token, NODE_IP, Some(&format!("{HOST_KEY} root@n1.example.org\n"))).unwrap();
     let installed = result(h).await.unwrap();
     assert_eq!(installed.host_key.as_deref(), Some(HOST_KEY));
 
     // Single use: every later callback with the token is refused.
     assert!(!rig.registry.is_pending("n1.example.org"));
     assert_eq!(rig.registry.pending_count(), 0);
-    assert!(matches!(rig.registry.complete(&token, Some(HOST_KEY.into())), Err(PxeError::UnknownToken)));
-    assert!(matches!(rig.registry.fail(&token, "late"), Err(PxeError::UnknownToken)));
-    assert!(matches!(rig.registry.kickstart(&token), Err(PxeError::UnknownToken)));
-    let e = rig.registry.ipxe_script("n1.example.org").unwrap_err();
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.fail(&token, NODE_IP, "late"), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.kickstart(&token, NODE_IP), Err(PxeError::UnknownToken)));
+    let e = rig.registry.ipxe_script("n1.example.org", NODE_IP).unwrap_err();
     assert!(matches!(e, PxeError::NoPendingInstall { .. }), "{e}");
     assert_eq!(e.http_status(), 404);
     assert!(LOCAL_BOOT_SCRIPT.starts_with("#!ipxe\n"));
 }
 
 #[tokio::test]
-async fn powered_off_machine_is_powered_on_and_blank_host_key_is_none() {
+async fn powered_off_machine_is_powered_on_and_a_done_without_host_key_fails_the_install() {
     let rig = rig_with(PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY), FakePower::new(PowerState::Off));
     let n = node("n2.example.org");
     let h = start(&rig, &n, &image("8"));
     let (_, token) = machine_boots(&rig, "n2.example.org").await;
     assert_eq!(rig.power.calls(), ["boot pxe n2.example.org", "status n2.example.org", "power on n2.example.org"]);
-    // `host_key=` empty: the machine had no key file.
-    rig.registry.complete(&token, Some("\n".into())).unwrap();
+    // `host_key=` empty (the machine had no key file), or none at all: by
+    // default a host key is required, so the install fails at once, saying
+    // why, instead of handing out a node nobody can check.
+    let e = rig.registry.complete(&token, NODE_IP, Some("\n")).unwrap_err();
+    assert!(matches!(&e, PxeError::MissingHostKey { hostname } if hostname == "n2.example.org"), "{e}");
+    assert_eq!(e.http_status(), 400);
+    let err = result(h).await.unwrap_err();
+    assert!(err.message.contains("n2.example.org") && err.message.contains("without an SSH host key"), "{err}");
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)), Err(PxeError::UnknownToken)));
+
+    let h = start(&rig, &n, &image("8"));
+    let (_, token) = machine_boots(&rig, "n2.example.org").await;
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, None), Err(PxeError::MissingHostKey { .. })));
+    assert!(result(h).await.is_err());
+}
+
+#[tokio::test]
+async fn without_require_host_key_a_blank_host_key_is_none() {
+    let config = PxeConfig { require_host_key: false, ..PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY) };
+    let rig = rig_with(config, FakePower::new(PowerState::On));
+    let n = node("n2b.example.org");
+    let h = start(&rig, &n, &image("8"));
+    let (_, token) = machine_boots(&rig, "n2b.example.org").await;
+    rig.registry.complete(&token, NODE_IP, Some("\n")).unwrap();
     assert_eq!(result(h).await.unwrap(), Installed { host_key: None });
+    // A key that is given must still be valid.
+    let h = start(&rig, &n, &image("8"));
+    let (_, token) = machine_boots(&rig, "n2b.example.org").await;
+    let e = rig.registry.complete(&token, NODE_IP, Some("ssh-ed25519 AAAA")).unwrap_err();
+    assert!(matches!(e, PxeError::InvalidHostKey { .. }), "{e}");
+    assert!(result(h).await.is_err());
 }
 
 #[tokio::test]
@@ -229,13 +271,13 @@ async fn failed_callback_fails_the_install_with_the_machines_reason() {
     let n = node("n3.example.org");
     let h = start(&rig, &n, &image("9"));
     let (_, token) = machine_boots(&rig, "n3.example.org").await;
-    rig.registry.fail(&token, "cannot write /root/.ssh/authorized_keys\n\x1b[31m").unwrap();
+    rig.registry.fail(&token, NODE_IP, "cannot write /root/.ssh/authorized_keys\n\x1b[31m").unwrap();
     let err = result(h).await.unwrap_err();
     assert!(err.message.contains("n3.example.org"), "{err}");
     assert!(err.message.contains("cannot write /root/.ssh/authorized_keys"), "{err}");
     assert!(!err.message.contains('\x1b'), "control characters kept: {err:?}");
-    assert!(matches!(rig.registry.fail(&token, "again"), Err(PxeError::UnknownToken)));
-    assert!(matches!(rig.registry.complete(&token, None), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.fail(&token, NODE_IP, "again"), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, None), Err(PxeError::UnknownToken)));
 }
 
 #[tokio::test]
@@ -250,19 +292,19 @@ async fn expired_token_fails_the_install_naming_the_node() {
     assert!(err.message.contains("n4.example.org"), "{err}");
     assert!(err.message.contains("expired"), "{err}");
     // A late machine is told its token expired; no install is pending.
-    let e = rig.registry.complete(&token, Some(HOST_KEY.into())).unwrap_err();
+    let e = rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).unwrap_err();
     assert!(matches!(&e, PxeError::Expired { hostname } if hostname == "n4.example.org"), "{e}");
     assert_eq!(e.http_status(), 410);
-    assert!(matches!(rig.registry.kickstart(&token), Err(PxeError::Expired { .. })));
+    assert!(matches!(rig.registry.kickstart(&token, NODE_IP), Err(PxeError::Expired { .. })));
     assert!(!rig.registry.is_pending("n4.example.org"));
-    assert!(matches!(rig.registry.ipxe_script("n4.example.org"), Err(PxeError::NoPendingInstall { .. })));
+    assert!(matches!(rig.registry.ipxe_script("n4.example.org", NODE_IP), Err(PxeError::NoPendingInstall { .. })));
 
     // The node's next install starts afresh: the old token is forgotten.
     let h = start(&rig, &n, &image("9"));
     let (_, token2) = machine_boots(&rig, "n4.example.org").await;
     assert_ne!(token, token2);
-    assert!(matches!(rig.registry.complete(&token, None), Err(PxeError::UnknownToken)));
-    rig.registry.complete(&token2, None).unwrap();
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, None), Err(PxeError::UnknownToken)));
+    rig.registry.complete(&token2, NODE_IP, Some(HOST_KEY)).unwrap();
     result(h).await.unwrap();
 }
 
@@ -276,14 +318,17 @@ async fn wrong_tokens_are_refused() {
     other[63] = if other[63] == b'0' { b'1' } else { b'0' };
     let other = String::from_utf8(other).unwrap();
     for wrong in [other.as_str(), "", "deadbeef", &token.to_uppercase(), &format!("{token}0"), "../../etc/passwd"] {
-        assert!(matches!(rig.registry.complete(wrong, Some(HOST_KEY.into())), Err(PxeError::UnknownToken)), "{wrong}");
-        assert!(matches!(rig.registry.fail(wrong, "x"), Err(PxeError::UnknownToken)), "{wrong}");
-        assert!(matches!(rig.registry.kickstart(wrong), Err(PxeError::UnknownToken)), "{wrong}");
+        assert!(
+            matches!(rig.registry.complete(wrong, NODE_IP, Some(HOST_KEY)), Err(PxeError::UnknownToken)),
+            "{wrong}"
+        );
+        assert!(matches!(rig.registry.fail(wrong, NODE_IP, "x"), Err(PxeError::UnknownToken)), "{wrong}");
+        assert!(matches!(rig.registry.kickstart(wrong, NODE_IP), Err(PxeError::UnknownToken)), "{wrong}");
     }
-    assert!(matches!(rig.registry.ipxe_script("other.example.org"), Err(PxeError::NoPendingInstall { .. })));
+    assert!(matches!(rig.registry.ipxe_script("other.example.org", NODE_IP), Err(PxeError::NoPendingInstall { .. })));
     // The real token still works.
     assert!(!h.is_finished());
-    rig.registry.complete(&token, Some(HOST_KEY.into())).unwrap();
+    rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).unwrap();
     assert_eq!(result(h).await.unwrap().host_key.as_deref(), Some(HOST_KEY));
 }
 
@@ -293,12 +338,12 @@ async fn invalid_host_key_is_refused_and_fails_the_install() {
     let n = node("n6.example.org");
     let h = start(&rig, &n, &image("9"));
     let (_, token) = machine_boots(&rig, "n6.example.org").await;
-    let e = rig.registry.complete(&token, Some("ssh-ed25519 AAAA\nrm -rf /".into())).unwrap_err();
+    let e = rig.registry.complete(&token, NODE_IP, Some("ssh-ed25519 AAAA\nrm -rf /")).unwrap_err();
     assert!(matches!(e, PxeError::InvalidHostKey { .. }), "{e}");
     assert_eq!(e.http_status(), 400);
     let err = result(h).await.unwrap_err();
     assert!(err.message.contains("n6.example.org") && err.message.contains("invalid SSH host key"), "{err}");
-    assert!(matches!(rig.registry.complete(&token, Some(HOST_KEY.into())), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)), Err(PxeError::UnknownToken)));
 }
 
 #[tokio::test]
@@ -312,8 +357,8 @@ async fn dropping_the_install_removes_the_pending_entry() {
     assert!(h.await.unwrap_err().is_cancelled());
     assert!(!rig.registry.is_pending("n7.example.org"));
     assert_eq!(rig.registry.pending_count(), 0);
-    assert!(matches!(rig.registry.complete(&token, Some(HOST_KEY.into())), Err(PxeError::UnknownToken)));
-    assert!(matches!(rig.registry.ipxe_script("n7.example.org"), Err(PxeError::NoPendingInstall { .. })));
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.ipxe_script("n7.example.org", NODE_IP), Err(PxeError::NoPendingInstall { .. })));
 
     // The same with the future dropped in place by a timeout.
     let inst = rig.installer.clone();
@@ -333,11 +378,11 @@ async fn a_new_install_of_the_node_supersedes_the_old_one() {
     let err = result(first).await.unwrap_err();
     assert!(err.message.contains("superseded") && err.message.contains("n8.example.org"), "{err}");
     assert_eq!(rig.registry.pending_count(), 1);
-    assert!(matches!(rig.registry.complete(&old, None), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.complete(&old, NODE_IP, None), Err(PxeError::UnknownToken)));
     let (script, new) = machine_boots(&rig, "n8.example.org").await;
     assert_ne!(old, new);
     assert!(script.contains("/centos/8/os/x86_64/"), "{script}");
-    rig.registry.complete(&new, Some(HOST_KEY.into())).unwrap();
+    rig.registry.complete(&new, NODE_IP, Some(HOST_KEY)).unwrap();
     result(second).await.unwrap();
     assert_eq!(rig.registry.pending_count(), 0);
 }
@@ -358,14 +403,87 @@ async fn invalid_node_names_are_refused_before_anything_happens() {
     let rig = rig();
     let mut n = node("n10.example.org");
     n.hostname = "n10 --kickstart=evil".into();
-    let err = rig.installer.install(&n, &image("9")).await.unwrap_err();
+    let err = refused(&rig, &n, &image("9")).await;
     assert!(err.message.contains("hostname"), "{err}");
     let mut n = node("n10.example.org");
     n.ip = Some("10.0.0.1' ; reboot".into());
-    assert!(rig.installer.install(&n, &image("9")).await.is_err());
-    assert!(rig.installer.install(&node("n10.example.org"), &image("9;reboot")).await.is_err());
+    refused(&rig, &n, &image("9")).await;
+    refused(&rig, &node("n10.example.org"), &image("9;reboot")).await;
     assert!(rig.power.calls().is_empty());
     assert_eq!(rig.registry.pending_count(), 0);
+}
+
+#[tokio::test]
+async fn a_node_without_an_ip_address_is_not_installed_by_pxe() {
+    let rig = rig();
+    for ip in [None, Some(""), Some("  "), Some("n13.example.org"), Some("10.0.0.300")] {
+        let mut n = node("n13.example.org");
+        n.ip = ip.map(str::to_string);
+        let err = refused(&rig, &n, &image("9")).await;
+        assert!(err.message.contains("n13.example.org") && err.message.contains("IP address"), "{ip:?}: {err}");
+    }
+    assert!(rig.power.calls().is_empty(), "nothing was powered");
+    assert_eq!(rig.registry.pending_count(), 0);
+    assert!(duffy_installers::pxe::node_address(None).is_err());
+    assert_eq!(duffy_installers::pxe::node_address(Some(" 10.0.0.11 ")), Ok(NODE_IP));
+    // Recorded as an IPv4-mapped IPv6 address, it is the IPv4 address.
+    assert_eq!(duffy_installers::pxe::node_address(Some("::ffff:10.0.0.11")), Ok(NODE_IP));
+}
+
+#[tokio::test]
+async fn requests_from_another_address_change_nothing_and_look_like_unknown_tokens() {
+    let rig = rig();
+    let n = node("n14.example.org");
+    let h = start(&rig, &n, &image("9"));
+    let (script, token) = machine_boots(&rig, "n14.example.org").await;
+    let unknown = "0".repeat(64);
+    // The boot script (which carries the token) only for the node's own
+    // address; anyone else is told what a host without an install is told.
+    for peer in [OTHER_IP, IpAddr::V6(Ipv6Addr::LOCALHOST), IpAddr::V6(Ipv4Addr::new(10, 0, 0, 12).to_ipv6_mapped())] {
+        let e = rig.registry.ipxe_script("n14.example.org", peer).unwrap_err();
+        assert!(matches!(e, PxeError::NoPendingInstall { .. }), "{peer}: {e}");
+        assert_eq!(
+            e.to_string(),
+            rig.registry.ipxe_script("n14.example.org", peer).unwrap_err().to_string(),
+            "nothing changed"
+        );
+        // Every token endpoint: exactly what an unknown token gets.
+        let e = rig.registry.kickstart(&token, peer).unwrap_err();
+        assert!(matches!(e, PxeError::UnknownToken), "{peer}: {e}");
+        assert_eq!(e.to_string(), rig.registry.kickstart(&unknown, NODE_IP).unwrap_err().to_string());
+        assert!(matches!(rig.registry.complete(&token, peer, Some(HOST_KEY)), Err(PxeError::UnknownToken)));
+        assert!(matches!(rig.registry.complete(&token, peer, None), Err(PxeError::UnknownToken)));
+        assert!(matches!(rig.registry.complete(&token, peer, Some("junk")), Err(PxeError::UnknownToken)));
+        assert!(matches!(rig.registry.fail(&token, peer, "forged"), Err(PxeError::UnknownToken)));
+    }
+    // Nothing was used up or failed.
+    assert!(rig.registry.is_pending("n14.example.org"));
+    assert!(!h.is_finished());
+    // The node itself, also seen as an IPv4-mapped IPv6 address (a `[::]`
+    // listener), gets its script and completes.
+    let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 11).to_ipv6_mapped());
+    assert_eq!(rig.registry.ipxe_script("n14.example.org", mapped).unwrap(), script);
+    assert!(rig.registry.kickstart(&token, mapped).is_ok());
+    rig.registry.complete(&token, mapped, Some(HOST_KEY)).unwrap();
+    assert_eq!(result(h).await.unwrap().host_key.as_deref(), Some(HOST_KEY));
+}
+
+#[tokio::test]
+async fn an_expired_token_from_another_address_is_unknown() {
+    let mut config = PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY);
+    config.token_ttl = Duration::from_millis(300);
+    let rig = rig_with(config, FakePower::new(PowerState::On));
+    let n = node("n15.example.org");
+    let h = start(&rig, &n, &image("9"));
+    let (_, token) = machine_boots(&rig, "n15.example.org").await;
+    assert!(result(h).await.is_err());
+    // A stranger cannot tell the token ever existed, nor which node it was.
+    let e = rig.registry.complete(&token, OTHER_IP, Some(HOST_KEY)).unwrap_err();
+    assert!(matches!(e, PxeError::UnknownToken), "{e}");
+    assert!(matches!(rig.registry.kickstart(&token, OTHER_IP), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.fail(&token, OTHER_IP, "x"), Err(PxeError::UnknownToken)));
+    // The node is told its token expired.
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)), Err(PxeError::Expired { .. })));
 }
 
 #[tokio::test]
@@ -414,7 +532,7 @@ async fn custom_templates_and_image_urls() {
              ks={PUBLIC_URL}/Install/kickstart?token={token}\ninitrd http://mirror.local/9/x86_64/initrd.img\nboot\n"
         )
     );
-    let ks = rig.registry.kickstart(&token).unwrap();
+    let ks = rig.registry.kickstart(&token, NODE_IP).unwrap();
     assert_eq!(
         ks,
         format!(
@@ -422,7 +540,7 @@ async fn custom_templates_and_image_urls() {
              {PUBLIC_URL}/Install/failed?token={token}\n{token} {PUBLIC_URL} http://mirror.local/9/x86_64/os/\n"
         )
     );
-    rig.registry.complete(&token, None).unwrap();
+    rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).unwrap();
     result(h).await.unwrap();
 
     // Release 8: falls back to ks.tmpl.
@@ -430,8 +548,11 @@ async fn custom_templates_and_image_urls() {
     let h = start(&rig, &n, &image("8"));
     let (script, token) = machine_boots(&rig, "n12.example.org").await;
     assert!(script.contains("kernel http://mirror.local/8/x86_64/vmlinuz "), "{script}");
-    assert_eq!(rig.registry.kickstart(&token).unwrap(), "# generic 8/x86_64 for n12.example.org ip 10.0.0.11\n");
-    rig.registry.fail(&token, "test").unwrap();
+    assert_eq!(
+        rig.registry.kickstart(&token, NODE_IP).unwrap(),
+        "# generic 8/x86_64 for n12.example.org ip 10.0.0.11\n"
+    );
+    rig.registry.fail(&token, NODE_IP, "test").unwrap();
     assert!(result(h).await.is_err());
 }
 
