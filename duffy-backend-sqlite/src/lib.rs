@@ -85,7 +85,7 @@ use async_trait::async_trait;
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, EventQuery,
     Hardware, KeyId, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store,
-    StoreError, Timestamp,
+    StoreError, StoreHealth, Timestamp,
 };
 use futures::channel::oneshot;
 use rusqlite::{Connection, OpenFlags};
@@ -340,6 +340,8 @@ pub struct SqliteStore {
     syncer: Option<JoinHandle<()>>,
     checkpointer: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
     counters: Arc<Counters>,
+    /// Batch visibility and fsync state: a failed fsync stops the store.
+    durability: Arc<Durability>,
     /// [`TestHooks::between_read_statements`].
     between_read_statements: Option<Arc<dyn Fn() + Send + Sync>>,
 }
@@ -487,10 +489,11 @@ impl SqliteStore {
         let max_batch = options.max_batch;
         let skip_writer_checkpoint = options.test_hooks.skip_writer_checkpoint;
         let c = Arc::clone(&counters);
+        let d = Arc::clone(&durability);
         let writer_thread = std::thread::Builder::new()
             .name("duffy-sqlite-writer".into())
             .spawn(move || {
-                let sink = writer::Sink { syncer: syncer_tx, durability, skip_checkpoints: skip_writer_checkpoint };
+                let sink = writer::Sink { syncer: syncer_tx, durability: d, skip_checkpoints: skip_writer_checkpoint };
                 writer::run(conn, rx, max_batch, c, sink)
             })
             .map_err(|source| OpenError::Spawn { what: "writer", source })?;
@@ -514,6 +517,7 @@ impl SqliteStore {
             syncer,
             checkpointer: Some((stop, checkpointer)),
             counters,
+            durability,
             between_read_statements: options.test_hooks.between_read_statements,
         })
     }
@@ -687,5 +691,15 @@ impl Store for SqliteStore {
 
     async fn set_paused(&self, paused: bool) -> Result<bool, StoreError> {
         self.write(|reply| Op::SetPaused { paused, reply }, closed).await
+    }
+
+    fn health(&self) -> StoreHealth {
+        if let Some(e) = self.durability.failure() {
+            return StoreHealth::Failed(e.to_string());
+        }
+        match self.counters.last_failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            Some(why) => StoreHealth::Degraded(why),
+            None => StoreHealth::Ok,
+        }
     }
 }

@@ -43,6 +43,15 @@ pub(crate) struct Counters {
     /// finishes the checkpoint between two batches so the WAL can restart.
     pub(crate) restart_wanted: AtomicBool,
     pub(crate) wal_restarts: AtomicU64,
+    /// Why the last write transaction failed, while no later one has
+    /// committed: the store's health (`Store::health`) reads it.
+    pub(crate) last_failure: std::sync::Mutex<Option<String>>,
+}
+
+impl Counters {
+    fn set_failure(&self, why: Option<String>) {
+        *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
 }
 
 /// The answer channel of one operation.
@@ -385,6 +394,7 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
         match exec(conn, "COMMIT") {
             Ok(()) => {
                 trace!(ops = n, refused, elapsed_us = started.elapsed().as_micros() as u64, "committed a batch");
+                counters.set_failure(None);
                 match (&sink.syncer, seq) {
                     (Some(syncer), Some(seq)) => {
                         if let Err(SendError(item)) = syncer.send(Synced { seq, done }) {
@@ -421,6 +431,10 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
         }
     }
     let fault = storage_fault(&e);
+    counters.set_failure(Some(match fault {
+        Some(f) => format!("writes are failing: {f}"),
+        None => "writes are failing".to_string(),
+    }));
     let err = || match fault {
         Some(fault) => StoreError::Unavailable { context: context.clone(), fault, source: Box::new(Arc::clone(&e)) },
         None => StoreError::backend(context.clone(), Arc::clone(&e)),

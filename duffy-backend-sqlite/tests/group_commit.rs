@@ -240,12 +240,15 @@ async fn a_failed_commit_fails_every_operation_of_its_batch() {
     assert_eq!(after.failed_transactions - before.failed_transactions, 1);
     assert_eq!((after.transactions - before.transactions, after.operations - before.operations), (1, 4));
 
+    // The store says its writes are failing (reads work: not Failed)...
+    assert!(matches!(store.health(), duffy_core::StoreHealth::Degraded(_)), "{:?}", store.health());
     // Nothing of the failed batch is there, and the store goes on working.
     assert_eq!(store.node_by_hostname("x1").await.expect("read"), None);
     assert!(store.pool_targets().await.expect("read").is_empty());
     assert_eq!(store.node(nodes[0].id).await.expect("read"), Some(nodes[0].clone()));
     assert!(store.paused().await.expect("read"));
     store.add_nodes(vec![NewNode::new("x1", Arch::X86_64)], Actor::Operator, T0).await.expect("works again");
+    assert_eq!(store.health(), duffy_core::StoreHealth::Ok, "...until a write commits again");
     check_history(store).await.expect("history");
 }
 

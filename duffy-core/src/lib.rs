@@ -42,6 +42,6 @@ pub use session::{SESSION_TRANSITIONS, SessionCause, SessionCauseKind, SessionEv
 pub use state::{Cause, CauseKind, Event, NodeState, TransitionError};
 pub use store::{
     Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeWrite, SessionWrite, StorageFault,
-    Store, StoreError,
+    Store, StoreError, StoreHealth,
 };
 pub use time::{Clock, Timestamp};

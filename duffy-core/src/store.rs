@@ -296,6 +296,23 @@ pub fn claim_writes(req: &ClaimRequest, chosen: &[Node]) -> Result<(Session, Vec
     Ok((session, writes))
 }
 
+/// How a store is doing, as far as it knows without any I/O: for health
+/// checks and for a service deciding whether to stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreHealth {
+    /// Reads and writes work as far as the store knows.
+    Ok,
+    /// Reads work but the last write failed (a full disk, a read-only file
+    /// system); writes resume once the cause is fixed. The text is shown to
+    /// anyone who asks (`/healthz`): it names the condition, never a path
+    /// or the database's own words.
+    Degraded(String),
+    /// The store refuses everything until it is reopened (after a failed
+    /// fsync nothing unsynced can be trusted); a service should stop, and
+    /// its supervisor restart it.
+    Failed(String),
+}
+
 /// The durable state of a farm.
 ///
 /// All methods are atomic. Reads return committed state. Implementations
@@ -444,4 +461,11 @@ pub trait Store: Send + Sync {
 
     /// Sets the paused flag and returns what it was, atomically.
     async fn set_paused(&self, paused: bool) -> Result<bool, StoreError>;
+
+    /// How the store is doing, without any I/O (cheap enough for every
+    /// health check). The default, for stores that cannot tell, is
+    /// [`StoreHealth::Ok`].
+    fn health(&self) -> StoreHealth {
+        StoreHealth::Ok
+    }
 }

@@ -27,7 +27,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use duffy_core::{Arch, Engine, EngineError, Node, NodeRequest, Principal, StoreError, validate_token};
+use duffy_core::{Arch, Engine, EngineError, Node, NodeRequest, Principal, StoreError, StoreHealth, validate_token};
 use duffy_installers::pxe::LOCAL_BOOT_SCRIPT;
 use duffy_installers::{PxeError, PxeRegistry};
 use serde_json::{Value, json};
@@ -806,17 +806,35 @@ async fn metrics(State(st): State<AppState>) -> Response {
 
 /// `/healthz`: the store answers.
 async fn healthz(State(st): State<AppState>) -> Reply {
-    health_reply(st.engine.store().paused().await)
+    let store = st.engine.store();
+    health_reply(store.health(), store.paused().await)
 }
 
-fn health_reply(paused: Result<bool, StoreError>) -> Reply {
-    match paused {
-        Ok(paused) => Reply::Json(StatusCode::OK, json!({ "status": "ok", "paused": paused })),
-        Err(e) => {
+/// Healthy means the store reads and writes: a store whose writes fail (a
+/// full disk) cannot allocate, so it is unhealthy too, with the condition
+/// named (never the store's own words, which go to the log).
+fn health_reply(health: StoreHealth, paused: Result<bool, StoreError>) -> Reply {
+    let unhealthy = |status: &str, error: String| {
+        Reply::Json(StatusCode::SERVICE_UNAVAILABLE, json!({ "status": status, "error": error }))
+    };
+    match (health, paused) {
+        (StoreHealth::Failed(why), _) => {
+            error!(reason = %why, "health check: the store has stopped");
+            unhealthy("error", STORE_UNAVAILABLE.to_string())
+        }
+        (_, Err(e)) => {
             // Anyone may call this: the store's own words go to the log only.
             error!(error = %e, "health check failed");
-            Reply::Json(StatusCode::SERVICE_UNAVAILABLE, json!({ "status": "error", "error": STORE_UNAVAILABLE }))
+            unhealthy("error", STORE_UNAVAILABLE.to_string())
         }
+        (StoreHealth::Degraded(why), Ok(paused)) => {
+            warn!(reason = %why, "health check: writes are failing");
+            Reply::Json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "status": "degraded", "error": why, "paused": paused }),
+            )
+        }
+        (StoreHealth::Ok, Ok(paused)) => Reply::Json(StatusCode::OK, json!({ "status": "ok", "paused": paused })),
     }
 }
 
@@ -963,7 +981,7 @@ mod tests {
 
     #[test]
     fn store_errors_never_reach_a_reply() {
-        let r = health_reply(Err(sql_error()));
+        let r = health_reply(StoreHealth::Ok, Err(sql_error()));
         assert_eq!(r.status_code(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body(r), r#"{"error":"store unavailable","status":"error"}"#);
 

@@ -7,10 +7,12 @@ use std::sync::Arc;
 
 use duffy_backend_ipmi::IpmiPowerController;
 use duffy_core::testkit::SimFarm;
-use duffy_core::{Actor, Clock, Contextualizer, Engine, EngineError, Installer, PowerController, Store, StoreError};
+use duffy_core::{
+    Actor, Clock, Contextualizer, Engine, EngineError, Installer, PowerController, Store, StoreError, StoreHealth,
+};
 use duffy_installers::{CommandInstaller, PxeInstaller, PxeRegistry, SshContextualizer};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::api::{AppState, install_router, public_router, router};
 use crate::clock::SystemClock;
@@ -40,6 +42,10 @@ pub enum ServeError {
     /// The engine refused the configuration.
     #[error("configuring the engine: {0}")]
     Engine(#[from] EngineError),
+    /// The store stopped for good while serving (see
+    /// [`StoreHealth::Failed`]); restart the service to reopen it.
+    #[error("the store has stopped: {0}; restart the service to reopen it")]
+    StoreFailed(String),
     /// The configuration asks for something this build cannot do.
     #[error("{0}")]
     Unsupported(String),
@@ -277,10 +283,31 @@ fn start_install_listener(
     Ok((addr, serve_on(listener, install_router(state), limits, rx)))
 }
 
-/// Serves until `shutdown` completes (e.g. SIGINT/SIGTERM).
+/// Serves until `shutdown` completes (e.g. SIGINT/SIGTERM), or until the
+/// store stops for good ([`StoreHealth::Failed`], e.g. after a failed
+/// fsync): then the service stops cleanly and returns
+/// [`ServeError::StoreFailed`], so that its supervisor restarts it and the
+/// store is reopened (recovering from its journal).
 pub async fn serve_until(addr: SocketAddr, built: Built, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let store = built.engine.store().clone();
     let running = start(addr, built).await?;
-    shutdown.await;
-    info!("shutting down: finishing in-flight requests");
-    running.stop().await
+    let failed = async {
+        loop {
+            if let StoreHealth::Failed(why) = store.health() {
+                return why;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    };
+    tokio::select! {
+        () = shutdown => {
+            info!("shutting down: finishing in-flight requests");
+            running.stop().await
+        }
+        why = failed => {
+            error!(reason = %why, "the store has stopped; shutting down so that it is reopened");
+            running.stop().await?;
+            Err(ServeError::StoreFailed(why))
+        }
+    }
 }
