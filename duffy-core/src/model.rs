@@ -347,25 +347,50 @@ impl Node {
     }
 }
 
-/// A node to add to the farm.
+/// A node to add to the farm: the one definition of a machine's
+/// description, read from configuration files (`[[nodes]]`, with serde) and
+/// from the command line (`duffy node add`, with clap under the `clap`
+/// feature).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[serde(deny_unknown_fields)]
 pub struct NewNode {
     /// Fully qualified host name; unique.
     pub hostname: String,
-    /// IP address, if known.
+    /// IP address; required for PXE installs (the install endpoints answer
+    /// only the node's own address) and used to reach the node over SSH.
+    #[serde(default)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub ip: Option<String>,
-    /// Chassis (informational).
+    /// Chassis the machine sits in (informational).
+    #[serde(default)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub chassis: Option<String>,
-    /// Hardware architecture.
+    /// Hardware architecture (default x86_64).
+    #[serde(rename = "arch", default = "default_hardware_arch")]
+    #[cfg_attr(feature = "clap", arg(long = "arch", default_value = "x86_64"))]
     pub hardware_arch: Arch,
-    /// Hardware flavor.
+    /// Hardware flavor, matched against pool flavors (e.g. `tiny`).
+    #[serde(default)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub flavor: Option<String>,
-    /// BMC address (identity only).
+    /// BMC address (host or host:port): identity for one-operation-per-BMC;
+    /// credentials live in the service's `[hardware]` configuration.
+    #[serde(default)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub bmc: Option<String>,
-    /// Serial console port.
+    /// Serial console port (legacy inventory column).
+    #[serde(default)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub console_port: Option<u16>,
-    /// `true` to add it as Reserved (not managed) instead of Active.
+    /// Add it as Reserved (not managed) instead of Active.
+    #[serde(default)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub reserved: bool,
+}
+
+fn default_hardware_arch() -> Arch {
+    Arch::X86_64
 }
 
 impl NewNode {

@@ -58,7 +58,7 @@ pub struct Config {
     /// all; `ssh` pushes the project's keys).
     pub contextualize: ContextualizeConfig,
     /// Machines of a real farm (added on start if missing).
-    pub nodes: Vec<NodeConfig>,
+    pub nodes: Vec<NewNode>,
     /// Limits on connections and time that keep idle or slow clients from
     /// exhausting the service.
     pub limits: LimitsConfig,
@@ -273,61 +273,12 @@ impl SimulatedConfig {
     }
 }
 
-/// A machine of a real farm.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeConfig {
-    /// Fully qualified host name.
-    pub hostname: String,
-    /// Hardware architecture (default x86_64).
-    #[serde(default = "default_arch")]
-    pub arch: Arch,
-    /// Hardware flavor.
-    #[serde(default)]
-    pub flavor: Option<String>,
-    /// IP address.
-    #[serde(default)]
-    pub ip: Option<String>,
-    /// Chassis.
-    #[serde(default)]
-    pub chassis: Option<String>,
-    /// Serial console port.
-    #[serde(default)]
-    pub console_port: Option<u16>,
-    /// BMC address (host or host:port).
-    #[serde(default)]
-    pub bmc: Option<String>,
-    /// Added as Reserved (not managed).
-    #[serde(default)]
-    pub reserved: bool,
-}
-
-fn default_arch() -> Arch {
-    Arch::X86_64
-}
-
-impl NodeConfig {
-    /// The node to add.
-    pub fn new_node(&self) -> NewNode {
-        NewNode {
-            hostname: self.hostname.clone(),
-            ip: self.ip.clone(),
-            chassis: self.chassis.clone(),
-            hardware_arch: self.arch,
-            flavor: self.flavor.clone(),
-            bmc: self.bmc.clone(),
-            console_port: self.console_port,
-            reserved: self.reserved,
-        }
-    }
-}
-
 /// A file of nodes for `duffy node import`: `[[nodes]]` tables.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeFile {
     /// The machines.
-    pub nodes: Vec<NodeConfig>,
+    pub nodes: Vec<NewNode>,
 }
 
 impl Config {
@@ -349,7 +300,7 @@ impl Config {
             self.pool_key(p).validate().map_err(|e| ConfigError::Invalid(format!("pools: {e}")))?;
         }
         for n in &self.nodes {
-            n.new_node().validate().map_err(|e| ConfigError::Invalid(format!("nodes: {e}")))?;
+            n.validate().map_err(|e| ConfigError::Invalid(format!("nodes: {e}")))?;
         }
         let installers = std::iter::once(("[installer]".to_string(), &self.installer)).chain(
             self.pools.iter().filter_map(|p| p.installer.as_ref().map(|i| (format!("pool {}", self.pool_key(p)), i))),

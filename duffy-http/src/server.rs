@@ -141,7 +141,7 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         (ContextualizeConfig::None, _) => None,
     };
     let missing: Vec<_> =
-        cfg.nodes.iter().filter(|n| !existing.iter().any(|e| e.hostname == n.hostname)).map(|n| n.new_node()).collect();
+        cfg.nodes.iter().filter(|n| !existing.iter().any(|e| e.hostname == n.hostname)).cloned().collect();
     if !missing.is_empty() {
         info!(count = missing.len(), "adding configured nodes");
         store.add_nodes(missing, Actor::Operator, now).await?;

@@ -18,11 +18,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use duffy_core::NewNode;
 use duffy_core::testkit::conformance::{check_history, check_invariants};
 use duffy_core::{CauseKind, Clock, EventQuery, NodeState, Policy, Principal, Project, SessionState, Store};
-use duffy_http::config::{
-    Config, ContextualizeConfig, HardwareConfig, InstallerConfig, NodeConfig, PoolConfig, SimulatedConfig,
-};
+use duffy_http::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig, PoolConfig, SimulatedConfig};
 use duffy_http::{SystemClock, build_engine, start};
 use duffy_installers::CommandConfig;
 use duffy_installers::test_sshd::{OPERATOR_LINE, Sshd, free_port};
@@ -39,10 +38,10 @@ echo "$DUFFY_HOSTNAME" >> "$E2E_DIR/installs.log"
 printf '{"host_key": "%s"}\n' "$E2E_HOST_KEY"
 "#;
 
-fn node(hostname: &str, reserved: bool) -> NodeConfig {
-    NodeConfig {
+fn node(hostname: &str, reserved: bool) -> NewNode {
+    NewNode {
         hostname: hostname.to_string(),
-        arch: duffy_core::Arch::X86_64,
+        hardware_arch: duffy_core::Arch::X86_64,
         flavor: None,
         ip: Some("127.0.0.1".into()),
         chassis: None,

@@ -21,9 +21,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use duffy_backend_ipmi::rig::Rig;
+use duffy_core::NewNode;
 use duffy_core::testkit::conformance::check_invariants;
 use duffy_core::{NodeState, Policy, Store};
-use duffy_http::config::{Config, HardwareConfig, InstallerConfig, NodeConfig, PoolConfig};
+use duffy_http::config::{Config, HardwareConfig, InstallerConfig, PoolConfig};
 use duffy_http::{Running, build_engine, start};
 use duffy_installers::PxeRegistry;
 use duffy_installers::pxe::LOCAL_BOOT_SCRIPT;
@@ -115,9 +116,9 @@ fn farm_config(rig: &Rig, dir: &std::path::Path, ips: &[&str], install_listen: O
         nodes: ips
             .iter()
             .enumerate()
-            .map(|(i, ip)| NodeConfig {
+            .map(|(i, ip)| NewNode {
                 hostname: Rig::hostname(i),
-                arch: duffy_core::Arch::X86_64,
+                hardware_arch: duffy_core::Arch::X86_64,
                 flavor: None,
                 ip: Some(ip.to_string()),
                 chassis: None,

@@ -20,9 +20,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use duffy_backend_ipmi::rig::Rig;
+use duffy_core::NewNode;
 use duffy_core::testkit::conformance::{check_history, check_invariants};
 use duffy_core::{CauseKind, Clock, EventQuery, NodeState, Policy, Project, Store};
-use duffy_http::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig, NodeConfig, PoolConfig};
+use duffy_http::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig, PoolConfig};
 use duffy_http::{SystemClock, build_engine, start};
 use duffy_installers::test_sshd::{KeyKind, Sshd};
 
@@ -177,9 +178,9 @@ async fn pxe_installs_through_ipmi_and_http() {
         installer: InstallerConfig::Pxe(toml::from_str(&pxe).unwrap()),
         contextualize: ContextualizeConfig::Ssh(ssh),
         nodes: (0..N)
-            .map(|i| NodeConfig {
+            .map(|i| NewNode {
                 hostname: Rig::hostname(i),
-                arch: duffy_core::Arch::X86_64,
+                hardware_arch: duffy_core::Arch::X86_64,
                 flavor: None,
                 ip: Some("127.0.0.1".into()),
                 chassis: None,
