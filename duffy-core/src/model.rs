@@ -368,7 +368,7 @@ pub struct NewNode {
     pub chassis: Option<String>,
     /// Hardware architecture (default x86_64).
     #[serde(rename = "arch", default = "default_hardware_arch")]
-    #[cfg_attr(feature = "clap", arg(long = "arch", default_value = "x86_64"))]
+    #[cfg_attr(feature = "clap", arg(long = "arch", value_name = "ARCH", default_value = "x86_64"))]
     pub hardware_arch: Arch,
     /// Hardware flavor, matched against pool flavors (e.g. `tiny`).
     #[serde(default)]
