@@ -44,4 +44,4 @@ pub use store::{
     Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeWrite, SessionWrite, Store,
     StoreError,
 };
-pub use time::{Clock, Timestamp};
+pub use time::{Clock, OutOfRange, ParseTimestampError, Timestamp};
