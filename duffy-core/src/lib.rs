@@ -9,7 +9,8 @@
 //! The core performs no I/O and never reads the OS clock: time comes from
 //! an injected [`Clock`] and every side effect goes through a trait. With
 //! the `testkit` feature it ships an in-memory store, a simulated farm, a
-//! manual clock and the `Store` conformance suite.
+//! manual clock and the `Store` conformance suite; with the `mock` feature,
+//! mockall mocks of these traits and of `Contextualizer` (module `mock`).
 
 pub mod auth;
 pub mod engine;
@@ -28,6 +29,9 @@ pub mod time;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+#[cfg(feature = "mock")]
+pub mod mock;
+
 pub use auth::{hash_api_key, verify_api_key};
 pub use engine::{
     Allocation, Engine, EngineBuilder, EngineError, NodeRequest, Overtime, Principal, SessionIds, UuidSessionIds,
@@ -44,4 +48,4 @@ pub use store::{
     Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeWrite, SessionWrite, StorageFault,
     Store, StoreError, StoreHealth,
 };
-pub use time::{Clock, Timestamp};
+pub use time::{Clock, OutOfRange, ParseTimestampError, Timestamp};

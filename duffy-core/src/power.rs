@@ -100,6 +100,7 @@ impl PowerError {
 }
 
 /// Power control of the farm's machines.
+#[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
 pub trait PowerController: Send + Sync {
     /// The machine's power state as its BMC reports it.

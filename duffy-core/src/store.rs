@@ -317,6 +317,7 @@ pub enum StoreHealth {
 ///
 /// All methods are atomic. Reads return committed state. Implementations
 /// must be `Send + Sync` and usable from many tasks at once.
+#[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Adds nodes (state Active, or Reserved if asked), all or nothing,
@@ -436,8 +437,12 @@ pub trait Store: Send + Sync {
     async fn api_key_by_hash(&self, hash: &ApiKeyHash) -> Result<Option<ApiKeyRecord>, StoreError>;
 
     /// Every key, or only `project`'s, ordered by id; revoked and expired
-    /// ones included.
-    async fn api_keys(&self, project: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// ones included. (Both lifetimes are named, in this order, for
+    /// mockall's `automock`, which cannot elide one inside an `Option`;
+    /// `async_trait` expands this exactly as the elided form, so
+    /// implementations write `async fn api_keys(&self, project:
+    /// Option<&str>)`.)
+    async fn api_keys<'s, 'p>(&'s self, project: Option<&'p str>) -> Result<Vec<ApiKeyRecord>, StoreError>;
 
     /// Revokes a key at `now` and returns it as stored. The row stays (its
     /// sessions still name it); revoking a revoked key changes nothing and
