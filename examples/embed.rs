@@ -14,7 +14,8 @@ use std::collections::BinaryHeap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use duffy_core::testkit::{Harness, SimConfig, SimFarm};
+use duffy_core::sim::{SimConfig, SimFarm};
+use duffy_core::testkit::Harness;
 use duffy_core::{Arch, Clock, EngineError, NodeRequest, Policy, PoolKey, PoolTarget};
 
 /// A job waiting for machines; higher priority first, then first come.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use common::rig::{Rig, free_udp_ports};
 use duffy_backend_ipmi::{Driver, IpmiPowerController};
-use duffy_core::testkit::MemStore;
+use duffy_core::mem::MemStore;
 use duffy_core::testkit::conformance::{check_history, check_invariants};
 use duffy_core::time::BoxFuture;
 use duffy_core::{

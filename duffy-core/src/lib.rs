@@ -7,14 +7,23 @@
 //! [`Installer`], [`Clock`]).
 //!
 //! The core performs no I/O and never reads the OS clock: time comes from
-//! an injected [`Clock`] and every side effect goes through a trait. With
-//! the `testkit` feature it ships an in-memory store, a simulated farm, a
-//! manual clock and the `Store` conformance suite.
+//! an injected [`Clock`] and every side effect goes through a trait.
+//!
+//! Besides the engine it ships, for embedders:
+//! - [`mem::MemStore`], the in-memory [`Store`] (always compiled);
+//! - [`sim`] (feature `sim`), the simulated farm that `duffy serve` runs
+//!   on by default;
+//! - [`clock::SystemClock`] (feature `tokio`), wall time and tokio timers:
+//!   the one place the core reads the OS clock;
+//! - [`testkit`] (feature `testkit`, for tests only), the manual clock,
+//!   the deterministic harness, the store wrapper with hooks and the
+//!   `Store` conformance suite.
 
 pub mod auth;
 pub mod engine;
 pub mod installer;
 pub mod keys;
+pub mod mem;
 pub mod model;
 pub mod planner;
 pub mod policy;
@@ -25,6 +34,10 @@ pub mod state;
 pub mod store;
 pub mod time;
 
+#[cfg(feature = "tokio")]
+pub mod clock;
+#[cfg(feature = "sim")]
+pub mod sim;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use duffy_core::testkit::SimConfig;
+use duffy_core::sim::SimConfig;
 use duffy_core::{Arch, NewNode, Policy, PoolKey, PoolTarget};
 use serde::Deserialize;
 

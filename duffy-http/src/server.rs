@@ -6,14 +6,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use duffy_backend_ipmi::IpmiPowerController;
-use duffy_core::testkit::SimFarm;
+use duffy_core::clock::SystemClock;
+use duffy_core::sim::SimFarm;
 use duffy_core::{Actor, Clock, Contextualizer, Engine, EngineError, Installer, PowerController, Store, StoreError};
 use duffy_installers::{CommandInstaller, PxeInstaller, PxeRegistry, SshContextualizer};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::api::{AppState, router};
-use crate::clock::SystemClock;
 use crate::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig};
 use crate::listener::{Limits, bind, serve};
 use crate::metrics::Metrics;

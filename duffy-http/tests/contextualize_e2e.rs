@@ -18,12 +18,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use duffy_core::clock::SystemClock;
 use duffy_core::testkit::conformance::{check_history, check_invariants};
 use duffy_core::{CauseKind, Clock, EventQuery, NodeState, Policy, Principal, Project, SessionState, Store};
 use duffy_http::config::{
     Config, ContextualizeConfig, HardwareConfig, InstallerConfig, NodeConfig, PoolConfig, SimulatedConfig,
 };
-use duffy_http::{SystemClock, build_engine, start};
+use duffy_http::{build_engine, start};
 use duffy_installers::CommandConfig;
 use duffy_installers::test_sshd::{OPERATOR_LINE, Sshd, free_port};
 use serde_json::{Value, json};
