@@ -12,11 +12,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use duffy_backend_ipmi::rig::Rig;
 use duffy_core::testkit::conformance::{check_history, check_invariants};
 use duffy_core::{CauseKind, EventQuery, NodeState, Policy, Store};
 use duffy_http::config::{Config, HardwareConfig, InstallerConfig, NodeConfig, PoolConfig};
 use duffy_http::{build_engine, start};
+use duffy_testsupport::rig::Rig;
 
 const MACHINE: &str = r#"
 import re, sys, urllib.parse, urllib.request
