@@ -11,13 +11,13 @@
 //!
 //! Besides the engine it ships, for embedders:
 //! - [`mem::MemStore`], the in-memory [`Store`] (always compiled);
-//! - [`sim`] (feature `sim`), the simulated farm that `duffy serve` runs
-//!   on by default;
-//! - [`clock::SystemClock`] (feature `tokio`), wall time and tokio timers:
+//! - `sim` (feature `sim`), the simulated farm that `duffy serve` runs on
+//!   by default;
+//! - `clock::SystemClock` (feature `tokio`), wall time and tokio timers:
 //!   the one place the core reads the OS clock;
-//! - [`testkit`] (feature `testkit`, for tests only), the manual clock,
-//!   the deterministic harness, the store wrapper with hooks and the
-//!   `Store` conformance suite.
+//! - `testkit` (feature `testkit`, for tests only), the manual clock, the
+//!   deterministic harness, the store wrapper with hooks and the `Store`
+//!   conformance suite.
 
 pub mod auth;
 pub mod engine;

@@ -259,7 +259,7 @@ impl Default for SimulatedConfig {
 }
 
 impl SimulatedConfig {
-    /// The test kit's configuration for these settings.
+    /// The simulated farm's configuration for these settings.
     pub fn sim(&self) -> SimConfig {
         SimConfig {
             seed: self.seed,
