@@ -6,8 +6,9 @@
 //! traits that backends implement ([`Store`], [`PowerController`],
 //! [`Installer`], [`Clock`]).
 //!
-//! The core performs no I/O and never reads the OS clock: time comes from
-//! an injected [`Clock`] and every side effect goes through a trait.
+//! The core performs no I/O and never reads the OS clock (but in the
+//! opt-in `clock` module, which an embedder injects): time comes from an
+//! injected [`Clock`] and every side effect goes through a trait.
 //!
 //! Besides the engine it ships, for embedders:
 //! - [`mem::MemStore`], the in-memory [`Store`] (always compiled);
