@@ -52,7 +52,7 @@
 //!   [`OpenError::SchemaTooNew`], a file of another application with
 //!   [`OpenError::ForeignDatabase`].
 //!
-//! The semantics are those of the test kit's `MemStore`, checked by
+//! The semantics are those of duffy-core's `MemStore`, checked by
 //! duffy-core's conformance suite.
 //!
 //! Threads per store: 1 writer, 1 syncer (`Full` only), 1 checkpointer,

@@ -6,16 +6,28 @@
 //! traits that backends implement ([`Store`], [`PowerController`],
 //! [`Installer`], [`Clock`]).
 //!
-//! The core performs no I/O and never reads the OS clock: time comes from
-//! an injected [`Clock`] and every side effect goes through a trait. With
-//! the `testkit` feature it ships an in-memory store, a simulated farm, a
-//! manual clock and the `Store` conformance suite; with the `mock` feature,
-//! mockall mocks of these traits and of `Contextualizer` (module `mock`).
+//! The core performs no I/O and never reads the OS clock (but in the
+//! opt-in `clock` module, which an embedder injects): time comes from an
+//! injected [`Clock`] and every side effect goes through a trait.
+//!
+//! Besides the engine it ships, for embedders:
+//! - [`mem::MemStore`], the in-memory [`Store`] (always compiled);
+//! - `sim` (feature `sim`), the simulated farm that `duffy serve` runs on
+//!   by default;
+//! - `clock::SystemClock` (feature `tokio`), wall time and tokio timers:
+//!   the one place the core reads the OS clock;
+//! - `testkit` (feature `testkit`, for tests only), the manual clock, the
+//!   deterministic harness, the store wrapper with hooks and the `Store`
+//!   conformance suite;
+//! - `mock` (feature `mock`), mockall mocks of [`Store`],
+//!   [`PowerController`], [`Installer`], [`Contextualizer`] and [`Clock`],
+//!   for embedders' unit tests.
 
 pub mod auth;
 pub mod engine;
 pub mod installer;
 pub mod keys;
+pub mod mem;
 pub mod model;
 pub mod planner;
 pub mod policy;
@@ -26,6 +38,10 @@ pub mod state;
 pub mod store;
 pub mod time;
 
+#[cfg(feature = "tokio")]
+pub mod clock;
+#[cfg(feature = "sim")]
+pub mod sim;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 

@@ -161,7 +161,7 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// The source of time for everything in the core.
 ///
 /// Production code uses a clock backed by the OS and the async runtime (see
-/// `duffy-http`'s `SystemClock`); tests use the test kit's `ManualClock`, whose
+/// `clock::SystemClock`, feature `tokio`); tests use the test kit's `ManualClock`, whose
 /// sleeps complete only when the test moves time forward.
 #[cfg_attr(feature = "mock", mockall::automock)]
 pub trait Clock: Send + Sync {

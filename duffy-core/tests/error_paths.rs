@@ -28,8 +28,10 @@ use futures::task::LocalSpawnExt;
 use mockall::Sequence;
 use mockall::predicate::eq;
 
+use duffy_core::mem::MemStore;
 use duffy_core::mock::{MockClock, MockContextualizer, MockInstaller, MockPowerController, MockStore, sleep_over};
-use duffy_core::testkit::{ManualClock, MemStore, SimFarm};
+use duffy_core::sim::SimFarm;
+use duffy_core::testkit::ManualClock;
 use duffy_core::{
     Actor, ApiKeyRecord, Arch, Blame, BootDevice, CauseKind, ClaimRefusal, Clock, CommitError, Contextualizer, Engine,
     EngineError, EventQuery, InstallError, Installed, Installer, Node, NodeRequest, NodeState, Policy, PoolKey,

@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use duffy_core::mem::MemStore;
 use duffy_core::store::{Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery};
-use duffy_core::testkit::{MemStore, conformance};
+use duffy_core::testkit::conformance;
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Event, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session,
     SessionId, Store, StoreError, Timestamp,

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use duffy_core::testkit::SimConfig;
+use duffy_core::sim::SimConfig;
 use duffy_core::{Arch, NewNode, Policy, PoolKey, PoolTarget};
 use serde::Deserialize;
 
@@ -259,7 +259,7 @@ impl Default for SimulatedConfig {
 }
 
 impl SimulatedConfig {
-    /// The test kit's configuration for these settings.
+    /// The simulated farm's configuration for these settings.
     pub fn sim(&self) -> SimConfig {
         SimConfig {
             seed: self.seed,

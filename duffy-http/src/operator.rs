@@ -14,13 +14,13 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use duffy_core::clock::SystemClock;
 use duffy_core::{
     Actor, ApiKeyRecord, Clock, Engine, EngineError, KeyId, NewNode, Node, PoolKey, PoolTarget, Project, Store,
     StoreError, Timestamp, hash_api_key, validate_token,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::clock::SystemClock;
 use crate::keys::{ensure_project, generate_key};
 
 /// One operator command, as the CLI parsed it. Files the operator named

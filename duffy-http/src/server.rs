@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use duffy_backend_ipmi::IpmiPowerController;
-use duffy_core::testkit::SimFarm;
+use duffy_core::clock::SystemClock;
+use duffy_core::sim::SimFarm;
 use duffy_core::{
     Actor, Clock, Contextualizer, Engine, EngineError, Installer, PowerController, Store, StoreError, StoreHealth,
 };
@@ -15,7 +16,6 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::api::{AppState, install_router, public_router, router};
-use crate::clock::SystemClock;
 use crate::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig};
 use crate::listener::{Limits, serve};
 use crate::metrics::Metrics;

@@ -6,10 +6,12 @@
 
 use std::sync::Arc;
 
-use duffy_core::testkit::{MemStore, SimConfig, SimFarm};
+use duffy_core::clock::SystemClock;
+use duffy_core::mem::MemStore;
+use duffy_core::sim::{SimConfig, SimFarm};
 use duffy_core::{Engine, Project, Store, hash_api_key};
 use duffy_http::auth_guard::FAILED_LOOKUP_BURST;
-use duffy_http::{Built, SystemClock, start_with};
+use duffy_http::{Built, start_with};
 
 async fn get(client: &reqwest::Client, base: &str, path: &str) -> (u16, String) {
     let r = client.get(format!("{base}{path}")).send().await.expect("request");

@@ -20,7 +20,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use duffy_backend_ipmi::rig::Rig;
 use duffy_core::NewNode;
 use duffy_core::testkit::conformance::check_invariants;
 use duffy_core::{NodeState, Policy, Store};
@@ -28,7 +27,8 @@ use duffy_http::config::{Config, HardwareConfig, InstallerConfig, PoolConfig};
 use duffy_http::{Running, build_engine, start};
 use duffy_installers::PxeRegistry;
 use duffy_installers::pxe::LOCAL_BOOT_SCRIPT;
-use duffy_installers::test_sshd::{KeyKind, keygen_kind, read};
+use duffy_testsupport::rig::Rig;
+use duffy_testsupport::sshd::{KeyKind, keygen_kind, read};
 
 const A: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
 const B: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
@@ -91,7 +91,7 @@ fn farm_config(rig: &Rig, dir: &std::path::Path, ips: &[&str], install_listen: O
     let listen = install_listen.map(|a| format!("listen = \"{a}\"\n")).unwrap_or_default();
     let pxe = format!(
         "public_url = \"http://127.0.0.1:1\"\ntoken_ttl = \"120s\"\n{listen}provisioning_public_key = \"{}\"\n",
-        duffy_installers::test_sshd::OPERATOR_LINE
+        duffy_testsupport::sshd::OPERATOR_LINE
     );
     let cfg = Config {
         listen: "127.0.0.1:0".parse().unwrap(),

@@ -19,13 +19,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use duffy_backend_ipmi::rig::Rig;
 use duffy_core::NewNode;
+use duffy_core::clock::SystemClock;
 use duffy_core::testkit::conformance::{check_history, check_invariants};
 use duffy_core::{CauseKind, Clock, EventQuery, NodeState, Policy, Project, Store};
 use duffy_http::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig, PoolConfig};
-use duffy_http::{SystemClock, build_engine, start};
-use duffy_installers::test_sshd::{KeyKind, Sshd};
+use duffy_http::{build_engine, start};
+use duffy_testsupport::rig::Rig;
+use duffy_testsupport::sshd::{KeyKind, Sshd};
 
 const MACHINE: &str = r#"
 import re, subprocess, sys, urllib.request

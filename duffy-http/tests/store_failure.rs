@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use duffy_backend_sqlite::{SqliteOptions, SqliteStore, TestHooks};
+use duffy_core::clock::SystemClock;
 use duffy_core::{Clock, Policy, Store, StoreHealth};
 use duffy_http::config::{Config, HardwareConfig, SimulatedConfig};
-use duffy_http::{ServeError, SystemClock, build_engine, serve_until};
+use duffy_http::{ServeError, build_engine, serve_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_fsync_stops_the_service_with_an_error() {

@@ -24,12 +24,6 @@
 //! Also: [`template`], the tiny `{{name}}` renderer behind the PXE templates,
 //! and [`keys`], the OpenSSH public key validation every module shares.
 //!
-//! With the `test-sshd` feature, `test_sshd` is a real OpenSSH server
-//! started by tests (as the current user, on 127.0.0.1, in a temporary
-//! directory). It is test infrastructure only: it panics on any problem
-//! (a panic there is a test failure), and when OpenSSH is missing it fails
-//! loudly, saying `apt-get install openssh-server openssh-client`.
-//!
 //! No secret is ever logged: install tokens appear in logs as an 8-character
 //! prefix only, and private keys are referenced by path.
 
@@ -39,9 +33,6 @@ mod process;
 pub mod pxe;
 pub mod ssh;
 pub mod template;
-#[cfg(feature = "test-sshd")]
-#[allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
-pub mod test_sshd;
 mod util;
 
 pub use command::{CommandConfig, CommandError, CommandInstaller};

@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! The PXE installer with a fake power controller and a tokio clock; the
+//! The PXE installer with a fake power controller and the system clock; the
 //! test plays the machine through the registry, as duffy-http's handlers
 //! would.
 
@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use duffy_core::clock::SystemClock;
 use duffy_core::model::NewNode;
 use duffy_core::time::BoxFuture;
 use duffy_core::{
@@ -16,6 +17,7 @@ use duffy_core::{
 };
 use duffy_installers::pxe::LOCAL_BOOT_SCRIPT;
 use duffy_installers::{PxeConfig, PxeError, PxeImage, PxeInstaller, PxeRegistry, TemplateError};
+use duffy_testsupport::eventually;
 use tokio::task::JoinHandle;
 
 const PUBLIC_URL: &str = "http://10.0.0.1:8080";
@@ -26,28 +28,6 @@ const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 12));
 const PROVISIONING_KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIByrgFoRodMpGoIGtVxnK/CTnXeEUb1KLNez/P0VJgK+ duffy@farm";
 const HOST_KEY: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBEcbTzXQ2o4dsaenJU4FAX6E36s81FO7Dgmyh87F2vtByzhlkoZW1TXMxVo0KA2d5aCzif5RzNwrsrWxAYDD9n8=";
-
-/// Wall time from tokio's clock, in the shape duffy-http's SystemClock has.
-struct TokioClock {
-    start: tokio::time::Instant,
-}
-
-impl TokioClock {
-    fn new() -> Arc<Self> {
-        Arc::new(TokioClock { start: tokio::time::Instant::now() })
-    }
-}
-
-impl Clock for TokioClock {
-    fn now(&self) -> Timestamp {
-        Timestamp(1_700_000_000_000 + self.start.elapsed().as_millis() as i64)
-    }
-
-    fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<()> {
-        let wait = deadline.since(self.now());
-        Box::pin(tokio::time::sleep(wait))
-    }
-}
 
 /// Records every call; answers `status` with `state`; fails `set_next_boot`
 /// when `broken`.
@@ -95,7 +75,7 @@ struct Rig {
 }
 
 fn rig_with(config: PxeConfig, power: Arc<FakePower>) -> Rig {
-    let clock: Arc<dyn Clock> = TokioClock::new();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let registry = Arc::new(PxeRegistry::new(&config, clock.clone()).unwrap());
     let installer = Arc::new(PxeInstaller::new(&config, power.clone(), registry.clone(), clock));
     Rig { installer, registry, power }
@@ -120,19 +100,11 @@ fn start(rig: &Rig, node: &Node, image: &PoolKey) -> JoinHandle<Result<Installed
     tokio::spawn(async move { inst.install(&node, &image).await })
 }
 
-async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// Plays the machine's first steps: waits for the install to be pending and
 /// the power cycle to be sent, fetches the iPXE script and returns it and
 /// the token in its kickstart URL.
 async fn machine_boots(rig: &Rig, hostname: &str) -> (String, String) {
-    eventually("the install is pending and the machine power-cycled", || {
+    eventually(Duration::from_secs(10), "the install is pending and the machine power-cycled", || {
         rig.registry.is_pending(hostname) && rig.power.calls().iter().any(|c| c.starts_with("power "))
     })
     .await;
@@ -558,7 +530,7 @@ async fn custom_templates_and_image_urls() {
 
 #[tokio::test]
 async fn unknown_placeholder_in_a_template_is_an_error() {
-    let clock: Arc<dyn Clock> = TokioClock::new();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ks.tmpl"), "text\nreboot\nnetwork --hostname={{hostnmae}}\n").unwrap();
     let mut config = PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY);

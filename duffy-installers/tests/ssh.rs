@@ -3,7 +3,7 @@
 //! (Debian `openssh-server`), as the current user, on 127.0.0.1. Each test
 //! has its own sshd, keys and `authorized_keys` in a temporary directory;
 //! the real `~/.ssh` is never touched. The servers are killed on drop. The
-//! server is `duffy_installers::test_sshd` (feature `test-sshd`).
+//! server is `duffy_testsupport::sshd`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use duffy_core::model::NewNode;
 use duffy_core::{Arch, Blame, Contextualizer, Node, NodeId, Project, SessionId, Timestamp};
-use duffy_installers::test_sshd::{KeyKind, OPERATOR_LINE, Sshd, free_port, keygen, read};
 use duffy_installers::{SshConfig, SshContextualizer, SshError};
+use duffy_testsupport::free_port;
+use duffy_testsupport::sshd::{KeyKind, OPERATOR_LINE, Sshd, keygen, read};
 
 const HOSTNAME: &str = "node1.example.org";
 

@@ -7,8 +7,12 @@
 //! among the backend's dev-dependencies):
 //!
 //! ```ignore
-//! duffy_core::store_conformance_tests!(|| async { std::sync::Arc::new(MyStore::open_temp().await) as std::sync::Arc<dyn duffy_core::Store> });
+//! duffy_core::store_conformance_tests!(|| async { std::sync::Arc::new(MyStore::open_temp().await) });
 //! ```
+//!
+//! The factory returns a [`Fixture`]: the store itself, or the store with
+//! whatever must outlive it (a temporary directory, a scratch database),
+//! so a backend needs no wrapper around its store to tie the two together.
 //!
 //! [`check_invariants`] and [`check_history`] verify the farm-wide
 //! invariants on any store, for property, stress and crash tests.
@@ -33,8 +37,11 @@ use crate::store::{
 use crate::time::Timestamp;
 
 /// Generates one `#[tokio::test]` per conformance check, each on a fresh
-/// store from `$factory` (a closure returning a future of
-/// `Arc<dyn Store>`).
+/// store from `$factory`: a closure returning a future of a [`Fixture`]
+/// (`Arc<S>` for any store `S`, `Arc<dyn Store>`, `(store, guard)`, or a
+/// backend's own type). The fixture is dropped after the check.
+///
+/// [`Fixture`]: crate::testkit::conformance::Fixture
 #[macro_export]
 macro_rules! store_conformance_tests {
     ($factory:expr) => {
@@ -63,11 +70,40 @@ macro_rules! store_conformance_tests {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $name() {
-                let store = ($factory)().await;
-                $crate::testkit::conformance::$name(store).await;
+                let fixture = ($factory)().await;
+                $crate::testkit::conformance::$name($crate::testkit::conformance::Fixture::store(&fixture)).await;
+                drop(fixture);
             }
         )*
     };
+}
+
+/// What a [`store_conformance_tests!`](crate::store_conformance_tests)
+/// factory returns: a fresh, empty store, and anything that must live as
+/// long as the check runs.
+pub trait Fixture {
+    /// The store under test.
+    fn store(&self) -> Arc<dyn Store>;
+}
+
+impl<S: Store + 'static> Fixture for Arc<S> {
+    fn store(&self) -> Arc<dyn Store> {
+        self.clone()
+    }
+}
+
+impl Fixture for Arc<dyn Store> {
+    fn store(&self) -> Arc<dyn Store> {
+        self.clone()
+    }
+}
+
+/// A store and a guard that outlives it: the tuple's fields drop in order,
+/// so the store closes before, say, its temporary directory goes.
+impl<F: Fixture, G> Fixture for (F, G) {
+    fn store(&self) -> Arc<dyn Store> {
+        self.0.store()
+    }
 }
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);

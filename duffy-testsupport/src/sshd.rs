@@ -1,7 +1,5 @@
-//! A real OpenSSH server for tests (feature `test-sshd`).
+//! A real OpenSSH server for tests.
 //!
-//! This is test infrastructure, not part of Duffy: it is compiled only with
-//! the `test-sshd` feature, which test code enables as a dev-dependency.
 //! Every failure is a test failure, so it panics instead of returning
 //! errors. A missing OpenSSH fails loudly, saying what to install
 //! (`apt-get install openssh-server openssh-client`), rather than skipping.
@@ -27,21 +25,21 @@
 //! The real `~/.ssh` is never touched. The server is killed, and its
 //! directory removed, when the [`Sshd`] is dropped.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::SshConfig;
+use duffy_installers::SshConfig;
+
+use crate::{free_port, require};
 
 /// The OpenSSH server the tests run.
 pub const SSHD: &str = "/usr/sbin/sshd";
 
 /// What to do when OpenSSH is missing; part of every such panic message.
-pub const INSTALL_HINT: &str = "the SSH tests need OpenSSH: apt-get install openssh-server openssh-client \
-                                (or run scripts/install-test-deps.sh)";
+pub const INSTALL_HINT: &str = "apt-get install openssh-server openssh-client";
 
 /// A line that was in `authorized_keys` before Duffy: Duffy must keep it.
 pub const OPERATOR_LINE: &str =
@@ -50,17 +48,10 @@ pub const OPERATOR_LINE: &str =
 /// Panics, saying what to install, unless `sshd`, `ssh` and `ssh-keygen`
 /// are available.
 pub fn require_openssh() {
-    assert!(Path::new(SSHD).exists(), "{SSHD} is missing; {INSTALL_HINT}");
-    for tool in ["ssh", "ssh-keygen"] {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(found, "{tool} is missing; {INSTALL_HINT}");
-    }
+    require(SSHD, &["-V"], INSTALL_HINT);
+    require("ssh", &["-V"], INSTALL_HINT);
+    // Any option it does not know makes it print its usage and exit.
+    require("ssh-keygen", &["--help"], INSTALL_HINT);
 }
 
 /// The name of the user the tests run as (`id -un`).
@@ -134,12 +125,6 @@ pub fn keygen_kind(path: &Path, kind: KeyKind, comment: &str) {
 /// The contents of a text file, panicking with its path.
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago (and on which
-/// nothing listens, unless someone took it since).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local address").port()
 }
 
 /// A running sshd on 127.0.0.1 with its own host key and an
