@@ -1,0 +1,271 @@
+//! The legacy endpoints jobs call: `/Node/get`, `/Node/done`,
+//! `/Node/fail`, `/Inventory`, `/Help`.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::StatusCode;
+use duffy_core::{Arch, EngineError, NodeRequest, Principal, validate_token};
+use serde_json::{Value, json};
+use tracing::{error, warn};
+
+use super::AppState;
+use super::wire::*;
+use crate::auth_guard::{AuthRefusal, authenticate};
+
+pub(super) const NODE_GET: Spec =
+    legacy("/Node/get", &[param("key"), param("ver"), param("arch"), param("count"), param("flavor")]);
+pub(super) const NODE_DONE: Spec = legacy("/Node/done", &[param("key"), param("ssid")]);
+pub(super) const NODE_FAIL: Spec = legacy("/Node/fail", &[param("key"), param("ssid")]);
+pub(super) const INVENTORY: Spec = legacy("/Inventory", KEY_ONLY);
+pub(super) const HELP_SPEC: Spec = legacy("/Help", KEY_ONLY);
+
+pub(super) fn parse_request(q: &Query) -> Result<NodeRequest, Reply> {
+    let bad = |m: String| Reply::message(StatusCode::BAD_REQUEST, m);
+    let release = q
+        .get("ver")
+        .map(|v| validate_token("ver", v, 64).map(|()| v.to_string()))
+        .transpose()
+        .map_err(|e| bad(e.to_string()))?;
+    let arch = q.get("arch").map(str::parse::<Arch>).transpose().map_err(|e| bad(format!("invalid arch: {e}")))?;
+    let flavor = q
+        .get("flavor")
+        .map(|v| validate_token("flavor", v, 64).map(|()| v.to_string()))
+        .transpose()
+        .map_err(|e| bad(e.to_string()))?;
+    let count = match q.get("count") {
+        None => None,
+        Some(c) => match c.parse::<u32>() {
+            Ok(n) if n >= 1 => Some(n),
+            _ => {
+                let shown: String = c.chars().take(40).collect();
+                return Err(bad(format!("invalid count {shown:?}: must be a whole number of at least 1")));
+            }
+        },
+    };
+    Ok(NodeRequest { release, arch, count, flavor })
+}
+
+/// `/Node/get?key=K[&ver=7][&arch=x86_64][&count=1][&flavor=F]`
+pub(super) async fn node_get(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let q = match query(&st, &NODE_GET, raw.as_deref()) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let key = match q.key() {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let req = match parse_request(&q) {
+        Ok(r) => r,
+        Err(r) => {
+            st.metrics.allocation("invalid", 0);
+            return r;
+        }
+    };
+    let who = match authenticate(&st, peer, key).await {
+        Ok(w) => w,
+        Err(AuthRefusal::Invalid) => return Reply::Text(StatusCode::OK, INVALID_KEY.into()),
+        Err(AuthRefusal::Limited) => return Reply::Text(StatusCode::TOO_MANY_REQUESTS, LOOKUPS_LIMITED.into()),
+        Err(AuthRefusal::Failed(e)) => return unexpected("authentication", &e),
+    };
+    let count = req.count.unwrap_or(1) as usize;
+    let m = &st.metrics;
+    match st.engine.get_nodes(&who, &req).await {
+        Ok(a) => {
+            m.allocation("allocated", count);
+            Reply::Json(StatusCode::OK, json!({ "hosts": a.hosts, "ssid": a.session.0 }))
+        }
+        Err(EngineError::InsufficientNodes { .. }) => {
+            m.allocation("insufficient", 0);
+            Reply::Text(StatusCode::OK, "Insufficient Nodes in READY State".into())
+        }
+        Err(e @ EngineError::RateLimited { .. }) => {
+            m.allocation("rate_limited", 0);
+            Reply::message(StatusCode::TOO_MANY_REQUESTS, format!("Failed to allocate nodes: {e}"))
+        }
+        Err(e @ EngineError::QuotaExceeded { .. }) => {
+            m.allocation("quota", 0);
+            Reply::message(StatusCode::FORBIDDEN, format!("Failed to allocate nodes: {e}"))
+        }
+        Err(e @ EngineError::ProjectUnusable { .. }) => {
+            m.allocation("invalid", 0);
+            Reply::message(StatusCode::BAD_REQUEST, format!("Failed to allocate nodes: {e}"))
+        }
+        Err(EngineError::PreparationFailed { hostname, reason }) => {
+            m.allocation("preparation_failed", 0);
+            warn!(node = %hostname, %reason, "allocation failed while preparing nodes");
+            Reply::message(StatusCode::OK, "Failed to allocate nodes")
+        }
+        Err(EngineError::Paused) => {
+            m.allocation("paused", 0);
+            // Not a server error: the service is deliberately refusing.
+            Reply::message(StatusCode::CONFLICT, "Failed to allocate nodes: the service is paused; try again later")
+        }
+        Err(e @ (EngineError::NoSuchPool { .. } | EngineError::InvalidRequest(_))) => {
+            m.allocation("invalid", 0);
+            Reply::message(StatusCode::BAD_REQUEST, format!("Failed to allocate nodes: {e}"))
+        }
+        Err(e) => {
+            m.allocation("error", 0);
+            unexpected("allocation", &e)
+        }
+    }
+}
+
+/// Key and ssid of `/Node/done` and `/Node/fail`, key checked first.
+pub(super) async fn session_call(
+    st: &AppState,
+    spec: &Spec,
+    peer: SocketAddr,
+    raw: Option<&str>,
+) -> Result<(Principal, String), Reply> {
+    let q = query(st, spec, raw)?;
+    let key = q.key()?;
+    let ssid = q.get("ssid").unwrap_or("").to_string();
+    let who = match authenticate(st, peer, key).await {
+        Ok(w) => w,
+        Err(AuthRefusal::Invalid) => return Err(Reply::msg(StatusCode::FORBIDDEN, INVALID_KEY)),
+        Err(AuthRefusal::Limited) => return Err(Reply::msg(StatusCode::TOO_MANY_REQUESTS, LOOKUPS_LIMITED)),
+        Err(AuthRefusal::Failed(e)) => return Err(unexpected("authentication", &e)),
+    };
+    if ssid.is_empty() {
+        return Err(Reply::msg(StatusCode::FORBIDDEN, INVALID_SESSION));
+    }
+    Ok((who, ssid))
+}
+
+pub(super) fn session_error(what: &str, e: EngineError) -> Reply {
+    match e {
+        EngineError::InvalidSession | EngineError::InvalidKey => Reply::msg(StatusCode::FORBIDDEN, INVALID_SESSION),
+        EngineError::SessionNotInProd { .. } => Reply::msg(StatusCode::OK, "Session not in Prod"),
+        EngineError::FailCapExceeded { .. } => Reply::msg(
+            StatusCode::FORBIDDEN,
+            "Exceeded maximum allowed fail nodes limit, please release other machines to continue",
+        ),
+        e => unexpected(what, &e),
+    }
+}
+
+/// `/Node/done?key=K&ssid=S`
+pub(super) async fn node_done(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let (who, ssid) = match session_call(&st, &NODE_DONE, peer, raw.as_deref()).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    match st.engine.done(&who, &ssid).await {
+        Ok(()) => Reply::message(StatusCode::OK, "Done"),
+        Err(e) => session_error("releasing the session", e),
+    }
+}
+
+/// `/Node/fail?key=K&ssid=S`
+pub(super) async fn node_fail(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let (who, ssid) = match session_call(&st, &NODE_FAIL, peer, raw.as_deref()).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    match st.engine.fail(&who, &ssid).await {
+        Ok(()) => {
+            st.metrics.session_failed();
+            Reply::message(StatusCode::OK, "Done")
+        }
+        Err(e) => session_error("failing the session", e),
+    }
+}
+
+/// `/Inventory[?key=K]`
+pub(super) async fn inventory(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    let q = match query(&st, &INVENTORY, raw.as_deref()) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    match q.get("key") {
+        None => match st.engine.inventory().await {
+            Ok(nodes) => {
+                let rows: Vec<InventoryRow<'_>> = nodes.iter().map(InventoryRow).collect();
+                match serde_json::to_vec(&rows) {
+                    Ok(body) => Reply::JsonBytes(StatusCode::OK, body),
+                    Err(e) => {
+                        error!(error = %e, "encoding the inventory failed");
+                        Reply::message(StatusCode::INTERNAL_SERVER_ERROR, "encoding the inventory failed")
+                    }
+                }
+            }
+            Err(e) => unexpected("reading the inventory", &e),
+        },
+        Some(key) => {
+            let who = match authenticate(&st, peer, key).await {
+                Ok(w) => w,
+                Err(AuthRefusal::Invalid) => return Reply::Json(StatusCode::OK, json!([])),
+                // Not `[]`: that would tell a job it holds nothing.
+                Err(AuthRefusal::Limited) => return Reply::message(StatusCode::TOO_MANY_REQUESTS, LOOKUPS_LIMITED),
+                Err(AuthRefusal::Failed(e)) => return unexpected("authentication", &e),
+            };
+            match st.engine.inventory_of(&who).await {
+                Ok(rows) => {
+                    Reply::Json(StatusCode::OK, Value::Array(rows.into_iter().map(|(h, s)| json!([h, s.0])).collect()))
+                }
+                Err(e) => unexpected("reading the inventory", &e),
+            }
+        }
+    }
+}
+
+/// The text of `/Help`.
+pub const HELP: &str = "\
+Duffy: freshly installed test machines for CI jobs.
+
+All calls are GET requests; parameters go in the query string.
+
+/Node/get?key=KEY[&ver=7][&arch=x86_64][&count=1][&flavor=FLAVOR]
+    Allocates COUNT Ready nodes of that release and architecture to a new
+    session. Returns {\"hosts\": [...], \"ssid\": \"SESSION\"}.
+    aarch64 and ppc64le default to flavor 'tiny'. If the pool has too few
+    Ready nodes the answer is 'Insufficient Nodes in READY State': retry later.
+/Node/done?key=KEY&ssid=SESSION
+    Releases every node of the session; they are reinstalled.
+/Node/fail?key=KEY&ssid=SESSION
+    Marks the session's nodes failed and keeps them for debugging (your SSH
+    keys stay on root) for the fail-hold period, then reclaims them. Release
+    them earlier with /Node/done.
+/Inventory[?key=KEY]
+    Without a key: every node, as [id, hostname, ip, chassis, used_count,
+    state, session, distro, rel, ver, arch, pool, console_port, flavor].
+    With a key: [hostname, session] for each node your key holds.
+/Help
+    This text.
+
+Admin calls (need an admin key):
+/Overtime?key=KEY            sessions holding nodes past their lease
+/NodeSetAdmin/HOST?key=KEY   take a node out of the pool (administrative downtime)
+/NodeRecover/HOST?key=KEY    put a node back into the pool
+/PauseService?key=KEY        no new allocations; the warm pool is powered down
+/ResumeService?key=KEY       resume allocations and provision the pool again
+
+Operations: /metrics (Prometheus), /healthz.
+";
+
+/// `/Help`
+pub(super) async fn help(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
+    match query(&st, &HELP_SPEC, raw.as_deref()) {
+        Ok(_) => Reply::Text(StatusCode::OK, HELP.into()),
+        Err(r) => r,
+    }
+}
