@@ -8,37 +8,16 @@ use std::time::Duration;
 
 use duffy_core::{Node, NodeState, PoolKey};
 
-/// The endpoints we label metrics with; anything else is `other`.
-pub const ENDPOINTS: [&str; 13] = [
-    "/Node/get",
-    "/Node/done",
-    "/Node/fail",
-    "/Inventory",
-    "/Help",
-    "/Overtime",
-    "/NodeSetAdmin",
-    "/NodeRecover",
-    "/PauseService",
-    "/ResumeService",
-    "/metrics",
-    "/healthz",
-    "other",
-];
+use crate::api::ROUTES;
 
-/// The endpoints that ignore unknown query parameters (the legacy ones):
-/// `duffy_ignored_parameters_total` has a series for each.
-pub const LEGACY_ENDPOINTS: [&str; 10] = [
-    "/Node/get",
-    "/Node/done",
-    "/Node/fail",
-    "/Inventory",
-    "/Help",
-    "/Overtime",
-    "/NodeSetAdmin",
-    "/NodeRecover",
-    "/PauseService",
-    "/ResumeService",
-];
+/// How many `endpoint` labels there are: one per route, and `other` for
+/// unknown paths (the last).
+const ENDPOINTS: usize = ROUTES.len() + 1;
+
+/// The `endpoint` label of index `i` (see [`Metrics::endpoint_index`]).
+fn endpoint_label(i: usize) -> &'static str {
+    ROUTES.get(i).map_or("other", |r| r.label())
+}
 
 /// Upper bounds of the latency histogram buckets, in seconds.
 pub const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
@@ -58,29 +37,23 @@ struct EndpointStats {
 /// The service's counters. Lock-free; cheap to update on every request.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    endpoints: [EndpointStats; ENDPOINTS.len()],
+    endpoints: [EndpointStats; ENDPOINTS],
     outcomes: [AtomicU64; OUTCOMES.len()],
     nodes_allocated: AtomicU64,
     sessions_failed: AtomicU64,
-    ignored_parameters: [AtomicU64; ENDPOINTS.len()],
+    ignored_parameters: [AtomicU64; ENDPOINTS],
 }
 
 impl Metrics {
-    /// Index of an endpoint label.
-    pub fn endpoint_index(path: &str) -> usize {
-        let base = if path.starts_with("/NodeSetAdmin/") {
-            "/NodeSetAdmin"
-        } else if path.starts_with("/NodeRecover/") {
-            "/NodeRecover"
-        } else {
-            path
-        };
-        ENDPOINTS.iter().position(|e| *e == base).unwrap_or(ENDPOINTS.len() - 1)
+    /// The index of an `endpoint` label (a route's, see
+    /// [`Route::label`](crate::api::Route::label)); any other is `other`.
+    pub fn endpoint_index(label: &str) -> usize {
+        ROUTES.iter().position(|r| r.label() == label).unwrap_or(ENDPOINTS - 1)
     }
 
     /// Records one request.
     pub fn observe(&self, endpoint: usize, status: u16, took: Duration) {
-        let e = &self.endpoints[endpoint.min(ENDPOINTS.len() - 1)];
+        let e = &self.endpoints[endpoint.min(ENDPOINTS - 1)];
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         e.by_class[class].fetch_add(1, Ordering::Relaxed);
         let secs = took.as_secs_f64();
@@ -99,10 +72,10 @@ impl Metrics {
         self.nodes_allocated.fetch_add(nodes as u64, Ordering::Relaxed);
     }
 
-    /// Records `n` query parameters that `endpoint` (an index of
-    /// [`ENDPOINTS`]) did not know and ignored.
+    /// Records `n` query parameters that `endpoint` (see
+    /// [`Metrics::endpoint_index`]) did not know and ignored.
     pub fn ignored_parameters(&self, endpoint: usize, n: usize) {
-        self.ignored_parameters[endpoint.min(ENDPOINTS.len() - 1)].fetch_add(n as u64, Ordering::Relaxed);
+        self.ignored_parameters[endpoint.min(ENDPOINTS - 1)].fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Records a session marked failed by its job.
@@ -149,13 +122,15 @@ impl Metrics {
             "# HELP duffy_ignored_parameters_total Query parameters a legacy endpoint did not know and ignored."
         );
         let _ = writeln!(out, "# TYPE duffy_ignored_parameters_total counter");
-        for e in LEGACY_ENDPOINTS {
-            let v = self.ignored_parameters[Self::endpoint_index(e)].load(Ordering::Relaxed);
+        for (i, r) in ROUTES.iter().enumerate().filter(|(_, r)| r.ignores_unknown_parameters()) {
+            let e = r.label();
+            let v = self.ignored_parameters[i].load(Ordering::Relaxed);
             let _ = writeln!(out, "duffy_ignored_parameters_total{{endpoint=\"{e}\"}} {v}");
         }
         let _ = writeln!(out, "# HELP duffy_http_requests_total Requests by endpoint and status class.");
         let _ = writeln!(out, "# TYPE duffy_http_requests_total counter");
-        for (i, e) in ENDPOINTS.iter().enumerate() {
+        for i in 0..ENDPOINTS {
+            let e = endpoint_label(i);
             for (c, n) in self.endpoints[i].by_class.iter().enumerate() {
                 let v = n.load(Ordering::Relaxed);
                 if v > 0 {
@@ -165,7 +140,8 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP duffy_http_request_duration_seconds Request latency by endpoint.");
         let _ = writeln!(out, "# TYPE duffy_http_request_duration_seconds histogram");
-        for (i, e) in ENDPOINTS.iter().enumerate() {
+        for i in 0..ENDPOINTS {
+            let e = endpoint_label(i);
             let s = &self.endpoints[i];
             let count = s.count.load(Ordering::Relaxed);
             if count == 0 {

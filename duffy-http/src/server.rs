@@ -10,11 +10,11 @@ use duffy_core::testkit::SimFarm;
 use duffy_core::{
     Actor, Clock, Contextualizer, Engine, EngineError, Installer, PowerController, Store, StoreError, StoreHealth,
 };
-use duffy_installers::{CommandInstaller, PxeInstaller, PxeRegistry, SshContextualizer};
+use duffy_installers::{ByPool, CommandInstaller, PxeInstaller, PxeRegistry, SshContextualizer};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::api::{AppState, install_router, public_router, router};
+use crate::api::{AppState, install_endpoints, install_router, public_router, router};
 use crate::clock::SystemClock;
 use crate::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig};
 use crate::listener::{Limits, serve};
@@ -103,8 +103,9 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
                 return Err(ServeError::Unsupported("the simulated installer needs simulated hardware".into()));
             }
             (InstallerConfig::Pxe(p), _) => {
-                let registry =
-                    Arc::new(PxeRegistry::new(p, clock.clone()).map_err(|e| unsupported("installer")(e.to_string()))?);
+                let registry = PxeRegistry::new(p, install_endpoints(), clock.clone())
+                    .map_err(|e| unsupported("installer")(e.to_string()))?;
+                let registry = Arc::new(registry);
                 info!(public_url = %p.public_url, "PXE installer");
                 for n in existing.iter().filter(|n| duffy_installers::pxe::node_address(n.ip.as_deref()).is_err()) {
                     warn!(node = %n.hostname, ip = ?n.ip, "node has no usable IP address: PXE installs of it will fail");
@@ -120,14 +121,13 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         })
     };
     let default = make(&cfg.installer)?;
-    let mut by_pool = Vec::new();
+    let mut by_pool = ByPool::new(default.clone());
     for (t, p) in cfg.targets().into_iter().zip(&cfg.pools) {
         if let Some(which) = &p.installer {
-            by_pool.push((t.pool, make(which)?));
+            by_pool = by_pool.pool(t.pool, make(which)?);
         }
     }
-    let installer: Arc<dyn Installer> =
-        if by_pool.is_empty() { default } else { Arc::new(PerPoolInstaller { default, by_pool }) };
+    let installer: Arc<dyn Installer> = if by_pool.is_empty() { default } else { Arc::new(by_pool) };
     // The simulated farm prepares nodes (a delay, seeded failures) when
     // no real contextualization is configured and it has anything to
     // prepare; with nothing to prepare, allocation is one write.
@@ -156,25 +156,6 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
     }
     let limits = Limits::from_config(&cfg.limits, &cfg.policy);
     Ok(Built { engine, sim: farm, pxe, limits, install_listen })
-}
-
-/// Installs each pool's image with that pool's installer (the service's
-/// default for the others).
-struct PerPoolInstaller {
-    default: Arc<dyn Installer>,
-    by_pool: Vec<(duffy_core::PoolKey, Arc<dyn Installer>)>,
-}
-
-#[async_trait::async_trait]
-impl Installer for PerPoolInstaller {
-    async fn install(
-        &self,
-        node: &duffy_core::Node,
-        image: &duffy_core::PoolKey,
-    ) -> Result<duffy_core::Installed, duffy_core::InstallError> {
-        let chosen = self.by_pool.iter().find(|(p, _)| p == image).map(|(_, i)| i).unwrap_or(&self.default);
-        chosen.install(node, image).await
-    }
 }
 
 /// A running service.

@@ -5,22 +5,25 @@ use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::StatusCode;
+use axum::routing::get;
 use duffy_core::{Arch, EngineError, NodeRequest, Principal, validate_token};
 use serde_json::{Value, json};
 use tracing::{error, warn};
 
-use super::AppState;
 use super::wire::*;
+use super::{AppState, Route};
 use crate::auth_guard::{AuthRefusal, authenticate};
 
-pub(super) const NODE_GET: Spec =
-    legacy("/Node/get", &[param("key"), param("ver"), param("arch"), param("count"), param("flavor")]);
-pub(super) const NODE_DONE: Spec = legacy("/Node/done", &[param("key"), param("ssid")]);
-pub(super) const NODE_FAIL: Spec = legacy("/Node/fail", &[param("key"), param("ssid")]);
-pub(super) const INVENTORY: Spec = legacy("/Inventory", KEY_ONLY);
-pub(super) const HELP_SPEC: Spec = legacy("/Help", KEY_ONLY);
+pub(super) static NODE_GET: Route =
+    Route::legacy("/Node/get", &[param("key"), param("ver"), param("arch"), param("count"), param("flavor")], || {
+        get(node_get)
+    });
+pub(super) static NODE_DONE: Route = Route::legacy("/Node/done", &[param("key"), param("ssid")], || get(node_done));
+pub(super) static NODE_FAIL: Route = Route::legacy("/Node/fail", &[param("key"), param("ssid")], || get(node_fail));
+pub(super) static INVENTORY: Route = Route::legacy("/Inventory", KEY_ONLY, || get(inventory));
+pub(super) static HELP_ROUTE: Route = Route::legacy("/Help", KEY_ONLY, || get(help));
 
-pub(super) fn parse_request(q: &Query) -> Result<NodeRequest, Reply> {
+fn parse_request(q: &Query) -> Result<NodeRequest, Reply> {
     let bad = |m: String| Reply::message(StatusCode::BAD_REQUEST, m);
     let release = q
         .get("ver")
@@ -47,70 +50,60 @@ pub(super) fn parse_request(q: &Query) -> Result<NodeRequest, Reply> {
 }
 
 /// `/Node/get?key=K[&ver=7][&arch=x86_64][&count=1][&flavor=F]`
-pub(super) async fn node_get(
+async fn node_get(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(raw): RawQuery,
-) -> Reply {
-    let q = match query(&st, &NODE_GET, raw.as_deref()) {
-        Ok(q) => q,
-        Err(r) => return r,
-    };
-    let key = match q.key() {
-        Ok(k) => k,
-        Err(r) => return r,
-    };
-    let req = match parse_request(&q) {
-        Ok(r) => r,
-        Err(r) => {
-            st.metrics.allocation("invalid", 0);
-            return r;
-        }
-    };
-    let who = match authenticate(&st, peer, key).await {
-        Ok(w) => w,
-        Err(AuthRefusal::Invalid) => return Reply::Text(StatusCode::OK, INVALID_KEY.into()),
-        Err(AuthRefusal::Limited) => return Reply::Text(StatusCode::TOO_MANY_REQUESTS, LOOKUPS_LIMITED.into()),
-        Err(AuthRefusal::Failed(e)) => return unexpected("authentication", &e),
-    };
+) -> Result<Reply, Reply> {
+    let q = query(&st, &NODE_GET, raw.as_deref())?;
+    let key = q.key()?;
+    let req = parse_request(&q).inspect_err(|_| st.metrics.allocation("invalid", 0))?;
+    let who = authenticate(&st, peer, key).await.map_err(|refusal| match refusal {
+        AuthRefusal::Invalid => Reply::Text(StatusCode::OK, INVALID_KEY.into()),
+        AuthRefusal::Limited => Reply::Text(StatusCode::TOO_MANY_REQUESTS, LOOKUPS_LIMITED.into()),
+        AuthRefusal::Failed(e) => unexpected("authentication", &e),
+    })?;
     let count = req.count.unwrap_or(1) as usize;
+    let a = st.engine.get_nodes(&who, &req).await.map_err(|e| allocation_error(&st, e))?;
+    st.metrics.allocation("allocated", count);
+    Ok(Reply::Json(StatusCode::OK, json!({ "hosts": a.hosts, "ssid": a.session.0 })))
+}
+
+/// The answer to a refused allocation, counted by outcome.
+fn allocation_error(st: &AppState, e: EngineError) -> Reply {
     let m = &st.metrics;
-    match st.engine.get_nodes(&who, &req).await {
-        Ok(a) => {
-            m.allocation("allocated", count);
-            Reply::Json(StatusCode::OK, json!({ "hosts": a.hosts, "ssid": a.session.0 }))
-        }
-        Err(EngineError::InsufficientNodes { .. }) => {
+    match e {
+        EngineError::InsufficientNodes { .. } => {
             m.allocation("insufficient", 0);
             Reply::Text(StatusCode::OK, "Insufficient Nodes in READY State".into())
         }
-        Err(e @ EngineError::RateLimited { .. }) => {
+        e @ EngineError::RateLimited { .. } => {
             m.allocation("rate_limited", 0);
             Reply::message(StatusCode::TOO_MANY_REQUESTS, format!("Failed to allocate nodes: {e}"))
         }
-        Err(e @ EngineError::QuotaExceeded { .. }) => {
+        e @ EngineError::QuotaExceeded { .. } => {
             m.allocation("quota", 0);
             Reply::message(StatusCode::FORBIDDEN, format!("Failed to allocate nodes: {e}"))
         }
-        Err(e @ EngineError::ProjectUnusable { .. }) => {
+        e @ EngineError::ProjectUnusable { .. } => {
             m.allocation("invalid", 0);
             Reply::message(StatusCode::BAD_REQUEST, format!("Failed to allocate nodes: {e}"))
         }
-        Err(EngineError::PreparationFailed { hostname, reason }) => {
+        EngineError::PreparationFailed { hostname, reason } => {
             m.allocation("preparation_failed", 0);
             warn!(node = %hostname, %reason, "allocation failed while preparing nodes");
             Reply::message(StatusCode::OK, "Failed to allocate nodes")
         }
-        Err(EngineError::Paused) => {
+        EngineError::Paused => {
             m.allocation("paused", 0);
             // Not a server error: the service is deliberately refusing.
             Reply::message(StatusCode::CONFLICT, "Failed to allocate nodes: the service is paused; try again later")
         }
-        Err(e @ (EngineError::NoSuchPool { .. } | EngineError::InvalidRequest(_))) => {
+        e @ (EngineError::NoSuchPool { .. } | EngineError::InvalidRequest(_)) => {
             m.allocation("invalid", 0);
             Reply::message(StatusCode::BAD_REQUEST, format!("Failed to allocate nodes: {e}"))
         }
-        Err(e) => {
+        e => {
             m.allocation("error", 0);
             unexpected("allocation", &e)
         }
@@ -118,28 +111,27 @@ pub(super) async fn node_get(
 }
 
 /// Key and ssid of `/Node/done` and `/Node/fail`, key checked first.
-pub(super) async fn session_call(
+async fn session_call(
     st: &AppState,
-    spec: &Spec,
+    route: &Route,
     peer: SocketAddr,
     raw: Option<&str>,
 ) -> Result<(Principal, String), Reply> {
-    let q = query(st, spec, raw)?;
+    let q = query(st, route, raw)?;
     let key = q.key()?;
     let ssid = q.get("ssid").unwrap_or("").to_string();
-    let who = match authenticate(st, peer, key).await {
-        Ok(w) => w,
-        Err(AuthRefusal::Invalid) => return Err(Reply::msg(StatusCode::FORBIDDEN, INVALID_KEY)),
-        Err(AuthRefusal::Limited) => return Err(Reply::msg(StatusCode::TOO_MANY_REQUESTS, LOOKUPS_LIMITED)),
-        Err(AuthRefusal::Failed(e)) => return Err(unexpected("authentication", &e)),
-    };
+    let who = authenticate(st, peer, key).await.map_err(|refusal| match refusal {
+        AuthRefusal::Invalid => Reply::msg(StatusCode::FORBIDDEN, INVALID_KEY),
+        AuthRefusal::Limited => Reply::msg(StatusCode::TOO_MANY_REQUESTS, LOOKUPS_LIMITED),
+        AuthRefusal::Failed(e) => unexpected("authentication", &e),
+    })?;
     if ssid.is_empty() {
         return Err(Reply::msg(StatusCode::FORBIDDEN, INVALID_SESSION));
     }
     Ok((who, ssid))
 }
 
-pub(super) fn session_error(what: &str, e: EngineError) -> Reply {
+fn session_error(what: &str, e: EngineError) -> Reply {
     match e {
         EngineError::InvalidSession | EngineError::InvalidKey => Reply::msg(StatusCode::FORBIDDEN, INVALID_SESSION),
         EngineError::SessionNotInProd { .. } => Reply::msg(StatusCode::OK, "Session not in Prod"),
@@ -152,80 +144,52 @@ pub(super) fn session_error(what: &str, e: EngineError) -> Reply {
 }
 
 /// `/Node/done?key=K&ssid=S`
-pub(super) async fn node_done(
+async fn node_done(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(raw): RawQuery,
-) -> Reply {
-    let (who, ssid) = match session_call(&st, &NODE_DONE, peer, raw.as_deref()).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    match st.engine.done(&who, &ssid).await {
-        Ok(()) => Reply::message(StatusCode::OK, "Done"),
-        Err(e) => session_error("releasing the session", e),
-    }
+) -> Result<Reply, Reply> {
+    let (who, ssid) = session_call(&st, &NODE_DONE, peer, raw.as_deref()).await?;
+    st.engine.done(&who, &ssid).await.map_err(|e| session_error("releasing the session", e))?;
+    Ok(Reply::message(StatusCode::OK, "Done"))
 }
 
 /// `/Node/fail?key=K&ssid=S`
-pub(super) async fn node_fail(
+async fn node_fail(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(raw): RawQuery,
-) -> Reply {
-    let (who, ssid) = match session_call(&st, &NODE_FAIL, peer, raw.as_deref()).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    match st.engine.fail(&who, &ssid).await {
-        Ok(()) => {
-            st.metrics.session_failed();
-            Reply::message(StatusCode::OK, "Done")
-        }
-        Err(e) => session_error("failing the session", e),
-    }
+) -> Result<Reply, Reply> {
+    let (who, ssid) = session_call(&st, &NODE_FAIL, peer, raw.as_deref()).await?;
+    st.engine.fail(&who, &ssid).await.map_err(|e| session_error("failing the session", e))?;
+    st.metrics.session_failed();
+    Ok(Reply::message(StatusCode::OK, "Done"))
 }
 
 /// `/Inventory[?key=K]`
-pub(super) async fn inventory(
+async fn inventory(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(raw): RawQuery,
-) -> Reply {
-    let q = match query(&st, &INVENTORY, raw.as_deref()) {
-        Ok(q) => q,
-        Err(r) => return r,
+) -> Result<Reply, Reply> {
+    let q = query(&st, &INVENTORY, raw.as_deref())?;
+    let Some(key) = q.get("key") else {
+        let nodes = st.engine.inventory().await.map_err(|e| unexpected("reading the inventory", &e))?;
+        let rows: Vec<InventoryRow<'_>> = nodes.iter().map(InventoryRow).collect();
+        let body = serde_json::to_vec(&rows).map_err(|e| {
+            error!(error = %e, "encoding the inventory failed");
+            Reply::message(StatusCode::INTERNAL_SERVER_ERROR, "encoding the inventory failed")
+        })?;
+        return Ok(Reply::JsonBytes(StatusCode::OK, body));
     };
-    match q.get("key") {
-        None => match st.engine.inventory().await {
-            Ok(nodes) => {
-                let rows: Vec<InventoryRow<'_>> = nodes.iter().map(InventoryRow).collect();
-                match serde_json::to_vec(&rows) {
-                    Ok(body) => Reply::JsonBytes(StatusCode::OK, body),
-                    Err(e) => {
-                        error!(error = %e, "encoding the inventory failed");
-                        Reply::message(StatusCode::INTERNAL_SERVER_ERROR, "encoding the inventory failed")
-                    }
-                }
-            }
-            Err(e) => unexpected("reading the inventory", &e),
-        },
-        Some(key) => {
-            let who = match authenticate(&st, peer, key).await {
-                Ok(w) => w,
-                Err(AuthRefusal::Invalid) => return Reply::Json(StatusCode::OK, json!([])),
-                // Not `[]`: that would tell a job it holds nothing.
-                Err(AuthRefusal::Limited) => return Reply::message(StatusCode::TOO_MANY_REQUESTS, LOOKUPS_LIMITED),
-                Err(AuthRefusal::Failed(e)) => return unexpected("authentication", &e),
-            };
-            match st.engine.inventory_of(&who).await {
-                Ok(rows) => {
-                    Reply::Json(StatusCode::OK, Value::Array(rows.into_iter().map(|(h, s)| json!([h, s.0])).collect()))
-                }
-                Err(e) => unexpected("reading the inventory", &e),
-            }
-        }
-    }
+    let who = authenticate(&st, peer, key).await.map_err(|refusal| match refusal {
+        AuthRefusal::Invalid => Reply::Json(StatusCode::OK, json!([])),
+        // Not `[]`: that would tell a job it holds nothing.
+        AuthRefusal::Limited => Reply::message(StatusCode::TOO_MANY_REQUESTS, LOOKUPS_LIMITED),
+        AuthRefusal::Failed(e) => unexpected("authentication", &e),
+    })?;
+    let rows = st.engine.inventory_of(&who).await.map_err(|e| unexpected("reading the inventory", &e))?;
+    Ok(Reply::Json(StatusCode::OK, Value::Array(rows.into_iter().map(|(h, s)| json!([h, s.0])).collect())))
 }
 
 /// The text of `/Help`.
@@ -263,9 +227,7 @@ Operations: /metrics (Prometheus), /healthz.
 ";
 
 /// `/Help`
-pub(super) async fn help(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Reply {
-    match query(&st, &HELP_SPEC, raw.as_deref()) {
-        Ok(_) => Reply::Text(StatusCode::OK, HELP.into()),
-        Err(r) => r,
-    }
+async fn help(State(st): State<AppState>, RawQuery(raw): RawQuery) -> Result<Reply, Reply> {
+    query(&st, &HELP_ROUTE, raw.as_deref())?;
+    Ok(Reply::Text(StatusCode::OK, HELP.into()))
 }

@@ -15,6 +15,12 @@
 //! endpoints pass the caller's address to the [`PxeRegistry`], which serves
 //! only the node's own address (see `duffy_installers::pxe`).
 
+//! Files: `wire` (reply shapes, the query-string rules, what callers
+//! may be told), `legacy` (the job endpoints), `admin`, `ops` (`/metrics`,
+//! `/healthz`) and `install` (`/Install/*`). Each endpoint is one
+//! [`Route`], declared beside its handler; [`ROUTES`] lists them all, and
+//! the router, the metrics' `endpoint` labels and the tests all read it.
+
 mod admin;
 mod install;
 mod legacy;
@@ -25,29 +31,28 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::MethodRouter;
 use duffy_core::Engine;
 use duffy_installers::PxeRegistry;
 
 use crate::auth_guard::AuthGuard;
 use crate::metrics::Metrics;
-use admin::*;
-use install::*;
+pub use install::install_endpoints;
 pub use legacy::HELP;
-use legacy::*;
-use ops::*;
+use wire::Param;
 pub use wire::{InventoryRow, Reply};
 
-/// Shared state of the handlers.
+/// What the handlers share: the engine and the service's own state.
 #[derive(Clone)]
 pub struct AppState {
-    /// The engine.
+    /// Every operation goes through it; `/metrics` and `/healthz` read
+    /// its store.
     pub engine: Engine,
-    /// Counters.
+    /// The service's counters and histograms, rendered by `/metrics`.
     pub metrics: Arc<Metrics>,
     /// The PXE installer's pending installs, when it is the configured
     /// installer: machines fetch their boot script and kickstart here.
@@ -56,56 +61,119 @@ pub struct AppState {
     pub auth_guard: Arc<AuthGuard>,
 }
 
-/// The legacy, admin and operations endpoints.
-fn api_routes() -> Router<AppState> {
-    Router::new()
-        .route("/Node/get", get(node_get))
-        .route("/Node/done", get(node_done))
-        .route("/Node/fail", get(node_fail))
-        .route("/Inventory", get(inventory))
-        .route("/Help", get(help))
-        .route("/Overtime", get(overtime))
-        .route("/NodeSetAdmin/{node}", get(node_set_admin))
-        .route("/NodeRecover/{node}", get(node_recover))
-        .route("/PauseService", get(pause))
-        .route("/ResumeService", get(resume))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
+/// Who calls an endpoint: decides which listener serves it and what it
+/// does with query parameters it does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// The legacy job endpoints (`cico`, job scripts). Unknown parameters
+    /// are ignored, as the legacy server did (job scripts add
+    /// cache-busters), and counted in `duffy_ignored_parameters_total`.
+    Legacy,
+    /// The legacy admin endpoints (an admin key); unknown parameters as
+    /// [`Group::Legacy`].
+    Admin,
+    /// Operations (`/metrics`, `/healthz`): they do not read the query.
+    Ops,
+    /// The endpoints machines being installed call (`/Install/*`), on the
+    /// install listener when there is one. Unknown parameters are refused
+    /// (400): they have no legacy callers, and a machine's first-boot
+    /// script sends exactly what its kickstart says.
+    Install,
 }
 
-/// The endpoints machines being installed call.
-fn install_routes() -> Router<AppState> {
-    Router::new()
-        .route("/Install/ipxe", get(install_ipxe))
-        .route("/Install/kickstart", get(install_kickstart))
-        .route("/Install/done", get(install_done))
-        .route("/Install/failed", get(install_failed))
+/// One endpoint: where the router serves it, who calls it and the query
+/// parameters it knows. Declared once, beside its handler.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    /// The path the router matches; `{node}` stands for one path segment.
+    pub path: &'static str,
+    /// Who calls it.
+    pub group: Group,
+    /// The query parameters it knows, each with its longest value.
+    params: &'static [Param],
+    /// Its handler, as the router takes it (GET, and HEAD with it).
+    handler: fn() -> MethodRouter<AppState>,
 }
 
-fn finish(routes: Router<AppState>, state: AppState) -> Router {
-    routes.fallback(not_found).layer(middleware::from_fn_with_state(state.clone(), observe)).with_state(state)
+impl Route {
+    const fn new(
+        path: &'static str,
+        group: Group,
+        params: &'static [Param],
+        handler: fn() -> MethodRouter<AppState>,
+    ) -> Route {
+        Route { path, group, params, handler }
+    }
+
+    /// The `endpoint` label of the route's metrics: its path without the
+    /// path parameters (`/NodeSetAdmin`).
+    pub fn label(&self) -> &'static str {
+        match self.path.find("/{") {
+            Some(i) => &self.path[..i],
+            None => self.path,
+        }
+    }
+
+    /// Whether it ignores query parameters it does not know (the legacy
+    /// endpoints, as the legacy server did) rather than refusing them.
+    pub fn ignores_unknown_parameters(&self) -> bool {
+        matches!(self.group, Group::Legacy | Group::Admin)
+    }
+}
+
+/// Every endpoint of the service, in the order `/Help` lists them.
+pub static ROUTES: [&Route; 16] = [
+    &legacy::NODE_GET,
+    &legacy::NODE_DONE,
+    &legacy::NODE_FAIL,
+    &legacy::INVENTORY,
+    &legacy::HELP_ROUTE,
+    &admin::OVERTIME,
+    &admin::NODE_SET_ADMIN,
+    &admin::NODE_RECOVER,
+    &admin::PAUSE,
+    &admin::RESUME,
+    &ops::METRICS,
+    &ops::HEALTHZ,
+    &install::INSTALL_IPXE,
+    &install::INSTALL_KICKSTART,
+    &install::INSTALL_DONE,
+    &install::INSTALL_FAILED,
+];
+
+/// The router of the routes `which` selects, with the 404 for any other
+/// path and the metrics of every request.
+fn routes(state: AppState, which: impl Fn(&Route) -> bool) -> Router {
+    let mut router = Router::new();
+    for r in ROUTES.iter().filter(|r| which(r)) {
+        router = router.route(r.path, (r.handler)());
+    }
+    router.fallback(not_found).layer(middleware::from_fn_with_state(state.clone(), observe)).with_state(state)
 }
 
 /// Builds the router of every endpoint: the service on one listener.
 pub fn router(state: AppState) -> Router {
-    finish(api_routes().merge(install_routes()), state)
+    routes(state, |_| true)
 }
 
 /// The router of the main listener when the install endpoints have their
 /// own ([`install_router`]): everything but `/Install/*`, which is then an
 /// unknown path here.
 pub fn public_router(state: AppState) -> Router {
-    finish(api_routes(), state)
+    routes(state, |r| r.group != Group::Install)
 }
 
 /// The router of the install listener (`[installer] listen`): only
 /// `/Install/*`; every other path is unknown.
 pub fn install_router(state: AppState) -> Router {
-    finish(install_routes(), state)
+    routes(state, |r| r.group == Group::Install)
 }
 
+/// Counts every request under the route the router matched (`other` for
+/// an unknown path) and times it.
 async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let endpoint = Metrics::endpoint_index(req.uri().path());
+    let route = req.extensions().get::<MatchedPath>().and_then(|m| ROUTES.iter().find(|r| r.path == m.as_str()));
+    let endpoint = Metrics::endpoint_index(route.map_or("other", |r| r.label()));
     let started = Instant::now();
     let resp = next.run(req).await;
     st.metrics.observe(endpoint, resp.status().as_u16(), started.elapsed());
@@ -115,93 +183,4 @@ async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Respon
 async fn not_found(req: Request) -> Reply {
     let path: String = req.uri().path().chars().take(100).collect();
     Reply::message(StatusCode::NOT_FOUND, format!("no such endpoint {path:?}; see /Help"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::wire::*;
-    use super::*;
-    use axum::http::StatusCode;
-    use duffy_core::{EngineError, StoreError, StoreHealth};
-    use duffy_installers::PxeError;
-    use std::net::IpAddr;
-
-    fn body(r: Reply) -> String {
-        match r {
-            Reply::Json(_, v) => v.to_string(),
-            Reply::Text(_, t) => t,
-            Reply::JsonBytes(_, b) => String::from_utf8_lossy(&b).into_owned(),
-        }
-    }
-
-    /// What SQLite says when its file is damaged: never for a caller's eyes.
-    fn sql_error() -> StoreError {
-        StoreError::backend(
-            "reading the pause flag from /var/lib/duffy/duffy.db",
-            std::io::Error::other("database disk image is malformed: SELECT paused FROM service"),
-        )
-    }
-
-    #[test]
-    fn store_errors_never_reach_a_reply() {
-        let r = health_reply(StoreHealth::Ok, Err(sql_error()));
-        assert_eq!(r.status_code(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(body(r), r#"{"error":"store unavailable","status":"error"}"#);
-
-        for e in [
-            EngineError::Store(sql_error()),
-            EngineError::Store(StoreError::Corrupt("node 3 has state 'Bogus' in table nodes".into())),
-        ] {
-            let r = unexpected("allocation", &e);
-            assert_eq!(r.status_code(), StatusCode::SERVICE_UNAVAILABLE);
-            assert_eq!(body(r), r#""allocation failed: store unavailable; try again""#);
-        }
-        // An engine refusal worded for callers is kept.
-        let r = unexpected("releasing the session", &EngineError::Contention("session 42".into()));
-        assert!(!body(r).contains("42"));
-        // A storage condition is named (the operator's to fix), its
-        // details (the path, SQLite's words) are not.
-        let full = StoreError::Unavailable {
-            context: "committing a batch of 3 operations".into(),
-            fault: duffy_core::StorageFault::DiskFull,
-            source: Box::new(std::io::Error::other("/var/lib/duffy/duffy.db-wal: SQLITE_FULL")),
-        };
-        let r = unexpected("allocation", &EngineError::Store(full));
-        assert_eq!(body(r), r#""allocation failed: store unavailable: database or disk is full; try again""#);
-    }
-
-    #[test]
-    fn template_errors_are_not_shown_to_machines() {
-        let e = PxeError::Io {
-            path: "/etc/duffy/templates/ks.tmpl".into(),
-            source: std::io::Error::other("permission denied"),
-        };
-        let r = pxe_error(&e, IpAddr::from([10, 0, 0, 11]));
-        assert_eq!(r.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
-        let b = body(r);
-        assert!(!b.contains("/etc/duffy") && !b.contains("permission"), "{b}");
-    }
-
-    #[test]
-    fn parameter_limits_are_per_parameter() {
-        let key = "A".repeat(MAX_HOST_KEY);
-        let token = "0".repeat(64);
-        let raw = format!("token={token}&host_key={}", "%2B".repeat(MAX_HOST_KEY));
-        let q = Query::parse(Some(&raw), &INSTALL_DONE).unwrap_or_else(|r| panic!("{}", body(r)));
-        assert_eq!(q.get("host_key").map(str::len), Some(MAX_HOST_KEY));
-        let too_long = format!("token={token}&host_key={key}A");
-        let r = Query::parse(Some(&too_long), &INSTALL_DONE).err().expect("refused");
-        assert!(body(r).contains("host_key is too long (at most 8192 bytes)"));
-        // The others as before: 256.
-        let r = Query::parse(Some(&format!("token={}", "0".repeat(257))), &INSTALL_DONE).err().expect("refused");
-        assert!(body(r).contains("token is too long (at most 256 bytes)"));
-        let r = Query::parse(Some(&format!("key={}", "k".repeat(257))), &NODE_GET).err().expect("refused");
-        assert!(body(r).contains("key is too long (at most 256 bytes)"));
-        let reason = format!("token={token}&reason={}", "r".repeat(MAX_REASON));
-        assert!(Query::parse(Some(&reason), &INSTALL_FAILED).is_ok());
-        assert!(Query::parse(Some(&format!("{reason}r")), &INSTALL_FAILED).is_err());
-        // Legacy endpoints keep their overall cap.
-        let r = Query::parse(Some(&format!("key=k&_={}", "x".repeat(MAX_LEGACY_QUERY))), &NODE_GET).err();
-        assert!(body(r.expect("refused")).contains("at most 4096 bytes"));
-    }
 }

@@ -8,11 +8,16 @@ use duffy_core::{StoreError, StoreHealth};
 use serde_json::json;
 use tracing::{error, warn};
 
-use super::AppState;
+use axum::routing::get;
+
 use super::wire::*;
+use super::{AppState, Group, Route};
+
+pub(super) static METRICS: Route = Route::new("/metrics", Group::Ops, &[], || get(metrics));
+pub(super) static HEALTHZ: Route = Route::new("/healthz", Group::Ops, &[], || get(healthz));
 
 /// `/metrics`
-pub(super) async fn metrics(State(st): State<AppState>) -> Response {
+async fn metrics(State(st): State<AppState>) -> Response {
     let store = st.engine.store();
     let (nodes, paused) = match (store.nodes().await, store.paused().await) {
         (Ok(n), Ok(p)) => (n, p),
@@ -25,7 +30,7 @@ pub(super) async fn metrics(State(st): State<AppState>) -> Response {
 }
 
 /// `/healthz`: the store answers.
-pub(super) async fn healthz(State(st): State<AppState>) -> Reply {
+async fn healthz(State(st): State<AppState>) -> Reply {
     let store = st.engine.store();
     health_reply(store.health(), store.paused().await)
 }
@@ -33,7 +38,7 @@ pub(super) async fn healthz(State(st): State<AppState>) -> Reply {
 /// Healthy means the store reads and writes: a store whose writes fail (a
 /// full disk) cannot allocate, so it is unhealthy too, with the condition
 /// named (never the store's own words, which go to the log).
-pub(super) fn health_reply(health: StoreHealth, paused: Result<bool, StoreError>) -> Reply {
+fn health_reply(health: StoreHealth, paused: Result<bool, StoreError>) -> Reply {
     let unhealthy = |status: &str, error: String| {
         Reply::Json(StatusCode::SERVICE_UNAVAILABLE, json!({ "status": status, "error": error }))
     };
@@ -55,5 +60,56 @@ pub(super) fn health_reply(health: StoreHealth, paused: Result<bool, StoreError>
             )
         }
         (StoreHealth::Ok, Ok(paused)) => Reply::Json(StatusCode::OK, json!({ "status": "ok", "paused": paused })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use duffy_core::EngineError;
+
+    use super::*;
+
+    fn body(r: Reply) -> String {
+        match r {
+            Reply::Json(_, v) => v.to_string(),
+            Reply::Text(_, t) => t,
+            Reply::JsonBytes(_, b) => String::from_utf8_lossy(&b).into_owned(),
+        }
+    }
+
+    /// What SQLite says when its file is damaged: never for a caller's eyes.
+    fn sql_error() -> StoreError {
+        StoreError::backend(
+            "reading the pause flag from /var/lib/duffy/duffy.db",
+            std::io::Error::other("database disk image is malformed: SELECT paused FROM service"),
+        )
+    }
+
+    #[test]
+    fn store_errors_never_reach_a_reply() {
+        let r = health_reply(StoreHealth::Ok, Err(sql_error()));
+        assert_eq!(r.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body(r), r#"{"error":"store unavailable","status":"error"}"#);
+
+        for e in [
+            EngineError::Store(sql_error()),
+            EngineError::Store(StoreError::Corrupt("node 3 has state 'Bogus' in table nodes".into())),
+        ] {
+            let r = unexpected("allocation", &e);
+            assert_eq!(r.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(body(r), r#""allocation failed: store unavailable; try again""#);
+        }
+        // An engine refusal worded for callers is kept.
+        let r = unexpected("releasing the session", &EngineError::Contention("session 42".into()));
+        assert!(!body(r).contains("42"));
+        // A storage condition is named (the operator's to fix), its
+        // details (the path, SQLite's words) are not.
+        let full = StoreError::Unavailable {
+            context: "committing a batch of 3 operations".into(),
+            fault: duffy_core::StorageFault::DiskFull,
+            source: Box::new(std::io::Error::other("/var/lib/duffy/duffy.db-wal: SQLITE_FULL")),
+        };
+        let r = unexpected("allocation", &EngineError::Store(full));
+        assert_eq!(body(r), r#""allocation failed: store unavailable: database or disk is full; try again""#);
     }
 }

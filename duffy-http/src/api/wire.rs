@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
 use duffy_core::{EngineError, Node};
 use serde_json::{Value, json};
 use tracing::{debug, error};
 
-use super::AppState;
+use super::{AppState, Group, Route};
 use crate::metrics::Metrics;
 
 /// A reply: a status and a body in one of the contract's shapes.
@@ -92,53 +93,38 @@ pub(super) const fn param(name: &'static str) -> Param {
 /// enough for every known parameter and a few cache-busters.
 pub(super) const MAX_LEGACY_QUERY: usize = 4096;
 
-/// What an endpoint does with a parameter it does not know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Unknown {
-    /// Ignore it, counted in `duffy_ignored_parameters_total`: the legacy
-    /// server did, and job scripts in the wild add cache-busters and extra
-    /// fields.
-    Ignore,
-    /// Refuse the request (400): the install endpoints have no legacy
-    /// callers, and a machine's first-boot script sends exactly what its
-    /// kickstart says.
-    Refuse,
-}
-
-/// An endpoint's query: the label its metrics carry, the parameters it
-/// knows, and what it does with others.
-#[derive(Debug)]
-pub(super) struct Spec {
-    pub(super) endpoint: &'static str,
-    pub(super) params: &'static [Param],
-    pub(super) unknown: Unknown,
-}
-
-impl Spec {
+impl Route {
     /// The longest raw query accepted: for the legacy endpoints
     /// [`MAX_LEGACY_QUERY`]; for the others, every known parameter at its
     /// longest, fully percent-encoded (3 bytes per byte), whichever is
     /// more.
     fn max_query(&self) -> usize {
         let known: usize = self.params.iter().map(|p| p.name.len() + 2 + 3 * p.max).sum();
-        match self.unknown {
-            Unknown::Ignore => MAX_LEGACY_QUERY,
-            Unknown::Refuse => known.max(MAX_LEGACY_QUERY),
-        }
+        if self.ignores_unknown_parameters() { MAX_LEGACY_QUERY } else { known.max(MAX_LEGACY_QUERY) }
     }
 
     fn param(&self, name: &str) -> Option<&Param> {
         self.params.iter().find(|p| p.name == name)
     }
+
+    /// A legacy job endpoint (see [`Group::Legacy`]).
+    pub(super) const fn legacy(
+        path: &'static str,
+        params: &'static [Param],
+        handler: fn() -> MethodRouter<AppState>,
+    ) -> Route {
+        Route::new(path, Group::Legacy, params, handler)
+    }
+
+    /// A legacy admin endpoint (see [`Group::Admin`]).
+    pub(super) const fn admin(path: &'static str, handler: fn() -> MethodRouter<AppState>) -> Route {
+        Route::new(path, Group::Admin, KEY_ONLY, handler)
+    }
 }
 
 pub(super) const KEY_ONLY: &[Param] = &[param("key")];
 
-pub(super) const fn legacy(endpoint: &'static str, params: &'static [Param]) -> Spec {
-    Spec { endpoint, params, unknown: Unknown::Ignore }
-}
-
-/// The query string, parsed and checked against the endpoint's [`Spec`]:
+/// The query string, parsed and checked against the endpoint's [`Route`]:
 /// each known parameter at most once and within its length; unknown ones
 /// ignored or refused as the endpoint says; no absurd total length.
 pub(super) struct Query {
@@ -148,11 +134,11 @@ pub(super) struct Query {
 }
 
 impl Query {
-    pub(super) fn parse(raw: Option<&str>, spec: &Spec) -> Result<Query, Reply> {
+    pub(super) fn parse(raw: Option<&str>, route: &Route) -> Result<Query, Reply> {
         let mut values = HashMap::new();
         let mut ignored = Vec::new();
         let raw = raw.unwrap_or("");
-        let max_query = spec.max_query();
+        let max_query = route.max_query();
         if raw.len() > max_query {
             return Err(Reply::message(
                 StatusCode::BAD_REQUEST,
@@ -163,13 +149,13 @@ impl Query {
             if k.is_empty() && v.is_empty() {
                 continue;
             }
-            let Some(param) = spec.param(&k) else {
+            let Some(param) = route.param(&k) else {
                 let shown: String = k.chars().take(40).collect();
-                if spec.unknown == Unknown::Ignore {
+                if route.ignores_unknown_parameters() {
                     ignored.push(shown);
                     continue;
                 }
-                let allowed = spec.params.iter().map(|p| p.name).collect::<Vec<_>>().join(", ");
+                let allowed = route.params.iter().map(|p| p.name).collect::<Vec<_>>().join(", ");
                 return Err(Reply::message(
                     StatusCode::BAD_REQUEST,
                     format!("unknown parameter {shown:?}; allowed parameters: {allowed}"),
@@ -201,13 +187,13 @@ impl Query {
     }
 }
 
-/// Parses `raw` for the endpoint of `spec`, counting and logging the
-/// parameters it ignores.
-pub(super) fn query(st: &AppState, spec: &Spec, raw: Option<&str>) -> Result<Query, Reply> {
-    let q = Query::parse(raw, spec)?;
+/// Parses `raw` for `route`, counting and logging the parameters it
+/// ignores.
+pub(super) fn query(st: &AppState, route: &Route, raw: Option<&str>) -> Result<Query, Reply> {
+    let q = Query::parse(raw, route)?;
     if !q.ignored.is_empty() {
-        st.metrics.ignored_parameters(Metrics::endpoint_index(spec.endpoint), q.ignored.len());
-        debug!(endpoint = spec.endpoint, ignored = ?q.ignored, "ignoring unknown query parameters");
+        st.metrics.ignored_parameters(Metrics::endpoint_index(route.label()), q.ignored.len());
+        debug!(endpoint = route.label(), ignored = ?q.ignored, "ignoring unknown query parameters");
     }
     Ok(q)
 }

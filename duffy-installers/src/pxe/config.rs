@@ -68,9 +68,9 @@ pub struct PxeConfig {
     /// given must still be valid).
     #[serde(default = "default_true")]
     pub require_host_key: bool,
-    /// A separate address for the install endpoints (`/Install/*`), e.g.
+    /// A separate address for the install endpoints, e.g.
     /// `10.0.0.1:8081` on the provisioning network. Read by the HTTP
-    /// service, which then serves `/Install/*` only there and not on its
+    /// service, which then serves the install endpoints only there and not on its
     /// main listener. `public_url` must point at it. Default: none, the
     /// install endpoints are on the main listener.
     #[serde(default)]
@@ -176,4 +176,33 @@ pub(super) fn validate_url_pattern(name: &str, pattern: &str) -> Result<(), PxeE
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_url_patterns_are_valid() {
+        for p in [default_kernel_url(), default_initrd_url(), default_repo_url()] {
+            validate_url_pattern("x", &p).unwrap();
+        }
+    }
+
+    #[test]
+    fn public_url_is_checked() {
+        assert!(validate_public_url("http://10.0.0.1:8080").is_ok());
+        assert!(validate_public_url("https://duffy.example.org/base").is_ok());
+        for bad in ["ftp://x", "http://", "http://a b", "http://x/'y", "http://x/?q=1", "http://x/$y", "10.0.0.1"] {
+            assert!(validate_public_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn url_patterns_are_checked() {
+        assert!(validate_url_pattern("k", "tftp://10.0.0.1/{{release}}/vmlinuz").is_ok());
+        assert!(validate_url_pattern("k", "http://m/{{version}}/").is_err());
+        assert!(validate_url_pattern("k", "http://m/'x").is_err());
+        assert!(validate_url_pattern("k", "/no/scheme").is_err());
+    }
 }

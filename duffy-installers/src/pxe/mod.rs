@@ -10,14 +10,16 @@
 //!    [`PowerController`] and power-cycles it (powers it on if it is off).
 //! 3. The machine PXE-boots and fetches its iPXE script from Duffy's HTTP
 //!    service, which calls [`PxeRegistry::ipxe_script`] with the host
-//!    name. The script boots the installer kernel with
-//!    `inst.ks={public_url}/Install/kickstart?token=…`.
+//!    name. The script boots the installer kernel with `inst.ks=` the
+//!    kickstart's URL: [`PxeConfig::public_url`], the kickstart endpoint
+//!    the HTTP service gave ([`InstallEndpoints::kickstart`]) and the
+//!    token.
 //! 4. Anaconda fetches the kickstart ([`PxeRegistry::kickstart`]). The
 //!    built-in kickstart's `%post` installs Duffy's provisioning key for
-//!    root and a one-shot first-boot hook; on an error it calls
-//!    `{public_url}/Install/failed?token=…&reason=…`.
-//! 5. At first boot, once sshd runs, the hook calls
-//!    `{public_url}/Install/done?token=…&host_key=…` with the contents of
+//!    root and a one-shot first-boot hook; on an error it calls the failed
+//!    endpoint ([`InstallEndpoints::failed`]) with `&reason=…`.
+//! 5. At first boot, once sshd runs, the hook calls the done endpoint
+//!    ([`InstallEndpoints::done`]) with `&host_key=…`, the contents of
 //!    the SSH host public key (ed25519, else ecdsa, else rsa),
 //!    URL-encoded. The HTTP layer calls [`PxeRegistry::complete`] (or
 //!    [`PxeRegistry::fail`]), which wakes the waiting install; it returns
@@ -61,16 +63,16 @@
 //! recommended deployment, a separate listener for the install endpoints
 //! on the provisioning network only ([`PxeConfig::listen`]).
 //!
-//! # HTTP mapping
+//! # The HTTP side
 //!
-//! `GET /Install/ipxe?host=…` → [`PxeRegistry::ipxe_script`] (on
-//! [`PxeError::NoPendingInstall`] and [`PxeError::Expired`], serve
-//! [`LOCAL_BOOT_SCRIPT`], so a stranger cannot tell which hosts are being
-//! installed); `GET /Install/kickstart?token=…` →
-//! [`PxeRegistry::kickstart`]; `GET /Install/done?token=…&host_key=…` →
-//! [`PxeRegistry::complete`]; `GET /Install/failed?token=…&reason=…` →
-//! [`PxeRegistry::fail`]. [`PxeError::http_status`] gives the status code
-//! for each error.
+//! This crate knows no HTTP: the service (duffy-http) owns the routes,
+//! gives their paths to [`PxeRegistry::new`] as [`InstallEndpoints`], and
+//! maps each [`PxeError`] to its answer. It serves the iPXE script with
+//! [`PxeRegistry::ipxe_script`] (and, on [`PxeError::NoPendingInstall`]
+//! and [`PxeError::Expired`], [`LOCAL_BOOT_SCRIPT`], so a stranger cannot
+//! tell which hosts are being installed), the kickstart with
+//! [`PxeRegistry::kickstart`], and the machine's reports with
+//! [`PxeRegistry::complete`] and [`PxeRegistry::fail`].
 //!
 //! # Templates
 //!
@@ -99,7 +101,9 @@ use std::path::PathBuf;
 pub use config::{PxeConfig, PxeImage, URL_PLACEHOLDERS};
 pub use installer::PxeInstaller;
 pub use registry::{PxeRegistry, node_address};
-pub use templates::{DEFAULT_IPXE_TEMPLATE, DEFAULT_KICKSTART_TEMPLATE, LOCAL_BOOT_SCRIPT, PLACEHOLDERS};
+pub use templates::{
+    DEFAULT_IPXE_TEMPLATE, DEFAULT_KICKSTART_TEMPLATE, InstallEndpoints, LOCAL_BOOT_SCRIPT, PLACEHOLDERS,
+};
 
 use crate::keys::KeyError;
 use crate::template::TemplateError;
@@ -170,62 +174,4 @@ pub enum PxeError {
         /// What is wrong.
         reason: String,
     },
-}
-
-impl PxeError {
-    /// The HTTP status an endpoint should answer with: 404 for an unknown
-    /// token or host, 410 for an expired token, 400 for an invalid or
-    /// missing host key, 500 otherwise.
-    pub fn http_status(&self) -> u16 {
-        match self {
-            PxeError::UnknownToken | PxeError::NoPendingInstall { .. } => 404,
-            PxeError::Expired { .. } => 410,
-            PxeError::InvalidHostKey { .. } | PxeError::MissingHostKey { .. } => 400,
-            _ => 500,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::config::*;
-    use super::registry::*;
-    use super::*;
-    use crate::template;
-
-    #[test]
-    fn builtin_templates_use_known_placeholders() {
-        template::check(DEFAULT_IPXE_TEMPLATE, &PLACEHOLDERS).unwrap();
-        template::check(DEFAULT_KICKSTART_TEMPLATE, &PLACEHOLDERS).unwrap();
-        for p in [default_kernel_url(), default_initrd_url(), default_repo_url()] {
-            validate_url_pattern("x", &p).unwrap();
-        }
-    }
-
-    #[test]
-    fn tokens_are_long_random_hex() {
-        let a = new_token();
-        let b = new_token();
-        assert!(is_token_shaped(&a) && is_token_shaped(&b));
-        assert_ne!(a, b);
-        assert!(!is_token_shaped("ABC"));
-        assert!(!is_token_shaped(&a.to_uppercase()));
-    }
-
-    #[test]
-    fn public_url_is_checked() {
-        assert!(validate_public_url("http://10.0.0.1:8080").is_ok());
-        assert!(validate_public_url("https://duffy.example.org/base").is_ok());
-        for bad in ["ftp://x", "http://", "http://a b", "http://x/'y", "http://x/?q=1", "http://x/$y", "10.0.0.1"] {
-            assert!(validate_public_url(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn url_patterns_are_checked() {
-        assert!(validate_url_pattern("k", "tftp://10.0.0.1/{{release}}/vmlinuz").is_ok());
-        assert!(validate_url_pattern("k", "http://m/{{version}}/").is_err());
-        assert!(validate_url_pattern("k", "http://m/'x").is_err());
-        assert!(validate_url_pattern("k", "/no/scheme").is_err());
-    }
 }

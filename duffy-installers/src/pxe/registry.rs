@@ -1,7 +1,8 @@
 //! [`PxeRegistry`]: pending installs by one-time token, checked against
-//! the caller's address, and what each machine is served.
+//! the caller's address; what the machine is served comes from
+//! [`Templates`](super::templates).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,11 +12,9 @@ use duffy_core::{Arch, Clock, Node, PoolKey, Timestamp};
 use rand::RngCore;
 use tokio::sync::oneshot;
 
-use super::config::*;
-use super::templates::*;
-use super::{PxeConfig, PxeError, PxeImage};
+use super::templates::{Install, InstallEndpoints, Kind, Templates};
+use super::{PxeConfig, PxeError};
 use crate::keys::PublicKey;
-use crate::template;
 use crate::util::{one_line, token_prefix};
 
 /// How much of a machine's failure reason is kept.
@@ -38,6 +37,12 @@ pub(super) struct Pending {
     image: PoolKey,
     expires_at: Timestamp,
     tx: oneshot::Sender<Outcome>,
+}
+
+impl Pending {
+    fn as_install<'a>(&'a self, token: &'a str) -> Install<'a> {
+        Install { hostname: &self.hostname, ip: self.ip, hardware_arch: self.hardware_arch, image: &self.image, token }
+    }
 }
 
 #[derive(Default)]
@@ -65,18 +70,12 @@ pub(super) fn canonical(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
 
-/// Pending PXE installs, shared (in an `Arc`) between the [`PxeInstaller`](super::PxeInstaller)
-/// and the HTTP handlers that serve the machines. See the module docs.
+/// Pending PXE installs, shared (in an `Arc`) between the
+/// [`PxeInstaller`](super::PxeInstaller) and the HTTP handlers that serve
+/// the machines. See the module docs.
 pub struct PxeRegistry {
     clock: Arc<dyn Clock>,
-    public_url: String,
-    provisioning_key: String,
-    kernel_url: String,
-    initrd_url: String,
-    repo_url: String,
-    images: Vec<PxeImage>,
-    /// Templates from `templates_dir`, by file name.
-    templates: BTreeMap<String, String>,
+    templates: Templates,
     require_host_key: bool,
     state: Mutex<State>,
 }
@@ -85,8 +84,8 @@ impl fmt::Debug for PxeRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never the tokens.
         f.debug_struct("PxeRegistry")
-            .field("public_url", &self.public_url)
-            .field("templates", &self.templates.keys().collect::<Vec<_>>())
+            .field("public_url", &self.templates.public_url())
+            .field("templates", &self.templates.file_names())
             .field("pending", &self.pending_count())
             .finish_non_exhaustive()
     }
@@ -95,46 +94,15 @@ impl fmt::Debug for PxeRegistry {
 impl PxeRegistry {
     /// Builds a registry from `config`: validates the public URL, the
     /// provisioning key and the URL patterns, and loads and checks the
-    /// templates of `templates_dir`. `clock` decides when tokens expire.
-    pub fn new(config: &PxeConfig, clock: Arc<dyn Clock>) -> Result<Self, PxeError> {
-        let public_url = config.public_url.trim().trim_end_matches('/').to_string();
-        validate_public_url(&public_url)?;
-        let provisioning_key = PublicKey::parse(&config.provisioning_public_key)
-            .map_err(|e| PxeError::Config(format!("provisioning_public_key: {e}")))?
-            .to_string();
-        if config.token_ttl.is_zero() {
-            return Err(PxeError::Config("token_ttl must be more than zero".to_string()));
-        }
-        let mut patterns = vec![
-            ("kernel_url".to_string(), config.kernel_url.as_str()),
-            ("initrd_url".to_string(), config.initrd_url.as_str()),
-            ("repo_url".to_string(), config.repo_url.as_str()),
-        ];
-        for img in &config.images {
-            duffy_core::model::validate_token("release", &img.release, 64)
-                .map_err(|e| PxeError::Config(format!("images: {e}")))?;
-            let at = |field: &str| format!("images[{}/{}].{field}", img.release, img.arch);
-            patterns.extend(img.kernel_url.as_deref().map(|u| (at("kernel_url"), u)));
-            patterns.extend(img.initrd_url.as_deref().map(|u| (at("initrd_url"), u)));
-            patterns.extend(img.repo_url.as_deref().map(|u| (at("repo_url"), u)));
-        }
-        for (name, pattern) in patterns {
-            validate_url_pattern(&name, pattern)?;
-        }
-        let templates = match &config.templates_dir {
-            Some(dir) => load_templates(dir)?,
-            None => BTreeMap::new(),
-        };
-        tracing::info!(public_url = %public_url, templates = ?templates.keys().collect::<Vec<_>>(),
+    /// templates of `templates_dir`. `endpoints` are where the HTTP
+    /// service serves the install endpoints, which the kickstart and the
+    /// first-boot report call. `clock` decides when tokens expire.
+    pub fn new(config: &PxeConfig, endpoints: InstallEndpoints, clock: Arc<dyn Clock>) -> Result<Self, PxeError> {
+        let templates = Templates::new(config, endpoints)?;
+        tracing::info!(public_url = %templates.public_url(), templates = ?templates.file_names(),
             token_ttl = ?config.token_ttl, "PXE registry ready");
         Ok(PxeRegistry {
             clock,
-            public_url,
-            provisioning_key,
-            kernel_url: config.kernel_url.clone(),
-            initrd_url: config.initrd_url.clone(),
-            repo_url: config.repo_url.clone(),
-            images: config.images.clone(),
             templates,
             require_host_key: config.require_host_key,
             state: Mutex::new(State::default()),
@@ -163,11 +131,11 @@ impl PxeRegistry {
                 return Err(none());
             }
             self.check_not_expired(p)?;
-            (self.vars(p, token)?, p.image.clone())
+            (self.templates.vars(&p.as_install(token))?, p.image.clone())
         };
-        let (name, text) = self.template("ipxe", &image, DEFAULT_IPXE_TEMPLATE);
+        let (name, script) = self.templates.render(Kind::Ipxe, &image, &vars)?;
         tracing::info!(node = %hostname, %peer, template = %name, "serving iPXE script");
-        render(&name, text, &vars)
+        Ok(script)
     }
 
     /// The kickstart for the install holding `token`, asked for from
@@ -179,11 +147,11 @@ impl PxeRegistry {
             let st = self.lock();
             let p = self.lookup(&st, token, peer, "kickstart")?;
             self.check_not_expired(p)?;
-            (self.vars(p, token)?, p.image.clone(), p.hostname.clone())
+            (self.templates.vars(&p.as_install(token))?, p.image.clone(), p.hostname.clone())
         };
-        let (name, text) = self.template("ks", &image, DEFAULT_KICKSTART_TEMPLATE);
+        let (name, ks) = self.templates.render(Kind::Kickstart, &image, &vars)?;
         tracing::info!(node = %hostname, token = %token_prefix(token), template = %name, "serving kickstart");
-        render(&name, text, &vars)
+        Ok(ks)
     }
 
     /// The machine at `peer` reports its install done, with its SSH host
@@ -369,60 +337,6 @@ impl PxeRegistry {
         // changes before anything can panic), so a poisoned lock is usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
-
-    /// The template for `kind` (`ipxe` or `ks`) and `image`: from
-    /// `templates_dir` if there is one, else the built-in.
-    fn template<'a>(&'a self, kind: &str, image: &PoolKey, builtin: &'a str) -> (String, &'a str) {
-        for name in [format!("{kind}-{}-{}.tmpl", image.release, image.arch), format!("{kind}.tmpl")] {
-            if let Some(t) = self.templates.get(&name) {
-                return (name, t.as_str());
-            }
-        }
-        (format!("built-in {kind}.tmpl"), builtin)
-    }
-
-    fn image_urls(&self, image: &PoolKey) -> Result<ImageUrls, PxeError> {
-        let own = self.images.iter().find(|i| i.release == image.release && i.arch == image.arch);
-        let pick = |field: &str, own: Option<&String>, default: &str| -> Result<String, PxeError> {
-            let pattern = own.map(String::as_str).unwrap_or(default);
-            template::render(
-                pattern,
-                &[
-                    ("release", image.release.as_str()),
-                    ("arch", image.arch.as_str()),
-                    ("flavor", image.flavor.as_deref().unwrap_or("")),
-                ],
-            )
-            .map_err(|source| PxeError::Template { name: field.to_string(), source })
-        };
-        Ok(ImageUrls {
-            kernel: pick("kernel_url", own.and_then(|i| i.kernel_url.as_ref()), &self.kernel_url)?,
-            initrd: pick("initrd_url", own.and_then(|i| i.initrd_url.as_ref()), &self.initrd_url)?,
-            repo: pick("repo_url", own.and_then(|i| i.repo_url.as_ref()), &self.repo_url)?,
-        })
-    }
-
-    fn vars(&self, p: &Pending, token: &str) -> Result<Vec<(&'static str, String)>, PxeError> {
-        let urls = self.image_urls(&p.image)?;
-        let base = &self.public_url;
-        Ok(vec![
-            ("hostname", p.hostname.clone()),
-            ("ip", p.ip.to_string()),
-            ("hardware_arch", p.hardware_arch.as_str().to_string()),
-            ("release", p.image.release.clone()),
-            ("arch", p.image.arch.as_str().to_string()),
-            ("flavor", p.image.flavor.clone().unwrap_or_default()),
-            ("kernel_url", urls.kernel),
-            ("initrd_url", urls.initrd),
-            ("repo_url", urls.repo),
-            ("kickstart_url", format!("{base}/Install/kickstart?token={token}")),
-            ("callback_done", format!("{base}/Install/done?token={token}")),
-            ("callback_failed", format!("{base}/Install/failed?token={token}")),
-            ("provisioning_key", self.provisioning_key.clone()),
-            ("token", token.to_string()),
-            ("public_url", base.clone()),
-        ])
-    }
 }
 
 /// Whether a request for `hostname`'s install comes from its address
@@ -461,4 +375,19 @@ pub(super) fn new_token() -> String {
 
 pub(super) fn is_token_shaped(token: &str) -> bool {
     token.len() == 64 && token.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_long_random_hex() {
+        let a = new_token();
+        let b = new_token();
+        assert!(is_token_shaped(&a) && is_token_shaped(&b));
+        assert_ne!(a, b);
+        assert!(!is_token_shaped("ABC"));
+        assert!(!is_token_shaped(&a.to_uppercase()));
+    }
 }
