@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
-use duffy_core::{EngineError, Node};
+use duffy_core::{EngineError, Node, validate_hostname};
 use serde_json::{Value, json};
 use tracing::{debug, error};
 
@@ -226,19 +226,13 @@ pub(super) fn public_reason(e: &EngineError) -> String {
 /// What any caller is told when the store fails.
 pub(super) const STORE_UNAVAILABLE: &str = "store unavailable";
 
+/// Checks a node name from a request by the core's one rule
+/// ([`validate_hostname`]), before anything is read.
 pub(super) fn check_hostname(node: &str) -> Result<(), Reply> {
-    let ok = !node.is_empty()
-        && node.len() <= 253
-        && node.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
-    if ok {
-        Ok(())
-    } else {
+    validate_hostname(node).map_err(|e| {
         let shown: String = node.chars().take(60).collect();
-        Err(Reply::message(
-            StatusCode::BAD_REQUEST,
-            format!("invalid node name {shown:?}: a hostname of letters, digits, '.' and '-'"),
-        ))
-    }
+        Reply::message(StatusCode::BAD_REQUEST, format!("invalid node name {shown:?}: {}", e.rule))
+    })
 }
 
 /// One legacy inventory row: `[id, hostname, ip, chassis, used_count,
@@ -275,5 +269,32 @@ impl Reply {
     /// The status code (for tests).
     pub fn status_code(&self) -> StatusCode {
         self.status()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The API checks node names by the same rule the core stores them
+    /// by: a name no node can have is refused as invalid.
+    #[test]
+    fn node_names_follow_the_core_rule() {
+        for ok in ["n1", "n1.sim.duffy", "a-b.example.org", "1host"] {
+            assert!(check_hostname(ok).is_ok(), "{ok}");
+            assert!(validate_hostname(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-n1", ".n1", "n1/x", "n 1", "n1_x", &"a".repeat(254)] {
+            let r = check_hostname(bad).expect_err(bad);
+            assert_eq!(r.status_code(), StatusCode::BAD_REQUEST);
+            assert!(validate_hostname(bad).is_err(), "{bad}");
+        }
+        let Reply::Json(_, v) = check_hostname("-n1").expect_err("refused") else { panic!("a JSON string") };
+        assert_eq!(
+            v,
+            json!(
+                "invalid node name \"-n1\": 1 to 253 characters of letters, digits, '.' and '-', not starting with '.' or '-'"
+            )
+        );
     }
 }
