@@ -294,9 +294,13 @@ async fn serve(db: Option<PathBuf>, config: Option<PathBuf>, listen: Option<Sock
     }
     let paths = ControlPaths::for_db(&cfg.database)?;
     let lock = DbLock::acquire_for_service(&paths, SERVE_LOCK_WAIT).await?;
-    let store = open_store(&cfg.database).await?;
+    let store = Arc::new(
+        duffy_backend_sqlite::SqliteStore::open(&cfg.database, duffy_backend_sqlite::SqliteOptions::default())
+            .map_err(|e| CliError::Other(format!("opening {}: {e}", cfg.database.display())))?,
+    );
     info!(database = %cfg.database.display(), "store opened");
-    let built = build_engine(&cfg, store).await?;
+    let mut built = build_engine(&cfg, store.clone()).await?;
+    built.store_stats = Some(store);
     let control = ControlServer::start(&paths, &lock, built.engine.clone())?;
     let running = match start(cfg.listen, built).await {
         Ok(r) => r,

@@ -18,7 +18,7 @@ use crate::api::{AppState, install_endpoints, install_router, public_router, rou
 use crate::clock::SystemClock;
 use crate::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig};
 use crate::listener::{Limits, serve};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreStats};
 use tokio::net::TcpListener;
 
 /// Why the service could not start or stopped with an error.
@@ -66,6 +66,10 @@ pub struct Built {
     /// The install endpoints' own listener (`[installer] listen`), if
     /// configured: `/Install/*` is then served there only.
     pub install_listen: Option<SocketAddr>,
+    /// The store's write-path figures for `/metrics`, when whoever opened
+    /// the store can give them ([`build_engine`] sees only `dyn Store`,
+    /// so it leaves this `None`; `duffy serve` sets its SQLite store).
+    pub store_stats: Option<Arc<dyn StoreStats>>,
 }
 
 fn unsupported(what: &str) -> impl Fn(String) -> ServeError + '_ {
@@ -155,7 +159,7 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         engine.set_pool_targets(&cfg.targets()).await?;
     }
     let limits = Limits::from_config(&cfg.limits, &cfg.policy);
-    Ok(Built { engine, sim: farm, pxe, limits, install_listen })
+    Ok(Built { engine, sim: farm, pxe, limits, install_listen, store_stats: None })
 }
 
 /// A running service.
@@ -197,14 +201,14 @@ pub async fn start(addr: SocketAddr, built: Built) -> Result<Running, ServeError
 /// As [`start`]; with `reconcile` false no reconciler runs, so the farm
 /// changes only through requests (for tests that compare states).
 pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Result<Running, ServeError> {
-    let Built { engine, pxe, limits, install_listen, .. } = built;
+    let Built { engine, pxe, limits, install_listen, store_stats, .. } = built;
     let listener = bind(addr)?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let install_listener = install_listen.map(bind).transpose()?;
     let (stop, rx) = watch::channel(false);
-    let state =
-        AppState { engine: engine.clone(), metrics: Arc::new(Metrics::default()), pxe, auth_guard: Default::default() };
-    let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().run(stopped(rx.clone()))));
+    let metrics = Arc::new(Metrics::new(store_stats));
+    let state = AppState { engine: engine.clone(), metrics: metrics.clone(), pxe, auth_guard: Default::default() };
+    let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().observed_by(metrics).run(stopped(rx.clone()))));
     let key_use = tokio::spawn(crate::keys::record_key_use_until(engine.clone(), stopped(rx.clone())));
     let (app, install) = match install_listener {
         None => (router(state), None),

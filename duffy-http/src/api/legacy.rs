@@ -13,6 +13,7 @@ use tracing::{error, warn};
 use super::wire::*;
 use super::{AppState, Route};
 use crate::auth_guard::{AuthRefusal, authenticate};
+use crate::metrics::Allocation;
 
 pub(super) static NODE_GET: Route =
     Route::legacy("/Node/get", &[param("key"), param("ver"), param("arch"), param("count"), param("flavor")], || {
@@ -57,7 +58,7 @@ async fn node_get(
 ) -> Result<Reply, Reply> {
     let q = query(&st, &NODE_GET, raw.as_deref())?;
     let key = q.key()?;
-    let req = parse_request(&q).inspect_err(|_| st.metrics.allocation("invalid", 0))?;
+    let req = parse_request(&q).inspect_err(|_| st.metrics.allocation(Allocation::Invalid, 0))?;
     let who = authenticate(&st, peer, key).await.map_err(|refusal| match refusal {
         AuthRefusal::Invalid => Reply::Text(StatusCode::OK, INVALID_KEY.into()),
         AuthRefusal::Limited => Reply::Text(StatusCode::TOO_MANY_REQUESTS, LOOKUPS_LIMITED.into()),
@@ -65,7 +66,7 @@ async fn node_get(
     })?;
     let count = req.count.unwrap_or(1) as usize;
     let a = st.engine.get_nodes(&who, &req).await.map_err(|e| allocation_error(&st, e))?;
-    st.metrics.allocation("allocated", count);
+    st.metrics.allocation(Allocation::Allocated, count);
     Ok(Reply::Json(StatusCode::OK, json!({ "hosts": a.hosts, "ssid": a.session.0 })))
 }
 
@@ -74,37 +75,37 @@ fn allocation_error(st: &AppState, e: EngineError) -> Reply {
     let m = &st.metrics;
     match e {
         EngineError::InsufficientNodes { .. } => {
-            m.allocation("insufficient", 0);
+            m.allocation(Allocation::Insufficient, 0);
             Reply::Text(StatusCode::OK, "Insufficient Nodes in READY State".into())
         }
         e @ EngineError::RateLimited { .. } => {
-            m.allocation("rate_limited", 0);
+            m.allocation(Allocation::RateLimited, 0);
             Reply::message(StatusCode::TOO_MANY_REQUESTS, format!("Failed to allocate nodes: {e}"))
         }
         e @ EngineError::QuotaExceeded { .. } => {
-            m.allocation("quota", 0);
+            m.allocation(Allocation::Quota, 0);
             Reply::message(StatusCode::FORBIDDEN, format!("Failed to allocate nodes: {e}"))
         }
         e @ EngineError::ProjectUnusable { .. } => {
-            m.allocation("invalid", 0);
+            m.allocation(Allocation::Invalid, 0);
             Reply::message(StatusCode::BAD_REQUEST, format!("Failed to allocate nodes: {e}"))
         }
         EngineError::PreparationFailed { hostname, reason } => {
-            m.allocation("preparation_failed", 0);
+            m.allocation(Allocation::PreparationFailed, 0);
             warn!(node = %hostname, %reason, "allocation failed while preparing nodes");
             Reply::message(StatusCode::OK, "Failed to allocate nodes")
         }
         EngineError::Paused => {
-            m.allocation("paused", 0);
+            m.allocation(Allocation::Paused, 0);
             // Not a server error: the service is deliberately refusing.
             Reply::message(StatusCode::CONFLICT, "Failed to allocate nodes: the service is paused; try again later")
         }
         e @ (EngineError::NoSuchPool { .. } | EngineError::InvalidRequest(_)) => {
-            m.allocation("invalid", 0);
+            m.allocation(Allocation::Invalid, 0);
             Reply::message(StatusCode::BAD_REQUEST, format!("Failed to allocate nodes: {e}"))
         }
         e => {
-            m.allocation("error", 0);
+            m.allocation(Allocation::Error, 0);
             unexpected("allocation", &e)
         }
     }

@@ -173,7 +173,7 @@ pub fn install_router(state: AppState) -> Router {
 /// an unknown path) and times it.
 async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().and_then(|m| ROUTES.iter().find(|r| r.path == m.as_str()));
-    let endpoint = Metrics::endpoint_index(route.map_or("other", |r| r.label()));
+    let endpoint = route.map_or("other", |r| r.label());
     let started = Instant::now();
     let resp = next.run(req).await;
     st.metrics.observe(endpoint, resp.status().as_u16(), started.elapsed());

@@ -3,30 +3,43 @@
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
+use axum::routing::get;
 use duffy_core::{StoreError, StoreHealth};
 use serde_json::json;
 use tracing::{error, warn};
 
-use axum::routing::get;
-
 use super::wire::*;
 use super::{AppState, Group, Route};
+use crate::metrics::{CONTENT_TYPE, FarmReading, NOT_READY};
 
 pub(super) static METRICS: Route = Route::new("/metrics", Group::Ops, &[], || get(metrics));
 pub(super) static HEALTHZ: Route = Route::new("/healthz", Group::Ops, &[], || get(healthz));
 
-/// `/metrics`
-async fn metrics(State(st): State<AppState>) -> Response {
+/// `/metrics`: what was counted, and the farm as the store has it now.
+/// Ready nodes are counted by [`Store::ready_counts`] (the claim's index)
+/// and only the other nodes are read, in one read each: a node that
+/// changes state between the two reads may be counted twice, or not at
+/// all, in this one scrape (the next one is right).
+///
+/// [`Store::ready_counts`]: duffy_core::Store::ready_counts
+async fn metrics(State(st): State<AppState>) -> Result<Response, Reply> {
     let store = st.engine.store();
-    let (nodes, paused) = match (store.nodes().await, store.paused().await) {
-        (Ok(n), Ok(p)) => (n, p),
-        (Err(e), _) | (_, Err(e)) => return unexpected("reading metrics", &e.into()).into_response(),
+    let read = async {
+        Ok::<_, StoreError>(FarmReading {
+            ready: store.ready_counts().await?,
+            others: store.nodes_in_states(&NOT_READY).await?,
+            targets: store.pool_targets().await?,
+            sessions: store.live_sessions().await?,
+            paused: store.paused().await?,
+            now: st.engine.clock().now(),
+        })
     };
-    let body = st.metrics.render(&nodes, paused);
+    let farm = read.await.map_err(|e| unexpected("reading metrics", &e.into()))?;
+    let body = st.metrics.render(&farm);
     let mut r = Response::new(Body::from(body));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
-    r
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    Ok(r)
 }
 
 /// `/healthz`: the store answers.

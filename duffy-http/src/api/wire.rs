@@ -13,7 +13,6 @@ use serde_json::{Value, json};
 use tracing::{debug, error};
 
 use super::{AppState, Group, Route};
-use crate::metrics::Metrics;
 
 /// A reply: a status and a body in one of the contract's shapes.
 #[derive(Debug, Clone, PartialEq)]
@@ -192,7 +191,7 @@ impl Query {
 pub(super) fn query(st: &AppState, route: &Route, raw: Option<&str>) -> Result<Query, Reply> {
     let q = Query::parse(raw, route)?;
     if !q.ignored.is_empty() {
-        st.metrics.ignored_parameters(Metrics::endpoint_index(route.label()), q.ignored.len());
+        st.metrics.ignored_parameters(route.label(), q.ignored.len());
         debug!(endpoint = route.label(), ignored = ?q.ignored, "ignoring unknown query parameters");
     }
     Ok(q)
