@@ -170,14 +170,6 @@ mod tests {
     use super::super::legacy::NODE_GET;
     use super::*;
 
-    fn body(r: Reply) -> String {
-        match r {
-            Reply::Json(_, v) => v.to_string(),
-            Reply::Text(_, t) => t,
-            Reply::JsonBytes(_, b) => String::from_utf8_lossy(&b).into_owned(),
-        }
-    }
-
     #[test]
     fn template_errors_are_not_shown_to_machines() {
         let e = PxeError::Io {

@@ -82,14 +82,6 @@ mod tests {
 
     use super::*;
 
-    fn body(r: Reply) -> String {
-        match r {
-            Reply::Json(_, v) => v.to_string(),
-            Reply::Text(_, t) => t,
-            Reply::JsonBytes(_, b) => String::from_utf8_lossy(&b).into_owned(),
-        }
-    }
-
     /// What SQLite says when its file is damaged: never for a caller's eyes.
     fn sql_error() -> StoreError {
         StoreError::backend(

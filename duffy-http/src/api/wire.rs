@@ -271,6 +271,16 @@ impl Reply {
     }
 }
 
+/// A reply's body as text (for the unit tests' assertions).
+#[cfg(test)]
+pub(super) fn body(r: Reply) -> String {
+    match r {
+        Reply::Json(_, v) => v.to_string(),
+        Reply::Text(_, t) => t,
+        Reply::JsonBytes(_, b) => String::from_utf8_lossy(&b).into_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
