@@ -87,7 +87,7 @@ impl Allocation {
         Allocation::Error,
     ];
 
-    /// The label value.
+    /// The `outcome` label's value.
     pub fn as_str(self) -> &'static str {
         match self {
             Allocation::Allocated => "allocated",

@@ -27,9 +27,9 @@ pub enum ServeError {
     /// The listen address could not be bound.
     #[error("listening on {addr}: {source}")]
     Bind {
-        /// The address.
+        /// The address asked for.
         addr: SocketAddr,
-        /// Why.
+        /// The OS error (in use, not permitted, …).
         #[source]
         source: std::io::Error,
     },
@@ -54,7 +54,8 @@ pub enum ServeError {
 /// An engine built from a configuration, with handles on the parts that
 /// tests and the HTTP layer need.
 pub struct Built {
-    /// The engine.
+    /// The engine over the store, with the configured power control,
+    /// installer, contextualization, policy and pool targets.
     pub engine: Engine,
     /// The simulated hardware, if that is what drives the machines (tests
     /// break machines through it).
@@ -162,7 +163,8 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
     Ok(Built { engine, sim: farm, pxe, limits, install_listen, store_stats: None })
 }
 
-/// A running service.
+/// A running service: its listeners, its reconciler and its key-use
+/// recorder, until [`Running::stop`].
 pub struct Running {
     /// Where it listens.
     pub addr: SocketAddr,

@@ -108,7 +108,9 @@ pub use templates::{
 use crate::keys::KeyError;
 use crate::template::TemplateError;
 
-/// A PXE install or callback was refused.
+/// A PXE install or callback was refused, or the PXE configuration is
+/// wrong. The HTTP service decides what each variant is answered with;
+/// the display is written for the machine's log or the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum PxeError {
     /// The token is not one of a pending install: malformed, never issued,
@@ -118,7 +120,7 @@ pub enum PxeError {
     /// The token's install ran out of time.
     #[error("the install token of {hostname} has expired")]
     Expired {
-        /// The node.
+        /// The node's host name.
         hostname: String,
     },
     /// An iPXE script was asked for a host with no pending install.
@@ -131,7 +133,7 @@ pub enum PxeError {
     /// The install fails with this reason.
     #[error("{hostname} reported an invalid SSH host key: {source}")]
     InvalidHostKey {
-        /// The node.
+        /// The node's host name.
         hostname: String,
         /// Why the key was refused.
         #[source]
@@ -142,7 +144,7 @@ pub enum PxeError {
     /// with this reason.
     #[error("{hostname} reported its install done without an SSH host key; the PXE installer requires one")]
     MissingHostKey {
-        /// The node.
+        /// The node's host name.
         hostname: String,
     },
     /// A template has an error.
@@ -150,7 +152,7 @@ pub enum PxeError {
     Template {
         /// The template's file name (or `built-in …`, or a URL field).
         name: String,
-        /// The error.
+        /// What is wrong in it (an unknown placeholder, say).
         #[source]
         source: TemplateError,
     },
@@ -169,9 +171,10 @@ pub enum PxeError {
     /// The node or image cannot be installed by PXE (invalid name).
     #[error("cannot install {hostname:?} by PXE: {reason}")]
     InvalidNode {
-        /// The node (cut to 80 characters).
+        /// The node's host name (cut to 80 characters).
         hostname: String,
-        /// What is wrong.
+        /// What is wrong: the name's rule, or why its address cannot be
+        /// used.
         reason: String,
     },
 }
