@@ -73,6 +73,7 @@ mod durability;
 mod queries;
 mod readers;
 mod schema;
+mod stats;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -92,6 +93,7 @@ use rusqlite::{Connection, OpenFlags};
 use tracing::{info, warn};
 
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
+pub use stats::{HistogramSnapshot, WriteHistograms};
 
 use crate::durability::Durability;
 use crate::readers::Readers;
@@ -537,6 +539,13 @@ impl SqliteStore {
             syncs: self.counters.syncs.load(Ordering::Relaxed),
             wal_restarts: self.counters.wal_restarts.load(Ordering::Relaxed),
         }
+    }
+
+    /// The write path's distributions so far (operations per group
+    /// commit, fsync latency): with [`SqliteStore::writer_stats`], what a
+    /// service's metrics show of the store.
+    pub fn write_histograms(&self) -> WriteHistograms {
+        self.counters.distributions.snapshot()
     }
 
     /// Sends an operation to the writer and waits for its answer (sent

@@ -43,6 +43,8 @@ pub(crate) struct Counters {
     /// finishes the checkpoint between two batches so the WAL can restart.
     pub(crate) restart_wanted: AtomicBool,
     pub(crate) wal_restarts: AtomicU64,
+    /// Batch sizes and fsync latencies.
+    pub(crate) distributions: crate::stats::WriteDistributions,
     /// Why the last write transaction failed, while no later one has
     /// committed: the store's health (`Store::health`) reads it.
     pub(crate) last_failure: std::sync::Mutex<Option<String>>,
@@ -353,6 +355,7 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
     let started = Instant::now();
     counters.transactions.fetch_add(1, Ordering::Relaxed);
     counters.operations.fetch_add(n as u64, Ordering::Relaxed);
+    counters.distributions.batch(n);
     let mut done: Vec<Box<dyn Finish>> = Vec::with_capacity(n);
     let mut rest: Vec<Op> = Vec::new();
     let mut refused = 0usize;

@@ -93,7 +93,8 @@ impl NodeRequest {
 /// A successful `/Node/get`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allocation {
-    /// The new session.
+    /// The id of the session created for the request; the caller's
+    /// handle for `/Node/done` and `/Node/fail`.
     pub session: SessionId,
     /// Its nodes' hostnames.
     pub hosts: Vec<String>,
@@ -102,7 +103,7 @@ pub struct Allocation {
 /// A session past its lease, for `/Overtime`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Overtime {
-    /// The session.
+    /// The overdue session as stored (project, lease, state).
     pub session: Session,
     /// Its nodes' hostnames.
     pub hosts: Vec<String>,
@@ -126,9 +127,9 @@ pub enum EngineError {
     /// The session is not in the state the call needs.
     #[error("session {id} is {state}, not Prod")]
     SessionNotInProd {
-        /// The session.
+        /// The session the call named.
         id: SessionId,
-        /// Its state.
+        /// The state it is in instead of Prod.
         state: &'static str,
     },
     /// A parameter is out of range.
@@ -181,15 +182,15 @@ pub enum EngineError {
     /// Preparing a node for the project failed; nothing was handed out.
     #[error("failed to allocate nodes: preparing {hostname} failed: {reason}")]
     PreparationFailed {
-        /// The node that failed.
+        /// The node whose preparation failed (it is blamed and cools down).
         hostname: String,
-        /// Why.
+        /// The preparation error, as the contextualizer reported it.
         reason: String,
     },
     /// The project's cap on failed nodes would be exceeded.
     #[error("exceeded maximum allowed fail nodes limit ({cap}), please release other machines to continue")]
     FailCapExceeded {
-        /// The cap.
+        /// The most Failed-held nodes a project may keep at once.
         cap: u32,
     },
     /// New allocations are paused.
@@ -395,22 +396,23 @@ impl Engine {
         }
     }
 
-    /// The store.
+    /// The store every operation of this engine reads and writes; embedders
+    /// use it for reads the engine does not wrap (inventory, events).
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
     }
 
-    /// The power controller.
+    /// The power controller the reconciler and operator calls drive.
     pub fn power(&self) -> &Arc<dyn PowerController> {
         &self.inner.power
     }
 
-    /// The clock.
+    /// The injected clock every lease, expiry and event time comes from.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.inner.clock
     }
 
-    /// The policy.
+    /// The policy in force: leases, quotas, rate limit, pool targets.
     pub fn policy(&self) -> &Policy {
         &self.inner.policy
     }

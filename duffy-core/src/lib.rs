@@ -57,7 +57,7 @@ pub use model::*;
 pub use planner::{Plan, PlanInput, PlannedInstall, plan};
 pub use policy::{Policy, RateLimit};
 pub use power::{BootDevice, PowerAction, PowerController, PowerError, PowerErrorKind};
-pub use reconciler::{OpDone, OpOutcome, PassReport, Reconciler};
+pub use reconciler::{AttemptFailure, OpDone, OpOutcome, PassReport, Reconciler, ReconcilerObserver};
 pub use session::{SESSION_TRANSITIONS, SessionCause, SessionCauseKind, SessionEvent, SessionTransitionError};
 pub use state::{Cause, CauseKind, Event, NodeState, TransitionError};
 pub use store::{

@@ -131,6 +131,24 @@ pub struct InvalidName {
     pub rule: &'static str,
 }
 
+/// Checks a host name: 1 to 253 characters of RFC 1123's (ASCII letters,
+/// digits, `.` and `-`), not starting with `.` or `-`. The one rule for a
+/// node's name, wherever one arrives (configuration, CLI, HTTP).
+pub fn validate_hostname(h: &str) -> Result<(), InvalidName> {
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
+        && !h.starts_with(['.', '-']);
+    if ok {
+        return Ok(());
+    }
+    Err(InvalidName {
+        what: "hostname",
+        value: h.chars().take(80).collect(),
+        rule: "1 to 253 characters of letters, digits, '.' and '-', not starting with '.' or '-'",
+    })
+}
+
 /// Checks a short identifier: 1..=`max` characters of ASCII letters, digits,
 /// `.`, `_` and `-`.
 pub fn validate_token(what: &'static str, value: &str, max: usize) -> Result<(), InvalidName> {
@@ -439,20 +457,9 @@ impl NewNode {
         }
     }
 
-    /// Checks the host name (RFC 1123 characters, 1..=253) and flavor.
+    /// Checks the host name ([`validate_hostname`]) and flavor.
     pub fn validate(&self) -> Result<(), InvalidName> {
-        let h = &self.hostname;
-        let ok = !h.is_empty()
-            && h.len() <= 253
-            && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
-            && !h.starts_with(['.', '-']);
-        if !ok {
-            return Err(InvalidName {
-                what: "hostname",
-                value: h.chars().take(80).collect(),
-                rule: "1 to 253 characters of letters, digits, '.' and '-', not starting with '.' or '-'",
-            });
-        }
+        validate_hostname(&self.hostname)?;
         if let Some(f) = &self.flavor {
             validate_token("flavor", f, 64)?;
         }

@@ -102,7 +102,7 @@ pub enum Cause {
     /// Every attempt failed; `retry_at` is when the node gets another
     /// chance (`None`: an operator must recover it).
     InstallFailed {
-        /// Why.
+        /// What went wrong, as the installer or the BMC reported it.
         reason: String,
         /// End of the cool-down.
         retry_at: Option<Timestamp>,
@@ -122,7 +122,7 @@ pub enum Cause {
     },
     /// Preparing for the project failed.
     PrepareFailed {
-        /// Why.
+        /// What went wrong, as the contextualizer reported it.
         reason: String,
         /// End of the cool-down, as for [`Cause::InstallFailed`].
         retry_at: Option<Timestamp>,
@@ -130,7 +130,8 @@ pub enum Cause {
     /// Another node of the same allocation failed, or the allocation was
     /// interrupted: this node goes back to be reinstalled.
     AllocationAborted {
-        /// Why.
+        /// Why the allocation ended (the sibling node's failure, or the
+        /// interruption).
         reason: String,
     },
     /// The session was released with `/Node/done`.

@@ -338,7 +338,19 @@ pub trait Store: Send + Sync {
 
     /// Ready nodes per pool (for sizing decisions without reading every
     /// row): `(pool, count)` ordered by pool.
-    async fn ready_counts(&self) -> Result<Vec<(PoolKey, u32)>, StoreError>;
+    ///
+    /// The default reads every node with [`Store::nodes`] and counts;
+    /// backends should override it with an indexed count, since the
+    /// reconciler calls it on every pass.
+    async fn ready_counts(&self) -> Result<Vec<(PoolKey, u32)>, StoreError> {
+        let mut counts: std::collections::BTreeMap<PoolKey, u32> = std::collections::BTreeMap::new();
+        for n in self.nodes().await? {
+            if let (NodeState::Ready, Some(image)) = (n.state, n.image) {
+                *counts.entry(image).or_default() += 1;
+            }
+        }
+        Ok(counts.into_iter().collect())
+    }
 
     /// The nodes in any of `states`, ordered by id.
     ///

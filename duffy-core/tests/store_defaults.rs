@@ -11,8 +11,8 @@ use duffy_core::mem::MemStore;
 use duffy_core::store::{Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery};
 use duffy_core::testkit::conformance;
 use duffy_core::{
-    Actor, ApiKeyHash, ApiKeyRecord, Event, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session,
-    SessionId, Store, StoreError, Timestamp,
+    Actor, ApiKeyHash, ApiKeyRecord, Event, KeyId, NewNode, Node, NodeId, PoolTarget, Project, Session, SessionId,
+    Store, StoreError, Timestamp,
 };
 
 /// A store that implements only the required methods (by delegating to a
@@ -46,9 +46,6 @@ impl Store for Plain {
     }
     async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
         self.0.nodes().await
-    }
-    async fn ready_counts(&self) -> Result<Vec<(PoolKey, u32)>, StoreError> {
-        self.0.ready_counts().await
     }
     async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
         let s = self.0.session(id).await?;
@@ -154,6 +151,11 @@ async fn default_nodes_after() {
 #[tokio::test]
 async fn default_idle_nodes() {
     conformance::idle_nodes_are_least_used_first(plain()).await;
+}
+
+#[tokio::test]
+async fn default_ready_counts() {
+    conformance::ready_counts_count_ready_nodes_per_pool(plain()).await;
 }
 
 #[tokio::test]

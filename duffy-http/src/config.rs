@@ -16,16 +16,16 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("reading {path}: {source}")]
     Read {
-        /// The file.
+        /// The configuration file.
         path: PathBuf,
-        /// Why.
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },
     /// The file is not valid TOML for this schema.
     #[error("{path}: {source}")]
     Parse {
-        /// The file.
+        /// The configuration file.
         path: PathBuf,
         /// What is wrong, with line and column.
         #[source]
@@ -36,7 +36,8 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// The whole file.
+/// The configuration file of `duffy serve --config`: every section, each
+/// with its defaults (an empty file is a simulated farm on 127.0.0.1:8080).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -223,7 +224,8 @@ pub enum ContextualizeConfig {
     Ssh(duffy_installers::SshConfig),
 }
 
-/// The simulated farm.
+/// `[hardware] kind = "simulated"`: machines without hardware, whose
+/// installs take a random time, for trying Duffy out and for tests.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimulatedConfig {
@@ -277,7 +279,7 @@ impl SimulatedConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeFile {
-    /// The machines.
+    /// One `[[nodes]]` table per machine.
     pub nodes: Vec<NewNode>,
 }
 

@@ -205,6 +205,12 @@ enum CliError {
 }
 
 async fn open_store(path: &Path) -> Result<Arc<dyn Store>, CliError> {
+    Ok(open_sqlite(path)?)
+}
+
+/// The SQLite store itself: `duffy serve` also hands it to `/metrics`
+/// for its write-path figures.
+fn open_sqlite(path: &Path) -> Result<Arc<duffy_backend_sqlite::SqliteStore>, CliError> {
     let store = duffy_backend_sqlite::SqliteStore::open(path, duffy_backend_sqlite::SqliteOptions::default())
         .map_err(|e| CliError::Other(format!("opening {}: {e}", path.display())))?;
     Ok(Arc::new(store))
@@ -267,9 +273,10 @@ async fn serve(db: Option<PathBuf>, config: Option<PathBuf>, listen: Option<Sock
     }
     let paths = ControlPaths::for_db(&cfg.database)?;
     let lock = DbLock::acquire_for_service(&paths, SERVE_LOCK_WAIT).await?;
-    let store = open_store(&cfg.database).await?;
+    let store = open_sqlite(&cfg.database)?;
     info!(database = %cfg.database.display(), "store opened");
-    let built = build_engine(&cfg, store).await?;
+    let mut built = build_engine(&cfg, store.clone()).await?;
+    built.store_stats = Some(store);
     let control = ControlServer::start(&paths, &lock, built.engine.clone())?;
     let running = match start(cfg.listen, built).await {
         Ok(r) => r,

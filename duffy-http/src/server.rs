@@ -11,14 +11,14 @@ use duffy_core::sim::SimFarm;
 use duffy_core::{
     Actor, Clock, Contextualizer, Engine, EngineError, Installer, PowerController, Store, StoreError, StoreHealth,
 };
-use duffy_installers::{CommandInstaller, PxeInstaller, PxeRegistry, SshContextualizer};
+use duffy_installers::{ByPool, CommandInstaller, PxeInstaller, PxeRegistry, SshContextualizer};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::api::{AppState, install_router, public_router, router};
+use crate::api::{AppState, install_endpoints, install_router, public_router, router};
 use crate::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig};
 use crate::listener::{Limits, serve};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreStats};
 use tokio::net::TcpListener;
 
 /// Why the service could not start or stopped with an error.
@@ -27,9 +27,9 @@ pub enum ServeError {
     /// The listen address could not be bound.
     #[error("listening on {addr}: {source}")]
     Bind {
-        /// The address.
+        /// The address asked for.
         addr: SocketAddr,
-        /// Why.
+        /// The OS error (in use, not permitted, …).
         #[source]
         source: std::io::Error,
     },
@@ -54,7 +54,8 @@ pub enum ServeError {
 /// An engine built from a configuration, with handles on the parts that
 /// tests and the HTTP layer need.
 pub struct Built {
-    /// The engine.
+    /// The engine over the store, with the configured power control,
+    /// installer, contextualization, policy and pool targets.
     pub engine: Engine,
     /// The simulated hardware, if that is what drives the machines (tests
     /// break machines through it).
@@ -66,6 +67,10 @@ pub struct Built {
     /// The install endpoints' own listener (`[installer] listen`), if
     /// configured: `/Install/*` is then served there only.
     pub install_listen: Option<SocketAddr>,
+    /// The store's write-path figures for `/metrics`, when whoever opened
+    /// the store can give them ([`build_engine`] sees only `dyn Store`,
+    /// so it leaves this `None`; `duffy serve` sets its SQLite store).
+    pub store_stats: Option<Arc<dyn StoreStats>>,
 }
 
 fn unsupported(what: &str) -> impl Fn(String) -> ServeError + '_ {
@@ -103,8 +108,9 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
                 return Err(ServeError::Unsupported("the simulated installer needs simulated hardware".into()));
             }
             (InstallerConfig::Pxe(p), _) => {
-                let registry =
-                    Arc::new(PxeRegistry::new(p, clock.clone()).map_err(|e| unsupported("installer")(e.to_string()))?);
+                let registry = PxeRegistry::new(p, install_endpoints(), clock.clone())
+                    .map_err(|e| unsupported("installer")(e.to_string()))?;
+                let registry = Arc::new(registry);
                 info!(public_url = %p.public_url, "PXE installer");
                 for n in existing.iter().filter(|n| duffy_installers::pxe::node_address(n.ip.as_deref()).is_err()) {
                     warn!(node = %n.hostname, ip = ?n.ip, "node has no usable IP address: PXE installs of it will fail");
@@ -120,14 +126,13 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         })
     };
     let default = make(&cfg.installer)?;
-    let mut by_pool = Vec::new();
+    let mut by_pool = ByPool::new(default.clone());
     for (t, p) in cfg.targets().into_iter().zip(&cfg.pools) {
         if let Some(which) = &p.installer {
-            by_pool.push((t.pool, make(which)?));
+            by_pool = by_pool.pool(t.pool, make(which)?);
         }
     }
-    let installer: Arc<dyn Installer> =
-        if by_pool.is_empty() { default } else { Arc::new(PerPoolInstaller { default, by_pool }) };
+    let installer: Arc<dyn Installer> = if by_pool.is_empty() { default } else { Arc::new(by_pool) };
     // The simulated farm prepares nodes (a delay, seeded failures) when
     // no real contextualization is configured and it has anything to
     // prepare; with nothing to prepare, allocation is one write.
@@ -155,29 +160,11 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         engine.set_pool_targets(&cfg.targets()).await?;
     }
     let limits = Limits::from_config(&cfg.limits, &cfg.policy);
-    Ok(Built { engine, sim: farm, pxe, limits, install_listen })
+    Ok(Built { engine, sim: farm, pxe, limits, install_listen, store_stats: None })
 }
 
-/// Installs each pool's image with that pool's installer (the service's
-/// default for the others).
-struct PerPoolInstaller {
-    default: Arc<dyn Installer>,
-    by_pool: Vec<(duffy_core::PoolKey, Arc<dyn Installer>)>,
-}
-
-#[async_trait::async_trait]
-impl Installer for PerPoolInstaller {
-    async fn install(
-        &self,
-        node: &duffy_core::Node,
-        image: &duffy_core::PoolKey,
-    ) -> Result<duffy_core::Installed, duffy_core::InstallError> {
-        let chosen = self.by_pool.iter().find(|(p, _)| p == image).map(|(_, i)| i).unwrap_or(&self.default);
-        chosen.install(node, image).await
-    }
-}
-
-/// A running service.
+/// A running service: its listeners, its reconciler and its key-use
+/// recorder, until [`Running::stop`].
 pub struct Running {
     /// Where it listens.
     pub addr: SocketAddr,
@@ -216,14 +203,14 @@ pub async fn start(addr: SocketAddr, built: Built) -> Result<Running, ServeError
 /// As [`start`]; with `reconcile` false no reconciler runs, so the farm
 /// changes only through requests (for tests that compare states).
 pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Result<Running, ServeError> {
-    let Built { engine, pxe, limits, install_listen, .. } = built;
+    let Built { engine, pxe, limits, install_listen, store_stats, .. } = built;
     let listener = bind(addr)?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let install_listener = install_listen.map(bind).transpose()?;
     let (stop, rx) = watch::channel(false);
-    let state =
-        AppState { engine: engine.clone(), metrics: Arc::new(Metrics::default()), pxe, auth_guard: Default::default() };
-    let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().run(stopped(rx.clone()))));
+    let metrics = Arc::new(Metrics::new(store_stats));
+    let state = AppState { engine: engine.clone(), metrics: metrics.clone(), pxe, auth_guard: Default::default() };
+    let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().observed_by(metrics).run(stopped(rx.clone()))));
     let key_use = tokio::spawn(crate::keys::record_key_use_until(engine.clone(), stopped(rx.clone())));
     let (app, install) = match install_listener {
         None => (router(state), None),

@@ -12,28 +12,16 @@ use std::sync::Arc;
 
 use common::{Setup, TestServer};
 use duffy_core::{EventQuery, Store};
+use duffy_http::api::ROUTES;
 use proptest::prelude::*;
 
-const PATHS: &[&str] = &[
-    "/Node/get",
-    "/Node/done",
-    "/Node/fail",
-    "/Inventory",
-    "/Help",
-    "/Overtime",
-    "/NodeSetAdmin/n1.sim.duffy",
-    "/NodeRecover/n2.sim.duffy",
-    "/PauseService",
-    "/ResumeService",
-    "/metrics",
-    "/healthz",
-    "/Install/ipxe",
-    "/Install/kickstart",
-    "/Install/done",
-    "/Install/failed",
-    "/Node",
-    "/",
-];
+/// Every route the service has (its node parameter a real node), and two
+/// unknown paths.
+fn paths() -> Vec<String> {
+    let mut paths: Vec<String> = ROUTES.iter().map(|r| r.path.replace("{node}", "n1.sim.duffy")).collect();
+    paths.extend(["/Node".to_string(), "/".to_string()]);
+    paths
+}
 
 fn piece() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -77,7 +65,9 @@ async fn snapshot(store: &dyn Store) -> (Vec<duffy_core::Node>, Vec<duffy_core::
 
 /// The endpoints that ignore unknown parameters.
 fn is_legacy(path: &str) -> bool {
-    !path.starts_with("/Install/") && !matches!(path, "/metrics" | "/healthz" | "/Node" | "/")
+    ROUTES
+        .iter()
+        .any(|r| r.ignores_unknown_parameters() && (path == r.path || path.starts_with(&format!("{}/", r.label()))))
 }
 
 /// Parameters no endpoint knows, as job scripts add them.
@@ -120,9 +110,10 @@ fn arbitrary_requests_never_break_anything() {
         failure_persistence: None,
         ..ProptestConfig::default()
     });
-    let strategy = (proptest::sample::select(PATHS), query(), 0..3usize, extras());
+    let strategy = (proptest::sample::select(paths()), query(), 0..3usize, extras());
     runner
         .run(&strategy, |(path, q, which_key, extra)| {
+            let path = path.as_str();
             // Sometimes a real key in front, so that validation past the key is reached.
             let q = match which_key {
                 1 => format!("key={user}&{q}"),

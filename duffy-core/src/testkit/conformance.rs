@@ -62,6 +62,7 @@ macro_rules! store_conformance_tests {
             stale_ready_is_oldest_first_and_bounded,
             nodes_after_pages_through_the_farm,
             idle_nodes_are_least_used_first,
+            ready_counts_count_ready_nodes_per_pool,
             api_keys_are_listed_and_revoked,
             key_use_is_recorded_forward_only,
             sessions_expire_and_are_listed_by_expiry,
@@ -859,6 +860,21 @@ pub async fn idle_nodes_are_least_used_first(store: Arc<dyn Store>) {
     for n in &idle {
         assert_eq!(Some(n), store.node(n.id).await.expect("read").as_ref());
     }
+}
+
+/// `ready_counts` counts Ready nodes per pool (every pool with one, in
+/// pool order) and nothing else: not a node of another state carrying
+/// the same image.
+pub async fn ready_counts_count_ready_nodes_per_pool(store: Arc<dyn Store>) {
+    assert!(store.ready_counts().await.expect("read").is_empty());
+    let p6 = PoolKey::new("6", Arch::X86_64, None);
+    add_ready(&*store, "a", 3, &pool7()).await;
+    add_ready(&*store, "b", 1, &p6).await;
+    store.add_nodes(vec![NewNode::new("idle", Arch::X86_64)], Actor::Operator, T0).await.expect("add");
+    assert_eq!(store.ready_counts().await.expect("read"), vec![(p6.clone(), 1), (pool7(), 3)]);
+    // A claimed node carries its image but is no longer Ready.
+    claim_ok(&*store, claim_req("c", 1, "p", 2, T0)).await;
+    assert_eq!(store.ready_counts().await.expect("read"), vec![(p6, 1), (pool7(), 1)]);
 }
 
 /// `nodes_after` pages through every node by id.
