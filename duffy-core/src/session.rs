@@ -365,9 +365,13 @@ mod tests {
         let mut s = session(S::Prod);
         s.lease_until = Some(Timestamp(100));
         s.expires_at = Some(Timestamp(100));
-        let ext = |until, max: Option<i64>| SessionCause::Extended { until: Timestamp(until), max_until: max.map(Timestamp) };
+        let ext =
+            |until, max: Option<i64>| SessionCause::Extended { until: Timestamp(until), max_until: max.map(Timestamp) };
         let (e, ev) = s.apply(ext(150, Some(200)), Timestamp(50)).unwrap();
-        assert_eq!((e.state, e.lease_until, e.expires_at, e.version), (S::Prod, Some(Timestamp(100)), Some(Timestamp(150)), 4));
+        assert_eq!(
+            (e.state, e.lease_until, e.expires_at, e.version),
+            (S::Prod, Some(Timestamp(100)), Some(Timestamp(150)), 4)
+        );
         assert_eq!((ev.from, ev.to, ev.cause), (S::Prod, S::Prod, SessionCauseKind::Extended));
         // Up to the maximum exactly, and without a maximum as far as asked.
         assert_eq!(e.apply(ext(200, Some(200)), Timestamp(60)).unwrap().0.expires_at, Some(Timestamp(200)));

@@ -537,7 +537,9 @@ pub async fn sessions_expire_and_are_listed_by_expiry(store: Arc<dyn Store>) {
             NodeWrite::transition(n, Cause::FailedByUser { hold_until }, Actor::Key(KeyId(1)), at(5)).expect("legal"),
         );
     }
-    batch.sessions.push(SessionWrite::transition(&f.session, SessionCause::FailedByUser { hold_until }, at(5)).expect("legal"));
+    batch
+        .sessions
+        .push(SessionWrite::transition(&f.session, SessionCause::FailedByUser { hold_until }, at(5)).expect("legal"));
     store.commit(batch).await.expect("fail");
 
     let ids = |v: Vec<Session>| v.into_iter().map(|s| s.id.0).collect::<Vec<_>>();
@@ -572,7 +574,11 @@ pub async fn sessions_expire_and_are_listed_by_expiry(store: Arc<dyn Store>) {
     let ended = store.session(&s1.id).await.expect("read").expect("kept");
     assert_eq!((ended.state, ended.ended_at), (SessionState::Done, Some(at(150))));
     assert_eq!(ids(store.expired_sessions(at(150), 10).await.expect("read")), Vec::<String>::new());
-    assert_eq!(ids(store.expired_sessions(at(1_000_000), 10).await.expect("read")), ["s2"], "a Fail session is never listed");
+    assert_eq!(
+        ids(store.expired_sessions(at(1_000_000), 10).await.expect("read")),
+        ["s2"],
+        "a Fail session is never listed"
+    );
     check_invariants(&*store).await.expect("invariants");
     check_history(&*store).await.expect("history");
 }
