@@ -313,7 +313,10 @@ fn a_version_5_file_gets_session_expiry_at_the_lease() {
             async move { store.session(&id).await.expect("read").expect("survives the migration") }
         };
         let prod = read("prod").await;
-        assert_eq!((prod.state, prod.lease_until, prod.expires_at), (SessionState::Prod, Some(at(3600)), Some(at(3600))));
+        assert_eq!(
+            (prod.state, prod.lease_until, prod.expires_at),
+            (SessionState::Prod, Some(at(3600)), Some(at(3600)))
+        );
         assert_eq!(read("late").await.expires_at, Some(at(60)), "expires at its lease, as every session now does");
         assert_eq!(read("allocating").await.expires_at, None, "not delivered: no expiry");
         // The reconciler's read finds the one past its lease at once.
