@@ -61,7 +61,7 @@ pub use reconciler::{AttemptFailure, OpDone, OpOutcome, PassReport, Reconciler, 
 pub use session::{SESSION_TRANSITIONS, SessionCause, SessionCauseKind, SessionEvent, SessionTransitionError};
 pub use state::{Cause, CauseKind, Event, NodeState, TransitionError};
 pub use store::{
-    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeWrite, SessionWrite, StorageFault,
-    Store, StoreError, StoreHealth,
+    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeCount, NodeGroup, NodeWrite,
+    SessionWrite, StorageFault, Store, StoreError, StoreHealth,
 };
 pub use time::{Clock, OutOfRange, ParseTimestampError, Timestamp};
