@@ -97,10 +97,19 @@ async fn browser(driver: &ChromeDriver) -> Client {
 /// resource that failed to load, a blocked inline script) since the last
 /// call.
 async fn assert_no_console_errors(c: &Client, page: &str) {
-    let log = c.issue_cmd(BrowserLog).await.expect("read the browser log");
-    let errors: Vec<&Value> =
-        log.as_array().expect("a list of log entries").iter().filter(|e| e["level"] == "SEVERE").collect();
+    let errors = console_errors(c).await;
     assert!(errors.is_empty(), "console errors on {page}: {errors:#?}");
+}
+
+/// The messages of the errors the browser logged since the last call.
+async fn console_errors(c: &Client) -> Vec<String> {
+    let log = c.issue_cmd(BrowserLog).await.expect("read the browser log");
+    log.as_array()
+        .expect("a list of log entries")
+        .iter()
+        .filter(|e| e["level"] == "SEVERE")
+        .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 fn screenshots() -> PathBuf {
@@ -114,8 +123,14 @@ async fn screenshot(c: &Client, name: &str) {
     std::fs::write(screenshots().join(format!("{name}.png")), png).expect("write the screenshot");
 }
 
+/// The text of the element `css` selects, read in one script (a live
+/// update may replace the element between two WebDriver calls).
 async fn text(c: &Client, css: &str) -> String {
-    c.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}")).text().await.expect("text")
+    let script = format!("const e = document.querySelector({css:?}); return e ? e.textContent : null;");
+    match js(c, &script).await {
+        Value::String(t) => t,
+        other => panic!("{css}: no such element ({other})"),
+    }
 }
 
 async fn js(c: &Client, script: &str) -> Value {
@@ -136,9 +151,13 @@ async fn until(c: &Client, secs: u64, what: &str, script: &str) {
 
 const STATES: [&str; 7] = ["Active", "Provisioning", "Ready", "Contextualizing", "Deployed", "Failed", "Reserved"];
 
-/// Every cell of the map: `[state, letter]`.
-const CELLS: &str =
-    "return Array.from(document.querySelectorAll('#map a.cell')).map(a => [a.dataset.state, a.textContent]);";
+/// The map's total, every cell as `[state, letter]`, and the legend's
+/// count per state.
+const MAP_STATE: &str = "return {
+    total: document.getElementById('farm-total').textContent,
+    cells: Array.from(document.querySelectorAll('#map a.cell')).map(a => [a.dataset.state, a.textContent]),
+    counts: Object.fromEntries(Array.from(document.querySelectorAll('[id^=count-]')).map(e => [e.id.slice(6), e.textContent])),
+};";
 
 async fn legacy(server: &Service, path: &str) -> (u16, Value) {
     let r = reqwest::get(format!("http://127.0.0.1:{}{path}", server.port())).await.expect("legacy API call");
@@ -184,17 +203,16 @@ async fn the_dashboard_in_a_real_browser() {
     // agree (they must, within a few tries).
     let mut agreed = false;
     for _ in 0..20 {
-        let total: u64 = text(&c, "#farm-total").await.split(' ').next().unwrap().parse().unwrap();
-        assert_eq!(total, 48, "the embedded default farm has 48 machines");
-        let cells = js(&c, CELLS).await;
-        let cells = cells.as_array().unwrap();
+        // One script: the page cannot change under it.
+        let page = js(&c, MAP_STATE).await;
+        assert_eq!(page["total"], json!("48 machines"), "the embedded default farm has 48 machines");
+        let cells = page["cells"].as_array().unwrap();
         assert_eq!(cells.len(), 48, "every machine is a cell");
         let mut all_counted = true;
         for state in STATES {
             let of_state: Vec<&Value> = cells.iter().filter(|c| c[0] == state).collect();
             assert!(of_state.iter().all(|c| c[1] == letter(state)), "{state} cells show {}", letter(state));
-            let counted: usize = text(&c, &format!("#count-{state}")).await.parse().unwrap();
-            all_counted &= counted == of_state.len();
+            all_counted &= page["counts"][state] == json!(of_state.len().to_string());
         }
         if all_counted && cells.iter().any(|c| c[0] == "Ready") {
             agreed = true;
@@ -263,13 +281,12 @@ async fn the_dashboard_in_a_real_browser() {
         assert_no_console_errors(&c, path).await;
         screenshot(&c, path.trim_start_matches("/ui/")).await;
     }
-    let pools = text(&c, "body").await;
-    assert!(!pools.is_empty());
 
     // Without an admin key, a pause is refused and changes nothing: a
     // POST with this browser's CSRF token but no key, and one with a key
     // cookie but no token.
     c.goto(&format!("{base}/ui")).await.unwrap();
+    assert_no_console_errors(&c, "/ui (before the admin steps)").await;
     let refused = js(
         &c,
         "const csrf = document.querySelector('#login input[name=csrf]').value;
@@ -282,6 +299,7 @@ async fn the_dashboard_in_a_real_browser() {
     // A non-admin key is not let in.
     c.find(Locator::Css("#admin-key")).await.unwrap().send_keys(&job).await.unwrap();
     c.find(Locator::Css("#login button")).await.unwrap().click().await.unwrap();
+    until(&c, 10, "the refusal", "return document.getElementById('message') !== null;").await;
     assert!(text(&c, "#message").await.contains("not an admin key"));
     c.goto(&format!("{base}/ui")).await.unwrap();
     assert!(c.find(Locator::Css("#do-pause")).await.is_err(), "no admin controls without an admin key");
@@ -289,6 +307,7 @@ async fn the_dashboard_in_a_real_browser() {
     // without the CSRF token is still refused.
     c.find(Locator::Css("#admin-key")).await.unwrap().send_keys(&admin).await.unwrap();
     c.find(Locator::Css("#login button")).await.unwrap().click().await.unwrap();
+    until(&c, 10, "the admin status", "return document.getElementById('admin-status') !== null;").await;
     assert_eq!(text(&c, "#admin-status").await, "Admin (ops)");
     let forged = js(
         &c,
@@ -311,8 +330,16 @@ async fn the_dashboard_in_a_real_browser() {
     until(&c, 10, "resumed", "return document.getElementById('paused-flag').textContent === 'Serving allocations';").await;
     // Logged out, the controls are gone again.
     c.find(Locator::Css(".admin form button")).await.unwrap().click().await.unwrap();
+    until(&c, 10, "the login form", "return document.getElementById('login') !== null;").await;
     assert!(c.find(Locator::Css("#do-pause")).await.is_err());
-    assert_no_console_errors(&c, "admin pages").await;
+    // The only errors are the three refusals the test provoked (the
+    // browser logs every 403 it is answered).
+    let errors = console_errors(&c).await;
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(
+        errors.iter().all(|e| (e.contains("/ui/action - ") || e.contains("/ui/login - ")) && e.contains("status of 403")),
+        "{errors:#?}"
+    );
 
     c.close().await.expect("close the browser");
     drop(driver);

@@ -92,6 +92,12 @@ pub fn human(d: Duration) -> String {
 /// The page around `body`: navigation, the admin box, and `#live`, the
 /// part the event stream refreshes.
 pub fn layout(ctx: &Ctx, title: &str, current: &str, before_live: Markup, live: Markup) -> Markup {
+    page(ctx, title, current, before_live, live, true)
+}
+
+/// [`layout`], with or without the live script: a page answering a POST
+/// (a refusal) must not refresh itself, since that would GET its URL.
+fn page(ctx: &Ctx, title: &str, current: &str, before_live: Markup, live: Markup, refresh: bool) -> Markup {
     let nav = [("/ui", "Farm map"), ("/ui/pools", "Pools"), ("/ui/sessions", "Sessions"), ("/ui/charts", "Charts")];
     html! {
         (DOCTYPE)
@@ -100,8 +106,10 @@ pub fn layout(ctx: &Ctx, title: &str, current: &str, before_live: Markup, live: 
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " — Duffy" }
+                // No favicon request (it would be a 404 on every page).
+                link rel="icon" href="data:,";
                 link rel="stylesheet" href="/ui/style.css";
-                script src="/ui/app.js" defer {}
+                @if refresh { script src="/ui/app.js" defer {} }
             }
             body data-seq=(ctx.seq) data-paused=(ctx.paused) {
                 a.skip href="#live" { "Skip to content" }
@@ -174,7 +182,8 @@ pub fn action_form(ctx: &Ctx, action: &str, host: Option<&str>, label: &str) -> 
 
 /// A page that only says something (an error, a refusal).
 pub fn message(ctx: &Ctx, title: &str, text: &str) -> Markup {
-    layout(ctx, title, "", html! {}, html! { h1 { (title) } p #message { (text) } p { a href="/ui" { "Back to the farm map" } } })
+    let body = html! { h1 { (title) } p #message { (text) } p { a href="/ui" { "Back to the farm map" } } };
+    page(ctx, title, "", html! {}, body, false)
 }
 
 // ----- farm map -----
@@ -755,6 +764,8 @@ dd.bad { color: #b00020; }
 .chart svg { width: 100%; max-width: 640px; background: #fff; border: 1px solid #ddd; }
 .swatch { width: .8em; height: .8em; margin: 0 .2em 0 .6em; }
 form.action { display: inline; }
+form.filters label { margin: 0 .3em 0 .9em; } form.filters label:first-child { margin-left: 0; }
+dl.node { display: grid; grid-template-columns: max-content 1fr; gap: .25em 1em; } dl.node dt { font-weight: bold; } dl.node dd { margin: 0; }
 "#;
 
 /// The event stream's client: on each change, fetch the page again and
@@ -785,3 +796,96 @@ pub const APP_JS: PreEscaped<&str> = PreEscaped(
 })();
 "#,
 );
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+    use std::sync::{Arc, Mutex};
+
+    use duffy_core::mem::MemStore;
+    use duffy_core::testkit::InterceptStore;
+    use duffy_core::{Actor, Arch, NewNode, Store};
+
+    use super::*;
+
+    /// A store of `n` idle machines, 40 to a chassis, that records which
+    /// reads it was asked for.
+    async fn farm(n: usize) -> (InterceptStore, Arc<Mutex<Vec<&'static str>>>) {
+        let inner = MemStore::new();
+        let nodes = (1..=n)
+            .map(|i| {
+                let mut m = NewNode::new(format!("m{i}.farm"), Arch::X86_64);
+                m.chassis = Some(format!("rack{}", i / 40));
+                m
+            })
+            .collect();
+        inner.add_nodes(nodes, Actor::Operator, Timestamp(0)).await.unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let store = InterceptStore::failing(Arc::new(inner), move |m| {
+            seen.lock().unwrap().push(m);
+            None
+        });
+        (store, calls)
+    }
+
+    /// The map never reads the whole farm: counts come grouped, cells a
+    /// page at a time, and a filter that matches little reads at most
+    /// `MAP_SCAN` rows per page, then offers the next page; paging covers
+    /// every machine exactly once.
+    #[tokio::test]
+    async fn the_map_reads_a_bounded_page_and_pages_through_the_farm() {
+        let (store, calls) = farm(MAP_SCAN + 5_000).await;
+        let mut f = MapFilter::default();
+        let mut seen = Vec::new();
+        loop {
+            calls.lock().unwrap().clear();
+            let d = read_map(&store, &f).await.unwrap();
+            assert_eq!(d.counts.iter().map(|c| c.count as usize).sum::<usize>(), MAP_SCAN + 5_000);
+            assert!(d.cells.len() <= MAP_CELLS);
+            let calls = calls.lock().unwrap().clone();
+            assert!(!calls.contains(&"nodes"), "never every row: {calls:?}");
+            assert!(calls.iter().filter(|c| **c == "nodes_after").count() <= MAP_SCAN / SCAN_CHUNK + 1);
+            seen.extend(d.cells.iter().map(|n| n.id));
+            match d.next {
+                Some(next) => f.after = next,
+                None => break,
+            }
+        }
+        let all: Vec<NodeId> = store.nodes().await.unwrap().iter().map(|n| n.id).collect();
+        assert_eq!(seen, all, "every machine once, in order");
+
+        // One machine matches, at the far end: the first page reads
+        // MAP_SCAN rows and stops, the next one finds it.
+        let f = MapFilter { host: Some(format!("m{}.farm", MAP_SCAN + 4_999)), ..MapFilter::default() };
+        calls.lock().unwrap().clear();
+        let first = read_map(&store, &f).await.unwrap();
+        assert!(first.cells.is_empty());
+        assert_eq!(calls.lock().unwrap().iter().filter(|c| **c == "nodes_after").count(), MAP_SCAN / SCAN_CHUNK);
+        let next = first.next.expect("a next page");
+        let second = read_map(&store, &MapFilter { after: next, ..f }).await.unwrap();
+        assert_eq!(second.cells.len(), 1);
+        assert_eq!(second.next, None);
+    }
+
+    /// A state filter with few machines reads them through the state
+    /// index, not by scanning.
+    #[tokio::test]
+    async fn a_rare_state_is_read_through_its_index() {
+        let (store, calls) = farm(5_000).await;
+        calls.lock().unwrap().clear();
+        let d = read_map(&store, &MapFilter { state: Some(NodeState::Failed), ..MapFilter::default() }).await.unwrap();
+        assert!(d.cells.is_empty() && d.next.is_none());
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls, vec!["node_counts", "nodes_in_states"]);
+    }
+
+    #[test]
+    fn durations_read_as_people_say_them() {
+        assert_eq!(human(Duration::from_secs(12)), "12s");
+        assert_eq!(human(Duration::from_secs(245)), "4m 5s");
+        assert_eq!(human(Duration::from_secs(3 * 3600 + 12 * 60)), "3h 12m");
+        assert_eq!(human(Duration::from_secs(2 * 86_400 + 3600)), "2d 1h");
+    }
+}
