@@ -434,7 +434,8 @@ pub(crate) fn latest_events(conn: &Connection, node: Option<NodeId>, limit: usiz
     let mut stmt;
     let mut rows = match node {
         None => {
-            stmt = conn.prepare_cached(concat!("SELECT ", event_cols!(), " FROM events ORDER BY seq DESC")).ctx(WHAT)?;
+            stmt =
+                conn.prepare_cached(concat!("SELECT ", event_cols!(), " FROM events ORDER BY seq DESC")).ctx(WHAT)?;
             stmt.query([]).ctx(WHAT)?
         }
         Some(node) => {

@@ -24,8 +24,8 @@ use crate::model::{
 };
 use crate::state::{Event, NodeState};
 use crate::store::{
-    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeCount, NodeGroup, Store, StoreError,
-    claim_writes,
+    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeCount, NodeGroup, Store,
+    StoreError, claim_writes,
 };
 use crate::time::Timestamp;
 

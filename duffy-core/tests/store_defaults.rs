@@ -117,3 +117,13 @@ async fn default_idle_nodes() {
 async fn default_ready_counts() {
     conformance::ready_counts_count_ready_nodes_per_pool(plain()).await;
 }
+
+#[tokio::test]
+async fn default_latest_events() {
+    conformance::latest_events_are_newest_first_and_bounded(plain()).await;
+}
+
+#[tokio::test]
+async fn default_node_counts() {
+    conformance::node_counts_group_the_farm(plain()).await;
+}

@@ -32,12 +32,7 @@ impl Browser {
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Page {
         let r = req.send().await.expect("request");
-        let cookies = r
-            .headers()
-            .get_all("set-cookie")
-            .iter()
-            .map(|v| v.to_str().unwrap().to_string())
-            .collect();
+        let cookies = r.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_string()).collect();
         Page { status: r.status().as_u16(), cookies, body: r.text().await.unwrap() }
     }
 
@@ -64,7 +59,8 @@ fn csrf(body: &str) -> String {
 
 /// `name=value` of the Set-Cookie for `name`.
 fn cookie_pair(cookies: &[String], name: &str) -> String {
-    let c = cookies.iter().find(|c| c.starts_with(&format!("{name}="))).unwrap_or_else(|| panic!("{name} in {cookies:?}"));
+    let c =
+        cookies.iter().find(|c| c.starts_with(&format!("{name}="))).unwrap_or_else(|| panic!("{name} in {cookies:?}"));
     c.split(';').next().unwrap().to_string()
 }
 

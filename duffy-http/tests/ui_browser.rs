@@ -144,7 +144,11 @@ async fn until(c: &Client, secs: u64, what: &str, script: &str) {
         if js(c, script).await == Value::Bool(true) {
             return;
         }
-        assert!(Instant::now() < deadline, "waited {secs} s for {what}; page:\n{}", c.source().await.unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "waited {secs} s for {what}; page:\n{}",
+            c.source().await.unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -224,10 +228,13 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(agreed, "the legend's counts match the cells' states, and some machines are Ready");
     // The filters narrow the map.
     c.goto(&format!("{base}/ui?state=Ready")).await.unwrap();
-    let ready = js(&c, "return Array.from(document.querySelectorAll('#map a.cell')).every(a => a.dataset.state === 'Ready');").await;
+    let ready =
+        js(&c, "return Array.from(document.querySelectorAll('#map a.cell')).every(a => a.dataset.state === 'Ready');")
+            .await;
     assert_eq!(ready, Value::Bool(true));
     c.goto(&format!("{base}/ui?host=n1.sim")).await.unwrap();
-    let hosts = js(&c, "return Array.from(document.querySelectorAll('#map a.cell')).map(a => a.getAttribute('href'));").await;
+    let hosts =
+        js(&c, "return Array.from(document.querySelectorAll('#map a.cell')).map(a => a.getAttribute('href'));").await;
     assert!(hosts.as_array().unwrap().iter().all(|h| h.as_str().unwrap().contains("n1.sim")), "{hosts}");
     assert_no_console_errors(&c, "/ui?filters").await;
 
@@ -259,10 +266,12 @@ async fn the_dashboard_in_a_real_browser() {
     assert_eq!(status, 200, "{body}");
     c.goto(&format!("{base}/ui/node/{host}")).await.unwrap();
     assert_no_console_errors(&c, "/ui/node").await;
-    let causes = js(&c, "return Array.from(document.querySelectorAll('#timeline li')).map(li => li.dataset.cause);").await;
+    let causes =
+        js(&c, "return Array.from(document.querySelectorAll('#timeline li')).map(li => li.dataset.cause);").await;
     let causes: Vec<&str> = causes.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     let released = causes.iter().position(|c| *c == "released").unwrap_or_else(|| panic!("released in {causes:?}"));
-    let failed = causes.iter().position(|c| *c == "failed_by_user").unwrap_or_else(|| panic!("failed_by_user in {causes:?}"));
+    let failed =
+        causes.iter().position(|c| *c == "failed_by_user").unwrap_or_else(|| panic!("failed_by_user in {causes:?}"));
     let given = causes
         .iter()
         .position(|c| *c == "delivered" || *c == "allocated")
@@ -322,12 +331,14 @@ async fn the_dashboard_in_a_real_browser() {
     // Pause from the UI: it takes effect (the legacy API refuses to
     // allocate), and the page says so.
     c.find(Locator::Css("#do-pause")).await.unwrap().click().await.unwrap();
-    until(&c, 10, "the paused flag", "return document.getElementById('paused-flag').textContent.startsWith('Paused');").await;
+    until(&c, 10, "the paused flag", "return document.getElementById('paused-flag').textContent.startsWith('Paused');")
+        .await;
     screenshot(&c, "paused").await;
     let (_, body) = legacy(&server, &format!("/Node/get?key={job}&ver=7&arch=x86_64&count=1")).await;
     assert!(body.to_string().to_lowercase().contains("paus"), "allocation refused while paused: {body}");
     c.find(Locator::Css("#do-resume")).await.unwrap().click().await.unwrap();
-    until(&c, 10, "resumed", "return document.getElementById('paused-flag').textContent === 'Serving allocations';").await;
+    until(&c, 10, "resumed", "return document.getElementById('paused-flag').textContent === 'Serving allocations';")
+        .await;
     // Logged out, the controls are gone again.
     c.find(Locator::Css(".admin form button")).await.unwrap().click().await.unwrap();
     until(&c, 10, "the login form", "return document.getElementById('login') !== null;").await;
@@ -337,7 +348,9 @@ async fn the_dashboard_in_a_real_browser() {
     let errors = console_errors(&c).await;
     assert_eq!(errors.len(), 3, "{errors:#?}");
     assert!(
-        errors.iter().all(|e| (e.contains("/ui/action - ") || e.contains("/ui/login - ")) && e.contains("status of 403")),
+        errors
+            .iter()
+            .all(|e| (e.contains("/ui/action - ") || e.contains("/ui/login - ")) && e.contains("status of 403")),
         "{errors:#?}"
     );
 

@@ -878,7 +878,12 @@ pub async fn node_counts_group_the_farm(store: Arc<dyn Store>) {
     let expected = vec![
         NodeCount { group: group(None, &x86, Some("c1"), NodeState::Reserved), count: 1 },
         NodeCount {
-            group: group(None, &Hardware { arch: Arch::X86_64, flavor: Some("tiny".into()) }, Some("c1"), NodeState::Active),
+            group: group(
+                None,
+                &Hardware { arch: Arch::X86_64, flavor: Some("tiny".into()) },
+                Some("c1"),
+                NodeState::Active,
+            ),
             count: 1,
         },
         NodeCount {

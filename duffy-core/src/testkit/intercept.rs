@@ -14,9 +14,7 @@ use crate::model::{
     SessionId,
 };
 use crate::state::{Event, NodeState};
-use crate::store::{
-    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, NodeCount, Store, StoreError,
-};
+use crate::store::{Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, NodeCount, Store, StoreError};
 use crate::time::{BoxFuture, Timestamp};
 
 /// The hook: given the name of the [`Store`] method about to be called

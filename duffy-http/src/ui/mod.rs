@@ -197,7 +197,9 @@ fn page(ctx: &Ctx, status: StatusCode, body: Markup) -> Response {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'"),
+        HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+        ),
     );
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
@@ -218,7 +220,10 @@ fn path_of(path: &str, raw: Option<&str>) -> String {
 }
 
 fn params(raw: Option<&str>) -> Vec<(String, String)> {
-    form_urlencoded::parse(raw.unwrap_or("").as_bytes()).take(16).map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
+    form_urlencoded::parse(raw.unwrap_or("").as_bytes())
+        .take(16)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
 }
 
 fn param<'p>(ps: &'p [(String, String)], name: &str) -> Option<&'p str> {
@@ -267,7 +272,9 @@ async fn pools_page(State(ui): State<Ui>, ConnectInfo(peer): ConnectInfo<SocketA
     };
     let now = ui.app.engine.clock().now();
     match pages::read_pools(&**ui.app.engine.store(), now).await {
-        Ok(rows) => page(&ctx, StatusCode::OK, pages::layout(&ctx, "Pools", "/ui/pools", maud::html! {}, pages::pools(&rows))),
+        Ok(rows) => {
+            page(&ctx, StatusCode::OK, pages::layout(&ctx, "Pools", "/ui/pools", maud::html! {}, pages::pools(&rows)))
+        }
         Err(e) => store_failed(&e),
     }
 }
@@ -302,7 +309,9 @@ async fn charts_page(State(ui): State<Ui>, ConnectInfo(peer): ConnectInfo<Socket
     };
     let now = ui.app.engine.clock().now();
     match pages::read_charts(&**ui.app.engine.store(), now).await {
-        Ok(d) => page(&ctx, StatusCode::OK, pages::layout(&ctx, "Charts", "/ui/charts", maud::html! {}, pages::charts(&d))),
+        Ok(d) => {
+            page(&ctx, StatusCode::OK, pages::layout(&ctx, "Charts", "/ui/charts", maud::html! {}, pages::charts(&d)))
+        }
         Err(e) => store_failed(&e),
     }
 }
@@ -324,7 +333,9 @@ async fn node_page(
         return page(&ctx, StatusCode::BAD_REQUEST, body);
     }
     match pages::read_node(&**ui.app.engine.store(), &host).await {
-        Ok(Some(d)) => page(&ctx, StatusCode::OK, pages::layout(&ctx, &host, "", maud::html! {}, pages::node(&ctx, &d))),
+        Ok(Some(d)) => {
+            page(&ctx, StatusCode::OK, pages::layout(&ctx, &host, "", maud::html! {}, pages::node(&ctx, &d)))
+        }
         Ok(None) => {
             let body = pages::message(&ctx, "No such node", &format!("No node is named {host}."));
             page(&ctx, StatusCode::NOT_FOUND, body)
@@ -414,7 +425,14 @@ fn see_other(to: &str, cookies: &[String]) -> Response {
 }
 
 /// A refusal page; nothing was changed.
-async fn refused(ui: &Ui, headers: &HeaderMap, peer: SocketAddr, status: StatusCode, title: &str, text: &str) -> Response {
+async fn refused(
+    ui: &Ui,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    status: StatusCode,
+    title: &str,
+    text: &str,
+) -> Response {
     match ui.ctx(headers, peer, "/ui".into()).await {
         Ok(ctx) => page(&ctx, status, pages::message(&ctx, title, text)),
         Err(r) => r,
@@ -424,7 +442,12 @@ async fn refused(ui: &Ui, headers: &HeaderMap, peer: SocketAddr, status: StatusC
 const STALE_FORM: &str =
     "The form's security token is missing or does not belong to this browser; reload the page and try again.";
 
-async fn login(State(ui): State<Ui>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, body: Bytes) -> Response {
+async fn login(
+    State(ui): State<Ui>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let fields = form(&body);
     if !ui.csrf_ok(&headers, param(&fields, "csrf")) {
         return refused(&ui, &headers, peer, StatusCode::FORBIDDEN, "Refused", STALE_FORM).await;
@@ -457,7 +480,12 @@ async fn login(State(ui): State<Ui>, ConnectInfo(peer): ConnectInfo<SocketAddr>,
     }
 }
 
-async fn logout(State(ui): State<Ui>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, body: Bytes) -> Response {
+async fn logout(
+    State(ui): State<Ui>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let fields = form(&body);
     if !ui.csrf_ok(&headers, param(&fields, "csrf")) {
         return refused(&ui, &headers, peer, StatusCode::FORBIDDEN, "Refused", STALE_FORM).await;
@@ -467,7 +495,8 @@ async fn logout(State(ui): State<Ui>, ConnectInfo(peer): ConnectInfo<SocketAddr>
 
 /// The node an action names, checked by the one hostname rule.
 fn host_of(fields: &[(String, String)]) -> Result<&str, EngineError> {
-    let h = param(fields, "host").ok_or_else(|| EngineError::InvalidRequest("the action needs a node (host)".into()))?;
+    let h =
+        param(fields, "host").ok_or_else(|| EngineError::InvalidRequest("the action needs a node (host)".into()))?;
     duffy_core::validate_hostname(h)
         .map_err(|e| EngineError::InvalidRequest(format!("invalid node name: {}", e.rule)))?;
     Ok(h)
@@ -475,7 +504,12 @@ fn host_of(fields: &[(String, String)]) -> Result<&str, EngineError> {
 
 /// An admin action: pause, resume, set-admin or recover, through the same
 /// engine operations as the admin endpoints.
-async fn action(State(ui): State<Ui>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap, body: Bytes) -> Response {
+async fn action(
+    State(ui): State<Ui>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let fields = form(&body);
     if !ui.csrf_ok(&headers, param(&fields, "csrf")) {
         return refused(&ui, &headers, peer, StatusCode::FORBIDDEN, "Refused", STALE_FORM).await;
