@@ -18,6 +18,8 @@ use axum::http::Method;
 use duffy_testsupport::duffy;
 use duffy_testsupport::service::Service;
 use duffy_testsupport::{free_port, require};
+use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+use fantoccini::key::Key;
 use fantoccini::wd::{Capabilities, WebDriverCompatibleCommand};
 use fantoccini::{Client, ClientBuilder, Locator};
 use reqwest::Url;
@@ -226,6 +228,19 @@ async fn the_dashboard_in_a_real_browser() {
         c.refresh().await.unwrap();
     }
     assert!(agreed, "the legend's counts match the cells' states, and some machines are Ready");
+    // Keyboard: Tab reaches the skip link first, and a focused cell opens
+    // its node's page with Enter.
+    let tab = KeyActions::new("keyboard".into())
+        .then(KeyAction::Down { value: Key::Tab.into() })
+        .then(KeyAction::Up { value: Key::Tab.into() });
+    c.perform_actions(tab).await.expect("press Tab");
+    assert_eq!(js(&c, "return document.activeElement.className;").await, json!("skip"));
+    let first =
+        js(&c, "const a = document.querySelector('#map a.cell'); a.focus(); return a.getAttribute('href');").await;
+    c.active_element().await.unwrap().send_keys(&Key::Enter.to_string()).await.unwrap();
+    let host = first.as_str().unwrap().trim_start_matches("/ui/node/").to_string();
+    until(&c, 10, "the node page", &format!("return document.querySelector('h1').textContent === 'Node {host}';"))
+        .await;
     // The filters narrow the map.
     c.goto(&format!("{base}/ui?state=Ready")).await.unwrap();
     let ready =

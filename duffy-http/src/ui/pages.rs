@@ -753,7 +753,10 @@ a:focus, button:focus, input:focus, select:focus, main:focus { outline: 3px soli
 .s-ready { background: #2e7d32; } .s-deployed { background: #1565c0; } .s-contextualizing { background: #00838f; }
 .s-provisioning { background: #ef8f00; color: #000; } .s-active { background: #9e9e9e; color: #000; }
 .s-failed { background: #c62828; } .s-reserved { background: #6a1b9a; }
-.group h2 { font-size: 1em; margin: .8em 0 .3em; }
+#map { display: flex; flex-wrap: wrap; gap: .4em 1.6em; align-items: flex-start; }
+#map > p { flex-basis: 100%; }
+.group { max-width: 30em; }
+.group h2 { font-size: .9em; margin: .6em 0 .3em; }
 .muted { color: #666; font-weight: normal; }
 table { border-collapse: collapse; margin: .5em 0; }
 th, td { border: 1px solid #ddd; padding: .25em .5em; text-align: left; }
