@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
@@ -32,11 +33,25 @@ struct ChromeDriver {
 }
 
 impl ChromeDriver {
-    fn start() -> ChromeDriver {
+    /// Starts chromedriver; the browsers it starts keep their
+    /// configuration (crash reporter's database) and temporary files
+    /// under `home`, a temporary directory, not the user's or `/tmp`.
+    fn start(home: &std::path::Path) -> ChromeDriver {
         require("chromium", &["--version"], "apt-get install chromium");
         require("chromedriver", &["--version"], "apt-get install chromium-driver");
         let port = free_port();
+        // Chromium's shared memory files and profile copies go here too,
+        // so that a killed browser leaves nothing in /tmp.
+        let tmp = home.join("tmp");
+        std::fs::create_dir_all(&tmp).expect("a temporary directory for the browser");
+        // Its own process group, so that dropping it also ends the
+        // browsers it started, even when the test fails before closing
+        // its session.
         let child = Command::new("chromedriver")
+            .process_group(0)
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("XDG_CACHE_HOME", home.join("cache"))
+            .env("TMPDIR", &tmp)
             .arg(format!("--port={port}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -55,6 +70,8 @@ impl ChromeDriver {
 
 impl Drop for ChromeDriver {
     fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -75,14 +92,19 @@ impl WebDriverCompatibleCommand for BrowserLog {
     }
 }
 
-async fn browser(driver: &ChromeDriver) -> Client {
+/// A headless Chromium session; its profile lives in `profile` (a
+/// temporary directory the test removes), not in a directory of
+/// chromedriver's that a killed chromedriver would leave behind.
+async fn browser(driver: &ChromeDriver, profile: &std::path::Path) -> Client {
     let mut caps = Capabilities::new();
     caps.insert(
         "goog:chromeOptions".into(),
         json!({
             "binary": "/usr/bin/chromium",
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1280,1000", "--no-first-run", "--disable-extensions"]
+                     "--window-size=1280,1000", "--no-first-run", "--disable-extensions",
+                     "--disable-crash-reporter", "--disable-breakpad",
+                     format!("--user-data-dir={}", profile.display())]
         }),
     );
     caps.insert("goog:loggingPrefs".into(), json!({ "browser": "ALL" }));
@@ -187,8 +209,8 @@ async fn the_dashboard_in_a_real_browser() {
     let server = duffy!().serve(&db).start();
     server.wait_ready("7", 4, Duration::from_secs(90));
     let base = format!("http://127.0.0.1:{}", server.port());
-    let driver = ChromeDriver::start();
-    let c = browser(&driver).await;
+    let driver = ChromeDriver::start(dir.path());
+    let c = browser(&driver, &dir.path().join("chromium-profile")).await;
 
     // The farm map shows the seeded farm's states: one cell per machine,
     // each with its state's letter, and per-state counts that add up.
