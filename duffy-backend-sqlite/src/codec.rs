@@ -211,6 +211,24 @@ pub(crate) fn ready_count(r: &Row<'_>) -> Result<(PoolKey, u32), StoreError> {
     Ok((pool, u32::try_from(n).unwrap_or(u32::MAX)))
 }
 
+/// A `node_counts` row (`image_release, image_arch, image_flavor,
+/// hardware_arch, flavor, chassis, state, count`).
+pub(crate) fn node_count(r: &Row<'_>) -> Result<duffy_core::NodeCount, StoreError> {
+    let n: i64 = col(r, 7, "count")?;
+    Ok(duffy_core::NodeCount {
+        group: duffy_core::NodeGroup {
+            image: pool_opt(r, 0, "nodes.image")?,
+            hardware: duffy_core::Hardware {
+                arch: parse(r, 3, "nodes.hardware_arch")?,
+                flavor: col(r, 4, "nodes.flavor")?,
+            },
+            chassis: col(r, 5, "nodes.chassis")?,
+            state: parse(r, 6, "nodes.state")?,
+        },
+        count: u32::try_from(n).unwrap_or(u32::MAX),
+    })
+}
+
 /// A session's node list as stored (a JSON array of ids).
 pub(crate) fn node_list(nodes: &[NodeId]) -> String {
     let mut s = String::with_capacity(2 + nodes.len() * 6);

@@ -649,6 +649,14 @@ impl Store for SqliteStore {
         self.readers.read(move |c| queries::events(c, query)).await
     }
 
+    async fn latest_events(&self, node: Option<NodeId>, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.readers.read(move |c| queries::latest_events(c, node, limit)).await
+    }
+
+    async fn node_counts(&self) -> Result<Vec<duffy_core::NodeCount>, StoreError> {
+        self.readers.read(queries::node_counts).await
+    }
+
     async fn upsert_project(&self, project: Project) -> Result<(), StoreError> {
         self.write(|reply| Op::UpsertProject { project, reply }, closed).await
     }

@@ -423,6 +423,55 @@ pub(crate) fn events(conn: &Connection, q: EventQuery) -> Result<Vec<Event>, Sto
     Ok(out)
 }
 
+/// The newest events first, of one node (the `events_node` index read
+/// backwards) or of the whole log (the primary key read backwards),
+/// stopping after `limit` rows.
+pub(crate) fn latest_events(conn: &Connection, node: Option<NodeId>, limit: usize) -> Result<Vec<Event>, StoreError> {
+    const WHAT: &str = "reading the latest events";
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let mut stmt;
+    let mut rows = match node {
+        None => {
+            stmt =
+                conn.prepare_cached(concat!("SELECT ", event_cols!(), " FROM events ORDER BY seq DESC")).ctx(WHAT)?;
+            stmt.query([]).ctx(WHAT)?
+        }
+        Some(node) => {
+            let Ok(node) = i64::try_from(node.0) else { return Ok(Vec::new()) };
+            stmt = conn
+                .prepare_cached(concat!("SELECT ", event_cols!(), " FROM events WHERE node = ?1 ORDER BY seq DESC"))
+                .ctx(WHAT)?;
+            stmt.query(params![node]).ctx(WHAT)?
+        }
+    };
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match rows.next().ctx(WHAT)? {
+            Some(r) => out.push(codec::event(r)?),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Nodes counted per image, kind of machine, chassis and state (one
+/// grouped scan of the table; the rows are few), in `NodeGroup` order.
+pub(crate) fn node_counts(conn: &Connection) -> Result<Vec<duffy_core::NodeCount>, StoreError> {
+    let mut out = rows(
+        conn,
+        "SELECT image_release, image_arch, image_flavor, hardware_arch, flavor, chassis, state, COUNT(*) FROM nodes \
+         GROUP BY image_release, image_arch, image_flavor, hardware_arch, flavor, chassis, state",
+        [],
+        "counting nodes",
+        codec::node_count,
+    )?;
+    // SQL orders by text; the core's order is the enums' own.
+    out.sort_by(|a, b| a.group.cmp(&b.group));
+    Ok(out)
+}
+
 // ----- sessions -----
 
 /// One session by id.

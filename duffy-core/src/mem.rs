@@ -24,7 +24,8 @@ use crate::model::{
 };
 use crate::state::{Event, NodeState};
 use crate::store::{
-    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, Store, StoreError, claim_writes,
+    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeCount, NodeGroup, Store,
+    StoreError, claim_writes,
 };
 use crate::time::Timestamp;
 
@@ -390,6 +391,20 @@ impl Store for MemStore {
         let s = self.lock();
         let it = s.events.iter().skip(q.after_seq as usize).filter(|e| q.node.is_none_or(|n| e.node == n)).cloned();
         Ok(if q.limit == 0 { it.collect() } else { it.take(q.limit).collect() })
+    }
+
+    async fn latest_events(&self, node: Option<NodeId>, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let s = self.lock();
+        Ok(s.events.iter().rev().filter(|e| node.is_none_or(|n| e.node == n)).take(limit).cloned().collect())
+    }
+
+    async fn node_counts(&self) -> Result<Vec<NodeCount>, StoreError> {
+        let s = self.lock();
+        let mut counts: BTreeMap<NodeGroup, u32> = BTreeMap::new();
+        for n in s.nodes.values() {
+            *counts.entry(NodeGroup::of(n)).or_default() += 1;
+        }
+        Ok(counts.into_iter().map(|(group, count)| NodeCount { group, count }).collect())
     }
 
     async fn upsert_project(&self, project: Project) -> Result<(), StoreError> {

@@ -298,6 +298,43 @@ pub fn claim_writes(req: &ClaimRequest, chosen: &[Node]) -> Result<(Session, Vec
     Ok((session, writes))
 }
 
+/// What [`Store::node_counts`] groups nodes by. Ordered by image (nodes
+/// without one first), kind of machine, chassis, then state.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NodeGroup {
+    /// The image installed or being installed (`None` for idle, failed or
+    /// reserved machines that carry none).
+    pub image: Option<PoolKey>,
+    /// The kind of machine.
+    pub hardware: Hardware,
+    /// The chassis the machines sit in, if recorded.
+    pub chassis: Option<String>,
+    /// Their state.
+    pub state: NodeState,
+}
+
+impl NodeGroup {
+    /// The group `node` counts in.
+    pub fn of(node: &Node) -> NodeGroup {
+        NodeGroup {
+            image: node.image.clone(),
+            hardware: Hardware::of(node),
+            chassis: node.chassis.clone(),
+            state: node.state,
+        }
+    }
+}
+
+/// One row of [`Store::node_counts`]: a group and how many nodes are in it
+/// (never zero).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCount {
+    /// Which nodes.
+    pub group: NodeGroup,
+    /// How many.
+    pub count: u32,
+}
+
 /// How a store is doing, as far as it knows without any I/O: for health
 /// checks and for a service deciding whether to stop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -404,6 +441,35 @@ pub trait Store: Send + Sync {
         nodes.retain(|n| n.id > after);
         nodes.truncate(limit);
         Ok(nodes)
+    }
+
+    /// The newest events, newest first: `node`'s history, or the whole
+    /// log's, at most `limit` of them. For a node's timeline and the
+    /// dashboard's charts, which want the recent end of a log that only
+    /// grows.
+    ///
+    /// The default reads the whole log (or the node's history) with
+    /// [`Store::events`]; backends should override it with a descending
+    /// indexed read.
+    async fn latest_events(&self, node: Option<NodeId>, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let mut events = self.events(EventQuery { node, ..EventQuery::default() }).await?;
+        events.reverse();
+        events.truncate(limit);
+        Ok(events)
+    }
+
+    /// How many nodes there are of each state, image, kind of machine and
+    /// chassis, ordered by those fields: the whole farm in a few rows, for
+    /// a map of 100,000 machines that must not read every row into memory.
+    ///
+    /// The default reads every node with [`Store::nodes`] and counts;
+    /// backends should override it with a grouped count.
+    async fn node_counts(&self) -> Result<Vec<NodeCount>, StoreError> {
+        let mut counts: std::collections::BTreeMap<NodeGroup, u32> = std::collections::BTreeMap::new();
+        for n in self.nodes().await? {
+            *counts.entry(NodeGroup::of(&n)).or_default() += 1;
+        }
+        Ok(counts.into_iter().map(|(group, count)| NodeCount { group, count }).collect())
     }
 
     /// One session by id (any state).

@@ -183,3 +183,13 @@ async fn the_expiry_check_catches_a_store_that_lists_failed_sessions() {
 async fn the_expiry_check_catches_a_store_that_ignores_the_limit() {
     conformance::sessions_expire_and_are_listed_by_expiry(broken(Broken::NoLimit)).await;
 }
+
+#[tokio::test]
+async fn default_latest_events() {
+    conformance::latest_events_are_newest_first_and_bounded(plain()).await;
+}
+
+#[tokio::test]
+async fn default_node_counts() {
+    conformance::node_counts_group_the_farm(plain()).await;
+}

@@ -31,8 +31,8 @@ use crate::policy::RateLimit;
 use crate::session::SessionCause;
 use crate::state::{Cause, CauseKind, NodeState};
 use crate::store::{
-    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeWrite, SessionWrite, Store,
-    StoreError,
+    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeCount, NodeGroup, NodeWrite,
+    SessionWrite, Store, StoreError,
 };
 use crate::time::Timestamp;
 
@@ -66,6 +66,8 @@ macro_rules! store_conformance_tests {
             api_keys_are_listed_and_revoked,
             key_use_is_recorded_forward_only,
             sessions_expire_and_are_listed_by_expiry,
+            latest_events_are_newest_first_and_bounded,
+            node_counts_group_the_farm,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -904,6 +906,78 @@ pub async fn nodes_after_pages_through_the_farm(store: Arc<dyn Store>) {
     assert!(store.nodes_after(NodeId(0), 0).await.expect("read").is_empty());
     assert_eq!(store.nodes_after(all[1].id, 100).await.expect("read"), all[2..].to_vec());
     assert!(store.nodes_after(NodeId(u64::MAX), 10).await.expect("read").is_empty());
+}
+
+/// `latest_events` is the recent end of the log, newest first: the whole
+/// log's or one node's, at most `limit` events.
+pub async fn latest_events_are_newest_first_and_bounded(store: Arc<dyn Store>) {
+    assert!(store.latest_events(None, 10).await.expect("read").is_empty());
+    let ready = add_ready(&*store, "n", 3, &pool7()).await;
+    let mut all = store.events(EventQuery::default()).await.expect("events");
+    all.reverse();
+    assert_eq!(store.latest_events(None, 4).await.expect("read"), all[..4].to_vec());
+    assert_eq!(store.latest_events(None, 1000).await.expect("read"), all);
+    assert!(store.latest_events(None, 0).await.expect("read").is_empty());
+    let mut n1 = store.events(EventQuery { node: Some(ready[1].id), ..EventQuery::default() }).await.expect("events");
+    n1.reverse();
+    assert_eq!(store.latest_events(Some(ready[1].id), 100).await.expect("read"), n1);
+    assert_eq!(store.latest_events(Some(ready[1].id), 2).await.expect("read"), n1[..2].to_vec());
+    assert!(store.latest_events(Some(NodeId(424_242)), 5).await.expect("read").is_empty());
+    assert!(store.latest_events(Some(NodeId(u64::MAX)), 5).await.expect("read").is_empty());
+}
+
+/// `node_counts` counts every node once, in its (image, kind of machine,
+/// chassis, state) group, in that order, and lists no empty group.
+pub async fn node_counts_group_the_farm(store: Arc<dyn Store>) {
+    assert!(store.node_counts().await.expect("read").is_empty());
+    let p6 = PoolKey::new("6", Arch::X86_64, None);
+    add_ready(&*store, "a", 3, &pool7()).await;
+    add_ready(&*store, "b", 1, &p6).await;
+    let mut idle = NewNode::new("idle", Arch::Aarch64);
+    idle.chassis = Some("c2".into());
+    let mut reserved = NewNode::new("reserved", Arch::X86_64);
+    reserved.chassis = Some("c1".into());
+    reserved.reserved = true;
+    let mut tiny = NewNode::new("tiny", Arch::X86_64);
+    tiny.chassis = Some("c1".into());
+    tiny.flavor = Some("tiny".into());
+    store.add_nodes(vec![idle, reserved, tiny], Actor::Operator, T0).await.expect("add");
+    claim_ok(&*store, claim_req("c", 1, "p", 2, T0)).await;
+    let x86 = Hardware { arch: Arch::X86_64, flavor: None };
+    let group = |image: Option<PoolKey>, hardware: &Hardware, chassis: Option<&str>, state| NodeGroup {
+        image,
+        hardware: hardware.clone(),
+        chassis: chassis.map(String::from),
+        state,
+    };
+    let expected = vec![
+        NodeCount { group: group(None, &x86, Some("c1"), NodeState::Reserved), count: 1 },
+        NodeCount {
+            group: group(
+                None,
+                &Hardware { arch: Arch::X86_64, flavor: Some("tiny".into()) },
+                Some("c1"),
+                NodeState::Active,
+            ),
+            count: 1,
+        },
+        NodeCount {
+            group: group(None, &Hardware { arch: Arch::Aarch64, flavor: None }, Some("c2"), NodeState::Active),
+            count: 1,
+        },
+        NodeCount { group: group(Some(p6), &x86, None, NodeState::Ready), count: 1 },
+        NodeCount { group: group(Some(pool7()), &x86, None, NodeState::Ready), count: 1 },
+        NodeCount { group: group(Some(pool7()), &x86, None, NodeState::Contextualizing), count: 2 },
+    ];
+    let mut got = store.node_counts().await.expect("read");
+    assert_eq!(got, expected);
+    // The same, counted from every row.
+    let mut counted: std::collections::BTreeMap<NodeGroup, u32> = std::collections::BTreeMap::new();
+    for n in store.nodes().await.expect("nodes") {
+        *counted.entry(NodeGroup::of(&n)).or_default() += 1;
+    }
+    got.sort_by(|a, b| a.group.cmp(&b.group));
+    assert_eq!(got, counted.into_iter().map(|(group, count)| NodeCount { group, count }).collect::<Vec<_>>());
 }
 
 /// Checks the farm-wide invariants on a store's current state.
