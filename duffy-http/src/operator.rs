@@ -337,6 +337,13 @@ pub async fn list_keys(target: &Target, project: Option<&str>) -> Result<Vec<Api
 /// its record): `key revoke`, and `DELETE /api/v1/keys/{id}`.
 pub async fn revoke_key(target: &Target, id: u64) -> Result<ApiKeyRecord, CommandError> {
     let now = target.now();
+    let not_found = || CommandError::NotFound(format!("no API key with id {id} (see `duffy key list`)"));
+    // Ids count up from 1 and the SQLite store keeps them as signed 64-bit
+    // integers: a larger id names no key, and asking the store about it
+    // would fail (a store error, "try again") instead of finding nothing.
+    if i64::try_from(id).is_err() {
+        return Err(not_found());
+    }
     let revoked = match target {
         Target::Service(e) => e.revoke_api_key(KeyId(id)).await.map_err(|e| match e {
             EngineError::Store(s) => CommandError::Store(s),
@@ -345,9 +352,7 @@ pub async fn revoke_key(target: &Target, id: u64) -> Result<ApiKeyRecord, Comman
         Target::Store(s) => s.revoke_api_key(KeyId(id), now).await.map_err(CommandError::Store),
     };
     match revoked {
-        Err(CommandError::Store(StoreError::NotFound(_))) => {
-            Err(CommandError::NotFound(format!("no API key with id {id} (see `duffy key list`)")))
-        }
+        Err(CommandError::Store(StoreError::NotFound(_))) => Err(not_found()),
         other => other,
     }
 }
