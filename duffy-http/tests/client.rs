@@ -183,3 +183,40 @@ async fn the_key_comes_from_the_environment_or_a_private_file_only() {
     assert!(err.contains("Missing or invalid API key"), "{err}");
     s.stop().await;
 }
+
+/// `examples/jenkins_job_v1.sh` against the service: passing tests
+/// release the nodes, failing tests keep them for debugging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_job_script_gets_runs_and_hands_back() {
+    let s = TestServer::start(Setup::default()).await;
+    s.wait_pools_full().await;
+    let key = s.key("jenkins", false, None).await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jenkins_job_v1.sh");
+    let job = |run: &str| {
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(&script)
+            .args(["--pool", "7/x86_64", "--count", "2", "--run", run])
+            .env("DUFFY", env!("CARGO_BIN_EXE_duffy"))
+            .env("DUFFY_KEY", &key)
+            .env("DUFFY_URL", &s.base)
+            .env_remove("DUFFY_CONFIG");
+        tokio::task::spawn_blocking(move || {
+            let o = cmd.output().expect("bash runs the job script");
+            (
+                o.status.success(),
+                format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+            )
+        })
+    };
+    let (ok, out) = job("test -n {host}").await.unwrap();
+    assert!(ok, "{out}");
+    assert!(out.contains("+ test -n n") && out.contains("tests passed; nodes released"), "{out}");
+    assert!(s.store.live_sessions().await.unwrap().is_empty(), "{out}");
+
+    let (ok, out) = job("false").await.unwrap();
+    assert!(!ok, "{out}");
+    assert!(out.contains("tests failed; nodes kept for debugging"), "{out}");
+    let live = s.store.live_sessions().await.unwrap();
+    assert_eq!((live.len(), live[0].state), (1, duffy_core::SessionState::Fail), "{out}");
+    s.stop().await;
+}
