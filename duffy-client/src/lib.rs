@@ -43,9 +43,10 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The service answered with a problem (RFC 9457).
+    /// The service answered with a problem (RFC 9457). Boxed: it is much
+    /// larger than the other variants.
     #[error("{}: {} (HTTP {})", .0.title, .0.detail, .0.status)]
-    Problem(Problem),
+    Problem(Box<Problem>),
     /// The service could not be reached, or the connection failed.
     #[error("request to {url} failed: {source}")]
     Transport {
@@ -174,7 +175,7 @@ impl Client {
         };
         if problem {
             let p: Problem = serde_json::from_slice(&bytes).map_err(|_| unexpected())?;
-            return Err(ClientError::Problem(p));
+            return Err(ClientError::Problem(Box::new(p)));
         }
         if !status.is_success() {
             return Err(unexpected());

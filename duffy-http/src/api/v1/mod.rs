@@ -84,14 +84,15 @@ pub(super) fn methods(router: MethodRouter<AppState>) -> MethodRouter<AppState> 
     })
 }
 
-/// An `/api/v1` error: a problem, sent as `application/problem+json`.
+/// An `/api/v1` error: a problem, sent as `application/problem+json`
+/// (boxed: handlers return it in every `Result`, and it is large).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError(pub Problem);
+pub struct ApiError(pub Box<Problem>);
 
 impl ApiError {
     /// A problem of `kind` with `status` and `detail`.
     pub fn new(kind: ProblemType, status: StatusCode, detail: impl Into<String>) -> ApiError {
-        ApiError(Problem::new(kind, status.as_u16(), detail))
+        ApiError(Box::new(Problem::new(kind, status.as_u16(), detail)))
     }
 
     /// `400 bad_request`.
