@@ -26,7 +26,7 @@ pub(crate) use node_cols;
 macro_rules! session_cols {
     () => {
         "id, project, key_id, state, pool_release, pool_arch, pool_flavor, nodes, \
-         created_at, delivered_at, lease_until, hold_until, ended_at, end_reason, version"
+         created_at, delivered_at, lease_until, hold_until, ended_at, end_reason, version, expires_at"
     };
 }
 pub(crate) use session_cols;
@@ -144,6 +144,7 @@ pub(crate) fn session(r: &Row<'_>) -> Result<Session, StoreError> {
         ended_at: ts_opt(r, 12, "sessions.ended_at")?,
         end_reason: col(r, 13, "sessions.end_reason")?,
         version: unsigned(r, 14, "sessions.version")?,
+        expires_at: ts_opt(r, 15, "sessions.expires_at")?,
     })
 }
 

@@ -632,6 +632,10 @@ impl Store for SqliteStore {
         self.readers.read(queries::live_sessions).await
     }
 
+    async fn expired_sessions(&self, now: Timestamp, limit: usize) -> Result<Vec<Session>, StoreError> {
+        self.readers.read(move |c| queries::expired_sessions(c, now, limit)).await
+    }
+
     async fn claim(&self, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {
         self.write(|reply| Op::Claim { req, reply }, closed).await
     }

@@ -445,6 +445,29 @@ pub(crate) fn live_sessions(conn: &Connection) -> Result<Vec<Session>, StoreErro
     rows(conn, LIVE_SESSIONS, [], "reading live sessions", codec::session)
 }
 
+/// Prod sessions expired at a time, earliest expiry first: a range scan
+/// of the `sessions_expiry` index.
+pub(crate) const EXPIRED_SESSIONS: &str = concat!(
+    "SELECT ",
+    session_cols!(),
+    " FROM sessions INDEXED BY sessions_expiry WHERE state = 'Prod' AND expires_at <= ?1 ORDER BY expires_at, id"
+);
+
+/// The first `limit` Prod sessions whose expiry is at or before `now`.
+pub(crate) fn expired_sessions(conn: &Connection, now: Timestamp, limit: usize) -> Result<Vec<Session>, StoreError> {
+    const WHAT: &str = "reading expired sessions";
+    let mut stmt = conn.prepare_cached(EXPIRED_SESSIONS).ctx(WHAT)?;
+    let mut rows = stmt.query([now.0]).ctx(WHAT)?;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match rows.next().ctx(WHAT)? {
+            Some(r) => out.push(codec::session(r)?),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
 /// A session's stored version, if it exists.
 pub(crate) fn session_version(conn: &Connection, id: &SessionId) -> Result<Option<u64>, StoreError> {
     let mut stmt =
@@ -460,14 +483,15 @@ pub(crate) fn put_session(conn: &Connection, s: &Session) -> Result<(), StoreErr
     let mut stmt = conn
         .prepare_cached(
             "INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, pool_flavor, nodes, \
-             created_at, delivered_at, lease_until, hold_until, ended_at, end_reason, version, origin_key, origin_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?3, ?9) \
+             created_at, delivered_at, lease_until, hold_until, ended_at, end_reason, version, origin_key, origin_at, \
+             expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?3, ?9, ?16) \
              ON CONFLICT (id) DO UPDATE SET project = excluded.project, key_id = excluded.key_id, \
              state = excluded.state, pool_release = excluded.pool_release, pool_arch = excluded.pool_arch, \
              pool_flavor = excluded.pool_flavor, nodes = excluded.nodes, created_at = excluded.created_at, \
              delivered_at = excluded.delivered_at, lease_until = excluded.lease_until, \
              hold_until = excluded.hold_until, ended_at = excluded.ended_at, end_reason = excluded.end_reason, \
-             version = excluded.version",
+             version = excluded.version, expires_at = excluded.expires_at",
         )
         .ctx(WHAT)?;
     stmt.execute(params![
@@ -486,6 +510,7 @@ pub(crate) fn put_session(conn: &Connection, s: &Session) -> Result<(), StoreErr
         s.ended_at.map(|t| t.0),
         s.end_reason,
         to_sql_u64(s.version, "session version")?,
+        s.expires_at.map(|t| t.0),
     ])
     .ctx(WHAT)?;
     Ok(())
@@ -732,6 +757,7 @@ mod tests {
             FAILED_HELD_BY_PROJECT,
             RECENT_SESSIONS,
             LIVE_SESSIONS,
+            EXPIRED_SESSIONS,
             STALE_READY,
             IDLE_NODES,
             NODES_AFTER,
@@ -761,5 +787,8 @@ mod tests {
         let p = plan(&conn, LIVE_SESSIONS);
         assert!(p.contains("sessions_live"), "{p}");
         assert!(!p.contains("TEMP B-TREE"), "{p}");
+        let p = plan(&conn, EXPIRED_SESSIONS);
+        assert!(p.contains("SEARCH sessions USING INDEX sessions_expiry (expires_at<?)"), "{p}");
+        assert!(!p.contains("TEMP B-TREE"), "the index gives the order: {p}");
     }
 }

@@ -160,9 +160,21 @@ ALTER TABLE api_keys ADD COLUMN revoked_at INTEGER;
 ALTER TABLE api_keys ADD COLUMN last_used INTEGER;
 "#;
 
+/// Version 6: session expiry. A delivered session expires at
+/// `expires_at` (its lease's end, moved by extensions) and the reconciler
+/// reclaims it; Prod sessions are indexed by it. Sessions delivered before
+/// the upgrade expire at their lease, as every session now does: one that
+/// ran past its lease is reclaimed by the first reconciler pass after the
+/// upgrade.
+const V6: &str = r#"
+ALTER TABLE sessions ADD COLUMN expires_at INTEGER;
+UPDATE sessions SET expires_at = lease_until;
+CREATE INDEX sessions_expiry ON sessions (expires_at, id) WHERE state = 'Prod';
+"#;
+
 /// Every migration, in order: migration `i` takes the file from version
 /// `i` to `i + 1`. Append only; never edit a released one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
 /// The schema version this build writes (the number of migrations).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -16,7 +16,7 @@ use futures::future::join_all;
 use futures::task::AtomicWaker;
 use tracing::{debug, error, info, warn};
 
-use crate::installer::{Blame, Contextualizer, Installer, PrepareError};
+use crate::installer::{Blame, Contextualizer, Installer, PrepareError, SessionContext};
 use crate::model::{Actor, Arch, KeyId, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId, SessionState};
 use crate::policy::Policy;
 use crate::power::PowerController;
@@ -93,7 +93,8 @@ impl NodeRequest {
 /// A successful `/Node/get`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allocation {
-    /// The new session.
+    /// The id of the session created for the request; the caller's
+    /// handle for `/Node/done` and `/Node/fail`.
     pub session: SessionId,
     /// Its nodes' hostnames.
     pub hosts: Vec<String>,
@@ -102,7 +103,7 @@ pub struct Allocation {
 /// A session past its lease, for `/Overtime`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Overtime {
-    /// The session.
+    /// The overdue session as stored (project, lease, state).
     pub session: Session,
     /// Its nodes' hostnames.
     pub hosts: Vec<String>,
@@ -126,9 +127,9 @@ pub enum EngineError {
     /// The session is not in the state the call needs.
     #[error("session {id} is {state}, not Prod")]
     SessionNotInProd {
-        /// The session.
+        /// The session the call named.
         id: SessionId,
-        /// Its state.
+        /// The state it is in instead of Prod.
         state: &'static str,
     },
     /// A parameter is out of range.
@@ -181,15 +182,15 @@ pub enum EngineError {
     /// Preparing a node for the project failed; nothing was handed out.
     #[error("failed to allocate nodes: preparing {hostname} failed: {reason}")]
     PreparationFailed {
-        /// The node that failed.
+        /// The node whose preparation failed (it is blamed and cools down).
         hostname: String,
-        /// Why.
+        /// The preparation error, as the contextualizer reported it.
         reason: String,
     },
     /// The project's cap on failed nodes would be exceeded.
     #[error("exceeded maximum allowed fail nodes limit ({cap}), please release other machines to continue")]
     FailCapExceeded {
-        /// The cap.
+        /// The most Failed-held nodes a project may keep at once.
         cap: u32,
     },
     /// New allocations are paused.
@@ -210,6 +211,17 @@ pub enum EngineError {
     /// The operation kept losing compare-and-set races.
     #[error("too much contention on {0}; try again")]
     Contention(String),
+    /// The wait queue cannot take the request (the whole queue, or the
+    /// project's share of it, is full).
+    #[error("{0}")]
+    QueueFull(String),
+    /// No waiting or recently finished request of this key has that id.
+    /// The queue does not survive a restart of the service: a request
+    /// made before one must be submitted again.
+    #[error(
+        "no queued request {0} for this key; queued requests do not survive a restart of the service, submit it again"
+    )]
+    UnknownRequest(crate::queue::RequestId),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -281,6 +293,24 @@ pub(crate) struct Inner {
     pub(crate) started_at: Timestamp,
     /// API keys remembered, and their unrecorded uses (`keys` module).
     pub(crate) keys: crate::keys::KeyCache,
+    /// Session requests waiting for nodes (in memory: see `queue`).
+    pub(crate) queue: std::sync::Mutex<crate::queue::WaitQueue>,
+    /// Queue requests that ended recently, for their owners to read.
+    pub(crate) finished: std::sync::Mutex<HashMap<crate::queue::RequestId, crate::sessions::Finished>>,
+    /// The average duration of the installs seen to succeed, in
+    /// milliseconds (0: none yet), for the estimates of time to Ready.
+    pub(crate) install_millis: std::sync::atomic::AtomicU64,
+}
+
+impl Inner {
+    /// Folds a successful install's duration into the running average
+    /// (an exponentially weighted one: recent installs count most).
+    pub(crate) fn record_install(&self, took: std::time::Duration) {
+        let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX).max(1);
+        let _ = self.install_millis.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            Some(if old == 0 { ms } else { (old.saturating_mul(3) / 4).saturating_add(ms / 4).max(1) })
+        });
+    }
 }
 
 impl Inner {
@@ -371,6 +401,9 @@ impl EngineBuilder {
                 policy: self.policy,
                 kick: Kick::default(),
                 keys: crate::keys::KeyCache::default(),
+                queue: std::sync::Mutex::new(crate::queue::WaitQueue::new()),
+                finished: std::sync::Mutex::new(HashMap::new()),
+                install_millis: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -395,22 +428,23 @@ impl Engine {
         }
     }
 
-    /// The store.
+    /// The store every operation of this engine reads and writes; embedders
+    /// use it for reads the engine does not wrap (inventory, events).
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
     }
 
-    /// The power controller.
+    /// The power controller the reconciler and operator calls drive.
     pub fn power(&self) -> &Arc<dyn PowerController> {
         &self.inner.power
     }
 
-    /// The clock.
+    /// The injected clock every lease, expiry and event time comes from.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.inner.clock
     }
 
-    /// The policy.
+    /// The policy in force: leases, quotas, rate limit, pool targets.
     pub fn policy(&self) -> &Policy {
         &self.inner.policy
     }
@@ -439,10 +473,22 @@ impl Engine {
     /// with the reason (and the policy's cool-down), every other node goes
     /// back to be reinstalled at once.
     pub async fn get_nodes(&self, who: &Principal, req: &NodeRequest) -> Result<Allocation, EngineError> {
+        self.allocate(who, &req.pool(), req.count.unwrap_or(1), self.inner.policy.lease).await
+    }
+
+    /// Claims, prepares and hands over `count` nodes of `pool` for a new
+    /// session of `who` that expires `lease` after its claim (see
+    /// [`Engine::get_nodes`]).
+    pub(crate) async fn allocate(
+        &self,
+        who: &Principal,
+        pool: &PoolKey,
+        count: u32,
+        lease: std::time::Duration,
+    ) -> Result<Allocation, EngineError> {
         let key_id = who.key_id.ok_or(EngineError::InvalidKey)?;
-        let pool = req.pool();
+        let pool = pool.clone();
         pool.validate().map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
-        let count = req.count.unwrap_or(1);
         let max = self.inner.policy.max_count;
         if count == 0 || count > max {
             return Err(EngineError::InvalidRequest(format!("count must be between 1 and {max}, got {count}")));
@@ -472,6 +518,9 @@ impl Engine {
                 .map_err(|e| EngineError::ProjectUnusable { project: project.name.clone(), reason: e.message })?;
         }
         let now = self.now();
+        // The lease runs from the claim, so that the expiry written on the
+        // nodes while they are prepared is the one the session gets.
+        let lease_until = now.plus(lease);
         // Nothing to prepare: hand the nodes over in the claim itself, one
         // durable write. Otherwise the claim must be durable before any
         // node is touched (a crash must never return a node that carries a
@@ -486,7 +535,7 @@ impl Engine {
             rate_limit: self.inner.policy.rate_limit,
             actor: who.actor(),
             now,
-            deliver: contextualizer.is_none().then(|| now.plus(self.inner.policy.lease)),
+            deliver: contextualizer.is_none().then_some(lease_until),
         };
         let claimed = match store.claim(claim).await? {
             Ok(c) => c,
@@ -511,8 +560,16 @@ impl Engine {
         // Prepare every node concurrently, each with its own deadline. A
         // node that does not answer in time is the node's fault.
         let inner = &self.inner;
+        let context = SessionContext {
+            id: sid.clone(),
+            project: project.name.clone(),
+            hosts: claimed.nodes.iter().map(|n| n.hostname.clone()).collect(),
+            expires_at: lease_until,
+        };
+        let context = &context;
         let results = join_all(claimed.nodes.iter().map(|n| async {
-            match timeout(&*inner.clock, inner.policy.prepare_timeout, ctx.prepare(n, &project, &sid)).await {
+            match timeout(&*inner.clock, inner.policy.prepare_timeout, ctx.prepare_session(n, &project, context)).await
+            {
                 Ok(r) => r,
                 Err(el) => Err(PrepareError::node(format!("preparing the node {el}"))),
             }
@@ -535,7 +592,7 @@ impl Engine {
         }
 
         if blamed.is_empty() && refused.is_none() {
-            match self.deliver(&claimed.session, &claimed.nodes, who).await {
+            match self.deliver(&claimed.session, &claimed.nodes, who, lease_until).await {
                 Ok(()) => {
                     info!(session = %sid, project = %who.project, count, pool = %pool, "nodes delivered");
                     return Ok(Allocation {
@@ -586,13 +643,18 @@ impl Engine {
 
     /// Session Allocating→Prod and its nodes Contextualizing→Deployed, in
     /// one compare-and-set batch.
-    async fn deliver(&self, session: &Session, nodes: &[Node], who: &Principal) -> Result<(), EngineError> {
+    async fn deliver(
+        &self,
+        session: &Session,
+        nodes: &[Node],
+        who: &Principal,
+        lease_until: Timestamp,
+    ) -> Result<(), EngineError> {
         let now = self.now();
         let mut batch = Batch::default();
         for n in nodes {
             batch.nodes.push(NodeWrite::transition(n, Cause::Prepared, who.actor(), now)?);
         }
-        let lease_until = now.plus(self.inner.policy.lease);
         batch.sessions.push(SessionWrite::transition(session, SessionCause::Delivered { lease_until }, now)?);
         self.inner.store.commit(batch).await?;
         Ok(())
@@ -689,7 +751,7 @@ impl Engine {
 
     /// Reads a session that `who` may see: unknown, foreign and
     /// never-delivered sessions all look the same.
-    async fn own_session(&self, who: &Principal, sid: &str) -> Result<Session, EngineError> {
+    pub(crate) async fn own_session(&self, who: &Principal, sid: &str) -> Result<Session, EngineError> {
         if sid.is_empty() || sid.len() > 128 {
             return Err(EngineError::InvalidSession);
         }
@@ -700,7 +762,7 @@ impl Engine {
         }
     }
 
-    async fn session_nodes(&self, s: &Session) -> Result<Vec<Node>, EngineError> {
+    pub(crate) async fn session_nodes(&self, s: &Session) -> Result<Vec<Node>, EngineError> {
         let mut out = Vec::with_capacity(s.nodes.len());
         for id in &s.nodes {
             let n = self

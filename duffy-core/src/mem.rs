@@ -42,6 +42,8 @@ struct State {
     sessions: HashMap<SessionId, Session>,
     /// Live sessions by (created_at, id).
     live: BTreeSet<(Timestamp, SessionId)>,
+    /// Prod sessions by (expires_at, id): the expiry index.
+    expiring: BTreeSet<(Timestamp, SessionId)>,
     /// Session creation times per key, for the rate limit.
     key_sessions: HashMap<KeyId, Vec<Timestamp>>,
     events: Vec<Event>,
@@ -83,9 +85,15 @@ impl State {
         let old = self.sessions.insert(s.id.clone(), s.clone());
         if let Some(o) = &old {
             self.live.remove(&(o.created_at, o.id.clone()));
+            if let Some(t) = o.expires_at {
+                self.expiring.remove(&(t, o.id.clone()));
+            }
         }
         if s.state.is_live() {
             self.live.insert((s.created_at, s.id.clone()));
+        }
+        if let (SessionState::Prod, Some(t)) = (s.state, s.expires_at) {
+            self.expiring.insert((t, s.id.clone()));
         }
         if old.is_none() {
             self.key_sessions.entry(s.key_id).or_default().push(s.created_at);
@@ -96,6 +104,9 @@ impl State {
     fn remove_session(&mut self, id: &SessionId) {
         if let Some(s) = self.sessions.remove(id) {
             self.live.remove(&(s.created_at, s.id.clone()));
+            if let Some(t) = s.expires_at {
+                self.expiring.remove(&(t, s.id.clone()));
+            }
             if let Some(v) = self.key_sessions.get_mut(&s.key_id) {
                 if let Some(pos) = v.iter().rposition(|t| *t == s.created_at) {
                     v.remove(pos);
@@ -310,6 +321,16 @@ impl Store for MemStore {
     async fn live_sessions(&self) -> Result<Vec<Session>, StoreError> {
         let s = self.lock();
         Ok(s.live.iter().filter_map(|(_, id)| s.sessions.get(id).cloned()).collect())
+    }
+
+    async fn expired_sessions(&self, now: Timestamp, limit: usize) -> Result<Vec<Session>, StoreError> {
+        let s = self.lock();
+        Ok(s.expiring
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .take(limit)
+            .filter_map(|(_, id)| s.sessions.get(id).cloned())
+            .collect())
     }
 
     async fn claim(&self, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {

@@ -205,8 +205,9 @@ pub struct ClaimRequest {
     /// The time of the claim.
     pub now: Timestamp,
     /// `Some(lease end)`: hand the nodes over in the claim itself (nodes
-    /// Ready → Deployed, session Prod), for installers with nothing to
-    /// prepare; `None`: nodes to Contextualizing, session Allocating.
+    /// Ready → Deployed, session Prod, its lease and expiry at this
+    /// instant), for installers with nothing to prepare; `None`: nodes to
+    /// Contextualizing, session Allocating.
     pub deliver: Option<Timestamp>,
 }
 
@@ -288,6 +289,7 @@ pub fn claim_writes(req: &ClaimRequest, chosen: &[Node]) -> Result<(Session, Vec
         created_at: req.now,
         delivered_at: req.deliver.map(|_| req.now),
         lease_until: req.deliver,
+        expires_at: req.deliver,
         hold_until: None,
         ended_at: None,
         end_reason: None,
@@ -410,6 +412,24 @@ pub trait Store: Send + Sync {
     /// Sessions in Allocating, Prod or Fail, ordered by creation time then
     /// id.
     async fn live_sessions(&self) -> Result<Vec<Session>, StoreError>;
+
+    /// Sessions in Prod whose expiry (`Session::expires_at`) is at or
+    /// before `now`, earliest expiry first, then id; at most `limit` of
+    /// them. The reconciler reclaims them. Sessions in Fail are never
+    /// listed: they keep their hold.
+    ///
+    /// The default reads every live session with [`Store::live_sessions`];
+    /// backends should override it with an indexed read, since the
+    /// reconciler calls it on every pass. (Added with session expiry,
+    /// schema version 6 of the SQLite store: a backend keeps sessions'
+    /// `expires_at` and may index Prod sessions by it.)
+    async fn expired_sessions(&self, now: Timestamp, limit: usize) -> Result<Vec<Session>, StoreError> {
+        let mut sessions = self.live_sessions().await?;
+        sessions.retain(|s| s.is_expired_at(now));
+        sessions.sort_by(|a, b| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)));
+        sessions.truncate(limit);
+        Ok(sessions)
+    }
 
     /// Atomically: checks that the service is not paused, the key's rate
     /// limit and the project's quota,

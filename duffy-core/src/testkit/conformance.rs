@@ -65,6 +65,7 @@ macro_rules! store_conformance_tests {
             ready_counts_count_ready_nodes_per_pool,
             api_keys_are_listed_and_revoked,
             key_use_is_recorded_forward_only,
+            sessions_expire_and_are_listed_by_expiry,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -506,6 +507,80 @@ pub async fn sessions_are_compare_and_set(store: Arc<dyn Store>) {
     assert_eq!(live, vec!["sa"]);
     let ended = store.session(&b.session.id).await.expect("read").expect("kept");
     assert_eq!(ended.state, SessionState::Aborted, "an allocation that never delivered ends Aborted");
+}
+
+/// A session's expiry round-trips (set at delivery, moved by an
+/// extension that leaves the lease alone), and `expired_sessions` lists
+/// exactly the Prod sessions whose expiry has come, earliest first, then
+/// by id, bounded by its limit: never an Allocating, Fail or ended one.
+pub async fn sessions_expire_and_are_listed_by_expiry(store: Arc<dyn Store>) {
+    add_ready(&*store, "n", 6, &pool7()).await;
+    let at = |secs: u64| T0.plus(Duration::from_secs(secs));
+    let deliver = |sid: &str, until: u64| {
+        let mut r = claim_req(sid, 1, "p", 1, T0);
+        r.deliver = Some(at(until));
+        r
+    };
+    let s1 = claim_ok(&*store, deliver("s1", 100)).await.session;
+    let s3 = claim_ok(&*store, deliver("s3", 50)).await.session;
+    let s2 = claim_ok(&*store, deliver("s2", 50)).await.session;
+    let f = claim_ok(&*store, deliver("f", 10)).await;
+    claim_ok(&*store, claim_req("allocating", 1, "p", 1, T0)).await;
+    let read = store.session(&s1.id).await.expect("read").expect("exists");
+    assert_eq!((read.lease_until, read.expires_at), (Some(at(100)), Some(at(100))), "delivery sets the expiry");
+    assert_eq!(read, s1, "the row round-trips");
+    // The failed one keeps its hold, however far past its expiry.
+    let hold_until = at(10_000);
+    let mut batch = Batch::default();
+    for n in &f.nodes {
+        batch.nodes.push(
+            NodeWrite::transition(n, Cause::FailedByUser { hold_until }, Actor::Key(KeyId(1)), at(5)).expect("legal"),
+        );
+    }
+    batch
+        .sessions
+        .push(SessionWrite::transition(&f.session, SessionCause::FailedByUser { hold_until }, at(5)).expect("legal"));
+    store.commit(batch).await.expect("fail");
+
+    let ids = |v: Vec<Session>| v.into_iter().map(|s| s.id.0).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.expired_sessions(at(49), 10).await.expect("read")),
+        Vec::<String>::new(),
+        "only the Fail session is past its expiry, and a Fail session is never listed"
+    );
+    assert_eq!(ids(store.expired_sessions(at(50), 10).await.expect("read")), ["s2", "s3"], "by expiry, then id");
+    assert_eq!(ids(store.expired_sessions(at(50), 1).await.expect("read")), ["s2"], "bounded");
+    assert_eq!(ids(store.expired_sessions(at(100), 10).await.expect("read")), ["s2", "s3", "s1"]);
+
+    // An extension moves the expiry and leaves the lease.
+    let w = SessionWrite::transition(&s2, SessionCause::Extended { until: at(200), max_until: Some(at(300)) }, at(20))
+        .expect("legal");
+    store.commit(Batch { sessions: vec![w.clone()], ..Batch::default() }).await.expect("extend");
+    let read = store.session(&s2.id).await.expect("read").expect("exists");
+    assert_eq!(read, w.session);
+    assert_eq!((read.lease_until, read.expires_at), (Some(at(50)), Some(at(200))));
+    assert_eq!(ids(store.expired_sessions(at(100), 10).await.expect("read")), ["s3", "s1"]);
+
+    // Released and expired sessions leave the list.
+    release(&*store, &s3.id, at(60)).await.expect("release");
+    let s1 = store.session(&s1.id).await.expect("read").expect("exists");
+    let mut batch = Batch::default();
+    for id in &s1.nodes {
+        let n = store.node(*id).await.expect("read").expect("exists");
+        batch.nodes.push(NodeWrite::transition(&n, Cause::SessionExpired, Actor::Reconciler, at(150)).expect("legal"));
+    }
+    batch.sessions.push(SessionWrite::transition(&s1, SessionCause::Expired, at(150)).expect("legal"));
+    store.commit(batch).await.expect("expire");
+    let ended = store.session(&s1.id).await.expect("read").expect("kept");
+    assert_eq!((ended.state, ended.ended_at), (SessionState::Done, Some(at(150))));
+    assert_eq!(ids(store.expired_sessions(at(150), 10).await.expect("read")), Vec::<String>::new());
+    assert_eq!(
+        ids(store.expired_sessions(at(1_000_000), 10).await.expect("read")),
+        ["s2"],
+        "a Fail session is never listed"
+    );
+    check_invariants(&*store).await.expect("invariants");
+    check_history(&*store).await.expect("history");
 }
 
 /// A batch whose guard fails on the state it would leave writes nothing.

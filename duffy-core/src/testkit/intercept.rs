@@ -140,6 +140,10 @@ impl Store for InterceptStore {
         self.around("live_sessions", self.inner.live_sessions()).await
     }
 
+    async fn expired_sessions(&self, now: Timestamp, limit: usize) -> Result<Vec<Session>, StoreError> {
+        self.around("expired_sessions", self.inner.expired_sessions(now, limit)).await
+    }
+
     async fn claim(&self, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {
         self.around("claim", self.inner.claim(req)).await
     }

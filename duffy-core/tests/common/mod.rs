@@ -28,6 +28,8 @@ pub enum Fault {
     None,
     /// Claims are passed on without their rate limit.
     IgnoreRateLimit,
+    /// Claims are passed on without the project's quota.
+    IgnoreQuota,
     /// `add_nodes` with more than one node acknowledges them all but never
     /// stores the last one (nor its `Added` event).
     LoseLastAddedNode,
@@ -130,6 +132,10 @@ impl Tap {
         match self.fault {
             Fault::IgnoreRateLimit => {
                 req.rate_limit = None;
+                self.inner.claim(req).await
+            }
+            Fault::IgnoreQuota => {
+                req.quota = None;
                 self.inner.claim(req).await
             }
             Fault::SecondSessionOverClaim => {
@@ -262,6 +268,10 @@ impl Store for Tap {
 
     async fn live_sessions(&self) -> Result<Vec<Session>, StoreError> {
         self.inner.live_sessions().await
+    }
+
+    async fn expired_sessions(&self, now: Timestamp, limit: usize) -> Result<Vec<Session>, StoreError> {
+        self.inner.expired_sessions(now, limit).await
     }
 
     async fn claim(&self, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {
