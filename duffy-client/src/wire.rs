@@ -42,6 +42,8 @@ pub enum ProblemType {
     Quota,
     /// The key made too many sessions recently.
     RateLimited,
+    /// The wait queue (or the project's share of it) is full; try later.
+    QueueFull,
     /// This address sent too many unknown keys; try again later.
     TooManyInvalidKeys,
     /// New allocations are paused by an operator.
@@ -66,7 +68,7 @@ pub enum ProblemType {
 
 impl ProblemType {
     /// Every problem type, for documentation and tests.
-    pub const ALL: [ProblemType; 17] = [
+    pub const ALL: [ProblemType; 18] = [
         ProblemType::BadRequest,
         ProblemType::Unauthorized,
         ProblemType::Forbidden,
@@ -75,6 +77,7 @@ impl ProblemType {
         ProblemType::Insufficient,
         ProblemType::Quota,
         ProblemType::RateLimited,
+        ProblemType::QueueFull,
         ProblemType::TooManyInvalidKeys,
         ProblemType::Paused,
         ProblemType::NoSuchPool,
@@ -97,6 +100,7 @@ impl ProblemType {
             ProblemType::Insufficient => "insufficient",
             ProblemType::Quota => "quota",
             ProblemType::RateLimited => "rate_limited",
+            ProblemType::QueueFull => "queue_full",
             ProblemType::TooManyInvalidKeys => "too_many_invalid_keys",
             ProblemType::Paused => "paused",
             ProblemType::NoSuchPool => "no_such_pool",
@@ -131,6 +135,7 @@ impl ProblemType {
             ProblemType::Insufficient => "Insufficient nodes in Ready state",
             ProblemType::Quota => "Quota exceeded",
             ProblemType::RateLimited => "Rate limit exceeded",
+            ProblemType::QueueFull => "The wait queue is full",
             ProblemType::TooManyInvalidKeys => "Too many invalid keys from this address",
             ProblemType::Paused => "The service is paused",
             ProblemType::NoSuchPool => "No such pool",
@@ -164,9 +169,9 @@ pub struct Problem {
     /// `insufficient`: the pool's Ready nodes now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready: Option<u32>,
-    /// `insufficient`: seconds until enough nodes should be Ready, when
-    /// it can be estimated (the pool's nodes being installed, and how
-    /// long installs have taken).
+    /// `insufficient`: roughly how many seconds until enough nodes should
+    /// be Ready (from the pool's nodes being installed and how long
+    /// installs have taken), when it can be estimated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimated_ready_in_secs: Option<u64>,
     /// `bad_request`: the values allowed, when there is a short list.
@@ -240,7 +245,7 @@ pub struct SessionView {
     pub state: String,
     /// The pool, `release/arch[/flavor]`.
     pub pool: String,
-    /// The nodes' host names while the session holds them.
+    /// Its nodes' host names.
     pub hosts: Vec<String>,
     /// When it was created.
     pub created_at: String,
@@ -269,13 +274,15 @@ pub struct SessionView {
 pub struct QueuedRequest {
     /// The request's id.
     pub id: String,
-    /// `waiting`, `served` (see `session`), `cancelled` or `expired`.
+    /// `waiting`, `served` (see `session`), `failed` (see `reason`: a
+    /// refusal waiting cannot cure), `cancelled`, or `dropped` (it waited
+    /// the longest allowed, or its client stopped polling).
     pub state: String,
     /// The pool asked for.
     pub pool: String,
     /// Nodes asked for.
     pub count: u32,
-    /// Requests served before this one (0: next).
+    /// Its place among the requests for its pool (1: next).
     pub position: Option<u32>,
     /// Estimated seconds until it is served, when it can be estimated.
     pub estimated_wait_secs: Option<u64>,
@@ -361,7 +368,7 @@ pub struct EventView {
     pub from: String,
     /// State after.
     pub to: String,
-    /// The event's name (`InstallSucceeded`, `Delivered`, …).
+    /// The event's name (`install_succeeded`, `delivered`, `session_expired`, …).
     pub cause: String,
     /// Reasons, images, hold times.
     pub detail: Option<String>,
@@ -372,13 +379,14 @@ pub struct EventView {
     pub session: Option<String>,
 }
 
-/// `GET /api/v1/nodes/{hostname}`: a node and its latest events.
+/// `GET /api/v1/nodes/{hostname}`: a node and a page of its history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeDetail {
     /// The node.
     pub node: NodeView,
-    /// Its latest events, oldest first.
+    /// Its events after `after_seq`, oldest first, at most `limit` (ask
+    /// again with the last one's `seq` for more).
     pub events: Vec<EventView>,
 }
 
@@ -402,10 +410,11 @@ pub struct PoolView {
     pub nodes: BTreeMap<String, u32>,
     /// Ready now.
     pub ready: u32,
-    /// Seconds until the next node should be Ready, when one is being
-    /// installed and it can be estimated.
+    /// Roughly how many seconds until one more node is Ready (0: one is
+    /// Ready now; none: none is being installed or could be).
     pub estimated_next_ready_in_secs: Option<u64>,
-    /// Requests waiting in the queue for this pool.
+    /// Nodes asked for by the requests waiting in the queue for this
+    /// pool.
     pub waiting: u32,
 }
 

@@ -118,7 +118,9 @@ async fn a_session_is_created_shown_listed_and_released_by_its_key_only() {
     let r = call(&s, "POST", &format!("/api/v1/sessions/{id}/release"), Some(&alice), None).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["state"], "Done");
-    assert_eq!(r.json()["hosts"], json!([]));
+    assert_eq!(r.json()["hosts"], created["hosts"], "the record keeps its hosts");
+    assert!(call(&s, "GET", "/api/v1/sessions", Some(&alice), None).await.body.contains(&second));
+    assert!(!call(&s, "GET", "/api/v1/sessions", Some(&alice), None).await.body.contains(&id), "no longer live");
     let again = call(&s, "POST", &format!("/api/v1/sessions/{id}/release"), Some(&alice), Some(json!({}))).await;
     problem(&again, 409, "conflict");
 
@@ -178,6 +180,9 @@ async fn refusals_are_problems_with_a_stable_type_and_change_nothing() {
         "insufficient",
     );
     assert_eq!((v["requested"].as_u64(), v["ready"].as_u64()), (Some(1), Some(0)), "{v}");
+    // Nothing is being installed (no reconciler): the estimate is whole
+    // installs (the policy's install timeout until one has been seen).
+    assert!(v["estimated_ready_in_secs"].as_u64().is_some_and(|s| s > 0), "{v}");
     let v = problem(
         &call(&s, "POST", "/api/v1/sessions", Some(&key), Some(json!({"pool": "9/x86_64"}))).await,
         404,
@@ -276,7 +281,7 @@ async fn nodes_pools_projects_keys_and_admin_operations() {
     assert_eq!(ready.as_array().unwrap().len(), 2, "{ready}");
     let one = call(&s, "GET", "/api/v1/nodes/n1.sim.duffy", Some(&user), None).await.json();
     assert_eq!(one["node"]["hostname"], "n1.sim.duffy");
-    assert!(one["events"].as_array().unwrap().iter().any(|e| e["cause"] == "Added"), "{one}");
+    assert!(one["events"].as_array().unwrap().iter().any(|e| e["cause"] == "added"), "{one}");
 
     let pools = call(&s, "GET", "/api/v1/pools", Some(&user), None).await.json();
     let p7 = pools.as_array().unwrap().iter().find(|p| p["pool"] == "7/x86_64").unwrap();
@@ -357,4 +362,147 @@ fn missing_operations(doc: &Value) -> Vec<String> {
         }
     }
     missing
+}
+
+/// Lifetimes with a short policy: a session expires at the end of the
+/// lifetime it asked for (or the lease), extensions move the expiry up to
+/// the maximum lifetime and no further, and the reconciler reclaims an
+/// expired session's nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_expire_and_extend_up_to_the_maximum_lifetime() {
+    let policy = Policy {
+        lease: Duration::from_secs(5),
+        max_lifetime: Some(Duration::from_secs(8)),
+        rate_limit: None,
+        tick: Duration::from_millis(100),
+        ..Policy::default()
+    };
+    let s = TestServer::start(Setup { policy, ..Setup::default() }).await;
+    s.wait_pools_full().await;
+    let key = s.key("p", false, None).await;
+    let ms = |v: &Value| v.as_str().unwrap().parse::<duffy_core::Timestamp>().unwrap().0;
+
+    // The default lifetime is the lease; the maximum counts from creation.
+    let r = call(&s, "POST", "/api/v1/sessions", Some(&key), Some(json!({"pool": "7/x86_64"}))).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let long = r.json();
+    let id = long["id"].as_str().unwrap().to_string();
+    assert_eq!(ms(&long["max_until"]) - ms(&long["created_at"]), 8000, "{long}");
+    let expires = ms(&long["expires_at"]);
+    assert_eq!(expires, ms(&long["lease_until"]), "{long}");
+
+    // Extended by a second: the expiry moves, the lease does not.
+    let r = call(&s, "POST", &format!("/api/v1/sessions/{id}/extend"), Some(&key), Some(json!({"by_secs": 1}))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(ms(&r.json()["expires_at"]), expires + 1000);
+    assert_eq!(ms(&r.json()["lease_until"]), ms(&long["lease_until"]));
+    // Past the maximum: refused, saying so, and nothing moves.
+    let r = call(&s, "POST", &format!("/api/v1/sessions/{id}/extend"), Some(&key), Some(json!({"by_secs": 60}))).await;
+    let v = problem(&r, 400, "bad_request");
+    assert!(v["detail"].as_str().unwrap().contains("max"), "{v}");
+    let now = call(&s, "GET", &format!("/api/v1/sessions/{id}"), Some(&key), None).await.json();
+    assert_eq!(ms(&now["expires_at"]), expires + 1000);
+    problem(
+        &call(&s, "POST", &format!("/api/v1/sessions/{id}/extend"), Some(&key), Some(json!({"by_secs": 0}))).await,
+        400,
+        "bad_request",
+    );
+    // A lifetime past the maximum is refused at creation.
+    let r =
+        call(&s, "POST", "/api/v1/sessions", Some(&key), Some(json!({"pool": "7/x86_64", "lifetime_secs": 9}))).await;
+    let v = problem(&r, 400, "bad_request");
+    assert!(v["detail"].as_str().unwrap().contains("maximum lifetime of 8 s"), "{v}");
+
+    // A one-second session expires, and its nodes are reclaimed.
+    let r =
+        call(&s, "POST", "/api/v1/sessions", Some(&key), Some(json!({"pool": "7/x86_64", "lifetime_secs": 1}))).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let short = r.json();
+    let sid = short["id"].as_str().unwrap().to_string();
+    let host = short["hosts"][0].as_str().unwrap().to_string();
+    assert_eq!(ms(&short["expires_at"]) - ms(&short["created_at"]), 1000, "from the claim: {short}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let ended = loop {
+        let v = call(&s, "GET", &format!("/api/v1/sessions/{sid}"), Some(&key), None).await.json();
+        if v["state"] != "Prod" {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "the session did not expire: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ended["state"], "Done", "{ended}");
+    assert!(ended["end_reason"].as_str().unwrap().contains("expired"), "{ended}");
+    let node = call(&s, "GET", &format!("/api/v1/nodes/{host}"), Some(&key), None).await.json();
+    assert!(node["events"].as_array().unwrap().iter().any(|e| e["cause"] == "session_expired"), "{node}");
+    assert!(node["node"]["session"].is_null(), "{node}");
+    // An expired session can no longer be extended.
+    problem(&call(&s, "POST", &format!("/api/v1/sessions/{sid}/extend"), Some(&key), None).await, 409, "conflict");
+    s.stop().await;
+}
+
+/// `wait`: a short pool queues the request (202, Location), its status
+/// shows its place, it can be cancelled, and it is served as nodes become
+/// Ready. A request the service does not know says to resubmit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_requests_are_queued_polled_cancelled_and_served() {
+    let s = TestServer::start(Setup::default()).await;
+    s.wait_pools_full().await;
+    let key = s.key("p", false, None).await;
+    // Take the whole i386 pool (2 nodes).
+    let r = call(&s, "POST", "/api/v1/sessions", Some(&key), Some(json!({"pool": "6/i386", "count": 2}))).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let holder = r.json()["id"].as_str().unwrap().to_string();
+
+    // Without wait: refused, with the Ready count.
+    let v = problem(
+        &call(&s, "POST", "/api/v1/sessions", Some(&key), Some(json!({"pool": "6/i386"}))).await,
+        409,
+        "insufficient",
+    );
+    assert_eq!((v["requested"].as_u64(), v["ready"].as_u64()), (Some(1), Some(0)), "{v}");
+
+    // With wait: queued, then cancelled.
+    let r = s
+        .client
+        .post(format!("{}/api/v1/sessions", s.base))
+        .bearer_auth(&key)
+        .json(&json!({"pool": "6/i386", "wait": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let q: Value = r.json().await.unwrap();
+    assert_eq!((q["state"].as_str(), q["position"].as_u64()), (Some("waiting"), Some(1)), "{q}");
+    assert_eq!(location, format!("/api/v1/requests/{}", q["id"].as_str().unwrap()));
+    let other = s.key("other", false, None).await;
+    problem(&call(&s, "GET", &location, Some(&other), None).await, 404, "not_found");
+    let r = call(&s, "DELETE", &location, Some(&key), None).await;
+    assert_eq!(r.json()["state"], "cancelled", "{}", r.body);
+    assert_eq!(call(&s, "GET", &location, Some(&key), None).await.json()["state"], "cancelled");
+
+    // Queued again, then served once the pool's nodes come back.
+    let r = call(&s, "POST", "/api/v1/sessions", Some(&key), Some(json!({"pool": "6/i386", "wait": true}))).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let pools = call(&s, "GET", "/api/v1/pools", Some(&key), None).await.json();
+    let i386 = pools.as_array().unwrap().iter().find(|p| p["pool"] == "6/i386").unwrap().clone();
+    assert_eq!(i386["waiting"], 1, "{i386}");
+    assert_eq!(call(&s, "POST", &format!("/api/v1/sessions/{holder}/release"), Some(&key), None).await.status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let served = loop {
+        let v = call(&s, "GET", &format!("/api/v1/requests/{id}"), Some(&key), None).await.json();
+        if v["state"] != "waiting" {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "not served: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(served["state"], "served", "{served}");
+    assert_eq!(served["session"]["state"], "Prod", "{served}");
+    assert_eq!(served["session"]["hosts"].as_array().unwrap().len(), 1, "{served}");
+
+    let v = problem(&call(&s, "GET", "/api/v1/requests/no-such-request", Some(&key), None).await, 404, "not_found");
+    assert!(v["detail"].as_str().unwrap().contains("submit it again"), "{v}");
+    s.stop().await;
 }

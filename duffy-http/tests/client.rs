@@ -77,6 +77,7 @@ async fn the_client_reports_a_short_pool_with_its_ready_count() {
     let e = c.request_session(&req, |_| {}).await.expect_err("nothing Ready");
     let ClientError::Problem(p) = &e else { panic!("{e}") };
     assert_eq!((p.kind(), p.requested, p.ready), (Some(ProblemType::Insufficient), Some(2), Some(0)), "{p:?}");
+    assert!(p.estimated_ready_in_secs.is_some(), "{p:?}");
     s.stop().await;
 }
 
@@ -130,8 +131,14 @@ async fn duffy_client_commands_against_a_real_service() {
     let err = stderr(&cli(&env, &["release", &id]).await);
     assert!(err.contains("Conflict") && err.contains("Done"), "{err}");
 
-    let o = cli(&env, &["--json", "request-session", "--release", "7", "--arch", "x86_64"]).await;
+    let o = cli(&env, &["--json", "request-session", "--release", "7", "--arch", "x86_64", "--lifetime", "30m"]).await;
     let second: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let extended = stdout(&cli(&env, &["--json", "extend", second["id"].as_str().unwrap(), "--by", "10m"]).await);
+    let extended: serde_json::Value = serde_json::from_str(&extended).unwrap();
+    let ts = |v: &serde_json::Value| v.as_str().unwrap().parse::<duffy_core::Timestamp>().unwrap().0;
+    assert_eq!(ts(&extended["expires_at"]) - ts(&second["expires_at"]), 600_000, "{extended}");
+    let err = stderr(&cli(&env, &["extend", second["id"].as_str().unwrap(), "--by", "7h"]).await);
+    assert!(err.contains("Bad request") && err.contains("max"), "{err}");
     let failed = stdout(&cli(&env, &["fail", second["id"].as_str().unwrap()]).await);
     assert!(failed.contains("nodes held until"), "{failed}");
 
@@ -218,5 +225,37 @@ async fn the_example_job_script_gets_runs_and_hands_back() {
     assert!(out.contains("tests failed; nodes kept for debugging"), "{out}");
     let live = s.store.live_sessions().await.unwrap();
     assert_eq!((live.len(), live[0].state), (1, duffy_core::SessionState::Fail), "{out}");
+    s.stop().await;
+}
+
+/// `request-session` waits in the queue with a progress line and returns
+/// the session once the pool has nodes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_session_waits_in_the_queue_with_progress() {
+    let s = TestServer::start(Setup::default()).await;
+    s.wait_pools_full().await;
+    let key = s.key("alice", false, None).await;
+    let c = Client::new(&s.base, &key).expect("client");
+    let holder = c.request_session(&pool("6/i386", 2), |_| {}).await.expect("the whole i386 pool");
+    let env = [("DUFFY_KEY", key.as_str()), ("DUFFY_URL", s.base.as_str())];
+    let waiting = tokio::spawn({
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        async move {
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            cli(&env, &["--json", "request-session", "--pool", "6/i386"]).await
+        }
+    });
+    // Release once the request is queued.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while c.pools().await.expect("pools").iter().all(|p| p.waiting == 0) {
+        assert!(std::time::Instant::now() < deadline, "the request was not queued");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    c.release(&holder.id).await.expect("release");
+    let o = tokio::time::timeout(std::time::Duration::from_secs(60), waiting).await.expect("served").expect("join");
+    let session: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON");
+    assert_eq!((session["state"].as_str(), session["pool"].as_str()), (Some("Prod"), Some("6/i386")), "{session}");
+    let progress = String::from_utf8_lossy(&o.stderr);
+    assert!(progress.contains("waiting for 1 node(s) of 6/i386"), "{progress}");
     s.stop().await;
 }

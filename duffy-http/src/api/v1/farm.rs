@@ -10,7 +10,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{get, post};
 use duffy_client::wire::{EventView, NodeDetail, NodeView, PoolView};
-use duffy_core::{Actor, Event, EventQuery, Node, NodeState, Principal, SessionId};
+use duffy_core::{Actor, Event, Node, NodeState, Principal, SessionId};
 
 use super::*;
 use crate::api::wire::{check_hostname, param};
@@ -25,9 +25,11 @@ pub(in crate::api) static NODE_RECOVER: Route =
     Route::v1("/api/v1/nodes/{hostname}/recover", &["POST"], &[], || methods(post(recover)));
 pub(in crate::api) static POOLS: Route = Route::v1("/api/v1/pools", &["GET"], &[], || methods(get(pools)));
 
-/// How many of a node's latest events `GET /api/v1/nodes/{hostname}`
-/// shows.
+/// How many events `GET /api/v1/nodes/{hostname}` shows at most: by
+/// default, and the most `limit` may ask for (the engine's page).
 pub const NODE_EVENTS: usize = 100;
+/// The most `limit` may ask for.
+pub const NODE_EVENTS_MAX: usize = 1000;
 
 /// Which sessions a caller may see named: an admin key all of them, any
 /// other key its own live ones.
@@ -85,7 +87,7 @@ fn event_view(e: &Event, visible: &Visible) -> EventView {
         at: time(e.at),
         from: e.from.as_str().to_string(),
         to: e.to.as_str().to_string(),
-        cause: format!("{:?}", e.cause),
+        cause: e.cause.as_str().to_string(),
         detail: e.detail.clone(),
         actor,
         session: visible.show(e.session.as_ref()),
@@ -127,10 +129,14 @@ async fn list_nodes(
     ok(&out)
 }
 
-/// `GET /api/v1/nodes/{hostname}`.
+/// `GET /api/v1/nodes/{hostname}[?after_seq=N][&limit=N]`.
 #[utoipa::path(get, path = "/api/v1/nodes/{hostname}", tag = "farm",
-    params(("hostname" = String, Path, description = "The node's host name")),
-    responses((status = 200, description = "The node and its latest events", body = NodeDetail)))]
+    params(
+        ("hostname" = String, Path, description = "The node's host name"),
+        ("after_seq" = Option<u64>, Query, description = "Only events after this one (default 0: from the first)"),
+        ("limit" = Option<u32>, Query, description = "At most this many events, 1 to 1000 (default 100)"),
+    ),
+    responses((status = 200, description = "The node and a page of its history, oldest first", body = NodeDetail)))]
 async fn show_node(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -139,31 +145,32 @@ async fn show_node(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let who = caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &NODE, raw.as_deref())?;
-    let n = find_node(&st, &hostname).await?;
+    let q = params(&st, &NODE, raw.as_deref())?;
+    let number = |name: &str, default: u64, max: u64| -> Result<u64, ApiError> {
+        match q.get(name) {
+            None => Ok(default),
+            Some(v) => v.parse::<u64>().ok().filter(|n| *n <= max && (name != "limit" || *n >= 1)).ok_or_else(|| {
+                let shown: String = v.chars().take(40).collect();
+                let range = if name == "limit" { format!("1 to {max}") } else { format!("0 to {max}") };
+                ApiError::bad_request(format!("invalid {name} {shown:?}: a whole number, {range}"))
+            }),
+        }
+    };
+    let after_seq = number("after_seq", 0, i64::MAX as u64)?;
+    let limit = number("limit", NODE_EVENTS as u64, NODE_EVENTS_MAX as u64)? as usize;
+    check_node_name(&hostname)?;
+    let (n, events) =
+        st.engine.node_history(&hostname, after_seq, limit).await.map_err(|e| refusal("reading the node", e))?;
     let visible = Visible::of(&st, &who).await?;
-    let events = st
-        .engine
-        .store()
-        .events(EventQuery { node: Some(n.id), after_seq: 0, limit: 0 })
-        .await
-        .map_err(|e| store_failed("reading the node's events", e))?;
-    let skip = events.len().saturating_sub(NODE_EVENTS);
-    let events = events[skip..].iter().map(|e| event_view(e, &visible)).collect();
+    let events = events.iter().map(|e| event_view(e, &visible)).collect();
     ok(&NodeDetail { node: node_view(&n, &visible), events })
 }
 
-async fn find_node(st: &AppState, hostname: &str) -> Result<Node, ApiError> {
+fn check_node_name(hostname: &str) -> Result<(), ApiError> {
     check_hostname(hostname).map_err(|r| match r {
         Reply::Json(_, serde_json::Value::String(m)) => ApiError::bad_request(m),
         _ => ApiError::bad_request("invalid node name"),
-    })?;
-    st.engine
-        .store()
-        .node_by_hostname(hostname)
-        .await
-        .map_err(|e| store_failed("reading the node", e))?
-        .ok_or_else(|| ApiError::not_found(format!("no node named {hostname:?}")))
+    })
 }
 
 /// `POST /api/v1/nodes/{hostname}/set-admin` (admin).
@@ -181,7 +188,7 @@ async fn set_admin(
     let who = admin_caller(&st, peer, &headers, raw.as_deref()).await?;
     params(&st, &NODE_SET_ADMIN, raw.as_deref())?;
     no_fields(&bytes)?;
-    find_node(&st, &hostname).await?;
+    check_node_name(&hostname)?;
     let n = st.engine.set_admin(&who, &hostname).await.map_err(|e| refusal("setting admin downtime", e))?;
     ok(&node_view(&n, &Visible::All))
 }
@@ -201,7 +208,7 @@ async fn recover(
     let who = admin_caller(&st, peer, &headers, raw.as_deref()).await?;
     params(&st, &NODE_RECOVER, raw.as_deref())?;
     no_fields(&bytes)?;
-    find_node(&st, &hostname).await?;
+    check_node_name(&hostname)?;
     let n = st.engine.recover(&who, &hostname).await.map_err(|e| refusal("recovering the node", e))?;
     ok(&node_view(&n, &Visible::All))
 }
@@ -217,29 +224,26 @@ async fn pools(
 ) -> Result<Response, ApiError> {
     caller(&st, peer, &headers, raw.as_deref()).await?;
     params(&st, &POOLS, raw.as_deref())?;
-    let store = st.engine.store();
-    let targets = store.pool_targets().await.map_err(|e| store_failed("reading the pools", e))?;
-    let nodes = st.engine.inventory().await.map_err(|e| unexpected("reading the nodes", &e))?;
-    let out: Vec<PoolView> = targets
+    let pools = st.engine.pools().await.map_err(|e| refusal("reading the pools", e))?;
+    let out: Vec<PoolView> = pools
         .into_iter()
-        .filter(|t| t.standby > 0)
-        .map(|t| {
-            let mut counts: BTreeMap<String, u32> =
-                NodeState::ALL.iter().map(|s| (s.as_str().to_string(), 0)).collect();
-            for n in nodes.iter().filter(|n| n.image.as_ref() == Some(&t.pool)) {
-                *counts.entry(n.state.as_str().to_string()).or_default() += 1;
-            }
-            let ready = counts.get(NodeState::Ready.as_str()).copied().unwrap_or(0);
+        .map(|p| {
+            // Every state named, zeros included, so that a table's
+            // columns do not come and go.
+            let nodes: BTreeMap<String, u32> = NodeState::ALL
+                .iter()
+                .map(|s| (s.as_str().to_string(), p.counts.get(s).copied().unwrap_or(0)))
+                .collect();
             PoolView {
-                pool: t.pool.to_string(),
-                release: t.pool.release.clone(),
-                arch: t.pool.arch.as_str().to_string(),
-                flavor: t.pool.flavor.clone(),
-                standby: t.standby,
-                nodes: counts,
-                ready,
-                estimated_next_ready_in_secs: None,
-                waiting: 0,
+                pool: p.pool.to_string(),
+                release: p.pool.release.clone(),
+                arch: p.pool.arch.as_str().to_string(),
+                flavor: p.pool.flavor.clone(),
+                standby: p.standby,
+                ready: p.counts.get(&NodeState::Ready).copied().unwrap_or(0),
+                nodes,
+                estimated_next_ready_in_secs: p.estimated_ready.map(|d| d.as_secs()),
+                waiting: p.waiting,
             }
         })
         .collect();

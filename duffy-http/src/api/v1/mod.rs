@@ -36,7 +36,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use duffy_client::wire::{PROBLEM_JSON, Problem, ProblemType};
-use duffy_core::{EngineError, Principal, Timestamp};
+use duffy_core::{EngineError, Principal, SessionTransitionError, Timestamp};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::error;
@@ -331,6 +331,13 @@ pub(super) fn refusal(what: &str, e: EngineError) -> ApiError {
         EngineError::ProjectUnusable { .. } => (P::ProjectUnusable, StatusCode::CONFLICT),
         EngineError::PreparationFailed { .. } => (P::PreparationFailed, StatusCode::SERVICE_UNAVAILABLE),
         EngineError::FailCapExceeded { .. } => (P::FailCap, StatusCode::CONFLICT),
+        EngineError::UnknownRequest(_) => return ApiError::not_found(e.to_string()),
+        // Asking past the maximum is bad input (the detail says the most
+        // allowed), not a state the session is in.
+        EngineError::SessionTransition(SessionTransitionError::BeyondMaxLifetime { .. }) => {
+            (P::BadRequest, StatusCode::BAD_REQUEST)
+        }
+        EngineError::QueueFull(_) => (P::QueueFull, StatusCode::TOO_MANY_REQUESTS),
         EngineError::SessionNotInProd { .. }
         | EngineError::NotPaused
         | EngineError::Transition(_)

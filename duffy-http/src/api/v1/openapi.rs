@@ -30,7 +30,7 @@ const PROBLEM_STATUSES: [(&str, &str); 8] = [
     ("403", "Not allowed for this key (forbidden, quota)"),
     ("404", "No such resource for this key (not_found, no_such_pool)"),
     ("409", "Not possible now (insufficient, paused, conflict, fail_cap, project_unusable)"),
-    ("429", "Slow down (rate_limited, too_many_invalid_keys)"),
+    ("429", "Slow down (rate_limited, queue_full, too_many_invalid_keys)"),
     ("500", "Internal error (internal)"),
     ("503", "Try again (unavailable, preparation_failed)"),
 ];

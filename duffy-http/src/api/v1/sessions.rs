@@ -1,15 +1,20 @@
 //! Sessions: create (now, or queued with `wait`), list mine, get, extend,
-//! release, fail; and the queued requests.
+//! release, fail; and the queued requests. Every operation is the
+//! engine's (`Engine::create_session`, `get_session`, `list_sessions`,
+//! `extend_session`, `done`, `fail`, `queue_status`, `cancel_request`).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use axum::routing::{get, post};
-use duffy_client::wire::{CreateSession, ExtendSession, SessionView};
-use duffy_core::{NodeRequest, Principal, Session, SessionId};
+use duffy_client::wire::{CreateSession, ExtendSession, QueuedRequest, SessionView};
+use duffy_core::{
+    Created, EngineError, PoolKey, Principal, QueueState, QueueStatus, RequestId, SessionRequest, SessionScope,
+};
 
 use super::*;
 use crate::api::legacy::refusal_outcome;
@@ -28,77 +33,110 @@ pub(in crate::api) static SESSION_FAIL: Route =
 pub(in crate::api) static REQUEST: Route =
     Route::v1("/api/v1/requests/{id}", &["GET", "DELETE"], &[], || methods(get(show_request).delete(cancel_request)));
 
-/// The request for nodes a body asks for: a pool written whole, or its
-/// parts, checked by the rules the legacy endpoint uses.
-fn node_request_of(req: &CreateSession) -> Result<NodeRequest, ApiError> {
-    let (release, arch, flavor) = match &req.pool {
+/// The engine's request for a body: a pool written whole (the core's
+/// `PoolKey::from_str`), or its parts checked by the rules the legacy
+/// endpoint uses.
+fn session_request(req: &CreateSession) -> Result<SessionRequest, ApiError> {
+    let pool = match &req.pool {
         Some(pool) => {
             if req.release.is_some() || req.arch.is_some() || req.flavor.is_some() {
                 return Err(ApiError::bad_request(
                     "give either \"pool\" (release/arch[/flavor]) or \"release\", \"arch\" and \"flavor\", not both",
                 ));
             }
-            let parts: Vec<&str> = pool.split('/').collect();
-            match parts.as_slice() {
-                [r, a] => (Some(*r), Some(*a), None),
-                [r, a, f] => (Some(*r), Some(*a), Some(*f)),
-                _ => {
-                    let shown: String = pool.chars().take(80).collect();
-                    return Err(ApiError::bad_request(format!(
-                        "invalid pool {shown:?}: a pool is written release/arch or release/arch/flavor, e.g. 9/x86_64"
-                    )));
-                }
-            }
+            pool.parse::<PoolKey>().map_err(|e| ApiError::bad_request(e.to_string()))?
         }
-        None => (req.release.as_deref(), req.arch.as_deref(), req.flavor.as_deref()),
+        None => node_request(req.release.as_deref(), req.arch.as_deref(), req.flavor.as_deref(), None)
+            .map_err(ApiError::bad_request)?
+            .pool(),
     };
-    node_request(release, arch, flavor, req.count).map_err(ApiError::bad_request)
-}
-
-/// A session as the API shows it: the hosts are the nodes it still holds.
-pub(super) async fn session_view(st: &AppState, s: &Session) -> Result<SessionView, ApiError> {
-    let store = st.engine.store();
-    let mut hosts = Vec::with_capacity(s.nodes.len());
-    for id in &s.nodes {
-        match store.node(*id).await.map_err(|e| store_failed("reading the session's nodes", e))? {
-            Some(n) if n.session.as_ref() == Some(&s.id) => hosts.push(n.hostname),
-            _ => {}
-        }
+    if req.lifetime_secs == Some(0) {
+        return Err(ApiError::bad_request("lifetime_secs must be at least 1"));
     }
-    Ok(SessionView {
-        id: s.id.0.clone(),
-        project: s.project.clone(),
-        state: s.state.as_str().to_string(),
-        pool: s.pool.to_string(),
-        hosts,
-        created_at: time(s.created_at),
-        delivered_at: time_opt(s.delivered_at),
-        lease_until: time_opt(s.lease_until),
-        expires_at: time_opt(s.lease_until),
-        max_until: None,
-        hold_until: time_opt(s.hold_until),
-        ended_at: time_opt(s.ended_at),
-        end_reason: s.end_reason.clone(),
+    Ok(SessionRequest {
+        pool,
+        count: req.count.unwrap_or(1),
+        lifetime: req.lifetime_secs.map(Duration::from_secs),
+        wait: req.wait.unwrap_or(false),
     })
 }
 
-/// The session `id` if it is `who`'s: another key's session is answered
-/// exactly as an unknown one.
-async fn own_session(st: &AppState, who: &Principal, id: &str) -> Result<Session, ApiError> {
-    let missing = || ApiError::not_found("no such session for this key");
-    if id.is_empty() || id.len() > 128 {
-        return Err(missing());
+/// A session as the API shows it.
+pub(super) fn session_view(st: &AppState, v: duffy_core::SessionView) -> SessionView {
+    let s = v.session;
+    let max_until = s.max_until(st.engine.policy().max_lifetime);
+    SessionView {
+        id: s.id.0,
+        project: s.project,
+        state: s.state.as_str().to_string(),
+        pool: s.pool.to_string(),
+        hosts: v.hosts,
+        created_at: time(s.created_at),
+        delivered_at: time_opt(s.delivered_at),
+        lease_until: time_opt(s.lease_until),
+        expires_at: time_opt(s.expires_at),
+        max_until: time_opt(max_until),
+        hold_until: time_opt(s.hold_until),
+        ended_at: time_opt(s.ended_at),
+        end_reason: s.end_reason,
     }
-    let s = st
-        .engine
-        .store()
-        .session(&SessionId(id.to_string()))
-        .await
-        .map_err(|e| store_failed("reading the session", e))?;
-    match s {
-        Some(s) if Some(s.key_id) == who.key_id => Ok(s),
-        _ => Err(missing()),
+}
+
+/// A queued request as the API shows it; a served one with its session.
+async fn queued_view(st: &AppState, who: &Principal, q: QueueStatus) -> Result<QueuedRequest, ApiError> {
+    let wait_until = Some(time(q.enqueued_at.plus(st.engine.policy().max_wait)));
+    let mut out = QueuedRequest {
+        id: q.id.0.clone(),
+        state: String::new(),
+        pool: q.pool.to_string(),
+        count: q.count,
+        position: None,
+        estimated_wait_secs: None,
+        wait_until: None,
+        session: None,
+        reason: None,
+    };
+    match q.state {
+        QueueState::Waiting { position, estimated_wait } => {
+            out.state = "waiting".into();
+            out.position = Some(u32::try_from(position).unwrap_or(u32::MAX));
+            out.estimated_wait_secs = estimated_wait.map(|d| d.as_secs());
+            out.wait_until = wait_until;
+        }
+        QueueState::Served { session } => {
+            out.state = "served".into();
+            let v = st.engine.get_session(who, &session.0).await.map_err(|e| refusal("reading the session", e))?;
+            out.session = Some(session_view(st, v));
+        }
+        QueueState::Failed { reason } => {
+            out.state = "failed".into();
+            out.reason = Some(reason);
+        }
+        QueueState::Cancelled => out.state = "cancelled".into(),
+        QueueState::Dropped { reason } => {
+            out.state = "dropped".into();
+            out.reason = Some(reason);
+        }
     }
+    Ok(out)
+}
+
+/// The problem for a refused allocation, with the pool's Ready count and,
+/// when the pool is short, when enough nodes should be Ready.
+async fn allocation_refused(st: &AppState, pool: &PoolKey, e: EngineError) -> ApiError {
+    st.metrics.allocation(refusal_outcome(&e), 0);
+    let requested = match &e {
+        EngineError::InsufficientNodes { requested, .. } => Some(*requested),
+        _ => None,
+    };
+    let mut p = refusal("allocation", e);
+    if let Some(needed) = requested {
+        // Best effort: the refusal stands without its estimate.
+        if let Ok(Some(d)) = st.engine.estimate_ready(pool, needed).await {
+            p.0.estimated_ready_in_secs = Some(d.as_secs());
+        }
+    }
+    p
 }
 
 /// `GET /api/v1/sessions`: the caller's live sessions.
@@ -112,12 +150,8 @@ async fn list(
 ) -> Result<Response, ApiError> {
     let who = caller(&st, peer, &headers, raw.as_deref()).await?;
     params(&st, &SESSIONS, raw.as_deref())?;
-    let live = st.engine.store().live_sessions().await.map_err(|e| store_failed("listing sessions", e))?;
-    let mut out = Vec::new();
-    for s in live.iter().filter(|s| Some(s.key_id) == who.key_id) {
-        out.push(session_view(&st, s).await?);
-    }
-    ok(&out)
+    let list = st.engine.list_sessions(&who, &SessionScope::Mine).await.map_err(|e| refusal("listing sessions", e))?;
+    ok(&list.into_iter().map(|v| session_view(&st, v)).collect::<Vec<_>>())
 }
 
 /// `POST /api/v1/sessions`: nodes of a pool for a new session.
@@ -136,17 +170,25 @@ async fn create(
     let who = caller(&st, peer, &headers, raw.as_deref()).await?;
     params(&st, &SESSIONS, raw.as_deref())?;
     let req: CreateSession = body(&bytes)?;
-    let nreq = node_request_of(&req).inspect_err(|_| st.metrics.allocation(Allocation::Invalid, 0))?;
-    let count = nreq.count.unwrap_or(1) as usize;
-    let a = st.engine.get_nodes(&who, &nreq).await.map_err(|e| {
-        st.metrics.allocation(refusal_outcome(&e), 0);
-        refusal("allocation", e)
-    })?;
-    st.metrics.allocation(Allocation::Allocated, count);
-    let s = own_session(&st, &who, &a.session.0).await?;
-    let view = session_view(&st, &s).await?;
-    let mut r = json(StatusCode::CREATED, &view)?;
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/sessions/{}", view.id)) {
+    let req = session_request(&req).inspect_err(|_| st.metrics.allocation(Allocation::Invalid, 0))?;
+    let created = match st.engine.create_session(&who, &req).await {
+        Ok(c) => c,
+        Err(e) => return Err(allocation_refused(&st, &req.pool, e).await),
+    };
+    let (mut r, location) = match created {
+        Created::Session(v) => {
+            st.metrics.allocation(Allocation::Allocated, v.hosts.len());
+            let view = session_view(&st, v);
+            let location = format!("/api/v1/sessions/{}", view.id);
+            (json(StatusCode::CREATED, &view)?, location)
+        }
+        Created::Queued(q) => {
+            let view = queued_view(&st, &who, q).await?;
+            let location = format!("/api/v1/requests/{}", view.id);
+            (json(StatusCode::ACCEPTED, &view)?, location)
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&location) {
         r.headers_mut().insert(header::LOCATION, v);
     }
     Ok(r)
@@ -165,15 +207,15 @@ async fn show(
 ) -> Result<Response, ApiError> {
     let who = caller(&st, peer, &headers, raw.as_deref()).await?;
     params(&st, &SESSION, raw.as_deref())?;
-    let s = own_session(&st, &who, &id).await?;
-    ok(&session_view(&st, &s).await?)
+    let v = st.engine.get_session(&who, &id).await.map_err(|e| refusal("reading the session", e))?;
+    ok(&session_view(&st, v))
 }
 
 /// `POST /api/v1/sessions/{id}/extend`.
 #[utoipa::path(post, path = "/api/v1/sessions/{id}/extend", tag = "sessions",
     params(("id" = String, Path, description = "The session id")),
     request_body = ExtendSession,
-    responses((status = 200, description = "The session with its new expiry", body = SessionView)))]
+    responses((status = 200, description = "The session with its new expiry (at most max_until)", body = SessionView)))]
 async fn extend(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -184,13 +226,14 @@ async fn extend(
 ) -> Result<Response, ApiError> {
     let who = caller(&st, peer, &headers, raw.as_deref()).await?;
     params(&st, &SESSION_EXTEND, raw.as_deref())?;
-    let _req: ExtendSession = body(&bytes)?;
-    let s = own_session(&st, &who, &id).await?;
-    Err(ApiError::new(
-        ProblemType::Conflict,
-        StatusCode::CONFLICT,
-        format!("session {} cannot be extended: this service has no session lifetimes", s.id),
-    ))
+    let req: ExtendSession = body(&bytes)?;
+    let by = match req.by_secs {
+        None => st.engine.policy().lease,
+        Some(0) => return Err(ApiError::bad_request("by_secs must be at least 1")),
+        Some(s) => Duration::from_secs(s),
+    };
+    let v = st.engine.extend_session(&who, &id, by).await.map_err(|e| refusal("extending the session", e))?;
+    ok(&session_view(&st, v))
 }
 
 /// `POST /api/v1/sessions/{id}/release`.
@@ -209,8 +252,8 @@ async fn release(
     params(&st, &SESSION_RELEASE, raw.as_deref())?;
     no_fields(&bytes)?;
     st.engine.done(&who, &id).await.map_err(|e| refusal("releasing the session", e))?;
-    let s = own_session(&st, &who, &id).await?;
-    ok(&session_view(&st, &s).await?)
+    let v = st.engine.get_session(&who, &id).await.map_err(|e| refusal("reading the session", e))?;
+    ok(&session_view(&st, v))
 }
 
 /// `POST /api/v1/sessions/{id}/fail`.
@@ -230,8 +273,8 @@ async fn fail(
     no_fields(&bytes)?;
     st.engine.fail(&who, &id).await.map_err(|e| refusal("failing the session", e))?;
     st.metrics.session_failed();
-    let s = own_session(&st, &who, &id).await?;
-    ok(&session_view(&st, &s).await?)
+    let v = st.engine.get_session(&who, &id).await.map_err(|e| refusal("reading the session", e))?;
+    ok(&session_view(&st, v))
 }
 
 /// `GET /api/v1/requests/{id}`: a queued request.
@@ -245,10 +288,10 @@ async fn show_request(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let _who = caller(&st, peer, &headers, raw.as_deref()).await?;
+    let who = caller(&st, peer, &headers, raw.as_deref()).await?;
     params(&st, &REQUEST, raw.as_deref())?;
-    let _ = id;
-    Err(ApiError::not_found("no such request for this key"))
+    let q = st.engine.queue_status(&who, &RequestId(id)).await.map_err(|e| refusal("reading the request", e))?;
+    ok(&queued_view(&st, &who, q).await?)
 }
 
 /// `DELETE /api/v1/requests/{id}`: stops waiting.
@@ -262,8 +305,8 @@ async fn cancel_request(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let _who = caller(&st, peer, &headers, raw.as_deref()).await?;
+    let who = caller(&st, peer, &headers, raw.as_deref()).await?;
     params(&st, &REQUEST, raw.as_deref())?;
-    let _ = id;
-    Err(ApiError::not_found("no such request for this key"))
+    let q = st.engine.cancel_request(&who, &RequestId(id)).await.map_err(|e| refusal("cancelling the request", e))?;
+    ok(&queued_view(&st, &who, q).await?)
 }
