@@ -81,6 +81,17 @@ async fn a_session_is_created_shown_listed_and_released_by_its_key_only() {
     want.sort_unstable();
     assert_eq!(ids, want);
 
+    // An admin key may list a project's sessions or everyone's; a user
+    // key may not.
+    let admin = s.key("ops", true, None).await;
+    let of_alice = call(&s, "GET", "/api/v1/sessions?project=alice", Some(&admin), None).await.json();
+    assert_eq!(of_alice.as_array().unwrap().len(), 2, "{of_alice}");
+    let every = call(&s, "GET", "/api/v1/sessions?all=true", Some(&admin), None).await.json();
+    assert_eq!(every.as_array().unwrap().len(), 2, "{every}");
+    problem(&call(&s, "GET", "/api/v1/sessions?project=alice", Some(&bob), None).await, 403, "forbidden");
+    problem(&call(&s, "GET", "/api/v1/sessions?all=true", Some(&bob), None).await, 403, "forbidden");
+    problem(&call(&s, "GET", "/api/v1/sessions?all=yes", Some(&admin), None).await, 400, "bad_request");
+
     // Bob sees none of it: his list is empty, and Alice's session answers
     // him exactly as a session that does not exist.
     assert_eq!(call(&s, "GET", "/api/v1/sessions", Some(&bob), None).await.json(), json!([]));

@@ -18,11 +18,13 @@ use duffy_core::{
 
 use super::*;
 use crate::api::legacy::refusal_outcome;
-use crate::api::wire::node_request;
+use crate::api::wire::{node_request, param};
 use crate::metrics::Allocation;
 
 pub(in crate::api) static SESSIONS: Route =
-    Route::v1("/api/v1/sessions", &["GET", "POST"], &[], || methods(get(list).post(create)));
+    Route::v1("/api/v1/sessions", &["GET", "POST"], &[param("project"), param("all")], || {
+        methods(get(list).post(create))
+    });
 pub(in crate::api) static SESSION: Route = Route::v1("/api/v1/sessions/{id}", &["GET"], &[], || methods(get(show)));
 pub(in crate::api) static SESSION_EXTEND: Route =
     Route::v1("/api/v1/sessions/{id}/extend", &["POST"], &[], || methods(post(extend)));
@@ -139,9 +141,14 @@ async fn allocation_refused(st: &AppState, pool: &PoolKey, e: EngineError) -> Ap
     p
 }
 
-/// `GET /api/v1/sessions`: the caller's live sessions.
+/// `GET /api/v1/sessions[?project=P|?all=true]`: the caller's live
+/// sessions; an admin key may ask for a project's or everyone's.
 #[utoipa::path(get, path = "/api/v1/sessions", tag = "sessions",
-    responses((status = 200, description = "This key's live sessions (Allocating, Prod, Fail)", body = [SessionView])))]
+    params(
+        ("project" = Option<String>, Query, description = "Admin keys: this project's live sessions instead"),
+        ("all" = Option<bool>, Query, description = "Admin keys: every live session instead"),
+    ),
+    responses((status = 200, description = "Live sessions (Allocating, Prod, Fail), oldest first", body = [SessionView])))]
 async fn list(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -149,8 +156,22 @@ async fn list(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let who = caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &SESSIONS, raw.as_deref())?;
-    let list = st.engine.list_sessions(&who, &SessionScope::Mine).await.map_err(|e| refusal("listing sessions", e))?;
+    let q = params(&st, &SESSIONS, raw.as_deref())?;
+    let all = match q.get("all") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(v) => {
+            let shown: String = v.chars().take(40).collect();
+            return Err(ApiError::bad_request(format!("invalid all {shown:?}: true or false")));
+        }
+    };
+    let scope = match (q.get("project"), all) {
+        (Some(_), true) => return Err(ApiError::bad_request("give project or all, not both")),
+        (Some(p), false) => SessionScope::Project(p.to_string()),
+        (None, true) => SessionScope::All,
+        (None, false) => SessionScope::Mine,
+    };
+    let list = st.engine.list_sessions(&who, &scope).await.map_err(|e| refusal("listing sessions", e))?;
     ok(&list.into_iter().map(|v| session_view(&st, v)).collect::<Vec<_>>())
 }
 
