@@ -239,6 +239,7 @@ async fn refusals_are_problems_with_a_stable_type_and_change_nothing() {
         problem(&call(&s, "DELETE", &format!("/api/v1/keys/{id}"), Some(&admin), None).await, 404, "not_found");
     }
     problem(&call(&s, "GET", "/api/v1/projects/nope", Some(&admin), None).await, 404, "not_found");
+    problem(&call(&s, "GET", "/api/v1/projects/no%20pe", Some(&admin), None).await, 400, "bad_request");
     problem(
         &call(&s, "PUT", "/api/v1/projects/p", Some(&admin), Some(json!({"ssh_keys": ["ssh-rsa nonsense"]}))).await,
         400,

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
 use duffy_client::wire::{CreateKey, CreatedKey, KeyView, OvertimeView, ProjectView, ServiceState, SetProject};
-use duffy_core::{ApiKeyRecord, Project};
+use duffy_core::{ApiKeyRecord, Project, validate_token};
 
 use super::*;
 use crate::api::wire::param;
@@ -65,9 +65,9 @@ async fn show_project(
 ) -> Result<Response, ApiError> {
     admin_caller(&st, peer, &headers, raw.as_deref()).await?;
     params(&st, &PROJECT, raw.as_deref())?;
+    validate_token("project name", &name, 64).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let p = st.engine.store().project(&name).await.map_err(|e| store_failed("reading the project", e))?;
-    let shown: String = name.chars().take(64).collect();
-    ok(&project_view(p.ok_or_else(|| ApiError::not_found(format!("no project {shown:?}")))?))
+    ok(&project_view(p.ok_or_else(|| ApiError::not_found(format!("no project {name:?}")))?))
 }
 
 /// `PUT /api/v1/projects/{name}` (admin).
