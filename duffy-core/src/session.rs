@@ -239,7 +239,7 @@ impl Session {
                 s.expires_at = Some(until);
             }
             SessionCause::Expired => {
-                if !self.expires_at.is_some_and(|t| t <= now) {
+                if self.expires_at.is_none_or(|t| t > now) {
                     return Err(SessionTransitionError::Guard {
                         id: self.id.clone(),
                         cause: kind,

@@ -183,7 +183,7 @@ fn extensions_move_the_expiry_up_to_the_maximum_and_overtime_still_follows_the_l
     // Past its lease but before its expiry: /Overtime lists it, it runs on.
     h.advance(Duration::from_secs(400));
     let listed = call(&mut h, &admin, |e, who| async move { e.overtime(&who).await.unwrap() });
-    assert_eq!(listed.iter().map(|o| o.session.id.0.clone()).collect::<Vec<_>>(), [sid.clone()]);
+    assert_eq!(listed.iter().map(|o| o.session.id.0.as_str()).collect::<Vec<_>>(), [sid.as_str()]);
     assert_eq!(session(&mut h, &s.id).state, SessionState::Prod);
     // Extended again to exactly the maximum, then it runs out there.
     let id = sid.clone();
@@ -266,7 +266,7 @@ fn the_reconciler_observer_hears_of_every_expiry() {
         clock.set(clock.now().plus(Duration::from_secs(60)));
         let r = reconciler.pass().await.unwrap();
         assert_eq!(r.sessions_expired, 1);
-        assert_eq!(*observer.0.lock().unwrap(), [a.id.clone()]);
+        assert_eq!(*observer.0.lock().unwrap(), std::slice::from_ref(&a.id));
         clock.set(clock.now().plus(Duration::from_secs(540)));
         let r = reconciler.pass().await.unwrap();
         assert_eq!(r.sessions_expired, 1);
