@@ -292,9 +292,9 @@ impl Client {
         self.get(&format!("/nodes/{}", segment(hostname)), &[]).await
     }
 
-    /// `GET /api/v1/projects` (admin).
-    pub async fn projects(&self) -> Result<Vec<ProjectView>, ClientError> {
-        self.get("/projects", &[]).await
+    /// `GET /api/v1/projects/{name}` (admin).
+    pub async fn project(&self, name: &str) -> Result<ProjectView, ClientError> {
+        self.get(&format!("/projects/{}", segment(name)), &[]).await
     }
 
     /// `PUT /api/v1/projects/{name}` (admin).

@@ -65,6 +65,14 @@ async fn the_client_speaks_every_session_call_and_types_its_errors() {
         .expect("create key");
     assert_eq!(created.record.project, "bob");
     assert!(admin.revoke_key(created.record.id).await.expect("revoke").revoked_at.is_some());
+    let set = duffy_client::wire::SetProject { quota: Some(3), ssh_keys: None };
+    assert_eq!(admin.set_project("bob", &set).await.expect("set project").quota, Some(3));
+    assert_eq!(admin.project("bob").await.expect("project").quota, Some(3));
+    assert!(admin.overtime().await.expect("overtime").is_empty());
+    assert!(admin.pause().await.expect("pause").paused);
+    assert!(!admin.resume().await.expect("resume").paused);
+    assert_eq!(admin.set_admin("n12.sim.duffy").await.expect("set admin").state, "Reserved");
+    assert_eq!(admin.recover("n12.sim.duffy").await.expect("recover").state, "Active");
     s.stop().await;
 }
 
@@ -251,6 +259,14 @@ async fn request_session_waits_in_the_queue_with_progress() {
         assert!(std::time::Instant::now() < deadline, "the request was not queued");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // A second request waits behind it; its owner can see and cancel it.
+    let queued = match c.create_session(&CreateSession { wait: Some(true), ..pool("6/i386", 1) }).await {
+        Ok(duffy_client::wire::Created::Queued(q)) => q,
+        other => panic!("queued: {other:?}"),
+    };
+    let status = c.queued(&queued.id).await.expect("status");
+    assert_eq!((status.state.as_str(), status.position), ("waiting", Some(2)), "{status:?}");
+    assert_eq!(c.cancel_request(&queued.id).await.expect("cancel").state, "cancelled");
     c.release(&holder.id).await.expect("release");
     let o = tokio::time::timeout(std::time::Duration::from_secs(60), waiting).await.expect("served").expect("join");
     let session: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON");
