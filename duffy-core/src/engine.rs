@@ -146,7 +146,7 @@ pub enum EngineError {
     /// Not enough Ready nodes right now; try again later.
     #[error("insufficient nodes in READY state: requested {requested}, {available} ready")]
     InsufficientNodes {
-        /// Asked for.
+        /// Nodes the request asked for.
         requested: u32,
         /// Ready now.
         available: u32,
@@ -156,9 +156,9 @@ pub enum EngineError {
     QuotaExceeded {
         /// Held now.
         held: u32,
-        /// Asked for.
+        /// Nodes the request asked for.
         requested: u32,
-        /// The quota.
+        /// The project's quota.
         quota: u32,
     },
     /// The key made too many sessions recently.
@@ -174,7 +174,7 @@ pub enum EngineError {
     /// or blamed; an operator must fix the project.
     #[error("project {project:?} cannot be given nodes: {reason}")]
     ProjectUnusable {
-        /// The project.
+        /// The project that cannot be served.
         project: String,
         /// What is wrong and how to fix it.
         reason: String,

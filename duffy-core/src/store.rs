@@ -144,9 +144,9 @@ pub enum Guard {
     /// The project's nodes held in Fail (Failed nodes of its sessions in
     /// state Fail) number at most `max`.
     ProjectFailedNodesAtMost {
-        /// The project.
+        /// The project whose Failed-held nodes are counted.
         project: String,
-        /// The cap.
+        /// The most it may hold after the batch.
         max: u32,
     },
 }
@@ -172,7 +172,7 @@ pub enum CommitError {
     /// A guard did not hold on the result.
     #[error("guard failed: {guard:?} (would be {actual})")]
     GuardFailed {
-        /// The guard.
+        /// The guard that would not hold.
         guard: Guard,
         /// The value the batch would have produced.
         actual: u64,
@@ -226,7 +226,7 @@ pub struct Claimed {
 pub enum ClaimRefusal {
     /// The pool has fewer Ready nodes than asked for.
     InsufficientNodes {
-        /// Asked for.
+        /// Nodes the request asked for.
         requested: u32,
         /// Ready now.
         available: u32,
@@ -235,9 +235,9 @@ pub enum ClaimRefusal {
     QuotaExceeded {
         /// Nodes its live sessions hold now.
         held: u32,
-        /// Asked for.
+        /// Nodes the request asked for.
         requested: u32,
-        /// The quota.
+        /// The project's quota.
         quota: u32,
     },
     /// The service is paused: no new allocations. Checked in the claim's
@@ -248,7 +248,7 @@ pub enum ClaimRefusal {
     RateLimited {
         /// Sessions it created in the window.
         recent: u32,
-        /// The limit.
+        /// The key's limit: sessions per window.
         limit: RateLimit,
     },
 }

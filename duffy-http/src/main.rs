@@ -77,7 +77,7 @@ enum ProjectCommand {
     /// Creates or updates a project: its node quota and the SSH public keys
     /// pushed to root on its nodes at allocation.
     Set {
-        /// The project.
+        /// Project name: 1 to 64 letters, digits, '.', '_' or '-'.
         name: String,
         /// Nodes its sessions may hold at once.
         #[arg(long)]
@@ -89,7 +89,7 @@ enum ProjectCommand {
     },
     /// Shows a project.
     Show {
-        /// The project.
+        /// Project name.
         name: String,
     },
 }
@@ -140,7 +140,7 @@ enum NodeCommand {
     Add(NewNode),
     /// Adds the machines of a TOML file of `[[nodes]]` tables (existing ones are skipped).
     Import {
-        /// The file.
+        /// A TOML file of `[[nodes]]` tables, as in the service's configuration.
         file: PathBuf,
     },
     /// Lists every machine.
