@@ -383,8 +383,10 @@ fn missing_operations(doc: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_expire_and_extend_up_to_the_maximum_lifetime() {
     let policy = Policy {
-        lease: Duration::from_secs(5),
-        max_lifetime: Some(Duration::from_secs(8)),
+        // Long enough that a loaded machine does not expire the session
+        // being extended; the expiry itself is watched on a 1 s session.
+        lease: Duration::from_secs(20),
+        max_lifetime: Some(Duration::from_secs(30)),
         rate_limit: None,
         tick: Duration::from_millis(100),
         ..Policy::default()
@@ -399,7 +401,7 @@ async fn sessions_expire_and_extend_up_to_the_maximum_lifetime() {
     assert_eq!(r.status, 201, "{}", r.body);
     let long = r.json();
     let id = long["id"].as_str().unwrap().to_string();
-    assert_eq!(ms(&long["max_until"]) - ms(&long["created_at"]), 8000, "{long}");
+    assert_eq!(ms(&long["max_until"]) - ms(&long["created_at"]), 30_000, "{long}");
     let expires = ms(&long["expires_at"]);
     assert_eq!(expires, ms(&long["lease_until"]), "{long}");
 
@@ -421,9 +423,9 @@ async fn sessions_expire_and_extend_up_to_the_maximum_lifetime() {
     );
     // A lifetime past the maximum is refused at creation.
     let r =
-        call(&s, "POST", "/api/v1/sessions", Some(&key), Some(json!({"pool": "7/x86_64", "lifetime_secs": 9}))).await;
+        call(&s, "POST", "/api/v1/sessions", Some(&key), Some(json!({"pool": "7/x86_64", "lifetime_secs": 31}))).await;
     let v = problem(&r, 400, "bad_request");
-    assert!(v["detail"].as_str().unwrap().contains("maximum lifetime of 8 s"), "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("maximum lifetime of 30 s"), "{v}");
 
     // A one-second session expires, and its nodes are reclaimed.
     let r =
@@ -457,7 +459,9 @@ async fn sessions_expire_and_extend_up_to_the_maximum_lifetime() {
 /// Ready. A request the service does not know says to resubmit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_requests_are_queued_polled_cancelled_and_served() {
-    let s = TestServer::start(Setup::default()).await;
+    let s = TestServer::start(Setup { machines: 8, ..Setup::default() }).await;
+    // No spare machine (the pools' targets are 6 + 2): a pool taken
+    // whole stays empty until its nodes are released.
     s.wait_pools_full().await;
     let key = s.key("p", false, None).await;
     // Take the whole i386 pool (2 nodes).

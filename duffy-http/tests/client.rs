@@ -240,7 +240,9 @@ async fn the_example_job_script_gets_runs_and_hands_back() {
 /// the session once the pool has nodes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_session_waits_in_the_queue_with_progress() {
-    let s = TestServer::start(Setup::default()).await;
+    let s = TestServer::start(Setup { machines: 8, ..Setup::default() }).await;
+    // No spare machine (the pools' targets are 6 + 2): a pool taken
+    // whole stays empty until its nodes are released.
     s.wait_pools_full().await;
     let key = s.key("alice", false, None).await;
     let c = Client::new(&s.base, &key).expect("client");
