@@ -462,8 +462,11 @@ impl Engine {
         Ok(out)
     }
 
-    /// When `needed` nodes of `pool` will be Ready, roughly.
-    pub(crate) async fn estimate_ready(&self, pool: &PoolKey, needed: u32) -> Result<Option<Duration>, EngineError> {
+    /// When `needed` nodes of `pool` will be Ready, roughly (see
+    /// `estimate`; `None`: none is being installed or could be). Public
+    /// for the answer to a refused request: `/api/v1` tells a caller
+    /// turned away for want of Ready nodes when enough should be there.
+    pub async fn estimate_ready(&self, pool: &PoolKey, needed: u32) -> Result<Option<Duration>, EngineError> {
         let nodes = self.inner.store.nodes_in_states(&[NodeState::Ready, NodeState::Provisioning]).await?;
         let of = |s: NodeState| nodes.iter().filter(|n| n.state == s && n.image.as_ref() == Some(pool)).count() as u32;
         Ok(self.estimate(of(NodeState::Ready), of(NodeState::Provisioning), needed))
