@@ -13,7 +13,7 @@
 //! - **Group commit.** One dedicated writer thread owns the write
 //!   connection. Every write operation (`claim`, `commit`, `add_nodes`,
 //!   `upsert_project`, `add_api_key`, `revoke_api_key`, `record_key_use`,
-//!   `set_pool_target`, `set_paused`) is
+//!   `set_pool_target`, `set_paused`, `new_leader_epoch`, `commit_fenced`) is
 //!   sent to it over a channel with a oneshot for the answer. The writer
 //!   takes the first queued operation, drains whatever else is queued (up
 //!   to [`SqliteOptions::max_batch`]) and runs them all in one
@@ -687,5 +687,13 @@ impl Store for SqliteStore {
 
     async fn set_paused(&self, paused: bool) -> Result<bool, StoreError> {
         self.write(|reply| Op::SetPaused { paused, reply }, closed).await
+    }
+
+    async fn new_leader_epoch(&self) -> Result<u64, StoreError> {
+        self.write(|reply| Op::NewLeaderEpoch { reply }, closed).await
+    }
+
+    async fn commit_fenced(&self, batch: Batch, epoch: u64) -> Result<(), CommitError> {
+        self.write(|reply| Op::CommitFenced { batch, epoch, reply }, |e| Err(CommitError::Store(e))).await
     }
 }

@@ -668,6 +668,23 @@ pub(crate) fn set_paused(conn: &Connection, paused: bool) -> Result<(), StoreErr
     Ok(())
 }
 
+/// The newest leadership epoch handed out.
+pub(crate) fn leader_epoch(conn: &Connection) -> Result<u64, StoreError> {
+    const WHAT: &str = "reading the leadership epoch";
+    let mut stmt = conn.prepare_cached("SELECT leader_epoch FROM settings WHERE id = 1").ctx(WHAT)?;
+    let e: Option<i64> = stmt.query_row([], |r| r.get(0)).optional().ctx(WHAT)?;
+    let e = e.ok_or_else(|| StoreError::Corrupt("the settings row is missing".into()))?;
+    u64::try_from(e).map_err(|_| StoreError::Corrupt(format!("leadership epoch {e}")))
+}
+
+/// Moves the leadership epoch forward by one.
+pub(crate) fn bump_leader_epoch(conn: &Connection) -> Result<(), StoreError> {
+    const WHAT: &str = "starting a leadership term";
+    let mut stmt = conn.prepare_cached("UPDATE settings SET leader_epoch = leader_epoch + 1 WHERE id = 1").ctx(WHAT)?;
+    stmt.execute([]).ctx(WHAT)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

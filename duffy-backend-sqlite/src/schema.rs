@@ -160,9 +160,16 @@ ALTER TABLE api_keys ADD COLUMN revoked_at INTEGER;
 ALTER TABLE api_keys ADD COLUMN last_used INTEGER;
 "#;
 
+/// Version 6: the leadership epoch that fenced writes must carry
+/// (`Store::new_leader_epoch`, `Store::commit_fenced`); 0 until a term
+/// starts.
+const V6: &str = r#"
+ALTER TABLE settings ADD COLUMN leader_epoch INTEGER NOT NULL DEFAULT 0;
+"#;
+
 /// Every migration, in order: migration `i` takes the file from version
 /// `i` to `i + 1`. Append only; never edit a released one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
 /// The schema version this build writes (the number of migrations).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -116,8 +116,10 @@ fn two_stores_on_one_file_share_it_safely() {
     });
 }
 
-/// Undoes migration 5 (key expiry, revocation and last use).
-const V5_DOWN: &str = "ALTER TABLE api_keys DROP COLUMN expires_at; ALTER TABLE api_keys DROP COLUMN revoked_at; \
+/// Undoes migrations 6 (the leadership epoch) and 5 (key expiry,
+/// revocation and last use).
+const V5_DOWN: &str = "ALTER TABLE settings DROP COLUMN leader_epoch; \
+                       ALTER TABLE api_keys DROP COLUMN expires_at; ALTER TABLE api_keys DROP COLUMN revoked_at; \
                        ALTER TABLE api_keys DROP COLUMN last_used;";
 
 #[test]
@@ -146,7 +148,7 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     assert_eq!(nodes[0].host_key, None);
     drop(store);
     assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 5);
+    assert_eq!(SCHEMA_VERSION, 6);
 }
 
 fn index_names(path: &std::path::Path) -> Vec<String> {
@@ -270,4 +272,36 @@ fn a_version_4_file_is_migrated_forward_keeping_its_keys() {
     for c in ["expires_at", "revoked_at", "last_used"] {
         assert!(cols.iter().any(|n| n == c), "{c} missing: {cols:?}");
     }
+}
+
+#[test]
+fn a_version_5_file_gets_the_leadership_epoch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+    let added = futures::executor::block_on(store.add_nodes(
+        vec![NewNode::new("old.example", Arch::X86_64)],
+        Actor::Operator,
+        Timestamp(1),
+    ))
+    .expect("add");
+    drop(store);
+    // Make it the file a version-5 build wrote: no leadership epoch.
+    Connection::open(&path)
+        .expect("raw")
+        .execute_batch("ALTER TABLE settings DROP COLUMN leader_epoch; PRAGMA user_version = 5;")
+        .expect("downgrade");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
+    futures::executor::block_on(async {
+        assert_eq!(store.nodes().await.expect("nodes"), added, "rows survive the migration");
+        assert_eq!(store.new_leader_epoch().await.expect("first term"), 1, "no term had started");
+        let w =
+            duffy_core::NodeWrite::transition(&added[0], duffy_core::Cause::SetAdmin, Actor::Reconciler, Timestamp(2))
+                .expect("legal");
+        let batch = duffy_core::Batch { nodes: vec![w], ..duffy_core::Batch::default() };
+        store.commit_fenced(batch, 1).await.expect("the term writes");
+    });
+    drop(store);
+    assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
+    assert!(column_names(&path, "settings").iter().any(|c| c == "leader_epoch"));
 }

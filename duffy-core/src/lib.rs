@@ -12,6 +12,7 @@
 //! manual clock and the `Store` conformance suite.
 
 pub mod auth;
+pub mod dump;
 pub mod engine;
 pub mod installer;
 pub mod keys;

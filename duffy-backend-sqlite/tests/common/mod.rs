@@ -136,4 +136,16 @@ impl Store for Owned {
     async fn set_paused(&self, paused: bool) -> Result<bool, StoreError> {
         self.store.set_paused(paused).await
     }
+    async fn new_leader_epoch(&self) -> Result<u64, StoreError> {
+        self.store.new_leader_epoch().await
+    }
+    async fn commit_fenced(&self, batch: Batch, epoch: u64) -> Result<(), CommitError> {
+        self.store.commit_fenced(batch, epoch).await
+    }
+    async fn abandoned_allocations(&self) -> Result<Option<Vec<SessionId>>, StoreError> {
+        self.store.abandoned_allocations().await
+    }
+    fn key_generation(&self) -> u64 {
+        self.store.key_generation()
+    }
 }
