@@ -90,8 +90,10 @@ impl PgExport {
     /// Everything but the event log.
     pub async fn dump(&self) -> Result<FarmDump, StoreError> {
         let c = &self.conn;
-        let projects = c
-            .query("SELECT name, quota, ssh_keys FROM projects ORDER BY name", &[])
+        // Sorted here, not by the database, whose collation may order
+        // text differently from another store's.
+        let mut projects: Vec<duffy_core::Project> = c
+            .query("SELECT name, quota, ssh_keys FROM projects", &[])
             .await
             .map_err(pg("reading projects"))?
             .iter()
@@ -119,13 +121,15 @@ impl PgExport {
             .iter()
             .map(node)
             .collect::<Result<_, _>>()?;
-        let sessions = c
-            .query(concat!("SELECT ", session_cols!(), " FROM sessions ORDER BY id"), &[])
+        let mut sessions: Vec<duffy_core::Session> = c
+            .query(concat!("SELECT ", session_cols!(), " FROM sessions"), &[])
             .await
             .map_err(pg("reading sessions"))?
             .iter()
             .map(session)
             .collect::<Result<_, _>>()?;
+        projects.sort_by(|a, b| a.name.cmp(&b.name));
+        sessions.sort_by(|a, b| a.id.cmp(&b.id));
         let paused: bool =
             c.query_one("SELECT paused FROM settings WHERE id = 1", &[]).await.map_err(pg("reading settings"))?.get(0);
         Ok(FarmDump { projects, keys, targets, nodes, sessions, paused })

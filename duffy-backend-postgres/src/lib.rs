@@ -84,6 +84,7 @@ use tracing::{info, warn};
 pub use control::ControlOptions;
 pub use copy::{PgExport, PgImport};
 pub use schema::SCHEMA_VERSION;
+pub use tokio_postgres;
 
 use crate::sql::*;
 use crate::tx::{Decision, TxCounters};

@@ -69,6 +69,7 @@
 
 mod checkpointer;
 mod codec;
+mod dump;
 mod durability;
 mod queries;
 mod readers;
@@ -91,6 +92,7 @@ use futures::channel::oneshot;
 use rusqlite::{Connection, OpenFlags};
 use tracing::{info, warn};
 
+pub use dump::{SqliteExport, SqliteImport};
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
 
 use crate::durability::Durability;

@@ -295,7 +295,7 @@ fn image_cols(n: &Node) -> (Option<&str>, Option<&'static str>, Option<&str>) {
 /// Binds a node's row, in `node_cols!()` order without the id, to
 /// parameters ?1..?20 of `stmt`: the one place that maps a node to its
 /// columns for writing.
-fn bind_node(stmt: &mut rusqlite::Statement<'_>, n: &Node, what: &str) -> Result<(), StoreError> {
+pub(crate) fn bind_node(stmt: &mut rusqlite::Statement<'_>, n: &Node, what: &str) -> Result<(), StoreError> {
     let (release, arch, flavor) = image_cols(n);
     stmt.raw_bind_parameter(1, &n.hostname).ctx(what)?;
     stmt.raw_bind_parameter(2, &n.ip).ctx(what)?;

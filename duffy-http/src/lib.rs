@@ -18,6 +18,7 @@ pub mod listener;
 pub mod metrics;
 pub mod operator;
 pub mod server;
+pub mod store_copy;
 
 pub use api::{AppState, router};
 pub use clock::SystemClock;

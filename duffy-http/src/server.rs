@@ -56,6 +56,11 @@ pub struct Built {
     pub pxe: Option<Arc<PxeRegistry>>,
     /// Limits on connections and time for every listener of the service.
     pub limits: Limits,
+    /// On a database several replicas share: the store whose leader
+    /// election decides whether this process runs the reconciler (set by
+    /// the caller that opened it; `None`: this process is the only one and
+    /// always reconciles).
+    pub election: Option<duffy_backend_postgres::PgStore>,
 }
 
 fn unsupported(what: &str) -> impl Fn(String) -> ServeError + '_ {
@@ -73,8 +78,12 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         HardwareConfig::Simulated(sim) => {
             let farm = Arc::new(SimFarm::new(clock.clone(), sim.sim()));
             if existing.is_empty() && cfg.nodes.is_empty() && sim.machines > 0 {
-                store.add_nodes(SimFarm::machines(sim.machines), Actor::Operator, now).await?;
-                info!(machines = sim.machines, "created a simulated farm");
+                match store.add_nodes(SimFarm::machines(sim.machines), Actor::Operator, now).await {
+                    Ok(_) => info!(machines = sim.machines, "created a simulated farm"),
+                    // Another replica starting at the same time made it.
+                    Err(StoreError::Duplicate(_)) => info!("another replica created the simulated farm"),
+                    Err(e) => return Err(e.into()),
+                }
             }
             (farm.clone(), Some(farm))
         }
@@ -129,7 +138,12 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         cfg.nodes.iter().filter(|n| !existing.iter().any(|e| e.hostname == n.hostname)).map(|n| n.new_node()).collect();
     if !missing.is_empty() {
         info!(count = missing.len(), "adding configured nodes");
-        store.add_nodes(missing, Actor::Operator, now).await?;
+        match store.add_nodes(missing, Actor::Operator, now).await {
+            Ok(_) => {}
+            // Another replica starting at the same time added them.
+            Err(StoreError::Duplicate(d)) => info!(duplicate = %d, "configured nodes added by another replica"),
+            Err(e) => return Err(e.into()),
+        }
     }
     let mut builder = Engine::builder(store.clone(), power, installer, clock).policy(cfg.policy.clone());
     if let Some(c) = contextualizer {
@@ -140,7 +154,7 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         engine.set_pool_targets(&cfg.targets()).await?;
     }
     let limits = Limits::from_config(&cfg.limits, &cfg.policy);
-    Ok(Built { engine, sim: farm, pxe, limits })
+    Ok(Built { engine, sim: farm, pxe, limits, election: None })
 }
 
 /// Installs each pool's image with that pool's installer (the service's
@@ -198,13 +212,21 @@ pub async fn start(addr: SocketAddr, built: Built) -> Result<Running, ServeError
 /// As [`start`]; with `reconcile` false no reconciler runs, so the farm
 /// changes only through requests (for tests that compare states).
 pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Result<Running, ServeError> {
-    let Built { engine, pxe, limits, .. } = built;
+    let Built { engine, pxe, limits, election, .. } = built;
     let listener = bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let (stop, rx) = watch::channel(false);
     let state =
         AppState { engine: engine.clone(), metrics: Arc::new(Metrics::default()), pxe, auth_guard: Default::default() };
-    let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().run(stopped(rx.clone()))));
+    // One reconciler per store: this process's own, or, with replicas
+    // sharing a database, whichever process wins the election runs it.
+    let reconciler = reconcile.then(|| match election {
+        None => tokio::spawn(engine.reconciler().run(stopped(rx.clone()))),
+        Some(store) => {
+            let (engine, stop) = (engine.clone(), stopped(rx.clone()));
+            tokio::spawn(async move { store.run_reconciler_while_leader(engine, stop).await })
+        }
+    });
     let key_use = tokio::spawn(crate::keys::record_key_use_until(engine.clone(), stopped(rx.clone())));
     let app = router(state);
     let task = tokio::spawn(async move {
