@@ -393,12 +393,22 @@ impl PgStore {
         tokio::spawn(fut).await.map_err(|e| StoreError::backend(format!("{what}: the task failed"), e))?
     }
 
+    /// Runs a read (or an idempotent write) in a task of its own: the
+    /// connection is taken and given back there, whether or not the caller
+    /// keeps polling. (A caller such as the reconciler runs many
+    /// operations inside one future and polls some of them only between
+    /// its passes: a connection held by an operation it is not polling
+    /// would otherwise be lost to the pass that waits for one.)
     async fn read<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T, StoreError>
     where
-        F: Fn(Object) -> Fut,
-        Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+        T: Send + 'static,
+        F: Fn(Object) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>> + Send,
     {
-        tx::idempotent(&self.inner.pool, what, op).await
+        let pool = self.inner.pool.clone();
+        tokio::spawn(async move { tx::idempotent(&pool, what, op).await })
+            .await
+            .map_err(|e| StoreError::backend(format!("{what}: the task failed"), e))?
     }
 
     /// Asks the leader to re-plan (after writes that free nodes).
@@ -415,7 +425,7 @@ impl PgStore {
         let deadline = tokio::time::Instant::now() + self.inner.options.key_change_wait;
         loop {
             let left = self
-                .read("waiting for processes to apply a key change", |c| async move {
+                .read("waiting for processes to apply a key change", move |c| async move {
                     let stmt = c.prepare_cached(UNCONFIRMED_KEY_CHANGE).await?;
                     let rows = c.query(&stmt, &[&LOCK_INSTANCE, &version]).await?;
                     Ok(rows
@@ -784,7 +794,7 @@ fn rows_to<T>(
 macro_rules! query_rows {
     ($self:ident, $what:literal, $sql:expr, [$($p:ident),* $(,)?], $decode:expr) => {{
         let rows = $self
-            .read($what, |c| {
+            .read($what, move |c| {
                 $(let $p = $p.clone();)*
                 async move {
                     let stmt = c.prepare_cached($sql).await?;
@@ -988,7 +998,7 @@ impl Store for PgStore {
         validate_token("project name", &project.name, 64).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let quota = project.quota.map(i64::from);
         let p = Arc::new(project);
-        self.read("writing a project", |c| {
+        self.read("writing a project", move |c| {
             let p = p.clone();
             async move {
                 let stmt = c
@@ -1147,7 +1157,7 @@ impl Store for PgStore {
         let ids: Vec<i64> = used.iter().map(|(k, _)| sql_u64(k.0, "key id")).collect::<Result<_, _>>()?;
         let ats: Vec<i64> = used.iter().map(|(_, t)| t.0).collect();
         // Idempotent (the later of two times wins): safe to run again.
-        self.read("recording API key use", |c| {
+        self.read("recording API key use", move |c| {
             let (ids, ats) = (ids.clone(), ats.clone());
             async move {
                 let stmt = c
@@ -1166,7 +1176,7 @@ impl Store for PgStore {
         target.pool.validate().map_err(|e| StoreError::Invalid(e.to_string()))?;
         let standby = i64::from(target.standby);
         let t = Arc::new(target);
-        self.read("writing a pool target", |c| {
+        self.read("writing a pool target", move |c| {
             let t = t.clone();
             async move {
                 let stmt = c
@@ -1198,7 +1208,7 @@ impl Store for PgStore {
 
     async fn paused(&self) -> Result<bool, StoreError> {
         let rows = self
-            .read("reading the pause flag", |c| async move {
+            .read("reading the pause flag", move |c| async move {
                 let stmt = c.prepare_cached("SELECT paused FROM settings WHERE id = 1").await?;
                 c.query(&stmt, &[]).await
             })
@@ -1269,7 +1279,7 @@ impl Store for PgStore {
 
     async fn abandoned_allocations(&self) -> Result<Option<Vec<SessionId>>, StoreError> {
         let ids = self
-            .read("finding abandoned allocations", |c| async move {
+            .read("finding abandoned allocations", move |c| async move {
                 let stmt = c.prepare_cached(ABANDONED_ALLOCATIONS).await?;
                 c.query(&stmt, &[&LOCK_INSTANCE]).await
             })

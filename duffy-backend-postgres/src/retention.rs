@@ -56,7 +56,7 @@ impl PgStore {
         let mut total = 0u64;
         loop {
             let (last, deleted): (Option<i64>, i64) = self
-                .read("pruning old events", |c| async move {
+                .read("pruning old events", move |c| async move {
                     let stmt = c
                         .prepare_cached(
                             "WITH batch AS (SELECT seq, at FROM events WHERE seq > $1 ORDER BY seq LIMIT $3), \

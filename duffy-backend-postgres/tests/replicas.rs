@@ -259,7 +259,7 @@ async fn old_events_are_pruned_in_batches_and_nothing_else() {
     let c = common::raw(&db.url).await;
     c.execute(
         "INSERT INTO events (node, from_state, to_state, cause, actor, at) \
-         SELECT $1, 'Active', 'Active', 'PowerObserved', 'reconciler', $2 FROM generate_series(1, 12000)",
+         SELECT $1, 'Active', 'Active', 'power_observed', 'reconciler', $2 FROM generate_series(1, 12000)",
         &[&(nodes[0].id.0 as i64), &T0.0],
     )
     .await
@@ -284,7 +284,7 @@ async fn old_events_are_pruned_in_batches_and_nothing_else() {
         .expect("store with retention");
     c.execute(
         "INSERT INTO events (node, from_state, to_state, cause, actor, at) \
-         SELECT $1, 'Active', 'Active', 'PowerObserved', 'reconciler', $2 FROM generate_series(1, 100)",
+         SELECT $1, 'Active', 'Active', 'power_observed', 'reconciler', $2 FROM generate_series(1, 100)",
         &[&(nodes[0].id.0 as i64), &T0.0],
     )
     .await
