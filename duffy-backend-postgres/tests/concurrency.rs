@@ -22,7 +22,7 @@ const T0: Timestamp = Timestamp(1_700_000_000_000);
 const NODES: usize = 200;
 const TASKS: u64 = 64;
 const REAPERS: u64 = 4;
-const ROUNDS: usize = 40;
+const ROUNDS: usize = 30;
 
 fn actor(task: u64) -> Actor {
     Actor::Key(KeyId(task))

@@ -159,3 +159,36 @@ fn a_copy_refuses_a_store_that_holds_a_farm_or_a_file_in_use() {
     assert!(err.contains("in use") && err.contains("stop it"), "{err}");
     drop(service);
 }
+
+#[test]
+fn a_pause_on_one_replica_holds_on_every_replica_and_wakes_the_leader() {
+    let db = database();
+    let dir = tempfile::tempdir().unwrap();
+    let key = ok(&duffy(&db.url, &["key", "create", "--project", "ci"])).trim().to_string();
+    let admin = ok(&duffy(&db.url, &["key", "create", "--project", "ops", "--admin"])).trim().to_string();
+    // A reconciler tick of a minute: the leader only reacts this fast if
+    // the other replica's pause wakes it.
+    let text = config(&db.url, 4, 2, "").replace("tick = 1\n", "tick = 60\n");
+    let cfg = write(dir.path(), "duffy.toml", &text);
+    let a = Replica::start(&cfg, dir.path().join("a.log"));
+    let sql = replica_common::Sql::connect(&db.url);
+    wait_until(Duration::from_secs(30), "the pool filled", || {
+        sql.one_i64("SELECT count(*) FROM nodes WHERE state = 'Ready'") == 2
+    });
+    let b = Replica::start(&cfg, dir.path().join("b.log"));
+    // a started first and leads; pause through b.
+    assert_eq!(sql.leader_pid(), Some(a.pid() as i32));
+    let (status, body) = get(b.port, &format!("/PauseService?key={admin}"));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get(a.port, &format!("/Node/get?key={key}"));
+    assert_eq!(status, 409, "paused on every replica at once: {body}");
+    // The leader retires the warm pool now, not at its next tick.
+    let took = wait_until(Duration::from_secs(10), "the warm pool retired", || {
+        sql.one_i64("SELECT count(*) FROM nodes WHERE state = 'Ready'") == 0
+    });
+    eprintln!("the leader powered the pool down {took:?} after a pause on another replica");
+    let (status, body) = get(a.port, &format!("/ResumeService?key={admin}"));
+    assert_eq!(status, 200, "{body}");
+    let (ssid, _) = get_nodes(b.port, &key, 1);
+    assert_eq!(get(a.port, &format!("/Node/done?key={key}&ssid={ssid}")).1, "\"Done\"");
+}
