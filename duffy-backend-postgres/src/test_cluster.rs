@@ -81,10 +81,19 @@ static NEXT_DB: AtomicU32 = AtomicU32::new(1);
 /// The test process's PostgreSQL, started on first use. Panics, saying
 /// what is missing, if there is none to be had.
 pub fn shared() -> &'static TestCluster {
-    match CLUSTER.get_or_init(start) {
+    match CLUSTER.get_or_init(|| start(SETTINGS)) {
         Ok(c) => c,
         Err(e) => panic!("no PostgreSQL for the tests: {e}"),
     }
+}
+
+/// A cluster with PostgreSQL's durable defaults (fsync and synchronous
+/// commit on), for benchmarks, started now; it goes away with the process
+/// like the tests' one. Honours `DUFFY_TEST_POSTGRES_URL` the same way.
+pub fn durable(extra: &[&str]) -> Result<TestCluster, String> {
+    let mut settings = vec!["max_connections=400", "log_min_messages=warning"];
+    settings.extend_from_slice(extra);
+    start(&settings)
 }
 
 impl TestCluster {
@@ -119,7 +128,7 @@ impl TestCluster {
     }
 }
 
-fn start() -> Result<TestCluster, String> {
+fn start(settings: &[&str]) -> Result<TestCluster, String> {
     if let Ok(url) = std::env::var("DUFFY_TEST_POSTGRES_URL") {
         return external(&url);
     }
@@ -177,7 +186,7 @@ pg=$!
 wait "$pg"
 rm -rf "$dir"
 "#;
-    let settings: String = SETTINGS.iter().map(|s| format!("-c {s} ")).collect();
+    let settings: String = settings.iter().map(|s| format!("-c {s} ")).collect();
     let mut shell = Command::new("setpriv");
     shell
         .args(["--pdeathsig", "TERM", "--", "sh", "-c", script, "sh"])
