@@ -401,10 +401,8 @@ async fn key_change(url: &str) -> KeyChange {
     store.upsert_project(Project { name: "kc".into(), quota: None, ssh_keys: vec![] }).await.expect("project");
     let mut revoke = Vec::new();
     for i in 0..30 {
-        let rec = store
-            .add_api_key("kc", hash_api_key(&format!("kc-{i}")), false, Timestamp(0), None)
-            .await
-            .expect("key");
+        let rec =
+            store.add_api_key("kc", hash_api_key(&format!("kc-{i}")), false, Timestamp(0), None).await.expect("key");
         let t = Instant::now();
         store.revoke_api_key(rec.id, Timestamp(1)).await.expect("revoke");
         revoke.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -459,8 +457,7 @@ async fn run(args: Args) -> Result<(), String> {
                     // The raw loop's connections, shared out among the
                     // replicas.
                     let pool = args.clients.div_ceil(n);
-                    let replicas: Vec<Serve> =
-                        (0..n).map(|i| serve(&args, dir.path(), &url, nodes, i, pool)).collect();
+                    let replicas: Vec<Serve> = (0..n).map(|i| serve(&args, dir.path(), &url, nodes, i, pool)).collect();
                     let ports: Vec<u16> = replicas.iter().map(|s| s.1).collect();
                     let r = tokio::task::block_in_place(|| http_mode(&args, &ports));
                     if n == 3 && key_changes.is_none() {

@@ -14,7 +14,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use duffy_core::Engine;
+use duffy_core::{Engine, ReconcilerObserver};
 use futures::FutureExt;
 use tracing::info;
 
@@ -26,6 +26,18 @@ impl PgStore {
     /// over at once). Kicks from other processes (nodes they released,
     /// pauses, targets) wake this process's reconciler.
     pub async fn run_reconciler_while_leader(&self, engine: Engine, shutdown: impl Future<Output = ()> + Send) {
+        self.run_observed_reconciler_while_leader(engine, None, shutdown).await
+    }
+
+    /// [`PgStore::run_reconciler_while_leader`], with every term's
+    /// reconciler reporting its passes to `observer` (the service's
+    /// metrics), as a single process's reconciler does.
+    pub async fn run_observed_reconciler_while_leader(
+        &self,
+        engine: Engine,
+        observer: Option<Arc<dyn ReconcilerObserver>>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
         let ctl = self.inner.control.clone();
         let kicked = engine.clone();
         ctl.set_kick_target(Some(Arc::new(move || kicked.kick())));
@@ -49,7 +61,11 @@ impl PgStore {
                 let _ = watch.wait_for(|l| *l != Some(epoch)).await;
             };
             let stop = futures::future::select(term_over.boxed(), shutdown.clone()).map(|_| ()).boxed().shared();
-            let reconciler = engine.fenced(epoch).reconciler().run(stop.clone());
+            let mut reconciler = engine.fenced(epoch).reconciler();
+            if let Some(o) = &observer {
+                reconciler = reconciler.observed_by(o.clone());
+            }
+            let reconciler = reconciler.run(stop.clone());
             let pruning = crate::retention::run(self.clone(), engine.clone(), stop);
             futures::future::join(reconciler, pruning).await;
             if shutdown.peek().is_some() {

@@ -14,8 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Fault, Tap};
+use duffy_core::mem::MemStore;
+use duffy_core::sim::{SimConfig, SimFarm};
 use duffy_core::testkit::conformance::{check_history, check_invariants};
-use duffy_core::testkit::{Harness, ManualClock, MemStore, SimConfig, SimFarm};
+use duffy_core::testkit::{Harness, ManualClock};
 use duffy_core::{
     Actor, Arch, CauseKind, Clock, Engine, EngineError, EventQuery, NodeRequest, NodeState, Policy, PoolKey,
     PoolTarget, SessionState, Store, StoreError, Timestamp,

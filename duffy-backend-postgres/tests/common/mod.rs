@@ -146,8 +146,7 @@ pub async fn raw(url: &str) -> tokio_postgres::Client {
 /// An engine over `store` with simulated hardware on a manual clock (time
 /// moves only when a test moves it), no rate limit, no power checks.
 pub fn engine(store: PgStore, clock: &duffy_core::testkit::ManualClock) -> duffy_core::Engine {
-    let farm =
-        Arc::new(duffy_core::testkit::SimFarm::new(Arc::new(clock.clone()), duffy_core::testkit::SimConfig::default()));
+    let farm = Arc::new(duffy_core::sim::SimFarm::new(Arc::new(clock.clone()), duffy_core::sim::SimConfig::default()));
     let policy = duffy_core::Policy { rate_limit: None, power_check_interval: None, ..duffy_core::Policy::default() };
     duffy_core::Engine::builder(Arc::new(store), farm.clone(), farm, Arc::new(clock.clone()))
         .policy(policy)
