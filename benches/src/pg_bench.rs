@@ -113,11 +113,9 @@ fn key(i: usize) -> String {
 /// A fresh database holding `nodes` Ready nodes of pool 7/x86_64, its
 /// target, and 64+ projects with a key each.
 async fn farm(cluster: &TestCluster, nodes: usize, clients: usize) -> (String, tokio_postgres::Client) {
-    let db = cluster.database().await;
-    let url = db.url.clone();
     // The database outlives this function (the cluster goes with the
-    // process).
-    std::mem::forget(db);
+    // process), unwatched: a benchmark runs as long as it takes.
+    let url = cluster.database().await.keep();
     let store = PgStore::connect(&url, PgOptions { pool_size: 4, ..PgOptions::default() }).await.expect("schema");
     for i in 0..clients {
         let p = format!("p{i}");

@@ -15,12 +15,19 @@
 //!
 //! A missing PostgreSQL is an error that says how to install it: a test
 //! never passes without the database it needs.
+//!
+//! Every test database is watched ([`TestDatabase`]): a test still holding
+//! its database after [`TEST_TIME_LIMIT`] is hung, and the watchdog ends
+//! the whole test process with a message naming the database (after
+//! killing the processes registered with [`kill_on_timeout`]), so a hung
+//! PostgreSQL test fails instead of stalling CI.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The settings tests run PostgreSQL with: durability off (the tests are
@@ -35,6 +42,80 @@ const SETTINGS: &[&str] = &[
     "log_min_messages=warning",
 ];
 
+/// How long a test may hold a database before the watchdog declares it
+/// hung. Generous: the longest PostgreSQL test takes well under a minute
+/// on 2 busy cores.
+pub const TEST_TIME_LIMIT: Duration = Duration::from_secs(300);
+
+/// Ends the test process if it is not dropped within its limit: prints
+/// what ran over, kills the registered child processes, aborts.
+#[derive(Debug)]
+pub struct Watchdog {
+    done: Option<std::sync::mpsc::Sender<()>>,
+}
+
+/// Child processes (pids) the watchdog kills before it aborts the test
+/// process, which would otherwise leave them running.
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Registers `pid` to be killed (SIGKILL) if a watchdog fires; pass it
+/// to [`forget_child`] once it has been reaped.
+pub fn kill_on_timeout(pid: u32) {
+    CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+}
+
+/// Unregisters `pid` (see [`kill_on_timeout`]).
+pub fn forget_child(pid: u32) {
+    CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| *p != pid);
+}
+
+impl Watchdog {
+    /// Arms a watchdog for `what`: unless this is dropped within `limit`,
+    /// the process aborts.
+    pub fn new(what: impl Into<String>, limit: Duration) -> Watchdog {
+        let what = what.into();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new().name("duffy-test-watchdog".into()).spawn(move || {
+            // A message or a dropped sender: the test finished in time.
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                static FIRED: AtomicBool = AtomicBool::new(false);
+                if FIRED.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+                eprintln!(
+                    "TEST TIMEOUT: {what} still in use after {limit:?}; the test is hung, aborting the test process"
+                );
+                for pid in CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+                }
+                std::process::abort();
+            }
+        });
+        // Without a thread there is no watchdog, and a test must not run
+        // unwatched.
+        if let Err(e) = spawned {
+            panic!("starting the test watchdog: {e}");
+        }
+        Watchdog { done: Some(tx) }
+    }
+
+    /// Stops watching: the holder is done (or, like a benchmark, is meant
+    /// to run for as long as it likes).
+    pub fn disarm(mut self) {
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
 /// A running PostgreSQL the tests can create databases on.
 #[derive(Debug)]
 pub struct TestCluster {
@@ -48,6 +129,8 @@ pub struct TestCluster {
 
 /// A database of one test. With an external server it is dropped when this
 /// is dropped; a throwaway cluster goes away whole with the test process.
+/// A [`Watchdog`] of [`TEST_TIME_LIMIT`] watches it: a test that holds it
+/// longer is hung and ends the test process.
 #[derive(Debug)]
 pub struct TestDatabase {
     /// Its URL (`postgres://…`).
@@ -55,10 +138,24 @@ pub struct TestDatabase {
     /// Its name.
     pub name: String,
     drop_with: Option<String>,
+    watchdog: Option<Watchdog>,
+}
+
+impl TestDatabase {
+    /// Keeps the database for the rest of the process, unwatched (a
+    /// benchmark's farm), and returns its URL.
+    pub fn keep(mut self) -> String {
+        if let Some(w) = self.watchdog.take() {
+            w.disarm();
+        }
+        self.drop_with = None;
+        std::mem::take(&mut self.url)
+    }
 }
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
+        drop(self.watchdog.take());
         let Some(admin) = self.drop_with.take() else { return };
         let name = self.name.clone();
         // Drop may run inside a runtime: use a thread with its own.
@@ -124,7 +221,8 @@ impl TestCluster {
             .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
         drop(c);
         let _ = task.await;
-        TestDatabase { url: self.url(&name), drop_with: self.external.then_some(admin), name }
+        let watchdog = Some(Watchdog::new(format!("test database {name}"), TEST_TIME_LIMIT));
+        TestDatabase { url: self.url(&name), drop_with: self.external.then_some(admin), name, watchdog }
     }
 }
 

@@ -29,6 +29,7 @@ impl Drop for Replica {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        duffy_backend_postgres::test_cluster::forget_child(self.child.id());
     }
 }
 
@@ -51,6 +52,8 @@ impl Replica {
             .stderr(err)
             .spawn()
             .expect("start duffy serve");
+        // A hung test's watchdog kills it before it aborts the test.
+        duffy_backend_postgres::test_cluster::kill_on_timeout(child.id());
         let mut r = Replica { child, port, log, stopped: false };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
