@@ -344,8 +344,8 @@ async fn serve_replica(cfg: &Config, url: &str) -> Result<(), CliError> {
         .any(|i| matches!(i, duffy_http::config::InstallerConfig::Pxe(_)));
     if pxe {
         warn!(
-            "PXE installs keep their pending installs in this process: run a single replica, or route every \
-             /Install/* request to the leader (the replica whose log says \"became the leader\")"
+            "PXE installs keep their pending installs in the leader's memory: run a single replica, or route every \
+             /Install/* request to the leader (settings.leader_instance in the database; see README)"
         );
     }
     let mut built = build_engine(cfg, Arc::new(store.clone())).await?;
