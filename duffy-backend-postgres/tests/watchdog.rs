@@ -12,11 +12,14 @@ const CHILD: &str = "DUFFY_WATCHDOG_CHILD";
 /// In the child process (run by the test below): a test that hangs while
 /// watched, with a registered child process of its own.
 fn hang(sleeper_pid_file: &str) {
-    let sleeper = Command::new("sleep").arg("60").spawn().expect("start sleep");
+    let mut sleeper = Command::new("sleep").arg("60").spawn().expect("start sleep");
     std::fs::write(sleeper_pid_file, sleeper.id().to_string()).expect("write pid");
     kill_on_timeout(sleeper.id());
     let _w = Watchdog::new("a deliberately hung test", Duration::from_millis(300));
     std::thread::sleep(Duration::from_secs(60));
+    // Not reached when the watchdog works.
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
 }
 
 #[test]
