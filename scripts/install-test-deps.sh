@@ -4,7 +4,9 @@
 # tests, curl (the PXE test runs the kickstart's first-boot reporter), a
 # Python venv with the legacy `cico` client, mount tools and e2fsprogs for
 # the disk-full and read-only tests (tmpfs, loop-mounted ext4), a C
-# compiler for the power-cut test's LD_PRELOAD shim, Chromium with its
+# compiler for the power-cut test's LD_PRELOAD shim, the PostgreSQL
+# server whose binaries (initdb, postgres) the PostgreSQL store's tests run
+# throwaway clusters from (the package's own cluster is not used), Chromium with its
 # WebDriver server for the dashboard's browser tests, and schemathesis (in
 # the same venv) for the property test of /api/v1 against its OpenAPI
 # document. Idempotent: a
@@ -12,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(openipmi ipmitool openssh-server openssh-client python3-venv curl mount util-linux e2fsprogs gcc libc6-dev chromium chromium-driver)
+packages=(openipmi ipmitool openssh-server openssh-client python3-venv curl mount util-linux e2fsprogs gcc libc6-dev postgresql chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -44,7 +46,11 @@ if [ ! -x "$venv/bin/schemathesis" ]; then
 fi
 "$venv/bin/schemathesis" --version >/dev/null
 
-for tool in ipmi_sim ipmitool sshd ssh-keygen curl mount findmnt mkfs.ext4 e2fsck cc chromium chromedriver; do
+for tool in ipmi_sim ipmitool sshd ssh-keygen curl mount findmnt mkfs.ext4 e2fsck cc setpriv chromium chromedriver; do
   command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool after install" >&2; exit 1; }
 done
+# The tests look for the server under /usr/lib/postgresql/<version>/bin and
+# run it as the postgres user the package creates.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { echo "missing PostgreSQL's initdb after install" >&2; exit 1; }
+id postgres >/dev/null || { echo "missing the postgres user after install" >&2; exit 1; }
 echo "test dependencies ready"

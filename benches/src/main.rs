@@ -26,9 +26,10 @@ use tokio::net::TcpStream;
 #[derive(Debug, Parser, Clone)]
 #[command(name = "duffy-load", version, about)]
 struct Args {
-    /// The server, e.g. http://127.0.0.1:8080
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
+    /// The server, e.g. http://127.0.0.1:8080. Repeat the flag for several
+    /// replicas: jobs are spread over them in turn.
+    #[arg(long = "url", default_values_t = ["http://127.0.0.1:8080".to_string()])]
+    urls: Vec<String>,
     /// API key(s); jobs use them in turn. Repeat the flag for several.
     #[arg(long = "key", required = true)]
     keys: Vec<String>,
@@ -325,18 +326,24 @@ async fn job(
 }
 
 async fn run(args: Args) -> Result<Report, LoadError> {
-    let addr = args
-        .url
-        .strip_prefix("http://")
-        .map(|r| r.trim_end_matches('/').to_string())
-        .filter(|a| !a.is_empty() && !a.contains('/'))
-        .ok_or_else(|| LoadError::Url(args.url.clone()))?;
+    let addrs = args
+        .urls
+        .iter()
+        .map(|url| {
+            url.strip_prefix("http://")
+                .map(|r| r.trim_end_matches('/').to_string())
+                .filter(|a| !a.is_empty() && !a.contains('/'))
+                .ok_or_else(|| LoadError::Url(url.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let fsync = match &args.fsync_dir {
         Some(dir) => Some(measure_fsync(dir, 300)?),
         None => None,
     };
     // Fail fast if nothing listens there.
-    Conn::new(&addr).get("/healthz").await?;
+    for addr in &addrs {
+        Conn::new(addr).get("/healthz").await?;
+    }
     let args = Arc::new(args);
     let measuring = Arc::new(AtomicBool::new(args.warmup <= 0.0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -344,6 +351,7 @@ async fn run(args: Args) -> Result<Report, LoadError> {
     let mut tasks = Vec::new();
     for i in 0..args.concurrency {
         let key = args.keys[i % args.keys.len()].clone();
+        let addr = addrs[i % addrs.len()].clone();
         if let Some(path) = &args.baseline_path {
             let path = path.clone();
             tasks.push(tokio::spawn(baseline(addr.clone(), path, measuring.clone(), stop.clone(), done_jobs.clone())));

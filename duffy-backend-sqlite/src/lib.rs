@@ -13,7 +13,7 @@
 //! - **Group commit.** One dedicated writer thread owns the write
 //!   connection. Every write operation (`claim`, `commit`, `add_nodes`,
 //!   `upsert_project`, `add_api_key`, `revoke_api_key`, `record_key_use`,
-//!   `set_pool_target`, `set_paused`) is
+//!   `set_pool_target`, `set_paused`, `new_leader_epoch`, `commit_fenced`) is
 //!   sent to it over a channel with a oneshot for the answer. The writer
 //!   takes the first queued operation, drains whatever else is queued (up
 //!   to [`SqliteOptions::max_batch`]) and runs them all in one
@@ -69,6 +69,7 @@
 
 mod checkpointer;
 mod codec;
+mod dump;
 mod durability;
 mod queries;
 mod readers;
@@ -92,6 +93,7 @@ use futures::channel::oneshot;
 use rusqlite::{Connection, OpenFlags};
 use tracing::{info, warn};
 
+pub use dump::{SqliteExport, SqliteImport};
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
 pub use stats::{HistogramSnapshot, WriteHistograms};
 
@@ -713,6 +715,14 @@ impl Store for SqliteStore {
 
     async fn set_paused(&self, paused: bool) -> Result<bool, StoreError> {
         self.write(|reply| Op::SetPaused { paused, reply }, closed).await
+    }
+
+    async fn new_leader_epoch(&self) -> Result<u64, StoreError> {
+        self.write(|reply| Op::NewLeaderEpoch { reply }, closed).await
+    }
+
+    async fn commit_fenced(&self, batch: Batch, epoch: u64) -> Result<(), CommitError> {
+        self.write(|reply| Op::CommitFenced { batch, epoch, reply }, |e| Err(CommitError::Store(e))).await
     }
 
     fn health(&self) -> StoreHealth {

@@ -295,7 +295,7 @@ fn image_cols(n: &Node) -> (Option<&str>, Option<&'static str>, Option<&str>) {
 /// Binds a node's row, in `node_cols!()` order without the id, to
 /// parameters ?1..?20 of `stmt`: the one place that maps a node to its
 /// columns for writing.
-fn bind_node(stmt: &mut rusqlite::Statement<'_>, n: &Node, what: &str) -> Result<(), StoreError> {
+pub(crate) fn bind_node(stmt: &mut rusqlite::Statement<'_>, n: &Node, what: &str) -> Result<(), StoreError> {
     let (release, arch, flavor) = image_cols(n);
     stmt.raw_bind_parameter(1, &n.hostname).ctx(what)?;
     stmt.raw_bind_parameter(2, &n.ip).ctx(what)?;
@@ -739,6 +739,23 @@ pub(crate) fn paused(conn: &Connection) -> Result<bool, StoreError> {
 pub(crate) fn set_paused(conn: &Connection, paused: bool) -> Result<(), StoreError> {
     let mut stmt = conn.prepare_cached("UPDATE settings SET paused = ?1 WHERE id = 1").ctx("writing the pause flag")?;
     stmt.execute([paused]).ctx("writing the pause flag")?;
+    Ok(())
+}
+
+/// The newest leadership epoch handed out.
+pub(crate) fn leader_epoch(conn: &Connection) -> Result<u64, StoreError> {
+    const WHAT: &str = "reading the leadership epoch";
+    let mut stmt = conn.prepare_cached("SELECT leader_epoch FROM settings WHERE id = 1").ctx(WHAT)?;
+    let e: Option<i64> = stmt.query_row([], |r| r.get(0)).optional().ctx(WHAT)?;
+    let e = e.ok_or_else(|| StoreError::Corrupt("the settings row is missing".into()))?;
+    u64::try_from(e).map_err(|_| StoreError::Corrupt(format!("leadership epoch {e}")))
+}
+
+/// Moves the leadership epoch forward by one.
+pub(crate) fn bump_leader_epoch(conn: &Connection) -> Result<(), StoreError> {
+    const WHAT: &str = "starting a leadership term";
+    let mut stmt = conn.prepare_cached("UPDATE settings SET leader_epoch = leader_epoch + 1 WHERE id = 1").ctx(WHAT)?;
+    stmt.execute([]).ctx(WHAT)?;
     Ok(())
 }
 

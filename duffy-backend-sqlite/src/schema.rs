@@ -172,9 +172,16 @@ UPDATE sessions SET expires_at = lease_until;
 CREATE INDEX sessions_expiry ON sessions (expires_at, id) WHERE state = 'Prod';
 "#;
 
+/// Version 7: the leadership epoch that fenced writes must carry
+/// (`Store::new_leader_epoch`, `Store::commit_fenced`); 0 until a term
+/// starts.
+const V7: &str = r#"
+ALTER TABLE settings ADD COLUMN leader_epoch INTEGER NOT NULL DEFAULT 0;
+"#;
+
 /// Every migration, in order: migration `i` takes the file from version
 /// `i` to `i + 1`. Append only; never edit a released one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
 
 /// The schema version this build writes (the number of migrations).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -75,6 +75,14 @@ pub(crate) enum Op {
         batch: Batch,
         reply: Reply<Result<(), CommitError>>,
     },
+    CommitFenced {
+        batch: Batch,
+        epoch: u64,
+        reply: Reply<Result<(), CommitError>>,
+    },
+    NewLeaderEpoch {
+        reply: Reply<Result<u64, StoreError>>,
+    },
     UpsertProject {
         project: Project,
         reply: Reply<Result<(), StoreError>>,
@@ -150,6 +158,8 @@ impl Op {
             Op::AddNodes { .. } => "add_nodes",
             Op::Claim { .. } => "claim",
             Op::Commit { .. } => "commit",
+            Op::CommitFenced { .. } => "commit_fenced",
+            Op::NewLeaderEpoch { .. } => "new_leader_epoch",
             Op::UpsertProject { .. } => "upsert_project",
             Op::AddApiKey { .. } => "add_api_key",
             Op::RevokeApiKey { .. } => "revoke_api_key",
@@ -177,6 +187,16 @@ impl Op {
                 let v = commit(conn, batch);
                 let keep = v.is_ok();
                 (outcome(reply, v, commit_err), keep)
+            }
+            Op::CommitFenced { batch, epoch, reply } => {
+                let v = commit_fenced(conn, batch, epoch);
+                let keep = v.is_ok();
+                (outcome(reply, v, commit_err), keep)
+            }
+            Op::NewLeaderEpoch { reply } => {
+                let v = q::bump_leader_epoch(conn).and_then(|()| q::leader_epoch(conn));
+                let keep = v.is_ok();
+                (outcome(reply, v, store_err), keep)
             }
             Op::UpsertProject { project, reply } => {
                 let v = upsert_project(conn, &project);
@@ -220,8 +240,11 @@ impl Op {
             Op::Claim { reply, .. } => {
                 let _ = reply.send(Err(err));
             }
-            Op::Commit { reply, .. } => {
+            Op::Commit { reply, .. } | Op::CommitFenced { reply, .. } => {
                 let _ = reply.send(Err(CommitError::Store(err)));
+            }
+            Op::NewLeaderEpoch { reply } => {
+                let _ = reply.send(Err(err));
             }
             Op::UpsertProject { reply, .. } => {
                 let _ = reply.send(Err(err));
@@ -562,6 +585,17 @@ fn commit(conn: &Connection, batch: Batch) -> Result<(), CommitError> {
         }
     }
     Ok(())
+}
+
+/// A batch of the leader of term `epoch`: written only if that is still
+/// the newest term. The writer runs one operation at a time, so the check
+/// and the write are one atomic step.
+fn commit_fenced(conn: &Connection, batch: Batch, epoch: u64) -> Result<(), CommitError> {
+    let current = q::leader_epoch(conn)?;
+    if epoch != current {
+        return Err(CommitError::Store(StoreError::Fenced { epoch, current }));
+    }
+    commit(conn, batch)
 }
 
 fn upsert_project(conn: &Connection, project: &Project) -> Result<(), StoreError> {

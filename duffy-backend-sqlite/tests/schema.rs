@@ -116,14 +116,18 @@ fn two_stores_on_one_file_share_it_safely() {
     });
 }
 
-/// Undoes migration 6 (session expiry), then 5 (key expiry, revocation
-/// and last use).
-const V5_DOWN: &str = "DROP INDEX sessions_expiry; ALTER TABLE sessions DROP COLUMN expires_at; \
+/// Undoes migrations 7 (the leadership epoch), 6 (session expiry), then
+/// 5 (key expiry, revocation and last use).
+const V5_DOWN: &str = "ALTER TABLE settings DROP COLUMN leader_epoch; \
+     DROP INDEX sessions_expiry; ALTER TABLE sessions DROP COLUMN expires_at; \
                        ALTER TABLE api_keys DROP COLUMN expires_at; ALTER TABLE api_keys DROP COLUMN revoked_at; \
                        ALTER TABLE api_keys DROP COLUMN last_used;";
 
-/// Undoes migration 6 (session expiry).
-const V6_DOWN: &str = "DROP INDEX sessions_expiry; ALTER TABLE sessions DROP COLUMN expires_at;";
+/// Undoes migrations 7 (the leadership epoch) and 6 (session expiry).
+const V6_DOWN: &str = "ALTER TABLE settings DROP COLUMN leader_epoch; DROP INDEX sessions_expiry; ALTER TABLE sessions DROP COLUMN expires_at;";
+
+/// Undoes migration 7 (the leadership epoch).
+const V7_DOWN: &str = "ALTER TABLE settings DROP COLUMN leader_epoch;";
 
 #[test]
 fn a_version_1_file_is_migrated_forward_keeping_its_data() {
@@ -151,7 +155,7 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     assert_eq!(nodes[0].host_key, None);
     drop(store);
     assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 6);
+    assert_eq!(SCHEMA_VERSION, 7);
 }
 
 fn index_names(path: &std::path::Path) -> Vec<String> {
@@ -341,4 +345,36 @@ fn a_version_5_file_gets_session_expiry_at_the_lease() {
         .collect::<Result<_, _>>()
         .expect("rows");
     assert!(indexes.iter().any(|n| n == "sessions_expiry"), "{indexes:?}");
+}
+
+#[test]
+fn a_version_6_file_gets_the_leadership_epoch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+    let added = futures::executor::block_on(store.add_nodes(
+        vec![NewNode::new("old.example", Arch::X86_64)],
+        Actor::Operator,
+        Timestamp(1),
+    ))
+    .expect("add");
+    drop(store);
+    // Make it the file a version-6 build wrote: no leadership epoch.
+    Connection::open(&path)
+        .expect("raw")
+        .execute_batch(&format!("{V7_DOWN} PRAGMA user_version = 6;"))
+        .expect("downgrade");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
+    futures::executor::block_on(async {
+        assert_eq!(store.nodes().await.expect("nodes"), added, "rows survive the migration");
+        assert_eq!(store.new_leader_epoch().await.expect("first term"), 1, "no term had started");
+        let w =
+            duffy_core::NodeWrite::transition(&added[0], duffy_core::Cause::SetAdmin, Actor::Reconciler, Timestamp(2))
+                .expect("legal");
+        let batch = duffy_core::Batch { nodes: vec![w], ..duffy_core::Batch::default() };
+        store.commit_fenced(batch, 1).await.expect("the term writes");
+    });
+    drop(store);
+    assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
+    assert!(column_names(&path, "settings").iter().any(|c| c == "leader_epoch"));
 }

@@ -286,20 +286,27 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) ids: Arc<dyn SessionIds>,
     pub(crate) policy: Policy,
-    pub(crate) kick: Kick,
-    /// When this engine was built. Work older than this (sessions still
-    /// Allocating, nodes still Provisioning) cannot be driven by this
-    /// process: start-up recovery takes it over.
+    /// Shared by an engine and its fenced siblings ([`Engine::fenced`]), so
+    /// a request served by the one wakes the reconciler of the other.
+    pub(crate) kick: Arc<Kick>,
+    /// When this engine was built (for a fenced engine: when its
+    /// leadership term began). Work older than this (nodes still
+    /// Provisioning; on a store used by one process, sessions still
+    /// Allocating) cannot be driven by this reconciler: recovery takes it
+    /// over.
     pub(crate) started_at: Timestamp,
+    /// The leadership epoch every write of this engine carries
+    /// ([`Store::commit_fenced`]); `None`: unfenced.
+    pub(crate) fence: Option<u64>,
     /// API keys remembered, and their unrecorded uses (`keys` module).
     pub(crate) keys: crate::keys::KeyCache,
     /// Session requests waiting for nodes (in memory: see `queue`).
-    pub(crate) queue: std::sync::Mutex<crate::queue::WaitQueue>,
+    pub(crate) queue: Arc<std::sync::Mutex<crate::queue::WaitQueue>>,
     /// Queue requests that ended recently, for their owners to read.
-    pub(crate) finished: std::sync::Mutex<HashMap<crate::queue::RequestId, crate::sessions::Finished>>,
+    pub(crate) finished: Arc<std::sync::Mutex<HashMap<crate::queue::RequestId, crate::sessions::Finished>>>,
     /// The average duration of the installs seen to succeed, in
     /// milliseconds (0: none yet), for the estimates of time to Ready.
-    pub(crate) install_millis: std::sync::atomic::AtomicU64,
+    pub(crate) install_millis: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Inner {
@@ -314,6 +321,16 @@ impl Inner {
 }
 
 impl Inner {
+    /// Commits a batch, fenced with this engine's leadership epoch if it
+    /// has one: the one path by which the engine and its reconciler write
+    /// batches.
+    pub(crate) async fn commit(&self, batch: Batch) -> Result<(), CommitError> {
+        match self.fence {
+            None => self.store.commit(batch).await,
+            Some(epoch) => self.store.commit_fenced(batch, epoch).await,
+        }
+    }
+
     /// Writes one node's transition on its own: `Ok(None)` if the node
     /// changed since it was read (someone else got there first) or the
     /// transition no longer applies. The one path by which a single node
@@ -332,7 +349,7 @@ impl Inner {
             }
         };
         let after = w.node.clone();
-        match self.store.commit(Batch { nodes: vec![w], ..Batch::default() }).await {
+        match self.commit(Batch { nodes: vec![w], ..Batch::default() }).await {
             Ok(()) => Ok(Some(after)),
             Err(CommitError::Store(e)) => Err(e.into()),
             Err(e) => {
@@ -396,14 +413,15 @@ impl EngineBuilder {
                 installer: self.installer,
                 contextualizer: self.contextualizer,
                 started_at: self.clock.now(),
+                fence: None,
                 clock: self.clock,
                 ids: self.ids,
                 policy: self.policy,
-                kick: Kick::default(),
+                kick: Arc::default(),
                 keys: crate::keys::KeyCache::default(),
-                queue: std::sync::Mutex::new(crate::queue::WaitQueue::new()),
-                finished: std::sync::Mutex::new(HashMap::new()),
-                install_millis: std::sync::atomic::AtomicU64::new(0),
+                queue: Arc::default(),
+                finished: Arc::default(),
+                install_millis: Arc::default(),
             }),
         })
     }
@@ -452,6 +470,47 @@ impl Engine {
     /// Asks the reconciler to re-plan now.
     pub fn kick(&self) {
         self.inner.kick.notify();
+    }
+
+    /// This engine as the leader of leadership term `epoch` (from
+    /// [`Store::new_leader_epoch`]): every batch it and its reconciler
+    /// write is fenced with the epoch ([`Store::commit_fenced`]), so once a
+    /// newer term has begun they write nothing. For replicas sharing one
+    /// store: only the leader runs a reconciler, built from this engine
+    /// (`engine.fenced(epoch).reconciler()`), one per term. Its recovery
+    /// counts from the start of the term: a Provisioning node that none of
+    /// its operations drives is re-driven. Kicks are shared with `self`, so
+    /// requests served by this process wake the leader's reconciler.
+    pub fn fenced(&self, epoch: u64) -> Engine {
+        let i = &self.inner;
+        Engine {
+            inner: Arc::new(Inner {
+                store: i.store.clone(),
+                power: i.power.clone(),
+                installer: i.installer.clone(),
+                contextualizer: i.contextualizer.clone(),
+                clock: i.clock.clone(),
+                ids: i.ids.clone(),
+                policy: i.policy.clone(),
+                kick: i.kick.clone(),
+                started_at: i.clock.now(),
+                fence: Some(epoch),
+                keys: crate::keys::KeyCache::default(),
+                // Shared with `self`: the requests this process queued are
+                // served by the leader's passes when this process leads,
+                // and the installs its reconciler sees feed the estimates
+                // `self` answers with.
+                queue: i.queue.clone(),
+                finished: i.finished.clone(),
+                install_millis: i.install_millis.clone(),
+            }),
+        }
+    }
+
+    /// The leadership epoch this engine's writes carry, if it is fenced
+    /// ([`Engine::fenced`]).
+    pub fn fence(&self) -> Option<u64> {
+        self.inner.fence
     }
 
     fn now(&self) -> Timestamp {
@@ -656,7 +715,7 @@ impl Engine {
             batch.nodes.push(NodeWrite::transition(n, Cause::Prepared, who.actor(), now)?);
         }
         batch.sessions.push(SessionWrite::transition(session, SessionCause::Delivered { lease_until }, now)?);
-        self.inner.store.commit(batch).await?;
+        self.inner.commit(batch).await?;
         Ok(())
     }
 
@@ -717,7 +776,7 @@ impl Engine {
                 Attempt::Commit(batch, v) => (batch, v),
                 Attempt::Retry => continue,
             };
-            match self.inner.store.commit(batch).await {
+            match self.inner.commit(batch).await {
                 Ok(()) => return Ok(value),
                 Err(CommitError::Conflict(c)) => debug!(what = %what(), conflict = %c, "lost a race; retrying"),
                 Err(CommitError::GuardFailed { guard: Guard::ProjectFailedNodesAtMost { max, .. }, .. }) => {

@@ -20,7 +20,9 @@
 //!   before the change cannot put what it read back into the cache. A
 //!   revoked key is therefore refused by the very next request. A change
 //!   made by another process on the same store (another engine) is seen
-//!   within [`KEY_CACHE_TTL`].
+//!   within [`KEY_CACHE_TTL`] — or at once, on a store that reports such
+//!   changes: whenever [`Store::key_generation`](crate::Store::key_generation)
+//!   moves, both caches are forgotten before anything is answered from them.
 //! - **Last use** is kept in memory ([`Engine::flush_key_usage`] writes
 //!   what accumulated, one store write for all keys), so authentication
 //!   adds no store write to a request.
@@ -63,8 +65,12 @@ enum Cached {
 
 #[derive(Debug, Default)]
 struct CacheState {
-    /// Bumped by every key change made through the engine.
+    /// Bumped by every key change made through the engine (and whenever
+    /// the store's key generation moves).
     generation: u64,
+    /// The store's [`key_generation`](crate::Store::key_generation) when
+    /// the caches were last checked against it.
+    store_generation: u64,
     /// Rows by hash, with when they were read.
     known: HashMap<ApiKeyHash, (ApiKeyRecord, Timestamp)>,
     /// Hashes the store did not know, with when it said so.
@@ -93,10 +99,18 @@ impl KeyCache {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What memory says about `hash` at `now`; a usable known key's use is
-    /// noted.
-    fn get(&self, hash: &ApiKeyHash, now: Timestamp) -> Cached {
+    /// What memory says about `hash` at `now`, given the store's key
+    /// generation now; a usable known key's use is noted.
+    fn get(&self, hash: &ApiKeyHash, now: Timestamp, store_generation: u64) -> Cached {
         let mut s = self.lock();
+        if s.store_generation != store_generation {
+            // Keys changed elsewhere: nothing remembered can be trusted,
+            // and no lookup that began before this may store its answer.
+            s.store_generation = store_generation;
+            s.generation += 1;
+            s.known.clear();
+            s.unknown.clear();
+        }
         let fresh = |read: Timestamp| now.since(read) < KEY_CACHE_TTL && read <= now;
         if let Some((rec, read)) = s.known.get(hash) {
             if fresh(*read) {
@@ -189,7 +203,7 @@ impl Engine {
         }
         let hash = hash_api_key(key);
         let now = self.clock().now();
-        let generation = match self.inner.keys.get(&hash, now) {
+        let generation = match self.inner.keys.get(&hash, now, self.store().key_generation()) {
             Cached::Known(rec) => return admit(key, rec, now),
             Cached::Unknown => return Err(EngineError::InvalidKey),
             Cached::Miss(g) => g,
@@ -210,7 +224,7 @@ impl Engine {
             return Some(Err(EngineError::InvalidKey));
         }
         let now = self.clock().now();
-        match self.inner.keys.get(&hash_api_key(key), now) {
+        match self.inner.keys.get(&hash_api_key(key), now, self.store().key_generation()) {
             Cached::Known(rec) => Some(admit(key, rec, now)),
             Cached::Unknown => Some(Err(EngineError::InvalidKey)),
             Cached::Miss(_) => None,
@@ -305,19 +319,42 @@ mod tests {
         let cache = KeyCache::default();
         let h = hash_api_key("k");
         let now = Timestamp(1000);
-        let Cached::Miss(generation) = cache.get(&h, now) else { panic!("empty cache") };
+        let Cached::Miss(generation) = cache.get(&h, now, 0) else { panic!("empty cache") };
         cache.invalidate();
         cache.remember(h, Some(&rec(1)), generation, now);
-        assert!(matches!(cache.get(&h, now), Cached::Miss(_)), "the stale row must not be remembered");
+        assert!(matches!(cache.get(&h, now, 0), Cached::Miss(_)), "the stale row must not be remembered");
         // The same for an unknown key that an operator creates meanwhile.
-        let Cached::Miss(generation) = cache.get(&h, now) else { panic!("still empty") };
+        let Cached::Miss(generation) = cache.get(&h, now, 0) else { panic!("still empty") };
         cache.invalidate();
         cache.remember(h, None, generation, now);
-        assert!(matches!(cache.get(&h, now), Cached::Miss(_)), "the stale miss must not be remembered");
+        assert!(matches!(cache.get(&h, now, 0), Cached::Miss(_)), "the stale miss must not be remembered");
         // Without a change in between, both are remembered.
-        let Cached::Miss(generation) = cache.get(&h, now) else { panic!("still empty") };
+        let Cached::Miss(generation) = cache.get(&h, now, 0) else { panic!("still empty") };
         cache.remember(h, Some(&rec(1)), generation, now);
-        assert!(matches!(cache.get(&h, now), Cached::Known(_)));
+        assert!(matches!(cache.get(&h, now, 0), Cached::Known(_)));
+    }
+
+    #[test]
+    fn a_new_store_generation_forgets_everything() {
+        // Another process sharing the store changed keys: the store's key
+        // generation moved, and nothing remembered may be answered.
+        let cache = KeyCache::default();
+        let (h, other) = (hash_api_key("k"), hash_api_key("other"));
+        let now = Timestamp(1000);
+        let Cached::Miss(generation) = cache.get(&h, now, 7) else { panic!("empty cache") };
+        cache.remember(h, Some(&rec(1)), generation, now);
+        let Cached::Miss(generation) = cache.get(&other, now, 7) else { panic!("not remembered yet") };
+        cache.remember(other, None, generation, now);
+        assert!(matches!(cache.get(&h, now, 7), Cached::Known(_)));
+        assert!(matches!(cache.get(&other, now, 7), Cached::Unknown));
+        assert!(matches!(cache.get(&h, now, 8), Cached::Miss(_)), "a known key is forgotten");
+        assert!(matches!(cache.get(&other, now, 8), Cached::Miss(_)), "an unknown key is forgotten");
+        // A lookup that began before the generation moved (and was seen
+        // moving by another request) cannot store its stale answer.
+        let Cached::Miss(generation) = cache.get(&h, now, 8) else { panic!("forgotten") };
+        assert!(matches!(cache.get(&other, now, 9), Cached::Miss(_)));
+        cache.remember(h, Some(&rec(1)), generation, now);
+        assert!(matches!(cache.get(&h, now, 9), Cached::Miss(_)), "the stale row must not be remembered");
     }
 
     #[test]

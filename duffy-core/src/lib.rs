@@ -24,6 +24,7 @@
 //!   for embedders' unit tests.
 
 pub mod auth;
+pub mod dump;
 pub mod engine;
 pub mod installer;
 pub mod keys;

@@ -54,6 +54,8 @@ struct State {
     key_ids: BTreeMap<KeyId, ApiKeyHash>,
     targets: BTreeMap<PoolKey, u32>,
     paused: bool,
+    /// The newest leadership epoch handed out (0: none yet).
+    leader_epoch: u64,
     next_node: u64,
     next_key: u64,
 }
@@ -499,5 +501,19 @@ impl Store for MemStore {
 
     async fn set_paused(&self, paused: bool) -> Result<bool, StoreError> {
         Ok(std::mem::replace(&mut self.lock().paused, paused))
+    }
+
+    async fn new_leader_epoch(&self) -> Result<u64, StoreError> {
+        let mut s = self.lock();
+        s.leader_epoch += 1;
+        Ok(s.leader_epoch)
+    }
+
+    async fn commit_fenced(&self, batch: Batch, epoch: u64) -> Result<(), CommitError> {
+        let mut s = self.lock();
+        if epoch != s.leader_epoch {
+            return Err(CommitError::Store(StoreError::Fenced { epoch, current: s.leader_epoch }));
+        }
+        s.commit(batch)
     }
 }

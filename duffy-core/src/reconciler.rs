@@ -9,13 +9,20 @@
 //! backoff, then Failed with the reason recorded.
 //!
 //! Every pass finds work a crash left half-done, until none is left (a
-//! failed pass does not lose it): allocations still Allocating from before
-//! the engine started are aborted (their nodes go back to be reinstalled),
-//! and Provisioning nodes that none of its operations drives are
-//! re-driven (there is one reconciler per store, so such an install has
-//! nobody else). Allocations made since the start are aborted only once
-//! they are past the prepare deadline (their request may still be
-//! preparing them). It also reclaims failed sessions whose hold ran out.
+//! failed pass does not lose it): interrupted allocations are aborted
+//! (their nodes go back to be reinstalled), and Provisioning nodes that
+//! none of its operations drives are re-driven (there is one reconciler per
+//! store, so such an install has nobody else). An allocation is
+//! interrupted when the store knows its process stopped
+//! ([`Store::abandoned_allocations`](crate::Store::abandoned_allocations),
+//! for replicas sharing a database); on a store only one process uses,
+//! when it is older than the engine. Any other allocation is aborted only
+//! once it is past the prepare deadline (its request may still be
+//! preparing it). It also reclaims failed sessions whose hold ran out.
+//!
+//! With replicas, only the leader runs a reconciler, one per leadership
+//! term, built from [`Engine::fenced`]: every write carries the term's
+//! epoch, and recovery counts from the start of the term.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -288,18 +295,30 @@ impl Reconciler {
         let started_at = inner.started_at;
 
         // Sessions: reclaim expired fail holds, abort interrupted and stale
-        // allocations. An allocation made since the start belongs to a
-        // request of this process (or another one's): only the deadline
-        // ends it.
-        for s in store.live_sessions().await? {
+        // allocations. Which allocations were interrupted: on a store that
+        // knows who made each one (replicas sharing a database), those whose
+        // process stopped; on a store one process uses, those older than
+        // this engine. Any other allocation belongs to a request still
+        // running somewhere: only the deadline ends it.
+        let live = store.live_sessions().await?;
+        let stale_after = policy.stale_allocation_after();
+        let abandoned =
+            if live.iter().any(|s| s.state == SessionState::Allocating && now.since(s.created_at) < stale_after) {
+                store.abandoned_allocations().await?.map(|v| v.into_iter().collect::<HashSet<_>>())
+            } else {
+                None
+            };
+        let interrupted = |s: &crate::Session| match &abandoned {
+            Some(ids) => ids.contains(&s.id),
+            None => s.created_at < started_at,
+        };
+        for s in live {
             match s.state {
                 SessionState::Fail if s.hold_until.is_some_and(|t| t <= now) => {
                     report.sessions_reclaimed += usize::from(reclaim(&self.engine, &s).await?);
                 }
-                SessionState::Allocating
-                    if s.created_at < started_at || now.since(s.created_at) >= policy.stale_allocation_after() =>
-                {
-                    let interrupted = s.created_at < started_at;
+                SessionState::Allocating if interrupted(&s) || now.since(s.created_at) >= stale_after => {
+                    let interrupted = interrupted(&s);
                     let actor = if interrupted { Actor::Recovery } else { Actor::Reconciler };
                     let why = if interrupted {
                         "allocation interrupted by a restart"
@@ -623,7 +642,7 @@ async fn reclaim(engine: &Engine, s: &crate::Session) -> Result<bool, EngineErro
         }
     }
     batch.sessions.push(SessionWrite::transition(s, SessionCause::HoldExpired, now)?);
-    match inner.store.commit(batch).await {
+    match inner.commit(batch).await {
         Ok(()) => {
             info!(session = %s.id, project = %s.project, "fail hold expired; session reclaimed");
             Ok(true)

@@ -62,6 +62,19 @@ pub enum StoreError {
     /// The store is shut down.
     #[error("the store is closed")]
     Closed,
+    /// A fenced write ([`Store::commit_fenced`]) carried a leadership
+    /// epoch that is not the newest one the store handed out: its writer
+    /// lost leadership (a newer term began), so nothing was written.
+    #[error(
+        "fenced: the write carries leadership epoch {epoch}, but the store's current epoch is {current}; \
+         this process is no longer the leader"
+    )]
+    Fenced {
+        /// The epoch the write carried.
+        epoch: u64,
+        /// The newest epoch the store handed out.
+        current: u64,
+    },
 }
 
 /// What is wrong with the storage behind [`StoreError::Unavailable`]. Its
@@ -564,6 +577,71 @@ pub trait Store: Send + Sync {
 
     /// Sets the paused flag and returns what it was, atomically.
     async fn set_paused(&self, paused: bool) -> Result<bool, StoreError>;
+
+    // ----- several processes on one store -----
+    //
+    // A store that several service processes share (replicas) needs three
+    // more things, each with a default that is right for a store only one
+    // process uses. Fencing: exactly one reconciler may write; a leader
+    // starts a term with `new_leader_epoch` and writes with
+    // `commit_fenced`, so a leader that lost its term (frozen, cut off)
+    // writes nothing when it comes back. Allocations: only the store knows
+    // which process made an allocation still in progress and whether that
+    // process is alive (`abandoned_allocations`). Key changes made by
+    // another process: `key_generation`.
+
+    /// Starts a new leadership term: atomically moves the store's epoch
+    /// forward and returns it. From then on every [`Store::commit_fenced`]
+    /// with an older epoch is refused, in the same atomic step as the write
+    /// it would have made, so a former leader writes nothing.
+    ///
+    /// The default refuses: a store that cannot fence cannot host an
+    /// elected reconciler.
+    async fn new_leader_epoch(&self) -> Result<u64, StoreError> {
+        Err(StoreError::Invalid("this store does not support leader election: it cannot fence writes".into()))
+    }
+
+    /// [`Store::commit`], for a reconciler that runs as the leader of term
+    /// `epoch`: written only if `epoch` is the newest epoch
+    /// [`Store::new_leader_epoch`] handed out, checked atomically with the
+    /// write; otherwise nothing is written and the answer is
+    /// `CommitError::Store(StoreError::Fenced { .. })`. API writes are never
+    /// fenced (any process may serve a request).
+    ///
+    /// The default refuses every fenced batch.
+    async fn commit_fenced(&self, batch: Batch, epoch: u64) -> Result<(), CommitError> {
+        let _ = (batch, epoch);
+        Err(CommitError::Store(StoreError::Invalid("this store does not support fenced writes".into())))
+    }
+
+    /// The live sessions still Allocating whose creating process is known
+    /// to have stopped (crashed, killed, or cut off from the store): their
+    /// preparation will never finish, so the reconciler aborts them at once.
+    /// Sessions of a process that is alive are not listed, whenever they
+    /// were made: they are left to their request (or to the staleness
+    /// deadline).
+    ///
+    /// `Ok(None)`, the default: the store does not know who made a session.
+    /// Such a store is used by one process at a time (SQLite, memory), and
+    /// the reconciler treats every allocation older than its engine as
+    /// interrupted by a restart.
+    async fn abandoned_allocations(&self) -> Result<Option<Vec<SessionId>>, StoreError> {
+        Ok(None)
+    }
+
+    /// A number that changes whenever API keys may have been changed by
+    /// another process sharing this store (a key created or revoked through
+    /// another replica, or the command line), or whenever the store cannot
+    /// be sure it has heard of every such change. The engine forgets every
+    /// key it remembers when it sees the number change, so such a change is
+    /// honoured by the very next request. Cheap (no I/O): it is read on
+    /// every authentication.
+    ///
+    /// The default never changes: key changes reach the engine through the
+    /// engine itself (one process per store).
+    fn key_generation(&self) -> u64 {
+        0
+    }
 
     /// How the store is doing, without any I/O (cheap enough for every
     /// health check). The default, for stores that cannot tell, is

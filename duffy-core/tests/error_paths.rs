@@ -819,6 +819,8 @@ fn authenticate_reports_a_store_error_and_does_not_remember_it() {
         .times(1)
         .in_sequence(&mut seq)
         .returning(move |_| Ok(Some(record.clone())));
+    // A store one process uses: keys change only through this engine.
+    store.expect_key_generation().return_const(0u64);
     let store = Arc::new(store);
     let engine = engine(store.clone(), MockPowerController::new(), MockInstaller::new(), clock_at(T0));
 

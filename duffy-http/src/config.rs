@@ -43,8 +43,13 @@ pub enum ConfigError {
 pub struct Config {
     /// Address to listen on (`127.0.0.1:8080`).
     pub listen: SocketAddr,
-    /// The SQLite database file (`duffy.db`).
+    /// The database: the embedded SQLite file (`duffy.db`, the default),
+    /// or a PostgreSQL URL (`postgres://user:password@host:port/name`) to
+    /// run several replicas of the service on one database.
     pub database: PathBuf,
+    /// `[postgres]`: settings of the PostgreSQL store (used when
+    /// `database` is a `postgres://` URL).
+    pub postgres: PostgresConfig,
     /// Leases, holds, quotas, rate limits, concurrency (see
     /// `duffy_core::Policy`; durations in seconds).
     pub policy: Policy,
@@ -70,6 +75,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             database: PathBuf::from("duffy.db"),
+            postgres: PostgresConfig::default(),
             policy: Policy { max_concurrent_installs: 16, ..Policy::default() },
             pools: Vec::new(),
             hardware: HardwareConfig::default(),
@@ -77,6 +83,36 @@ impl Default for Config {
             contextualize: ContextualizeConfig::None,
             nodes: Vec::new(),
             limits: LimitsConfig::default(),
+        }
+    }
+}
+
+/// `[postgres]`: the PostgreSQL store, when `database` is a URL.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connections this process keeps to the database (16); each replica
+    /// has its own, plus one control connection.
+    pub pool_size: usize,
+    /// Events older than this many days are deleted (in batches, by the
+    /// leader); absent: the event log is kept forever.
+    pub event_retention_days: Option<u32>,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig { pool_size: 16, event_retention_days: None }
+    }
+}
+
+impl PostgresConfig {
+    /// The store's options for a process in `role` ("service", "command").
+    pub fn options(&self, role: &str) -> duffy_backend_postgres::PgOptions {
+        duffy_backend_postgres::PgOptions {
+            pool_size: self.pool_size,
+            role: role.to_string(),
+            event_retention: self.event_retention_days.map(|d| Duration::from_secs(u64::from(d) * 86_400)),
+            ..duffy_backend_postgres::PgOptions::default()
         }
     }
 }
@@ -294,8 +330,28 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The PostgreSQL URL, when `database` is one.
+    pub fn database_url(&self) -> Option<&str> {
+        self.database.to_str().filter(|s| duffy_backend_postgres::is_postgres_url(s))
+    }
+
     /// Checks values that the types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.postgres.pool_size == 0 || self.postgres.pool_size > 1000 {
+            return Err(ConfigError::Invalid(format!(
+                "postgres.pool_size must be between 1 and 1000, got {}",
+                self.postgres.pool_size
+            )));
+        }
+        if self.postgres.event_retention_days == Some(0) {
+            return Err(ConfigError::Invalid(
+                "postgres.event_retention_days must be at least 1 (leave it out to keep every event)".into(),
+            ));
+        }
+        if let Some(url) = self.database_url() {
+            url.parse::<duffy_backend_postgres::tokio_postgres::Config>()
+                .map_err(|e| ConfigError::Invalid(format!("database: not a valid PostgreSQL URL: {e}")))?;
+        }
         self.policy.validate().map_err(|e| ConfigError::Invalid(format!("policy: {e}")))?;
         self.limits.validate(&self.policy)?;
         for p in &self.pools {
@@ -540,6 +596,26 @@ mod tests {
         assert!(err("[limits]\nidle = 0").contains("idle"));
         assert!(err("[limits]\nmax_connections = 0").contains("max_connections"));
         assert!(toml::from_str::<Config>("[limits]\nidle_timeout = 5").is_err(), "unknown keys are refused");
+    }
+
+    #[test]
+    fn a_postgres_url_selects_the_postgres_store() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.database_url(), None, "the embedded default");
+        let c: Config = toml::from_str(
+            "database = \"postgres://duffy@db.example:5432/duffy\"\n[postgres]\npool_size = 8\nevent_retention_days = 90",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.database_url(), Some("postgres://duffy@db.example:5432/duffy"));
+        let o = c.postgres.options("service");
+        assert_eq!((o.pool_size, o.event_retention), (8, Some(Duration::from_secs(90 * 86_400))));
+        let c: Config = toml::from_str("database = \"postgresql://duffy@db.example/duffy\"").unwrap();
+        assert!(c.database_url().is_some(), "postgresql:// too");
+        let err = |text: &str| toml::from_str::<Config>(text).unwrap().validate().unwrap_err().to_string();
+        assert!(err("database = \"postgres://db.example:notaport/x\"").contains("not a valid PostgreSQL URL"));
+        assert!(err("[postgres]\nevent_retention_days = 0").contains("event_retention_days"));
+        assert!(err("[postgres]\npool_size = 0").contains("pool_size"));
     }
 
     #[test]

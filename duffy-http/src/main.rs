@@ -16,12 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use duffy_backend_postgres::PgStore;
 use duffy_core::{Arch, BootDevice, NewNode, PoolKey, PowerAction, PowerController, Store};
 use duffy_http::config::{Config, NodeFile};
 use duffy_http::control::{ControlPaths, ControlServer, DbLock, PROTOCOL_VERSION, Request, RequestOp, SendError};
 use duffy_http::operator::{OperatorCommand, Outcome, Target, execute};
 use duffy_http::{build_engine, start};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// How long `duffy serve` waits for an operator command that holds the
 /// database lock to finish.
@@ -35,8 +36,8 @@ const COMMAND_LOCK_WAIT: Duration = Duration::from_secs(15);
 #[derive(Debug, Parser)]
 #[command(name = "duffy", version, about)]
 struct Cli {
-    /// The SQLite database file (default: the config's `database`, else ./duffy.db).
-    #[arg(long, global = true, value_name = "PATH")]
+    /// The database: a SQLite file, or a postgres:// URL (default: the config's `database`, else ./duffy.db).
+    #[arg(long, global = true, value_name = "PATH|URL", env = "DUFFY_DB")]
     db: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -70,6 +71,25 @@ enum Command {
     /// sessions, list pools. The key comes from DUFFY_KEY or a private
     /// config file, never from the command line.
     Client(client_cli::ClientArgs),
+    /// The store as a whole.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copies a whole farm (nodes, sessions, keys, projects, pools, history)
+    /// into an empty store, e.g. from the embedded SQLite file to
+    /// PostgreSQL, then checks counts, invariants and history there. Stop
+    /// the service first.
+    Copy {
+        /// The store to copy: a SQLite file or a postgres:// URL.
+        #[arg(long, value_name = "PATH|URL")]
+        from: PathBuf,
+        /// The empty store to copy into: a new SQLite file or a postgres:// URL.
+        #[arg(long, value_name = "PATH|URL")]
+        to: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -211,6 +231,15 @@ enum CliError {
     Other(String),
 }
 
+/// The PostgreSQL URL `db` is, if it is one.
+fn postgres_url(db: &Path) -> Option<&str> {
+    db.to_str().filter(|s| duffy_backend_postgres::is_postgres_url(s))
+}
+
+async fn open_postgres(url: &str, options: duffy_backend_postgres::PgOptions) -> Result<PgStore, CliError> {
+    PgStore::connect(url, options).await.map_err(|e| CliError::Other(e.to_string()))
+}
+
 async fn open_store(path: &Path) -> Result<Arc<dyn Store>, CliError> {
     Ok(open_sqlite(path)?)
 }
@@ -256,6 +285,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Node(NodeCommand::Power { hostname, action, config }) => {
             node_power(cli.db, &hostname, action, &config).await
         }
+        Command::Store(StoreCommand::Copy { from, to }) => {
+            let report = duffy_http::store_copy::copy(&from, &to).await.map_err(|e| CliError::Other(e.to_string()))?;
+            print!("{report}");
+            Ok(())
+        }
         Command::Client(args) => client_cli::run(args).await.map_err(|e| CliError::Other(e.to_string())),
         other => {
             let cmd = operator_command(other)?;
@@ -278,6 +312,9 @@ async fn serve(db: Option<PathBuf>, config: Option<PathBuf>, listen: Option<Sock
     }
     if let Some(l) = listen {
         cfg.listen = l;
+    }
+    if let Some(url) = cfg.database_url() {
+        return serve_replica(&cfg, url).await;
     }
     let paths = ControlPaths::for_db(&cfg.database)?;
     let lock = DbLock::acquire_for_service(&paths, SERVE_LOCK_WAIT).await?;
@@ -304,10 +341,44 @@ async fn serve(db: Option<PathBuf>, config: Option<PathBuf>, listen: Option<Sock
     Ok(())
 }
 
-/// Runs an operator command: here, against the database file, when no
-/// service runs on it (holding its lock meanwhile), or in the service
-/// through its control socket.
+/// `duffy serve` on PostgreSQL: one of any number of replicas on the
+/// database. No lock and no control socket: operator commands talk to the
+/// database directly, and every replica hears of key changes at once.
+async fn serve_replica(cfg: &Config, url: &str) -> Result<(), CliError> {
+    let store = open_postgres(url, cfg.postgres.options("service")).await?;
+    info!(database = %store.database(), instance = store.instance(), "store opened");
+    let pxe = std::iter::once(&cfg.installer)
+        .chain(cfg.pools.iter().filter_map(|p| p.installer.as_ref()))
+        .any(|i| matches!(i, duffy_http::config::InstallerConfig::Pxe(_)));
+    if pxe {
+        warn!(
+            "PXE installs keep their pending installs in the leader's memory: run a single replica, or route every \
+             /Install/* request to the leader (settings.leader_instance in the database; see README)"
+        );
+    }
+    let mut built = build_engine(cfg, Arc::new(store.clone())).await?;
+    built.election = Some(store);
+    let running = start(cfg.listen, built).await?;
+    shutdown_signal().await;
+    info!("shutting down: finishing in-flight requests");
+    running.stop().await?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Runs an operator command: on PostgreSQL, against the database directly;
+/// on a SQLite file, here when no service runs on it (holding its lock
+/// meanwhile), or in the service through its control socket.
 async fn run_operator(db: &Path, cmd: OperatorCommand) -> Result<Outcome, CliError> {
+    if let Some(url) = postgres_url(db) {
+        let options = duffy_backend_postgres::PgOptions {
+            pool_size: 2,
+            role: "command".into(),
+            ..duffy_backend_postgres::PgOptions::default()
+        };
+        let store: Arc<dyn Store> = Arc::new(open_postgres(url, options).await?);
+        return execute(cmd, &Target::Store(store)).await.map_err(|e| CliError::Other(e.to_string()));
+    }
     if !cmd.creates_database() && !db.exists() {
         return Err(CliError::Other(format!(
             "no database at {}: this command only reads it and does not create one; check --db \
@@ -387,7 +458,7 @@ fn operator_command(command: Command) -> Result<OperatorCommand, CliError> {
             OperatorCommand::ProjectSet { name, quota, ssh_keys }
         }
         Command::Project(ProjectCommand::Show { name }) => OperatorCommand::ProjectShow { name },
-        Command::Serve { .. } | Command::Node(NodeCommand::Power { .. }) | Command::Client(_) => {
+        Command::Serve { .. } | Command::Node(NodeCommand::Power { .. }) | Command::Client(_) | Command::Store(_) => {
             return Err(CliError::Other("not an operator command".into()));
         }
     })
@@ -426,10 +497,9 @@ async fn node_power(db: Option<PathBuf>, hostname: &str, action: PowerCommand, c
         return Err(CliError::Other(format!("{}: no [[hardware.bmc]] entry for node {hostname:?}", config.display())));
     }
     let db = db.unwrap_or(cfg.database.clone());
-    let node = run_operator(&db, OperatorCommand::NodeGet { hostname: hostname.to_string() })
-        .await?
-        .node
-        .ok_or_else(|| CliError::Other(format!("no node named {hostname:?} in {}", db.display())))?;
+    let node = run_operator(&db, OperatorCommand::NodeGet { hostname: hostname.to_string() }).await?.node.ok_or_else(
+        || CliError::Other(format!("no node named {hostname:?} in {}", duffy_http::store_copy::describe(&db))),
+    )?;
     let power = duffy_backend_ipmi::IpmiPowerController::new(inventory);
     let done = match action {
         PowerCommand::Status => {

@@ -71,6 +71,11 @@ pub struct Built {
     /// the store can give them ([`build_engine`] sees only `dyn Store`,
     /// so it leaves this `None`; `duffy serve` sets its SQLite store).
     pub store_stats: Option<Arc<dyn StoreStats>>,
+    /// On a database several replicas share: the store whose leader
+    /// election decides whether this process runs the reconciler (set by
+    /// the caller that opened it; `None`: this process is the only one and
+    /// always reconciles).
+    pub election: Option<duffy_backend_postgres::PgStore>,
 }
 
 fn unsupported(what: &str) -> impl Fn(String) -> ServeError + '_ {
@@ -88,8 +93,12 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         HardwareConfig::Simulated(sim) => {
             let farm = Arc::new(SimFarm::new(clock.clone(), sim.sim()));
             if existing.is_empty() && cfg.nodes.is_empty() && sim.machines > 0 {
-                store.add_nodes(SimFarm::machines(sim.machines), Actor::Operator, now).await?;
-                info!(machines = sim.machines, "created a simulated farm");
+                match store.add_nodes(SimFarm::machines(sim.machines), Actor::Operator, now).await {
+                    Ok(_) => info!(machines = sim.machines, "created a simulated farm"),
+                    // Another replica starting at the same time made it.
+                    Err(StoreError::Duplicate(_)) => info!("another replica created the simulated farm"),
+                    Err(e) => return Err(e.into()),
+                }
             }
             (farm.clone(), Some(farm))
         }
@@ -149,7 +158,12 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         cfg.nodes.iter().filter(|n| !existing.iter().any(|e| e.hostname == n.hostname)).cloned().collect();
     if !missing.is_empty() {
         info!(count = missing.len(), "adding configured nodes");
-        store.add_nodes(missing, Actor::Operator, now).await?;
+        match store.add_nodes(missing, Actor::Operator, now).await {
+            Ok(_) => {}
+            // Another replica starting at the same time added them.
+            Err(StoreError::Duplicate(d)) => info!(duplicate = %d, "configured nodes added by another replica"),
+            Err(e) => return Err(e.into()),
+        }
     }
     let mut builder = Engine::builder(store.clone(), power, installer, clock).policy(cfg.policy.clone());
     if let Some(c) = contextualizer {
@@ -160,7 +174,7 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         engine.set_pool_targets(&cfg.targets()).await?;
     }
     let limits = Limits::from_config(&cfg.limits, &cfg.policy);
-    Ok(Built { engine, sim: farm, pxe, limits, install_listen, store_stats: None })
+    Ok(Built { engine, sim: farm, pxe, limits, install_listen, store_stats: None, election: None })
 }
 
 /// A running service: its listeners, its reconciler and its key-use
@@ -200,17 +214,47 @@ pub async fn start(addr: SocketAddr, built: Built) -> Result<Running, ServeError
     start_with(addr, built, true).await
 }
 
+/// Serves the engine's wait queue every policy tick until `stop`
+/// completes (for replicas, whose reconciler may run in another process).
+async fn serve_queue_until(engine: duffy_core::Engine, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    let tick = engine.policy().tick;
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            () = tokio::time::sleep(tick) => {
+                if let Err(e) = engine.serve_queue().await {
+                    warn!(error = %e, "serving the wait queue failed; trying again next tick");
+                }
+            }
+        }
+    }
+}
+
 /// As [`start`]; with `reconcile` false no reconciler runs, so the farm
 /// changes only through requests (for tests that compare states).
 pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Result<Running, ServeError> {
-    let Built { engine, pxe, limits, install_listen, store_stats, .. } = built;
+    let Built { engine, pxe, limits, install_listen, store_stats, election, .. } = built;
     let listener = bind(addr)?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let install_listener = install_listen.map(bind).transpose()?;
     let (stop, rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new(store_stats));
     let state = AppState { engine: engine.clone(), metrics: metrics.clone(), pxe, auth_guard: Default::default() };
-    let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().observed_by(metrics).run(stopped(rx.clone()))));
+    // One reconciler per store: this process's own, or, with replicas
+    // sharing a database, whichever process wins the election runs it.
+    let reconciler = reconcile.then(|| match election {
+        None => tokio::spawn(engine.reconciler().observed_by(metrics).run(stopped(rx.clone()))),
+        Some(store) => {
+            // Requests queued on this replica wait in its memory, and a
+            // replica that does not lead runs no reconciler pass to serve
+            // them: it serves its own queue every tick.
+            tokio::spawn(serve_queue_until(engine.clone(), stopped(rx.clone())));
+            let (engine, stop) = (engine.clone(), stopped(rx.clone()));
+            let observer: Arc<dyn duffy_core::ReconcilerObserver> = metrics;
+            tokio::spawn(async move { store.run_observed_reconciler_while_leader(engine, Some(observer), stop).await })
+        }
+    });
     let key_use = tokio::spawn(crate::keys::record_key_use_until(engine.clone(), stopped(rx.clone())));
     let (app, install) = match install_listener {
         None => (router(state.clone()).merge(crate::ui::router(state, rx.clone())), None),

@@ -28,7 +28,7 @@ async fn made_up_keys_are_limited_per_address_without_reaching_the_store() {
     engine.add_api_key("ci", hash_api_key("good-admin-key"), true, None).await.expect("key");
     engine.add_api_key("ci", hash_api_key("good-but-unused"), false, None).await.expect("key");
     let limits = duffy_http::listener::Limits::from_config(&Default::default(), engine.policy());
-    let built = Built { engine, sim: None, pxe: None, limits, install_listen: None, store_stats: None };
+    let built = Built { engine, sim: None, pxe: None, limits, install_listen: None, store_stats: None, election: None };
     let running = start_with("127.0.0.1:0".parse().unwrap(), built, false).await.expect("start");
     let base = format!("http://{}", running.addr);
     let client = reqwest::Client::new();

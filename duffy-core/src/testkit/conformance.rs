@@ -68,6 +68,7 @@ macro_rules! store_conformance_tests {
             sessions_expire_and_are_listed_by_expiry,
             latest_events_are_newest_first_and_bounded,
             node_counts_group_the_farm,
+            fenced_writes_need_the_newest_epoch,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -753,6 +754,52 @@ pub async fn pool_targets_and_pause_flag(store: Arc<dyn Store>) {
     assert!(store.session(&SessionId("paused".into())).await.expect("read").is_none());
     store.set_paused(false).await.expect("resume");
     claim_ok(&*store, claim_req("paused", 1, "proj", 1, Timestamp(50_000))).await;
+}
+
+/// Fencing: every new leadership term gets a larger epoch; a fenced batch
+/// is written only with the newest epoch handed out. A batch of an older
+/// term (or of an epoch never handed out) is refused with
+/// `StoreError::Fenced` and writes nothing, even when every version it
+/// expects is current; the fence is checked before the versions. Unfenced
+/// writes (API requests) are never refused by a term.
+pub async fn fenced_writes_need_the_newest_epoch(store: Arc<dyn Store>) {
+    let nodes = store
+        .add_nodes(vec![NewNode::new("a", Arch::X86_64), NewNode::new("b", Arch::X86_64)], Actor::Operator, T0)
+        .await
+        .expect("add");
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let e1 = store.new_leader_epoch().await.expect("term 1");
+    let e2 = store.new_leader_epoch().await.expect("term 2");
+    assert!(e1 >= 1 && e2 > e1, "epochs move forward: {e1}, {e2}");
+    let set_admin = |n: &Node| {
+        let w = NodeWrite::transition(n, Cause::SetAdmin, Actor::Reconciler, T0).expect("legal");
+        Batch { nodes: vec![w], ..Batch::default() }
+    };
+    let fenced = |r: Result<(), CommitError>, epoch: u64, current: u64| match r {
+        Err(CommitError::Store(StoreError::Fenced { epoch: e, current: c })) => {
+            assert_eq!((e, c), (epoch, current), "the error names both epochs");
+        }
+        other => panic!("expected a fenced refusal of epoch {epoch} (current {current}): {other:?}"),
+    };
+    store.commit_fenced(set_admin(a), e2).await.expect("the current term writes");
+    let before = store.events(EventQuery::default()).await.expect("events").len();
+    fenced(store.commit_fenced(set_admin(b), e1).await, e1, e2);
+    fenced(store.commit_fenced(set_admin(b), e2 + 1).await, e2 + 1, e2);
+    // Stale versions too: the fence is what answers.
+    fenced(store.commit_fenced(set_admin(a), e1).await, e1, e2);
+    let b_now = store.node(b.id).await.expect("read").expect("exists");
+    assert_eq!((b_now.state, b_now.version), (NodeState::Active, 1), "a refused batch writes nothing");
+    assert_eq!(store.events(EventQuery::default()).await.expect("events").len(), before);
+    // A new term fences the one before it.
+    let e3 = store.new_leader_epoch().await.expect("term 3");
+    assert!(e3 > e2);
+    fenced(store.commit_fenced(set_admin(b), e2).await, e2, e3);
+    store.commit_fenced(set_admin(b), e3).await.expect("the new term writes");
+    // Unfenced writes do not care about terms.
+    let a_now = store.node(a.id).await.expect("read").expect("exists");
+    let w = NodeWrite::transition(&a_now, Cause::Recovered, Actor::Operator, T0).expect("legal");
+    store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.expect("an unfenced write");
+    check_history(&*store).await.expect("history");
 }
 
 /// Writes a transition of a node as it is stored now, and returns the row.

@@ -214,4 +214,22 @@ impl Store for InterceptStore {
     async fn set_paused(&self, paused: bool) -> Result<bool, StoreError> {
         self.around("set_paused", self.inner.set_paused(paused)).await
     }
+
+    async fn new_leader_epoch(&self) -> Result<u64, StoreError> {
+        self.around("new_leader_epoch", self.inner.new_leader_epoch()).await
+    }
+
+    async fn commit_fenced(&self, batch: Batch, epoch: u64) -> Result<(), CommitError> {
+        self.around("commit_fenced", self.inner.commit_fenced(batch, epoch)).await
+    }
+
+    async fn abandoned_allocations(&self) -> Result<Option<Vec<SessionId>>, StoreError> {
+        self.around("abandoned_allocations", self.inner.abandoned_allocations()).await
+    }
+
+    fn key_generation(&self) -> u64 {
+        // Synchronous, so no hooks: it is a read of memory, never a call
+        // that could fail or interleave.
+        self.inner.key_generation()
+    }
 }

@@ -51,6 +51,8 @@ pub enum Fault {
     /// Claims go through while the service is paused (the pause flag is
     /// not part of the claim).
     ClaimWhilePaused,
+    /// Fenced batches are written whatever their epoch (no fencing).
+    IgnoreFence,
 }
 
 /// How a logged claim ended.
@@ -89,12 +91,21 @@ pub struct Tap {
     inner: Arc<dyn Store>,
     fault: Fault,
     claims: Mutex<Vec<ClaimRecord>>,
+    /// What `abandoned_allocations` answers, when set: the store plays one
+    /// that several processes share and that knows which of them stopped.
+    abandoned: Mutex<Option<Vec<SessionId>>>,
 }
 
 impl Tap {
     /// Wraps `inner` with `fault`.
     pub fn new(inner: Arc<dyn Store>, fault: Fault) -> Self {
-        Tap { inner, fault, claims: Mutex::new(Vec::new()) }
+        Tap { inner, fault, claims: Mutex::new(Vec::new()), abandoned: Mutex::new(None) }
+    }
+
+    /// From now on `abandoned_allocations` answers `ids` (`None`: forwards
+    /// to the store underneath).
+    pub fn set_abandoned(&self, ids: Option<Vec<SessionId>>) {
+        *self.abandoned.lock().expect("abandoned") = ids;
     }
 
     /// Every claim so far, in the order they took effect.
@@ -201,6 +212,7 @@ impl Tap {
                 self.write_claim(session, writes, nodes).await
             }
             Fault::None
+            | Fault::IgnoreFence
             | Fault::ClaimWhilePaused
             | Fault::LoseLastAddedNode
             | Fault::HideLastNode
@@ -346,5 +358,28 @@ impl Store for Tap {
 
     async fn set_paused(&self, paused: bool) -> Result<bool, StoreError> {
         self.inner.set_paused(paused).await
+    }
+
+    async fn new_leader_epoch(&self) -> Result<u64, StoreError> {
+        self.inner.new_leader_epoch().await
+    }
+
+    async fn commit_fenced(&self, batch: Batch, epoch: u64) -> Result<(), CommitError> {
+        if self.fault == Fault::IgnoreFence {
+            return self.inner.commit(batch).await;
+        }
+        self.inner.commit_fenced(batch, epoch).await
+    }
+
+    async fn abandoned_allocations(&self) -> Result<Option<Vec<SessionId>>, StoreError> {
+        let set = self.abandoned.lock().expect("abandoned").clone();
+        match set {
+            Some(ids) => Ok(Some(ids)),
+            None => self.inner.abandoned_allocations().await,
+        }
+    }
+
+    fn key_generation(&self) -> u64 {
+        self.inner.key_generation()
     }
 }

@@ -1,0 +1,540 @@
+//! `duffy-pg-bench`: claim+release cycles on PostgreSQL, Duffy against a
+//! raw SQL loop, in one run on one throwaway cluster with PostgreSQL's
+//! durable defaults (fsync and synchronous commit on).
+//!
+//! For each farm size (Ready nodes of one pool), each mode runs on a fresh
+//! database holding the same farm:
+//!
+//! - `raw`: the reference. Each client, on its own connection, claims one
+//!   node in one statement (`… ORDER BY used_count, id LIMIT 1 FOR NO KEY
+//!   UPDATE SKIP LOCKED`, with the session and event inserts in the same
+//!   statement) and releases it straight back to Ready in a second one:
+//!   two commits per cycle.
+//! - `raw-duffy-writes`: the same, but writing what a Duffy cycle writes:
+//!   the release leaves the node Active, and two more statements reinstall
+//!   it (Provisioning, then Ready): four commits per cycle.
+//! - `store`: the `PgStore` API in process (claim that delivers, release,
+//!   install started, install succeeded): four transactions per cycle.
+//!
+//! Each mode has as many database connections as the raw loop has clients
+//! (the store's pool; the replicas' pools together).
+//! - `1 replica`, `3 replicas`: `duffy serve` processes on the database
+//!   and `duffy-load` (get + done over HTTP, keys in turn, jobs spread over
+//!   the replicas); the leader reinstalls released nodes (simulated
+//!   installs of zero time), the same four commits per cycle.
+//!
+//! Every mode runs the given number of clients for the given time after a
+//! warm-up and reports cycles per second and latency percentiles (per
+//! cycle for the in-process modes, per request for HTTP). It also measures
+//! what a key change costs with three live replicas (the revocation waits
+//! until every process confirmed it), against the alternative of one
+//! version-check round trip per request.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use duffy_backend_postgres::test_cluster::{TestCluster, durable};
+use duffy_backend_postgres::tokio_postgres::{self, NoTls};
+use duffy_backend_postgres::{PgOptions, PgStore};
+use duffy_core::{
+    Actor, Arch, Batch, Cause, ClaimRequest, KeyId, NodeWrite, PoolKey, Project, SessionId, Store, Timestamp,
+    hash_api_key,
+};
+use serde::Serialize;
+
+/// Benchmark Duffy on PostgreSQL against a raw SKIP LOCKED loop.
+#[derive(Debug, Parser)]
+#[command(name = "duffy-pg-bench", version, about)]
+struct Args {
+    /// The `duffy` binary (a release build).
+    #[arg(long)]
+    duffy: PathBuf,
+    /// The `duffy-load` binary.
+    #[arg(long)]
+    load: PathBuf,
+    /// Farm sizes (Ready nodes).
+    #[arg(long, value_delimiter = ',', default_value = "1000,100000")]
+    nodes: Vec<usize>,
+    /// Modes to run.
+    #[arg(long, value_delimiter = ',', default_value = "raw,raw-duffy-writes,store,1,3")]
+    modes: Vec<String>,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Measured seconds per mode.
+    #[arg(long, default_value_t = 15.0)]
+    seconds: f64,
+    /// Warm-up seconds per mode (not measured).
+    #[arg(long, default_value_t = 3.0)]
+    warmup: f64,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Result1 {
+    nodes: usize,
+    mode: String,
+    cycles_per_second: f64,
+    /// Latency of a whole cycle (in process) or of a request (HTTP), ms.
+    p50_ms: f64,
+    p99_ms: f64,
+    /// HTTP only: p99 of `/Node/get` and of `/Node/done`, ms.
+    get_p99_ms: Option<f64>,
+    done_p99_ms: Option<f64>,
+    errors: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct KeyChange {
+    revoke_with_3_replicas_p50_ms: f64,
+    revoke_with_3_replicas_p99_ms: f64,
+    version_check_round_trip_p50_ms: f64,
+    version_check_round_trip_p99_ms: f64,
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn key(i: usize) -> String {
+    format!("bench-key-{i:03}-0123456789abcdef")
+}
+
+/// A fresh database holding `nodes` Ready nodes of pool 7/x86_64, its
+/// target, and 64+ projects with a key each.
+async fn farm(cluster: &TestCluster, nodes: usize, clients: usize) -> (String, tokio_postgres::Client) {
+    // The database outlives this function (the cluster goes with the
+    // process), unwatched: a benchmark runs as long as it takes.
+    let url = cluster.database().await.keep();
+    let store = PgStore::connect(&url, PgOptions { pool_size: 4, ..PgOptions::default() }).await.expect("schema");
+    for i in 0..clients {
+        let p = format!("p{i}");
+        store.upsert_project(Project { name: p.clone(), quota: None, ssh_keys: vec![] }).await.expect("project");
+        store.add_api_key(&p, hash_api_key(&key(i)), false, Timestamp(0), None).await.expect("key");
+    }
+    drop(store);
+    let (c, conn) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    c.batch_execute(&format!(
+        "INSERT INTO nodes (hostname, hardware_arch, state, image_release, image_arch, used_count, state_since, \
+         installed_at, power, version) \
+         SELECT 'n' || i || '.bench', 'x86_64', 'Ready', '7', 'x86_64', 0, 0, 0, 'on', 2 \
+         FROM generate_series(1, {nodes}) i; \
+         INSERT INTO pool_targets (release, arch, flavor, standby) VALUES ('7', 'x86_64', '', {nodes})"
+    ))
+    .await
+    .expect("farm");
+    c.batch_execute("VACUUM ANALYZE").await.expect("vacuum");
+    (url, c)
+}
+
+const RAW_CLAIM: &str = "\
+WITH picked AS (
+    SELECT id FROM nodes WHERE state = 'Ready' AND image_release = '7' AND image_arch = 'x86_64'
+    AND coalesce(image_flavor, '') = '' ORDER BY used_count, id LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED
+), upd AS (
+    UPDATE nodes n SET state = 'Deployed', session = $1, used_count = n.used_count + 1, version = n.version + 1,
+        state_since = $2 FROM picked WHERE n.id = picked.id RETURNING n.id
+), s AS (
+    INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, nodes, created_at, delivered_at,
+        lease_until, version, origin_key, origin_at)
+    SELECT $1, 'p', $3, 'Prod', '7', 'x86_64', array_agg(id), $2, $2, $2, 1, $3, $2 FROM upd HAVING count(*) > 0
+    RETURNING 1
+), e AS (
+    INSERT INTO events (node, from_state, to_state, cause, actor, session, at)
+    SELECT id, 'Ready', 'Deployed', 'delivered', 'key:1', $1, $2 FROM upd RETURNING 1
+)
+SELECT id FROM upd";
+
+const RAW_RELEASE: &str = "\
+WITH n AS (
+    UPDATE nodes SET state = $4, session = NULL, version = version + 1, state_since = $3 WHERE id = $1 RETURNING id
+), s AS (
+    UPDATE sessions SET state = 'Done', ended_at = $3, version = version + 1 WHERE id = $2 RETURNING 1
+), e AS (
+    INSERT INTO events (node, from_state, to_state, cause, actor, session, at)
+    SELECT id, 'Deployed', $4, 'released', 'key:1', $2, $3 FROM n RETURNING 1
+)
+SELECT count(*) FROM n";
+
+const RAW_STEP: &str = "\
+WITH n AS (
+    UPDATE nodes SET state = $2, version = version + 1, state_since = $3 WHERE id = $1 RETURNING id
+), e AS (
+    INSERT INTO events (node, from_state, to_state, cause, actor, at)
+    SELECT id, $4, $2, $5, 'reconciler', $3 FROM n RETURNING 1
+)
+SELECT count(*) FROM n";
+
+/// Runs `clients` copies of `cycle` for warm-up + measured time; returns
+/// cycles per second and each measured cycle's duration (ms).
+async fn drive<F, Fut>(clients: usize, warmup: f64, seconds: f64, cycle: F) -> (f64, Vec<f64>, u64)
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<bool, String>> + Send,
+{
+    let cycle = Arc::new(cycle);
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (cycle, measuring, stop) = (cycle.clone(), measuring.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut errors, mut n) = (Vec::new(), 0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let t = Instant::now();
+                match cycle(c, n).await {
+                    Ok(true) => {
+                        if measuring.load(Ordering::Relaxed) {
+                            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                        }
+                    }
+                    Ok(false) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    Err(e) => {
+                        if errors == 0 {
+                            eprintln!("client {c}: {e}");
+                        }
+                        errors += 1;
+                    }
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let took = t.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for task in tasks {
+        let (l, e) = task.await.expect("client task");
+        all.extend(l);
+        errors += e;
+    }
+    (all.len() as f64 / took, all, errors)
+}
+
+async fn raw(url: &str, args: &Args, reinstall: bool) -> (f64, Vec<f64>, u64) {
+    let mut clients = Vec::new();
+    for _ in 0..args.clients {
+        let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+        tokio::spawn(conn);
+        let claim = c.prepare(RAW_CLAIM).await.expect("prepare");
+        let release = c.prepare(RAW_RELEASE).await.expect("prepare");
+        let step = c.prepare(RAW_STEP).await.expect("prepare");
+        clients.push(Arc::new((c, claim, release, step)));
+    }
+    let clients = Arc::new(clients);
+    drive(args.clients, args.warmup, args.seconds, move |i, n| {
+        let cl = clients[i].clone();
+        async move {
+            let (c, claim, release, step) = &*cl;
+            let sid = format!("raw-{i}-{n}");
+            let rows = c.query(claim, &[&sid, &0_i64, &(i as i64)]).await.map_err(|e| e.to_string())?;
+            let Some(row) = rows.first() else { return Ok(false) };
+            let id: i64 = row.get(0);
+            let back = if reinstall { "Active" } else { "Ready" };
+            c.query_one(release, &[&id, &sid, &0_i64, &back]).await.map_err(|e| e.to_string())?;
+            if reinstall {
+                c.query_one(step, &[&id, &"Provisioning", &0_i64, &"Active", &"install_started"])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                c.query_one(step, &[&id, &"Ready", &0_i64, &"Provisioning", &"install_succeeded"])
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(true)
+        }
+    })
+    .await
+}
+
+async fn store_mode(url: &str, args: &Args) -> (f64, Vec<f64>, u64) {
+    let store: Arc<dyn Store> = Arc::new(
+        // As many connections as the raw loop's clients have.
+        PgStore::connect(url, PgOptions { pool_size: args.clients, ..PgOptions::default() }).await.expect("store"),
+    );
+    let pool = PoolKey::new("7", Arch::X86_64, None);
+    drive(args.clients, args.warmup, args.seconds, move |i, n| {
+        let (store, pool) = (store.clone(), pool.clone());
+        async move {
+            let now = Timestamp(1);
+            let req = ClaimRequest {
+                session: SessionId(format!("store-{i}-{n}")),
+                project: format!("p{i}"),
+                key_id: KeyId(i as u64 + 1),
+                pool,
+                count: 1,
+                quota: None,
+                rate_limit: None,
+                actor: Actor::Key(KeyId(i as u64 + 1)),
+                now,
+                deliver: Some(now),
+            };
+            let c = match store.claim(req).await.map_err(|e| e.to_string())? {
+                Ok(c) => c,
+                Err(_) => return Ok(false),
+            };
+            let e = |e: duffy_core::TransitionError| e.to_string();
+            let n0 = &c.nodes[0];
+            let rel = NodeWrite::transition(n0, Cause::Released, Actor::Key(c.session.key_id), now).map_err(e)?;
+            let mut s = c.session.clone();
+            s.state = duffy_core::SessionState::Done;
+            s.ended_at = Some(now);
+            s.version += 1;
+            let after = rel.node.clone();
+            let batch = Batch {
+                nodes: vec![rel],
+                sessions: vec![duffy_core::SessionWrite { expected_version: Some(c.session.version), session: s }],
+                guards: vec![],
+            };
+            store.commit(batch).await.map_err(|e| e.to_string())?;
+            let start = Cause::InstallStarted { image: c.session.pool.clone(), why: "bench".into() };
+            let w = NodeWrite::transition(&after, start, Actor::Reconciler, now).map_err(e)?;
+            let prov = w.node.clone();
+            store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.map_err(|e| e.to_string())?;
+            let w = NodeWrite::transition(&prov, Cause::InstallSucceeded { host_key: None }, Actor::Reconciler, now)
+                .map_err(e)?;
+            store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.map_err(|e| e.to_string())?;
+            Ok(true)
+        }
+    })
+    .await
+}
+
+/// A `duffy serve` child, stopped on drop.
+struct Serve(Child, u16);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(args: &Args, dir: &std::path::Path, url: &str, nodes: usize, i: usize, pool: usize) -> Serve {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let cfg = dir.join(format!("duffy-{i}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndatabase = \"{url}\"\n\
+             [policy]\nrate_limit = \"off\"\npower_check_interval = \"off\"\nmax_concurrent_installs = 64\n\
+             [[pools]]\nrelease = \"7\"\narch = \"x86_64\"\nstandby = {nodes}\n\
+             [hardware]\nkind = \"simulated\"\nmachines = 0\ninstall_min_ms = 0\ninstall_max_ms = 0\nprepare_ms = 0\n\
+             [postgres]\npool_size = {pool}\n"
+        ),
+    )
+    .expect("config");
+    let log = std::fs::File::create(dir.join(format!("duffy-{i}.log"))).expect("log");
+    let child = Command::new(&args.duffy)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start duffy serve");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "duffy serve did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Serve(child, port)
+}
+
+fn http_mode(args: &Args, ports: &[u16]) -> Result1 {
+    let mut cmd = Command::new(&args.load);
+    for p in ports {
+        cmd.args(["--url", &format!("http://127.0.0.1:{p}")]);
+    }
+    for i in 0..args.clients {
+        cmd.args(["--key", &key(i)]);
+    }
+    let out = cmd
+        .args(["-c", &args.clients.to_string(), "--duration", &args.seconds.to_string()])
+        .args(["--warmup", &args.warmup.to_string(), "--json", "--quiet"])
+        .output()
+        .expect("run duffy-load");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("duffy-load: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let f = |path: &[&str]| path.iter().fold(&v, |v, k| &v[*k]).as_f64().unwrap_or(0.0);
+    let errors: u64 = v["errors"].as_object().map(|m| m.values().filter_map(|x| x.as_u64()).sum()).unwrap_or(0);
+    Result1 {
+        nodes: 0,
+        mode: String::new(),
+        cycles_per_second: f(&["cycles_per_second"]),
+        p50_ms: f(&["all_requests", "p50_ms"]),
+        p99_ms: f(&["all_requests", "p99_ms"]),
+        get_p99_ms: Some(f(&["get", "p99_ms"])),
+        done_p99_ms: Some(f(&["done", "p99_ms"])),
+        errors,
+    }
+}
+
+async fn key_change(url: &str) -> KeyChange {
+    let store = PgStore::connect(url, PgOptions { pool_size: 2, ..PgOptions::default() }).await.expect("store");
+    store.upsert_project(Project { name: "kc".into(), quota: None, ssh_keys: vec![] }).await.expect("project");
+    let mut revoke = Vec::new();
+    for i in 0..30 {
+        let rec =
+            store.add_api_key("kc", hash_api_key(&format!("kc-{i}")), false, Timestamp(0), None).await.expect("key");
+        let t = Instant::now();
+        store.revoke_api_key(rec.id, Timestamp(1)).await.expect("revoke");
+        revoke.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    let stmt = c.prepare("SELECT last_value FROM key_changes").await.expect("prepare");
+    let mut rt = Vec::new();
+    for _ in 0..2000 {
+        let t = Instant::now();
+        c.query_one(&stmt, &[]).await.expect("version");
+        rt.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    KeyChange {
+        revoke_with_3_replicas_p50_ms: pct(&mut revoke, 0.5),
+        revoke_with_3_replicas_p99_ms: pct(&mut revoke, 0.99),
+        version_check_round_trip_p50_ms: pct(&mut rt, 0.5),
+        version_check_round_trip_p99_ms: pct(&mut rt, 0.99),
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let cluster = durable(&["shared_buffers=256MB", "max_wal_size=2GB"])?;
+    eprintln!("PostgreSQL at {} (fsync and synchronous commit on)", cluster.address());
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut results = Vec::new();
+    let mut key_changes = None;
+    for &nodes in &args.nodes {
+        for mode in &args.modes {
+            let (url, _c) = farm(&cluster, nodes, args.clients).await;
+            eprint!("{nodes} nodes, {mode}: ");
+            let mut r = match mode.as_str() {
+                "raw" | "raw-duffy-writes" | "store" => {
+                    let (cps, mut lat, errors) = match mode.as_str() {
+                        "raw" => raw(&url, &args, false).await,
+                        "raw-duffy-writes" => raw(&url, &args, true).await,
+                        _ => store_mode(&url, &args).await,
+                    };
+                    Result1 {
+                        nodes,
+                        mode: mode.clone(),
+                        cycles_per_second: cps,
+                        p50_ms: pct(&mut lat, 0.5),
+                        p99_ms: pct(&mut lat, 0.99),
+                        get_p99_ms: None,
+                        done_p99_ms: None,
+                        errors,
+                    }
+                }
+                n => {
+                    let n: usize = n.parse().map_err(|_| format!("unknown mode {n:?}"))?;
+                    // The raw loop's connections, shared out among the
+                    // replicas.
+                    let pool = args.clients.div_ceil(n);
+                    let replicas: Vec<Serve> = (0..n).map(|i| serve(&args, dir.path(), &url, nodes, i, pool)).collect();
+                    let ports: Vec<u16> = replicas.iter().map(|s| s.1).collect();
+                    let r = tokio::task::block_in_place(|| http_mode(&args, &ports));
+                    if n == 3 && key_changes.is_none() {
+                        key_changes = Some(key_change(&url).await);
+                    }
+                    drop(replicas);
+                    Result1 { nodes, mode: format!("{n} replica{}", if n == 1 { "" } else { "s" }), ..r }
+                }
+            };
+            r.nodes = nodes;
+            eprintln!("{:.0} cycles/s, p99 {:.1} ms, {} errors", r.cycles_per_second, r.p99_ms, r.errors);
+            results.push(r);
+        }
+    }
+    println!("| nodes | mode | cycles/s | vs raw | vs raw (Duffy's writes) | p50 ms | p99 ms | errors |");
+    println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in &results {
+        let base = |m: &str| results.iter().find(|x| x.nodes == r.nodes && x.mode == m).map(|x| x.cycles_per_second);
+        let ratio = |b: Option<f64>| b.map(|b| format!("{:.0}%", 100.0 * r.cycles_per_second / b)).unwrap_or_default();
+        let p99 = match (r.get_p99_ms, r.done_p99_ms) {
+            (Some(g), Some(d)) => format!("{:.1} (get {g:.1}, done {d:.1})", r.p99_ms),
+            _ => format!("{:.1}", r.p99_ms),
+        };
+        println!(
+            "| {} | {} | {:.0} | {} | {} | {:.2} | {p99} | {} |",
+            r.nodes,
+            r.mode,
+            r.cycles_per_second,
+            ratio(base("raw")),
+            ratio(base("raw-duffy-writes")),
+            r.p50_ms,
+            r.errors
+        );
+    }
+    if let (Some(small), Some(big)) = (args.nodes.first(), args.nodes.last()) {
+        for r in results.iter().filter(|r| r.nodes == *big) {
+            if let Some(s) = results.iter().find(|x| x.nodes == *small && x.mode == r.mode) {
+                println!(
+                    "{} nodes / {} nodes, {}: {:.2}x the cycles/s",
+                    big,
+                    small,
+                    r.mode,
+                    r.cycles_per_second / s.cycles_per_second
+                );
+            }
+        }
+    }
+    if let Some(k) = &key_changes {
+        println!(
+            "key change with 3 replicas: revoke p50 {:.2} ms, p99 {:.2} ms; a version check per request would add a \
+             round trip of p50 {:.3} ms, p99 {:.3} ms to every request",
+            k.revoke_with_3_replicas_p50_ms,
+            k.revoke_with_3_replicas_p99_ms,
+            k.version_check_round_trip_p50_ms,
+            k.version_check_round_trip_p99_ms
+        );
+    }
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({ "results": results, "key_change": key_changes });
+        std::fs::write(path, serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("duffy-pg-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("duffy-pg-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The schema, as versioned forward-only migrations in a table of their
+//! own (`duffy_migrations`: one row per migration applied).
+//!
+//! On open, one connection takes a session advisory lock (so replicas
+//! starting together migrate once, one after the other) and, in one
+//! transaction, applies every migration after the newest recorded one,
+//! recording each. A database whose newest migration is newer than this
+//! build knows is refused before anything is written; a database with
+//! tables of its own but no `duffy_migrations` is refused as not Duffy's.
+
+use tokio_postgres::Client;
+use tracing::info;
+
+use crate::OpenError;
+use crate::sql::LOCK_MIGRATE;
+
+/// Version 1: nodes, sessions, the event log, projects, keys, pool
+/// targets, settings (pause flag, leadership epoch), the processes using
+/// the database (instances) and the key-change counter.
+///
+/// Encodings: enums as their stable names, timestamps as milliseconds
+/// (the engine's clock, not the database's), a pool key as three columns
+/// (a missing flavor is NULL, except in `pool_targets` where it is `''`,
+/// part of the primary key; flavors are validated non-empty), a session's
+/// nodes as `bigint[]`, a project's SSH keys as `text[]`.
+const V1: &str = r#"
+CREATE TABLE nodes (
+    id            bigserial PRIMARY KEY,
+    hostname      text    NOT NULL UNIQUE,
+    ip            text,
+    chassis       text,
+    hardware_arch text    NOT NULL,
+    flavor        text,
+    bmc           text,
+    console_port  integer,
+    state         text    NOT NULL,
+    image_release text,
+    image_arch    text,
+    image_flavor  text,
+    used_count    bigint  NOT NULL,
+    session       text,
+    state_since   bigint  NOT NULL,
+    installed_at  bigint,
+    hold_until    bigint,
+    fail_reason   text,
+    power         text    NOT NULL,
+    host_key      text,
+    version       bigint  NOT NULL
+);
+-- The claim: Ready nodes of a pool, least used first, then lowest id; one
+-- range scan, locking as it goes and skipping rows other claims hold.
+CREATE INDEX nodes_ready ON nodes (image_release, image_arch, (coalesce(image_flavor, '')), used_count, id)
+    WHERE state = 'Ready';
+-- The reconciler's reads: by state in id order, stale Ready nodes oldest
+-- first, idle machines of one kind least used first.
+CREATE INDEX nodes_state ON nodes (state, id);
+CREATE INDEX nodes_stale ON nodes (installed_at, id) WHERE state = 'Ready';
+CREATE INDEX nodes_idle ON nodes (hardware_arch, (coalesce(flavor, '')), used_count, id) WHERE state = 'Active';
+
+CREATE TABLE sessions (
+    id           text    PRIMARY KEY,
+    project      text    NOT NULL,
+    key_id       bigint  NOT NULL,
+    state        text    NOT NULL,
+    pool_release text    NOT NULL,
+    pool_arch    text    NOT NULL,
+    pool_flavor  text,
+    nodes        bigint[] NOT NULL,
+    created_at   bigint  NOT NULL,
+    delivered_at bigint,
+    lease_until  bigint,
+    hold_until   bigint,
+    ended_at     bigint,
+    end_reason   text,
+    version      bigint  NOT NULL,
+    -- The key and creation time as first inserted, never updated: what the
+    -- rate limit counts.
+    origin_key   bigint  NOT NULL,
+    origin_at    bigint  NOT NULL,
+    -- The process (instances.id) whose claim made it; NULL when not known
+    -- (copied from another store). Recovery asks whether it is alive.
+    creator      integer,
+    live         boolean GENERATED ALWAYS AS (state IN ('Allocating', 'Prod', 'Fail')) STORED
+);
+CREATE INDEX sessions_live ON sessions (created_at, id) WHERE live;
+CREATE INDEX sessions_live_project ON sessions (project) WHERE live;
+CREATE INDEX sessions_origin ON sessions (origin_key, origin_at);
+
+-- No foreign key to nodes: nodes are never deleted, the store writes each
+-- event with its node in one transaction, and a foreign-key check per
+-- event costs a query per row on the hot path.
+CREATE TABLE events (
+    seq        bigserial PRIMARY KEY,
+    node       bigint  NOT NULL,
+    from_state text    NOT NULL,
+    to_state   text    NOT NULL,
+    cause      text    NOT NULL,
+    detail     text,
+    actor      text    NOT NULL,
+    session    text,
+    at         bigint  NOT NULL,
+    -- The leadership epoch of a fenced write (the reconciler's); NULL for
+    -- every other write.
+    term       bigint
+);
+CREATE INDEX events_node ON events (node, seq);
+
+CREATE TABLE projects (
+    name     text   PRIMARY KEY,
+    quota    bigint,
+    ssh_keys text[] NOT NULL
+);
+
+CREATE TABLE api_keys (
+    id         bigserial PRIMARY KEY,
+    project    text    NOT NULL REFERENCES projects (name),
+    hash       bytea   NOT NULL UNIQUE,
+    admin      boolean NOT NULL,
+    created_at bigint  NOT NULL,
+    expires_at bigint,
+    revoked_at bigint,
+    last_used  bigint
+);
+CREATE INDEX api_keys_project ON api_keys (project);
+
+CREATE TABLE pool_targets (
+    release text   NOT NULL,
+    arch    text   NOT NULL,
+    flavor  text   NOT NULL,
+    standby bigint NOT NULL,
+    PRIMARY KEY (release, arch, flavor)
+);
+
+CREATE TABLE settings (
+    id              integer PRIMARY KEY CHECK (id = 1),
+    paused          boolean NOT NULL,
+    -- The newest leadership term handed out; fenced writes must carry it.
+    leader_epoch    bigint  NOT NULL,
+    leader_instance integer,
+    leader_since    timestamptz
+);
+INSERT INTO settings (id, paused, leader_epoch) VALUES (1, false, 0);
+
+-- Every process that opened the store. Whether one is alive is not a
+-- column: it is whether it holds its advisory lock (pg_locks), which
+-- PostgreSQL drops with its connection.
+CREATE TABLE instances (
+    id               serial  PRIMARY KEY,
+    host             text    NOT NULL,
+    pid              integer NOT NULL,
+    role             text    NOT NULL,
+    started_at       timestamptz NOT NULL DEFAULT now(),
+    -- The newest key change this process has applied to its key cache.
+    key_version_seen bigint  NOT NULL DEFAULT 0
+);
+
+-- Bumped by every key change; processes confirm each in key_version_seen.
+CREATE SEQUENCE key_changes;
+
+-- Fails the statement (and so the transaction) with SQLSTATE DF001 and
+-- the message given when a condition the store relies on does not hold:
+-- statements pipelined after it, COMMIT included, then write nothing.
+CREATE FUNCTION duffy_assert(ok boolean, what text) RETURNS boolean LANGUAGE plpgsql AS $f$
+BEGIN
+    IF ok IS NOT TRUE THEN
+        RAISE EXCEPTION '%', what USING ERRCODE = 'DF001';
+    END IF;
+    RETURN true;
+END
+$f$;
+"#;
+
+/// Version 2: session expiry, as in the SQLite store's version 6. A
+/// delivered session expires at `expires_at` (its lease's end, moved by
+/// extensions) and the reconciler reclaims it; Prod sessions are indexed
+/// by it. Sessions delivered before the upgrade expire at their lease.
+const V2: &str = r#"
+ALTER TABLE sessions ADD COLUMN expires_at bigint;
+UPDATE sessions SET expires_at = lease_until;
+CREATE INDEX sessions_expiry ON sessions (expires_at, id) WHERE state = 'Prod';
+"#;
+
+/// Every migration, in order, with what it does: migration `i` takes the
+/// database from version `i` to `i + 1`. Append only; never edit a
+/// released one.
+const MIGRATIONS: &[(&str, &str)] =
+    &[(V1, "nodes, sessions, events, projects, keys, pools, settings, instances"), (V2, "session expiry")];
+
+/// The schema version this build writes (the number of migrations).
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+fn pg(context: &str) -> impl FnOnce(tokio_postgres::Error) -> OpenError + '_ {
+    move |source| OpenError::Postgres { context: context.to_string(), source }
+}
+
+/// Brings the database to [`SCHEMA_VERSION`]. Returns the version it had.
+pub(crate) async fn migrate(client: &mut Client, database: &str) -> Result<i32, OpenError> {
+    client
+        .query_one("SELECT pg_advisory_lock($1, 0)", &[&LOCK_MIGRATE])
+        .await
+        .map_err(pg("waiting for the migration lock"))?;
+    let result = migrate_locked(client, database).await;
+    // Released whatever happened; a failure to release ends with the
+    // connection, which the caller drops.
+    let _ = client.query_one("SELECT pg_advisory_unlock($1, 0)", &[&LOCK_MIGRATE]).await;
+    result
+}
+
+async fn migrate_locked(client: &mut Client, database: &str) -> Result<i32, OpenError> {
+    let tx = client.transaction().await.map_err(pg("starting the migration transaction"))?;
+    let has_table = |name: &'static str| {
+        let tx = &tx;
+        async move {
+            tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .map_err(pg("looking at the database's tables"))
+        }
+    };
+    let found: i32 = if has_table("duffy_migrations").await? {
+        tx.query_one("SELECT coalesce(max(version), 0) FROM duffy_migrations", &[])
+            .await
+            .map_err(pg("reading the schema version"))?
+            .get(0)
+    } else {
+        let tables: i64 = tx
+            .query_one("SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname = current_schema()", &[])
+            .await
+            .map_err(pg("looking at the database's tables"))?
+            .get(0);
+        if tables > 0 {
+            return Err(OpenError::ForeignDatabase { database: database.to_string(), tables });
+        }
+        tx.batch_execute(
+            "CREATE TABLE duffy_migrations (version integer PRIMARY KEY, description text NOT NULL, \
+             applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(pg("creating the migrations table"))?;
+        0
+    };
+    if found > SCHEMA_VERSION {
+        // Nothing was written: the transaction only read.
+        return Err(OpenError::SchemaTooNew { database: database.to_string(), found, supported: SCHEMA_VERSION });
+    }
+    for (i, (sql, what)) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        let version = i as i32 + 1;
+        tx.batch_execute(sql).await.map_err(|source| OpenError::Postgres {
+            context: format!("applying schema migration {version} ({what})"),
+            source,
+        })?;
+        tx.execute("INSERT INTO duffy_migrations (version, description) VALUES ($1, $2)", &[&version, what])
+            .await
+            .map_err(pg("recording a migration"))?;
+    }
+    tx.commit().await.map_err(pg("committing the migration"))?;
+    if found < SCHEMA_VERSION {
+        info!(database, from = found, to = SCHEMA_VERSION, "migrated the store's schema");
+    }
+    Ok(found)
+}

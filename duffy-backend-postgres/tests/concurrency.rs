@@ -1,0 +1,287 @@
+//! 64 tasks claiming, delivering, failing, releasing and reinstalling
+//! against 200 nodes of one PostgreSQL database, through two stores (two
+//! connection pools, as two replicas have), with reapers racing the owners
+//! to abort sessions; then the event log is replayed to show no node was
+//! ever held by two sessions at once.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use duffy_backend_postgres::PgStore;
+use duffy_core::testkit::conformance::{add_ready, check_history, check_invariants, claim_req, pool7};
+use duffy_core::{
+    Actor, Batch, Cause, CauseKind, ClaimRefusal, CommitError, Event, EventQuery, KeyId, Node, NodeId, NodeState,
+    NodeWrite, Session, SessionId, SessionState, SessionWrite, Store, Timestamp,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const T0: Timestamp = Timestamp(1_700_000_000_000);
+const NODES: usize = 200;
+const TASKS: u64 = 64;
+const REAPERS: u64 = 4;
+const ROUNDS: usize = 30;
+
+fn actor(task: u64) -> Actor {
+    Actor::Key(KeyId(task))
+}
+
+/// Moves a session's nodes along with `cause_for` and its row to `state`,
+/// as one compare-and-set batch built from the rows given.
+fn advance(s: &Session, nodes: &[Node], state: SessionState, task: u64, cause: &dyn Fn(&Node) -> Cause) -> Batch {
+    let mut batch = Batch::default();
+    for n in nodes {
+        batch.nodes.push(NodeWrite::transition(n, cause(n), actor(task), T0).expect("legal"));
+    }
+    let mut next = s.clone();
+    next.state = state;
+    next.version += 1;
+    if state == SessionState::Done {
+        next.ended_at = Some(T0);
+    }
+    batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: next });
+    batch
+}
+
+/// Ends a session from fresh reads, whatever state it is in, then
+/// reinstalls its nodes. `Ok(false)`: someone else got there first.
+async fn end_and_reinstall(store: &dyn Store, sid: &SessionId, task: u64) -> bool {
+    let Some(s) = store.session(sid).await.expect("read") else { return false };
+    if !s.state.is_live() {
+        return false;
+    }
+    let mut nodes = Vec::new();
+    for id in &s.nodes {
+        let n = store.node(*id).await.expect("read").expect("exists");
+        if n.session.as_ref() == Some(sid) {
+            nodes.push(n);
+        }
+    }
+    let batch = advance(&s, &nodes, SessionState::Done, task, &|n| match n.state {
+        NodeState::Contextualizing => Cause::AllocationAborted { reason: "released".into() },
+        _ => Cause::Released,
+    });
+    let released: Vec<Node> = batch.nodes.iter().map(|w| w.node.clone()).collect();
+    match store.commit(batch).await {
+        Ok(()) => {}
+        Err(CommitError::Conflict(_)) => return false,
+        Err(e) => panic!("release failed: {e}"),
+    }
+    reinstall(store, &released, task).await;
+    true
+}
+
+/// Active nodes back to Ready (only whoever released them does this).
+async fn reinstall(store: &dyn Store, nodes: &[Node], task: u64) {
+    if nodes.is_empty() {
+        return;
+    }
+    let mut batch = Batch::default();
+    for n in nodes {
+        let cause = Cause::InstallStarted { image: pool7(), why: "refill".into() };
+        batch.nodes.push(NodeWrite::transition(n, cause, actor(task), T0).expect("legal"));
+    }
+    let provisioning: Vec<Node> = batch.nodes.iter().map(|w| w.node.clone()).collect();
+    store.commit(batch).await.expect("install started");
+    let mut batch = Batch::default();
+    for n in &provisioning {
+        batch.nodes.push(
+            NodeWrite::transition(n, Cause::InstallSucceeded { host_key: None }, actor(task), T0).expect("legal"),
+        );
+    }
+    store.commit(batch).await.expect("install succeeded");
+}
+
+#[derive(Default)]
+struct Tally {
+    claims: u64,
+    refusals: u64,
+    lost_races: u64,
+    reaped: u64,
+    /// Every successful claim: session → nodes, as returned.
+    claimed: BTreeMap<SessionId, Vec<NodeId>>,
+}
+
+async fn owner(store: Arc<dyn Store>, task: u64, tally: Arc<Mutex<Tally>>) {
+    let mut rng = StdRng::seed_from_u64(task);
+    for round in 0..ROUNDS {
+        let count = rng.gen_range(1..=6);
+        let sid = format!("s-{task}-{round}");
+        let c = match store.claim(claim_req(&sid, task, "p", count, T0)).await.expect("store ok") {
+            Ok(c) => c,
+            Err(ClaimRefusal::InsufficientNodes { .. }) => {
+                tally.lock().expect("lock").refusals += 1;
+                tokio::task::yield_now().await;
+                continue;
+            }
+            Err(other) => panic!("unexpected refusal {other:?}"),
+        };
+        assert_eq!(c.nodes.len(), count as usize);
+        {
+            let mut t = tally.lock().expect("lock");
+            t.claims += 1;
+            t.claimed.insert(c.session.id.clone(), c.nodes.iter().map(|n| n.id).collect());
+        }
+        // Deliver, and sometimes fail, racing the reapers; a lost race
+        // (the session changed under us) just ends our part.
+        let mut session = c.session.clone();
+        let mut nodes = c.nodes.clone();
+        let mut steps = Vec::new();
+        if rng.gen_bool(0.6) {
+            steps.push((SessionState::Prod, Cause::Prepared));
+            if rng.gen_bool(0.3) {
+                steps.push((SessionState::Fail, Cause::FailedByUser { hold_until: T0 }));
+            }
+        }
+        let mut lost = false;
+        for (state, cause) in steps {
+            let batch = advance(&session, &nodes, state, task, &|_| cause.clone());
+            let next_nodes: Vec<Node> = batch.nodes.iter().map(|w| w.node.clone()).collect();
+            let next_session = batch.sessions[0].session.clone();
+            match store.commit(batch).await {
+                Ok(()) => {
+                    session = next_session;
+                    nodes = next_nodes;
+                }
+                Err(CommitError::Conflict(_)) => {
+                    lost = true;
+                    break;
+                }
+                Err(e) => panic!("commit failed: {e}"),
+            }
+        }
+        if lost || !end_and_reinstall(&*store, &session.id, task).await {
+            tally.lock().expect("lock").lost_races += 1;
+        }
+    }
+}
+
+async fn reaper(store: Arc<dyn Store>, task: u64, tally: Arc<Mutex<Tally>>, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let mut rng = StdRng::seed_from_u64(1000 + task);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let live = store.live_sessions().await.expect("live");
+        if live.is_empty() {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let victim = &live[rng.gen_range(0..live.len())];
+        if end_and_reinstall(&*store, &victim.id, task).await {
+            tally.lock().expect("lock").reaped += 1;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Replays the log: who holds each node after each event. Panics on the
+/// first event that would give a node to a second session.
+fn replay(events: &[Event]) -> HashMap<NodeId, SessionId> {
+    let mut holder: HashMap<NodeId, SessionId> = HashMap::new();
+    for e in events {
+        let held = holder.get(&e.node).cloned();
+        match e.cause {
+            CauseKind::Allocated => {
+                let sid = e.session.clone().expect("Allocated names its session");
+                assert!(held.is_none(), "event {}: node {} given to {sid} while held by {held:?}", e.seq, e.node);
+                holder.insert(e.node, sid);
+            }
+            CauseKind::Released | CauseKind::AllocationAborted | CauseKind::PrepareFailed | CauseKind::HoldExpired => {
+                assert_eq!(held, e.session, "event {}: node {} released by the wrong session", e.seq, e.node);
+                assert!(held.is_some(), "event {}: node {} released while free", e.seq, e.node);
+                holder.remove(&e.node);
+            }
+            CauseKind::Prepared | CauseKind::FailedByUser => {
+                assert!(held.is_some() && held == e.session, "event {}: node {} moved by a non-holder", e.seq, e.node);
+            }
+            _ => assert!(held.is_none(), "event {}: {} on node {} held by {held:?}", e.seq, e.cause, e.node),
+        }
+    }
+    holder
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_tasks_never_share_a_node() {
+    let (a, db) = common::fresh().await;
+    let b = PgStore::connect(&db.url, common::options()).await.expect("second store");
+    let store: Arc<dyn Store> = Arc::new(a.clone());
+    add_ready(&*store, "n", NODES, &pool7()).await;
+    let start = std::time::Instant::now();
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut owners = Vec::new();
+    // Half the tasks go through each store.
+    let stores: [Arc<dyn Store>; 2] = [Arc::new(a.clone()), Arc::new(b.clone())];
+    for task in 1..=TASKS - REAPERS {
+        owners.push(tokio::spawn(owner(stores[task as usize % 2].clone(), task, tally.clone())));
+    }
+    let mut reapers = Vec::new();
+    for task in TASKS - REAPERS + 1..=TASKS {
+        reapers.push(tokio::spawn(reaper(stores[task as usize % 2].clone(), task, tally.clone(), stop.clone())));
+    }
+    for o in owners {
+        o.await.expect("owner task");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in reapers {
+        r.await.expect("reaper task");
+    }
+    let elapsed = start.elapsed();
+    let tally = Arc::try_unwrap(tally).ok().expect("sole owner").into_inner().expect("lock");
+    eprintln!(
+        "{} claims, {} refusals, {} lost races, {} reaped in {elapsed:.2?}; store stats {:?} and {:?}",
+        tally.claims,
+        tally.refusals,
+        tally.lost_races,
+        tally.reaped,
+        a.stats(),
+        b.stats()
+    );
+    assert!(tally.claims >= 1000, "{}", tally.claims);
+    assert!(tally.refusals > 0, "60 owners asking for up to 6 nodes each must run short of 200 sometimes");
+
+    check_invariants(&*store).await.expect("invariants");
+    check_history(&*store).await.expect("history");
+    let events = store.events(EventQuery::default()).await.expect("events");
+    let holder = replay(&events);
+    let nodes = store.nodes().await.expect("nodes");
+    // Everything was released and reinstalled.
+    assert!(holder.is_empty(), "{holder:?}");
+    assert!(nodes.iter().all(|n| n.state == NodeState::Ready && n.session.is_none()));
+    assert!(store.live_sessions().await.expect("live").is_empty());
+    // Each node's history is complete: one event per version.
+    let mut per_node: HashMap<NodeId, u64> = HashMap::new();
+    for e in &events {
+        *per_node.entry(e.node).or_default() += 1;
+    }
+    for n in &nodes {
+        assert_eq!(per_node.get(&n.id).copied(), Some(n.version), "node {} history vs version", n.id);
+    }
+    // Every claim the tasks were told of is in the log, exactly.
+    let mut allocated: BTreeMap<SessionId, Vec<NodeId>> = BTreeMap::new();
+    for e in events.iter().filter(|e| e.cause == CauseKind::Allocated) {
+        allocated.entry(e.session.clone().expect("session")).or_default().push(e.node);
+    }
+    assert_eq!(allocated, tally.claimed);
+    for (sid, _) in tally.claimed.iter().take(50) {
+        let s = store.session(sid).await.expect("read").expect("exists");
+        assert_eq!(s.state, SessionState::Done);
+    }
+}
+
+#[test]
+#[should_panic(expected = "given to s2 while held by")]
+fn the_replay_catches_a_node_given_twice() {
+    let ev = |seq, cause, session: &str| Event {
+        seq,
+        node: NodeId(1),
+        from: NodeState::Ready,
+        to: NodeState::Contextualizing,
+        cause,
+        detail: None,
+        actor: Actor::Operator,
+        session: Some(SessionId(session.into())),
+        at: T0,
+    };
+    replay(&[ev(1, CauseKind::Allocated, "s1"), ev(2, CauseKind::Allocated, "s2")]);
+}

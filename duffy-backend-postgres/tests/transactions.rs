@@ -1,0 +1,129 @@
+//! Write transactions under trouble: a connection lost during COMMIT (the
+//! outcome unknown to the store) is resolved by asking the database, never
+//! by running the operation again blindly; a deadlock is retried.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::proxy::{Cut, Proxy};
+use duffy_backend_postgres::test_cluster::{TestDatabase, shared};
+use duffy_backend_postgres::{PgOptions, PgStore, PgTestHooks};
+use duffy_core::testkit::conformance::{add_ready, check_history, check_invariants, claim_req, pool7, release};
+use duffy_core::{
+    Actor, Arch, Batch, Cause, CauseKind, EventQuery, NewNode, NodeWrite, SessionId, SessionState, Store, StoreError,
+    Timestamp,
+};
+
+const T0: Timestamp = Timestamp(1_700_000_000_000);
+
+/// A store that reaches its database through a proxy that can cut
+/// connections around a COMMIT.
+async fn behind_proxy(hooks: PgTestHooks) -> (PgStore, Proxy, TestDatabase) {
+    let db = shared().database().await;
+    let proxy = Proxy::start(shared().address()).await;
+    let url = db.url.replace(&shared().address(), &format!("127.0.0.1:{}", proxy.port));
+    let store = PgStore::connect(&url, PgOptions { test_hooks: hooks, ..common::options() }).await.expect("connect");
+    (store, proxy, db)
+}
+
+async fn causes(store: &dyn Store, kind: CauseKind) -> usize {
+    store.events(EventQuery::default()).await.expect("events").iter().filter(|e| e.cause == kind).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_was_lost_is_answered_once_and_applied_once() {
+    let (store, proxy, _db) = behind_proxy(PgTestHooks::default()).await;
+    add_ready(&store, "n", 3, &pool7()).await;
+
+    // A claim: the server commits, the answer never arrives.
+    proxy.arm(Cut::AfterCommit);
+    let c = store.claim(claim_req("s1", 1, "p", 2, T0)).await.expect("store ok").expect("claimed");
+    assert_eq!(proxy.cuts(), 1, "the connection was cut at the COMMIT");
+    assert_eq!(store.stats().unknown_committed, 1, "{:?}", store.stats());
+    assert_eq!(causes(&store, CauseKind::Allocated).await, 2, "applied once");
+    let s = store.session(&SessionId("s1".into())).await.expect("read").expect("exists");
+    assert_eq!((s.state, s.nodes.len()), (SessionState::Allocating, 2));
+    assert_eq!(c.session, s);
+
+    // A batch.
+    proxy.arm(Cut::AfterCommit);
+    release(&store, &c.session.id, T0).await.expect("released");
+    assert_eq!(store.stats().unknown_committed, 2);
+    assert_eq!(causes(&store, CauseKind::AllocationAborted).await, 2, "applied once");
+
+    // Nodes added.
+    proxy.arm(Cut::AfterCommit);
+    let added = store.add_nodes(vec![NewNode::new("late", Arch::X86_64)], Actor::Operator, T0).await.expect("added");
+    assert_eq!(added.len(), 1);
+    assert_eq!(store.stats().unknown_committed, 3);
+    assert_eq!(store.nodes().await.expect("nodes").len(), 4);
+    assert_eq!(causes(&store, CauseKind::Added).await, 4);
+    check_invariants(&store).await.expect("invariants");
+    check_history(&store).await.expect("history");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_never_reached_the_server_is_run_again() {
+    let (store, proxy, _db) = behind_proxy(PgTestHooks::default()).await;
+    add_ready(&store, "n", 2, &pool7()).await;
+    proxy.arm(Cut::BeforeCommit);
+    store.claim(claim_req("s1", 1, "p", 1, T0)).await.expect("store ok").expect("claimed");
+    assert_eq!(proxy.cuts(), 1);
+    assert_eq!(store.stats().unknown_aborted, 1, "{:?}", store.stats());
+    assert_eq!(causes(&store, CauseKind::Allocated).await, 1);
+    assert_eq!(store.live_sessions().await.expect("live").len(), 1);
+    check_invariants(&store).await.expect("invariants");
+    check_history(&store).await.expect("history");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_a_lost_commit_again_blindly_is_caught() {
+    // The check above can fail: a store that takes a lost COMMIT for "not
+    // applied" runs the claim again, which finds its own session and
+    // fails the caller although the claim was made.
+    let hooks = PgTestHooks { unknown_outcome_is_abort: true, ..PgTestHooks::default() };
+    let (store, proxy, _db) = behind_proxy(hooks).await;
+    add_ready(&store, "n", 2, &pool7()).await;
+    proxy.arm(Cut::AfterCommit);
+    let r = store.claim(claim_req("s1", 1, "p", 1, T0)).await;
+    assert!(matches!(r, Err(StoreError::Duplicate(_))), "{r:?}");
+    assert_eq!(causes(&store, CauseKind::Allocated).await, 1, "the claim was made, and its caller told it failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_is_retried() {
+    let (store, db) = common::fresh().await;
+    let nodes = store
+        .add_nodes(vec![NewNode::new("a", Arch::X86_64), NewNode::new("b", Arch::X86_64)], Actor::Operator, T0)
+        .await
+        .expect("add");
+    // Another client locks node b, the store's batch locks a and waits for
+    // b, then the other client asks for a: a deadlock, which PostgreSQL
+    // breaks by failing the store's transaction (whose wait began first).
+    let other = common::raw(&db.url).await;
+    other.batch_execute("SET deadlock_timeout = '10s'; BEGIN").await.expect("begin");
+    other.query("SELECT 1 FROM nodes WHERE id = $1 FOR UPDATE", &[&(nodes[1].id.0 as i64)]).await.expect("lock b");
+    let store2 = store.clone();
+    let writes: Vec<NodeWrite> =
+        nodes.iter().map(|n| NodeWrite::transition(n, Cause::SetAdmin, Actor::Operator, T0).expect("legal")).collect();
+    let batch = tokio::spawn(async move { store2.commit(Batch { nodes: writes, ..Batch::default() }).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = Arc::new(other);
+    let o = other.clone();
+    let a = nodes[0].id.0 as i64;
+    let lock_a = tokio::spawn(async move { o.query("SELECT 1 FROM nodes WHERE id = $1 FOR UPDATE", &[&a]).await });
+    let got_a = tokio::time::timeout(Duration::from_secs(10), lock_a).await.expect("the deadlock is broken");
+    got_a.expect("task").expect("the other client gets node a once the store's transaction is gone");
+    other.batch_execute("COMMIT").await.expect("commit");
+    tokio::time::timeout(Duration::from_secs(10), batch)
+        .await
+        .expect("the batch finishes")
+        .expect("task")
+        .expect("the retried batch is written");
+    assert!(store.stats().retries >= 1, "{:?}", store.stats());
+    let stored = store.nodes().await.expect("nodes");
+    assert!(stored.iter().all(|n| n.version == 2), "written once: {stored:?}");
+    check_history(&store).await.expect("history");
+}
