@@ -41,7 +41,7 @@ pub use reconciler::{OpDone, OpOutcome, PassReport, Reconciler};
 pub use session::{SESSION_TRANSITIONS, SessionCause, SessionCauseKind, SessionEvent, SessionTransitionError};
 pub use state::{Cause, CauseKind, Event, NodeState, TransitionError};
 pub use store::{
-    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeWrite, SessionWrite, Store,
-    StoreError,
+    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, HandBack, HandBackKind,
+    HandBackRefusal, NodeWrite, SessionWrite, Store, StoreError,
 };
 pub use time::{Clock, Timestamp};

@@ -114,3 +114,14 @@ async fn default_nodes_after() {
 async fn default_idle_nodes() {
     conformance::idle_nodes_are_least_used_first(plain()).await;
 }
+
+#[tokio::test]
+async fn default_hand_back() {
+    conformance::hand_back_done_and_fail(plain()).await;
+    conformance::hand_back_refusals_write_nothing(plain()).await;
+}
+
+#[tokio::test]
+async fn default_commit_each() {
+    conformance::commit_each_commits_each_batch_on_its_own(plain()).await;
+}

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use duffy_backend_sqlite::{SqliteOptions, SqliteStore};
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, EventQuery,
-    Hardware, KeyId, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store,
-    StoreError, Timestamp,
+    HandBack, HandBackRefusal, Hardware, KeyId, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project,
+    Session, SessionId, Store, StoreError, Timestamp,
 };
 
 /// A fresh store in its own temporary directory (removed on drop, after
@@ -92,6 +92,12 @@ impl Store for Owned {
     }
     async fn commit(&self, batch: Batch) -> Result<(), CommitError> {
         self.store.commit(batch).await
+    }
+    async fn commit_each(&self, batches: Vec<Batch>) -> Vec<Result<(), CommitError>> {
+        self.store.commit_each(batches).await
+    }
+    async fn hand_back(&self, req: HandBack) -> Result<Result<Session, HandBackRefusal>, CommitError> {
+        self.store.hand_back(req).await
     }
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
         self.store.events(query).await
