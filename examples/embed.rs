@@ -3,9 +3,11 @@
 //! Instead of letting every job hammer `/Node/get` until nodes appear (what
 //! `cico` does), this scheduler keeps its own priority queue: it looks at
 //! the warm pools, hands nodes to the most urgent waiting job first, and
-//! releases them when the job ends. The farm is the test kit's simulated
-//! hardware on a manual clock, so the whole afternoon below runs in a
-//! blink and prints the same timeline every time.
+//! releases them when the job ends. The farm is the simulated hardware
+//! (`duffy_core::sim`) in the test kit's `Harness`, on a manual clock, so
+//! the whole afternoon below runs in a blink and prints the same timeline
+//! every time. `production.rs` wires the same engine as a real deployment
+//! does (SQLite, system clock, tokio).
 //!
 //! Run with `cargo run --example embed`.
 
@@ -14,7 +16,8 @@ use std::collections::BinaryHeap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use duffy_core::testkit::{Harness, SimConfig, SimFarm};
+use duffy_core::sim::{SimConfig, SimFarm};
+use duffy_core::testkit::Harness;
 use duffy_core::{Arch, Clock, EngineError, NodeRequest, Policy, PoolKey, PoolTarget};
 
 /// A job waiting for machines; higher priority first, then first come.

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine that has Rust:
 # the BMC simulator and IPMI client, an SSH server for contextualization
-# tests, a Python venv with the legacy `cico` client, mount tools and
-# e2fsprogs for the disk-full and read-only tests (tmpfs, loop-mounted
-# ext4), and a C compiler for the power-cut test's LD_PRELOAD shim. Idempotent: a
+# tests, curl (the PXE test runs the kickstart's first-boot reporter), a
+# Python venv with the legacy `cico` client, mount tools and e2fsprogs for
+# the disk-full and read-only tests (tmpfs, loop-mounted ext4), and a C
+# compiler for the power-cut test's LD_PRELOAD shim. Idempotent: a
 # second run only checks. Needs root (or sudo) for the Debian packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(openipmi ipmitool openssh-server openssh-client python3-venv mount util-linux e2fsprogs gcc libc6-dev)
+packages=(openipmi ipmitool openssh-server openssh-client python3-venv curl mount util-linux e2fsprogs gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -31,7 +32,7 @@ if [ ! -x "$venv/bin/cico" ]; then
 fi
 "$venv/bin/cico" --help >/dev/null
 
-for tool in ipmi_sim ipmitool sshd ssh-keygen mount findmnt mkfs.ext4 e2fsck cc; do
+for tool in ipmi_sim ipmitool sshd ssh-keygen curl mount findmnt mkfs.ext4 e2fsck cc; do
   command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool after install" >&2; exit 1; }
 done
 echo "test dependencies ready"

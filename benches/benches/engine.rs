@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use duffy_core::testkit::MemStore;
+use duffy_core::mem::MemStore;
 use duffy_core::testkit::conformance::{add_ready, claim_req, release};
 use duffy_core::{Arch, NewNode, NodeId, NodeState, PlanInput, Policy, PoolKey, PoolTarget, Store, Timestamp, plan};
 

@@ -10,9 +10,11 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::Request;
 use criterion::{Criterion, criterion_group, criterion_main};
-use duffy_core::testkit::{MemStore, SimConfig, SimFarm};
+use duffy_core::clock::SystemClock;
+use duffy_core::mem::MemStore;
+use duffy_core::sim::{SimConfig, SimFarm};
 use duffy_core::{Engine, Policy, PoolTarget, Store};
-use duffy_http::{AppState, SystemClock, router};
+use duffy_http::{AppState, router};
 use futures::StreamExt;
 use tower::ServiceExt;
 

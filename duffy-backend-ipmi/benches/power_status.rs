@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, criterion_main};
 use duffy_backend_ipmi::{BmcDriver, Driver, IpmitoolDriver, NativeDriver};
-
-use duffy_backend_ipmi::rig;
+use duffy_testsupport::rig;
 
 fn power_status(c: &mut Criterion) {
-    rig::require("ipmitool", "-V");
+    rig::require_ipmitool();
     let rig = rig::Rig::start(1);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let native = NativeDriver::default();

@@ -22,7 +22,7 @@ use crate::controller::BmcDriver;
 use crate::lanplus::commands::{ipmitool_bootdev, plan};
 use crate::locks::BmcLocks;
 
-/// Power control by running `ipmitool`. As a [`PowerController`] it uses
+/// Power control by running `ipmitool`. As a [`PowerController`](duffy_core::PowerController) it uses
 /// every node's BMC from its inventory with this driver, whatever their
 /// [`crate::Driver`] says.
 #[derive(Debug, Clone)]

@@ -22,9 +22,6 @@ pub mod ipmitool;
 pub mod lanplus;
 pub mod locks;
 pub mod native;
-#[cfg(feature = "rig")]
-#[allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
-pub mod rig;
 
 pub use config::{BmcConfig, BmcDefaults, BmcEntry, BmcInventory, ConfigError, Driver, IpmiConfig, Secret};
 pub use controller::{BmcDriver, IpmiPowerController};

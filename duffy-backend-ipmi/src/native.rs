@@ -106,7 +106,7 @@ pub enum NativeError {
 }
 
 impl NativeError {
-    /// The class of this failure, as [`PowerController`] callers see it.
+    /// The class of this failure, as [`PowerController`](duffy_core::PowerController) callers see it.
     pub fn kind(&self) -> PowerErrorKind {
         use PowerErrorKind::*;
         match self {
@@ -482,7 +482,7 @@ impl Session {
 type SessionFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, NativeError>> + Send + 'a>>;
 
 /// Power control through the built-in RMCP+ client. As a
-/// [`PowerController`] it uses every node's BMC from its inventory with
+/// [`PowerController`](duffy_core::PowerController) it uses every node's BMC from its inventory with
 /// this driver, whatever their [`crate::Driver`] says.
 #[derive(Debug, Clone, Default)]
 pub struct NativeDriver {

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::rig::{Rig, require};
+use common::rig::{Rig, require_ipmitool};
 use common::suite::node;
 use duffy_backend_ipmi::{Driver, IpmiPowerController, IpmitoolDriver, NativeDriver};
 use duffy_core::model::PowerState;
@@ -27,7 +27,7 @@ async fn each_node_uses_the_driver_its_configuration_names() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_driver_is_a_power_controller() {
-    require("ipmitool", "-V");
+    require_ipmitool();
     let rig = Rig::start(1);
     // The configured driver is ignored when a driver is used directly.
     let inv = Arc::new(rig.inventory(Driver::Ipmitool, |_| {}));

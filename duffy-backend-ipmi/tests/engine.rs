@@ -7,32 +7,18 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use common::rig::{Rig, free_udp_ports};
 use duffy_backend_ipmi::{Driver, IpmiPowerController};
-use duffy_core::testkit::MemStore;
+use duffy_core::clock::SystemClock;
+use duffy_core::mem::MemStore;
 use duffy_core::testkit::conformance::{check_history, check_invariants};
-use duffy_core::time::BoxFuture;
 use duffy_core::{
     Actor, Arch, BootDevice, CauseKind, Clock, Engine, EventQuery, InstallError, Installed, Installer, NewNode, Node,
-    NodeState, Policy, PoolKey, PoolTarget, PowerAction, PowerController, Store, Timestamp,
+    NodeState, Policy, PoolKey, PoolTarget, PowerAction, PowerController, Store,
 };
-
-/// Wall-clock time and tokio sleeps (the service's `SystemClock`, which
-/// lives in duffy-http).
-struct TokioClock;
-
-impl Clock for TokioClock {
-    fn now(&self) -> Timestamp {
-        Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64)
-    }
-    fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<()> {
-        let d = deadline.since(self.now());
-        Box::pin(tokio::time::sleep(d))
-    }
-}
 
 /// Reinstalls the way a PXE install starts: next boot from the network,
 /// power cycle, a moment for the "installer", then back to disk.
@@ -70,7 +56,7 @@ async fn reinstall_cycle_through_ipmi_with_one_dead_bmc() {
     let power: Arc<dyn PowerController> = Arc::new(IpmiPowerController::new(inventory));
 
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
-    let clock: Arc<dyn Clock> = Arc::new(TokioClock);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let machines = (0..N)
         .map(|i| {
             let mut n = NewNode::new(Rig::hostname(i), Arch::X86_64);

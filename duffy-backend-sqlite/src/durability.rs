@@ -196,7 +196,10 @@ pub(crate) fn run(
             Some(e) => Err(e),
             None if needed => {
                 counters.syncs.fetch_add(1, Ordering::Relaxed);
-                policy.sync(&wal).map_err(Arc::new)
+                let started = std::time::Instant::now();
+                let synced = policy.sync(&wal).map_err(Arc::new);
+                counters.distributions.fsync(started.elapsed());
+                synced
             }
             None => Ok(()),
         };

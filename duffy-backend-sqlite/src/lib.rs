@@ -52,7 +52,7 @@
 //!   [`OpenError::SchemaTooNew`], a file of another application with
 //!   [`OpenError::ForeignDatabase`].
 //!
-//! The semantics are those of the test kit's `MemStore`, checked by
+//! The semantics are those of duffy-core's `MemStore`, checked by
 //! duffy-core's conformance suite.
 //!
 //! Threads per store: 1 writer, 1 syncer (`Full` only), 1 checkpointer,
@@ -73,6 +73,7 @@ mod durability;
 mod queries;
 mod readers;
 mod schema;
+mod stats;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -85,13 +86,14 @@ use async_trait::async_trait;
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, EventQuery,
     HandBack, HandBackRefusal, Hardware, KeyId, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project,
-    Session, SessionId, Store, StoreError, Timestamp,
+    Session, SessionId, Store, StoreError, StoreHealth, Timestamp,
 };
 use futures::channel::oneshot;
 use rusqlite::{Connection, OpenFlags};
 use tracing::{info, warn};
 
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
+pub use stats::{HistogramSnapshot, WriteHistograms};
 
 use crate::durability::Durability;
 use crate::readers::Readers;
@@ -340,6 +342,8 @@ pub struct SqliteStore {
     syncer: Option<JoinHandle<()>>,
     checkpointer: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
     counters: Arc<Counters>,
+    /// Batch visibility and fsync state: a failed fsync stops the store.
+    durability: Arc<Durability>,
     /// [`TestHooks::between_read_statements`].
     between_read_statements: Option<Arc<dyn Fn() + Send + Sync>>,
 }
@@ -487,10 +491,11 @@ impl SqliteStore {
         let max_batch = options.max_batch;
         let skip_writer_checkpoint = options.test_hooks.skip_writer_checkpoint;
         let c = Arc::clone(&counters);
+        let d = Arc::clone(&durability);
         let writer_thread = std::thread::Builder::new()
             .name("duffy-sqlite-writer".into())
             .spawn(move || {
-                let sink = writer::Sink { syncer: syncer_tx, durability, skip_checkpoints: skip_writer_checkpoint };
+                let sink = writer::Sink { syncer: syncer_tx, durability: d, skip_checkpoints: skip_writer_checkpoint };
                 writer::run(conn, rx, max_batch, c, sink)
             })
             .map_err(|source| OpenError::Spawn { what: "writer", source })?;
@@ -514,6 +519,7 @@ impl SqliteStore {
             syncer,
             checkpointer: Some((stop, checkpointer)),
             counters,
+            durability,
             between_read_statements: options.test_hooks.between_read_statements,
         })
     }
@@ -533,6 +539,13 @@ impl SqliteStore {
             syncs: self.counters.syncs.load(Ordering::Relaxed),
             wal_restarts: self.counters.wal_restarts.load(Ordering::Relaxed),
         }
+    }
+
+    /// The write path's distributions so far (operations per group
+    /// commit, fsync latency): with [`SqliteStore::writer_stats`], what a
+    /// service's metrics show of the store.
+    pub fn write_histograms(&self) -> WriteHistograms {
+        self.counters.distributions.snapshot()
     }
 
     /// Sends an operation to the writer and waits for its answer (sent
@@ -705,5 +718,15 @@ impl Store for SqliteStore {
 
     async fn set_paused(&self, paused: bool) -> Result<bool, StoreError> {
         self.write(|reply| Op::SetPaused { paused, reply }, closed).await
+    }
+
+    fn health(&self) -> StoreHealth {
+        if let Some(e) = self.durability.failure() {
+            return StoreHealth::Failed(e.to_string());
+        }
+        match self.counters.last_failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            Some(why) => StoreHealth::Degraded(why),
+            None => StoreHealth::Ok,
+        }
     }
 }

@@ -22,8 +22,8 @@ use std::time::Instant;
 use duffy_core::store::{claim_writes, hand_back_writes};
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, Guard, HandBack,
-    HandBackKind, HandBackRefusal, KeyId, NewNode, Node, NodeId, PoolTarget, Project, Session, StoreError, Timestamp,
-    model::validate_token,
+    HandBackKind, HandBackRefusal, KeyId, NewNode, Node, NodeId, PoolTarget, Project, Session, StorageFault, StoreError,
+    Timestamp, model::validate_token,
 };
 use futures::channel::oneshot;
 use rusqlite::Connection;
@@ -44,6 +44,17 @@ pub(crate) struct Counters {
     /// finishes the checkpoint between two batches so the WAL can restart.
     pub(crate) restart_wanted: AtomicBool,
     pub(crate) wal_restarts: AtomicU64,
+    /// Batch sizes and fsync latencies.
+    pub(crate) distributions: crate::stats::WriteDistributions,
+    /// Why the last write transaction failed, while no later one has
+    /// committed: the store's health (`Store::health`) reads it.
+    pub(crate) last_failure: std::sync::Mutex<Option<String>>,
+}
+
+impl Counters {
+    fn set_failure(&self, why: Option<String>) {
+        *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
 }
 
 /// The answer channel of one operation.
@@ -393,6 +404,7 @@ struct FailedMidWrite;
 struct Diagnosed {
     source: rusqlite::Error,
     cause: String,
+    fault: StorageFault,
 }
 
 /// SQLite reports a read-only file system as a plain "disk I/O error"
@@ -406,9 +418,11 @@ fn diagnose(conn: &Connection, e: rusqlite::Error) -> Shared {
     wal.push("-wal");
     // Opening for writing (no create, no truncate) changes nothing.
     match std::fs::OpenOptions::new().write(true).open(&wal) {
-        Err(probe) if probe.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
-            Arc::new(Diagnosed { source: e, cause: format!("the file system holding {path} is read-only") })
-        }
+        Err(probe) if probe.kind() == std::io::ErrorKind::ReadOnlyFilesystem => Arc::new(Diagnosed {
+            source: e,
+            cause: format!("the file system holding {path} is read-only"),
+            fault: StorageFault::ReadOnly,
+        }),
         _ => Arc::new(e),
     }
 }
@@ -460,6 +474,7 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
     let started = Instant::now();
     counters.transactions.fetch_add(1, Ordering::Relaxed);
     counters.operations.fetch_add(n as u64, Ordering::Relaxed);
+    counters.distributions.batch(n);
     let mut done: Vec<Box<dyn Finish>> = Vec::with_capacity(n);
     let mut rest: Vec<Op> = Vec::new();
     let mut refused = 0usize;
@@ -523,6 +538,7 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
                 timings.transaction.0 += 1;
                 timings.transaction.1 += nanos(started).saturating_sub(in_ops);
                 trace!(ops = n, refused, elapsed_us = started.elapsed().as_micros() as u64, "committed a batch");
+                counters.set_failure(None);
                 match (&sink.syncer, seq) {
                     (Some(syncer), Some(seq)) => {
                         if let Err(SendError(item)) = syncer.send(Synced { seq, done }) {
@@ -558,11 +574,33 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
             error!(error = %e, "could not roll back the failed transaction");
         }
     }
+    let fault = storage_fault(&e);
+    counters.set_failure(Some(match fault {
+        Some(f) => format!("writes are failing: {f}"),
+        None => "writes are failing".to_string(),
+    }));
+    let err = || match fault {
+        Some(fault) => StoreError::Unavailable { context: context.clone(), fault, source: Box::new(Arc::clone(&e)) },
+        None => StoreError::backend(context.clone(), Arc::clone(&e)),
+    };
     for f in done {
-        f.fail(&|| StoreError::backend(context.clone(), Arc::clone(&e)));
+        f.fail(&err);
     }
     for op in rest {
-        op.fail(&|| StoreError::backend(context.clone(), Arc::clone(&e)));
+        op.fail(&err);
+    }
+}
+
+/// Whether a failed transaction's error is a storage condition a caller
+/// may be told about (see [`duffy_core::StorageFault`]).
+fn storage_fault(e: &Shared) -> Option<StorageFault> {
+    if let Some(d) = e.downcast_ref::<Diagnosed>() {
+        return Some(d.fault);
+    }
+    match e.downcast_ref::<rusqlite::Error>()?.sqlite_error_code()? {
+        rusqlite::ErrorCode::DiskFull => Some(StorageFault::DiskFull),
+        rusqlite::ErrorCode::ReadOnly => Some(StorageFault::ReadOnly),
+        _ => None,
     }
 }
 

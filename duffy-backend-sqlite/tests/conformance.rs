@@ -3,4 +3,6 @@
 
 mod common;
 
-duffy_core::store_conformance_tests!(|| async { common::fresh_dyn() });
+use duffy_backend_sqlite::SqliteOptions;
+
+duffy_core::store_conformance_tests!(|| async { common::fresh(SqliteOptions::default()) });

@@ -96,7 +96,7 @@ fn a_failing_task_in_the_child_fails_the_round() {
 fn the_whole_batch_check_catches_half_applied_batches() {
     use duffy_backend_sqlite::{SqliteOptions, SqliteStore};
     use duffy_core::testkit::conformance::claim_req;
-    use duffy_core::{Actor, Batch, Cause, KeyId, NodeWrite, SessionState, SessionWrite, Store, Timestamp};
+    use duffy_core::{Actor, Batch, Cause, KeyId, NodeWrite, SessionWrite, Store, Timestamp};
 
     const T0: Timestamp = Timestamp(1_700_000_000_000);
     for (half, expected) in
@@ -114,10 +114,8 @@ fn the_whole_batch_check_catches_half_applied_batches() {
                 w.event.detail = Some("op-half".into());
                 batch.nodes.push(w);
             }
-            let mut s = c.session.clone();
-            s.state = SessionState::Prod;
-            s.version += 1;
-            batch.sessions.push(SessionWrite { expected_version: Some(c.session.version), session: s });
+            let delivered = duffy_core::SessionCause::Delivered { lease_until: T0 };
+            batch.sessions.push(SessionWrite::transition(&c.session, delivered, T0).expect("legal"));
             match half {
                 "node" => batch.nodes.truncate(1),
                 _ => batch.nodes.clear(),

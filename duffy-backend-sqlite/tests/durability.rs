@@ -277,6 +277,10 @@ async fn check_failed_fsync(variant: Variant) -> Result<(), String> {
         Err(StoreError::Backend { context, .. }) if context.contains("refusing") => {}
         other => return Err(format!("a write after a failed fsync: {other:?}")),
     }
+    // And it says so without any I/O, so that a service can stop.
+    if !matches!(store.health(), duffy_core::StoreHealth::Failed(_)) {
+        return Err(format!("health after a failed fsync: {:?}", store.health()));
+    }
     drop(store);
 
     // Reads, once more with one write alone, so that nothing is committed

@@ -18,7 +18,7 @@ use duffy_backend_sqlite::{SqliteOptions, SqliteStore, Synchronous, TestHooks};
 use duffy_core::testkit::conformance::{add_ready, check_history, check_invariants, claim_req, pool7};
 use duffy_core::{
     Actor, Arch, Batch, Cause, ClaimRefusal, CommitError, EventQuery, Guard, KeyId, NewNode, NodeState, PoolKey,
-    PoolTarget, Project, SessionState, SessionWrite, Store, StoreError, Timestamp,
+    PoolTarget, Project, SessionCause, SessionState, SessionWrite, Store, StoreError, Timestamp,
 };
 use duffy_core::{NodeWrite, Session};
 use futures::poll;
@@ -53,10 +53,9 @@ async fn deliver(store: &dyn Store, c: &duffy_core::Claimed) -> Session {
     for n in &c.nodes {
         batch.nodes.push(NodeWrite::transition(n, Cause::Prepared, Actor::Key(KeyId(1)), T0).expect("legal"));
     }
-    let mut s = c.session.clone();
-    s.state = SessionState::Prod;
-    s.version += 1;
-    batch.sessions.push(SessionWrite { expected_version: Some(c.session.version), session: s.clone() });
+    let w = SessionWrite::transition(&c.session, SessionCause::Delivered { lease_until: T0 }, T0).expect("legal");
+    let s = w.session.clone();
+    batch.sessions.push(w);
     store.commit(batch).await.expect("deliver");
     s
 }
@@ -70,10 +69,7 @@ async fn fail_batch(store: &dyn Store, s: &Session, max: u32) -> Batch {
             NodeWrite::transition(&n, Cause::FailedByUser { hold_until: T0 }, Actor::Key(KeyId(1)), T0).expect("legal"),
         );
     }
-    let mut f = s.clone();
-    f.state = SessionState::Fail;
-    f.version += 1;
-    batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: f });
+    batch.sessions.push(SessionWrite::transition(s, SessionCause::FailedByUser { hold_until: T0 }, T0).expect("legal"));
     batch.guards.push(Guard::ProjectFailedNodesAtMost { project: "proj".into(), max });
     batch
 }
@@ -240,12 +236,15 @@ async fn a_failed_commit_fails_every_operation_of_its_batch() {
     assert_eq!(after.failed_transactions - before.failed_transactions, 1);
     assert_eq!((after.transactions - before.transactions, after.operations - before.operations), (1, 4));
 
+    // The store says its writes are failing (reads work: not Failed)...
+    assert!(matches!(store.health(), duffy_core::StoreHealth::Degraded(_)), "{:?}", store.health());
     // Nothing of the failed batch is there, and the store goes on working.
     assert_eq!(store.node_by_hostname("x1").await.expect("read"), None);
     assert!(store.pool_targets().await.expect("read").is_empty());
     assert_eq!(store.node(nodes[0].id).await.expect("read"), Some(nodes[0].clone()));
     assert!(store.paused().await.expect("read"));
     store.add_nodes(vec![NewNode::new("x1", Arch::X86_64)], Actor::Operator, T0).await.expect("works again");
+    assert_eq!(store.health(), duffy_core::StoreHealth::Ok, "...until a write commits again");
     check_history(store).await.expect("history");
 }
 

@@ -311,7 +311,7 @@ fn a_version_5_file_is_migrated_forward_keeping_its_sessions() {
         let listed: Vec<_> = store.live_sessions().await.expect("live").into_iter().map(|s| s.id).collect();
         assert_eq!(listed, vec![live.session.id.clone()], "the live flag is computed for the old rows");
         let done = store.session(&ended.session.id).await.expect("read").expect("kept");
-        assert_eq!(done.state, duffy_core::SessionState::Done);
+        assert_eq!(done.state, duffy_core::SessionState::Aborted, "an allocation that ends is aborted");
         // A released node started on its reinstall is found by the new
         // index on Provisioning nodes.
         let idle = store.node(ended.nodes[0].id).await.expect("read").expect("node");

@@ -37,6 +37,7 @@ impl InstallError {
 ///
 /// The reconciler calls [`Installer::install`] with its own deadline and
 /// retries.
+#[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
 pub trait Installer: Send + Sync {
     /// Installs `image` on `node`; returns once the machine is installed
@@ -105,6 +106,7 @@ impl PrepareError {
 /// node is touched, every node is prepared concurrently under the policy's
 /// `prepare_timeout`, and only then are the nodes delivered (all or
 /// nothing).
+#[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
 pub trait Contextualizer: Send + Sync {
     /// Checks, before any node is claimed, that nodes can be prepared for

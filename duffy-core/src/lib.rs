@@ -6,15 +6,28 @@
 //! traits that backends implement ([`Store`], [`PowerController`],
 //! [`Installer`], [`Clock`]).
 //!
-//! The core performs no I/O and never reads the OS clock: time comes from
-//! an injected [`Clock`] and every side effect goes through a trait. With
-//! the `testkit` feature it ships an in-memory store, a simulated farm, a
-//! manual clock and the `Store` conformance suite.
+//! The core performs no I/O and never reads the OS clock (but in the
+//! opt-in `clock` module, which an embedder injects): time comes from an
+//! injected [`Clock`] and every side effect goes through a trait.
+//!
+//! Besides the engine it ships, for embedders:
+//! - [`mem::MemStore`], the in-memory [`Store`] (always compiled);
+//! - `sim` (feature `sim`), the simulated farm that `duffy serve` runs on
+//!   by default;
+//! - `clock::SystemClock` (feature `tokio`), wall time and tokio timers:
+//!   the one place the core reads the OS clock;
+//! - `testkit` (feature `testkit`, for tests only), the manual clock, the
+//!   deterministic harness, the store wrapper with hooks and the `Store`
+//!   conformance suite;
+//! - `mock` (feature `mock`), mockall mocks of [`Store`],
+//!   [`PowerController`], [`Installer`], [`Contextualizer`] and [`Clock`],
+//!   for embedders' unit tests.
 
 pub mod auth;
 pub mod engine;
 pub mod installer;
 pub mod keys;
+pub mod mem;
 pub mod model;
 pub mod planner;
 pub mod policy;
@@ -25,8 +38,15 @@ pub mod state;
 pub mod store;
 pub mod time;
 
+#[cfg(feature = "tokio")]
+pub mod clock;
+#[cfg(feature = "sim")]
+pub mod sim;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+
+#[cfg(feature = "mock")]
+pub mod mock;
 
 pub use auth::{hash_api_key, verify_api_key};
 pub use engine::{
@@ -37,11 +57,11 @@ pub use model::*;
 pub use planner::{Plan, PlanInput, PlannedInstall, plan};
 pub use policy::{Policy, RateLimit};
 pub use power::{BootDevice, PowerAction, PowerController, PowerError, PowerErrorKind};
-pub use reconciler::{OpDone, OpOutcome, PassReport, Reconciler};
+pub use reconciler::{AttemptFailure, OpDone, OpOutcome, PassReport, Reconciler, ReconcilerObserver};
 pub use session::{SESSION_TRANSITIONS, SessionCause, SessionCauseKind, SessionEvent, SessionTransitionError};
 pub use state::{Cause, CauseKind, Event, NodeState, TransitionError};
 pub use store::{
     Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, HandBack, HandBackKind,
-    HandBackRefusal, NodeWrite, SessionWrite, Store, StoreError,
+    HandBackRefusal, NodeWrite, SessionWrite, StorageFault, Store, StoreError, StoreHealth,
 };
-pub use time::{Clock, Timestamp};
+pub use time::{Clock, OutOfRange, ParseTimestampError, Timestamp};

@@ -131,6 +131,24 @@ pub struct InvalidName {
     pub rule: &'static str,
 }
 
+/// Checks a host name: 1 to 253 characters of RFC 1123's (ASCII letters,
+/// digits, `.` and `-`), not starting with `.` or `-`. The one rule for a
+/// node's name, wherever one arrives (configuration, CLI, HTTP).
+pub fn validate_hostname(h: &str) -> Result<(), InvalidName> {
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
+        && !h.starts_with(['.', '-']);
+    if ok {
+        return Ok(());
+    }
+    Err(InvalidName {
+        what: "hostname",
+        value: h.chars().take(80).collect(),
+        rule: "1 to 253 characters of letters, digits, '.' and '-', not starting with '.' or '-'",
+    })
+}
+
 /// Checks a short identifier: 1..=`max` characters of ASCII letters, digits,
 /// `.`, `_` and `-`.
 pub fn validate_token(what: &'static str, value: &str, max: usize) -> Result<(), InvalidName> {
@@ -347,25 +365,50 @@ impl Node {
     }
 }
 
-/// A node to add to the farm.
+/// A node to add to the farm: the one definition of a machine's
+/// description, read from configuration files (`[[nodes]]`, with serde) and
+/// from the command line (`duffy node add`, with clap under the `clap`
+/// feature).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[serde(deny_unknown_fields)]
 pub struct NewNode {
     /// Fully qualified host name; unique.
     pub hostname: String,
-    /// IP address, if known.
+    /// IP address; required for PXE installs (the install endpoints answer
+    /// only the node's own address) and used to reach the node over SSH.
+    #[serde(default)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub ip: Option<String>,
-    /// Chassis (informational).
+    /// Chassis the machine sits in (informational).
+    #[serde(default)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub chassis: Option<String>,
-    /// Hardware architecture.
+    /// Hardware architecture (default x86_64).
+    #[serde(rename = "arch", default = "default_hardware_arch")]
+    #[cfg_attr(feature = "clap", arg(long = "arch", value_name = "ARCH", default_value = "x86_64"))]
     pub hardware_arch: Arch,
-    /// Hardware flavor.
+    /// Hardware flavor, matched against pool flavors (e.g. `tiny`).
+    #[serde(default)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub flavor: Option<String>,
-    /// BMC address (identity only).
+    /// BMC address (host or host:port): identity for one-operation-per-BMC;
+    /// credentials live in the service's `[hardware]` configuration.
+    #[serde(default)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub bmc: Option<String>,
-    /// Serial console port.
+    /// Serial console port (legacy inventory column).
+    #[serde(default)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub console_port: Option<u16>,
-    /// `true` to add it as Reserved (not managed) instead of Active.
+    /// Add it as Reserved (not managed) instead of Active.
+    #[serde(default)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub reserved: bool,
+}
+
+fn default_hardware_arch() -> Arch {
+    Arch::X86_64
 }
 
 impl NewNode {
@@ -383,20 +426,9 @@ impl NewNode {
         }
     }
 
-    /// Checks the host name (RFC 1123 characters, 1..=253) and flavor.
+    /// Checks the host name ([`validate_hostname`]) and flavor.
     pub fn validate(&self) -> Result<(), InvalidName> {
-        let h = &self.hostname;
-        let ok = !h.is_empty()
-            && h.len() <= 253
-            && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
-            && !h.starts_with(['.', '-']);
-        if !ok {
-            return Err(InvalidName {
-                what: "hostname",
-                value: h.chars().take(80).collect(),
-                rule: "1 to 253 characters of letters, digits, '.' and '-', not starting with '.' or '-'",
-            });
-        }
+        validate_hostname(&self.hostname)?;
         if let Some(f) = &self.flavor {
             validate_token("flavor", f, 64)?;
         }

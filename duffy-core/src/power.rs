@@ -1,7 +1,7 @@
 //! Switching machines on and off and choosing what they boot, as a trait.
 //!
 //! Implementations talk to BMCs (`duffy-backend-ipmi`) or simulate them
-//! (the test kit). They must run one operation at a time per BMC and make
+//! (`sim::SimFarm`). They must run one operation at a time per BMC and make
 //! every operation idempotent: a retransmitted command may run twice.
 
 use std::fmt;
@@ -100,6 +100,7 @@ impl PowerError {
 }
 
 /// Power control of the farm's machines.
+#[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
 pub trait PowerController: Send + Sync {
     /// The machine's power state as its BMC reports it.

@@ -81,6 +81,9 @@ pub struct OpDone {
 pub struct PassReport {
     /// Installs started.
     pub installs_started: usize,
+    /// Of `installs_started`, those that reinstall a Ready node past its
+    /// reinstall age; the others fill a pool's deficit.
+    pub stale_installs_started: usize,
     /// Power-downs started.
     pub power_downs_started: usize,
     /// Failed sessions reclaimed after their hold.
@@ -95,10 +98,39 @@ pub struct PassReport {
     pub power_checks_started: usize,
 }
 
+/// Why an install attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptFailure {
+    /// The installer returned an error.
+    Installer,
+    /// The attempt ran past the policy's `install_timeout`.
+    TimedOut,
+}
+
+/// Watches a reconciler at work, for metrics. Every method has a default
+/// that does nothing. They are called inline from the reconciler's future,
+/// so an implementation must be quick and must not block; it is told
+/// what happened, never asked anything, so it cannot change what the
+/// reconciler does.
+pub trait ReconcilerObserver: Send + Sync {
+    /// A pass of [`Reconciler::run`] is starting (the observer times it:
+    /// the core reads no OS clock).
+    fn pass_started(&self) {}
+    /// The pass that started last has ended: what it did, or why it
+    /// failed.
+    fn pass_finished(&self, _result: Result<&PassReport, &EngineError>) {}
+    /// An install attempt of `node` failed; `last` when no attempt is left
+    /// and the node goes to Failed.
+    fn install_attempt_failed(&self, _node: &Node, _why: AttemptFailure, _last: bool) {}
+    /// An operation (install, power-down, power check) has finished.
+    fn operation_finished(&self, _done: &OpDone) {}
+}
+
 /// Drives the farm towards its targets. Create with [`Engine::reconciler`];
 /// run exactly one per store.
 pub struct Reconciler {
     engine: Engine,
+    observer: Option<Arc<dyn ReconcilerObserver>>,
     in_flight: HashMap<NodeId, (String, bool)>,
     ops: FuturesUnordered<OpFuture>,
     /// When each node's power state was last checked (in memory: after a
@@ -113,6 +145,7 @@ impl Engine {
     pub fn reconciler(&self) -> Reconciler {
         Reconciler {
             engine: self.clone(),
+            observer: None,
             in_flight: HashMap::new(),
             ops: FuturesUnordered::new(),
             power_checked: HashMap::new(),
@@ -127,6 +160,12 @@ enum Wake {
 }
 
 impl Reconciler {
+    /// Tells `observer` what this reconciler does (for metrics).
+    pub fn observed_by(mut self, observer: Arc<dyn ReconcilerObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
     /// Operations running now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
@@ -140,7 +179,14 @@ impl Reconciler {
         let inner = self.engine.inner.clone();
         loop {
             let pass_started = inner.clock.now();
-            match self.pass().await {
+            if let Some(o) = &self.observer {
+                o.pass_started();
+            }
+            let result = self.pass().await;
+            if let Some(o) = &self.observer {
+                o.pass_finished(result.as_ref());
+            }
+            match result {
                 Ok(r) if r != PassReport::default() => debug!(?r, "reconciler pass"),
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "reconciler pass failed; retrying at the next tick"),
@@ -206,6 +252,9 @@ impl Reconciler {
 
     fn finish(&mut self, done: OpDone) {
         self.in_flight.remove(&done.node);
+        if let Some(o) = &self.observer {
+            o.operation_finished(&done);
+        }
         match &done.outcome {
             OpOutcome::InstallFailed(r) => warn!(node = %done.node, reason = %r, "install failed"),
             OpOutcome::StoreFailed(r) => warn!(node = %done.node, error = %r, "operation could not record its result"),
@@ -428,8 +477,9 @@ impl Reconciler {
                     crate::planner::InstallReason::Fill => "fill",
                     crate::planner::InstallReason::Stale => "stale",
                 };
+                let stale = p.reason == crate::planner::InstallReason::Stale;
                 let cause = Cause::InstallStarted { image: p.image.clone(), why: why.to_string() };
-                engine.commit_node(n, cause, Actor::Reconciler).await.map(|r| r.map(|after| (after, p.image)))
+                engine.commit_node(n, cause, Actor::Reconciler).await.map(|r| r.map(|after| (after, p.image, stale)))
             },
         ))
         .await;
@@ -442,9 +492,10 @@ impl Reconciler {
         .await;
         for r in started {
             match r {
-                Ok(Some((after, image))) => {
+                Ok(Some((after, image, stale))) => {
                     self.start_install(after, image);
                     report.installs_started += 1;
+                    report.stale_installs_started += usize::from(stale);
                 }
                 Ok(None) => {}
                 Err(e) => first_error = first_error.or(Some(e)),
@@ -523,7 +574,7 @@ impl Reconciler {
     fn start_install(&mut self, node: Node, image: PoolKey) {
         let inner = self.engine.inner.clone();
         self.in_flight.insert(node.id, (node.bmc_key().to_string(), true));
-        self.ops.push(Box::pin(install_op(inner, node, image)));
+        self.ops.push(Box::pin(install_op(inner, node, image, self.observer.clone())));
     }
 
     /// Starts power-state checks of nodes whose last check is older than
@@ -641,7 +692,12 @@ impl Reconciler {
 
 /// One install with retries. `node` is the row as written by the
 /// transition into Provisioning.
-async fn install_op(inner: Arc<Inner>, mut node: Node, image: PoolKey) -> OpDone {
+async fn install_op(
+    inner: Arc<Inner>,
+    mut node: Node,
+    image: PoolKey,
+    observer: Option<Arc<dyn ReconcilerObserver>>,
+) -> OpDone {
     let id = node.id;
     let bmc = node.bmc_key().to_string();
     let done = |outcome| OpDone { node: id, bmc: bmc.clone(), install: true, outcome };
@@ -656,7 +712,7 @@ async fn install_op(inner: Arc<Inner>, mut node: Node, image: PoolKey) -> OpDone
             Err(e) => return done(OpOutcome::StoreFailed(e.to_string())),
         }
         let r = timeout(&*inner.clock, inner.policy.install_timeout, inner.installer.install(&node, &image)).await;
-        let reason = match r {
+        let (why, reason) = match r {
             Ok(Ok(installed)) => {
                 let cause = Cause::InstallSucceeded { host_key: installed.host_key };
                 return done(match inner.commit_node(&node, cause, Actor::Reconciler).await {
@@ -665,9 +721,12 @@ async fn install_op(inner: Arc<Inner>, mut node: Node, image: PoolKey) -> OpDone
                     Err(e) => OpOutcome::StoreFailed(e.to_string()),
                 });
             }
-            Ok(Err(e)) => e.message,
-            Err(el) => format!("install {el}"),
+            Ok(Err(e)) => (AttemptFailure::Installer, e.message),
+            Err(el) => (AttemptFailure::TimedOut, format!("install {el}")),
         };
+        if let Some(o) = &observer {
+            o.install_attempt_failed(&node, why, attempt + 1 == attempts);
+        }
         if attempt + 1 == attempts {
             let retry_at = inner.policy.failed_retry_after.map(|d| inner.clock.now().plus(d));
             let reason = format!("install of {image} failed after {attempts} attempts: {reason}");

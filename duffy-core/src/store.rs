@@ -34,6 +34,19 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The storage refused the write for a reason an operator fixes and a
+    /// caller can be told about (its disk is full, its file system turned
+    /// read-only); nothing was written. Retry once it is fixed.
+    #[error("{context}: {fault}: {source}")]
+    Unavailable {
+        /// What the store was doing.
+        context: String,
+        /// What is wrong with the storage.
+        fault: StorageFault,
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A unique name (hostname, project) already exists.
     #[error("{0} already exists")]
     Duplicate(String),
@@ -49,6 +62,26 @@ pub enum StoreError {
     /// The store is shut down.
     #[error("the store is closed")]
     Closed,
+}
+
+/// What is wrong with the storage behind [`StoreError::Unavailable`]. Its
+/// `Display` is safe to show to any caller: it names the condition, never
+/// a path or the database's own words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageFault {
+    /// No space left for the database or its journal.
+    DiskFull,
+    /// The database's file system is mounted read-only.
+    ReadOnly,
+}
+
+impl std::fmt::Display for StorageFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StorageFault::DiskFull => "database or disk is full",
+            StorageFault::ReadOnly => "the database's file system is read-only",
+        })
+    }
 }
 
 impl StoreError {
@@ -399,10 +432,28 @@ pub fn hand_back_writes(
     Ok(Ok((batch, after)))
 }
 
+/// How a store is doing, as far as it knows without any I/O: for health
+/// checks and for a service deciding whether to stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreHealth {
+    /// Reads and writes work as far as the store knows.
+    Ok,
+    /// Reads work but the last write failed (a full disk, a read-only file
+    /// system); writes resume once the cause is fixed. The text is shown to
+    /// anyone who asks (`/healthz`): it names the condition, never a path
+    /// or the database's own words.
+    Degraded(String),
+    /// The store refuses everything until it is reopened (after a failed
+    /// fsync nothing unsynced can be trusted); a service should stop, and
+    /// its supervisor restart it.
+    Failed(String),
+}
+
 /// The durable state of a farm.
 ///
 /// All methods are atomic. Reads return committed state. Implementations
 /// must be `Send + Sync` and usable from many tasks at once.
+#[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Adds nodes (state Active, or Reserved if asked), all or nothing,
@@ -421,7 +472,19 @@ pub trait Store: Send + Sync {
 
     /// Ready nodes per pool (for sizing decisions without reading every
     /// row): `(pool, count)` ordered by pool.
-    async fn ready_counts(&self) -> Result<Vec<(PoolKey, u32)>, StoreError>;
+    ///
+    /// The default reads every node with [`Store::nodes`] and counts;
+    /// backends should override it with an indexed count, since the
+    /// reconciler calls it on every pass.
+    async fn ready_counts(&self) -> Result<Vec<(PoolKey, u32)>, StoreError> {
+        let mut counts: std::collections::BTreeMap<PoolKey, u32> = std::collections::BTreeMap::new();
+        for n in self.nodes().await? {
+            if let (NodeState::Ready, Some(image)) = (n.state, n.image) {
+                *counts.entry(image).or_default() += 1;
+            }
+        }
+        Ok(counts.into_iter().collect())
+    }
 
     /// The nodes in any of `states`, ordered by id.
     ///
@@ -570,8 +633,12 @@ pub trait Store: Send + Sync {
     async fn api_key_by_hash(&self, hash: &ApiKeyHash) -> Result<Option<ApiKeyRecord>, StoreError>;
 
     /// Every key, or only `project`'s, ordered by id; revoked and expired
-    /// ones included.
-    async fn api_keys(&self, project: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// ones included. (Both lifetimes are named, in this order, for
+    /// mockall's `automock`, which cannot elide one inside an `Option`;
+    /// `async_trait` expands this exactly as the elided form, so
+    /// implementations write `async fn api_keys(&self, project:
+    /// Option<&str>)`.)
+    async fn api_keys<'s, 'p>(&'s self, project: Option<&'p str>) -> Result<Vec<ApiKeyRecord>, StoreError>;
 
     /// Revokes a key at `now` and returns it as stored. The row stays (its
     /// sessions still name it); revoking a revoked key changes nothing and
@@ -595,4 +662,11 @@ pub trait Store: Send + Sync {
 
     /// Sets the paused flag and returns what it was, atomically.
     async fn set_paused(&self, paused: bool) -> Result<bool, StoreError>;
+
+    /// How the store is doing, without any I/O (cheap enough for every
+    /// health check). The default, for stores that cannot tell, is
+    /// [`StoreHealth::Ok`].
+    fn health(&self) -> StoreHealth {
+        StoreHealth::Ok
+    }
 }

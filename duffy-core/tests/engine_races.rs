@@ -14,8 +14,9 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use duffy_core::sim::{SimConfig, SimFarm};
 use duffy_core::store::Store;
-use duffy_core::testkit::{Harness, InterceptStore, SimConfig, SimFarm};
+use duffy_core::testkit::{Harness, InterceptStore};
 use duffy_core::{Arch, EngineError, NodeRequest, PoolKey, PoolTarget, SessionId, SessionState};
 use futures::future::BoxFuture;
 

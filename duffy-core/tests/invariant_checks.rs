@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Fault, Tap};
+use duffy_core::mem::MemStore;
 use duffy_core::store::{Batch, NodeWrite, SessionWrite, Store};
-use duffy_core::testkit::MemStore;
 use duffy_core::testkit::conformance::{add_ready, check_history, check_invariants, claim_ok, claim_req, pool7};
 use duffy_core::{Actor, Cause, NodeId, NodeState, Session, SessionId, SessionState, Timestamp};
 

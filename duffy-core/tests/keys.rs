@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use duffy_core::keys::{KEY_CACHE_TTL, UNKNOWN_KEYS_MAX};
-use duffy_core::testkit::{ManualClock, MemStore, SimConfig, SimFarm};
+use duffy_core::mem::MemStore;
+use duffy_core::sim::{SimConfig, SimFarm};
+use duffy_core::testkit::ManualClock;
 use duffy_core::{Clock, Engine, EngineError, Project, Store, Timestamp, hash_api_key};
 
 struct Farm {

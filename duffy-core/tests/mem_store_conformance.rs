@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use duffy_core::Store;
-use duffy_core::testkit::MemStore;
+use duffy_core::mem::MemStore;
 
-duffy_core::store_conformance_tests!(|| async { Arc::new(MemStore::new()) as Arc<dyn Store> });
+duffy_core::store_conformance_tests!(|| async { Arc::new(MemStore::new()) });

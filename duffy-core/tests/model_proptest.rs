@@ -29,8 +29,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{ClaimOutcome, ClaimRecord, Fault, Tap};
+use duffy_core::sim::{SimConfig, SimFarm};
 use duffy_core::testkit::conformance::{check_history, check_invariants};
-use duffy_core::testkit::{Harness, InterceptStore, SimConfig, SimFarm, Yields};
+use duffy_core::testkit::{Harness, InterceptStore, Yields};
 use duffy_core::{
     Actor, Arch, EngineError, EventQuery, KeyId, NewNode, NodeRequest, NodeState, PoolKey, PoolTarget, Principal,
     RateLimit, SessionId, SessionState,

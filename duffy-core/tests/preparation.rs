@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use duffy_core::mem::MemStore;
+use duffy_core::sim::{SimConfig, SimFarm};
+use duffy_core::testkit::ManualClock;
 use duffy_core::testkit::conformance::{add_ready, check_history, check_invariants, pool7};
-use duffy_core::testkit::{ManualClock, MemStore, SimConfig, SimFarm};
 use duffy_core::{
     Blame, Contextualizer, Engine, EngineError, KeyId, Node, NodeRequest, NodeState, Policy, PrepareError, Principal,
     Project, SessionId, Store, Timestamp,

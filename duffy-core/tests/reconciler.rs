@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
+use duffy_core::sim::{SimConfig, SimFarm};
+use duffy_core::testkit::Harness;
 use duffy_core::testkit::conformance::{check_history, check_invariants};
-use duffy_core::testkit::{Harness, SimConfig, SimFarm};
 use duffy_core::{
     Arch, CauseKind, Clock, EventQuery, NodeRequest, NodeState, Policy, PoolKey, PoolTarget, PowerState, SessionState,
 };

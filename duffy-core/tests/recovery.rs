@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use duffy_core::sim::{SimConfig, SimFarm};
 use duffy_core::testkit::conformance::{check_history, check_invariants};
-use duffy_core::testkit::{Harness, InterceptStore, ManualClock, SimConfig, SimFarm};
+use duffy_core::testkit::{Harness, InterceptStore, ManualClock};
 use duffy_core::{
     Actor, Arch, CauseKind, Clock, EventQuery, NewNode, Node, NodeRequest, NodeState, Policy, PoolKey, PoolTarget,
     Principal, SessionState, Store, StoreError,

@@ -10,8 +10,9 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
+use duffy_core::sim::{SimConfig, SimFarm};
+use duffy_core::testkit::Harness;
 use duffy_core::testkit::conformance::{check_history, check_invariants};
-use duffy_core::testkit::{Harness, SimConfig, SimFarm};
 use duffy_core::{Arch, Clock, EngineError, EventQuery, NodeRequest, Policy, PoolTarget, time::sleep};
 use futures::task::LocalSpawnExt;
 use rand::{Rng, SeedableRng};

@@ -6,11 +6,12 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use duffy_core::mem::MemStore;
 use duffy_core::store::{Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery};
-use duffy_core::testkit::{MemStore, conformance};
+use duffy_core::testkit::conformance;
 use duffy_core::{
-    Actor, ApiKeyHash, ApiKeyRecord, Event, KeyId, NewNode, Node, NodeId, PoolKey, PoolTarget, Project, Session,
-    SessionId, Store, StoreError, Timestamp,
+    Actor, ApiKeyHash, ApiKeyRecord, Event, KeyId, NewNode, Node, NodeId, PoolTarget, Project, Session, SessionId,
+    Store, StoreError, Timestamp,
 };
 
 /// A store that implements only the required methods (by delegating to a
@@ -30,9 +31,6 @@ impl Store for Plain {
     }
     async fn nodes(&self) -> Result<Vec<Node>, StoreError> {
         self.0.nodes().await
-    }
-    async fn ready_counts(&self) -> Result<Vec<(PoolKey, u32)>, StoreError> {
-        self.0.ready_counts().await
     }
     async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
         self.0.session(id).await
@@ -124,4 +122,9 @@ async fn default_hand_back() {
 #[tokio::test]
 async fn default_commit_each() {
     conformance::commit_each_commits_each_batch_on_its_own(plain()).await;
+}
+
+#[tokio::test]
+async fn default_ready_counts() {
+    conformance::ready_counts_count_ready_nodes_per_pool(plain()).await;
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use duffy_core::testkit::SimConfig;
+use duffy_core::sim::SimConfig;
 use duffy_core::{Arch, NewNode, Policy, PoolKey, PoolTarget};
 use serde::Deserialize;
 
@@ -16,16 +16,16 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("reading {path}: {source}")]
     Read {
-        /// The file.
+        /// The configuration file.
         path: PathBuf,
-        /// Why.
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },
     /// The file is not valid TOML for this schema.
     #[error("{path}: {source}")]
     Parse {
-        /// The file.
+        /// The configuration file.
         path: PathBuf,
         /// What is wrong, with line and column.
         #[source]
@@ -36,7 +36,8 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// The whole file.
+/// The configuration file of `duffy serve --config`: every section, each
+/// with its defaults (an empty file is a simulated farm on 127.0.0.1:8080).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -58,7 +59,7 @@ pub struct Config {
     /// all; `ssh` pushes the project's keys).
     pub contextualize: ContextualizeConfig,
     /// Machines of a real farm (added on start if missing).
-    pub nodes: Vec<NodeConfig>,
+    pub nodes: Vec<NewNode>,
     /// Limits on connections and time that keep idle or slow clients from
     /// exhausting the service.
     pub limits: LimitsConfig,
@@ -223,7 +224,8 @@ pub enum ContextualizeConfig {
     Ssh(duffy_installers::SshConfig),
 }
 
-/// The simulated farm.
+/// `[hardware] kind = "simulated"`: machines without hardware, whose
+/// installs take a random time, for trying Duffy out and for tests.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimulatedConfig {
@@ -259,7 +261,7 @@ impl Default for SimulatedConfig {
 }
 
 impl SimulatedConfig {
-    /// The test kit's configuration for these settings.
+    /// The simulated farm's configuration for these settings.
     pub fn sim(&self) -> SimConfig {
         SimConfig {
             seed: self.seed,
@@ -273,61 +275,12 @@ impl SimulatedConfig {
     }
 }
 
-/// A machine of a real farm.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeConfig {
-    /// Fully qualified host name.
-    pub hostname: String,
-    /// Hardware architecture (default x86_64).
-    #[serde(default = "default_arch")]
-    pub arch: Arch,
-    /// Hardware flavor.
-    #[serde(default)]
-    pub flavor: Option<String>,
-    /// IP address.
-    #[serde(default)]
-    pub ip: Option<String>,
-    /// Chassis.
-    #[serde(default)]
-    pub chassis: Option<String>,
-    /// Serial console port.
-    #[serde(default)]
-    pub console_port: Option<u16>,
-    /// BMC address (host or host:port).
-    #[serde(default)]
-    pub bmc: Option<String>,
-    /// Added as Reserved (not managed).
-    #[serde(default)]
-    pub reserved: bool,
-}
-
-fn default_arch() -> Arch {
-    Arch::X86_64
-}
-
-impl NodeConfig {
-    /// The node to add.
-    pub fn new_node(&self) -> NewNode {
-        NewNode {
-            hostname: self.hostname.clone(),
-            ip: self.ip.clone(),
-            chassis: self.chassis.clone(),
-            hardware_arch: self.arch,
-            flavor: self.flavor.clone(),
-            bmc: self.bmc.clone(),
-            console_port: self.console_port,
-            reserved: self.reserved,
-        }
-    }
-}
-
 /// A file of nodes for `duffy node import`: `[[nodes]]` tables.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeFile {
-    /// The machines.
-    pub nodes: Vec<NodeConfig>,
+    /// One `[[nodes]]` table per machine.
+    pub nodes: Vec<NewNode>,
 }
 
 impl Config {
@@ -349,12 +302,12 @@ impl Config {
             self.pool_key(p).validate().map_err(|e| ConfigError::Invalid(format!("pools: {e}")))?;
         }
         for n in &self.nodes {
-            n.new_node().validate().map_err(|e| ConfigError::Invalid(format!("nodes: {e}")))?;
+            n.validate().map_err(|e| ConfigError::Invalid(format!("nodes: {e}")))?;
         }
         let installers = std::iter::once(("[installer]".to_string(), &self.installer)).chain(
             self.pools.iter().filter_map(|p| p.installer.as_ref().map(|i| (format!("pool {}", self.pool_key(p)), i))),
         );
-        let mut pxe = 0;
+        let mut pxe = Vec::new();
         for (whose, installer) in installers {
             match (installer, &self.hardware) {
                 (InstallerConfig::Simulated, HardwareConfig::Ipmi(_)) => {
@@ -367,15 +320,18 @@ impl Config {
                         "{whose}: kind = \"pxe\" network-boots real machines: it needs [hardware] kind = \"ipmi\""
                     )));
                 }
-                (InstallerConfig::Pxe(_), _) => pxe += 1,
+                (InstallerConfig::Pxe(p), _) => pxe.push(p),
                 _ => {}
             }
         }
-        if pxe > 1 {
+        if pxe.len() > 1 {
             return Err(ConfigError::Invalid(
                 "PXE is configured more than once: one PXE configuration (one set of /Install endpoints) per service"
                     .into(),
             ));
+        }
+        if let Some(p) = pxe.first() {
+            self.validate_pxe(p)?;
         }
         match &self.hardware {
             HardwareConfig::Simulated(s) => {
@@ -397,6 +353,38 @@ impl Config {
                         )));
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// With PXE installs: every node has an address (the install endpoints
+    /// answer only the node's own), the install listener is not the main
+    /// one, and a PXE install may finish without a host key only if
+    /// contextualization does not need one.
+    fn validate_pxe(&self, p: &duffy_installers::PxeConfig) -> Result<(), ConfigError> {
+        // Any node may be installed by PXE: the planner gives idle machines
+        // to whichever pool needs them.
+        for n in &self.nodes {
+            duffy_installers::pxe::node_address(n.ip.as_deref()).map_err(|reason| {
+                ConfigError::Invalid(format!("node {}: {reason}; set ip = \"…\" in its [[nodes]] entry", n.hostname))
+            })?;
+        }
+        if p.listen == Some(self.listen) {
+            return Err(ConfigError::Invalid(format!(
+                "[installer] listen = \"{}\" is the main listen address; give the install endpoints their own \
+                 address (on the provisioning network), or leave it out to serve them on the main listener",
+                self.listen
+            )));
+        }
+        if let ContextualizeConfig::Ssh(ssh) = &self.contextualize {
+            if !p.require_host_key && ssh.require_host_key {
+                return Err(ConfigError::Invalid(
+                    "[installer] require_host_key = false lets a PXE install finish without a host key, but \
+                     [contextualize] requires one (require_host_key = true): such a node could never be handed \
+                     over. Require the host key in [installer], or set require_host_key = false in both"
+                        .into(),
+                ));
             }
         }
         Ok(())
@@ -472,6 +460,54 @@ mod tests {
         assert_eq!(c.policy.lease, Duration::from_secs(7200));
         assert_eq!(c.policy.rate_limit.unwrap().max, 20);
         assert_eq!(c.targets()[1].pool.flavor.as_deref(), Some("tiny"));
+    }
+
+    const PXE_FARM: &str = r#"
+        [hardware]
+        kind = "ipmi"
+        [[hardware.bmc]]
+        node = "n1.example.org"
+        address = "10.1.0.11"
+        username = "admin"
+        password = "x"
+        [installer]
+        kind = "pxe"
+        public_url = "http://10.0.0.1:8081"
+        provisioning_public_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIByrgFoRodMpGoIGtVxnK/CTnXeEUb1KLNez/P0VJgK+ duffy"
+        "#;
+
+    fn pxe_config(installer_extra: &str, node_extra: &str, rest: &str) -> Result<(), ConfigError> {
+        let text =
+            format!("{PXE_FARM}{installer_extra}\n{rest}\n[[nodes]]\nhostname = \"n1.example.org\"\n{node_extra}\n");
+        toml::from_str::<Config>(&text).expect("parses").validate()
+    }
+
+    #[test]
+    fn pxe_farms_are_checked() {
+        pxe_config("", "ip = \"10.0.0.11\"", "").expect("a valid PXE farm");
+        pxe_config("listen = \"10.0.0.1:8081\"", "ip = \"10.0.0.11\"", "").expect("with its own install listener");
+        let c: Config =
+            toml::from_str(&format!("{PXE_FARM}listen = \"10.0.0.1:8081\"\nrequire_host_key = false")).unwrap();
+        let InstallerConfig::Pxe(p) = &c.installer else { panic!("PXE") };
+        assert_eq!(p.listen, Some("10.0.0.1:8081".parse().unwrap()));
+        assert!(!p.require_host_key);
+
+        // A node installed by PXE needs an address: the install endpoints
+        // answer only the node's own.
+        for node in ["", "ip = \"\"", "ip = \"n1\""] {
+            let e = pxe_config("", node, "").unwrap_err().to_string();
+            assert!(e.contains("n1.example.org") && e.contains("IP address"), "{node}: {e}");
+        }
+        // The install listener is not the main one.
+        let e = pxe_config("listen = \"127.0.0.1:8080\"", "ip = \"10.0.0.11\"", "").unwrap_err().to_string();
+        assert!(e.contains("main listen address"), "{e}");
+        // No host key from the install, but contextualization needs one.
+        let ssh = "[contextualize]\nkind = \"ssh\"\nprivate_key = \"/etc/duffy/key\"";
+        let e = pxe_config("require_host_key = false", "ip = \"10.0.0.11\"", ssh).unwrap_err().to_string();
+        assert!(e.contains("require_host_key"), "{e}");
+        pxe_config("", "ip = \"10.0.0.11\"", ssh).expect("both require the host key");
+        pxe_config("require_host_key = false", "ip = \"10.0.0.11\"", &format!("{ssh}\nrequire_host_key = false"))
+            .expect("neither requires it");
     }
 
     #[test]

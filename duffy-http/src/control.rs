@@ -61,18 +61,19 @@ pub enum ControlError {
     /// A file beside the database could not be used.
     #[error("{what} {path}: {source}")]
     Io {
-        /// What was being done.
+        /// What was being done with it.
         what: &'static str,
-        /// The file.
+        /// The file it was done with (the lock file, the socket, the
+        /// database whose directory was looked up).
         path: PathBuf,
-        /// Why.
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },
     /// Another `duffy serve` runs on this database.
     #[error("{db} is already served by {holder}")]
     ServiceRunning {
-        /// The database.
+        /// The database file the lock is beside.
         db: PathBuf,
         /// Who holds the lock, as it recorded itself.
         holder: String,
@@ -80,9 +81,9 @@ pub enum ControlError {
     /// The lock stayed taken.
     #[error("{db} is in use by {holder} (lock {lock}); try again when it has finished")]
     Busy {
-        /// The database.
+        /// The database file the lock is beside.
         db: PathBuf,
-        /// The lock file.
+        /// The lock file (`D.lock` beside database `D`).
         lock: PathBuf,
         /// Who holds the lock, as it recorded itself.
         holder: String,
@@ -92,17 +93,17 @@ pub enum ControlError {
         "the control socket path {path} is {len} bytes, longer than a Unix socket allows ({SOCKET_PATH_MAX}); put the database in a directory with a shorter path"
     )]
     PathTooLong {
-        /// The path.
+        /// The socket path that does not fit.
         path: PathBuf,
-        /// Its length.
+        /// Its length in bytes.
         len: usize,
     },
     /// The service answered something that is not the protocol.
     #[error("the service on {path} answered badly: {detail}")]
     Protocol {
-        /// The socket.
+        /// The control socket that answered.
         path: PathBuf,
-        /// What was wrong.
+        /// What in the answer was not the protocol.
         detail: String,
     },
 }
@@ -266,7 +267,7 @@ impl DbLock {
 pub struct Request {
     /// [`PROTOCOL_VERSION`] of the client.
     pub version: u32,
-    /// What to do.
+    /// The operation the service is asked to run.
     pub op: RequestOp,
 }
 

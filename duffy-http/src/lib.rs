@@ -4,13 +4,12 @@
 //! the Duffy engine: the legacy-compatible API, the admin calls,
 //! Prometheus metrics and a health check, plus the `duffy` binary.
 //!
-//! This crate is the only one that knows HTTP and the legacy wire shapes,
-//! and, through [`clock::SystemClock`], the only one that reads the OS
-//! clock.
+//! This crate is the only one that knows HTTP and the legacy wire shapes.
+//! Its time is duffy-core's system clock (`duffy_core::clock::SystemClock`,
+//! feature `tokio`), the only reader of the OS clock.
 
 pub mod api;
 pub mod auth_guard;
-pub mod clock;
 pub mod config;
 pub mod control;
 pub mod keys;
@@ -20,6 +19,5 @@ pub mod operator;
 pub mod server;
 
 pub use api::{AppState, router};
-pub use clock::SystemClock;
 pub use config::Config;
 pub use server::{Built, Running, ServeError, build_engine, serve_until, start, start_with};

@@ -165,7 +165,8 @@ fn default_max_connections(nofile: u64) -> usize {
 pub struct NofileLimit {
     /// The soft limit the process started with.
     pub before: Option<u64>,
-    /// The soft limit now.
+    /// The soft limit after raising it to the hard one: what the
+    /// connection cap is derived from.
     pub after: Option<u64>,
 }
 

@@ -12,9 +12,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
-use duffy_core::{Arch, BootDevice, PoolKey, PowerAction, PowerController, Store};
-use duffy_http::config::{Config, NodeConfig, NodeFile};
+use clap::{Parser, Subcommand};
+use duffy_core::{Arch, BootDevice, NewNode, PoolKey, PowerAction, PowerController, Store};
+use duffy_http::config::{Config, NodeFile};
 use duffy_http::control::{ControlPaths, ControlServer, DbLock, PROTOCOL_VERSION, Request, RequestOp, SendError};
 use duffy_http::operator::{OperatorCommand, Outcome, Target, execute};
 use duffy_http::{build_engine, start};
@@ -130,7 +130,7 @@ fn parse_expiry(s: &str) -> Result<u64, String> {
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
     /// Adds one machine.
-    Add(NodeAdd),
+    Add(NewNode),
     /// Adds the machines of a TOML file of `[[nodes]]` tables (existing ones are skipped).
     Import {
         /// The file.
@@ -172,33 +172,6 @@ enum PowerCommand {
     Disk,
 }
 
-#[derive(Debug, Args)]
-struct NodeAdd {
-    /// Fully qualified host name.
-    hostname: String,
-    /// Hardware architecture.
-    #[arg(long, default_value = "x86_64")]
-    arch: Arch,
-    /// Hardware flavor.
-    #[arg(long)]
-    flavor: Option<String>,
-    /// IP address.
-    #[arg(long)]
-    ip: Option<String>,
-    /// Chassis.
-    #[arg(long)]
-    chassis: Option<String>,
-    /// BMC address.
-    #[arg(long)]
-    bmc: Option<String>,
-    /// Serial console port.
-    #[arg(long)]
-    console_port: Option<u16>,
-    /// Add it as Reserved (not managed).
-    #[arg(long)]
-    reserved: bool,
-}
-
 #[derive(Debug, Subcommand)]
 enum PoolCommand {
     /// Sets a pool's standby target (creating the pool).
@@ -232,6 +205,12 @@ enum CliError {
 }
 
 async fn open_store(path: &Path) -> Result<Arc<dyn Store>, CliError> {
+    Ok(open_sqlite(path)?)
+}
+
+/// The SQLite store itself: `duffy serve` also hands it to `/metrics`
+/// for its write-path figures.
+fn open_sqlite(path: &Path) -> Result<Arc<duffy_backend_sqlite::SqliteStore>, CliError> {
     let store = duffy_backend_sqlite::SqliteStore::open(path, duffy_backend_sqlite::SqliteOptions::default())
         .map_err(|e| CliError::Other(format!("opening {}: {e}", path.display())))?;
     Ok(Arc::new(store))
@@ -294,9 +273,10 @@ async fn serve(db: Option<PathBuf>, config: Option<PathBuf>, listen: Option<Sock
     }
     let paths = ControlPaths::for_db(&cfg.database)?;
     let lock = DbLock::acquire_for_service(&paths, SERVE_LOCK_WAIT).await?;
-    let store = open_store(&cfg.database).await?;
+    let store = open_sqlite(&cfg.database)?;
     info!(database = %cfg.database.display(), "store opened");
-    let built = build_engine(&cfg, store).await?;
+    let mut built = build_engine(&cfg, store.clone()).await?;
+    built.store_stats = Some(store);
     let control = ControlServer::start(&paths, &lock, built.engine.clone())?;
     let running = match start(cfg.listen, built).await {
         Ok(r) => r,
@@ -370,18 +350,7 @@ fn operator_command(command: Command) -> Result<OperatorCommand, CliError> {
         }
         Command::Key(KeyCommand::List { project }) => OperatorCommand::KeyList { project },
         Command::Key(KeyCommand::Revoke { id }) => OperatorCommand::KeyRevoke { id },
-        Command::Node(NodeCommand::Add(a)) => {
-            let n = NodeConfig {
-                hostname: a.hostname,
-                arch: a.arch,
-                flavor: a.flavor,
-                ip: a.ip,
-                chassis: a.chassis,
-                console_port: a.console_port,
-                bmc: a.bmc,
-                reserved: a.reserved,
-            }
-            .new_node();
+        Command::Node(NodeCommand::Add(n)) => {
             n.validate().map_err(|e| invalid(&e))?;
             OperatorCommand::NodeAdd { nodes: vec![n], skip_existing: false }
         }
@@ -390,13 +359,10 @@ fn operator_command(command: Command) -> Result<OperatorCommand, CliError> {
                 .map_err(|e| CliError::Other(format!("reading {}: {e}", file.display())))?;
             let parsed: NodeFile =
                 toml::from_str(&text).map_err(|e| CliError::Other(format!("{}: {e}", file.display())))?;
-            let mut nodes = Vec::with_capacity(parsed.nodes.len());
             for n in &parsed.nodes {
-                let nn = n.new_node();
-                nn.validate().map_err(|e| CliError::Other(format!("{}: {e}", file.display())))?;
-                nodes.push(nn);
+                n.validate().map_err(|e| CliError::Other(format!("{}: {e}", file.display())))?;
             }
-            OperatorCommand::NodeAdd { nodes, skip_existing: true }
+            OperatorCommand::NodeAdd { nodes: parsed.nodes, skip_existing: true }
         }
         Command::Node(NodeCommand::List) => OperatorCommand::NodeList,
         Command::Pool(PoolCommand::Set { release, arch, flavor, standby }) => {

@@ -14,13 +14,13 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use duffy_core::clock::SystemClock;
 use duffy_core::{
     Actor, ApiKeyRecord, Clock, Engine, EngineError, KeyId, NewNode, Node, PoolKey, PoolTarget, Project, Store,
     StoreError, Timestamp, hash_api_key, validate_token,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::clock::SystemClock;
 use crate::keys::{ensure_project, generate_key};
 
 /// One operator command, as the CLI parsed it. Files the operator named
@@ -32,7 +32,7 @@ pub enum OperatorCommand {
     /// `key create`: a new key (and its project if needed); prints the key
     /// alone.
     KeyCreate {
-        /// The project.
+        /// The project the key belongs to (created if missing).
         project: String,
         /// May call the admin endpoints.
         admin: bool,
@@ -54,7 +54,7 @@ pub enum OperatorCommand {
     /// `node add` and `node import`: adds the machines not present yet
     /// (`skip_existing`), or all of them, failing on a duplicate.
     NodeAdd {
-        /// The machines.
+        /// The machines to add, checked as the store checks them.
         nodes: Vec<NewNode>,
         /// Skip machines already present (import) instead of refusing.
         skip_existing: bool,
@@ -68,14 +68,14 @@ pub enum OperatorCommand {
     },
     /// `pool set`.
     PoolSet {
-        /// The pool.
+        /// The pool (release, arch, flavor) whose target is set.
         pool: PoolKey,
         /// Ready nodes to keep.
         standby: u32,
     },
     /// `project set`: creates or updates a project.
     ProjectSet {
-        /// The project.
+        /// The project's name (created if missing).
         name: String,
         /// New quota (unchanged when absent).
         quota: Option<u32>,
@@ -84,7 +84,7 @@ pub enum OperatorCommand {
     },
     /// `project show`.
     ProjectShow {
-        /// The project.
+        /// The project's name.
         name: String,
     },
 }
@@ -123,7 +123,7 @@ impl OperatorCommand {
 /// What a command printed, and any value a caller needs back.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {
-    /// Its standard output.
+    /// What the command prints on standard output, as the CLI prints it.
     pub output: String,
     /// [`OperatorCommand::NodeGet`]'s node.
     #[serde(default)]

@@ -6,17 +6,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use duffy_backend_ipmi::IpmiPowerController;
-use duffy_core::testkit::SimFarm;
-use duffy_core::{Actor, Clock, Contextualizer, Engine, EngineError, Installer, PowerController, Store, StoreError};
-use duffy_installers::{CommandInstaller, PxeInstaller, PxeRegistry, SshContextualizer};
+use duffy_core::clock::SystemClock;
+use duffy_core::sim::SimFarm;
+use duffy_core::{
+    Actor, Clock, Contextualizer, Engine, EngineError, Installer, PowerController, Store, StoreError, StoreHealth,
+};
+use duffy_installers::{ByPool, CommandInstaller, PxeInstaller, PxeRegistry, SshContextualizer};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::api::{AppState, router};
-use crate::clock::SystemClock;
+use crate::api::{AppState, install_endpoints, install_router, public_router, router};
 use crate::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig};
-use crate::listener::{Limits, bind, serve};
-use crate::metrics::Metrics;
+use crate::listener::{Limits, serve};
+use crate::metrics::{Metrics, StoreStats};
+use tokio::net::TcpListener;
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -24,9 +27,9 @@ pub enum ServeError {
     /// The listen address could not be bound.
     #[error("listening on {addr}: {source}")]
     Bind {
-        /// The address.
+        /// The address asked for.
         addr: SocketAddr,
-        /// Why.
+        /// The OS error (in use, not permitted, …).
         #[source]
         source: std::io::Error,
     },
@@ -39,6 +42,10 @@ pub enum ServeError {
     /// The engine refused the configuration.
     #[error("configuring the engine: {0}")]
     Engine(#[from] EngineError),
+    /// The store stopped for good while serving (see
+    /// [`StoreHealth::Failed`]); restart the service to reopen it.
+    #[error("the store has stopped: {0}; restart the service to reopen it")]
+    StoreFailed(String),
     /// The configuration asks for something this build cannot do.
     #[error("{0}")]
     Unsupported(String),
@@ -47,7 +54,8 @@ pub enum ServeError {
 /// An engine built from a configuration, with handles on the parts that
 /// tests and the HTTP layer need.
 pub struct Built {
-    /// The engine.
+    /// The engine over the store, with the configured power control,
+    /// installer, contextualization, policy and pool targets.
     pub engine: Engine,
     /// The simulated hardware, if that is what drives the machines (tests
     /// break machines through it).
@@ -56,6 +64,13 @@ pub struct Built {
     pub pxe: Option<Arc<PxeRegistry>>,
     /// Limits on connections and time for every listener of the service.
     pub limits: Limits,
+    /// The install endpoints' own listener (`[installer] listen`), if
+    /// configured: `/Install/*` is then served there only.
+    pub install_listen: Option<SocketAddr>,
+    /// The store's write-path figures for `/metrics`, when whoever opened
+    /// the store can give them ([`build_engine`] sees only `dyn Store`,
+    /// so it leaves this `None`; `duffy serve` sets its SQLite store).
+    pub store_stats: Option<Arc<dyn StoreStats>>,
 }
 
 fn unsupported(what: &str) -> impl Fn(String) -> ServeError + '_ {
@@ -85,6 +100,7 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         }
     };
     let mut pxe: Option<Arc<PxeRegistry>> = None;
+    let mut install_listen = None;
     let mut make = |which: &InstallerConfig| -> Result<Arc<dyn Installer>, ServeError> {
         Ok(match (which, &farm) {
             (InstallerConfig::Simulated, Some(farm)) => farm.clone(),
@@ -92,10 +108,15 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
                 return Err(ServeError::Unsupported("the simulated installer needs simulated hardware".into()));
             }
             (InstallerConfig::Pxe(p), _) => {
-                let registry =
-                    Arc::new(PxeRegistry::new(p, clock.clone()).map_err(|e| unsupported("installer")(e.to_string()))?);
+                let registry = PxeRegistry::new(p, install_endpoints(), clock.clone())
+                    .map_err(|e| unsupported("installer")(e.to_string()))?;
+                let registry = Arc::new(registry);
                 info!(public_url = %p.public_url, "PXE installer");
+                for n in existing.iter().filter(|n| duffy_installers::pxe::node_address(n.ip.as_deref()).is_err()) {
+                    warn!(node = %n.hostname, ip = ?n.ip, "node has no usable IP address: PXE installs of it will fail");
+                }
                 pxe = Some(registry.clone());
+                install_listen = p.listen;
                 Arc::new(PxeInstaller::new(p, power.clone(), registry, clock.clone()))
             }
             (InstallerConfig::Command(c), _) => {
@@ -105,14 +126,13 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         })
     };
     let default = make(&cfg.installer)?;
-    let mut by_pool = Vec::new();
+    let mut by_pool = ByPool::new(default.clone());
     for (t, p) in cfg.targets().into_iter().zip(&cfg.pools) {
         if let Some(which) = &p.installer {
-            by_pool.push((t.pool, make(which)?));
+            by_pool = by_pool.pool(t.pool, make(which)?);
         }
     }
-    let installer: Arc<dyn Installer> =
-        if by_pool.is_empty() { default } else { Arc::new(PerPoolInstaller { default, by_pool }) };
+    let installer: Arc<dyn Installer> = if by_pool.is_empty() { default } else { Arc::new(by_pool) };
     // The simulated farm prepares nodes (a delay, seeded failures) when
     // no real contextualization is configured and it has anything to
     // prepare; with nothing to prepare, allocation is one write.
@@ -126,7 +146,7 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         (ContextualizeConfig::None, _) => None,
     };
     let missing: Vec<_> =
-        cfg.nodes.iter().filter(|n| !existing.iter().any(|e| e.hostname == n.hostname)).map(|n| n.new_node()).collect();
+        cfg.nodes.iter().filter(|n| !existing.iter().any(|e| e.hostname == n.hostname)).cloned().collect();
     if !missing.is_empty() {
         info!(count = missing.len(), "adding configured nodes");
         store.add_nodes(missing, Actor::Operator, now).await?;
@@ -140,32 +160,17 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
         engine.set_pool_targets(&cfg.targets()).await?;
     }
     let limits = Limits::from_config(&cfg.limits, &cfg.policy);
-    Ok(Built { engine, sim: farm, pxe, limits })
+    Ok(Built { engine, sim: farm, pxe, limits, install_listen, store_stats: None })
 }
 
-/// Installs each pool's image with that pool's installer (the service's
-/// default for the others).
-struct PerPoolInstaller {
-    default: Arc<dyn Installer>,
-    by_pool: Vec<(duffy_core::PoolKey, Arc<dyn Installer>)>,
-}
-
-#[async_trait::async_trait]
-impl Installer for PerPoolInstaller {
-    async fn install(
-        &self,
-        node: &duffy_core::Node,
-        image: &duffy_core::PoolKey,
-    ) -> Result<duffy_core::Installed, duffy_core::InstallError> {
-        let chosen = self.by_pool.iter().find(|(p, _)| p == image).map(|(_, i)| i).unwrap_or(&self.default);
-        chosen.install(node, image).await
-    }
-}
-
-/// A running service.
+/// A running service: its listeners, its reconciler and its key-use
+/// recorder, until [`Running::stop`].
 pub struct Running {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where the install endpoints listen, when they have their own
+    /// listener.
+    pub install_addr: Option<SocketAddr>,
     /// The engine (for tests and embedding).
     pub engine: Engine,
     stop: watch::Sender<bool>,
@@ -198,17 +203,27 @@ pub async fn start(addr: SocketAddr, built: Built) -> Result<Running, ServeError
 /// As [`start`]; with `reconcile` false no reconciler runs, so the farm
 /// changes only through requests (for tests that compare states).
 pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Result<Running, ServeError> {
-    let Built { engine, pxe, limits, .. } = built;
-    let listener = bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
+    let Built { engine, pxe, limits, install_listen, store_stats, .. } = built;
+    let listener = bind(addr)?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
+    let install_listener = install_listen.map(bind).transpose()?;
     let (stop, rx) = watch::channel(false);
-    let state =
-        AppState { engine: engine.clone(), metrics: Arc::new(Metrics::default()), pxe, auth_guard: Default::default() };
-    let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().run(stopped(rx.clone()))));
+    let metrics = Arc::new(Metrics::new(store_stats));
+    let state = AppState { engine: engine.clone(), metrics: metrics.clone(), pxe, auth_guard: Default::default() };
+    let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().observed_by(metrics).run(stopped(rx.clone()))));
     let key_use = tokio::spawn(crate::keys::record_key_use_until(engine.clone(), stopped(rx.clone())));
-    let app = router(state);
+    let (app, install) = match install_listener {
+        None => (router(state), None),
+        Some(l) => (public_router(state.clone()), Some(start_install_listener(l, state, &limits, rx.clone())?)),
+    };
+    let install_addr = install.as_ref().map(|(a, _)| *a);
+    let main = serve_on(listener, app, &limits, rx);
     let task = tokio::spawn(async move {
-        let served = serve(listener, app, &limits, stopped(rx)).await;
+        let served = main.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let install_served = match install {
+            Some((_, t)) => t.await.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            None => Ok(()),
+        };
         if let Some(r) = reconciler {
             if r.await.is_err() {
                 warn!("the reconciler task panicked");
@@ -217,16 +232,69 @@ pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Resu
         if key_use.await.is_err() {
             warn!("the key-use recorder panicked");
         }
-        served.map_err(ServeError::Http)
+        served.and(install_served).map_err(ServeError::Http)
     });
     info!(%addr, "duffy listening");
-    Ok(Running { addr, engine, stop, task })
+    Ok(Running { addr, install_addr, engine, stop, task })
 }
 
-/// Serves until `shutdown` completes (e.g. SIGINT/SIGTERM).
+fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    crate::listener::bind(addr).map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Serves `app` on `listener` with `limits` until `rx` says stop. Every
+/// listener goes through here, so all share one connection cap. The
+/// handlers get the peer's address (`ConnectInfo`): the install endpoints
+/// check it.
+fn serve_on(
+    listener: TcpListener,
+    app: axum::Router,
+    limits: &Limits,
+    rx: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let limits = limits.clone();
+    tokio::spawn(async move { serve(listener, app, &limits, stopped(rx)).await })
+}
+
+/// The install endpoints' own listener (`[installer] listen`, on the
+/// provisioning network): serves only `/Install/*`, which the main
+/// listener then does not.
+fn start_install_listener(
+    listener: TcpListener,
+    state: AppState,
+    limits: &Limits,
+    rx: watch::Receiver<bool>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>), ServeError> {
+    let addr = listener.local_addr().map_err(ServeError::Http)?;
+    info!(%addr, "install endpoints (/Install/*) listening");
+    Ok((addr, serve_on(listener, install_router(state), limits, rx)))
+}
+
+/// Serves until `shutdown` completes (e.g. SIGINT/SIGTERM), or until the
+/// store stops for good ([`StoreHealth::Failed`], e.g. after a failed
+/// fsync): then the service stops cleanly and returns
+/// [`ServeError::StoreFailed`], so that its supervisor restarts it and the
+/// store is reopened (recovering from its journal).
 pub async fn serve_until(addr: SocketAddr, built: Built, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let store = built.engine.store().clone();
     let running = start(addr, built).await?;
-    shutdown.await;
-    info!("shutting down: finishing in-flight requests");
-    running.stop().await
+    let failed = async {
+        loop {
+            if let StoreHealth::Failed(why) = store.health() {
+                return why;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    };
+    tokio::select! {
+        () = shutdown => {
+            info!("shutting down: finishing in-flight requests");
+            running.stop().await
+        }
+        why = failed => {
+            error!(reason = %why, "the store has stopped; shutting down so that it is reopened");
+            running.stop().await?;
+            Err(ServeError::StoreFailed(why))
+        }
+    }
 }

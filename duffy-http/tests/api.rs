@@ -88,8 +88,10 @@ async fn node_get_errors_follow_the_contract() {
         ("arch=sparc", 400, "allowed: x86_64, i386"),
         ("ver=7;rm", 400, "invalid ver"),
         ("flavor=a%20b", 400, "invalid flavor"),
-        ("colour=blue", 400, "unknown parameter \"colour\""),
         ("count=1&count=2", 400, "given more than once"),
+        // Unknown parameters are ignored; the known ones still checked.
+        ("colour=blue&count=abc", 400, "invalid count \"abc\""),
+        ("_=1&count=1&_=2&count=2", 400, "count given more than once"),
         ("ver=99", 400, "no pool 99/x86_64; available pools: 6/i386, 7/x86_64"),
         ("count=7", 400, "exceeds the capacity of pool 7/x86_64 (6 nodes)"),
         ("count=101", 400, "count must be between 1 and 100"),
@@ -136,8 +138,9 @@ async fn done_and_fail_errors_follow_the_contract() {
             (foreign.status, &foreign.body, &foreign.content_type),
             (unknown.status, &unknown.body, &unknown.content_type)
         );
-        let r = s.get(&format!("/Node/{ep}?key={key}&ssid={ssid}&x=1")).await;
-        assert_eq!(r.status, 400);
+        // An unknown parameter is ignored: the ssid is still checked.
+        let r = s.get(&format!("/Node/{ep}?key={key}&ssid=00000000-0000-4000-8000-000000000000&x=1")).await;
+        assert_eq!((r.status, &r.body), (unknown.status, &unknown.body));
     }
     let session = s.store.session(&SessionId(ssid.clone())).await.unwrap().unwrap();
     assert_eq!(session.state.as_str(), "Prod", "nothing touched the session");
@@ -343,5 +346,40 @@ async fn help_metrics_health_and_http_rules() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    s.stop().await;
+}
+
+/// The legacy server ignored parameters it did not know, and job scripts in
+/// the wild add cache-busters and extra fields: every legacy endpoint
+/// accepts them (and counts them), while still checking the known ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_parameters_are_ignored_and_counted() {
+    let s = server().await;
+    let key = s.key("proj", false, None).await;
+    let admin = s.key("ops", true, None).await;
+
+    let r = s.get(&format!("/Node/get?_=1700000000&key={key}&ver=7&count=2&job=nightly&colour=blue")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ssid = r.json()["ssid"].as_str().unwrap_or_else(|| panic!("allocated: {}", r.body)).to_string();
+    let mine = s.get(&format!("/Inventory?key={key}&nocache=1")).await.json();
+    assert_eq!(mine.as_array().unwrap().len(), 2, "{mine}");
+    assert_eq!(s.get("/Inventory?_=1").await.json().as_array().unwrap().len(), 12);
+    assert!(s.get("/Help?lang=en").await.body.contains("/Node/get?key=KEY"));
+    assert_eq!(s.get(&format!("/Overtime?key={admin}&_=1")).await.json(), json!([]));
+    // Known parameters are still validated, and still only once.
+    let r = s.get(&format!("/Node/get?key={key}&count=zero&_=1")).await;
+    assert_eq!(r.status, 400);
+    let r = s.get(&format!("/Node/done?key={key}&ssid={ssid}&ssid={ssid}&_=1")).await;
+    assert_eq!((r.status, r.json()), (400, json!("parameter ssid given more than once")));
+    // An unknown parameter named like a known one in another case is just unknown.
+    let r = s.get(&format!("/Node/done?KEY=x&key={key}&SSID=y&ssid={ssid}&_=1")).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "\"Done\"\n"));
+
+    let m = s.get("/metrics").await.body;
+    for (endpoint, n) in [("/Node/get", 4), ("/Node/done", 3), ("/Inventory", 2), ("/Help", 1), ("/Overtime", 1)] {
+        let line = format!("duffy_ignored_parameters_total{{endpoint=\"{endpoint}\"}} {n}\n");
+        assert!(m.contains(&line), "{line:?} in\n{m}");
+    }
+    assert!(m.contains("duffy_ignored_parameters_total{endpoint=\"/PauseService\"} 0\n"), "{m}");
     s.stop().await;
 }

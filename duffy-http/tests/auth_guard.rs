@@ -6,10 +6,12 @@
 
 use std::sync::Arc;
 
-use duffy_core::testkit::{MemStore, SimConfig, SimFarm};
+use duffy_core::clock::SystemClock;
+use duffy_core::mem::MemStore;
+use duffy_core::sim::{SimConfig, SimFarm};
 use duffy_core::{Engine, Project, Store, hash_api_key};
 use duffy_http::auth_guard::FAILED_LOOKUP_BURST;
-use duffy_http::{Built, SystemClock, start_with};
+use duffy_http::{Built, start_with};
 
 async fn get(client: &reqwest::Client, base: &str, path: &str) -> (u16, String) {
     let r = client.get(format!("{base}{path}")).send().await.expect("request");
@@ -26,9 +28,8 @@ async fn made_up_keys_are_limited_per_address_without_reaching_the_store() {
     engine.add_api_key("ci", hash_api_key("good-admin-key"), true, None).await.expect("key");
     engine.add_api_key("ci", hash_api_key("good-but-unused"), false, None).await.expect("key");
     let limits = duffy_http::listener::Limits::from_config(&Default::default(), engine.policy());
-    let running = start_with("127.0.0.1:0".parse().unwrap(), Built { engine, sim: None, pxe: None, limits }, false)
-        .await
-        .expect("start");
+    let built = Built { engine, sim: None, pxe: None, limits, install_listen: None, store_stats: None };
+    let running = start_with("127.0.0.1:0".parse().unwrap(), built, false).await.expect("start");
     let base = format!("http://{}", running.addr);
     let client = reqwest::Client::new();
 

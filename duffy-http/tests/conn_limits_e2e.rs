@@ -8,14 +8,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Output;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use duffy_testsupport::duffy;
+use duffy_testsupport::service::{Service, cico};
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 const IDLE: usize = 1000;
@@ -26,68 +28,12 @@ const CAP: usize = 3100;
 const HEADER_READ_S: u64 = 10;
 const IDLE_S: u64 = 12;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
-}
-
-fn cico_path() -> PathBuf {
-    let p = workspace().join(".venv/bin/cico");
-    assert!(
-        p.exists(),
-        "the cico client is missing at {}: run scripts/install-test-deps.sh (it installs python-cicoclient 0.4.7)",
-        p.display()
-    );
-    p
-}
-
-/// The child service; killed and reaped whatever happens.
-struct Server {
-    child: Child,
-    port: u16,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
-    }
-
-    fn log_tail(&self) -> String {
-        let log = self.log.lock().unwrap();
-        log[log.len().saturating_sub(30)..].join("\n")
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-}
-
 fn set_nofile_soft(soft: u64) {
     let l = getrlimit(Resource::Nofile);
     setrlimit(Resource::Nofile, Rlimit { current: Some(soft), maximum: l.maximum }).expect("setrlimit");
 }
 
-fn start(dir: &Path) -> Server {
+fn start(dir: &Path) -> Service {
     let db = dir.join("duffy.db");
     let cfg = dir.join("duffy.toml");
     std::fs::write(
@@ -118,80 +64,26 @@ max_connections = {CAP}
         ),
     )
     .unwrap();
-    let port = free_port();
     // The child starts with the soft limit of a default login; the service
     // must raise it itself. (Only this test runs in this binary, so no
     // other child inherits the lowered limit.)
+    let serve = duffy!().serve(&db).config(&cfg);
     let hard = getrlimit(Resource::Nofile).maximum;
     set_nofile_soft(1024);
-    let spawned = Command::new(env!("CARGO_BIN_EXE_duffy"))
-        .arg("--db")
-        .arg(&db)
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn();
+    let mut server = serve.spawn();
     set_nofile_soft(hard.expect("a finite hard limit"));
-    let mut child = spawned.expect("start duffy serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let mut server = Server { child, port, log };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(st) = server.child.try_wait().unwrap() {
-            panic!("duffy serve exited with {st}:\n{}", server.log_tail());
-        }
-        if let Some(inv) = get(port, "/Inventory") {
-            if let Ok(serde_json::Value::Array(rows)) = serde_json::from_str::<serde_json::Value>(&inv) {
-                if rows.iter().filter(|r| r[5] == "Ready" && r[9] == "7").count() >= 2 {
-                    return server;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "duffy serve did not fill its pool in time:\n{}", server.log_tail());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    server.wait_listening();
+    server.wait_ready("7", 2, Duration::from_secs(60));
+    server
 }
 
-/// Runs cico with a deadline: a hung client fails the test.
-fn cico(port: u16, key: &str, args: &[&str]) -> Output {
-    let child = Command::new(cico_path())
-        .args(["--endpoint", &format!("http://127.0.0.1:{port}/"), "--api-key", key])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run cico");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(out) => out.expect("cico output"),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            panic!("cico {args:?} did not finish within 30 s");
-        }
-    }
-}
-
-fn ok(o: &Output, server: &Server) -> String {
+fn ok(o: &Output, server: &Service) -> String {
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
         o.status.success(),
         "cico failed: {out}\n{}\nservice log:\n{}",
         String::from_utf8_lossy(&o.stderr),
-        server.log_tail()
+        server.log_tail(30)
     );
     out
 }
@@ -232,16 +124,11 @@ fn thousands_of_idle_and_slowloris_connections_do_not_lock_out_cico() {
     set_nofile_soft(hard);
 
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_duffy"))
-        .arg("--db")
-        .arg(dir.path().join("duffy.db"))
-        .args(["key", "create", "--project", "ci-project"])
-        .output()
-        .unwrap();
+    let out = duffy!().run(&dir.path().join("duffy.db"), &["key", "create", "--project", "ci-project"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let server = start(dir.path());
-    let port = server.port;
+    let port = server.port();
 
     // The service raised its soft open-file limit to the hard one.
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
@@ -351,7 +238,7 @@ fn thousands_of_idle_and_slowloris_connections_do_not_lock_out_cico() {
         assert!(
             Instant::now() < deadline,
             "the service still has {now} descriptors open (baseline {baseline}):\n{}",
-            server.log_tail()
+            server.log_tail(30)
         );
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -1,7 +1,7 @@
 //! SSH contextualization end to end: a real `duffy` service (SQLite store,
 //! real socket, its reconciler) whose installs run an operator command and
 //! whose allocations push the project's keys over SSH to a real OpenSSH
-//! server (`duffy_installers::test_sshd`).
+//! server (`duffy_testsupport::sshd`).
 //!
 //! The farm is three configured nodes at 127.0.0.1: two whose SSH port is
 //! the running sshd (they share its `authorized_keys`) and one whose port
@@ -18,14 +18,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use duffy_core::NewNode;
+use duffy_core::clock::SystemClock;
 use duffy_core::testkit::conformance::{check_history, check_invariants};
 use duffy_core::{CauseKind, Clock, EventQuery, NodeState, Policy, Principal, Project, SessionState, Store};
-use duffy_http::config::{
-    Config, ContextualizeConfig, HardwareConfig, InstallerConfig, NodeConfig, PoolConfig, SimulatedConfig,
-};
-use duffy_http::{SystemClock, build_engine, start};
+use duffy_http::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig, PoolConfig, SimulatedConfig};
+use duffy_http::{build_engine, start};
 use duffy_installers::CommandConfig;
-use duffy_installers::test_sshd::{OPERATOR_LINE, Sshd, free_port};
+use duffy_testsupport::free_port;
+use duffy_testsupport::sshd::{OPERATOR_LINE, Sshd};
 use serde_json::{Value, json};
 
 const GOOD: [&str; 2] = ["good1.e2e.test", "good2.e2e.test"];
@@ -39,10 +40,10 @@ echo "$DUFFY_HOSTNAME" >> "$E2E_DIR/installs.log"
 printf '{"host_key": "%s"}\n' "$E2E_HOST_KEY"
 "#;
 
-fn node(hostname: &str, reserved: bool) -> NodeConfig {
-    NodeConfig {
+fn node(hostname: &str, reserved: bool) -> NewNode {
+    NewNode {
         hostname: hostname.to_string(),
-        arch: duffy_core::Arch::X86_64,
+        hardware_arch: duffy_core::Arch::X86_64,
         flavor: None,
         ip: Some("127.0.0.1".into()),
         chassis: None,

@@ -29,14 +29,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use duffy_backend_sqlite::{SqliteOptions, SqliteStore};
 use duffy_core::testkit::conformance::{check_history, check_invariants};
 use duffy_core::{SessionId, SessionState, Store};
+use duffy_testsupport::duffy;
+use duffy_testsupport::service::Service;
 use serde_json::Value;
 
 const STANDBY: usize = 6;
@@ -108,23 +110,6 @@ impl Drop for Mount {
 
 // ----- the server -----
 
-struct Server {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn duffy(db: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_duffy")).arg("--db").arg(db).args(args).output().expect("run duffy")
-}
-
 fn config(dir: &Path) -> PathBuf {
     let cfg = dir.join("duffy.toml");
     std::fs::write(
@@ -156,93 +141,20 @@ prepare_ms = 1
     cfg
 }
 
-impl Server {
-    fn start(db: &Path, cfg: &Path, log: PathBuf) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_duffy"))
-            .arg("--db")
-            .arg(db)
-            .args(["serve", "--config"])
-            .arg(cfg)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .expect("start duffy serve");
-        let server = Server { child, port, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "duffy serve did not listen:\n{}", server.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server
-    }
+/// Starts `duffy serve` on `db` with the configuration `cfg`, its log in
+/// `log`.
+fn start(db: &Path, cfg: &Path, log: &Path) -> Service {
+    duffy!().serve(db).config(cfg).log_to(log).start()
+}
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
+/// Waits until the pool has its standby target of Ready nodes.
+fn wait_pool_full(server: &Service) {
+    server.wait_ready("7", STANDBY, Duration::from_secs(60));
+}
 
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// SIGTERM, and a clean exit within 20 s.
-    fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        run(Command::new("kill").args(["-TERM", &pid])).expect("SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                assert!(st.success(), "duffy serve stopped with {st}:\n{}", self.log());
-                return;
-            }
-            assert!(Instant::now() < deadline, "duffy serve did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// GET over a fresh connection: status and body.
-    fn get(&self, path: &str) -> (u16, String) {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-        write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").expect("send");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read the reply");
-        let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP reply");
-        let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("a status code");
-        (status, body.to_string())
-    }
-
-    fn inventory(&self) -> Vec<Value> {
-        let (status, body) = self.get("/Inventory");
-        assert_eq!(status, 200, "/Inventory: {body}");
-        match serde_json::from_str(&body) {
-            Ok(Value::Array(rows)) => rows,
-            other => panic!("/Inventory is not a JSON array: {other:?} {body}"),
-        }
-    }
-
-    fn count(&self, state: &str) -> usize {
-        self.inventory().iter().filter(|r| r[5] == state).count()
-    }
-
-    /// Waits until the pool has its standby target of Ready nodes.
-    fn wait_pool_full(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.count("Ready") < STANDBY {
-            assert!(Instant::now() < deadline, "the pool did not fill:\n{:?}", self.inventory());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// The states of a session's nodes, as `/Inventory` shows them.
-    fn session_states(&self, ssid: &str) -> Vec<String> {
-        self.inventory().iter().filter(|r| r[6] == ssid).map(|r| r[5].as_str().unwrap_or("").to_string()).collect()
-    }
+/// The states of a session's nodes, as `/Inventory` shows them.
+fn session_states(server: &Service, ssid: &str) -> Vec<String> {
+    server.inventory().iter().filter(|r| r[6] == ssid).map(|r| r[5].as_str().unwrap_or("").to_string()).collect()
 }
 
 // ----- what the test was told -----
@@ -261,7 +173,7 @@ struct Acks {
 
 impl Acks {
     /// A `/Node/get` of one node that succeeded.
-    fn get(&mut self, server: &Server, key: &str) -> Result<String, (u16, String)> {
+    fn get(&mut self, server: &Service, key: &str) -> Result<String, (u16, String)> {
         let (status, body) = server.get(&format!("/Node/get?key={key}&ver=7&arch=x86_64&count=1"));
         match serde_json::from_str::<Value>(&body) {
             Ok(v) if status == 200 && v["ssid"].is_string() => {
@@ -288,18 +200,18 @@ fn assert_refused(what: &str, status: u16, body: &str, cause: &str) {
 }
 
 /// `/Node/{done,fail}` on each session: refused, and nothing changed.
-fn refused(server: &Server, key: &str, op: &str, sessions: &[String], cause: &str) {
+fn refused(server: &Service, key: &str, op: &str, sessions: &[String], cause: &str) {
     for ssid in sessions {
-        let before = server.session_states(ssid);
+        let before = session_states(server, ssid);
         assert!(!before.is_empty() && before.iter().all(|s| s == "Deployed"), "{before:?}");
         let (status, body) = server.get(&format!("/Node/{op}?key={key}&ssid={ssid}"));
         assert_refused(&format!("/Node/{op}"), status, &body, cause);
-        assert_eq!(server.session_states(ssid), before, "a refused /Node/{op} changed the session's nodes");
+        assert_eq!(session_states(server, ssid), before, "a refused /Node/{op} changed the session's nodes");
     }
 }
 
 /// `/Node/get` a few times: refused, and nothing changed.
-fn get_refused(server: &Server, acks: &mut Acks, key: &str, cause: &str) {
+fn get_refused(server: &Service, acks: &mut Acks, key: &str, cause: &str) {
     for _ in 0..3 {
         let deployed = server.count("Deployed");
         match acks.get(server, key) {
@@ -344,7 +256,7 @@ fn verify(db: &Path, acks: &Acks) {
 }
 
 fn new_key(db: &Path, project: &str) -> Result<String, String> {
-    let out = duffy(db, &["key", "create", "--project", project]);
+    let out = duffy!().run(db, &["key", "create", "--project", project]);
     if out.status.success() {
         Ok(String::from_utf8(out.stdout).expect("utf-8").trim().to_string())
     } else {
@@ -354,7 +266,7 @@ fn new_key(db: &Path, project: &str) -> Result<String, String> {
 
 /// Sessions to work with: `n` of one node each (waiting for the
 /// reconciler to refill the pool when it runs dry).
-fn sessions(server: &Server, acks: &mut Acks, key: &str, n: usize) -> Vec<String> {
+fn sessions(server: &Service, acks: &mut Acks, key: &str, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut out = Vec::new();
     while out.len() < n {
@@ -372,8 +284,8 @@ fn sessions(server: &Server, acks: &mut Acks, key: &str, n: usize) -> Vec<String
 /// Takes one more node from the full pool and waits until the reconciler
 /// is installing a replacement: an install in flight, whose result it will
 /// have to write.
-fn start_an_install(server: &Server, acks: &mut Acks, key: &str) {
-    server.wait_pool_full();
+fn start_an_install(server: &Service, acks: &mut Acks, key: &str) {
+    wait_pool_full(server);
     sessions(server, acks, key, 1);
     let deadline = Instant::now() + Duration::from_secs(10);
     while server.count("Provisioning") == 0 {
@@ -383,7 +295,7 @@ fn start_an_install(server: &Server, acks: &mut Acks, key: &str) {
 }
 
 /// Waits until the server's log has a line naming `who` and `what`.
-fn wait_log(server: &Server, who: &str, what: &str) {
+fn wait_log(server: &Service, who: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !server.log().lines().any(|l| l.contains(who) && l.contains(what)) {
         assert!(Instant::now() < deadline, "no {who} line with {what:?} in the log:\n{}", server.log());
@@ -398,8 +310,8 @@ fn a_full_disk_refuses_writes_cleanly_and_recovers_without_a_restart() {
     let _mount = Mount::tmpfs(&mnt, "8m");
     let db = mnt.join("duffy.db");
     let key = new_key(&db, "jobs").expect("key");
-    let mut server = Server::start(&db, &config(dir.path()), dir.path().join("serve.log"));
-    server.wait_pool_full();
+    let mut server = start(&db, &config(dir.path()), &dir.path().join("serve.log"));
+    wait_pool_full(&server);
     let mut acks = Acks::default();
     let to_done = sessions(&server, &mut acks, &key, 3);
     let to_fail = sessions(&server, &mut acks, &key, 3);
@@ -447,17 +359,17 @@ fn a_full_disk_refuses_writes_cleanly_and_recovers_without_a_restart() {
     assert!(!server.inventory().is_empty(), "reads work on a full disk");
     wait_log(&server, "duffy_core::reconciler", FULL);
     assert!(server.alive(), "the server died:\n{}", server.log());
+    // The health check says why it cannot allocate.
+    let (status, body) = server.get("/healthz");
+    assert_eq!(status, 503, "/healthz on a full disk: {body}");
+    let health: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(health["status"], "degraded", "{body}");
+    assert!(health["error"].as_str().is_some_and(|e| e.contains(FULL)), "{body}");
 
     // Space again: everything works, without a restart.
     reader.execute_batch("COMMIT").expect("end the read");
     drop(reader);
     std::fs::remove_file(&filler).expect("remove the filler");
-    let stuck: HashSet<String> = server
-        .inventory()
-        .iter()
-        .filter(|r| r[5] == "Provisioning")
-        .map(|r| r[1].as_str().unwrap().to_string())
-        .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match acks.get(&server, &key) {
@@ -476,18 +388,17 @@ fn a_full_disk_refuses_writes_cleanly_and_recovers_without_a_restart() {
         assert_eq!((status, body.contains("Done")), (200, true), "/Node/fail after: {body}");
         acks.failed.insert(ssid.clone());
     }
-    // The reconciler goes on: every install it starts from now on
-    // finishes, and the pool is refilled (installs whose result could not
-    // be recorded while the disk was full are left to its stale-install
-    // sweep, and count as filling the pool meanwhile).
+    let (status, body) = server.get("/healthz");
+    assert_eq!(status, 200, "/healthz once writes work again: {body}");
+    // The reconciler goes on and refills the pool, re-driving the installs
+    // whose result could not be recorded while the disk was full (nothing
+    // else drives them): nothing is left Provisioning.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let inv = server.inventory();
         let ready = inv.iter().filter(|r| r[5] == "Ready").count();
-        let fresh = inv.iter().filter(|r| r[5] == "Provisioning" && !stuck.contains(r[1].as_str().unwrap())).count();
-        let still_stuck =
-            inv.iter().filter(|r| r[5] == "Provisioning" && stuck.contains(r[1].as_str().unwrap())).count();
-        if fresh == 0 && ready + still_stuck >= STANDBY {
+        let provisioning = inv.iter().filter(|r| r[5] == "Provisioning").count();
+        if provisioning == 0 && ready >= STANDBY {
             break;
         }
         assert!(Instant::now() < deadline, "the reconciler did not refill the pool: {inv:?}\n{}", server.log());
@@ -507,8 +418,8 @@ fn a_file_system_turned_read_only_refuses_writes_cleanly_and_recovers() {
     let db = mnt.join("duffy.db");
     let cfg = config(dir.path());
     let key = new_key(&db, "jobs").expect("key");
-    let mut server = Server::start(&db, &cfg, dir.path().join("serve.log"));
-    server.wait_pool_full();
+    let mut server = start(&db, &cfg, &dir.path().join("serve.log"));
+    wait_pool_full(&server);
     let mut acks = Acks::default();
     let to_done = sessions(&server, &mut acks, &key, 1);
     let to_fail = sessions(&server, &mut acks, &key, 1);
@@ -540,15 +451,15 @@ fn a_file_system_turned_read_only_refuses_writes_cleanly_and_recovers() {
     let fsck = Command::new("e2fsck").args(["-f", "-y"]).arg(&image).output().expect("e2fsck");
     assert!(matches!(fsck.status.code(), Some(0 | 1)), "e2fsck: {fsck:?}");
     let _mount = Mount::mount_ext4(&image, &mnt);
-    let server = Server::start(&db, &cfg, dir.path().join("serve2.log"));
+    let server = start(&db, &cfg, &dir.path().join("serve2.log"));
     for (op, ssid) in [("done", &to_done[0]), ("fail", &to_fail[0])] {
-        assert_eq!(server.session_states(ssid), ["Deployed"], "the refused /Node/{op} changed nothing");
+        assert_eq!(session_states(&server, ssid), ["Deployed"], "the refused /Node/{op} changed nothing");
         let (status, body) = server.get(&format!("/Node/{op}?key={key}&ssid={ssid}"));
         assert_eq!((status, body.contains("Done")), (200, true), "/Node/{op} after: {body}");
     }
     acks.done.insert(to_done[0].clone());
     acks.failed.insert(to_fail[0].clone());
-    server.wait_pool_full();
+    wait_pool_full(&server);
     acks.get(&server, &key).expect("/Node/get after");
     server.stop();
     verify(&db, &acks);

@@ -1,5 +1,8 @@
 //! Arbitrary paths and query strings at every endpoint: never a 5xx, never
-//! a panic, and a rejected request changes nothing.
+//! a panic, and a rejected request changes nothing. The legacy endpoints
+//! ignore parameters they do not know: a rejected request is rejected with
+//! the same answer when unknown parameters are added, and no legacy
+//! endpoint ever refuses a request for an unknown parameter.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
@@ -9,26 +12,16 @@ use std::sync::Arc;
 
 use common::{Setup, TestServer};
 use duffy_core::{EventQuery, Store};
+use duffy_http::api::ROUTES;
 use proptest::prelude::*;
 
-const PATHS: &[&str] = &[
-    "/Node/get",
-    "/Node/done",
-    "/Node/fail",
-    "/Inventory",
-    "/Help",
-    "/Overtime",
-    "/NodeSetAdmin/n1.sim.duffy",
-    "/NodeRecover/n2.sim.duffy",
-    "/PauseService",
-    "/ResumeService",
-    "/metrics",
-    "/healthz",
-    "/Install/ipxe",
-    "/Install/done",
-    "/Node",
-    "/",
-];
+/// Every route the service has (its node parameter a real node), and two
+/// unknown paths.
+fn paths() -> Vec<String> {
+    let mut paths: Vec<String> = ROUTES.iter().map(|r| r.path.replace("{node}", "n1.sim.duffy")).collect();
+    paths.extend(["/Node".to_string(), "/".to_string()]);
+    paths
+}
 
 fn piece() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -38,6 +31,11 @@ fn piece() -> impl Strategy<Value = String> {
         Just("arch".to_string()),
         Just("count".to_string()),
         Just("flavor".to_string()),
+        Just("_".to_string()),
+        Just("token".to_string()),
+        Just("host_key".to_string()),
+        Just("reason".to_string()),
+        Just("host".to_string()),
         Just("KEY".to_string()),
         Just("x86_64".to_string()),
         Just("7".to_string()),
@@ -63,6 +61,25 @@ async fn snapshot(store: &dyn Store) -> (Vec<duffy_core::Node>, Vec<duffy_core::
         store.events(EventQuery::default()).await.unwrap().len(),
         store.paused().await.unwrap(),
     )
+}
+
+/// The endpoints that ignore unknown parameters.
+fn is_legacy(path: &str) -> bool {
+    ROUTES
+        .iter()
+        .any(|r| r.ignores_unknown_parameters() && (path == r.path || path.starts_with(&format!("{}/", r.label()))))
+}
+
+/// Parameters no endpoint knows, as job scripts add them.
+fn extras() -> impl Strategy<Value = String> {
+    proptest::collection::vec(
+        (
+            prop_oneof![Just("_"), Just("cachebust"), Just("job"), Just("Key"), Just("ssid2"), Just("")],
+            "[a-z0-9%]{0,8}",
+        ),
+        1..4,
+    )
+    .prop_map(|v| v.into_iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&"))
 }
 
 fn is_success(path: &str, body: &str) -> bool {
@@ -93,9 +110,10 @@ fn arbitrary_requests_never_break_anything() {
         failure_persistence: None,
         ..ProptestConfig::default()
     });
-    let strategy = (proptest::sample::select(PATHS), query(), 0..3usize);
+    let strategy = (proptest::sample::select(paths()), query(), 0..3usize, extras());
     runner
-        .run(&strategy, |(path, q, which_key)| {
+        .run(&strategy, |(path, q, which_key, extra)| {
+            let path = path.as_str();
             // Sometimes a real key in front, so that validation past the key is reached.
             let q = match which_key {
                 1 => format!("key={user}&{q}"),
@@ -116,9 +134,24 @@ fn arbitrary_requests_never_break_anything() {
                 let body = r.text().await.unwrap();
                 prop_assert!(status < 500, "{url} -> {status} {body}");
                 prop_assert!(!body.is_empty(), "{url}: empty body");
+                if is_legacy(path) {
+                    prop_assert!(!body.contains("unknown parameter"), "{url}: a legacy endpoint refused a parameter");
+                }
                 if !is_success(path, &body) {
                     let after = snapshot(&*s.store).await;
                     prop_assert!(before == after, "{url} was rejected ({status} {body}) but changed the store");
+                    if is_legacy(path) {
+                        // Nothing changed, so the same request with unknown
+                        // parameters added gets the same answer.
+                        let url2 = format!("{url}&{extra}");
+                        let r2 = s.client.get(&url2).send().await.unwrap();
+                        let (status2, body2) = (r2.status().as_u16(), r2.text().await.unwrap());
+                        prop_assert!(
+                            (status2, &body2) == (status, &body),
+                            "{url} -> {status} {body}\nbut {url2} -> {status2} {body2}"
+                        );
+                        prop_assert!(before == snapshot(&*s.store).await, "{url2} changed the store");
+                    }
                 }
                 Ok(())
             })

@@ -3,14 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use duffy_backend_ipmi::rig::Rig;
-
-fn duffy(db: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_duffy")).arg("--db").arg(db).args(args).output().expect("run duffy")
-}
+use duffy_testsupport::duffy;
+use duffy_testsupport::rig::Rig;
 
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
@@ -64,14 +60,15 @@ driver = "ipmitool"
     )
     .unwrap();
     for i in 0..2 {
-        let o = duffy(&db, &["node", "add", &Rig::hostname(i), "--bmc", &format!("127.0.0.1:{}", rig.bmc(i).port)]);
+        let o =
+            duffy!().run(&db, &["node", "add", &Rig::hostname(i), "--bmc", &format!("127.0.0.1:{}", rig.bmc(i).port)]);
         assert!(o.status.success(), "{}", text(&o));
     }
     let cfg = cfg.to_str().unwrap();
     for (i, driver) in [(0, "native"), (1, "ipmitool")] {
         let host = Rig::hostname(i);
         let run = |action: &str| {
-            let o = duffy(&db, &["node", "power", &host, action, "--config", cfg]);
+            let o = duffy!().run(&db, &["node", "power", &host, action, "--config", cfg]);
             let t = text(&o);
             assert!(!t.contains(&rig.bmc(i).password), "a password leaked: {t}");
             (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
@@ -87,16 +84,16 @@ driver = "ipmitool"
         assert_eq!(rig.bmc(i).power(), "0", "{driver}");
     }
     // A node without a BMC entry, and one not in the store.
-    let o = duffy(&db, &["node", "power", "nowhere.example", "status", "--config", cfg]);
+    let o = duffy!().run(&db, &["node", "power", "nowhere.example", "status", "--config", cfg]);
     assert!(!o.status.success() && text(&o).contains("no [[hardware.bmc]] entry"), "{}", text(&o));
     // A simulated farm has no BMCs.
     let sim = dir.path().join("sim.toml");
     std::fs::write(&sim, "[hardware]\nkind = \"simulated\"\n").unwrap();
-    let o = duffy(&db, &["node", "power", &Rig::hostname(0), "status", "--config", sim.to_str().unwrap()]);
+    let o = duffy!().run(&db, &["node", "power", &Rig::hostname(0), "status", "--config", sim.to_str().unwrap()]);
     assert!(!o.status.success() && text(&o).contains("needs kind = \"ipmi\""), "{}", text(&o));
     // A wrong password is reported as an authentication failure, without the password.
     std::fs::write(&pw, "wrong-password\n").unwrap();
-    let o = duffy(&db, &["node", "power", &Rig::hostname(0), "status", "--config", cfg]);
+    let o = duffy!().run(&db, &["node", "power", &Rig::hostname(0), "status", "--config", cfg]);
     let t = text(&o);
     assert!(!o.status.success() && t.contains("AuthFailed") && !t.contains("wrong-password"), "{t}");
 }

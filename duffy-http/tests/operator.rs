@@ -5,55 +5,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    /// SIGTERM, and the exit status once it has stopped.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        assert!(Command::new("kill").args(["-TERM", &self.pid()]).status().unwrap().success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "duffy serve did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGKILL: no clean-up at all.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn duffy(db: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_duffy")).arg("--db").arg(db).args(args).output().expect("run duffy")
-}
+use duffy_testsupport::duffy;
+use duffy_testsupport::service::Service;
 
 fn ok(o: &Output) -> String {
     assert!(
@@ -69,45 +26,26 @@ fn sock(db: &Path) -> PathBuf {
     PathBuf::from(format!("{}.sock", db.display()))
 }
 
-/// An HTTP GET: (status, body).
-fn get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.trim_end().to_string()).unwrap_or_default())
+/// An HTTP GET: (status, body without trailing white space).
+fn get(server: &Service, path: &str) -> (u16, String) {
+    let (status, body) = server.get(path);
+    (status, body.trim_end().to_string())
 }
 
 /// Starts `duffy serve` on `db` (the embedded default farm) and waits until
 /// it answers HTTP and its control socket exists.
-fn start(db: &Path) -> Server {
+fn start(db: &Path) -> Service {
     start_in(db, Path::new("."))
 }
 
 /// [`start`], with `cwd` as the service's current directory (`db` may be
 /// relative to it).
-fn start_in(db: &Path, cwd: &Path) -> Server {
-    let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_duffy"))
-        .current_dir(cwd)
-        .arg("--db")
-        .arg(db)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start duffy serve");
-    let stderr = child.stderr.take().expect("stderr");
-    std::thread::spawn(move || for _ in BufReader::new(stderr).lines() {});
-    let mut server = Server { child, port };
+fn start_in(db: &Path, cwd: &Path) -> Service {
+    let mut server = duffy!().serve(db).current_dir(cwd).start();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(st) = server.child.try_wait().unwrap() {
-            panic!("duffy serve exited early: {st}");
-        }
-        let up = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && get(port, "/healthz").0 == 200;
-        if up && cwd.join(sock(db)).exists() {
+        assert!(server.alive(), "duffy serve exited early:\n{}", server.log());
+        if get(&server, "/healthz").0 == 200 && cwd.join(sock(db)).exists() {
             return server;
         }
         assert!(Instant::now() < deadline, "duffy serve did not come up");
@@ -145,21 +83,20 @@ fn operator_commands_go_through_the_running_service() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("duffy.db");
     let server = start(&db);
-    let port = server.port;
     let mut watch = OpenWatch::new(&db);
     // The service itself does not reopen its database while it runs.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(watch.opens(), 0, "the running service opened its database file again");
 
     // key create: usable at once by the running service.
-    let key = ok(&duffy(&db, &["key", "create", "--project", "ci", "--admin"])).trim().to_string();
+    let key = ok(&duffy!().run(&db, &["key", "create", "--project", "ci", "--admin"])).trim().to_string();
     assert_eq!(key.len(), 36, "{key}");
-    assert_eq!(get(port, &format!("/Overtime?key={key}")), (200, "[]".to_string()));
-    let other = ok(&duffy(&db, &["key", "create", "--project", "qa", "--expires", "1h"])).trim().to_string();
-    assert_eq!(get(port, &format!("/Node/done?key={other}&ssid=x")).1, r#"{"msg":"Invalid session ID"}"#);
+    assert_eq!(get(&server, &format!("/Overtime?key={key}")), (200, "[]".to_string()));
+    let other = ok(&duffy!().run(&db, &["key", "create", "--project", "qa", "--expires", "1h"])).trim().to_string();
+    assert_eq!(get(&server, &format!("/Node/done?key={other}&ssid=x")).1, r#"{"msg":"Invalid session ID"}"#);
 
     // key list: ids, projects, expiry and last use; never a key or a hash.
-    let list = ok(&duffy(&db, &["key", "list"]));
+    let list = ok(&duffy!().run(&db, &["key", "list"]));
     let rows: Vec<Vec<&str>> = list.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
     assert!(list.lines().next().is_some_and(|h| h.contains("last used") && h.contains("revoked")), "{list}");
     assert_eq!(rows.len(), 2, "{list}");
@@ -171,31 +108,37 @@ fn operator_commands_go_through_the_running_service() {
     let qa_used_then = rows[1][5].to_string();
     let hash: String = duffy_core::hash_api_key(&key).0.iter().map(|b| format!("{b:02x}")).collect();
     assert!(!list.contains(&key) && !list.contains(&other) && !list.contains(&hash[..16]), "{list}");
-    let qa = ok(&duffy(&db, &["key", "list", "--project", "qa"]));
+    let qa = ok(&duffy!().run(&db, &["key", "list", "--project", "qa"]));
     assert_eq!(qa.lines().count(), 2, "{qa}");
-    let e = duffy(&db, &["key", "list", "--project", "nobody"]);
+    let e = duffy!().run(&db, &["key", "list", "--project", "nobody"]);
     assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains("no project"), "{e:?}");
 
     // key revoke: refused by the running service at the very next request.
-    assert_eq!(ok(&duffy(&db, &["key", "revoke", "1"])).trim(), "revoked key 1 (project ci)");
-    assert_eq!(get(port, &format!("/Overtime?key={key}")), (403, NOT_ADMIN_OR_INVALID.to_string()));
-    assert_eq!(get(port, &format!("/Node/done?key={other}&ssid=x")).1, r#"{"msg":"Invalid session ID"}"#);
-    let e = duffy(&db, &["key", "revoke", "99"]);
+    assert_eq!(ok(&duffy!().run(&db, &["key", "revoke", "1"])).trim(), "revoked key 1 (project ci)");
+    assert_eq!(get(&server, &format!("/Overtime?key={key}")), (403, NOT_ADMIN_OR_INVALID.to_string()));
+    assert_eq!(get(&server, &format!("/Node/done?key={other}&ssid=x")).1, r#"{"msg":"Invalid session ID"}"#);
+    let e = duffy!().run(&db, &["key", "revoke", "99"]);
     assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains("no API key with id 99"), "{e:?}");
 
     // node add, pool set, project set: visible to the service at once.
     assert_eq!(
-        ok(&duffy(&db, &["node", "add", "extra.example.org"])).trim(),
+        ok(&duffy!().run(&db, &["node", "add", "extra.example.org"])).trim(),
         "added extra.example.org (id 49, Active)"
     );
-    let (_, inv) = get(port, "/Inventory");
+    let (_, inv) = get(&server, "/Inventory");
     assert!(inv.contains("extra.example.org"), "{inv}");
-    assert!(ok(&duffy(&db, &["node", "list"])).contains("extra.example.org"));
-    let dup = duffy(&db, &["node", "add", "extra.example.org"]);
+    assert!(ok(&duffy!().run(&db, &["node", "list"])).contains("extra.example.org"));
+    let dup = duffy!().run(&db, &["node", "add", "extra.example.org"]);
     assert!(!dup.status.success() && String::from_utf8_lossy(&dup.stderr).contains("already exists"), "{dup:?}");
-    assert_eq!(ok(&duffy(&db, &["pool", "set", "9", "x86_64", "--standby", "1"])).trim(), "pool 9/x86_64: standby 1");
-    assert_eq!(ok(&duffy(&db, &["project", "set", "qa", "--quota", "3"])).trim(), "project qa: quota 3, 0 SSH keys");
-    assert!(ok(&duffy(&db, &["project", "show", "qa"])).contains("quota 3"));
+    assert_eq!(
+        ok(&duffy!().run(&db, &["pool", "set", "9", "x86_64", "--standby", "1"])).trim(),
+        "pool 9/x86_64: standby 1"
+    );
+    assert_eq!(
+        ok(&duffy!().run(&db, &["project", "set", "qa", "--quota", "3"])).trim(),
+        "project qa: quota 3, 0 SSH keys"
+    );
+    assert!(ok(&duffy!().run(&db, &["project", "show", "qa"])).contains("quota 3"));
 
     // Not one of those commands opened the database file: the service did
     // all the work with its own store.
@@ -205,7 +148,7 @@ fn operator_commands_go_through_the_running_service() {
     // themselves again, and see everything the service wrote.
     assert!(server.terminate().success());
     assert!(!sock(&db).exists(), "the control socket outlived the service");
-    let list = ok(&duffy(&db, &["key", "list"]));
+    let list = ok(&duffy!().run(&db, &["key", "list"]));
     let rows: Vec<Vec<&str>> = list.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
     assert!(rows[0][6].ends_with('Z'), "key 1 is revoked: {list}");
     // The qa key was used after the listing above; the service wrote that
@@ -220,23 +163,18 @@ fn a_killed_service_leaves_nothing_that_blocks_the_next_one() {
     let db = dir.path().join("duffy.db");
     let server = start(&db);
     // A second service on the same file is refused, saying who has it.
-    let second = Command::new(env!("CARGO_BIN_EXE_duffy"))
-        .arg("--db")
-        .arg(&db)
-        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
-        .output()
-        .unwrap();
+    let second = duffy!().run(&db, &["serve", "--listen", &format!("127.0.0.1:{}", duffy_testsupport::free_port())]);
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success() && err.contains("already served by duffy serve (pid"), "{err}");
 
     server.kill();
     assert!(sock(&db).exists(), "SIGKILL leaves the socket behind");
     // The lock died with the service: commands run on the file directly.
-    assert!(ok(&duffy(&db, &["node", "list"])).contains("n48.sim.duffy"));
+    assert!(ok(&duffy!().run(&db, &["node", "list"])).contains("n48.sim.duffy"));
     // And the next service starts, replacing the stale socket.
     let server = start(&db);
-    let key = ok(&duffy(&db, &["key", "create", "--project", "ci"])).trim().to_string();
-    assert_eq!(get(server.port, &format!("/Node/done?key={key}&ssid=x")).1, r#"{"msg":"Invalid session ID"}"#);
+    let key = ok(&duffy!().run(&db, &["key", "create", "--project", "ci"])).trim().to_string();
+    assert_eq!(get(&server, &format!("/Node/done?key={key}&ssid=x")).1, r#"{"msg":"Invalid session ID"}"#);
     assert!(server.terminate().success());
     assert!(!sock(&db).exists());
 }
@@ -245,13 +183,12 @@ fn a_killed_service_leaves_nothing_that_blocks_the_next_one() {
 fn a_command_waits_for_the_lock_while_another_holds_it() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("duffy.db");
-    ok(&duffy(&db, &["node", "add", "n1.example.org"]));
+    ok(&duffy!().run(&db, &["node", "add", "n1.example.org"]));
     // Another command holds the lock (no service, so no socket).
     let paths = duffy_http::control::ControlPaths::for_db(&db).unwrap();
     let held = duffy_http::control::DbLock::try_acquire(&paths, "a test").unwrap().expect("free");
-    let waiting = Command::new(env!("CARGO_BIN_EXE_duffy"))
-        .arg("--db")
-        .arg(&db)
+    let waiting = duffy!()
+        .command(&db)
         .args(["node", "add", "n2.example.org"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -279,7 +216,9 @@ fn a_client_that_is_neither_the_services_user_nor_root_is_refused() {
     mode(dir.path(), 0o755);
     let as_nobody = |args: &[&str]| {
         Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_duffy"), "--db"])
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(duffy!().path())
+            .arg("--db")
             .arg(&db)
             .args(args)
             .output()
@@ -294,9 +233,9 @@ fn a_client_that_is_neither_the_services_user_nor_root_is_refused() {
     let o = as_nobody(&["node", "add", "intruder.example.org"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("uid 65534 is neither the service's user"), "{err}");
-    assert!(!get(server.port, "/Inventory").1.contains("intruder"), "nothing was added");
+    assert!(!get(&server, "/Inventory").1.contains("intruder"), "nothing was added");
     // Root is let in.
-    assert!(ok(&duffy(&db, &["node", "list"])).contains("n1.sim.duffy"));
+    assert!(ok(&duffy!().run(&db, &["node", "list"])).contains("n1.sim.duffy"));
     assert!(server.terminate().success());
 }
 
@@ -312,13 +251,9 @@ fn a_database_deep_in_a_long_path_still_gets_its_control_socket() {
     assert!(deep.join("duffy.db.sock").as_os_str().len() > 108, "longer than a socket address holds");
     let db = Path::new("duffy.db");
     let server = start_in(db, &deep);
-    let o = Command::new(env!("CARGO_BIN_EXE_duffy"))
-        .current_dir(&deep)
-        .args(["--db", "duffy.db", "node", "add", "deep.example.org"])
-        .output()
-        .unwrap();
+    let o = duffy!().command(db).current_dir(&deep).args(["node", "add", "deep.example.org"]).output().unwrap();
     assert_eq!(ok(&o).trim(), "added deep.example.org (id 49, Active)");
-    assert!(get(server.port, "/Inventory").1.contains("deep.example.org"));
+    assert!(get(&server, "/Inventory").1.contains("deep.example.org"));
     assert!(server.terminate().success());
     assert!(!deep.join("duffy.db.sock").exists());
 }

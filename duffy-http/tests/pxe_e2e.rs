@@ -1,26 +1,36 @@
 //! The whole network-install path without hardware: nodes go Active →
 //! Provisioning → Ready through real IPMI packets (to `ipmi_sim` BMCs) and
-//! real HTTP. When a BMC powers its machine on with next boot PXE, the rig's
-//! chassis hook starts a small "simulated machine" that, as firmware and
-//! the installer would, fetches its iPXE script and kickstart from the
-//! service and calls back with its SSH host key. A machine that never calls
-//! back ends Failed on timeout. One pool is installed by a command instead
-//! (the installer is chosen per pool): its machine is never network-booted.
+//! real HTTP, and are then handed over through real SSH. When a BMC powers
+//! its machine on with next boot PXE, the rig's chassis hook starts a small
+//! "simulated machine" that, as firmware and the installer would, fetches
+//! its iPXE script and kickstart from the service's install listener (the
+//! recommended deployment: `/Install/*` on a listener of its own), and
+//! then runs the kickstart's own first-boot reporter (the shell script,
+//! with `curl`), which reports the machine's SSH host key. The machines'
+//! host keys are real ones that older releases have: RSA-4096 (EL5 and EL6
+//! have no Ed25519 key) and ECDSA P-521, each the only host key of a real
+//! sshd; an allocation then pushes the project's keys to both, checking
+//! the host keys the installs recorded. A machine that never calls back
+//! ends Failed on timeout. One pool is installed by a command instead (the
+//! installer is chosen per pool): its machine is never network-booted.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use duffy_backend_ipmi::rig::Rig;
+use duffy_core::NewNode;
+use duffy_core::clock::SystemClock;
 use duffy_core::testkit::conformance::{check_history, check_invariants};
-use duffy_core::{CauseKind, EventQuery, NodeState, Policy, Store};
-use duffy_http::config::{Config, HardwareConfig, InstallerConfig, NodeConfig, PoolConfig};
+use duffy_core::{CauseKind, Clock, EventQuery, NodeState, Policy, Project, Store};
+use duffy_http::config::{Config, ContextualizeConfig, HardwareConfig, InstallerConfig, PoolConfig};
 use duffy_http::{build_engine, start};
+use duffy_testsupport::rig::Rig;
+use duffy_testsupport::sshd::{KeyKind, Sshd};
 
 const MACHINE: &str = r#"
-import re, sys, urllib.parse, urllib.request
-base, host, host_key, mode, provisioning = sys.argv[1:6]
+import re, subprocess, sys, urllib.request
+base, host, keydir, mode, provisioning = sys.argv[1:6]
 def get(url):
     with urllib.request.urlopen(url, timeout=10) as r:
         return r.read().decode()
@@ -29,13 +39,18 @@ script = get(base + "/Install/ipxe?host=" + host)
 ks_url = re.search(r"inst\.ks=(\S+)", script).group(1)
 # The installer: fetch the kickstart, install, reboot.
 ks = get(ks_url)
-assert sys.argv[5] in ks, "provisioning key in the kickstart"
-done = re.search(r"'(https?://[^']*/Install/done\?token=[0-9a-f]+)'", ks).group(1)
-print("kickstart fetched; callback", done.split("token=")[0] + "token=...", flush=True)
+assert provisioning in ks, "provisioning key in the kickstart"
+print("kickstart fetched", flush=True)
 if mode == "silent":
     sys.exit(0)
-# First boot: report the new host key.
-print(get(done + "&host_key=" + urllib.parse.quote(host_key)).strip(), flush=True)
+# First boot: the kickstart's own reporter, up to where it removes itself,
+# with this machine's host keys in place of /etc/ssh.
+start = ks.index("\n", ks.index("<<'DUFFY_REPORT_EOF'")) + 1
+reporter = ks[start:ks.index("\nDUFFY_REPORT_EOF\n", start)]
+reporter = reporter[:reporter.index("systemctl disable")]
+reporter = reporter.replace("/etc/ssh/", keydir + "/").replace("sleep 10", "sleep 1")
+reporter += 'echo "reported: HTTP $code"\n'
+subprocess.run(["sh", "-c", reporter], check=True, timeout=60)
 "#;
 
 fn host_key(i: usize) -> String {
@@ -45,11 +60,6 @@ fn host_key(i: usize) -> String {
     blob.extend_from_slice(&[0, 0, 0, 32]);
     blob.extend((0..32u8).map(|b| b.wrapping_mul(7).wrapping_add(i as u8)));
     format!("ssh-ed25519 {}", base64(&blob))
-}
-
-/// Duffy's provisioning key for this test.
-fn provisioning_key() -> String {
-    host_key(99)
 }
 
 fn base64(data: &[u8]) -> String {
@@ -72,23 +82,39 @@ fn base64(data: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pxe_installs_through_ipmi_and_http() {
     const N: usize = 4;
+    /// Node 0 has only an RSA-4096 host key, node 1 only an ECDSA P-521 one.
+    const KINDS: [KeyKind; 2] = [KeyKind::Rsa4096, KeyKind::EcdsaP521];
     const SILENT: usize = 2;
     /// Node 3 carries the pool installed by a command.
     const COMMANDED: usize = 3;
+    // The machines' SSH servers: each offers only its one host key; they
+    // share Duffy's key and one authorized_keys file.
+    let rsa = Sshd::start_with_host_key(KINDS[0]);
+    let ecdsa = Sshd::start_sharing(&rsa, KINDS[1]);
+    let sshds = [&rsa, &ecdsa];
     let rig = Rig::start(N);
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let base = format!("http://127.0.0.1:{port}");
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (port, install_port) = (free(), free());
+    let base = format!("http://127.0.0.1:{install_port}");
     let script = dir.path().join("machine.py");
     std::fs::write(&script, MACHINE).unwrap();
+    let provisioning = std::fs::read_to_string(rsa.duffy_public_key_path()).unwrap().trim().to_string();
     for i in 0..N {
         let mode = if i == SILENT { "silent" } else { "normal" };
+        // The machine's /etc/ssh: its host public key, named as OpenSSH names it.
+        let keydir = dir.path().join(format!("etc-ssh-{i}"));
+        std::fs::create_dir_all(&keydir).unwrap();
+        if let (Some(kind), Some(sshd)) = (KINDS.get(i), sshds.get(i)) {
+            let file = keydir.join(format!("ssh_host_{}_key.pub", kind.host_key_file_name()));
+            std::fs::write(file, sshd.host_public_key()).unwrap();
+        }
         let cmd = format!(
-            "exec python3 {} {base} {} '{}' {mode} '{}'\n",
+            "exec python3 {} {base} {} {} {mode} '{}'\n",
             script.display(),
             Rig::hostname(i),
-            host_key(i),
-            provisioning_key().split(' ').nth(1).unwrap()
+            keydir.display(),
+            provisioning.split(' ').nth(1).unwrap()
         );
         std::fs::write(rig.bmc(i).state.with_extension("machine"), cmd).unwrap();
     }
@@ -105,8 +131,8 @@ async fn pxe_installs_through_ipmi_and_http() {
         ));
     }
     let pxe = format!(
-        "public_url = \"{base}\"\ntoken_ttl = \"6s\"\nprovisioning_public_key = \"{} duffy\"\n",
-        provisioning_key()
+        "public_url = \"{base}\"\nlisten = \"127.0.0.1:{install_port}\"\ntoken_ttl = \"6s\"\n\
+         provisioning_public_key = \"{provisioning}\"\n"
     );
     let installer_script = dir.path().join("install.sh");
     std::fs::write(
@@ -116,12 +142,19 @@ async fn pxe_installs_through_ipmi_and_http() {
     .unwrap();
     std::fs::set_permissions(&installer_script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let command = format!("kind = \"command\"\nprogram = \"{}\"\ntimeout = \"10s\"\n", installer_script.display());
+    let mut ssh = rsa.ssh_config();
+    for i in 0..N {
+        ssh.ports.insert(Rig::hostname(i), sshds.get(i).unwrap_or(&&rsa).port());
+    }
     let cfg = Config {
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
         database: dir.path().join("duffy.db"),
         policy: Policy {
             install_timeout: Duration::from_secs(8),
             install_attempts: 1,
             failed_retry_after: None,
+            prepare_timeout: Duration::from_secs(30),
+            rate_limit: None,
             tick: Duration::from_millis(200),
             power_check_interval: None,
             ..Policy::default()
@@ -144,10 +177,11 @@ async fn pxe_installs_through_ipmi_and_http() {
         ],
         hardware: HardwareConfig::Ipmi(toml::from_str(&ipmi).unwrap()),
         installer: InstallerConfig::Pxe(toml::from_str(&pxe).unwrap()),
+        contextualize: ContextualizeConfig::Ssh(ssh),
         nodes: (0..N)
-            .map(|i| NodeConfig {
+            .map(|i| NewNode {
                 hostname: Rig::hostname(i),
-                arch: duffy_core::Arch::X86_64,
+                hardware_arch: duffy_core::Arch::X86_64,
                 flavor: None,
                 ip: Some("127.0.0.1".into()),
                 chassis: None,
@@ -163,7 +197,8 @@ async fn pxe_installs_through_ipmi_and_http() {
         duffy_backend_sqlite::SqliteStore::open(&cfg.database, duffy_backend_sqlite::SqliteOptions::default()).unwrap(),
     );
     let built = build_engine(&cfg, store.clone()).await.unwrap();
-    let running = start(format!("127.0.0.1:{port}").parse().unwrap(), built).await.unwrap();
+    let running = start(cfg.listen, built).await.unwrap();
+    assert_eq!(running.install_addr.map(|a| a.port()), Some(install_port));
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let nodes = loop {
@@ -174,7 +209,6 @@ async fn pxe_installs_through_ipmi_and_http() {
         assert!(Instant::now() < deadline, "not settled: {:?}", nodes.iter().map(|n| n.state).collect::<Vec<_>>());
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    running.stop().await.unwrap();
 
     for (i, n) in nodes.iter().enumerate() {
         let log = std::fs::read_to_string(rig.bmc(i).state.with_extension("machine.log")).unwrap_or_default();
@@ -201,13 +235,40 @@ async fn pxe_installs_through_ipmi_and_http() {
             assert_eq!(history, vec![CauseKind::Added, CauseKind::InstallStarted, CauseKind::InstallFailed]);
         } else {
             assert_eq!(n.state, NodeState::Ready, "{}: {:?}\n{log}", n.hostname, n.fail_reason);
-            assert_eq!(n.host_key.as_deref(), Some(host_key(i).as_str()), "the host key reported at the callback");
-            assert!(log.contains("OK"), "{log}");
+            // The sshd's own host key, as the reporter sent it, without its comment.
+            let served = sshds[i].host_public_key();
+            assert!(served.starts_with(KINDS[i].key_type()), "{served}");
+            assert_eq!(n.host_key.as_deref(), Some(served.trim().rsplit_once(' ').unwrap().0), "{}", n.hostname);
+            assert!(log.contains("reported: HTTP 200"), "{log}");
             assert_eq!(history, vec![CauseKind::Added, CauseKind::InstallStarted, CauseKind::InstallSucceeded]);
         }
         assert_eq!(rig.bmc(i).power(), "1");
         assert!(rig.bmc(i).log().iter().any(|l| l.contains("boot pxe")), "next boot PXE set through IPMI");
     }
+
+    // Hand both over: SSH to each machine's sshd, checking the RSA and the
+    // ECDSA host key the installs recorded, pushes the project's key.
+    store
+        .upsert_project(Project { name: "el6".into(), quota: None, ssh_keys: vec![rsa.project_public_key(1)] })
+        .await
+        .unwrap();
+    let key = duffy_http::keys::create_key(&*store, "el6", false, None, SystemClock.now()).await.unwrap().0;
+    for s in sshds {
+        assert!(!s.login_works_checking_host_key(&s.project_private_key_path(1)));
+    }
+    let r =
+        reqwest::get(format!("http://127.0.0.1:{port}/Node/get?key={key}&ver=7&arch=x86_64&count=2")).await.unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    let mut hosts: Vec<String> = serde_json::from_value(v["hosts"].clone()).unwrap_or_else(|e| panic!("{e}: {v}"));
+    hosts.sort();
+    assert_eq!(hosts, [Rig::hostname(0), Rig::hostname(1)]);
+    for s in sshds {
+        assert!(s.login_works_checking_host_key(&s.project_private_key_path(1)), "the project's key logs in");
+    }
+    // The main listener does not serve the install endpoints.
+    let r = reqwest::get(format!("http://127.0.0.1:{port}/Install/ipxe?host={}", Rig::hostname(0))).await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    running.stop().await.unwrap();
     check_invariants(&*store).await.unwrap();
     check_history(&*store).await.unwrap();
 }

@@ -49,7 +49,7 @@ pub const MAX_STDOUT: usize = 1024 * 1024;
 pub struct CommandConfig {
     /// The program (a path, or a name looked up in `PATH`).
     pub program: PathBuf,
-    /// Its arguments.
+    /// Its arguments, each passed as one word (no shell sees them).
     #[serde(default)]
     pub args: Vec<String>,
     /// How long one install may run before its process group is killed.
@@ -91,9 +91,9 @@ pub enum CommandError {
     /// The program could not be started.
     #[error("install of {hostname}: cannot start {program:?}: {source}")]
     Spawn {
-        /// The node.
+        /// The node's host name.
         hostname: String,
-        /// The program.
+        /// The configured program, as it was run.
         program: String,
         /// The OS error.
         #[source]
@@ -102,9 +102,9 @@ pub enum CommandError {
     /// Waiting for the program failed.
     #[error("install of {hostname}: waiting for {program:?} failed: {source}")]
     Wait {
-        /// The node.
+        /// The node's host name.
         hostname: String,
-        /// The program.
+        /// The configured program, as it was run.
         program: String,
         /// The OS error.
         #[source]
@@ -113,11 +113,11 @@ pub enum CommandError {
     /// It ran past the timeout; its process group was killed.
     #[error("install of {hostname}: {program:?} timed out after {after:?} and was killed; stderr: {stderr_tail}")]
     Timeout {
-        /// The node.
+        /// The node's host name.
         hostname: String,
-        /// The program.
+        /// The configured program, as it was run.
         program: String,
-        /// The timeout.
+        /// The configured `timeout` it ran past.
         after: Duration,
         /// The last 2 KiB of stderr.
         stderr_tail: String,
@@ -125,9 +125,9 @@ pub enum CommandError {
     /// It exited unsuccessfully.
     #[error("install of {hostname}: {program:?} failed with {status}; stderr: {stderr_tail}")]
     Failed {
-        /// The node.
+        /// The node's host name.
         hostname: String,
-        /// The program.
+        /// The configured program, as it was run.
         program: String,
         /// `exit status N` or `killed by signal N`.
         status: String,
@@ -139,9 +139,9 @@ pub enum CommandError {
         "install of {hostname}: {program:?} exited 0 but its output was not {detail}; stdout began {stdout_head:?}; stderr: {stderr_tail}"
     )]
     BadOutput {
-        /// The node.
+        /// The node's host name.
         hostname: String,
-        /// The program.
+        /// The configured program, as it was run.
         program: String,
         /// What was wrong (`JSON (…)`, `a JSON object`, …).
         detail: String,
@@ -153,9 +153,9 @@ pub enum CommandError {
     /// It reported a `host_key` that is not an OpenSSH host key.
     #[error("install of {hostname}: {program:?} reported an invalid SSH host key: {source}")]
     BadHostKey {
-        /// The node.
+        /// The node's host name.
         hostname: String,
-        /// The program.
+        /// The configured program, as it was run.
         program: String,
         /// Why the key was refused.
         #[source]
@@ -188,7 +188,7 @@ impl CommandInstaller {
         CommandInstaller { config }
     }
 
-    /// The configuration.
+    /// The program, arguments, timeout and environment it runs.
     pub fn config(&self) -> &CommandConfig {
         &self.config
     }

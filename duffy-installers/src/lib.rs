@@ -15,6 +15,8 @@
 //!   Ansible playbook wrapper, say) with the node and image as JSON on stdin
 //!   and in environment variables, with a timeout that kills the whole
 //!   process group.
+//! - [`by_pool`]: [`ByPool`] installs each pool's image with the installer
+//!   chosen for that pool (the others with a default one).
 //! - [`ssh`]: [`SshContextualizer`] pushes the project's public keys to the
 //!   node's `authorized_keys` over the system OpenSSH client, checking the
 //!   host key the install recorded: duffy-core's
@@ -24,29 +26,22 @@
 //! Also: [`template`], the tiny `{{name}}` renderer behind the PXE templates,
 //! and [`keys`], the OpenSSH public key validation every module shares.
 //!
-//! With the `test-sshd` feature, `test_sshd` is a real OpenSSH server
-//! started by tests (as the current user, on 127.0.0.1, in a temporary
-//! directory). It is test infrastructure only: it panics on any problem
-//! (a panic there is a test failure), and when OpenSSH is missing it fails
-//! loudly, saying `apt-get install openssh-server openssh-client`.
-//!
 //! No secret is ever logged: install tokens appear in logs as an 8-character
 //! prefix only, and private keys are referenced by path.
 
+pub mod by_pool;
 pub mod command;
 pub mod keys;
 mod process;
 pub mod pxe;
 pub mod ssh;
 pub mod template;
-#[cfg(feature = "test-sshd")]
-#[allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
-pub mod test_sshd;
 mod util;
 
+pub use by_pool::ByPool;
 pub use command::{CommandConfig, CommandError, CommandInstaller};
 pub use duffy_core::time::parse_duration;
 pub use keys::{KeyError, PublicKey};
-pub use pxe::{PxeConfig, PxeError, PxeImage, PxeInstaller, PxeRegistry};
+pub use pxe::{InstallEndpoints, PxeConfig, PxeError, PxeImage, PxeInstaller, PxeRegistry};
 pub use ssh::{SshConfig, SshContextualizer, SshError};
 pub use template::TemplateError;

@@ -139,11 +139,11 @@ pub enum SshError {
          replace the project's keys with `duffy project set {project} --ssh-keys FILE`"
     )]
     InvalidProjectKey {
-        /// The project.
+        /// The project whose key it is.
         project: String,
         /// 1-based position of the key in the project's list.
         index: usize,
-        /// Why.
+        /// What is wrong with the key.
         #[source]
         source: KeyError,
     },
@@ -153,20 +153,20 @@ pub enum SshError {
          add them with `duffy project set {project} --ssh-keys FILE`"
     )]
     NoProjectKeys {
-        /// The project.
+        /// The project without keys.
         project: String,
     },
     /// A project or session name that goes into the marker lines is
     /// invalid.
     #[error("{reason}")]
     InvalidName {
-        /// What is wrong.
+        /// Which name, and the rule it breaks.
         reason: String,
     },
     /// The node's address cannot be passed to ssh.
     #[error("preparing {hostname}: invalid address {address:?}")]
     InvalidAddress {
-        /// The node.
+        /// The node's host name.
         hostname: String,
         /// The address (shortened to one line).
         address: String,
@@ -176,24 +176,24 @@ pub enum SshError {
         "preparing {hostname}: no SSH host key recorded for the node (its install reported none); refusing to connect"
     )]
     NoHostKey {
-        /// The node.
+        /// The node's host name.
         hostname: String,
     },
     /// The node's recorded host key is not a valid host key.
     #[error("preparing {hostname}: the recorded SSH host key is invalid: {source}")]
     BadRecordedHostKey {
-        /// The node.
+        /// The node's host name.
         hostname: String,
-        /// Why.
+        /// What is wrong with the recorded key.
         #[source]
         source: KeyError,
     },
     /// A local I/O error (the temporary `known_hosts` file).
     #[error("preparing {hostname}: {what}: {source}")]
     Local {
-        /// The node.
+        /// The node's host name.
         hostname: String,
-        /// What failed.
+        /// The step that failed (writing the temporary `known_hosts`, …).
         what: String,
         /// The OS error.
         #[source]
@@ -204,7 +204,7 @@ pub enum SshError {
         "preparing {hostname}: host key verification failed for {target} (the node's SSH host key is not the one recorded at install): {stderr}"
     )]
     HostKeyMismatch {
-        /// The node.
+        /// The node's host name.
         hostname: String,
         /// `user@addr:port`.
         target: String,
@@ -214,7 +214,7 @@ pub enum SshError {
     /// The node refused Duffy's provisioning key.
     #[error("preparing {hostname}: {target} refused Duffy's provisioning key: {stderr}")]
     AuthFailed {
-        /// The node.
+        /// The node's host name.
         hostname: String,
         /// `user@addr:port`.
         target: String,
@@ -225,7 +225,7 @@ pub enum SshError {
     /// resolved, …), or ssh failed for another reason.
     #[error("preparing {hostname}: cannot connect to {target}: {stderr}")]
     Connect {
-        /// The node.
+        /// The node's host name.
         hostname: String,
         /// `user@addr:port`.
         target: String,
@@ -235,11 +235,11 @@ pub enum SshError {
     /// The whole run took longer than `connect_timeout + command_timeout`.
     #[error("preparing {hostname}: ssh to {target} timed out after {after:?} and was killed: {stderr}")]
     Timeout {
-        /// The node.
+        /// The node's host name.
         hostname: String,
         /// `user@addr:port`.
         target: String,
-        /// The limit.
+        /// `connect_timeout + command_timeout`, which it ran past.
         after: Duration,
         /// The tail of ssh's stderr.
         stderr: String,
@@ -247,7 +247,7 @@ pub enum SshError {
     /// The remote script failed.
     #[error("preparing {hostname}: updating {path} on {target} failed ({status}); stderr: {stderr}")]
     Remote {
-        /// The node.
+        /// The node's host name.
         hostname: String,
         /// `user@addr:port`.
         target: String,
@@ -261,9 +261,9 @@ pub enum SshError {
     /// The ssh client could not be run.
     #[error("preparing {hostname}: cannot run {program:?}: {source}")]
     Spawn {
-        /// The node.
+        /// The node's host name.
         hostname: String,
-        /// The ssh program.
+        /// The ssh client that could not be run (`ssh_program`).
         program: String,
         /// The OS error.
         #[source]
@@ -337,7 +337,7 @@ impl SshContextualizer {
         Ok(SshContextualizer { config })
     }
 
-    /// The configuration.
+    /// The user, keys, timeouts and ssh client it connects with.
     pub fn config(&self) -> &SshConfig {
         &self.config
     }

@@ -3,7 +3,7 @@
 //! (Debian `openssh-server`), as the current user, on 127.0.0.1. Each test
 //! has its own sshd, keys and `authorized_keys` in a temporary directory;
 //! the real `~/.ssh` is never touched. The servers are killed on drop. The
-//! server is `duffy_installers::test_sshd` (feature `test-sshd`).
+//! server is `duffy_testsupport::sshd`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use duffy_core::model::NewNode;
 use duffy_core::{Arch, Blame, Contextualizer, Node, NodeId, Project, SessionId, Timestamp};
-use duffy_installers::test_sshd::{OPERATOR_LINE, Sshd, free_port, keygen, read};
 use duffy_installers::{SshConfig, SshContextualizer, SshError};
+use duffy_testsupport::free_port;
+use duffy_testsupport::sshd::{KeyKind, OPERATOR_LINE, Sshd, keygen, read};
 
 const HOSTNAME: &str = "node1.example.org";
 
@@ -138,6 +139,39 @@ async fn a_wrong_recorded_host_key_is_refused_and_nothing_is_written() {
     assert!(msg.contains("Host key verification failed"), "ssh's own words missing: {msg}");
     assert_eq!(sshd.authorized_keys(), before);
     assert!(!can_login(&sshd, "project_key1"));
+}
+
+/// EL5 and EL6 machines have no Ed25519 host key: an sshd that offers only
+/// RSA (4096 bits), and one that offers only ECDSA on P-521, are handed
+/// over checking the host key their install recorded, and one whose
+/// recorded key is of the other type is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_with_only_rsa_or_only_ecdsa_host_keys() {
+    let rsa = Sshd::start_with_host_key(KeyKind::Rsa4096);
+    let ecdsa = Sshd::start_sharing(&rsa, KeyKind::EcdsaP521);
+    assert!(rsa.host_public_key().starts_with("ssh-rsa "), "{}", rsa.host_public_key());
+    assert!(rsa.host_public_key().len() > 700, "a 4096-bit key line: {}", rsa.host_public_key());
+    assert!(ecdsa.host_public_key().starts_with("ecdsa-sha2-nistp521 "), "{}", ecdsa.host_public_key());
+    let p = project("el6", vec![rsa.project_public_key(1)]);
+    for (i, server) in [&rsa, &ecdsa].into_iter().enumerate() {
+        let ctx = SshContextualizer::new(ssh_config(server)).unwrap();
+        // Recorded as the install records it: without the comment.
+        let mut node = test_node(server);
+        let recorded = duffy_installers::PublicKey::parse_host_key(&server.host_public_key()).unwrap();
+        node.host_key = Some(recorded.without_comment());
+        assert!(!server.login_works_checking_host_key(&server.project_private_key_path(1)));
+        ctx.prepare(&node, &p, &session(&format!("s-{i}"))).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(server.login_works_checking_host_key(&server.project_private_key_path(1)));
+        ctx.remove_keys(&node).await.unwrap();
+    }
+    assert_eq!(blocks(&rsa.authorized_keys()), 0);
+    // The RSA machine's key recorded, but an ECDSA-only server answers.
+    let ctx = SshContextualizer::new(ssh_config(&ecdsa)).unwrap();
+    let mut node = test_node(&ecdsa);
+    node.host_key = Some(rsa.host_public_key());
+    let err = ctx.push_keys(&node, &p, &session("s-x")).await.unwrap_err();
+    assert!(matches!(err, SshError::HostKeyMismatch { .. }), "{err:?}");
+    assert_eq!(blocks(&rsa.authorized_keys()), 0, "nothing written");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

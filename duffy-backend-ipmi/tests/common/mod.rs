@@ -3,7 +3,7 @@
 
 #![allow(dead_code, unused_macros, unused_imports)]
 
-pub use duffy_backend_ipmi::rig;
+pub use duffy_testsupport::rig;
 pub mod suite;
 
 /// Generates the test suite as `#[tokio::test]` functions for one driver.

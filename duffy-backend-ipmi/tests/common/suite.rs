@@ -9,7 +9,9 @@ use duffy_core::model::{Arch, NewNode, Node, NodeId, PowerState};
 use duffy_core::power::{BootDevice, PowerAction, PowerController, PowerError, PowerErrorKind};
 use duffy_core::time::Timestamp;
 
-use super::rig::{PASSWORD_PREFIX, Rig, require};
+use duffy_testsupport::eventually;
+
+use super::rig::{PASSWORD_PREFIX, Rig, require_ipmitool};
 
 /// The node of rig BMC `i`.
 pub fn node(i: usize) -> Node {
@@ -28,7 +30,7 @@ fn setup(driver: Driver, n: usize, tune: impl Fn(&mut BmcConfig)) -> (Rig, IpmiP
 /// installed (a missing tool fails the test, saying what to install).
 fn start_rig(driver: Driver, n: usize) -> Rig {
     if driver == Driver::Ipmitool {
-        require("ipmitool", "-V");
+        require_ipmitool();
     }
     Rig::start(n)
 }
@@ -55,15 +57,6 @@ async fn expect_error<T: std::fmt::Debug>(
     assert!(!format!("{e} {e:?}").contains(PASSWORD_PREFIX), "a password leaked into the error: {e}");
     assert!(took <= within, "{kind:?} came after {took:?}, more than {within:?}: {e}");
     e
-}
-
-/// Polls `cond` every 50 ms until it holds, for at most `within`.
-async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let until = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < until, "not within {within:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Waits until `ctl` can read the status of node `i` again (a BMC that was

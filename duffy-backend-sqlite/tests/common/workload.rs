@@ -28,8 +28,8 @@ use duffy_backend_sqlite::{SqliteOptions, SqliteStore, TestHooks};
 use duffy_core::testkit::conformance::{add_ready, check_history, check_invariants, pool7};
 use duffy_core::{
     Actor, Arch, Batch, Cause, CauseKind, ClaimRefusal, ClaimRequest, CommitError, EventQuery, Guard, KeyId, NewNode,
-    Node, NodeId, NodeState, NodeWrite, PoolKey, PoolTarget, Project, RateLimit, Session, SessionId, SessionState,
-    SessionWrite, Store, Timestamp,
+    Node, NodeId, NodeState, NodeWrite, PoolKey, PoolTarget, Project, RateLimit, Session, SessionCause, SessionId,
+    SessionState, SessionWrite, Store, Timestamp,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -102,6 +102,9 @@ async fn commit_ack(store: &dyn Store, mut batch: Batch, name: &str) -> bool {
     }
 }
 
+/// Moves a session to `state` through the session state machine (an
+/// Allocating session that ends is aborted, a delivered one released) and
+/// its nodes with `cause`, as one compare-and-set batch.
 fn session_batch(s: &Session, nodes: &[Node], state: SessionState, cause: &dyn Fn(&Node) -> Cause) -> Batch {
     let mut batch = Batch::default();
     for n in nodes {
@@ -109,13 +112,13 @@ fn session_batch(s: &Session, nodes: &[Node], state: SessionState, cause: &dyn F
             batch.nodes.push(w);
         }
     }
-    let mut next = s.clone();
-    next.state = state;
-    next.version += 1;
-    if state == SessionState::Done {
-        next.ended_at = Some(T0);
-    }
-    batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: next });
+    let session_cause = match (s.state, state) {
+        (_, SessionState::Prod) => SessionCause::Delivered { lease_until: T0 },
+        (_, SessionState::Fail) => SessionCause::FailedByUser { hold_until: T0 },
+        (SessionState::Allocating, _) => SessionCause::Aborted { reason: "crash test".into() },
+        _ => SessionCause::Released,
+    };
+    batch.sessions.push(SessionWrite::transition(s, session_cause, T0).expect("a legal session transition"));
     batch
 }
 
@@ -221,7 +224,7 @@ async fn child_task(store: Arc<SqliteStore>, round: u64, task: u64, seq: Arc<Ato
                     }
                     _ => session_batch(s, &nodes, SessionState::Done, &done),
                 };
-                let ending = batch.sessions[0].session.state == SessionState::Done;
+                let ending = !batch.sessions[0].session.state.is_live();
                 let released: Vec<Node> = batch.nodes.iter().map(|w| w.node.clone()).collect();
                 if commit_ack(store, batch, &name).await && ending {
                     reinstall(store, released, format!("{name}r")).await;

@@ -7,8 +7,12 @@
 //! among the backend's dev-dependencies):
 //!
 //! ```ignore
-//! duffy_core::store_conformance_tests!(|| async { std::sync::Arc::new(MyStore::open_temp().await) as std::sync::Arc<dyn duffy_core::Store> });
+//! duffy_core::store_conformance_tests!(|| async { std::sync::Arc::new(MyStore::open_temp().await) });
 //! ```
+//!
+//! The factory returns a [`Fixture`]: the store itself, or the store with
+//! whatever must outlive it (a temporary directory, a scratch database),
+//! so a backend needs no wrapper around its store to tie the two together.
 //!
 //! [`check_invariants`] and [`check_history`] verify the farm-wide
 //! invariants on any store, for property, stress and crash tests.
@@ -24,6 +28,7 @@ use crate::model::{
     SessionId, SessionState,
 };
 use crate::policy::RateLimit;
+use crate::session::SessionCause;
 use crate::state::{Cause, CauseKind, NodeState};
 use crate::store::{
     Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, HandBack, HandBackKind,
@@ -32,8 +37,11 @@ use crate::store::{
 use crate::time::Timestamp;
 
 /// Generates one `#[tokio::test]` per conformance check, each on a fresh
-/// store from `$factory` (a closure returning a future of
-/// `Arc<dyn Store>`).
+/// store from `$factory`: a closure returning a future of a [`Fixture`]
+/// (`Arc<S>` for any store `S`, `Arc<dyn Store>`, `(store, guard)`, or a
+/// backend's own type). The fixture is dropped after the check.
+///
+/// [`Fixture`]: crate::testkit::conformance::Fixture
 #[macro_export]
 macro_rules! store_conformance_tests {
     ($factory:expr) => {
@@ -54,6 +62,7 @@ macro_rules! store_conformance_tests {
             stale_ready_is_oldest_first_and_bounded,
             nodes_after_pages_through_the_farm,
             idle_nodes_are_least_used_first,
+            ready_counts_count_ready_nodes_per_pool,
             api_keys_are_listed_and_revoked,
             key_use_is_recorded_forward_only,
             claim_checks_the_pool_target,
@@ -67,11 +76,40 @@ macro_rules! store_conformance_tests {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $name() {
-                let store = ($factory)().await;
-                $crate::testkit::conformance::$name(store).await;
+                let fixture = ($factory)().await;
+                $crate::testkit::conformance::$name($crate::testkit::conformance::Fixture::store(&fixture)).await;
+                drop(fixture);
             }
         )*
     };
+}
+
+/// What a [`store_conformance_tests!`](crate::store_conformance_tests)
+/// factory returns: a fresh, empty store, and anything that must live as
+/// long as the check runs.
+pub trait Fixture {
+    /// The store under test.
+    fn store(&self) -> Arc<dyn Store>;
+}
+
+impl<S: Store + 'static> Fixture for Arc<S> {
+    fn store(&self) -> Arc<dyn Store> {
+        self.clone()
+    }
+}
+
+impl Fixture for Arc<dyn Store> {
+    fn store(&self) -> Arc<dyn Store> {
+        self.clone()
+    }
+}
+
+/// A store and a guard that outlives it: the tuple's fields drop in order,
+/// so the store closes before, say, its temporary directory goes.
+impl<F: Fixture, G> Fixture for (F, G) {
+    fn store(&self) -> Arc<dyn Store> {
+        self.0.store()
+    }
 }
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
@@ -131,8 +169,9 @@ pub async fn claim_ok(store: &dyn Store, req: ClaimRequest) -> Claimed {
     }
 }
 
-/// Releases a session the way the engine's done does: Allocating or Prod
-/// to Done, its nodes back to Active.
+/// Ends a session the way the engine does: a Prod (or Fail) session is
+/// released (Done), an Allocating one aborted; its nodes go back to
+/// Active.
 pub async fn release(store: &dyn Store, sid: &SessionId, now: Timestamp) -> Result<(), CommitError> {
     let s = store.session(sid).await?.ok_or_else(|| StoreError::NotFound(format!("session {sid}")))?;
     let mut batch = Batch::default();
@@ -148,11 +187,12 @@ pub async fn release(store: &dyn Store, sid: &SessionId, now: Timestamp) -> Resu
                 .map_err(|e| StoreError::Invalid(e.to_string()))?,
         );
     }
-    let mut done = s.clone();
-    done.state = SessionState::Done;
-    done.ended_at = Some(now);
-    done.version += 1;
-    batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: done });
+    let cause = if s.state == SessionState::Allocating {
+        SessionCause::Aborted { reason: "test".into() }
+    } else {
+        SessionCause::Released
+    };
+    batch.sessions.push(SessionWrite::transition(&s, cause, now).map_err(|e| StoreError::Invalid(e.to_string()))?);
     store.commit(batch).await
 }
 
@@ -453,12 +493,9 @@ pub async fn sessions_are_compare_and_set(store: Arc<dyn Store>) {
     let b = claim_ok(&*store, claim_req("sb", 1, "p", 1, T0.plus(Duration::from_secs(1)))).await;
     let live: Vec<_> = store.live_sessions().await.expect("live").into_iter().map(|s| s.id.0).collect();
     assert_eq!(live, vec!["sb", "sa"], "ordered by creation time");
-    let mut prod: Session = a.session.clone();
-    prod.state = SessionState::Prod;
-    prod.delivered_at = Some(T0);
-    prod.lease_until = Some(T0.plus(Duration::from_secs(3600)));
-    prod.version += 1;
-    let w = SessionWrite { expected_version: Some(a.session.version), session: prod.clone() };
+    let lease_until = T0.plus(Duration::from_secs(3600));
+    let w = SessionWrite::transition(&a.session, SessionCause::Delivered { lease_until }, T0).expect("legal");
+    let prod: Session = w.session.clone();
     store.commit(Batch { sessions: vec![w.clone()], ..Batch::default() }).await.expect("update");
     assert!(matches!(
         store.commit(Batch { sessions: vec![w], ..Batch::default() }).await,
@@ -473,8 +510,8 @@ pub async fn sessions_are_compare_and_set(store: Arc<dyn Store>) {
     release(&*store, &b.session.id, T0).await.expect("release");
     let live: Vec<_> = store.live_sessions().await.expect("live").into_iter().map(|s| s.id.0).collect();
     assert_eq!(live, vec!["sa"]);
-    let done = store.session(&b.session.id).await.expect("read").expect("kept");
-    assert_eq!(done.state, SessionState::Done);
+    let ended = store.session(&b.session.id).await.expect("read").expect("kept");
+    assert_eq!(ended.state, SessionState::Aborted, "an allocation that never delivered ends Aborted");
 }
 
 /// A batch whose guard fails on the state it would leave writes nothing.
@@ -491,10 +528,9 @@ pub async fn guards_undo_the_whole_batch(store: Arc<dyn Store>) {
             nodes.push(w.node.clone());
             batch.nodes.push(w);
         }
-        let mut s = c.session.clone();
-        s.state = SessionState::Prod;
-        s.version += 1;
-        batch.sessions.push(SessionWrite { expected_version: Some(c.session.version), session: s.clone() });
+        let w = SessionWrite::transition(&c.session, SessionCause::Delivered { lease_until: T0 }, T0).expect("legal");
+        let s = w.session.clone();
+        batch.sessions.push(w);
         store.commit(batch).await.expect("deliver");
         held.push((s, nodes));
     }
@@ -507,11 +543,9 @@ pub async fn guards_undo_the_whole_batch(store: Arc<dyn Store>) {
                     .expect("legal"),
             );
         }
-        let mut f = s.clone();
-        f.state = SessionState::Fail;
-        f.hold_until = Some(hold);
-        f.version += 1;
-        batch.sessions.push(SessionWrite { expected_version: Some(s.version), session: f });
+        batch
+            .sessions
+            .push(SessionWrite::transition(s, SessionCause::FailedByUser { hold_until: hold }, T0).expect("legal"));
         batch.guards.push(Guard::ProjectFailedNodesAtMost { project: "proj".into(), max });
         batch
     };
@@ -763,6 +797,21 @@ pub async fn idle_nodes_are_least_used_first(store: Arc<dyn Store>) {
     for n in &idle {
         assert_eq!(Some(n), store.node(n.id).await.expect("read").as_ref());
     }
+}
+
+/// `ready_counts` counts Ready nodes per pool (every pool with one, in
+/// pool order) and nothing else: not a node of another state carrying
+/// the same image.
+pub async fn ready_counts_count_ready_nodes_per_pool(store: Arc<dyn Store>) {
+    assert!(store.ready_counts().await.expect("read").is_empty());
+    let p6 = PoolKey::new("6", Arch::X86_64, None);
+    add_ready(&*store, "a", 3, &pool7()).await;
+    add_ready(&*store, "b", 1, &p6).await;
+    store.add_nodes(vec![NewNode::new("idle", Arch::X86_64)], Actor::Operator, T0).await.expect("add");
+    assert_eq!(store.ready_counts().await.expect("read"), vec![(p6.clone(), 1), (pool7(), 3)]);
+    // A claimed node carries its image but is no longer Ready.
+    claim_ok(&*store, claim_req("c", 1, "p", 2, T0)).await;
+    assert_eq!(store.ready_counts().await.expect("read"), vec![(p6, 1), (pool7(), 1)]);
 }
 
 /// `nodes_after` pages through every node by id.

@@ -11,7 +11,9 @@ use crate::policy::Policy;
 use crate::store::Store;
 use crate::time::{Clock, Timestamp};
 
-use super::{ManualClock, MemStore, SeededSessionIds, SimConfig, SimFarm};
+use super::ManualClock;
+use crate::mem::MemStore;
+use crate::sim::{SeededSessionIds, SimConfig, SimFarm};
 
 /// A whole farm in one thread on a manual clock: in-memory store,
 /// simulated hardware, the engine and its reconciler, all driven by a

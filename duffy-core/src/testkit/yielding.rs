@@ -2,7 +2,7 @@
 //! engine operations interleave.
 //!
 //! The engine's correctness rests on its read → compare-and-set windows
-//! being safe whatever runs in between. [`MemStore`](super::MemStore)
+//! being safe whatever runs in between. [`MemStore`](crate::mem::MemStore)
 //! answers every call without ever returning `Pending`, so on a
 //! single-threaded executor one operation runs from one clock wait to the
 //! next without anyone else getting a turn: the windows never interleave

@@ -6,10 +6,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use duffy_core::testkit::SimFarm;
+use duffy_core::clock::SystemClock;
+use duffy_core::sim::SimFarm;
 use duffy_core::{Clock, Policy, PoolTarget, Store};
 use duffy_http::config::{Config, HardwareConfig, PoolConfig, SimulatedConfig};
-use duffy_http::{Running, SystemClock, build_engine, start_with};
+use duffy_http::{Running, build_engine, start_with};
 
 pub struct TestServer {
     pub running: Option<Running>,

@@ -1,3 +1,18 @@
+//! [`MemStore`]: the in-memory [`Store`], a backend in its own right (as
+//! `object_store`'s `InMemory` is), not a test double.
+//!
+//! One mutex guards the whole state, with the same indexes the durable
+//! stores keep (Ready nodes by pool and use, nodes by state, live sessions
+//! by age), so every call is atomic and as cheap as a map lookup, and
+//! everything is gone when the store is dropped. It suits an engine that
+//! needs no durability: a simulation, a scheduler's own tests, a
+//! benchmark of the engine alone. It is held to the same conformance suite
+//! as the durable stores.
+//!
+//! It is always compiled: it needs nothing the core does not already need
+//! (no I/O, no runtime, no other crate), so a feature would only hide it,
+//! and code that does not use it costs nothing in a binary.
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
 

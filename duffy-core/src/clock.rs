@@ -1,12 +1,17 @@
-//! The production clock: wall time from the OS, sleeps on tokio's timer.
+//! The system clock (feature `tokio`): wall time from the OS, sleeps on
+//! tokio's timer. This is the clock of an engine that runs real machines.
+//!
+//! It is the only code in duffy-core that reads the OS clock, and it is
+//! compiled only with the `tokio` feature; everything else in the core
+//! takes its time from the injected [`Clock`].
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use duffy_core::time::BoxFuture;
-use duffy_core::{Clock, Timestamp};
+use crate::time::{BoxFuture, Clock, Timestamp};
 
-/// Wall-clock time (UTC milliseconds) and tokio sleeps. The only place the
-/// service reads the OS clock; duffy-core gets its time from here.
+/// Wall-clock time (UTC milliseconds) and tokio sleeps. Its sleeps need a
+/// tokio runtime with the timer enabled (`enable_time`, or
+/// `#[tokio::main]`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;
 

@@ -1,12 +1,10 @@
 //! A test rig of simulated BMCs: one `ipmi_sim` process (Debian package
 //! `openipmi`) per BMC on 127.0.0.1, each with its own UDP port, user and
-//! password, and a `chassis` script (tests/rig/chassis) that keeps the
+//! password, and a `chassis` script (`rig/chassis` in this crate) that keeps the
 //! machine's power and boot device in a state file the tests read and
 //! that injects faults on demand.
 //!
 //! Missing tools make the rig panic with what to install: tests never skip.
-//! (This is test infrastructure, behind the `rig` feature: a failed
-//! `expect` here is a failed test, which is why it may panic.)
 //! Every `ipmi_sim` is killed when its [`SimBmc`] is dropped, and also when
 //! the test process dies: each runs under a small shell that kills it as
 //! soon as its standard input (a pipe from the test process) closes.
@@ -17,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::lanplus::packet::{Request, encode_v15};
-use crate::{BmcConfig, BmcInventory, Driver, Secret};
+use duffy_backend_ipmi::lanplus::packet::{Request, encode_v15};
+use duffy_backend_ipmi::{BmcConfig, BmcInventory, Driver, Secret};
 
 /// Every rig password starts with this, so tests can check that no
 /// password shows in an error.
@@ -26,25 +24,21 @@ pub const PASSWORD_PREFIX: &str = "Sekr3t";
 
 const EMU: &str = "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02\nmc_enable 0x20\n";
 
+const INSTALL_IPMI: &str = "apt-get update && apt-get install -y --no-install-recommends openipmi ipmitool";
+
 /// The chassis control script.
 pub fn chassis_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/rig/chassis")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("rig/chassis")
 }
 
-/// Panics, loudly, unless `program` runs.
-pub fn require(program: &str, version_arg: &str) {
-    let ok = Command::new(program)
-        .arg(version_arg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    assert!(
-        ok,
-        "\n\n*** `{program}` is not installed: the IPMI tests need it. Install it with\n\
-         ***   apt-get update && apt-get install -y --no-install-recommends openipmi ipmitool\n\n"
-    );
+/// Fails the test, saying what to install, unless `ipmi_sim` runs.
+pub fn require_ipmi_sim() {
+    crate::require("ipmi_sim", &["--version"], INSTALL_IPMI);
+}
+
+/// Fails the test, saying what to install, unless `ipmitool` runs.
+pub fn require_ipmitool() {
+    crate::require("ipmitool", &["-V"], INSTALL_IPMI);
 }
 
 /// A set of simulated BMCs, in a temporary directory.
@@ -75,7 +69,7 @@ pub struct SimBmc {
 impl Rig {
     /// Starts `n` simulated BMCs and waits until each answers.
     pub fn start(n: usize) -> Rig {
-        require("ipmi_sim", "--version");
+        require_ipmi_sim();
         assert!(chassis_script().exists(), "missing {}", chassis_script().display());
         let dir = tempfile::Builder::new().prefix("duffy-ipmi-rig-").tempdir().expect("temporary directory");
         let tag: u32 = rand::random::<u32>() % 100_000;

@@ -1,3 +1,14 @@
+//! The simulated farm (feature `sim`): machines that exist only in memory.
+//!
+//! [`SimFarm`] is a [`PowerController`], an [`Installer`] and a
+//! [`Contextualizer`] whose operations take seeded random time on the
+//! injected [`Clock`] and fail at configured rates ([`SimConfig`]), with
+//! switches to break particular machines. On the system clock it is the
+//! embedded default of `duffy serve` and the way to try Duffy without
+//! hardware; on the test kit's manual clock it is fully deterministic.
+//! [`SeededSessionIds`] makes session ids reproducible too, so a
+//! simulation run twice with the same seed writes the same history.
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -1,7 +1,5 @@
-//! A real OpenSSH server for tests (feature `test-sshd`).
+//! A real OpenSSH server for tests.
 //!
-//! This is test infrastructure, not part of Duffy: it is compiled only with
-//! the `test-sshd` feature, which test code enables as a dev-dependency.
 //! Every failure is a test failure, so it panics instead of returning
 //! errors. A missing OpenSSH fails loudly, saying what to install
 //! (`apt-get install openssh-server openssh-client`), rather than skipping.
@@ -10,7 +8,9 @@
 //! 127.0.0.1 on a free port, with everything in its own temporary
 //! directory:
 //!
-//! - its own host key (`host_key`, `host_key.pub`);
+//! - its own host key (`host_key`, `host_key.pub`), Ed25519 by default, or
+//!   of the [`KeyKind`] given to [`Sshd::start_with_host_key`]: it is the
+//!   server's only host key, so the server offers only that algorithm;
 //! - Duffy's provisioning key pair (`duffy_key`, `duffy_key.pub`);
 //! - two project key pairs, not authorized yet (`project_key1`,
 //!   `project_key2` and their `.pub`);
@@ -18,24 +18,28 @@
 //!   public key and [`OPERATOR_LINE`], an operator's key that was there
 //!   before Duffy.
 //!
+//! [`Sshd::start_sharing`] starts a second server with its own host key
+//! that accepts the same keys and writes the same `authorized_keys` as a
+//! first one: two "machines" of one farm, as Duffy sees them.
+//!
 //! The real `~/.ssh` is never touched. The server is killed, and its
 //! directory removed, when the [`Sshd`] is dropped.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::SshConfig;
+use duffy_installers::SshConfig;
+
+use crate::{free_port, require};
 
 /// The OpenSSH server the tests run.
 pub const SSHD: &str = "/usr/sbin/sshd";
 
 /// What to do when OpenSSH is missing; part of every such panic message.
-pub const INSTALL_HINT: &str = "the SSH tests need OpenSSH: apt-get install openssh-server openssh-client \
-                                (or run scripts/install-test-deps.sh)";
+pub const INSTALL_HINT: &str = "apt-get install openssh-server openssh-client";
 
 /// A line that was in `authorized_keys` before Duffy: Duffy must keep it.
 pub const OPERATOR_LINE: &str =
@@ -44,17 +48,10 @@ pub const OPERATOR_LINE: &str =
 /// Panics, saying what to install, unless `sshd`, `ssh` and `ssh-keygen`
 /// are available.
 pub fn require_openssh() {
-    assert!(Path::new(SSHD).exists(), "{SSHD} is missing; {INSTALL_HINT}");
-    for tool in ["ssh", "ssh-keygen"] {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(found, "{tool} is missing; {INSTALL_HINT}");
-    }
+    require(SSHD, &["-V"], INSTALL_HINT);
+    require("ssh", &["-V"], INSTALL_HINT);
+    // Any option it does not know makes it print its usage and exit.
+    require("ssh-keygen", &["--help"], INSTALL_HINT);
 }
 
 /// The name of the user the tests run as (`id -un`).
@@ -64,27 +61,70 @@ pub fn current_user() -> String {
     String::from_utf8(out.stdout).expect("id -un printed UTF-8").trim().to_string()
 }
 
+/// A type of key `ssh-keygen` makes for the tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// `ssh-keygen -t ed25519`.
+    Ed25519,
+    /// `ssh-keygen -t rsa -b 4096`: a public key line of about 750 bytes
+    /// (EL5 and EL6 machines have only RSA host keys).
+    Rsa4096,
+    /// `ssh-keygen -t ecdsa -b 521`: a public key line of about 270 bytes.
+    EcdsaP521,
+}
+
+impl KeyKind {
+    fn keygen_args(self) -> &'static [&'static str] {
+        match self {
+            KeyKind::Ed25519 => &["-t", "ed25519"],
+            KeyKind::Rsa4096 => &["-t", "rsa", "-b", "4096"],
+            KeyKind::EcdsaP521 => &["-t", "ecdsa", "-b", "521"],
+        }
+    }
+
+    /// The OpenSSH key type name, e.g. `ssh-rsa`.
+    pub fn key_type(self) -> &'static str {
+        match self {
+            KeyKind::Ed25519 => "ssh-ed25519",
+            KeyKind::Rsa4096 => "ssh-rsa",
+            KeyKind::EcdsaP521 => "ecdsa-sha2-nistp521",
+        }
+    }
+
+    /// The name OpenSSH gives this type's host key files
+    /// (`/etc/ssh/ssh_host_{name}_key.pub`).
+    pub fn host_key_file_name(self) -> &'static str {
+        match self {
+            KeyKind::Ed25519 => "ed25519",
+            KeyKind::Rsa4096 => "rsa",
+            KeyKind::EcdsaP521 => "ecdsa",
+        }
+    }
+}
+
 /// Creates an ed25519 key pair without a passphrase: the private key at
 /// `path`, the public one at `path` + `.pub`, with `comment`.
 pub fn keygen(path: &Path, comment: &str) {
+    keygen_kind(path, KeyKind::Ed25519, comment);
+}
+
+/// Creates a key pair of `kind` without a passphrase: the private key at
+/// `path`, the public one at `path` + `.pub`, with `comment`.
+pub fn keygen_kind(path: &Path, kind: KeyKind, comment: &str) {
     let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg("-q")
+        .args(kind.keygen_args())
+        .args(["-N", "", "-C", comment, "-f"])
         .arg(path)
         .stdin(Stdio::null())
         .status()
         .unwrap_or_else(|e| panic!("cannot run ssh-keygen: {e}; {INSTALL_HINT}"));
-    assert!(status.success(), "ssh-keygen failed");
+    assert!(status.success(), "ssh-keygen {kind:?} failed");
 }
 
 /// The contents of a text file, panicking with its path.
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago (and on which
-/// nothing listens, unless someone took it since).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local address").port()
 }
 
 /// A running sshd on 127.0.0.1 with its own host key and an
@@ -96,22 +136,55 @@ pub struct Sshd {
     port: u16,
     dir: TempDir,
     user: String,
+    /// The server's `AuthorizedKeysFile`: in `dir`, or the first server's
+    /// (see [`Sshd::start_sharing`]).
+    authorized_keys: PathBuf,
 }
 
 impl Sshd {
-    /// Generates the keys and starts the server; returns once it accepts
-    /// TCP connections. Panics (saying why, with the server's log) if it
-    /// cannot.
+    /// Generates the keys and starts the server, with an Ed25519 host key;
+    /// returns once it accepts TCP connections. Panics (saying why, with
+    /// the server's log) if it cannot.
     pub fn start() -> Sshd {
+        Sshd::start_with_host_key(KeyKind::Ed25519)
+    }
+
+    /// As [`Sshd::start`], with a host key of `kind`, the server's only
+    /// one: it offers only that host key algorithm.
+    pub fn start_with_host_key(kind: KeyKind) -> Sshd {
         require_openssh();
         let dir = tempfile::tempdir().expect("temporary directory");
         let d = dir.path();
-        keygen(&d.join("host_key"), "host");
+        keygen_kind(&d.join("host_key"), kind, "host");
         keygen(&d.join("duffy_key"), "duffy@farm");
         keygen(&d.join("project_key1"), "alice@laptop");
         keygen(&d.join("project_key2"), "bob@laptop");
-        std::fs::write(d.join("authorized_keys"), format!("{}{OPERATOR_LINE}\n", read(&d.join("duffy_key.pub"))))
+        let authorized_keys = d.join("authorized_keys");
+        std::fs::write(&authorized_keys, format!("{}{OPERATOR_LINE}\n", read(&d.join("duffy_key.pub"))))
             .expect("write authorized_keys");
+        Sshd::spawn(dir, authorized_keys)
+    }
+
+    /// A second server, with its own host key of `kind`, that shares
+    /// `first`'s keys (Duffy's and the projects', copied into its
+    /// directory) and `first`'s `authorized_keys` file: what Duffy writes
+    /// through either shows in [`Sshd::authorized_keys`] of both. Drop it
+    /// before `first`.
+    pub fn start_sharing(first: &Sshd, kind: KeyKind) -> Sshd {
+        require_openssh();
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let d = dir.path();
+        keygen_kind(&d.join("host_key"), kind, "host");
+        for name in ["duffy_key", "project_key1", "project_key2"] {
+            for file in [name.to_string(), format!("{name}.pub")] {
+                std::fs::copy(first.path(&file), d.join(&file)).expect("copy a key");
+            }
+        }
+        Sshd::spawn(dir, first.authorized_keys_path())
+    }
+
+    fn spawn(dir: TempDir, authorized_keys: PathBuf) -> Sshd {
+        let d = dir.path();
         let user = current_user();
         // Running as root, sshd wants its privilege separation directory.
         if user == "root" && !Path::new("/run/sshd").exists() {
@@ -123,11 +196,12 @@ impl Sshd {
             std::fs::write(
                 &config,
                 format!(
-                    "ListenAddress 127.0.0.1\nPort {port}\nHostKey {dir}/host_key\nAuthorizedKeysFile {dir}/authorized_keys\n\
+                    "ListenAddress 127.0.0.1\nPort {port}\nHostKey {dir}/host_key\nAuthorizedKeysFile {authorized_keys}\n\
                      StrictModes no\nPidFile {dir}/sshd.pid\nUsePAM no\nPasswordAuthentication no\n\
                      KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n\
                      LogLevel VERBOSE\n",
-                    dir = d.display()
+                    dir = d.display(),
+                    authorized_keys = authorized_keys.display(),
                 ),
             )
             .expect("write sshd_config");
@@ -143,7 +217,7 @@ impl Sshd {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Sshd { child, port, dir, user };
+                    return Sshd { child, port, dir, user, authorized_keys };
                 }
                 if let Some(status) = child.try_wait().expect("wait for sshd") {
                     let log = read(&d.join("sshd.log"));
@@ -189,8 +263,8 @@ impl Sshd {
         self.path("host_key.pub")
     }
 
-    /// The server's host public key line (`ssh-ed25519 AAAA… host`), with
-    /// its trailing newline.
+    /// The server's host public key line (`ssh-ed25519 AAAA… host`, or of
+    /// the type it was started with), with its trailing newline.
     pub fn host_public_key(&self) -> String {
         read(&self.host_public_key_path())
     }
@@ -227,7 +301,7 @@ impl Sshd {
     /// The server's `authorized_keys` file (`AuthorizedKeysFile`, an
     /// absolute path usable as [`SshConfig::authorized_keys`]).
     pub fn authorized_keys_path(&self) -> PathBuf {
-        self.path("authorized_keys")
+        self.authorized_keys.clone()
     }
 
     /// The contents of the `authorized_keys` file.
