@@ -22,8 +22,8 @@ use std::time::Instant;
 use duffy_core::store::{claim_writes, hand_back_writes};
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, Guard, HandBack,
-    HandBackKind, HandBackRefusal, KeyId, NewNode, Node, NodeId, PoolTarget, Project, Session, StorageFault, StoreError,
-    Timestamp, model::validate_token,
+    HandBackKind, HandBackRefusal, KeyId, NewNode, Node, NodeId, PoolTarget, Project, Session, StorageFault,
+    StoreError, Timestamp, model::validate_token,
 };
 use futures::channel::oneshot;
 use rusqlite::Connection;

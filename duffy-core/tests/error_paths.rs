@@ -640,12 +640,14 @@ type Expected = fn(&EngineError) -> bool;
 fn claim_refusals_map_to_their_engine_errors() {
     let limit = RateLimit { max: 5, window: Duration::from_secs(300) };
     let cases: Vec<(ClaimRefusal, Expected)> = vec![
-        (ClaimRefusal::NoSuchPool { available: vec![] }, |e| {
-            matches!(e, EngineError::NoSuchPool { available, .. } if available.is_empty())
-        }),
-        (ClaimRefusal::OverCapacity { requested: 2, standby: 1 }, |e| {
-            matches!(e, EngineError::InvalidRequest(m) if m == "count 2 exceeds the capacity of pool 7/x86_64 (1 nodes)")
-        }),
+        (
+            ClaimRefusal::NoSuchPool { available: vec![] },
+            |e| matches!(e, EngineError::NoSuchPool { available, .. } if available.is_empty()),
+        ),
+        (
+            ClaimRefusal::OverCapacity { requested: 2, standby: 1 },
+            |e| matches!(e, EngineError::InvalidRequest(m) if m == "count 2 exceeds the capacity of pool 7/x86_64 (1 nodes)"),
+        ),
         (ClaimRefusal::Paused, |e| matches!(e, EngineError::Paused)),
         (ClaimRefusal::RateLimited { recent: 5, limit }, |e| {
             matches!(e, EngineError::RateLimited { recent: 5, window_secs: 300 })
