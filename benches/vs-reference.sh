@@ -13,9 +13,12 @@
 #
 # Env: CONNS=64 SECS=15 REPS=3 WARM=2 (passed to compare.sh), STANDBY_PCT=90,
 #      REFERENCE=<dir of compare.sh> (default ../shared/bench/reference from
-#      the repository), KEEP_LOG=1 (keep the server's log), QUOTA=N (give the
-#      key's project a quota of N nodes, so the claim checks it), DUFFY=path
-#      (run that duffy binary instead of building this checkout's).
+#      the repository), KEEP_LOG=1 (keep the server's log, which ends with
+#      the SQLite writer's time per kind of operation), QUOTA=N (the key's
+#      project's quota; default: the number of machines, so every claim
+#      checks a quota that never refuses; QUOTA=none for no quota),
+#      DUFFY=path (run that duffy binary instead of building this
+#      checkout's).
 # CONNS=1 measures one job at a time (the get and done latency targets).
 # Before trusting a figure, check the machine's load (printed at the start
 # and the end of every comparison): a build starting mid-run skews it.
@@ -86,7 +89,8 @@ install_min_ms = 0
 install_max_ms = 0
 prepare_ms = 0
 TOML
-  key=$("$duffy" --db "$work/duffy.db" key create --project bench ${QUOTA:+--quota "$QUOTA"})
+  quota=${QUOTA:-$machines}; [ "$quota" = none ] && quota=
+  key=$("$duffy" --db "$work/duffy.db" key create --project bench ${quota:+--quota "$quota"})
   RUST_LOG=${RUST_LOG:-info} "$duffy" serve --config "$work/duffy.toml" 2>"$work/serve.log" &
   server=$!
   url="http://127.0.0.1:$port"
@@ -103,8 +107,33 @@ TOML
   echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "fsync before: $(fsync_probe "$work")"
   cpu0=$(awk '{print $14+$15}' "/proc/$server/stat")
+  curl -s "$url/metrics" > "$work/metrics0"
   NODES=$machines "$REFERENCE/compare.sh" "$url" "$key" | tee "$work/compare.out"
+  curl -s "$url/metrics" > "$work/metrics1"
   cpu1=$(awk '{print $14+$15}' "/proc/$server/stat")
+  # The store's own fsyncs and group commits during the B runs (the
+  # reference runs leave duffy idle), from its histograms in /metrics.
+  python3 - "$work/metrics0" "$work/metrics1" "$work/compare.out" "$SECS" "$WARM" <<'EOF'
+import json, re, sys
+def scrape(path):
+    out = {}
+    for line in open(path):
+        m = re.match(r'^(duffy_store_(?:fsync_duration_seconds|batch_operations)_(?:sum|count)) (\S+)$', line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+a, b = scrape(sys.argv[1]), scrape(sys.argv[2])
+d = {k: b.get(k, 0) - a.get(k, 0) for k in b}
+secs, warm = float(sys.argv[4]), float(sys.argv[5])
+runs = [json.loads(l.split(' ', 2)[2]) for l in open(sys.argv[3]) if re.match(r'B \d+ ', l)]
+cycles = sum(r['cycles'] for r in runs) * (secs + warm) / secs
+f, fs = d.get('duffy_store_fsync_duration_seconds_count', 0), d.get('duffy_store_fsync_duration_seconds_sum', 0)
+t, ops = d.get('duffy_store_batch_operations_count', 0), d.get('duffy_store_batch_operations_sum', 0)
+if f and t and cycles:
+    print(f"duffy's store during the B runs: {f:.0f} WAL fsyncs, mean {fs / f * 1e3:.3f} ms "
+          f"({f / cycles:.3f} per cycle, warm-up included), {t:.0f} transactions of {ops / t:.1f} operations "
+          f"({ops / cycles:.2f} write operations per cycle)")
+EOF
   echo "fsync after: $(fsync_probe "$work")"
   echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
   # Server CPU over the B runs (timed part and warm-up; A runs leave it idle).
