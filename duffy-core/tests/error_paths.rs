@@ -870,3 +870,79 @@ fn a_failed_power_off_during_a_pause_does_not_stop_the_others() {
     drop(reconciler);
     last(power).checkpoint();
 }
+
+/// An installer whose installs take `took` on the engine's clock.
+struct Slow {
+    clock: ManualClock,
+    took: Duration,
+}
+
+#[async_trait]
+impl Installer for Slow {
+    async fn install(&self, _node: &Node, _image: &PoolKey) -> Result<Installed, InstallError> {
+        let until = self.clock.now().plus(self.took);
+        self.clock.sleep_until(until).await;
+        Ok(Installed::default())
+    }
+}
+
+/// While a pass waits for the store, the installs already running go on:
+/// an install that finishes then records its result at once, not after
+/// the pass (under load, a pass waits for several reads, and installs that
+/// stood still meanwhile let a busy pool run dry). The pass itself still
+/// counts the node as driven: nothing is started twice.
+#[test]
+fn installs_go_on_while_a_pass_waits_for_the_store() {
+    let farm = Farm::new(1, 1);
+    let (open, gate) = futures::channel::oneshot::channel::<()>();
+    let gate = gate.shared();
+    let targets_read = Arc::new(AtomicUsize::new(0));
+    let reads = targets_read.clone();
+    // The second pass's read of the pool targets waits until the test
+    // opens the gate.
+    let store = Arc::new(duffy_core::testkit::InterceptStore::new(
+        farm.mem.clone(),
+        Arc::new(move |method| {
+            let wait = method == "pool_targets" && reads.fetch_add(1, Ordering::SeqCst) == 1;
+            let gate = gate.clone();
+            Box::pin(async move {
+                if wait {
+                    let _ = gate.await;
+                }
+                Ok(())
+            })
+        }),
+    ));
+    let mut rig = Rig::new();
+    let installer = Slow { clock: rig.clock.clone(), took: Duration::from_secs(30) };
+    let engine = Engine::builder(
+        store.clone(),
+        Arc::new(MockPowerController::new()),
+        Arc::new(installer),
+        Arc::new(rig.clock.clone()),
+    )
+    .policy(Policy { tick: Duration::from_secs(5), ..policy() })
+    .build()
+    .unwrap();
+    let reconciler = engine.reconciler();
+    let (stop, stopped) = futures::channel::oneshot::channel::<()>();
+    rig.spawn(async move { reconciler.run(stopped.map(|_| ())).await });
+    assert_eq!(farm.nodes()[0].state, NodeState::Provisioning, "the first pass started the install");
+    rig.advance(Duration::from_secs(5));
+    assert_eq!(targets_read.load(Ordering::SeqCst), 2, "the second pass waits for the store");
+    rig.advance(Duration::from_secs(30));
+    assert_eq!(farm.nodes()[0].state, NodeState::Ready, "the install finished during the pass");
+    open.send(()).unwrap();
+    rig.advance(Duration::from_secs(5));
+    let store: Arc<dyn Store> = farm.mem.clone();
+    let installs = now(store.events(EventQuery::default()))
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.cause == CauseKind::InstallStarted)
+        .count();
+    assert_eq!(installs, 1, "one install, not a second for the node the pass saw Provisioning");
+    assert_eq!(farm.nodes()[0].state, NodeState::Ready);
+    stop.send(()).unwrap();
+    rig.advance(Duration::from_secs(1));
+    drop(engine);
+}
