@@ -3,13 +3,16 @@
 # the BMC simulator and IPMI client, an SSH server for contextualization
 # tests, curl (the PXE test runs the kickstart's first-boot reporter), a
 # Python venv with the legacy `cico` client, mount tools and e2fsprogs for
-# the disk-full and read-only tests (tmpfs, loop-mounted ext4), and a C
-# compiler for the power-cut test's LD_PRELOAD shim. Idempotent: a
+# the disk-full and read-only tests (tmpfs, loop-mounted ext4), a C
+# compiler for the power-cut test's LD_PRELOAD shim, Chromium with its
+# WebDriver server for the dashboard's browser tests, and schemathesis (in
+# the same venv) for the property test of /api/v1 against its OpenAPI
+# document. Idempotent: a
 # second run only checks. Needs root (or sudo) for the Debian packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(openipmi ipmitool openssh-server openssh-client python3-venv curl mount util-linux e2fsprogs gcc libc6-dev)
+packages=(openipmi ipmitool openssh-server openssh-client python3-venv curl mount util-linux e2fsprogs gcc libc6-dev chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -32,7 +35,16 @@ if [ ! -x "$venv/bin/cico" ]; then
 fi
 "$venv/bin/cico" --help >/dev/null
 
-for tool in ipmi_sim ipmitool sshd ssh-keygen curl mount findmnt mkfs.ext4 e2fsck cc; do
+# Property tests of /api/v1 against its own OpenAPI document
+# (duffy-http/tests/schemathesis.rs). Pinned to a major version: its CLI
+# flags are what the test passes.
+if [ ! -x "$venv/bin/schemathesis" ]; then
+  echo "installing schemathesis 4 into $venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check 'schemathesis>=4,<5'
+fi
+"$venv/bin/schemathesis" --version >/dev/null
+
+for tool in ipmi_sim ipmitool sshd ssh-keygen curl mount findmnt mkfs.ext4 e2fsck cc chromium chromedriver; do
   command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || { echo "missing $tool after install" >&2; exit 1; }
 done
 echo "test dependencies ready"

@@ -198,9 +198,9 @@ pub enum ConfigError {
     /// A required value is missing from an entry and from the defaults.
     #[error("BMC of node {node}: no {field} given, neither in the entry nor in [defaults]")]
     Missing {
-        /// The node.
+        /// The node whose BMC entry is incomplete.
         node: String,
-        /// The missing field.
+        /// The field (address, user or password) found nowhere.
         field: &'static str,
     },
     /// The same node is configured twice.
@@ -212,9 +212,9 @@ pub enum ConfigError {
     /// A password file could not be read.
     #[error("cannot read password file {path}: {source}")]
     PasswordFile {
-        /// The file.
+        /// The password file named by the entry.
         path: PathBuf,
-        /// Why.
+        /// The OS error reading it.
         source: std::io::Error,
     },
 }

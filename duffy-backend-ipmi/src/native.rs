@@ -59,9 +59,9 @@ pub enum NativeError {
     /// Sending or receiving failed.
     #[error("{step}: {source}")]
     Io {
-        /// The step.
+        /// The protocol step under way (e.g. "open session").
         step: &'static str,
-        /// The error.
+        /// The socket error.
         source: io::Error,
     },
     /// No valid answer came to a request.
@@ -70,7 +70,7 @@ pub enum NativeError {
         if *ignored > 0 { format!(" ({ignored} unrelated or invalid packet(s) ignored)") } else { String::new() }
     )]
     NoAnswer {
-        /// The request.
+        /// The protocol step that went unanswered.
         step: &'static str,
         /// How many times it was sent.
         attempts: u32,
@@ -86,15 +86,15 @@ pub enum NativeError {
     Rmcp {
         /// The message that carried it.
         step: &'static str,
-        /// The status code.
+        /// The RMCP+ status code the BMC sent.
         code: u8,
     },
     /// The BMC answered a completion code other than "completed normally".
     #[error("{step}: completion code 0x{code:02X} ({})", completion_code_text(*code))]
     Completion {
-        /// The command.
+        /// The IPMI command the BMC refused.
         step: &'static str,
-        /// The completion code.
+        /// The completion code the BMC sent (see IPMI v2.0 table 5-2).
         code: u8,
     },
     /// The key exchange did not authenticate.

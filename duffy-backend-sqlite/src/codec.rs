@@ -26,7 +26,7 @@ pub(crate) use node_cols;
 macro_rules! session_cols {
     () => {
         "id, project, key_id, state, pool_release, pool_arch, pool_flavor, nodes, \
-         created_at, delivered_at, lease_until, hold_until, ended_at, end_reason, version"
+         created_at, delivered_at, lease_until, hold_until, ended_at, end_reason, version, expires_at"
     };
 }
 pub(crate) use session_cols;
@@ -144,6 +144,7 @@ pub(crate) fn session(r: &Row<'_>) -> Result<Session, StoreError> {
         ended_at: ts_opt(r, 12, "sessions.ended_at")?,
         end_reason: col(r, 13, "sessions.end_reason")?,
         version: unsigned(r, 14, "sessions.version")?,
+        expires_at: ts_opt(r, 15, "sessions.expires_at")?,
     })
 }
 
@@ -208,6 +209,24 @@ pub(crate) fn ready_count(r: &Row<'_>) -> Result<(PoolKey, u32), StoreError> {
     let pool = pool_opt(r, 0, "nodes.image")?.ok_or_else(|| corrupt("nodes.image", "Ready without an image"))?;
     let n: i64 = col(r, 3, "count")?;
     Ok((pool, u32::try_from(n).unwrap_or(u32::MAX)))
+}
+
+/// A `node_counts` row (`image_release, image_arch, image_flavor,
+/// hardware_arch, flavor, chassis, state, count`).
+pub(crate) fn node_count(r: &Row<'_>) -> Result<duffy_core::NodeCount, StoreError> {
+    let n: i64 = col(r, 7, "count")?;
+    Ok(duffy_core::NodeCount {
+        group: duffy_core::NodeGroup {
+            image: pool_opt(r, 0, "nodes.image")?,
+            hardware: duffy_core::Hardware {
+                arch: parse(r, 3, "nodes.hardware_arch")?,
+                flavor: col(r, 4, "nodes.flavor")?,
+            },
+            chassis: col(r, 5, "nodes.chassis")?,
+            state: parse(r, 6, "nodes.state")?,
+        },
+        count: u32::try_from(n).unwrap_or(u32::MAX),
+    })
 }
 
 /// A session's node list as stored (a JSON array of ids).

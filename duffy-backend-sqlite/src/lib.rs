@@ -249,7 +249,7 @@ pub enum OpenError {
          upgrade Duffy (schemas only move forward)"
     )]
     SchemaTooNew {
-        /// The file.
+        /// The database file refused untouched.
         path: PathBuf,
         /// Its schema version.
         found: i64,
@@ -262,7 +262,7 @@ pub enum OpenError {
          refusing to touch it"
     )]
     ForeignDatabase {
-        /// The file.
+        /// The file that belongs to another application.
         path: PathBuf,
         /// Its `PRAGMA application_id`.
         application_id: i32,
@@ -272,7 +272,7 @@ pub enum OpenError {
     /// WAL mode could not be enabled (e.g. an in-memory database).
     #[error("{path}: journal mode is {mode:?}, not WAL; the store needs a file it can put in WAL mode")]
     NotWal {
-        /// The file.
+        /// The database file.
         path: PathBuf,
         /// The journal mode SQLite reported.
         mode: String,
@@ -285,7 +285,7 @@ pub enum OpenError {
     Io {
         /// What the store was doing.
         what: &'static str,
-        /// The file.
+        /// The file the operation was on.
         path: PathBuf,
         /// The OS error.
         #[source]
@@ -524,7 +524,8 @@ impl SqliteStore {
         })
     }
 
-    /// The database file.
+    /// The database file this store was opened on (its `-wal` and `-shm`
+    /// files sit beside it).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -632,6 +633,10 @@ impl Store for SqliteStore {
         self.readers.read(queries::live_sessions).await
     }
 
+    async fn expired_sessions(&self, now: Timestamp, limit: usize) -> Result<Vec<Session>, StoreError> {
+        self.readers.read(move |c| queries::expired_sessions(c, now, limit)).await
+    }
+
     async fn claim(&self, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {
         self.write(|reply| Op::Claim { req, reply }, closed).await
     }
@@ -660,6 +665,14 @@ impl Store for SqliteStore {
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {
         self.readers.read(move |c| queries::events(c, query)).await
+    }
+
+    async fn latest_events(&self, node: Option<NodeId>, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.readers.read(move |c| queries::latest_events(c, node, limit)).await
+    }
+
+    async fn node_counts(&self) -> Result<Vec<duffy_core::NodeCount>, StoreError> {
+        self.readers.read(queries::node_counts).await
     }
 
     async fn upsert_project(&self, project: Project) -> Result<(), StoreError> {

@@ -519,6 +519,69 @@ pub(crate) fn events(conn: &Connection, q: EventQuery) -> Result<Vec<Event>, Sto
     })
 }
 
+/// The newest events first, of one node (its history chain from the
+/// node's `last_event`, `limit` links) or of the whole log (the primary
+/// key read backwards), stopping after `limit` rows.
+pub(crate) fn latest_events(conn: &Connection, node: Option<NodeId>, limit: usize) -> Result<Vec<Event>, StoreError> {
+    const WHAT: &str = "reading the latest events";
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let Some(node) = node else {
+        let mut stmt =
+            conn.prepare_cached(concat!("SELECT ", event_cols!(), " FROM events ORDER BY seq DESC")).ctx(WHAT)?;
+        let mut rows = stmt.query([]).ctx(WHAT)?;
+        let mut out = Vec::new();
+        while out.len() < limit {
+            match rows.next().ctx(WHAT)? {
+                Some(r) => out.push(codec::event(r)?),
+                None => break,
+            }
+        }
+        return Ok(out);
+    };
+    let Ok(node) = i64::try_from(node.0) else { return Ok(Vec::new()) };
+    snapshot(conn, WHAT, |conn| {
+        let mut last = conn.prepare_cached("SELECT last_event FROM nodes WHERE id = ?1").ctx(WHAT)?;
+        let mut cursor: Option<i64> = last.query_row([node], |r| r.get(0)).optional().ctx(WHAT)?.flatten();
+        let mut one =
+            conn.prepare_cached(concat!("SELECT ", event_cols!(), ", prev FROM events WHERE seq = ?1")).ctx(WHAT)?;
+        let mut out = Vec::new();
+        while let Some(seq) = cursor.filter(|_| out.len() < limit) {
+            let (event, prev) = one
+                .query_row([seq], |r| Ok((codec::event(r), r.get::<_, Option<i64>>(9)?)))
+                .optional()
+                .ctx(WHAT)?
+                .ok_or_else(|| StoreError::Corrupt(format!("node {node}'s history names missing event {seq}")))?;
+            let event = event?;
+            if i64::try_from(event.node.0).ok() != Some(node) || prev.is_some_and(|p| p >= seq) {
+                return Err(StoreError::Corrupt(format!(
+                    "event {seq} is not in node {node}'s history where it is linked"
+                )));
+            }
+            out.push(event);
+            cursor = prev;
+        }
+        Ok(out)
+    })
+}
+
+/// Nodes counted per image, kind of machine, chassis and state (one
+/// grouped scan of the table; the rows are few), in `NodeGroup` order.
+pub(crate) fn node_counts(conn: &Connection) -> Result<Vec<duffy_core::NodeCount>, StoreError> {
+    let mut out = rows(
+        conn,
+        "SELECT image_release, image_arch, image_flavor, hardware_arch, flavor, chassis, state, COUNT(*) FROM nodes \
+         GROUP BY image_release, image_arch, image_flavor, hardware_arch, flavor, chassis, state",
+        [],
+        "counting nodes",
+        codec::node_count,
+    )?;
+    // SQL orders by text; the core's order is the enums' own.
+    out.sort_by(|a, b| a.group.cmp(&b.group));
+    Ok(out)
+}
+
 // ----- sessions -----
 
 /// One session by id.
@@ -541,6 +604,29 @@ pub(crate) fn live_sessions(conn: &Connection) -> Result<Vec<Session>, StoreErro
     rows(conn, LIVE_SESSIONS, [], "reading live sessions", codec::session)
 }
 
+/// Prod sessions expired at a time, earliest expiry first: a range scan
+/// of the `sessions_expiry` index.
+pub(crate) const EXPIRED_SESSIONS: &str = concat!(
+    "SELECT ",
+    session_cols!(),
+    " FROM sessions INDEXED BY sessions_expiry WHERE state = 'Prod' AND expires_at <= ?1 ORDER BY expires_at, id"
+);
+
+/// The first `limit` Prod sessions whose expiry is at or before `now`.
+pub(crate) fn expired_sessions(conn: &Connection, now: Timestamp, limit: usize) -> Result<Vec<Session>, StoreError> {
+    const WHAT: &str = "reading expired sessions";
+    let mut stmt = conn.prepare_cached(EXPIRED_SESSIONS).ctx(WHAT)?;
+    let mut rows = stmt.query([now.0]).ctx(WHAT)?;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match rows.next().ctx(WHAT)? {
+            Some(r) => out.push(codec::session(r)?),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
 /// A session's stored version, if it exists.
 pub(crate) fn session_version(conn: &Connection, id: &SessionId) -> Result<Option<u64>, StoreError> {
     let mut stmt =
@@ -552,14 +638,15 @@ pub(crate) fn session_version(conn: &Connection, id: &SessionId) -> Result<Optio
 /// A new session (its key and creation time also as `origin_*`).
 pub(crate) const INSERT_SESSION: &str = "INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, \
      pool_flavor, nodes, created_at, delivered_at, lease_until, hold_until, ended_at, end_reason, version, origin_key, \
-     origin_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?3, ?9)";
+     origin_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?3, ?9, ?16)";
 
-/// A session's transition: the columns its state machine changes, on the
-/// condition that the others are as stored (see [`update_session`]).
+/// A session's transition: the columns its state machine changes (an
+/// extension moves `expires_at`), on the condition that the others are as
+/// stored (see [`update_session`]).
 pub(crate) const UPDATE_SESSION_STATE: &str = "UPDATE sessions SET state = ?1, delivered_at = ?2, lease_until = ?3, \
-     hold_until = ?4, ended_at = ?5, end_reason = ?6, version = ?7 \
-     WHERE id = ?8 AND project = ?9 AND key_id = ?10 AND pool_release = ?11 AND pool_arch = ?12 \
-     AND pool_flavor IS ?13 AND nodes = ?14 AND created_at = ?15";
+     hold_until = ?4, ended_at = ?5, end_reason = ?6, version = ?7, expires_at = ?8 \
+     WHERE id = ?9 AND project = ?10 AND key_id = ?11 AND pool_release = ?12 AND pool_arch = ?13 \
+     AND pool_flavor IS ?14 AND nodes = ?15 AND created_at = ?16";
 
 /// Inserts a new session. Its key and creation time are also kept as
 /// what the rate limit counts, never updated.
@@ -582,6 +669,7 @@ pub(crate) fn insert_session(conn: &Connection, s: &Session) -> Result<(), Store
         s.ended_at.map(|t| t.0),
         s.end_reason,
         to_sql_u64(s.version, "session version")?,
+        s.expires_at.map(|t| t.0),
     ])
     .ctx(WHAT)?;
     Ok(())
@@ -607,6 +695,7 @@ pub(crate) fn update_session(conn: &Connection, s: &Session) -> Result<(), Store
             s.ended_at.map(|t| t.0),
             s.end_reason,
             version,
+            s.expires_at.map(|t| t.0),
             s.id.as_str(),
             s.project,
             key_id,
@@ -624,7 +713,7 @@ pub(crate) fn update_session(conn: &Connection, s: &Session) -> Result<(), Store
         .prepare_cached(
             "UPDATE sessions SET project = ?2, key_id = ?3, state = ?4, pool_release = ?5, pool_arch = ?6, \
              pool_flavor = ?7, nodes = ?8, created_at = ?9, delivered_at = ?10, lease_until = ?11, \
-             hold_until = ?12, ended_at = ?13, end_reason = ?14, version = ?15 WHERE id = ?1",
+             hold_until = ?12, ended_at = ?13, end_reason = ?14, version = ?15, expires_at = ?16 WHERE id = ?1",
         )
         .ctx(WHAT)?;
     let changed = stmt
@@ -644,6 +733,7 @@ pub(crate) fn update_session(conn: &Connection, s: &Session) -> Result<(), Store
             s.ended_at.map(|t| t.0),
             s.end_reason,
             version,
+            s.expires_at.map(|t| t.0),
         ])
         .ctx(WHAT)?;
     if changed == 1 {
@@ -919,6 +1009,7 @@ mod tests {
             FAILED_HELD_BY_PROJECT,
             RECENT_SESSIONS,
             LIVE_SESSIONS,
+            EXPIRED_SESSIONS,
             STALE_READY,
             IDLE_NODES,
             NODES_AFTER,
@@ -980,5 +1071,8 @@ mod tests {
         let p = plan(&conn, LIVE_SESSIONS);
         assert!(p.contains("sessions_live"), "{p}");
         assert!(!p.contains("TEMP B-TREE"), "{p}");
+        let p = plan(&conn, EXPIRED_SESSIONS);
+        assert!(p.contains("SEARCH sessions USING INDEX sessions_expiry (expires_at<?)"), "{p}");
+        assert!(!p.contains("TEMP B-TREE"), "the index gives the order: {p}");
     }
 }

@@ -160,7 +160,19 @@ ALTER TABLE api_keys ADD COLUMN revoked_at INTEGER;
 ALTER TABLE api_keys ADD COLUMN last_used INTEGER;
 "#;
 
-/// Version 6: cheaper writes on the hot path.
+/// Version 6: session expiry. A delivered session expires at
+/// `expires_at` (its lease's end, moved by extensions) and the reconciler
+/// reclaims it; Prod sessions are indexed by it. Sessions delivered before
+/// the upgrade expire at their lease, as every session now does: one that
+/// ran past its lease is reclaimed by the first reconciler pass after the
+/// upgrade.
+const V6: &str = r#"
+ALTER TABLE sessions ADD COLUMN expires_at INTEGER;
+UPDATE sessions SET expires_at = lease_until;
+CREATE INDEX sessions_expiry ON sessions (expires_at, id) WHERE state = 'Prod';
+"#;
+
+/// Version 7: cheaper writes on the hot path.
 ///
 /// - A session's `live` flag without an `IN` list: SQLite evaluates
 ///   `state IN (...)` through a temporary table built on every execution,
@@ -180,7 +192,7 @@ ALTER TABLE api_keys ADD COLUMN last_used INTEGER;
 ///   page of its own and was three quarters of the pages every commit
 ///   wrote. The chain is built from the index for the events already
 ///   stored, then the index goes.
-const V6: &str = r#"
+const V7: &str = r#"
 ALTER TABLE events ADD COLUMN prev INTEGER;
 ALTER TABLE nodes ADD COLUMN last_event INTEGER;
 UPDATE events SET prev = (SELECT max(p.seq) FROM events AS p WHERE p.node = events.node AND p.seq < events.seq);
@@ -200,7 +212,7 @@ CREATE INDEX nodes_failed ON nodes (id) WHERE state = 'Failed';
 
 /// Every migration, in order: migration `i` takes the file from version
 /// `i` to `i + 1`. Append only; never edit a released one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
 
 /// The schema version this build writes (the number of migrations).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

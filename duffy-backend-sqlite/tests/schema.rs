@@ -116,10 +116,10 @@ fn two_stores_on_one_file_share_it_safely() {
     });
 }
 
-/// Undoes migration 6 (node histories as chains instead of an index; the
+/// Undoes migration 7 (node histories as chains instead of an index; the
 /// sessions' live flag without an `IN` list; the index on every node's
 /// state replaced by two partial ones).
-const V6_DOWN: &str = "CREATE INDEX events_node ON events (node, seq); ALTER TABLE events DROP COLUMN prev; \
+const V7_DOWN: &str = "CREATE INDEX events_node ON events (node, seq); ALTER TABLE events DROP COLUMN prev; \
     ALTER TABLE nodes DROP COLUMN last_event; DROP INDEX nodes_provisioning; DROP INDEX nodes_failed; \
     CREATE INDEX nodes_state ON nodes (state, id); \
     DROP INDEX sessions_live; DROP INDEX sessions_live_project; ALTER TABLE sessions DROP COLUMN live; \
@@ -128,9 +128,12 @@ const V6_DOWN: &str = "CREATE INDEX events_node ON events (node, seq); ALTER TAB
     CREATE INDEX sessions_live ON sessions (created_at, id) WHERE live = 1; \
     CREATE INDEX sessions_live_project ON sessions (project) WHERE live = 1;";
 
-/// Undoes migration 5 (key expiry, revocation and last use), after 6.
+/// Undoes migration 5 (key expiry, revocation and last use), after 7 and 6.
 const V5_DOWN: &str = "ALTER TABLE api_keys DROP COLUMN expires_at; ALTER TABLE api_keys DROP COLUMN revoked_at; \
                        ALTER TABLE api_keys DROP COLUMN last_used;";
+
+/// Undoes migration 6 (session expiry).
+const V6_DOWN: &str = "DROP INDEX sessions_expiry; ALTER TABLE sessions DROP COLUMN expires_at;";
 
 #[test]
 fn a_version_1_file_is_migrated_forward_keeping_its_data() {
@@ -148,7 +151,7 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     Connection::open(&path)
         .expect("raw")
         .execute_batch(&format!(
-            "{V6_DOWN} DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; \
+            "{V7_DOWN} {V6_DOWN} DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; \
              ALTER TABLE nodes DROP COLUMN host_key; {V5_DOWN} PRAGMA user_version = 1;"
         ))
         .expect("downgrade");
@@ -158,7 +161,7 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     assert_eq!(nodes[0].host_key, None);
     drop(store);
     assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 6);
+    assert_eq!(SCHEMA_VERSION, 7);
 }
 
 fn index_names(path: &std::path::Path) -> Vec<String> {
@@ -185,7 +188,7 @@ fn a_version_2_file_is_migrated_forward_keeping_its_data() {
     Connection::open(&path)
         .expect("raw")
         .execute_batch(&format!(
-            "{V6_DOWN} DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; {V5_DOWN} \
+            "{V7_DOWN} {V6_DOWN} DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; {V5_DOWN} \
              PRAGMA user_version = 2;"
         ))
         .expect("downgrade");
@@ -220,7 +223,7 @@ fn a_version_3_file_gets_the_idle_index_by_kind_of_machine() {
     Connection::open(&path)
         .expect("raw")
         .execute_batch(&format!(
-            "{V6_DOWN} DROP INDEX nodes_idle; CREATE INDEX nodes_idle ON nodes (used_count, id) WHERE state = 'Active'; \
+            "{V7_DOWN} {V6_DOWN} DROP INDEX nodes_idle; CREATE INDEX nodes_idle ON nodes (used_count, id) WHERE state = 'Active'; \
                  {V5_DOWN} PRAGMA user_version = 3;"
         ))
         .expect("downgrade");
@@ -264,7 +267,7 @@ fn a_version_4_file_is_migrated_forward_keeping_its_keys() {
     // revocation or last use.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(&format!("{V6_DOWN} {V5_DOWN} PRAGMA user_version = 4;"))
+        .execute_batch(&format!("{V7_DOWN} {V6_DOWN} {V5_DOWN} PRAGMA user_version = 4;"))
         .expect("downgrade");
     assert!(!column_names(&path, "api_keys").iter().any(|c| c == "revoked_at"));
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
@@ -286,7 +289,73 @@ fn a_version_4_file_is_migrated_forward_keeping_its_keys() {
 }
 
 #[test]
-fn a_version_5_file_is_migrated_forward_keeping_its_sessions() {
+fn a_version_5_file_gets_session_expiry_at_the_lease() {
+    use duffy_core::testkit::conformance::{add_ready, claim_ok, claim_req, pool7};
+    use duffy_core::{Batch, SessionCause, SessionId, SessionState, SessionWrite};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    let t0 = Timestamp(1_700_000_000_000);
+    let at = |secs: u64| t0.plus(Duration::from_secs(secs));
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+    futures::executor::block_on(async {
+        add_ready(&store, "n", 3, &pool7()).await;
+        let mut prod = claim_req("prod", 1, "p", 1, t0);
+        prod.deliver = Some(at(3600));
+        claim_ok(&store, prod).await;
+        let mut late = claim_req("late", 1, "p", 1, t0);
+        late.deliver = Some(at(60));
+        claim_ok(&store, late).await;
+        claim_ok(&store, claim_req("allocating", 1, "p", 1, t0)).await;
+    });
+    drop(store);
+    // Make it the file a version-5 build wrote: sessions with a lease and
+    // no expiry.
+    Connection::open(&path)
+        .expect("raw")
+        .execute_batch(&format!("{V7_DOWN} {V6_DOWN} PRAGMA user_version = 5;"))
+        .expect("downgrade");
+    assert!(!column_names(&path, "sessions").iter().any(|c| c == "expires_at"));
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
+    futures::executor::block_on(async {
+        let read = |id: &str| {
+            let store = &store;
+            let id = SessionId(id.into());
+            async move { store.session(&id).await.expect("read").expect("survives the migration") }
+        };
+        let prod = read("prod").await;
+        assert_eq!(
+            (prod.state, prod.lease_until, prod.expires_at),
+            (SessionState::Prod, Some(at(3600)), Some(at(3600)))
+        );
+        assert_eq!(read("late").await.expires_at, Some(at(60)), "expires at its lease, as every session now does");
+        assert_eq!(read("allocating").await.expires_at, None, "not delivered: no expiry");
+        // The reconciler's read finds the one past its lease at once.
+        let due: Vec<String> =
+            store.expired_sessions(at(61), 10).await.expect("read").into_iter().map(|s| s.id.0).collect();
+        assert_eq!(due, ["late"]);
+        // And an extension is written on the migrated file.
+        let w = SessionWrite::transition(&prod, SessionCause::Extended { until: at(7200), max_until: None }, at(10))
+            .expect("legal");
+        store.commit(Batch { sessions: vec![w], ..Batch::default() }).await.expect("extend");
+        assert_eq!(read("prod").await.expires_at, Some(at(7200)));
+        assert_eq!(read("prod").await.lease_until, Some(at(3600)));
+    });
+    drop(store);
+    assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
+    let c = Connection::open(&path).expect("raw open");
+    let indexes: Vec<String> = c
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'sessions'")
+        .expect("q")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert!(indexes.iter().any(|n| n == "sessions_expiry"), "{indexes:?}");
+}
+
+#[test]
+fn a_version_6_file_is_migrated_forward_keeping_its_sessions() {
     use duffy_core::testkit::conformance::{add_ready, claim_ok, claim_req, pool7, release};
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("duffy.db");
@@ -299,11 +368,11 @@ fn a_version_5_file_is_migrated_forward_keeping_its_sessions() {
         (live, ended)
     });
     drop(store);
-    // Make it the file a version-5 build wrote: `live` through an IN list,
+    // Make it the file a version-6 build wrote: `live` through an IN list,
     // every node indexed by state.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(&format!("{V6_DOWN} PRAGMA user_version = 5;"))
+        .execute_batch(&format!("{V7_DOWN} PRAGMA user_version = 6;"))
         .expect("downgrade");
     assert!(index_names(&path).iter().any(|n| n == "nodes_state"));
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");

@@ -17,7 +17,7 @@ use futures::future::join_all;
 use futures::task::AtomicWaker;
 use tracing::{debug, error, info, warn};
 
-use crate::installer::{Blame, Contextualizer, Installer, PrepareError};
+use crate::installer::{Blame, Contextualizer, Installer, PrepareError, SessionContext};
 use crate::model::{Actor, Arch, KeyId, Node, NodeId, PoolKey, PoolTarget, Project, Session, SessionId, SessionState};
 use crate::policy::Policy;
 use crate::power::PowerController;
@@ -110,7 +110,8 @@ impl NodeRequest {
 /// A successful `/Node/get`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allocation {
-    /// The new session.
+    /// The id of the session created for the request; the caller's
+    /// handle for `/Node/done` and `/Node/fail`.
     pub session: SessionId,
     /// Its nodes' hostnames.
     pub hosts: Vec<String>,
@@ -119,7 +120,7 @@ pub struct Allocation {
 /// A session past its lease, for `/Overtime`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Overtime {
-    /// The session.
+    /// The overdue session as stored (project, lease, state).
     pub session: Session,
     /// Its nodes' hostnames.
     pub hosts: Vec<String>,
@@ -143,9 +144,9 @@ pub enum EngineError {
     /// The session is not in the state the call needs.
     #[error("session {id} is {state}, not Prod")]
     SessionNotInProd {
-        /// The session.
+        /// The session the call named.
         id: SessionId,
-        /// Its state.
+        /// The state it is in instead of Prod.
         state: &'static str,
     },
     /// A parameter is out of range.
@@ -162,7 +163,7 @@ pub enum EngineError {
     /// Not enough Ready nodes right now; try again later.
     #[error("insufficient nodes in READY state: requested {requested}, {available} ready")]
     InsufficientNodes {
-        /// Asked for.
+        /// Nodes the request asked for.
         requested: u32,
         /// Ready now.
         available: u32,
@@ -172,9 +173,9 @@ pub enum EngineError {
     QuotaExceeded {
         /// Held now.
         held: u32,
-        /// Asked for.
+        /// Nodes the request asked for.
         requested: u32,
-        /// The quota.
+        /// The project's quota.
         quota: u32,
     },
     /// The key made too many sessions recently.
@@ -190,7 +191,7 @@ pub enum EngineError {
     /// or blamed; an operator must fix the project.
     #[error("project {project:?} cannot be given nodes: {reason}")]
     ProjectUnusable {
-        /// The project.
+        /// The project that cannot be served.
         project: String,
         /// What is wrong and how to fix it.
         reason: String,
@@ -198,15 +199,15 @@ pub enum EngineError {
     /// Preparing a node for the project failed; nothing was handed out.
     #[error("failed to allocate nodes: preparing {hostname} failed: {reason}")]
     PreparationFailed {
-        /// The node that failed.
+        /// The node whose preparation failed (it is blamed and cools down).
         hostname: String,
-        /// Why.
+        /// The preparation error, as the contextualizer reported it.
         reason: String,
     },
     /// The project's cap on failed nodes would be exceeded.
     #[error("exceeded maximum allowed fail nodes limit ({cap}), please release other machines to continue")]
     FailCapExceeded {
-        /// The cap.
+        /// The most Failed-held nodes a project may keep at once.
         cap: u32,
     },
     /// New allocations are paused.
@@ -227,6 +228,17 @@ pub enum EngineError {
     /// The operation kept losing compare-and-set races.
     #[error("too much contention on {0}; try again")]
     Contention(String),
+    /// The wait queue cannot take the request (the whole queue, or the
+    /// project's share of it, is full).
+    #[error("{0}")]
+    QueueFull(String),
+    /// No waiting or recently finished request of this key has that id.
+    /// The queue does not survive a restart of the service: a request
+    /// made before one must be submitted again.
+    #[error(
+        "no queued request {0} for this key; queued requests do not survive a restart of the service, submit it again"
+    )]
+    UnknownRequest(crate::queue::RequestId),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -297,6 +309,13 @@ pub(crate) struct Inner {
     pub(crate) keys: crate::keys::KeyCache,
     /// Single-node writes on their way to the store together.
     pub(crate) gather: Gather,
+    /// Session requests waiting for nodes (in memory: see `queue`).
+    pub(crate) queue: std::sync::Mutex<crate::queue::WaitQueue>,
+    /// Queue requests that ended recently, for their owners to read.
+    pub(crate) finished: std::sync::Mutex<HashMap<crate::queue::RequestId, crate::sessions::Finished>>,
+    /// The average duration of the installs seen to succeed, in
+    /// milliseconds (0: none yet), for the estimates of time to Ready.
+    pub(crate) install_millis: std::sync::atomic::AtomicU64,
 }
 
 /// One answer of a gathered commit.
@@ -359,6 +378,17 @@ async fn yield_now() {
         }
     })
     .await
+}
+
+impl Inner {
+    /// Folds a successful install's duration into the running average
+    /// (an exponentially weighted one: recent installs count most).
+    pub(crate) fn record_install(&self, took: std::time::Duration) {
+        let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX).max(1);
+        let _ = self.install_millis.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            Some(if old == 0 { ms } else { (old.saturating_mul(3) / 4).saturating_add(ms / 4).max(1) })
+        });
+    }
 }
 
 impl Inner {
@@ -451,6 +481,9 @@ impl EngineBuilder {
                 kick: Kick::default(),
                 keys: crate::keys::KeyCache::default(),
                 gather: Gather::default(),
+                queue: std::sync::Mutex::new(crate::queue::WaitQueue::new()),
+                finished: std::sync::Mutex::new(HashMap::new()),
+                install_millis: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -475,22 +508,23 @@ impl Engine {
         }
     }
 
-    /// The store.
+    /// The store every operation of this engine reads and writes; embedders
+    /// use it for reads the engine does not wrap (inventory, events).
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
     }
 
-    /// The power controller.
+    /// The power controller the reconciler and operator calls drive.
     pub fn power(&self) -> &Arc<dyn PowerController> {
         &self.inner.power
     }
 
-    /// The clock.
+    /// The injected clock every lease, expiry and event time comes from.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.inner.clock
     }
 
-    /// The policy.
+    /// The policy in force: leases, quotas, rate limit, pool targets.
     pub fn policy(&self) -> &Policy {
         &self.inner.policy
     }
@@ -519,10 +553,22 @@ impl Engine {
     /// with the reason (and the policy's cool-down), every other node goes
     /// back to be reinstalled at once.
     pub async fn get_nodes(&self, who: &Principal, req: &NodeRequest) -> Result<Allocation, EngineError> {
+        self.allocate(who, &req.pool(), req.count.unwrap_or(1), self.inner.policy.lease).await
+    }
+
+    /// Claims, prepares and hands over `count` nodes of `pool` for a new
+    /// session of `who` that expires `lease` after its claim (see
+    /// [`Engine::get_nodes`]).
+    pub(crate) async fn allocate(
+        &self,
+        who: &Principal,
+        pool: &PoolKey,
+        count: u32,
+        lease: std::time::Duration,
+    ) -> Result<Allocation, EngineError> {
         let key_id = who.key_id.ok_or(EngineError::InvalidKey)?;
-        let pool = req.pool();
+        let pool = pool.clone();
         pool.validate().map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
-        let count = req.count.unwrap_or(1);
         let max = self.inner.policy.max_count;
         if count == 0 || count > max {
             return Err(EngineError::InvalidRequest(format!("count must be between 1 and {max}, got {count}")));
@@ -548,6 +594,9 @@ impl Engine {
             None => None,
         };
         let now = self.now();
+        // The lease runs from the claim, so that the expiry written on the
+        // nodes while they are prepared is the one the session gets.
+        let lease_until = now.plus(lease);
         // Nothing to prepare: hand the nodes over in the claim itself, one
         // durable write. Otherwise the claim must be durable before any
         // node is touched (a crash must never return a node that carries a
@@ -563,7 +612,7 @@ impl Engine {
             rate_limit: self.inner.policy.rate_limit,
             actor: who.actor(),
             now,
-            deliver: contextualizer.is_none().then(|| now.plus(self.inner.policy.lease)),
+            deliver: contextualizer.is_none().then_some(lease_until),
         };
         let claimed = match store.claim(claim).await? {
             Ok(c) => c,
@@ -596,8 +645,16 @@ impl Engine {
         // Prepare every node concurrently, each with its own deadline. A
         // node that does not answer in time is the node's fault.
         let inner = &self.inner;
+        let context = SessionContext {
+            id: sid.clone(),
+            project: project.name.clone(),
+            hosts: claimed.nodes.iter().map(|n| n.hostname.clone()).collect(),
+            expires_at: lease_until,
+        };
+        let context = &context;
         let results = join_all(claimed.nodes.iter().map(|n| async {
-            match timeout(&*inner.clock, inner.policy.prepare_timeout, ctx.prepare(n, &project, &sid)).await {
+            match timeout(&*inner.clock, inner.policy.prepare_timeout, ctx.prepare_session(n, &project, context)).await
+            {
                 Ok(r) => r,
                 Err(el) => Err(PrepareError::node(format!("preparing the node {el}"))),
             }
@@ -620,7 +677,7 @@ impl Engine {
         }
 
         if blamed.is_empty() && refused.is_none() {
-            match self.deliver(&claimed.session, &claimed.nodes, who).await {
+            match self.deliver(&claimed.session, &claimed.nodes, who, lease_until).await {
                 Ok(()) => {
                     info!(session = %sid, project = %who.project, count, pool = %pool, "nodes delivered");
                     return Ok(Allocation {
@@ -671,13 +728,18 @@ impl Engine {
 
     /// Session Allocating→Prod and its nodes Contextualizing→Deployed, in
     /// one compare-and-set batch.
-    async fn deliver(&self, session: &Session, nodes: &[Node], who: &Principal) -> Result<(), EngineError> {
+    async fn deliver(
+        &self,
+        session: &Session,
+        nodes: &[Node],
+        who: &Principal,
+        lease_until: Timestamp,
+    ) -> Result<(), EngineError> {
         let now = self.now();
         let mut batch = Batch::default();
         for n in nodes {
             batch.nodes.push(NodeWrite::transition(n, Cause::Prepared, who.actor(), now)?);
         }
-        let lease_until = now.plus(self.inner.policy.lease);
         batch.sessions.push(SessionWrite::transition(session, SessionCause::Delivered { lease_until }, now)?);
         self.inner.store.commit(batch).await?;
         Ok(())
@@ -763,7 +825,20 @@ impl Engine {
         self.inner.commit_node(node, cause, actor).await
     }
 
-    async fn session_nodes(&self, s: &Session) -> Result<Vec<Node>, EngineError> {
+    /// Reads a session that `who` may see: unknown, foreign and
+    /// never-delivered sessions all look the same.
+    pub(crate) async fn own_session(&self, who: &Principal, sid: &str) -> Result<Session, EngineError> {
+        if sid.is_empty() || sid.len() > 128 {
+            return Err(EngineError::InvalidSession);
+        }
+        let key = who.key_id.ok_or(EngineError::InvalidKey)?;
+        match self.inner.store.session(&SessionId(sid.to_string())).await? {
+            Some(s) if s.key_id == key => Ok(s),
+            _ => Err(EngineError::InvalidSession),
+        }
+    }
+
+    pub(crate) async fn session_nodes(&self, s: &Session) -> Result<Vec<Node>, EngineError> {
         let mut out = Vec::with_capacity(s.nodes.len());
         for id in &s.nodes {
             let n = self

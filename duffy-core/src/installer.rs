@@ -123,4 +123,31 @@ pub trait Contextualizer: Send + Sync {
     /// a new session before it is handed over; an error aborts the
     /// allocation, and its [`Blame`] decides whether the node is Failed.
     async fn prepare(&self, node: &Node, project: &Project, session: &SessionId) -> Result<(), PrepareError>;
+
+    /// Prepares `node` for `project` in the session `session` describes:
+    /// what the engine calls. A contextualizer that leaves the session's
+    /// description on the node (the SSH one writes `/root/session-info`)
+    /// overrides this; the default is [`Contextualizer::prepare`].
+    async fn prepare_session(
+        &self,
+        node: &Node,
+        project: &Project,
+        session: &SessionContext,
+    ) -> Result<(), PrepareError> {
+        self.prepare(node, project, &session.id).await
+    }
+}
+
+/// The session a node is being prepared for, as its job may want to read
+/// it on the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionContext {
+    /// The session's id (the legacy `ssid`, what `/Node/done` takes).
+    pub id: SessionId,
+    /// The project.
+    pub project: String,
+    /// Every node of the session, by host name, in allocation order.
+    pub hosts: Vec<String>,
+    /// When the session expires unless extended.
+    pub expires_at: crate::time::Timestamp,
 }

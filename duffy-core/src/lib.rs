@@ -32,8 +32,10 @@ pub mod model;
 pub mod planner;
 pub mod policy;
 pub mod power;
+pub mod queue;
 pub mod reconciler;
 pub mod session;
+pub mod sessions;
 pub mod state;
 pub mod store;
 pub mod time;
@@ -52,16 +54,18 @@ pub use auth::{hash_api_key, verify_api_key};
 pub use engine::{
     Allocation, Engine, EngineBuilder, EngineError, NodeRequest, Overtime, Principal, SessionIds, UuidSessionIds,
 };
-pub use installer::{Blame, Contextualizer, InstallError, Installed, Installer, PrepareError};
+pub use installer::{Blame, Contextualizer, InstallError, Installed, Installer, PrepareError, SessionContext};
 pub use model::*;
 pub use planner::{Plan, PlanInput, PlannedInstall, plan};
 pub use policy::{Policy, RateLimit};
 pub use power::{BootDevice, PowerAction, PowerController, PowerError, PowerErrorKind};
+pub use queue::{QueueFull, QueuedRequest, RequestId, WaitQueue};
 pub use reconciler::{AttemptFailure, OpDone, OpOutcome, PassReport, Reconciler, ReconcilerObserver};
 pub use session::{SESSION_TRANSITIONS, SessionCause, SessionCauseKind, SessionEvent, SessionTransitionError};
+pub use sessions::{Created, PoolStatus, QueueState, QueueStatus, SessionRequest, SessionScope, SessionView};
 pub use state::{Cause, CauseKind, Event, NodeState, TransitionError};
 pub use store::{
     Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, HandBack, HandBackKind,
-    HandBackRefusal, NodeWrite, SessionWrite, StorageFault, Store, StoreError, StoreHealth,
+    HandBackRefusal, NodeCount, NodeGroup, NodeWrite, SessionWrite, StorageFault, Store, StoreError, StoreHealth,
 };
 pub use time::{Clock, OutOfRange, ParseTimestampError, Timestamp};

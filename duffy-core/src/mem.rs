@@ -24,7 +24,8 @@ use crate::model::{
 };
 use crate::state::{Event, NodeState};
 use crate::store::{
-    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, Store, StoreError, claim_writes,
+    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeCount, NodeGroup, Store,
+    StoreError, claim_writes,
 };
 use crate::time::Timestamp;
 
@@ -42,6 +43,8 @@ struct State {
     sessions: HashMap<SessionId, Session>,
     /// Live sessions by (created_at, id).
     live: BTreeSet<(Timestamp, SessionId)>,
+    /// Prod sessions by (expires_at, id): the expiry index.
+    expiring: BTreeSet<(Timestamp, SessionId)>,
     /// Session creation times per key, for the rate limit.
     key_sessions: HashMap<KeyId, Vec<Timestamp>>,
     events: Vec<Event>,
@@ -83,9 +86,15 @@ impl State {
         let old = self.sessions.insert(s.id.clone(), s.clone());
         if let Some(o) = &old {
             self.live.remove(&(o.created_at, o.id.clone()));
+            if let Some(t) = o.expires_at {
+                self.expiring.remove(&(t, o.id.clone()));
+            }
         }
         if s.state.is_live() {
             self.live.insert((s.created_at, s.id.clone()));
+        }
+        if let (SessionState::Prod, Some(t)) = (s.state, s.expires_at) {
+            self.expiring.insert((t, s.id.clone()));
         }
         if old.is_none() {
             self.key_sessions.entry(s.key_id).or_default().push(s.created_at);
@@ -96,6 +105,9 @@ impl State {
     fn remove_session(&mut self, id: &SessionId) {
         if let Some(s) = self.sessions.remove(id) {
             self.live.remove(&(s.created_at, s.id.clone()));
+            if let Some(t) = s.expires_at {
+                self.expiring.remove(&(t, s.id.clone()));
+            }
             if let Some(v) = self.key_sessions.get_mut(&s.key_id) {
                 if let Some(pos) = v.iter().rposition(|t| *t == s.created_at) {
                     v.remove(pos);
@@ -312,6 +324,16 @@ impl Store for MemStore {
         Ok(s.live.iter().filter_map(|(_, id)| s.sessions.get(id).cloned()).collect())
     }
 
+    async fn expired_sessions(&self, now: Timestamp, limit: usize) -> Result<Vec<Session>, StoreError> {
+        let s = self.lock();
+        Ok(s.expiring
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .take(limit)
+            .filter_map(|(_, id)| s.sessions.get(id).cloned())
+            .collect())
+    }
+
     async fn claim(&self, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {
         if req.count == 0 {
             return Err(StoreError::Invalid("a claim needs a count of at least 1".into()));
@@ -382,6 +404,20 @@ impl Store for MemStore {
         let s = self.lock();
         let it = s.events.iter().skip(q.after_seq as usize).filter(|e| q.node.is_none_or(|n| e.node == n)).cloned();
         Ok(if q.limit == 0 { it.collect() } else { it.take(q.limit).collect() })
+    }
+
+    async fn latest_events(&self, node: Option<NodeId>, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let s = self.lock();
+        Ok(s.events.iter().rev().filter(|e| node.is_none_or(|n| e.node == n)).take(limit).cloned().collect())
+    }
+
+    async fn node_counts(&self) -> Result<Vec<NodeCount>, StoreError> {
+        let s = self.lock();
+        let mut counts: BTreeMap<NodeGroup, u32> = BTreeMap::new();
+        for n in s.nodes.values() {
+            *counts.entry(NodeGroup::of(n)).or_default() += 1;
+        }
+        Ok(counts.into_iter().map(|(group, count)| NodeCount { group, count }).collect())
     }
 
     async fn upsert_project(&self, project: Project) -> Result<(), StoreError> {

@@ -205,6 +205,37 @@ impl fmt::Display for PoolKey {
     }
 }
 
+/// Why a pool name (`release/arch[/flavor]`) could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid pool {value:?}: {reason}; a pool is written release/arch or release/arch/flavor, e.g. 9/x86_64")]
+pub struct InvalidPool {
+    /// The text given (shortened).
+    pub value: String,
+    /// What was wrong with it.
+    pub reason: String,
+}
+
+impl FromStr for PoolKey {
+    type Err = InvalidPool;
+
+    /// Reads a pool as [`PoolKey`]'s `Display` writes it:
+    /// `release/arch[/flavor]` (the architecture's default flavor applies
+    /// when none is given, as in [`PoolKey::new`]); names are validated.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: String| InvalidPool { value: s.chars().take(80).collect(), reason };
+        let parts: Vec<&str> = s.split('/').collect();
+        let (release, arch, flavor) = match parts.as_slice() {
+            [r, a] => (*r, *a, None),
+            [r, a, f] => (*r, *a, Some((*f).to_string())),
+            _ => return Err(bad(format!("{} parts separated by '/'", parts.len()))),
+        };
+        let arch: Arch = arch.parse().map_err(|e: UnknownArch| bad(e.to_string()))?;
+        let pool = PoolKey::new(release, arch, flavor);
+        pool.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(pool)
+    }
+}
+
 /// A kind of machine, as pools are matched against it: the hardware's
 /// architecture and flavor. A node of this kind can carry a pool's image
 /// when its architecture can run the image's and the flavors are equal.
@@ -523,8 +554,18 @@ pub struct Session {
     pub created_at: Timestamp,
     /// When the nodes were handed over.
     pub delivered_at: Option<Timestamp>,
-    /// When the lease runs out (`/Overtime` lists sessions past it).
+    /// When the lease asked for at creation runs out: the policy's
+    /// `lease`, or the lifetime the request asked for. Never moved by an
+    /// extension (`/Overtime` lists sessions past it: "longer than the
+    /// original requested lease").
     pub lease_until: Option<Timestamp>,
+    /// When the session expires: its nodes are reclaimed (reinstalled) by
+    /// the reconciler from then on, unless it was released or failed
+    /// first. Set at delivery to `lease_until`; extensions move it, up to
+    /// the policy's `max_lifetime` counted from `created_at`. `None` until
+    /// the session is delivered.
+    #[serde(default)]
+    pub expires_at: Option<Timestamp>,
     /// When a failed session's hold ends and its nodes are reclaimed.
     pub hold_until: Option<Timestamp>,
     /// When it ended (Done or Aborted).
@@ -533,6 +574,20 @@ pub struct Session {
     pub end_reason: Option<String>,
     /// Optimistic-concurrency version; bumped by every write.
     pub version: u64,
+}
+
+impl Session {
+    /// The latest instant the session may be extended to: `created_at`
+    /// plus the policy's `max_lifetime` (`None`: no maximum).
+    pub fn max_until(&self, max_lifetime: Option<std::time::Duration>) -> Option<Timestamp> {
+        max_lifetime.map(|d| self.created_at.plus(d))
+    }
+
+    /// Whether the session is Prod and its expiry is at or before `now`:
+    /// the reconciler reclaims it.
+    pub fn is_expired_at(&self, now: Timestamp) -> bool {
+        self.state == SessionState::Prod && self.expires_at.is_some_and(|t| t <= now)
+    }
 }
 
 /// A project: the unit of quotas and SSH keys.
@@ -653,6 +708,22 @@ mod tests {
         assert_eq!(PoolKey::new("7", Arch::Aarch64, None).flavor.as_deref(), Some("tiny"));
         assert_eq!(PoolKey::new("7", Arch::X86_64, None).flavor, None);
         assert_eq!(PoolKey::new("8", Arch::Ppc64le, Some("big".into())).to_string(), "8/ppc64le/big");
+    }
+
+    #[test]
+    fn pool_names_round_trip_and_are_validated() {
+        for p in [
+            PoolKey::new("7", Arch::X86_64, None),
+            PoolKey::new("8", Arch::Aarch64, None),
+            PoolKey::new("9", Arch::Ppc64le, Some("big".into())),
+        ] {
+            assert_eq!(p.to_string().parse::<PoolKey>(), Ok(p));
+        }
+        assert_eq!("8/aarch64".parse::<PoolKey>().unwrap().flavor.as_deref(), Some("tiny"), "default flavor");
+        for bad in ["7", "7/x86_64/a/b", "7/sparc", "/x86_64", "7;rm/x86_64", "7/x86_64/", ""] {
+            let e = bad.parse::<PoolKey>().unwrap_err();
+            assert!(e.to_string().contains("release/arch"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -29,7 +29,8 @@ pub struct PlannedInstall {
     pub node: NodeId,
     /// The image to put on it.
     pub image: PoolKey,
-    /// Why.
+    /// Why the planner chose this node (fill a short pool, or refresh a
+    /// stale image).
     pub reason: InstallReason,
 }
 
@@ -62,7 +63,8 @@ pub struct PlanInput<'a> {
     pub targets: &'a [PoolTarget],
     /// The policy (reinstall age, concurrency).
     pub policy: &'a Policy,
-    /// The time.
+    /// The time the plan is made for: cool-downs and image ages are
+    /// measured against it.
     pub now: Timestamp,
     /// The service is paused: install nothing, power the warm pool down.
     pub paused: bool,

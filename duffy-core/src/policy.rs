@@ -21,9 +21,17 @@ pub struct RateLimit {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
-    /// A session's lease; `/Overtime` lists sessions past it (60 min).
+    /// A session's lease, when its request asks for no lifetime of its
+    /// own: the session expires (its nodes are reclaimed) at its end
+    /// unless extended, and `/Overtime` lists sessions still running past
+    /// it (60 min).
     #[serde(with = "secs")]
     pub lease: Duration,
+    /// The longest a session may live, counted from its creation: the
+    /// most a request may ask for, and how far extensions may take it
+    /// (6 h; `"off"`: no maximum).
+    #[serde(with = "opt_secs")]
+    pub max_lifetime: Option<Duration>,
     /// How long `/Node/fail` holds nodes for debugging before they are
     /// reclaimed (12 h).
     #[serde(with = "secs")]
@@ -79,12 +87,27 @@ pub struct Policy {
     /// `"off"`: never).
     #[serde(with = "opt_secs")]
     pub power_check_interval: Option<Duration>,
+    /// The longest a request may wait in the queue for nodes (1 h).
+    #[serde(with = "secs")]
+    pub max_wait: Duration,
+    /// Most requests waiting in the queue at once, over the whole service
+    /// (1000); more are refused at once.
+    pub queue_capacity: usize,
+    /// Most requests one project may have waiting at once (100), so that
+    /// one project cannot fill the queue.
+    pub queue_per_project: usize,
+    /// A waiting request whose owner has not asked about it for this long
+    /// is dropped: its client is gone, and serving it would hand nodes to
+    /// nobody (2 min; `"off"`: never dropped).
+    #[serde(with = "opt_secs")]
+    pub queue_poll_timeout: Option<Duration>,
 }
 
 impl Default for Policy {
     fn default() -> Self {
         Policy {
             lease: Duration::from_secs(60 * 60),
+            max_lifetime: Some(Duration::from_secs(6 * 60 * 60)),
             fail_hold: Duration::from_secs(12 * 60 * 60),
             reinstall_age: Duration::from_secs(24 * 60 * 60),
             max_concurrent_installs: 8,
@@ -101,6 +124,10 @@ impl Default for Policy {
             min_pass_interval: Duration::from_millis(50),
             cas_retries: 16,
             power_check_interval: Some(Duration::from_secs(3600)),
+            max_wait: Duration::from_secs(60 * 60),
+            queue_capacity: 1000,
+            queue_per_project: 100,
+            queue_poll_timeout: Some(Duration::from_secs(120)),
         }
     }
 }
@@ -133,6 +160,24 @@ impl Policy {
         }
         if self.tick.is_zero() {
             return Err("tick must be longer than zero".into());
+        }
+        if self.lease.is_zero() {
+            return Err("lease must be longer than zero".into());
+        }
+        if let Some(max) = self.max_lifetime {
+            if max < self.lease {
+                return Err(format!(
+                    "max_lifetime ({} s) must be at least the lease ({} s), or \"off\"",
+                    max.as_secs(),
+                    self.lease.as_secs()
+                ));
+            }
+        }
+        if self.queue_capacity == 0 || self.queue_per_project == 0 {
+            return Err("queue_capacity and queue_per_project must be at least 1".into());
+        }
+        if self.queue_poll_timeout.is_some_and(|t| t.is_zero()) {
+            return Err("queue_poll_timeout must be longer than zero, or \"off\"".into());
         }
         if let Some(r) = self.rate_limit {
             if r.max == 0 || r.window.is_zero() {
@@ -229,6 +274,8 @@ mod tests {
         assert_eq!(p.lease, Duration::from_secs(3600));
         assert_eq!(p.fail_hold, Duration::from_secs(43_200));
         assert_eq!(p.reinstall_age, Duration::from_secs(86_400));
+        assert_eq!(p.max_lifetime, Some(Duration::from_secs(6 * 3600)));
+        assert_eq!((p.max_wait, p.queue_poll_timeout), (Duration::from_secs(3600), Some(Duration::from_secs(120))));
         assert!(p.validate().is_ok());
         assert_eq!(p.backoff(0), Duration::from_secs(30));
         assert_eq!(p.backoff(2), Duration::from_secs(120));
@@ -258,5 +305,12 @@ mod tests {
         assert!(p.validate().is_err());
         let p = Policy { rate_limit: Some(RateLimit { max: 0, window: Duration::from_secs(1) }), ..Policy::default() };
         assert!(p.validate().is_err());
+        let p = Policy { max_lifetime: Some(Duration::from_secs(60)), ..Policy::default() };
+        assert!(p.validate().unwrap_err().contains("max_lifetime (60 s) must be at least the lease (3600 s)"));
+        let p = Policy { lease: Duration::ZERO, ..Policy::default() };
+        assert!(p.validate().is_err());
+        let p: Policy = serde_json::from_str(r#"{"max_lifetime": "off", "lease": 90000}"#).unwrap();
+        assert_eq!(p.max_lifetime, None);
+        assert!(p.validate().is_ok(), "no maximum: any lease");
     }
 }

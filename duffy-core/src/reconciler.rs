@@ -88,6 +88,11 @@ pub struct PassReport {
     pub power_downs_started: usize,
     /// Failed sessions reclaimed after their hold.
     pub sessions_reclaimed: usize,
+    /// Sessions whose lifetime ran out, ended and their nodes sent to be
+    /// reinstalled.
+    pub sessions_expired: usize,
+    /// Queued session requests served.
+    pub requests_served: usize,
     /// Half-done allocations aborted.
     pub allocations_aborted: usize,
     /// Abandoned installs taken over.
@@ -122,6 +127,10 @@ pub trait ReconcilerObserver: Send + Sync {
     /// An install attempt of `node` failed; `last` when no attempt is left
     /// and the node goes to Failed.
     fn install_attempt_failed(&self, _node: &Node, _why: AttemptFailure, _last: bool) {}
+    /// A session's lifetime ran out and the reconciler ended it; its nodes
+    /// are going to be reinstalled. `session` is the session as it was
+    /// before (Prod, its expiry passed).
+    fn session_expired(&self, _session: &crate::Session) {}
     /// An operation (install, power-down, power check) has finished.
     fn operation_finished(&self, _done: &OpDone) {}
 }
@@ -330,6 +339,24 @@ impl Reconciler {
                 _ => {}
             }
         }
+
+        // Sessions whose lifetime ran out: ended, their nodes reinstalled.
+        // A bounded batch per pass (the index gives the earliest first);
+        // a backlog is worked off over the next passes. A session in Fail
+        // is never listed: it keeps its hold.
+        const EXPIRED_PER_PASS: usize = 256;
+        for s in store.expired_sessions(now, EXPIRED_PER_PASS).await? {
+            if expire(&self.engine, &s).await? {
+                report.sessions_expired += 1;
+                if let Some(o) = &self.observer {
+                    o.session_expired(&s);
+                }
+            }
+        }
+
+        // The wait queue, before the counts below are read: what it takes
+        // is not Ready any more, and the plan refills the pools.
+        report.requests_served = self.engine.serve_queue().await?;
 
         let targets = store.pool_targets().await?;
         let paused = store.paused().await?;
@@ -572,6 +599,46 @@ async fn with_idle(
 
 /// Ends a failed session whose hold ran out; its nodes go back to be
 /// reinstalled.
+/// Ends a Prod session whose expiry has passed: its nodes (those still
+/// Deployed for it) go back to be reinstalled, in one compare-and-set
+/// batch. `Ok(false)` if it changed since it was read (released,
+/// failed or extended meanwhile: the next pass judges it afresh).
+async fn expire(engine: &Engine, s: &crate::Session) -> Result<bool, EngineError> {
+    let inner = &engine.inner;
+    let now = inner.clock.now();
+    let mut batch = Batch::default();
+    for id in &s.nodes {
+        let Some(n) = inner.store.node(*id).await? else { continue };
+        if n.session.as_ref() == Some(&s.id) && n.state == NodeState::Deployed {
+            match NodeWrite::transition(&n, Cause::SessionExpired, Actor::Reconciler, now) {
+                Ok(w) => batch.nodes.push(w),
+                Err(e) => {
+                    debug!(session = %s.id, error = %e, "a node moved under an expiring session");
+                    return Ok(false);
+                }
+            }
+        }
+    }
+    let w = match SessionWrite::transition(s, SessionCause::Expired, now) {
+        Ok(w) => w,
+        Err(e) => {
+            debug!(session = %s.id, error = %e, "the session no longer expires");
+            return Ok(false);
+        }
+    };
+    batch.sessions.push(w);
+    match inner.store.commit(batch).await {
+        Ok(()) => {
+            info!(session = %s.id, project = %s.project, nodes = s.nodes.len(), expires_at = ?s.expires_at,
+                "session lifetime ran out; session ended and its nodes reclaimed");
+            engine.kick();
+            Ok(true)
+        }
+        Err(CommitError::Store(e)) => Err(e.into()),
+        Err(_) => Ok(false),
+    }
+}
+
 async fn reclaim(engine: &Engine, s: &crate::Session) -> Result<bool, EngineError> {
     let inner = &engine.inner;
     let now = inner.clock.now();
@@ -738,9 +805,11 @@ async fn install_op(
             Ok(false) => return done(OpOutcome::Superseded),
             Err(e) => return done(OpOutcome::StoreFailed(e.to_string())),
         }
+        let attempt_started = inner.clock.now();
         let r = timeout(&*inner.clock, inner.policy.install_timeout, inner.installer.install(&node, &image)).await;
         let (why, reason) = match r {
             Ok(Ok(installed)) => {
+                inner.record_install(inner.clock.now().since(attempt_started));
                 let cause = Cause::InstallSucceeded { host_key: installed.host_key };
                 return done(match inner.commit_node(&node, cause, Actor::Reconciler).await {
                     Ok(Some(_)) => OpOutcome::Installed,

@@ -38,6 +38,19 @@ pub enum SessionCause {
     },
     /// A failed session's hold ran out; its nodes are reclaimed.
     HoldExpired,
+    /// The job asked for more time: the expiry moves to `until`. Refused
+    /// once the session has expired, for an instant not after the current
+    /// expiry, and past `max_until` (the maximum lifetime, `None`: no
+    /// maximum) with [`SessionTransitionError::BeyondMaxLifetime`].
+    Extended {
+        /// The new expiry.
+        until: Timestamp,
+        /// The latest expiry the policy allows for this session.
+        max_until: Option<Timestamp>,
+    },
+    /// A delivered session's expiry passed: it ends and its nodes are
+    /// reclaimed (reinstalled). A session in Fail keeps its hold instead.
+    Expired,
 }
 
 /// The name of a [`SessionCause`].
@@ -49,6 +62,8 @@ pub enum SessionCauseKind {
     Released,
     FailedByUser,
     HoldExpired,
+    Extended,
+    Expired,
 }
 
 impl SessionCauseKind {
@@ -60,6 +75,8 @@ impl SessionCauseKind {
             SessionCauseKind::Released => "released",
             SessionCauseKind::FailedByUser => "failed_by_user",
             SessionCauseKind::HoldExpired => "hold_expired",
+            SessionCauseKind::Extended => "extended",
+            SessionCauseKind::Expired => "expired",
         }
     }
 }
@@ -79,6 +96,8 @@ impl SessionCause {
             SessionCause::Released => SessionCauseKind::Released,
             SessionCause::FailedByUser { .. } => SessionCauseKind::FailedByUser,
             SessionCause::HoldExpired => SessionCauseKind::HoldExpired,
+            SessionCause::Extended { .. } => SessionCauseKind::Extended,
+            SessionCause::Expired => SessionCauseKind::Expired,
         }
     }
 }
@@ -93,6 +112,8 @@ pub const SESSION_TRANSITIONS: &[(SessionCauseKind, &[SessionState], SessionStat
     (SessionCauseKind::Released, &[S::Prod, S::Fail], S::Done),
     (SessionCauseKind::FailedByUser, &[S::Prod], S::Fail),
     (SessionCauseKind::HoldExpired, &[S::Fail], S::Done),
+    (SessionCauseKind::Extended, &[S::Prod], S::Prod),
+    (SessionCauseKind::Expired, &[S::Prod], S::Done),
 ];
 
 /// Looks up `(from, cause)` in [`SESSION_TRANSITIONS`].
@@ -123,6 +144,19 @@ pub enum SessionTransitionError {
         /// What stood in the way.
         why: &'static str,
     },
+    /// An extension past the session's maximum lifetime.
+    #[error(
+        "session {id}: cannot extend to {requested}: the maximum lifetime ends at {max_until}; \
+         extend to {max_until} at most"
+    )]
+    BeyondMaxLifetime {
+        /// The session.
+        id: SessionId,
+        /// The expiry asked for.
+        requested: Timestamp,
+        /// The latest expiry allowed.
+        max_until: Timestamp,
+    },
 }
 
 /// A session's change, for the logs.
@@ -144,7 +178,10 @@ impl Session {
     /// Applies `cause` at `now`: the session as it must be written (version
     /// bumped, times and reasons set) and its event.
     ///
-    /// Guard beyond the table: a hold ends only once it has run out.
+    /// Guards beyond the table: a hold ends only once it has run out; a
+    /// session expires only once its expiry has passed; an extension must
+    /// come before the expiry, move it later, and stay within the maximum
+    /// lifetime. Delivery sets the expiry to the lease's end.
     pub fn apply(
         &self,
         cause: SessionCause,
@@ -161,6 +198,7 @@ impl Session {
             SessionCause::Delivered { lease_until } => {
                 s.delivered_at = Some(now);
                 s.lease_until = Some(lease_until);
+                s.expires_at = Some(lease_until);
             }
             SessionCause::Aborted { reason } => {
                 s.ended_at = Some(now);
@@ -182,6 +220,34 @@ impl Session {
                 }
                 s.ended_at = Some(now);
                 s.end_reason = Some("fail hold expired; nodes reclaimed".into());
+            }
+            SessionCause::Extended { until, max_until } => {
+                let guard = |why| SessionTransitionError::Guard { id: self.id.clone(), cause: kind, why };
+                match self.expires_at {
+                    None => return Err(guard("the session has no expiry")),
+                    Some(t) if t <= now => return Err(guard("the session has expired")),
+                    Some(t) if until <= t => return Err(guard("an extension must end after the current expiry")),
+                    Some(_) => {}
+                }
+                if let Some(max_until) = max_until.filter(|m| until > *m) {
+                    return Err(SessionTransitionError::BeyondMaxLifetime {
+                        id: self.id.clone(),
+                        requested: until,
+                        max_until,
+                    });
+                }
+                s.expires_at = Some(until);
+            }
+            SessionCause::Expired => {
+                if self.expires_at.is_none_or(|t| t > now) {
+                    return Err(SessionTransitionError::Guard {
+                        id: self.id.clone(),
+                        cause: kind,
+                        why: "the session has not expired",
+                    });
+                }
+                s.ended_at = Some(now);
+                s.end_reason = Some("lifetime expired; nodes reclaimed".into());
             }
         }
         s.state = to;
@@ -209,6 +275,7 @@ mod tests {
             created_at: Timestamp(0),
             delivered_at: None,
             lease_until: None,
+            expires_at: Some(Timestamp(10)),
             hold_until: Some(Timestamp(5)),
             ended_at: None,
             end_reason: None,
@@ -223,14 +290,26 @@ mod tests {
             SessionCauseKind::Released => SessionCause::Released,
             SessionCauseKind::FailedByUser => SessionCause::FailedByUser { hold_until: Timestamp(50) },
             SessionCauseKind::HoldExpired => SessionCause::HoldExpired,
+            SessionCauseKind::Extended => SessionCause::Extended { until: Timestamp(20), max_until: None },
+            SessionCauseKind::Expired => SessionCause::Expired,
         }
+    }
+
+    /// A session in `from` whose circumstances pass `kind`'s guards at
+    /// time 10 (an extension needs an expiry still ahead).
+    fn session_for(from: SessionState, kind: SessionCauseKind) -> Session {
+        let mut s = session(from);
+        if kind == SessionCauseKind::Extended {
+            s.expires_at = Some(Timestamp(15));
+        }
+        s
     }
 
     #[test]
     fn every_pair_follows_the_table() {
         for (kind, _, _) in SESSION_TRANSITIONS {
             for from in ALL_STATES {
-                let r = session(from).apply(cause_of(*kind), Timestamp(10));
+                let r = session_for(from, *kind).apply(cause_of(*kind), Timestamp(10));
                 match session_target(from, *kind) {
                     Some(to) => {
                         let (s, e) = r.unwrap_or_else(|e| panic!("{from:?} {kind}: {e}"));
@@ -271,5 +350,71 @@ mod tests {
         assert_eq!((f.state, f.hold_until), (S::Fail, Some(Timestamp(90))));
         let (a, _) = session(S::Allocating).apply(SessionCause::Aborted { reason: "r".into() }, Timestamp(9)).unwrap();
         assert_eq!((a.ended_at, a.end_reason.as_deref()), (Some(Timestamp(9)), Some("r")));
+    }
+
+    #[test]
+    fn delivery_sets_the_expiry_to_the_lease() {
+        let mut s = session(S::Allocating);
+        s.expires_at = None;
+        let (p, _) = s.apply(SessionCause::Delivered { lease_until: Timestamp(70) }, Timestamp(7)).unwrap();
+        assert_eq!((p.lease_until, p.expires_at), (Some(Timestamp(70)), Some(Timestamp(70))));
+    }
+
+    #[test]
+    fn extensions_move_the_expiry_not_the_lease() {
+        let mut s = session(S::Prod);
+        s.lease_until = Some(Timestamp(100));
+        s.expires_at = Some(Timestamp(100));
+        let ext =
+            |until, max: Option<i64>| SessionCause::Extended { until: Timestamp(until), max_until: max.map(Timestamp) };
+        let (e, ev) = s.apply(ext(150, Some(200)), Timestamp(50)).unwrap();
+        assert_eq!(
+            (e.state, e.lease_until, e.expires_at, e.version),
+            (S::Prod, Some(Timestamp(100)), Some(Timestamp(150)), 4)
+        );
+        assert_eq!((ev.from, ev.to, ev.cause), (S::Prod, S::Prod, SessionCauseKind::Extended));
+        // Up to the maximum exactly, and without a maximum as far as asked.
+        assert_eq!(e.apply(ext(200, Some(200)), Timestamp(60)).unwrap().0.expires_at, Some(Timestamp(200)));
+        assert_eq!(e.apply(ext(9_999, None), Timestamp(60)).unwrap().0.expires_at, Some(Timestamp(9_999)));
+        // Past the maximum: a typed error that says the maximum.
+        let err = e.apply(ext(201, Some(200)), Timestamp(60)).unwrap_err();
+        assert_eq!(
+            err,
+            SessionTransitionError::BeyondMaxLifetime {
+                id: SessionId("s".into()),
+                requested: Timestamp(201),
+                max_until: Timestamp(200)
+            }
+        );
+        assert!(err.to_string().contains("maximum lifetime ends at"), "{err}");
+        // Not earlier than (or at) the current expiry, not once expired.
+        for (until, now) in [(150, 60), (120, 60), (300, 150), (300, 151)] {
+            assert!(
+                matches!(e.apply(ext(until, None), Timestamp(now)), Err(SessionTransitionError::Guard { .. })),
+                "extend to {until} at {now}"
+            );
+        }
+        // Only a Prod session.
+        for from in [S::Allocating, S::Fail, S::Done, S::Aborted] {
+            let mut x = session(from);
+            x.expires_at = Some(Timestamp(100));
+            assert!(matches!(x.apply(ext(150, None), Timestamp(50)), Err(SessionTransitionError::Illegal { .. })));
+        }
+    }
+
+    #[test]
+    fn a_session_expires_only_once_its_expiry_passed() {
+        let mut s = session(S::Prod);
+        s.expires_at = Some(Timestamp(100));
+        assert!(matches!(s.apply(SessionCause::Expired, Timestamp(99)), Err(SessionTransitionError::Guard { .. })));
+        let (d, ev) = s.apply(SessionCause::Expired, Timestamp(100)).unwrap();
+        assert_eq!((d.state, d.ended_at, ev.cause), (S::Done, Some(Timestamp(100)), SessionCauseKind::Expired));
+        assert!(d.end_reason.as_deref().is_some_and(|r| r.contains("expired")));
+        s.expires_at = None;
+        assert!(matches!(s.apply(SessionCause::Expired, Timestamp(1_000)), Err(SessionTransitionError::Guard { .. })));
+        // A failed session keeps its hold: expiry is not a transition from Fail.
+        let mut f = session(S::Fail);
+        f.expires_at = Some(Timestamp(1));
+        assert!(matches!(f.apply(SessionCause::Expired, Timestamp(100)), Err(SessionTransitionError::Illegal { .. })));
     }
 }

@@ -102,7 +102,7 @@ pub enum Cause {
     /// Every attempt failed; `retry_at` is when the node gets another
     /// chance (`None`: an operator must recover it).
     InstallFailed {
-        /// Why.
+        /// What went wrong, as the installer or the BMC reported it.
         reason: String,
         /// End of the cool-down.
         retry_at: Option<Timestamp>,
@@ -122,7 +122,7 @@ pub enum Cause {
     },
     /// Preparing for the project failed.
     PrepareFailed {
-        /// Why.
+        /// What went wrong, as the contextualizer reported it.
         reason: String,
         /// End of the cool-down, as for [`Cause::InstallFailed`].
         retry_at: Option<Timestamp>,
@@ -130,11 +130,15 @@ pub enum Cause {
     /// Another node of the same allocation failed, or the allocation was
     /// interrupted: this node goes back to be reinstalled.
     AllocationAborted {
-        /// Why.
+        /// Why the allocation ended (the sibling node's failure, or the
+        /// interruption).
         reason: String,
     },
     /// The session was released with `/Node/done`.
     Released,
+    /// The session's lifetime ran out: the reconciler takes the node back
+    /// to be reinstalled. Its own cause, so that the history says why.
+    SessionExpired,
     /// The session's job called `/Node/fail`: held for debugging.
     FailedByUser {
         /// End of the hold.
@@ -184,13 +188,14 @@ pub enum CauseKind {
     PoweredDown,
     PowerMismatch,
     PowerObserved,
+    SessionExpired,
     /// Not a transition: the node was added to the farm.
     Added,
 }
 
 impl CauseKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [CauseKind; 19] = [
+    pub const ALL: [CauseKind; 20] = [
         CauseKind::InstallStarted,
         CauseKind::InstallRestarted,
         CauseKind::InstallAttemptFailed,
@@ -209,6 +214,7 @@ impl CauseKind {
         CauseKind::PoweredDown,
         CauseKind::PowerMismatch,
         CauseKind::PowerObserved,
+        CauseKind::SessionExpired,
         CauseKind::Added,
     ];
 
@@ -233,6 +239,7 @@ impl CauseKind {
             CauseKind::PoweredDown => "powered_down",
             CauseKind::PowerMismatch => "power_mismatch",
             CauseKind::PowerObserved => "power_observed",
+            CauseKind::SessionExpired => "session_expired",
             CauseKind::Added => "added",
         }
     }
@@ -273,6 +280,7 @@ impl Cause {
             Cause::PoweredDown => CauseKind::PoweredDown,
             Cause::PowerMismatch { .. } => CauseKind::PowerMismatch,
             Cause::PowerObserved { .. } => CauseKind::PowerObserved,
+            Cause::SessionExpired => CauseKind::SessionExpired,
         }
     }
 
@@ -284,6 +292,7 @@ impl Cause {
             | Cause::PrepareFailed { reason, .. }
             | Cause::AllocationAborted { reason } => Some(reason.clone()),
             Cause::FailedByUser { hold_until } => Some(format!("held until {hold_until}")),
+            Cause::SessionExpired => Some("the session's lifetime ran out".to_string()),
             Cause::PowerMismatch { observed } | Cause::PowerObserved { observed } => {
                 Some(format!("BMC reports power {}", observed.as_str()))
             }
@@ -309,6 +318,7 @@ pub const TRANSITIONS: &[(CauseKind, &[NodeState], Option<NodeState>)] = &[
     (CauseKind::PrepareFailed, &[S::Contextualizing], Some(S::Failed)),
     (CauseKind::AllocationAborted, &[S::Contextualizing], Some(S::Active)),
     (CauseKind::Released, &[S::Deployed, S::Failed], Some(S::Active)),
+    (CauseKind::SessionExpired, &[S::Deployed], Some(S::Active)),
     (CauseKind::FailedByUser, &[S::Deployed], Some(S::Failed)),
     (CauseKind::HoldExpired, &[S::Failed], Some(S::Active)),
     (CauseKind::SetAdmin, &[S::Active, S::Ready, S::Provisioning, S::Failed], Some(S::Reserved)),
@@ -447,6 +457,10 @@ impl Node {
                 n.fail_reason = None;
                 n.installed_at = None;
             }
+            Cause::SessionExpired => {
+                n.session = None;
+                n.installed_at = None;
+            }
             Cause::FailedByUser { hold_until } => {
                 n.hold_until = Some(hold_until);
                 n.fail_reason = Some("failed by user".to_string());
@@ -546,6 +560,7 @@ mod tests {
             CauseKind::PoweredDown => Cause::PoweredDown,
             CauseKind::PowerMismatch => Cause::PowerMismatch { observed: PowerState::Off },
             CauseKind::PowerObserved => Cause::PowerObserved { observed: PowerState::On },
+            CauseKind::SessionExpired => Cause::SessionExpired,
             CauseKind::Added => unreachable!("not a transition"),
         }
     }

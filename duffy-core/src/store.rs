@@ -144,9 +144,9 @@ pub enum Guard {
     /// The project's nodes held in Fail (Failed nodes of its sessions in
     /// state Fail) number at most `max`.
     ProjectFailedNodesAtMost {
-        /// The project.
+        /// The project whose Failed-held nodes are counted.
         project: String,
-        /// The cap.
+        /// The most it may hold after the batch.
         max: u32,
     },
 }
@@ -172,7 +172,7 @@ pub enum CommitError {
     /// A guard did not hold on the result.
     #[error("guard failed: {guard:?} (would be {actual})")]
     GuardFailed {
-        /// The guard.
+        /// The guard that would not hold.
         guard: Guard,
         /// The value the batch would have produced.
         actual: u64,
@@ -214,8 +214,9 @@ pub struct ClaimRequest {
     /// The time of the claim.
     pub now: Timestamp,
     /// `Some(lease end)`: hand the nodes over in the claim itself (nodes
-    /// Ready → Deployed, session Prod), for installers with nothing to
-    /// prepare; `None`: nodes to Contextualizing, session Allocating.
+    /// Ready → Deployed, session Prod, its lease and expiry at this
+    /// instant), for installers with nothing to prepare; `None`: nodes to
+    /// Contextualizing, session Allocating.
     pub deliver: Option<Timestamp>,
 }
 
@@ -248,7 +249,7 @@ pub enum ClaimRefusal {
     },
     /// The pool has fewer Ready nodes than asked for.
     InsufficientNodes {
-        /// Asked for.
+        /// Nodes the request asked for.
         requested: u32,
         /// Ready now.
         available: u32,
@@ -257,9 +258,9 @@ pub enum ClaimRefusal {
     QuotaExceeded {
         /// Nodes its live sessions hold now.
         held: u32,
-        /// Asked for.
+        /// Nodes the request asked for.
         requested: u32,
-        /// The quota.
+        /// The project's quota.
         quota: u32,
     },
     /// The service is paused: no new allocations. Checked in the claim's
@@ -270,7 +271,7 @@ pub enum ClaimRefusal {
     RateLimited {
         /// Sessions it created in the window.
         recent: u32,
-        /// The limit.
+        /// The key's limit: sessions per window.
         limit: RateLimit,
     },
 }
@@ -311,6 +312,7 @@ pub fn claim_writes(req: &ClaimRequest, chosen: &[Node]) -> Result<(Session, Vec
         created_at: req.now,
         delivered_at: req.deliver.map(|_| req.now),
         lease_until: req.deliver,
+        expires_at: req.deliver,
         hold_until: None,
         ended_at: None,
         end_reason: None,
@@ -432,6 +434,43 @@ pub fn hand_back_writes(
     Ok(Ok((batch, after)))
 }
 
+/// What [`Store::node_counts`] groups nodes by. Ordered by image (nodes
+/// without one first), kind of machine, chassis, then state.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NodeGroup {
+    /// The image installed or being installed (`None` for idle, failed or
+    /// reserved machines that carry none).
+    pub image: Option<PoolKey>,
+    /// The kind of machine.
+    pub hardware: Hardware,
+    /// The chassis the machines sit in, if recorded.
+    pub chassis: Option<String>,
+    /// Their state.
+    pub state: NodeState,
+}
+
+impl NodeGroup {
+    /// The group `node` counts in.
+    pub fn of(node: &Node) -> NodeGroup {
+        NodeGroup {
+            image: node.image.clone(),
+            hardware: Hardware::of(node),
+            chassis: node.chassis.clone(),
+            state: node.state,
+        }
+    }
+}
+
+/// One row of [`Store::node_counts`]: a group and how many nodes are in it
+/// (never zero).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCount {
+    /// Which nodes.
+    pub group: NodeGroup,
+    /// How many.
+    pub count: u32,
+}
+
 /// How a store is doing, as far as it knows without any I/O: for health
 /// checks and for a service deciding whether to stop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -540,12 +579,59 @@ pub trait Store: Send + Sync {
         Ok(nodes)
     }
 
+    /// The newest events, newest first: `node`'s history, or the whole
+    /// log's, at most `limit` of them. For a node's timeline and the
+    /// dashboard's charts, which want the recent end of a log that only
+    /// grows.
+    ///
+    /// The default reads the whole log (or the node's history) with
+    /// [`Store::events`]; backends should override it with a descending
+    /// indexed read.
+    async fn latest_events(&self, node: Option<NodeId>, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let mut events = self.events(EventQuery { node, ..EventQuery::default() }).await?;
+        events.reverse();
+        events.truncate(limit);
+        Ok(events)
+    }
+
+    /// How many nodes there are of each state, image, kind of machine and
+    /// chassis, ordered by those fields: the whole farm in a few rows, for
+    /// a map of 100,000 machines that must not read every row into memory.
+    ///
+    /// The default reads every node with [`Store::nodes`] and counts;
+    /// backends should override it with a grouped count.
+    async fn node_counts(&self) -> Result<Vec<NodeCount>, StoreError> {
+        let mut counts: std::collections::BTreeMap<NodeGroup, u32> = std::collections::BTreeMap::new();
+        for n in self.nodes().await? {
+            *counts.entry(NodeGroup::of(&n)).or_default() += 1;
+        }
+        Ok(counts.into_iter().map(|(group, count)| NodeCount { group, count }).collect())
+    }
+
     /// One session by id (any state).
     async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError>;
 
     /// Sessions in Allocating, Prod or Fail, ordered by creation time then
     /// id.
     async fn live_sessions(&self) -> Result<Vec<Session>, StoreError>;
+
+    /// Sessions in Prod whose expiry (`Session::expires_at`) is at or
+    /// before `now`, earliest expiry first, then id; at most `limit` of
+    /// them. The reconciler reclaims them. Sessions in Fail are never
+    /// listed: they keep their hold.
+    ///
+    /// The default reads every live session with [`Store::live_sessions`];
+    /// backends should override it with an indexed read, since the
+    /// reconciler calls it on every pass. (Added with session expiry,
+    /// schema version 6 of the SQLite store: a backend keeps sessions'
+    /// `expires_at` and may index Prod sessions by it.)
+    async fn expired_sessions(&self, now: Timestamp, limit: usize) -> Result<Vec<Session>, StoreError> {
+        let mut sessions = self.live_sessions().await?;
+        sessions.retain(|s| s.is_expired_at(now));
+        sessions.sort_by(|a, b| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)));
+        sessions.truncate(limit);
+        Ok(sessions)
+    }
 
     /// Atomically: checks, in this order, the pool's standby target (if
     /// [`ClaimRequest::check_target`]), that the service is not paused,

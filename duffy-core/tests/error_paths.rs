@@ -208,6 +208,7 @@ fn answer_from(mock: &mut MockStore, mem: &Arc<MemStore>, calls: &Calls, except:
     forward!(expect_nodes_after, nodes_after(after, limit));
     forward!(expect_session, session(id));
     forward!(expect_live_sessions, live_sessions());
+    forward!(expect_expired_sessions, expired_sessions(now, limit));
     forward!(expect_claim, claim(req));
     forward!(expect_commit, commit(batch));
     forward!(expect_commit_each, commit_each(batches));

@@ -394,6 +394,8 @@ impl World {
         let keys: Vec<KeyId> = self.keys.iter().map(|p| p.key_id.expect("a key")).collect();
         let admin = self.admin.key_id.expect("a key");
         let after = self.events_checked;
+        let now = duffy_core::Clock::now(&self.h.clock);
+        let tick = policy().tick;
         self.events_checked = self.h.block_on(async move {
             if let Err(e) = check_invariants(&*store).await {
                 panic!("invariants: {e}");
@@ -433,8 +435,17 @@ impl World {
                 let s =
                     store.session(&SessionId(sid.clone())).await.expect("read").expect("a handed-out session exists");
                 match want {
+                    // Not released: Prod until its lifetime runs out, then
+                    // ended by the reconciler (within two of its ticks).
+                    Expect::Prod(_) if s.state == SessionState::Done => {
+                        let expiry = s.expires_at.expect("a delivered session has an expiry");
+                        assert!(expiry <= now, "session {sid} ended before its expiry {expiry}");
+                        assert_eq!(s.end_reason.as_deref(), Some("lifetime expired; nodes reclaimed"), "session {sid}");
+                    }
                     Expect::Prod(hosts) => {
                         assert_eq!(s.state, SessionState::Prod, "session {sid} was handed out and not released");
+                        let expiry = s.expires_at.expect("a delivered session has an expiry");
+                        assert!(now < expiry.plus(tick * 2), "session {sid} outlived its expiry {expiry} (now {now})");
                         let mut names = Vec::new();
                         for id in &s.nodes {
                             names.push(store.node(*id).await.expect("read").expect("exists").hostname);

@@ -126,6 +126,13 @@ fn simulate(seed: u64) -> Outcome {
                     s.warm_hits += u64::from(first);
                     s.waits_ms.push(clock.now().since(asked).as_millis() as i64);
                 }
+                // A job that needs longer than the lease extends its
+                // session first, or it would expire under it.
+                let lease = engine.policy().lease;
+                if hold > lease {
+                    let by = hold - lease + Duration::from_secs(120);
+                    engine.extend_session(&who, &alloc.session.0, by).await.expect("extend");
+                }
                 sleep(&clock, hold).await;
                 if fails {
                     st.borrow_mut().failed_by_job += 1;

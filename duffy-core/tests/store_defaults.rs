@@ -1,5 +1,6 @@
 //! The `Store` trait's default reads (built on `nodes()`) answer what the
-//! conformance suite asks, for a backend that does not override them.
+//! conformance suite asks, for a backend that does not override them
+//! (`expired_sessions` is built on `live_sessions()`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
@@ -15,8 +16,22 @@ use duffy_core::{
 };
 
 /// A store that implements only the required methods (by delegating to a
-/// `MemStore`), so the trait's defaults answer the rest.
-struct Plain(MemStore);
+/// `MemStore`), so the trait's defaults answer the rest; or, with a
+/// [`Broken`] mode, gets session expiry deliberately wrong.
+struct Plain(MemStore, Broken);
+
+/// Ways a backend could get session expiry wrong; the conformance check
+/// must catch each.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Broken {
+    No,
+    /// Sessions are stored without their expiry (a forgotten column).
+    DropsExpiry,
+    /// `expired_sessions` also lists failed sessions past their expiry.
+    ListsFailed,
+    /// `expired_sessions` ignores its limit.
+    NoLimit,
+}
 
 #[async_trait]
 impl Store for Plain {
@@ -33,10 +48,31 @@ impl Store for Plain {
         self.0.nodes().await
     }
     async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
-        self.0.session(id).await
+        let s = self.0.session(id).await?;
+        Ok(if self.1 == Broken::DropsExpiry { s.map(|s| Session { expires_at: None, ..s }) } else { s })
     }
     async fn live_sessions(&self) -> Result<Vec<Session>, StoreError> {
         self.0.live_sessions().await
+    }
+    async fn expired_sessions(&self, now: Timestamp, limit: usize) -> Result<Vec<Session>, StoreError> {
+        match self.1 {
+            Broken::No | Broken::DropsExpiry => {
+                // The trait's default, as a backend without an override has.
+                let mut v: Vec<Session> = self.0.live_sessions().await?;
+                v.retain(|s| s.is_expired_at(now));
+                v.sort_by(|a, b| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)));
+                v.truncate(limit);
+                Ok(v)
+            }
+            Broken::ListsFailed => {
+                let mut v: Vec<Session> = self.0.live_sessions().await?;
+                v.retain(|s| s.expires_at.is_some_and(|t| t <= now) && s.state != duffy_core::SessionState::Allocating);
+                v.sort_by(|a, b| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)));
+                v.truncate(limit);
+                Ok(v)
+            }
+            Broken::NoLimit => self.0.expired_sessions(now, usize::MAX).await,
+        }
     }
     async fn claim(&self, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {
         self.0.claim(req).await
@@ -90,7 +126,11 @@ impl Store for Plain {
 }
 
 fn plain() -> Arc<dyn Store> {
-    Arc::new(Plain(MemStore::new()))
+    Arc::new(Plain(MemStore::new(), Broken::No))
+}
+
+fn broken(how: Broken) -> Arc<dyn Store> {
+    Arc::new(Plain(MemStore::new(), how))
 }
 
 #[tokio::test]
@@ -127,4 +167,40 @@ async fn default_commit_each() {
 #[tokio::test]
 async fn default_ready_counts() {
     conformance::ready_counts_count_ready_nodes_per_pool(plain()).await;
+}
+
+#[tokio::test]
+async fn default_expired_sessions() {
+    conformance::sessions_expire_and_are_listed_by_expiry(plain()).await;
+}
+
+// The expiry check is only worth something if it fails on a store that
+// gets expiry wrong.
+
+#[tokio::test]
+#[should_panic(expected = "delivery sets the expiry")]
+async fn the_expiry_check_catches_a_store_that_forgets_the_expiry() {
+    conformance::sessions_expire_and_are_listed_by_expiry(broken(Broken::DropsExpiry)).await;
+}
+
+#[tokio::test]
+#[should_panic(expected = "a Fail session is never listed")]
+async fn the_expiry_check_catches_a_store_that_lists_failed_sessions() {
+    conformance::sessions_expire_and_are_listed_by_expiry(broken(Broken::ListsFailed)).await;
+}
+
+#[tokio::test]
+#[should_panic(expected = "bounded")]
+async fn the_expiry_check_catches_a_store_that_ignores_the_limit() {
+    conformance::sessions_expire_and_are_listed_by_expiry(broken(Broken::NoLimit)).await;
+}
+
+#[tokio::test]
+async fn default_latest_events() {
+    conformance::latest_events_are_newest_first_and_bounded(plain()).await;
+}
+
+#[tokio::test]
+async fn default_node_counts() {
+    conformance::node_counts_group_the_farm(plain()).await;
 }

@@ -16,7 +16,7 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("reading {path}: {source}")]
     Read {
-        /// The configuration file.
+        /// The configuration file that could not be read.
         path: PathBuf,
         /// The OS error.
         #[source]
@@ -25,7 +25,7 @@ pub enum ConfigError {
     /// The file is not valid TOML for this schema.
     #[error("{path}: {source}")]
     Parse {
-        /// The configuration file.
+        /// The configuration file that did not parse.
         path: PathBuf,
         /// What is wrong, with line and column.
         #[source]

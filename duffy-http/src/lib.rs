@@ -17,6 +17,7 @@ pub mod listener;
 pub mod metrics;
 pub mod operator;
 pub mod server;
+pub mod ui;
 
 pub use api::{AppState, router};
 pub use config::Config;

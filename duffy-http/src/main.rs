@@ -4,7 +4,10 @@
 //! Operator commands are built here from the arguments and run by
 //! `duffy_http::operator::execute`: in this process when no service runs
 //! on the database, otherwise inside the service, through its control
-//! socket (`duffy_http::control`).
+//! socket (`duffy_http::control`). `duffy client …` is the job side of
+//! `/api/v1` (`client_cli`).
+
+mod client_cli;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -63,6 +66,10 @@ enum Command {
     /// Projects.
     #[command(subcommand)]
     Project(ProjectCommand),
+    /// The API v1 client for jobs: request, extend, release and fail
+    /// sessions, list pools. The key comes from DUFFY_KEY or a private
+    /// config file, never from the command line.
+    Client(client_cli::ClientArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,7 +77,7 @@ enum ProjectCommand {
     /// Creates or updates a project: its node quota and the SSH public keys
     /// pushed to root on its nodes at allocation.
     Set {
-        /// The project.
+        /// Project name: 1 to 64 letters, digits, '.', '_' or '-'.
         name: String,
         /// Nodes its sessions may hold at once.
         #[arg(long)]
@@ -82,7 +89,7 @@ enum ProjectCommand {
     },
     /// Shows a project.
     Show {
-        /// The project.
+        /// Project name.
         name: String,
     },
 }
@@ -133,7 +140,7 @@ enum NodeCommand {
     Add(NewNode),
     /// Adds the machines of a TOML file of `[[nodes]]` tables (existing ones are skipped).
     Import {
-        /// The file.
+        /// A TOML file of `[[nodes]]` tables, as in the service's configuration.
         file: PathBuf,
     },
     /// Lists every machine.
@@ -249,6 +256,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Node(NodeCommand::Power { hostname, action, config }) => {
             node_power(cli.db, &hostname, action, &config).await
         }
+        Command::Client(args) => client_cli::run(args).await.map_err(|e| CliError::Other(e.to_string())),
         other => {
             let cmd = operator_command(other)?;
             let outcome = run_operator(&db_path(cli.db), cmd).await?;
@@ -379,7 +387,7 @@ fn operator_command(command: Command) -> Result<OperatorCommand, CliError> {
             OperatorCommand::ProjectSet { name, quota, ssh_keys }
         }
         Command::Project(ProjectCommand::Show { name }) => OperatorCommand::ProjectShow { name },
-        Command::Serve { .. } | Command::Node(NodeCommand::Power { .. }) => {
+        Command::Serve { .. } | Command::Node(NodeCommand::Power { .. }) | Command::Client(_) => {
             return Err(CliError::Other("not an operator command".into()));
         }
     })

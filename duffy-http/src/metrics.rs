@@ -15,8 +15,8 @@
 //! with their latency, allocation outcomes, nodes handed out, sessions
 //! failed, ignored query parameters, and, through the reconciler's
 //! [`ReconcilerObserver`], installs started by reason, failed attempts and
-//! given-up installs by reason, finished installs by outcome, and the
-//! duration of each reconciler pass. What is read at scrape time
+//! given-up installs by reason, finished installs by outcome, sessions
+//! ended by their expiry, and the duration of each reconciler pass. What is read at scrape time
 //! ([`FarmReading`]): nodes per state and pool, Ready nodes per pool
 //! against its target, live sessions and the oldest one's age, the pause
 //! flag, and the store's write path ([`StoreStats`]: batch sizes and fsync
@@ -219,6 +219,7 @@ pub struct Metrics {
     installs_finished: Family<OutcomeLabel, Counter>,
     pass_duration: Histogram,
     pass_failures: Counter,
+    sessions_expired: Counter,
     /// When the pass under way started (one reconciler per store, so one
     /// pass at a time).
     pass_started: Mutex<Option<Instant>>,
@@ -305,6 +306,12 @@ impl Metrics {
         );
         let pass_failures = Counter::default();
         registry.register("duffy_reconciler_pass_failures", "Reconciler passes that failed", pass_failures.clone());
+        let sessions_expired = Counter::default();
+        registry.register(
+            "duffy_sessions_expired",
+            "Sessions the reconciler ended because their lifetime ran out (nodes reinstalled)",
+            sessions_expired.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -319,6 +326,7 @@ impl Metrics {
             installs_finished,
             pass_duration,
             pass_failures,
+            sessions_expired,
             pass_started: Mutex::new(None),
             store: store.map(StoreCollector),
         }
@@ -454,6 +462,10 @@ impl ReconcilerObserver for Metrics {
         }
     }
 
+    fn session_expired(&self, _session: &Session) {
+        self.sessions_expired.inc();
+    }
+
     fn install_attempt_failed(&self, _node: &Node, why: AttemptFailure, last: bool) {
         let label = ReasonLabel { reason: attempt_reason(why) };
         self.attempts_failed.get_or_create(&label).inc();
@@ -512,4 +524,39 @@ fn encode_histogram(
 ) -> Result<(), std::fmt::Error> {
     let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
     metric.encode_histogram::<NoLabelSet>(h.sum, h.count, &h.buckets, None)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+    use super::*;
+    use duffy_core::{KeyId, SessionId};
+
+    #[test]
+    fn each_expired_session_is_counted() {
+        let m = Metrics::default();
+        let s = Session {
+            id: SessionId("s".into()),
+            project: "p".into(),
+            key_id: KeyId(1),
+            state: SessionState::Prod,
+            pool: PoolKey::new("9", duffy_core::Arch::X86_64, None),
+            nodes: vec![],
+            created_at: Timestamp(0),
+            delivered_at: Some(Timestamp(0)),
+            lease_until: Some(Timestamp(10)),
+            expires_at: Some(Timestamp(10)),
+            hold_until: None,
+            ended_at: None,
+            end_reason: None,
+            version: 2,
+        };
+        let text = m.render(&FarmReading::default());
+        assert!(text.contains("duffy_sessions_expired_total 0\n"), "{text}");
+        m.session_expired(&s);
+        m.session_expired(&s);
+        let text = m.render(&FarmReading::default());
+        assert!(text.contains("duffy_sessions_expired_total 2\n"), "{text}");
+    }
 }

@@ -133,9 +133,12 @@ pub struct Outcome {
 /// Why a command failed; nothing was changed unless the message says so.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
-    /// The command itself is wrong (bad name, unknown id, …).
+    /// The command itself is wrong (bad name, bad value, …).
     #[error("{0}")]
     Invalid(String),
+    /// What the command names does not exist (a project, a key id).
+    #[error("{0}")]
+    NotFound(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -193,48 +196,12 @@ pub async fn execute(cmd: OperatorCommand, target: &Target) -> Result<Outcome, C
     let text = |output: String| Ok(Outcome { output, node: None });
     match cmd {
         OperatorCommand::KeyCreate { project, admin, quota, expires_after_secs } => {
-            validate_token("project name", &project, 64).map_err(invalid)?;
-            let expires_at = match expires_after_secs {
-                Some(0) => return Err(invalid("--expires must be longer than zero")),
-                Some(s) => Some(now.plus(Duration::from_secs(s))),
-                None => None,
-            };
-            ensure_project(&**store, &project, quota).await?;
-            let key = generate_key();
-            let hash = hash_api_key(&key);
-            match target {
-                Target::Service(e) => e.add_api_key(&project, hash, admin, expires_at).await?,
-                Target::Store(s) => s.add_api_key(&project, hash, admin, now, expires_at).await?,
-            };
+            let (key, _) = create_key(target, &project, admin, quota, expires_after_secs).await?;
             text(format!("{key}\n"))
         }
-        OperatorCommand::KeyList { project } => {
-            if let Some(p) = &project {
-                if store.project(p).await?.is_none() {
-                    return Err(invalid(format!("no project {p:?}")));
-                }
-            }
-            let keys = match target {
-                Target::Service(e) => e.api_keys(project.as_deref()).await?,
-                Target::Store(s) => s.api_keys(project.as_deref()).await?,
-            };
-            text(key_table(&keys, now))
-        }
+        OperatorCommand::KeyList { project } => text(key_table(&list_keys(target, project.as_deref()).await?, now)),
         OperatorCommand::KeyRevoke { id } => {
-            let revoked = match target {
-                Target::Service(e) => e.revoke_api_key(KeyId(id)).await.map_err(|e| match e {
-                    EngineError::Store(s) => CommandError::Store(s),
-                    e => CommandError::Engine(e),
-                }),
-                Target::Store(s) => s.revoke_api_key(KeyId(id), now).await.map_err(CommandError::Store),
-            };
-            let rec = match revoked {
-                Ok(r) => r,
-                Err(CommandError::Store(StoreError::NotFound(_))) => {
-                    return Err(invalid(format!("no API key with id {id} (see `duffy key list`)")));
-                }
-                Err(e) => return Err(e),
-            };
+            let rec = revoke_key(target, id).await?;
             match rec.revoked_at {
                 Some(t) if t < now => text(format!("key {id} (project {}) was already revoked at {t}\n", rec.project)),
                 _ => text(format!("revoked key {id} (project {})\n", rec.project)),
@@ -300,19 +267,7 @@ pub async fn execute(cmd: OperatorCommand, target: &Target) -> Result<Outcome, C
             text(format!("pool {pool}: standby {standby}\n"))
         }
         OperatorCommand::ProjectSet { name, quota, ssh_keys } => {
-            validate_token("project name", &name, 64).map_err(invalid)?;
-            if let Some(keys) = &ssh_keys {
-                for (i, k) in keys.iter().enumerate() {
-                    duffy_installers::PublicKey::parse(k).map_err(|e| invalid(format!("SSH key {}: {e}", i + 1)))?;
-                }
-            }
-            let current = store.project(&name).await?;
-            let project = Project {
-                name: name.clone(),
-                quota: quota.or(current.as_ref().and_then(|p| p.quota)),
-                ssh_keys: ssh_keys.unwrap_or_else(|| current.map(|p| p.ssh_keys).unwrap_or_default()),
-            };
-            store.upsert_project(project.clone()).await?;
+            let project = set_project(&**store, &name, quota, ssh_keys).await?;
             text(format!(
                 "project {name}: quota {}, {} SSH keys\n",
                 project.quota.map(|q| q.to_string()).unwrap_or_else(|| "none".into()),
@@ -320,7 +275,8 @@ pub async fn execute(cmd: OperatorCommand, target: &Target) -> Result<Outcome, C
             ))
         }
         OperatorCommand::ProjectShow { name } => {
-            let p = store.project(&name).await?.ok_or_else(|| invalid(format!("no project {name:?}")))?;
+            let p =
+                store.project(&name).await?.ok_or_else(|| CommandError::NotFound(format!("no project {name:?}")))?;
             let mut out = format!(
                 "project {}: quota {}\n",
                 p.name,
@@ -332,6 +288,98 @@ pub async fn execute(cmd: OperatorCommand, target: &Target) -> Result<Outcome, C
             text(out)
         }
     }
+}
+
+/// A new key for `project` (created if missing, its quota set when one
+/// is given), valid for `expires_after_secs` when given: `key create`, and
+/// `POST /api/v1/keys`. Returns the key, which is stored only as its hash
+/// and cannot be shown again.
+pub async fn create_key(
+    target: &Target,
+    project: &str,
+    admin: bool,
+    quota: Option<u32>,
+    expires_after_secs: Option<u64>,
+) -> Result<(String, ApiKeyRecord), CommandError> {
+    let store = target.store();
+    let now = target.now();
+    validate_token("project name", project, 64).map_err(invalid)?;
+    let expires_at = match expires_after_secs {
+        Some(0) => return Err(invalid("--expires must be longer than zero")),
+        Some(s) => Some(now.plus(Duration::from_secs(s))),
+        None => None,
+    };
+    ensure_project(&**store, project, quota).await?;
+    let key = generate_key();
+    let hash = hash_api_key(&key);
+    let rec = match target {
+        Target::Service(e) => e.add_api_key(project, hash, admin, expires_at).await?,
+        Target::Store(s) => s.add_api_key(project, hash, admin, now, expires_at).await?,
+    };
+    Ok((key, rec))
+}
+
+/// Every key, or a project's (which must exist): `key list`, and `GET
+/// /api/v1/keys`.
+pub async fn list_keys(target: &Target, project: Option<&str>) -> Result<Vec<ApiKeyRecord>, CommandError> {
+    if let Some(p) = project {
+        if target.store().project(p).await?.is_none() {
+            return Err(CommandError::NotFound(format!("no project {p:?}")));
+        }
+    }
+    Ok(match target {
+        Target::Service(e) => e.api_keys(project).await?,
+        Target::Store(s) => s.api_keys(project).await?,
+    })
+}
+
+/// Revokes key `id` (revoking a revoked key changes nothing and returns
+/// its record): `key revoke`, and `DELETE /api/v1/keys/{id}`.
+pub async fn revoke_key(target: &Target, id: u64) -> Result<ApiKeyRecord, CommandError> {
+    let now = target.now();
+    let not_found = || CommandError::NotFound(format!("no API key with id {id} (see `duffy key list`)"));
+    // Ids count up from 1 and the SQLite store keeps them as signed 64-bit
+    // integers: a larger id names no key, and asking the store about it
+    // would fail (a store error, "try again") instead of finding nothing.
+    if i64::try_from(id).is_err() {
+        return Err(not_found());
+    }
+    let revoked = match target {
+        Target::Service(e) => e.revoke_api_key(KeyId(id)).await.map_err(|e| match e {
+            EngineError::Store(s) => CommandError::Store(s),
+            e => CommandError::Engine(e),
+        }),
+        Target::Store(s) => s.revoke_api_key(KeyId(id), now).await.map_err(CommandError::Store),
+    };
+    match revoked {
+        Err(CommandError::Store(StoreError::NotFound(_))) => Err(not_found()),
+        other => other,
+    }
+}
+
+/// Creates or updates project `name`: a quota or SSH keys given replace
+/// the old ones, what is absent stays. `project set`, and `PUT
+/// /api/v1/projects/{name}`.
+pub async fn set_project(
+    store: &dyn Store,
+    name: &str,
+    quota: Option<u32>,
+    ssh_keys: Option<Vec<String>>,
+) -> Result<Project, CommandError> {
+    validate_token("project name", name, 64).map_err(invalid)?;
+    if let Some(keys) = &ssh_keys {
+        for (i, k) in keys.iter().enumerate() {
+            duffy_installers::PublicKey::parse(k).map_err(|e| invalid(format!("SSH key {}: {e}", i + 1)))?;
+        }
+    }
+    let current = store.project(name).await?;
+    let project = Project {
+        name: name.to_string(),
+        quota: quota.or(current.as_ref().and_then(|p| p.quota)),
+        ssh_keys: ssh_keys.unwrap_or_else(|| current.map(|p| p.ssh_keys).unwrap_or_default()),
+    };
+    store.upsert_project(project.clone()).await?;
+    Ok(project)
 }
 
 /// The `key list` table: id, project, admin, created, expires, last used,

@@ -213,8 +213,11 @@ pub async fn start_with(addr: SocketAddr, built: Built, reconcile: bool) -> Resu
     let reconciler = reconcile.then(|| tokio::spawn(engine.reconciler().observed_by(metrics).run(stopped(rx.clone()))));
     let key_use = tokio::spawn(crate::keys::record_key_use_until(engine.clone(), stopped(rx.clone())));
     let (app, install) = match install_listener {
-        None => (router(state), None),
-        Some(l) => (public_router(state.clone()), Some(start_install_listener(l, state, &limits, rx.clone())?)),
+        None => (router(state.clone()).merge(crate::ui::router(state, rx.clone())), None),
+        Some(l) => (
+            public_router(state.clone()).merge(crate::ui::router(state.clone(), rx.clone())),
+            Some(start_install_listener(l, state, &limits, rx.clone())?),
+        ),
     };
     let install_addr = install.as_ref().map(|(a, _)| *a);
     let main = serve_on(listener, app, &limits, rx);

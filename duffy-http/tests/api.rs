@@ -291,7 +291,7 @@ async fn admin_calls_need_an_admin_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overtime_lists_sessions_past_their_lease() {
     let policy = Policy {
-        lease: Duration::from_secs(1),
+        lease: Duration::from_secs(3),
         rate_limit: None,
         tick: Duration::from_millis(200),
         ..Policy::default()
@@ -301,10 +301,33 @@ async fn overtime_lists_sessions_past_their_lease() {
     let admin = s.key("ops", true, None).await;
     let user = s.key("proj", false, None).await;
     let v = s.get(&format!("/Node/get?key={user}&count=2")).await.json();
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let short = s.get(&format!("/Node/get?key={user}&count=1")).await.json();
+    // A session expires at its lease unless extended, and the reconciler
+    // reclaims it: only an extended one runs past its lease. Extend the
+    // first (as the v1 API does) before its lease ends.
+    let sid = SessionId(v["ssid"].as_str().unwrap().to_string());
+    let session = s.store.session(&sid).await.unwrap().unwrap();
+    let lease_until = session.lease_until.unwrap();
+    let extend =
+        duffy_core::SessionCause::Extended { until: lease_until.plus(Duration::from_secs(60)), max_until: None };
+    let w = duffy_core::SessionWrite::transition(&session, extend, session.delivered_at.unwrap()).unwrap();
+    s.store.commit(duffy_core::Batch { sessions: vec![w], ..Default::default() }).await.unwrap();
+    // The one not extended expires at its lease and is reclaimed at the
+    // reconciler's next pass (every 200 ms; 10 s to hang loudly).
+    let short = SessionId(short["ssid"].as_str().unwrap().to_string());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = s.store.session(&short).await.unwrap().unwrap();
+        if st.state == duffy_core::SessionState::Done {
+            assert_eq!(st.end_reason.as_deref(), Some("lifetime expired; nodes reclaimed"));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the unextended session was not reclaimed: {st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let o = s.get(&format!("/Overtime?key={admin}")).await.json();
     let list = o.as_array().unwrap();
-    assert_eq!(list.len(), 1);
+    assert_eq!(list.len(), 1, "the extended session, not the expired one: {o}");
     assert_eq!(list[0]["ssid"], v["ssid"]);
     assert_eq!(list[0]["project"], json!("proj"));
     assert_eq!(list[0]["hosts"].as_array().unwrap().len(), 2);

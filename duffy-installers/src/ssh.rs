@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use duffy_core::model::validate_token;
-use duffy_core::{Blame, Contextualizer, Node, PrepareError, Project, SessionId};
+use duffy_core::{Blame, Contextualizer, Node, PrepareError, Project, SessionContext, SessionId};
 use rand::RngCore;
 use serde::Deserialize;
 use tokio::process::Command;
@@ -66,6 +66,13 @@ pub struct SshConfig {
     /// `._-/` only.
     #[serde(default = "default_authorized_keys")]
     pub authorized_keys: String,
+    /// Where the session's description is written on every node it is
+    /// prepared for (session id, project, hosts, expiry; the user document
+    /// tells jobs to find their session id there): absolute, or relative
+    /// to the user's home. Default `/root/session-info`. Letters, digits
+    /// and `._-/` only.
+    #[serde(default = "default_session_info")]
+    pub session_info: String,
     /// How long connecting may take (`ssh -o ConnectTimeout`, whole
     /// seconds, at least 1). Default 10 s.
     #[serde(default = "default_connect_timeout", deserialize_with = "duffy_core::time::serde_duration::deserialize")]
@@ -94,6 +101,9 @@ fn default_port() -> u16 {
 fn default_authorized_keys() -> String {
     ".ssh/authorized_keys".to_string()
 }
+fn default_session_info() -> String {
+    "/root/session-info".to_string()
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -116,6 +126,7 @@ impl SshConfig {
             port: default_port(),
             ports: BTreeMap::new(),
             authorized_keys: default_authorized_keys(),
+            session_info: default_session_info(),
             connect_timeout: default_connect_timeout(),
             command_timeout: default_command_timeout(),
             ssh_program: default_ssh_program(),
@@ -320,16 +331,19 @@ impl SshContextualizer {
         if !user_ok {
             return Err(SshError::Config(format!("user {:?} is not a valid user name", one_line(&config.user, 40))));
         }
-        let path = &config.authorized_keys;
-        let path_ok = !path.is_empty()
-            && !path.ends_with('/')
-            && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
-            && !path.split('/').any(|c| c == "..");
-        if !path_ok {
-            return Err(SshError::Config(format!(
-                "authorized_keys {:?} must be a path of letters, digits and '._-/', without '..'",
-                one_line(path, 200)
-            )));
+        // Both paths go into the remote script between single quotes: no
+        // character that could end the quote may appear.
+        for (what, path) in [("authorized_keys", &config.authorized_keys), ("session_info", &config.session_info)] {
+            let path_ok = !path.is_empty()
+                && !path.ends_with('/')
+                && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+                && !path.split('/').any(|c| c == "..");
+            if !path_ok {
+                return Err(SshError::Config(format!(
+                    "{what} {:?} must be a path of letters, digits and '._-/', without '..'",
+                    one_line(path, 200)
+                )));
+            }
         }
         if config.connect_timeout.is_zero() || config.command_timeout.is_zero() {
             return Err(SshError::Config("connect_timeout and command_timeout must be more than zero".to_string()));
@@ -346,6 +360,24 @@ impl SshContextualizer {
     /// `project`'s keys for `session`. [`Contextualizer::prepare`] with a
     /// typed error.
     pub async fn push_keys(&self, node: &Node, project: &Project, session: &SessionId) -> Result<(), SshError> {
+        self.push(node, project, session, None).await
+    }
+
+    /// [`SshContextualizer::push_keys`] for the session `session`
+    /// describes, and writes its description to the node's
+    /// `session_info` file, in the same login. [`Contextualizer::prepare_session`]
+    /// with a typed error.
+    pub async fn push_session(&self, node: &Node, project: &Project, session: &SessionContext) -> Result<(), SshError> {
+        self.push(node, project, &session.id, Some(session)).await
+    }
+
+    async fn push(
+        &self,
+        node: &Node,
+        project: &Project,
+        session: &SessionId,
+        context: Option<&SessionContext>,
+    ) -> Result<(), SshError> {
         let hostname = &node.hostname;
         let keys = project_keys(project)?;
         validate_token("session id", session.as_str(), 64)
@@ -356,21 +388,29 @@ impl SshContextualizer {
             block.push('\n');
         }
         block.push_str(&format!("# END duffy session {session}\n"));
-        self.run_script(node, Some(&block), &format!("{} key(s) of project {}", keys.len(), project.name)).await?;
+        let info = context.map(session_info).transpose()?;
+        let what = format!("{} key(s) of project {}", keys.len(), project.name);
+        self.run_script(node, Some(&block), info.as_deref(), &what).await?;
         tracing::info!(node = %hostname, project = %project.name, session = %session, keys = keys.len(),
-            "project SSH keys installed");
+            session_info = info.is_some(), "project SSH keys installed");
         Ok(())
     }
 
     /// Removes any Duffy block from `node`'s `authorized_keys`, keeping the
     /// rest of the file.
     pub async fn remove_keys(&self, node: &Node) -> Result<(), SshError> {
-        self.run_script(node, None, "removal of the Duffy block").await?;
+        self.run_script(node, None, None, "removal of the Duffy block").await?;
         tracing::info!(node = %node.hostname, "Duffy SSH key block removed");
         Ok(())
     }
 
-    async fn run_script(&self, node: &Node, block: Option<&str>, what: &str) -> Result<(), SshError> {
+    async fn run_script(
+        &self,
+        node: &Node,
+        block: Option<&str>,
+        info: Option<&str>,
+        what: &str,
+    ) -> Result<(), SshError> {
         let hostname = node.hostname.clone();
         let cfg = &self.config;
         let addr = node.ip.as_deref().filter(|ip| !ip.is_empty()).unwrap_or(&node.hostname);
@@ -439,7 +479,10 @@ impl SshContextualizer {
         }
         cmd.arg("-p").arg(port.to_string()).arg("-l").arg(&cfg.user).arg("--").arg(addr).arg("sh -s");
 
-        let script = script(&cfg.authorized_keys, block, &random_delimiter());
+        let mut script = script(&cfg.authorized_keys, block, &random_delimiter());
+        if let Some(info) = info {
+            script = with_session_info(&script, &cfg.session_info, info, &random_delimiter());
+        }
         let limit = cfg.connect_timeout + cfg.command_timeout;
         tracing::info!(node = %hostname, target = %target, key_file = %cfg.private_key.display(), "ssh: {what}");
         let out = match process::run(cmd, script.as_bytes(), limit, 64 * 1024).await {
@@ -518,6 +561,15 @@ impl Contextualizer for SshContextualizer {
     async fn prepare(&self, node: &Node, project: &Project, session: &SessionId) -> Result<(), PrepareError> {
         Ok(self.push_keys(node, project, session).await?)
     }
+
+    async fn prepare_session(
+        &self,
+        node: &Node,
+        project: &Project,
+        session: &SessionContext,
+    ) -> Result<(), PrepareError> {
+        Ok(self.push_session(node, project, session).await?)
+    }
 }
 
 /// ssh's stderr on one line: banner lines of `@` dropped, lines joined
@@ -581,6 +633,53 @@ echo {OK_MARKER}
     s
 }
 
+/// The text of the `session_info` file: shell variable assignments a job
+/// can source (`. /root/session-info`) or read. Every value is checked
+/// to be plain (a validated token, host name or timestamp), so none needs
+/// quoting beyond the host list's.
+fn session_info(s: &SessionContext) -> Result<String, SshError> {
+    let bad = |e: duffy_core::InvalidName| SshError::InvalidName { reason: e.to_string() };
+    validate_token("session id", s.id.as_str(), 64).map_err(bad)?;
+    validate_token("project", &s.project, 64).map_err(bad)?;
+    for h in &s.hosts {
+        duffy_core::validate_hostname(h).map_err(bad)?;
+    }
+    Ok(format!(
+        "# Written by Duffy when this node was handed to its session.\n\
+         DUFFY_SESSION_ID={}\n\
+         DUFFY_PROJECT={}\n\
+         DUFFY_HOSTS='{}'\n\
+         DUFFY_EXPIRES_AT={}\n",
+        s.id,
+        s.project,
+        s.hosts.join(" "),
+        s.expires_at
+    ))
+}
+
+/// `script` with the writing of the session description to `path` added
+/// before its success marker: the same temporary-file-and-rename as the
+/// keys, so a job never reads half a file. `path` was validated; `info`
+/// is here-document data under a quoted `delimiter`.
+fn with_session_info(script: &str, path: &str, info: &str, delimiter: &str) -> String {
+    let marker = format!("echo {OK_MARKER}\n");
+    let head = script.strip_suffix(&marker).unwrap_or(script);
+    format!(
+        r#"{head}si='{path}'
+case "$si" in /*) ;; *) si="$HOME/$si" ;; esac
+sd=$(dirname -- "$si")
+[ -d "$sd" ] || mkdir -p -m 700 -- "$sd"
+stmp="$si.duffy-new.$$"
+trap 'rm -f -- "$stmp"' EXIT
+cat > "$stmp" <<'{delimiter}'
+{info}{delimiter}
+chmod 644 -- "$stmp"
+mv -f -- "$stmp" "$si"
+trap - EXIT
+{marker}"#
+    )
+}
+
 /// A file in the temporary directory, mode 0600, removed on drop.
 struct TempFile(PathBuf);
 
@@ -636,6 +735,9 @@ mod tests {
         for bad in ["x'y", "../etc/passwd", "", "a/", "a b", "a/../b"] {
             let c = SshConfig { authorized_keys: bad.into(), ..ok.clone() };
             assert!(SshContextualizer::new(c).is_err(), "{bad}");
+            let c = SshConfig { session_info: bad.into(), ..ok.clone() };
+            let e = SshContextualizer::new(c).unwrap_err().to_string();
+            assert!(e.contains("session_info"), "{bad}: {e}");
         }
         for bad in ["-oProxyCommand=x", "a b", ""] {
             let c = SshConfig { user: bad.into(), ..ok.clone() };
@@ -645,6 +747,7 @@ mod tests {
             toml::from_str("private_key = \"/k\"\nconnect_timeout = \"2s\"\nports = { n1 = 2222 }").unwrap();
         assert_eq!(c.connect_timeout, Duration::from_secs(2));
         assert_eq!(c.user, "root");
+        assert_eq!(c.session_info, "/root/session-info");
         assert_eq!(c.ports.get("n1"), Some(&2222));
         assert!(toml::from_str::<SshConfig>("private_key = \"/k\"\nbogus = 1").is_err());
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use duffy_core::model::NewNode;
-use duffy_core::{Arch, Blame, Contextualizer, Node, NodeId, Project, SessionId, Timestamp};
+use duffy_core::{Arch, Blame, Contextualizer, Node, NodeId, Project, SessionContext, SessionId, Timestamp};
 use duffy_installers::{SshConfig, SshContextualizer, SshError};
 use duffy_testsupport::free_port;
 use duffy_testsupport::sshd::{KeyKind, OPERATOR_LINE, Sshd, keygen, read};
@@ -362,4 +362,57 @@ async fn a_failing_remote_script_reports_its_stderr() {
     assert!(matches!(err, SshError::Remote { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains(HOSTNAME) && msg.contains("not_a_file"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_session_writes_the_session_info_with_the_keys() {
+    let sshd = Sshd::start();
+    let ctx: Arc<dyn Contextualizer> = Arc::new(SshContextualizer::new(ssh_config(&sshd)).unwrap());
+    let p = project("infra", vec![sshd.project_public_key(1)]);
+    let info = SessionContext {
+        id: session("4f6d2c1e-0000-4000-8000-000000000009"),
+        project: "infra".into(),
+        hosts: vec![HOSTNAME.to_string(), "node2.example.org".to_string()],
+        expires_at: Timestamp(1_767_229_200_000),
+    };
+    ctx.prepare_session(&test_node(&sshd), &p, &info).await.unwrap();
+    let text = read(&sshd.path("session-info"));
+    assert_eq!(
+        text,
+        "# Written by Duffy when this node was handed to its session.\n\
+         DUFFY_SESSION_ID=4f6d2c1e-0000-4000-8000-000000000009\n\
+         DUFFY_PROJECT=infra\n\
+         DUFFY_HOSTS='node1.example.org node2.example.org'\n\
+         DUFFY_EXPIRES_AT=2026-01-01T01:00:00.000Z\n"
+    );
+    // Written with the keys, in the same login.
+    assert_eq!(blocks(&sshd.authorized_keys()), 1);
+    assert!(can_login(&sshd, "project_key1"));
+    // A job can source it.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(". '{}' && echo \"$DUFFY_SESSION_ID $DUFFY_HOSTS\"", sshd.path("session-info").display()))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "4f6d2c1e-0000-4000-8000-000000000009 node1.example.org node2.example.org\n"
+    );
+    // The next session replaces it; no temporary file is left behind.
+    let next =
+        SessionContext { id: session("4f6d2c1e-0000-4000-8000-00000000000a"), hosts: vec![HOSTNAME.into()], ..info };
+    ctx.prepare_session(&test_node(&sshd), &p, &next).await.unwrap();
+    let text = read(&sshd.path("session-info"));
+    assert!(text.contains("DUFFY_SESSION_ID=4f6d2c1e-0000-4000-8000-00000000000a\n"), "{text}");
+    assert!(text.contains("DUFFY_HOSTS='node1.example.org'\n"), "{text}");
+    let leftovers: Vec<_> = std::fs::read_dir(sshd.dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("duffy-new"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // The plain prepare (no session description) leaves it alone.
+    let before = read(&sshd.path("session-info"));
+    ctx.prepare(&test_node(&sshd), &p, &session("4f6d2c1e-0000-4000-8000-00000000000b")).await.unwrap();
+    assert_eq!(read(&sshd.path("session-info")), before);
 }

@@ -63,6 +63,14 @@ pub fn cico_path() -> PathBuf {
     p
 }
 
+/// schemathesis (the OpenAPI property tester) in the workspace's
+/// `.venv`; fails the test if it is missing.
+pub fn schemathesis_path() -> PathBuf {
+    let p = workspace().join(".venv/bin/schemathesis");
+    require(&p, &["--version"], "python3 -m venv .venv && .venv/bin/pip install 'schemathesis>=4,<5'");
+    p
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (and on which
 /// nothing listens, unless someone took it since).
 pub fn free_port() -> u16 {

@@ -310,13 +310,15 @@ impl Sshd {
     }
 
     /// An [`SshConfig`] that logs in to this server: Duffy's key, the
-    /// current user, this `authorized_keys`, connect timeout 5 s, command
+    /// current user, this `authorized_keys` (and `session-info` file, both
+    /// in the server's directory), connect timeout 5 s, command
     /// timeout 20 s. No per-node `ports` yet: add one per node name, with
     /// [`Sshd::port`].
     pub fn ssh_config(&self) -> SshConfig {
         let mut c = SshConfig::new(self.duffy_private_key_path());
         c.user = self.user.clone();
         c.authorized_keys = self.authorized_keys_path().display().to_string();
+        c.session_info = self.path("session-info").display().to_string();
         c.connect_timeout = Duration::from_secs(5);
         c.command_timeout = Duration::from_secs(20);
         c

@@ -32,7 +32,7 @@ use crate::session::SessionCause;
 use crate::state::{Cause, CauseKind, NodeState};
 use crate::store::{
     Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, HandBack, HandBackKind,
-    HandBackRefusal, NodeWrite, SessionWrite, Store, StoreError,
+    HandBackRefusal, NodeCount, NodeGroup, NodeWrite, SessionWrite, Store, StoreError,
 };
 use crate::time::Timestamp;
 
@@ -70,6 +70,9 @@ macro_rules! store_conformance_tests {
             hand_back_done_and_fail,
             hand_back_refusals_write_nothing,
             commit_each_commits_each_batch_on_its_own,
+            sessions_expire_and_are_listed_by_expiry,
+            latest_events_are_newest_first_and_bounded,
+            node_counts_group_the_farm,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -514,6 +517,80 @@ pub async fn sessions_are_compare_and_set(store: Arc<dyn Store>) {
     assert_eq!(ended.state, SessionState::Aborted, "an allocation that never delivered ends Aborted");
 }
 
+/// A session's expiry round-trips (set at delivery, moved by an
+/// extension that leaves the lease alone), and `expired_sessions` lists
+/// exactly the Prod sessions whose expiry has come, earliest first, then
+/// by id, bounded by its limit: never an Allocating, Fail or ended one.
+pub async fn sessions_expire_and_are_listed_by_expiry(store: Arc<dyn Store>) {
+    add_ready(&*store, "n", 6, &pool7()).await;
+    let at = |secs: u64| T0.plus(Duration::from_secs(secs));
+    let deliver = |sid: &str, until: u64| {
+        let mut r = claim_req(sid, 1, "p", 1, T0);
+        r.deliver = Some(at(until));
+        r
+    };
+    let s1 = claim_ok(&*store, deliver("s1", 100)).await.session;
+    let s3 = claim_ok(&*store, deliver("s3", 50)).await.session;
+    let s2 = claim_ok(&*store, deliver("s2", 50)).await.session;
+    let f = claim_ok(&*store, deliver("f", 10)).await;
+    claim_ok(&*store, claim_req("allocating", 1, "p", 1, T0)).await;
+    let read = store.session(&s1.id).await.expect("read").expect("exists");
+    assert_eq!((read.lease_until, read.expires_at), (Some(at(100)), Some(at(100))), "delivery sets the expiry");
+    assert_eq!(read, s1, "the row round-trips");
+    // The failed one keeps its hold, however far past its expiry.
+    let hold_until = at(10_000);
+    let mut batch = Batch::default();
+    for n in &f.nodes {
+        batch.nodes.push(
+            NodeWrite::transition(n, Cause::FailedByUser { hold_until }, Actor::Key(KeyId(1)), at(5)).expect("legal"),
+        );
+    }
+    batch
+        .sessions
+        .push(SessionWrite::transition(&f.session, SessionCause::FailedByUser { hold_until }, at(5)).expect("legal"));
+    store.commit(batch).await.expect("fail");
+
+    let ids = |v: Vec<Session>| v.into_iter().map(|s| s.id.0).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.expired_sessions(at(49), 10).await.expect("read")),
+        Vec::<String>::new(),
+        "only the Fail session is past its expiry, and a Fail session is never listed"
+    );
+    assert_eq!(ids(store.expired_sessions(at(50), 10).await.expect("read")), ["s2", "s3"], "by expiry, then id");
+    assert_eq!(ids(store.expired_sessions(at(50), 1).await.expect("read")), ["s2"], "bounded");
+    assert_eq!(ids(store.expired_sessions(at(100), 10).await.expect("read")), ["s2", "s3", "s1"]);
+
+    // An extension moves the expiry and leaves the lease.
+    let w = SessionWrite::transition(&s2, SessionCause::Extended { until: at(200), max_until: Some(at(300)) }, at(20))
+        .expect("legal");
+    store.commit(Batch { sessions: vec![w.clone()], ..Batch::default() }).await.expect("extend");
+    let read = store.session(&s2.id).await.expect("read").expect("exists");
+    assert_eq!(read, w.session);
+    assert_eq!((read.lease_until, read.expires_at), (Some(at(50)), Some(at(200))));
+    assert_eq!(ids(store.expired_sessions(at(100), 10).await.expect("read")), ["s3", "s1"]);
+
+    // Released and expired sessions leave the list.
+    release(&*store, &s3.id, at(60)).await.expect("release");
+    let s1 = store.session(&s1.id).await.expect("read").expect("exists");
+    let mut batch = Batch::default();
+    for id in &s1.nodes {
+        let n = store.node(*id).await.expect("read").expect("exists");
+        batch.nodes.push(NodeWrite::transition(&n, Cause::SessionExpired, Actor::Reconciler, at(150)).expect("legal"));
+    }
+    batch.sessions.push(SessionWrite::transition(&s1, SessionCause::Expired, at(150)).expect("legal"));
+    store.commit(batch).await.expect("expire");
+    let ended = store.session(&s1.id).await.expect("read").expect("kept");
+    assert_eq!((ended.state, ended.ended_at), (SessionState::Done, Some(at(150))));
+    assert_eq!(ids(store.expired_sessions(at(150), 10).await.expect("read")), Vec::<String>::new());
+    assert_eq!(
+        ids(store.expired_sessions(at(1_000_000), 10).await.expect("read")),
+        ["s2"],
+        "a Fail session is never listed"
+    );
+    check_invariants(&*store).await.expect("invariants");
+    check_history(&*store).await.expect("history");
+}
+
 /// A batch whose guard fails on the state it would leave writes nothing.
 pub async fn guards_undo_the_whole_batch(store: Arc<dyn Store>) {
     add_ready(&*store, "n", 4, &pool7()).await;
@@ -835,6 +912,78 @@ pub async fn nodes_after_pages_through_the_farm(store: Arc<dyn Store>) {
     assert!(store.nodes_after(NodeId(0), 0).await.expect("read").is_empty());
     assert_eq!(store.nodes_after(all[1].id, 100).await.expect("read"), all[2..].to_vec());
     assert!(store.nodes_after(NodeId(u64::MAX), 10).await.expect("read").is_empty());
+}
+
+/// `latest_events` is the recent end of the log, newest first: the whole
+/// log's or one node's, at most `limit` events.
+pub async fn latest_events_are_newest_first_and_bounded(store: Arc<dyn Store>) {
+    assert!(store.latest_events(None, 10).await.expect("read").is_empty());
+    let ready = add_ready(&*store, "n", 3, &pool7()).await;
+    let mut all = store.events(EventQuery::default()).await.expect("events");
+    all.reverse();
+    assert_eq!(store.latest_events(None, 4).await.expect("read"), all[..4].to_vec());
+    assert_eq!(store.latest_events(None, 1000).await.expect("read"), all);
+    assert!(store.latest_events(None, 0).await.expect("read").is_empty());
+    let mut n1 = store.events(EventQuery { node: Some(ready[1].id), ..EventQuery::default() }).await.expect("events");
+    n1.reverse();
+    assert_eq!(store.latest_events(Some(ready[1].id), 100).await.expect("read"), n1);
+    assert_eq!(store.latest_events(Some(ready[1].id), 2).await.expect("read"), n1[..2].to_vec());
+    assert!(store.latest_events(Some(NodeId(424_242)), 5).await.expect("read").is_empty());
+    assert!(store.latest_events(Some(NodeId(u64::MAX)), 5).await.expect("read").is_empty());
+}
+
+/// `node_counts` counts every node once, in its (image, kind of machine,
+/// chassis, state) group, in that order, and lists no empty group.
+pub async fn node_counts_group_the_farm(store: Arc<dyn Store>) {
+    assert!(store.node_counts().await.expect("read").is_empty());
+    let p6 = PoolKey::new("6", Arch::X86_64, None);
+    add_ready(&*store, "a", 3, &pool7()).await;
+    add_ready(&*store, "b", 1, &p6).await;
+    let mut idle = NewNode::new("idle", Arch::Aarch64);
+    idle.chassis = Some("c2".into());
+    let mut reserved = NewNode::new("reserved", Arch::X86_64);
+    reserved.chassis = Some("c1".into());
+    reserved.reserved = true;
+    let mut tiny = NewNode::new("tiny", Arch::X86_64);
+    tiny.chassis = Some("c1".into());
+    tiny.flavor = Some("tiny".into());
+    store.add_nodes(vec![idle, reserved, tiny], Actor::Operator, T0).await.expect("add");
+    claim_ok(&*store, claim_req("c", 1, "p", 2, T0)).await;
+    let x86 = Hardware { arch: Arch::X86_64, flavor: None };
+    let group = |image: Option<PoolKey>, hardware: &Hardware, chassis: Option<&str>, state| NodeGroup {
+        image,
+        hardware: hardware.clone(),
+        chassis: chassis.map(String::from),
+        state,
+    };
+    let expected = vec![
+        NodeCount { group: group(None, &x86, Some("c1"), NodeState::Reserved), count: 1 },
+        NodeCount {
+            group: group(
+                None,
+                &Hardware { arch: Arch::X86_64, flavor: Some("tiny".into()) },
+                Some("c1"),
+                NodeState::Active,
+            ),
+            count: 1,
+        },
+        NodeCount {
+            group: group(None, &Hardware { arch: Arch::Aarch64, flavor: None }, Some("c2"), NodeState::Active),
+            count: 1,
+        },
+        NodeCount { group: group(Some(p6), &x86, None, NodeState::Ready), count: 1 },
+        NodeCount { group: group(Some(pool7()), &x86, None, NodeState::Ready), count: 1 },
+        NodeCount { group: group(Some(pool7()), &x86, None, NodeState::Contextualizing), count: 2 },
+    ];
+    let mut got = store.node_counts().await.expect("read");
+    assert_eq!(got, expected);
+    // The same, counted from every row.
+    let mut counted: std::collections::BTreeMap<NodeGroup, u32> = std::collections::BTreeMap::new();
+    for n in store.nodes().await.expect("nodes") {
+        *counted.entry(NodeGroup::of(&n)).or_default() += 1;
+    }
+    got.sort_by(|a, b| a.group.cmp(&b.group));
+    assert_eq!(got, counted.into_iter().map(|(group, count)| NodeCount { group, count }).collect::<Vec<_>>());
 }
 
 /// Checks the farm-wide invariants on a store's current state.

@@ -28,11 +28,13 @@ pub struct Harness {
     pub store: Arc<MemStore>,
     /// The store as the engine sees it.
     engine_store: Arc<dyn Store>,
-    /// The clock.
+    /// The manual clock the engine reads; tests advance it to make leases,
+    /// cool-downs and installs come due.
     pub clock: ManualClock,
-    /// The simulated hardware.
+    /// The simulated machines and BMCs behind the engine's power
+    /// controller and installer; tests break and mend them.
     pub farm: Arc<SimFarm>,
-    /// The engine.
+    /// The engine under test, wired to the store, clock and farm above.
     pub engine: Engine,
     pool: LocalPool,
     keys_made: u64,

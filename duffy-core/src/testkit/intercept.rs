@@ -14,7 +14,7 @@ use crate::model::{
     SessionId,
 };
 use crate::state::{Event, NodeState};
-use crate::store::{Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Store, StoreError};
+use crate::store::{Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, NodeCount, Store, StoreError};
 use crate::time::{BoxFuture, Timestamp};
 
 /// The hook: given the name of the [`Store`] method about to be called
@@ -132,12 +132,24 @@ impl Store for InterceptStore {
         self.around("nodes_after", self.inner.nodes_after(after, limit)).await
     }
 
+    async fn latest_events(&self, node: Option<NodeId>, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.around("latest_events", self.inner.latest_events(node, limit)).await
+    }
+
+    async fn node_counts(&self) -> Result<Vec<NodeCount>, StoreError> {
+        self.around("node_counts", self.inner.node_counts()).await
+    }
+
     async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
         self.around("session", self.inner.session(id)).await
     }
 
     async fn live_sessions(&self) -> Result<Vec<Session>, StoreError> {
         self.around("live_sessions", self.inner.live_sessions()).await
+    }
+
+    async fn expired_sessions(&self, now: Timestamp, limit: usize) -> Result<Vec<Session>, StoreError> {
+        self.around("expired_sessions", self.inner.expired_sessions(now, limit)).await
     }
 
     async fn claim(&self, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {

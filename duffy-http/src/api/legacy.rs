@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::StatusCode;
 use axum::routing::get;
-use duffy_core::{Arch, EngineError, NodeRequest, Principal, validate_token};
+use duffy_core::{EngineError, NodeRequest, Principal};
 use serde_json::{Value, json};
 use tracing::{error, warn};
 
@@ -26,18 +26,8 @@ pub(super) static HELP_ROUTE: Route = Route::legacy("/Help", KEY_ONLY, || get(he
 
 fn parse_request(q: &Query) -> Result<NodeRequest, Reply> {
     let bad = |m: String| Reply::message(StatusCode::BAD_REQUEST, m);
-    let release = q
-        .get("ver")
-        .map(|v| validate_token("ver", v, 64).map(|()| v.to_string()))
-        .transpose()
-        .map_err(|e| bad(e.to_string()))?;
-    let arch = q.get("arch").map(str::parse::<Arch>).transpose().map_err(|e| bad(format!("invalid arch: {e}")))?;
-    let flavor = q
-        .get("flavor")
-        .map(|v| validate_token("flavor", v, 64).map(|()| v.to_string()))
-        .transpose()
-        .map_err(|e| bad(e.to_string()))?;
-    let count = match q.get("count") {
+    let mut req = node_request(q.get("ver"), q.get("arch"), q.get("flavor"), None).map_err(bad)?;
+    req.count = match q.get("count") {
         None => None,
         Some(c) => match c.parse::<u32>() {
             Ok(n) if n >= 1 => Some(n),
@@ -47,7 +37,7 @@ fn parse_request(q: &Query) -> Result<NodeRequest, Reply> {
             }
         },
     };
-    Ok(NodeRequest { release, arch, count, flavor })
+    Ok(req)
 }
 
 /// `/Node/get?key=K[&ver=7][&arch=x86_64][&count=1][&flavor=F]`
@@ -70,44 +60,50 @@ async fn node_get(
     Ok(Reply::Json(StatusCode::OK, json!({ "hosts": a.hosts, "ssid": a.session.0 })))
 }
 
+/// The outcome under which a refused allocation is counted (the legacy
+/// endpoint and `/api/v1` count the same way).
+pub(super) fn refusal_outcome(e: &EngineError) -> Allocation {
+    match e {
+        EngineError::InsufficientNodes { .. } => Allocation::Insufficient,
+        EngineError::RateLimited { .. } => Allocation::RateLimited,
+        EngineError::QuotaExceeded { .. } => Allocation::Quota,
+        EngineError::PreparationFailed { .. } => Allocation::PreparationFailed,
+        EngineError::Paused => Allocation::Paused,
+        EngineError::ProjectUnusable { .. } | EngineError::NoSuchPool { .. } | EngineError::InvalidRequest(_) => {
+            Allocation::Invalid
+        }
+        _ => Allocation::Error,
+    }
+}
+
 /// The answer to a refused allocation, counted by outcome.
 fn allocation_error(st: &AppState, e: EngineError) -> Reply {
-    let m = &st.metrics;
+    st.metrics.allocation(refusal_outcome(&e), 0);
     match e {
         EngineError::InsufficientNodes { .. } => {
-            m.allocation(Allocation::Insufficient, 0);
             Reply::Text(StatusCode::OK, "Insufficient Nodes in READY State".into())
         }
         e @ EngineError::RateLimited { .. } => {
-            m.allocation(Allocation::RateLimited, 0);
             Reply::message(StatusCode::TOO_MANY_REQUESTS, format!("Failed to allocate nodes: {e}"))
         }
         e @ EngineError::QuotaExceeded { .. } => {
-            m.allocation(Allocation::Quota, 0);
             Reply::message(StatusCode::FORBIDDEN, format!("Failed to allocate nodes: {e}"))
         }
         e @ EngineError::ProjectUnusable { .. } => {
-            m.allocation(Allocation::Invalid, 0);
             Reply::message(StatusCode::BAD_REQUEST, format!("Failed to allocate nodes: {e}"))
         }
         EngineError::PreparationFailed { hostname, reason } => {
-            m.allocation(Allocation::PreparationFailed, 0);
             warn!(node = %hostname, %reason, "allocation failed while preparing nodes");
             Reply::message(StatusCode::OK, "Failed to allocate nodes")
         }
+        // Not a server error: the service is deliberately refusing.
         EngineError::Paused => {
-            m.allocation(Allocation::Paused, 0);
-            // Not a server error: the service is deliberately refusing.
             Reply::message(StatusCode::CONFLICT, "Failed to allocate nodes: the service is paused; try again later")
         }
         e @ (EngineError::NoSuchPool { .. } | EngineError::InvalidRequest(_)) => {
-            m.allocation(Allocation::Invalid, 0);
             Reply::message(StatusCode::BAD_REQUEST, format!("Failed to allocate nodes: {e}"))
         }
-        e => {
-            m.allocation(Allocation::Error, 0);
-            unexpected("allocation", &e)
-        }
+        e => unexpected("allocation", &e),
     }
 }
 

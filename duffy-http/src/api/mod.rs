@@ -25,6 +25,7 @@ mod admin;
 mod install;
 mod legacy;
 mod ops;
+pub mod v1;
 mod wire;
 
 use std::sync::Arc;
@@ -34,7 +35,7 @@ use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use duffy_core::Engine;
 use duffy_installers::PxeRegistry;
@@ -79,6 +80,10 @@ pub enum Group {
     /// (400): they have no legacy callers, and a machine's first-boot
     /// script sends exactly what its kickstart says.
     Install,
+    /// The JSON API, `/api/v1/*`: a bearer key (`Authorization: Bearer`,
+    /// never `?key=`), problem+json errors, unknown parameters refused
+    /// (400). Served on the main listener.
+    V1,
 }
 
 /// One endpoint: where the router serves it, who calls it and the query
@@ -89,9 +94,12 @@ pub struct Route {
     pub path: &'static str,
     /// Who calls it.
     pub group: Group,
+    /// The HTTP methods it answers (GET also answers HEAD); the OpenAPI
+    /// document must describe each of `/api/v1`'s.
+    pub methods: &'static [&'static str],
     /// The query parameters it knows, each with its longest value.
     params: &'static [Param],
-    /// Its handler, as the router takes it (GET, and HEAD with it).
+    /// Its handler, as the router takes it.
     handler: fn() -> MethodRouter<AppState>,
 }
 
@@ -102,12 +110,17 @@ impl Route {
         params: &'static [Param],
         handler: fn() -> MethodRouter<AppState>,
     ) -> Route {
-        Route { path, group, params, handler }
+        Route { path, group, methods: &["GET"], params, handler }
     }
 
-    /// The `endpoint` label of the route's metrics: its path without the
-    /// path parameters (`/NodeSetAdmin`).
+    /// The `endpoint` label of the route's metrics: for the legacy
+    /// endpoints their path without the path parameters (`/NodeSetAdmin`,
+    /// as it always was); for `/api/v1`, whose paths go on after a
+    /// parameter (`/api/v1/sessions/{id}/extend`), the path template.
     pub fn label(&self) -> &'static str {
+        if self.group == Group::V1 {
+            return self.path;
+        }
         match self.path.find("/{") {
             Some(i) => &self.path[..i],
             None => self.path,
@@ -121,8 +134,9 @@ impl Route {
     }
 }
 
-/// Every endpoint of the service, in the order `/Help` lists them.
-pub static ROUTES: [&Route; 16] = [
+/// Every endpoint of the service: the legacy ones in the order `/Help`
+/// lists them, then `/api/v1`.
+pub static ROUTES: [&Route; 16 + v1::ROUTE_COUNT] = [
     &legacy::NODE_GET,
     &legacy::NODE_DONE,
     &legacy::NODE_FAIL,
@@ -139,6 +153,24 @@ pub static ROUTES: [&Route; 16] = [
     &install::INSTALL_KICKSTART,
     &install::INSTALL_DONE,
     &install::INSTALL_FAILED,
+    &v1::SESSIONS,
+    &v1::SESSION,
+    &v1::SESSION_EXTEND,
+    &v1::SESSION_RELEASE,
+    &v1::SESSION_FAIL,
+    &v1::REQUEST,
+    &v1::NODES,
+    &v1::NODE,
+    &v1::NODE_SET_ADMIN,
+    &v1::NODE_RECOVER,
+    &v1::POOLS,
+    &v1::PROJECT,
+    &v1::KEYS,
+    &v1::KEY,
+    &v1::OVERTIME,
+    &v1::PAUSE,
+    &v1::RESUME,
+    &v1::OPENAPI,
 ];
 
 /// The router of the routes `which` selects, with the 404 for any other
@@ -180,7 +212,10 @@ async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Respon
     resp
 }
 
-async fn not_found(req: Request) -> Reply {
+async fn not_found(req: Request) -> Response {
     let path: String = req.uri().path().chars().take(100).collect();
-    Reply::message(StatusCode::NOT_FOUND, format!("no such endpoint {path:?}; see /Help"))
+    if path.starts_with(v1::PREFIX) {
+        return v1::no_such_path(&path);
+    }
+    Reply::message(StatusCode::NOT_FOUND, format!("no such endpoint {path:?}; see /Help")).into_response()
 }

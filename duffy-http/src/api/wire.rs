@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
-use duffy_core::{EngineError, Node, validate_hostname};
+use duffy_core::{Arch, EngineError, Node, NodeRequest, validate_hostname, validate_token};
 use serde_json::{Value, json};
 use tracing::{debug, error};
 
@@ -224,6 +224,25 @@ pub(super) fn public_reason(e: &EngineError) -> String {
 
 /// What any caller is told when the store fails.
 pub(super) const STORE_UNAVAILABLE: &str = "store unavailable";
+
+/// A request for nodes from its parts as a caller wrote them (legacy
+/// `ver`, `arch`, `flavor`; `/api/v1`'s `release`, `arch`, `flavor`),
+/// each checked by the core's rules; the error says what was wrong.
+pub(super) fn node_request(
+    release: Option<&str>,
+    arch: Option<&str>,
+    flavor: Option<&str>,
+    count: Option<u32>,
+) -> Result<NodeRequest, String> {
+    let release =
+        release.map(|v| validate_token("ver", v, 64).map(|()| v.to_string())).transpose().map_err(|e| e.to_string())?;
+    let arch = arch.map(str::parse::<Arch>).transpose().map_err(|e| format!("invalid arch: {e}"))?;
+    let flavor = flavor
+        .map(|v| validate_token("flavor", v, 64).map(|()| v.to_string()))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    Ok(NodeRequest { release, arch, count, flavor })
+}
 
 /// Checks a node name from a request by the core's one rule
 /// ([`validate_hostname`]), before anything is read.
