@@ -699,7 +699,10 @@ async fn claim_statements(
     let checks = c.prepare_cached(CLAIM_CHECKS).await?;
     let pick = c.prepare_cached(CLAIM_PICK).await?;
     let with_rate = req.rate_limit.is_some();
-    let with_quota = req.quota.is_some();
+    // The project's quota is read in the claim's transaction (its own, or
+    // the default), so the project's lock is always taken: a quota set by
+    // another replica a moment ago holds exactly.
+    let with_quota = true;
     let since = req.rate_limit.map(|l| req.now.minus(l.window).0).unwrap_or(0);
     let flavor = req.pool.flavor.clone().unwrap_or_default();
     let count = i64::from(req.count);
@@ -727,6 +730,7 @@ async fn claim_statements(
     let recent: i64 = checked.try_get(1)?;
     let held: i64 = checked.try_get(2)?;
     let exists: bool = checked.try_get(3)?;
+    let own_quota: Option<i64> = checked.try_get(4)?;
     let sat = |n: i64| u32::try_from(n.max(0)).unwrap_or(u32::MAX);
     if exists {
         return Ok(Decision::Rollback(Err(StoreError::Duplicate(format!("session {}", req.session)))));
@@ -739,7 +743,7 @@ async fn claim_statements(
             return Ok(Decision::Rollback(Ok(Err(ClaimRefusal::RateLimited { recent: sat(recent), limit }))));
         }
     }
-    if let Some(quota) = req.quota {
+    if let Some(quota) = own_quota.map(sat).or(req.default_quota) {
         let held = sat(held);
         if held.saturating_add(req.count) > quota {
             return Ok(Decision::Rollback(Ok(Err(ClaimRefusal::QuotaExceeded { held, requested: req.count, quota }))));
@@ -959,6 +963,23 @@ impl Store for PgStore {
     }
 
     async fn claim(&self, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {
+        if req.check_target {
+            // Read before the claim's transaction, not in it: targets
+            // change only by an operator's command, and a claim racing
+            // one is served by either the old or the new target.
+            let targets = self.pool_targets().await?;
+            match targets.iter().find(|t| t.pool == req.pool) {
+                Some(t) if t.standby > 0 => {
+                    if req.count > t.standby {
+                        return Ok(Err(ClaimRefusal::OverCapacity { requested: req.count, standby: t.standby }));
+                    }
+                }
+                _ => {
+                    let available = targets.into_iter().filter(|t| t.standby > 0).map(|t| t.pool).collect();
+                    return Ok(Err(ClaimRefusal::NoSuchPool { available }));
+                }
+            }
+        }
         self.claim_inner(req).await
     }
 

@@ -191,15 +191,16 @@ SELECT pg_advisory_xact_lock_shared($1, 0),
 
 /// What a claim checks, after its locks (a statement of its own, so that
 /// its snapshot is taken once the locks are held): the pause flag, the
-/// key's recent sessions, the nodes the project's live sessions hold, and
-/// whether the session id exists.
+/// key's recent sessions, the nodes the project's live sessions hold,
+/// whether the session id exists, and the project's own quota.
 pub(crate) const CLAIM_CHECKS: &str = "\
 SELECT (SELECT paused FROM settings WHERE id = 1),
        CASE WHEN $1 THEN (SELECT count(*) FROM sessions WHERE origin_key = $2 AND origin_at > $3) ELSE 0 END,
        CASE WHEN $4 THEN (SELECT count(*) FROM sessions s CROSS JOIN LATERAL unnest(s.nodes) AS j(node)
                           JOIN nodes n ON n.id = j.node AND n.session = s.id
                           WHERE s.project = $5 AND s.live) ELSE 0 END,
-       EXISTS (SELECT 1 FROM sessions WHERE id = $6)";
+       EXISTS (SELECT 1 FROM sessions WHERE id = $6),
+       (SELECT quota FROM projects WHERE name = $5)";
 
 /// The claim's choice: Ready nodes of the pool in claim order, locked,
 /// skipping those another transaction holds (another claim took them).

@@ -42,7 +42,7 @@ async fn racing_claims(hooks: PgTestHooks) -> (u32, u32) {
         let s = stores[i as usize % 2].clone();
         quota_tasks.push(tokio::spawn(async move {
             let mut r = claim_req(&format!("q{i}"), 100 + i, "quota-proj", 1, T0);
-            r.quota = Some(5);
+            r.default_quota = Some(5);
             s.claim(r).await.expect("store ok")
         }));
     }

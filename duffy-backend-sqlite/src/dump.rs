@@ -183,21 +183,26 @@ impl SqliteImport {
             stmt.raw_execute().ctx(WHAT)?;
         }
         for s in &dump.sessions {
-            q::put_session(c, s)?;
+            q::insert_session(c, s)?;
         }
         q::set_paused(c, dump.paused)
     }
 
-    /// Writes a page of events, `seq` and all.
+    /// Writes a page of events, `seq` and all, in `seq` order (pages
+    /// too): each event is linked to its node's previous one and becomes
+    /// the node's latest, so node histories are chains as the service
+    /// writes them.
     pub fn write_events(&mut self, events: &[Event]) -> Result<(), StoreError> {
         const WHAT: &str = "writing an event";
         let mut stmt = self
             .conn
             .prepare_cached(
-                "INSERT INTO events (seq, node, from_state, to_state, cause, detail, actor, session, at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO events (seq, node, from_state, to_state, cause, detail, actor, session, at, prev) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, (SELECT last_event FROM nodes WHERE id = ?2))",
             )
             .ctx(WHAT)?;
+        let mut link =
+            self.conn.prepare_cached("UPDATE nodes SET last_event = ?1 WHERE id = ?2").ctx("linking an event")?;
         for e in events {
             stmt.execute(params![
                 to_sql_u64(e.seq, "event seq")?,
@@ -211,6 +216,9 @@ impl SqliteImport {
                 e.at.0,
             ])
             .ctx(WHAT)?;
+            // After the insert, which read the node's previous latest.
+            link.execute(params![to_sql_u64(e.seq, "event seq")?, to_sql_u64(e.node.0, "event node")?])
+                .ctx("linking an event")?;
         }
         Ok(())
     }

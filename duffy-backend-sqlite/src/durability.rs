@@ -217,7 +217,7 @@ pub(crate) fn run(
                 durability.fail(Arc::clone(&e));
                 for item in items.drain(..) {
                     for f in item.done {
-                        f.fail(StoreError::backend("syncing the WAL to disk", Arc::clone(&e)));
+                        f.fail(&|| StoreError::backend("syncing the WAL to disk", Arc::clone(&e)));
                     }
                 }
             }

@@ -86,8 +86,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, EventQuery,
-    Hardware, KeyId, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store,
-    StoreError, StoreHealth, Timestamp,
+    HandBack, HandBackRefusal, Hardware, KeyId, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project,
+    Session, SessionId, Store, StoreError, StoreHealth, Timestamp,
 };
 use futures::channel::oneshot;
 use rusqlite::{Connection, OpenFlags};
@@ -645,6 +645,24 @@ impl Store for SqliteStore {
 
     async fn commit(&self, batch: Batch) -> Result<(), CommitError> {
         self.write(|reply| Op::Commit { batch, reply }, |e| Err(CommitError::Store(e))).await
+    }
+
+    async fn commit_each(&self, batches: Vec<Batch>) -> Vec<Result<(), CommitError>> {
+        if batches.is_empty() {
+            return Vec::new();
+        }
+        let n = batches.len();
+        let closed = || (0..n).map(|_| Err(CommitError::Store(StoreError::Closed))).collect();
+        let (reply, answer) = oneshot::channel();
+        let Some(tx) = self.writer.as_ref() else { return closed() };
+        if tx.send(Op::CommitEach { batches, reply }).is_err() {
+            return closed();
+        }
+        answer.await.unwrap_or_else(|_| closed())
+    }
+
+    async fn hand_back(&self, req: HandBack) -> Result<Result<Session, HandBackRefusal>, CommitError> {
+        self.write(|reply| Op::HandBack { req, reply }, |e| Err(CommitError::Store(e))).await
     }
 
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError> {

@@ -115,14 +115,22 @@ fn first_rows<P: rusqlite::Params>(
     Ok(out)
 }
 
-/// One state's nodes, by id: a range scan of the `nodes_state` index.
+/// One state's nodes, by id. Provisioning and Failed nodes (read by every
+/// reconciler pass) are a scan of their own partial index; any other state
+/// is a scan of the table in id order (nodes are not indexed by every
+/// state: every transition would rewrite that index).
 ///
 /// The state is a literal, not a bound parameter: with a parameter compared
 /// to `state`, SQLite re-prepares the statement on every execution (the
 /// partial indexes on `state = 'Ready'` might apply), so there is one
 /// cached statement per state instead.
 pub(crate) fn nodes_in_state_sql(state: NodeState) -> String {
-    format!(concat!("SELECT ", node_cols!(), " FROM nodes WHERE state = '{}' ORDER BY id"), state.as_str())
+    let from = match state {
+        NodeState::Provisioning => "nodes INDEXED BY nodes_provisioning",
+        NodeState::Failed => "nodes INDEXED BY nodes_failed",
+        _ => "nodes NOT INDEXED",
+    };
+    format!(concat!("SELECT ", node_cols!(), " FROM {} WHERE state = '{}' ORDER BY id"), from, state.as_str())
 }
 
 /// Runs several statements as one read of one snapshot: inside one read
@@ -337,42 +345,109 @@ pub(crate) fn insert_node(conn: &Connection, n: &Node) -> Result<NodeId, StoreEr
     u64::try_from(id).map(NodeId).map_err(|_| StoreError::Corrupt(format!("SQLite assigned node id {id}")))
 }
 
-/// Overwrites a node's row if it still has `expected`; returns whether it
-/// did.
-pub(crate) fn update_node(conn: &Connection, n: &Node, expected: u64) -> Result<bool, StoreError> {
+/// A node's transition and its event: the event is appended (linked to
+/// the node's previous one) and the node's row, pointing at it, written if
+/// it still has the version the write expects. Returns whether it had.
+pub(crate) fn write_node(conn: &Connection, w: &duffy_core::NodeWrite) -> Result<bool, StoreError> {
+    let seq = insert_event(conn, &w.event)?;
+    update_node(conn, &w.node, w.expected_version, seq)
+}
+
+/// Overwrites a node's row if it still has `expected`, with `last_event`
+/// as its latest event; returns whether it did.
+///
+/// A transition never changes what a machine is (hostname, address,
+/// hardware, BMC, console): the row is first updated in its other columns
+/// only, on the condition that those are as stored, so SQLite leaves the
+/// hostname's unique index (and the columns themselves) alone. Only a
+/// write that does change them (or finds another version) takes the
+/// second statement, which sets every column.
+pub(crate) fn update_node(conn: &Connection, n: &Node, expected: u64, last_event: i64) -> Result<bool, StoreError> {
     const WHAT: &str = "writing a node";
+    let constraint = |e: rusqlite::Error| match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::ConstraintViolation) => {
+            StoreError::Duplicate(format!("node {} (hostname {})", n.id, n.hostname))
+        }
+        _ => StoreError::backend(WHAT, e),
+    };
+    let (release, arch, flavor) = image_cols(n);
+    let id = to_sql_u64(n.id.0, "node id")?;
+    let expected = to_sql_u64(expected, "expected version")?;
+    let mut narrow = conn.prepare_cached(UPDATE_NODE_STATE).ctx(WHAT)?;
+    let changed = narrow
+        .execute(params![
+            n.state.as_str(),
+            release,
+            arch,
+            flavor,
+            to_sql_u64(n.used_count, "used_count")?,
+            n.session.as_ref().map(SessionId::as_str),
+            n.state_since.0,
+            n.installed_at.map(|t| t.0),
+            n.hold_until.map(|t| t.0),
+            n.fail_reason,
+            n.power.as_str(),
+            to_sql_u64(n.version, "version")?,
+            n.host_key,
+            id,
+            expected,
+            n.hostname,
+            n.ip,
+            n.chassis,
+            n.hardware_arch.as_str(),
+            n.flavor,
+            n.bmc,
+            n.console_port,
+            last_event,
+        ])
+        .map_err(constraint)?;
+    if changed == 1 {
+        return Ok(true);
+    }
     let mut stmt = conn
         .prepare_cached(
             "UPDATE nodes SET hostname = ?1, ip = ?2, chassis = ?3, hardware_arch = ?4, flavor = ?5, bmc = ?6, \
              console_port = ?7, state = ?8, image_release = ?9, image_arch = ?10, image_flavor = ?11, \
              used_count = ?12, session = ?13, state_since = ?14, installed_at = ?15, hold_until = ?16, \
-             fail_reason = ?17, power = ?18, version = ?19, host_key = ?20 \
+             fail_reason = ?17, power = ?18, version = ?19, host_key = ?20, last_event = ?23 \
              WHERE id = ?21 AND version = ?22",
         )
         .ctx(WHAT)?;
     bind_node(&mut stmt, n, WHAT)?;
-    stmt.raw_bind_parameter(21, to_sql_u64(n.id.0, "node id")?).ctx(WHAT)?;
-    stmt.raw_bind_parameter(22, to_sql_u64(expected, "expected version")?).ctx(WHAT)?;
-    let changed = stmt.raw_execute().map_err(|e| match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::ConstraintViolation) => {
-            StoreError::Duplicate(format!("node {} (hostname {})", n.id, n.hostname))
-        }
-        _ => StoreError::backend(WHAT, e),
-    })?;
+    stmt.raw_bind_parameter(21, id).ctx(WHAT)?;
+    stmt.raw_bind_parameter(22, expected).ctx(WHAT)?;
+    stmt.raw_bind_parameter(23, last_event).ctx(WHAT)?;
+    let changed = stmt.raw_execute().map_err(constraint)?;
     Ok(changed == 1)
 }
 
+/// A node's transition: every column a transition may change, on the
+/// condition that the ones it never changes are as stored (see
+/// [`update_node`]).
+pub(crate) const UPDATE_NODE_STATE: &str = "UPDATE nodes SET state = ?1, image_release = ?2, image_arch = ?3, \
+     image_flavor = ?4, used_count = ?5, session = ?6, state_since = ?7, installed_at = ?8, hold_until = ?9, \
+     fail_reason = ?10, power = ?11, version = ?12, host_key = ?13, last_event = ?23 \
+     WHERE id = ?14 AND version = ?15 AND hostname = ?16 AND ip IS ?17 AND chassis IS ?18 \
+     AND hardware_arch = ?19 AND flavor IS ?20 AND bmc IS ?21 AND console_port IS ?22";
+
 // ----- events -----
 
-/// Appends an event; the store assigns its `seq` (one more than the last).
-pub(crate) fn insert_event(conn: &Connection, e: &Event) -> Result<(), StoreError> {
+/// An event, appended, linked to its node's previous event.
+pub(crate) const INSERT_EVENT: &str = "INSERT INTO events (seq, node, from_state, to_state, cause, detail, actor, \
+     session, at, prev) VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, (SELECT last_event FROM nodes WHERE id = ?1))";
+
+/// Appends an event; the store assigns its `seq` (one more than the
+/// last), returned. Its `prev` is the node's `last_event` as stored now:
+/// the caller must then make this event the node's last (every node write
+/// does, in the same transaction).
+///
+/// A node's history is this chain, newest first, not an index on
+/// `(node, seq)`: such an index put each new event on its node's page, a
+/// different page for nearly every event, and was three quarters of the
+/// pages every commit wrote to the WAL. The log itself only ever appends.
+pub(crate) fn insert_event(conn: &Connection, e: &Event) -> Result<i64, StoreError> {
     const WHAT: &str = "appending to the event log";
-    let mut stmt = conn
-        .prepare_cached(
-            "INSERT INTO events (seq, node, from_state, to_state, cause, detail, actor, session, at) \
-             VALUES (NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )
-        .ctx(WHAT)?;
+    let mut stmt = conn.prepare_cached(INSERT_EVENT).ctx(WHAT)?;
     stmt.execute(params![
         to_sql_u64(e.node.0, "event node")?,
         e.from.as_str(),
@@ -384,6 +459,14 @@ pub(crate) fn insert_event(conn: &Connection, e: &Event) -> Result<(), StoreErro
         e.at.0,
     ])
     .ctx(WHAT)?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Makes `seq` a new node's latest event (its `Added`).
+pub(crate) fn set_last_event(conn: &Connection, node: NodeId, seq: i64) -> Result<(), StoreError> {
+    const WHAT: &str = "linking a node to its history";
+    let mut stmt = conn.prepare_cached("UPDATE nodes SET last_event = ?2 WHERE id = ?1").ctx(WHAT)?;
+    stmt.execute(params![to_sql_u64(node.0, "node id")?, seq]).ctx(WHAT)?;
     Ok(())
 }
 
@@ -393,67 +476,94 @@ pub(crate) fn events(conn: &Connection, q: EventQuery) -> Result<Vec<Event>, Sto
     const WHAT: &str = "reading the event log";
     let after = i64::try_from(q.after_seq).unwrap_or(i64::MAX);
     let limit = if q.limit == 0 { usize::MAX } else { q.limit };
-    let mut stmt;
-    let mut rows = match q.node {
-        None => {
-            stmt = conn
-                .prepare_cached(concat!("SELECT ", event_cols!(), " FROM events WHERE seq > ?1 ORDER BY seq"))
-                .ctx(WHAT)?;
-            stmt.query(params![after]).ctx(WHAT)?
+    let Some(node) = q.node else {
+        let mut stmt = conn
+            .prepare_cached(concat!("SELECT ", event_cols!(), " FROM events WHERE seq > ?1 ORDER BY seq"))
+            .ctx(WHAT)?;
+        let mut rows = stmt.query(params![after]).ctx(WHAT)?;
+        let mut out = Vec::new();
+        while out.len() < limit {
+            match rows.next().ctx(WHAT)? {
+                Some(r) => out.push(codec::event(r)?),
+                None => break,
+            }
         }
-        Some(node) => {
-            let Ok(node) = i64::try_from(node.0) else { return Ok(Vec::new()) };
-            stmt = conn
-                .prepare_cached(concat!(
-                    "SELECT ",
-                    event_cols!(),
-                    " FROM events WHERE node = ?1 AND seq > ?2 ORDER BY seq"
-                ))
-                .ctx(WHAT)?;
-            stmt.query(params![node, after]).ctx(WHAT)?
-        }
+        return Ok(out);
     };
-    let mut out = Vec::new();
-    while out.len() < limit {
-        match rows.next().ctx(WHAT)? {
-            Some(r) => out.push(codec::event(r)?),
-            None => break,
+    let Ok(node) = i64::try_from(node.0) else { return Ok(Vec::new()) };
+    snapshot(conn, WHAT, |conn| {
+        // The node's chain, newest first, back to `after`.
+        let mut last = conn.prepare_cached("SELECT last_event FROM nodes WHERE id = ?1").ctx(WHAT)?;
+        let mut cursor: Option<i64> = last.query_row([node], |r| r.get(0)).optional().ctx(WHAT)?.flatten();
+        let mut one =
+            conn.prepare_cached(concat!("SELECT ", event_cols!(), ", prev FROM events WHERE seq = ?1")).ctx(WHAT)?;
+        let mut newest_first = Vec::new();
+        while let Some(seq) = cursor.filter(|s| *s > after) {
+            let (event, prev) = one
+                .query_row([seq], |r| Ok((codec::event(r), r.get::<_, Option<i64>>(9)?)))
+                .optional()
+                .ctx(WHAT)?
+                .ok_or_else(|| StoreError::Corrupt(format!("node {node}'s history names missing event {seq}")))?;
+            let event = event?;
+            if i64::try_from(event.node.0).ok() != Some(node) || prev.is_some_and(|p| p >= seq) {
+                return Err(StoreError::Corrupt(format!(
+                    "event {seq} is not in node {node}'s history where it is linked"
+                )));
+            }
+            newest_first.push(event);
+            cursor = prev;
         }
-    }
-    Ok(out)
+        newest_first.reverse();
+        newest_first.truncate(limit);
+        Ok(newest_first)
+    })
 }
 
-/// The newest events first, of one node (the `events_node` index read
-/// backwards) or of the whole log (the primary key read backwards),
-/// stopping after `limit` rows.
+/// The newest events first, of one node (its history chain from the
+/// node's `last_event`, `limit` links) or of the whole log (the primary
+/// key read backwards), stopping after `limit` rows.
 pub(crate) fn latest_events(conn: &Connection, node: Option<NodeId>, limit: usize) -> Result<Vec<Event>, StoreError> {
     const WHAT: &str = "reading the latest events";
     if limit == 0 {
         return Ok(Vec::new());
     }
-    let mut stmt;
-    let mut rows = match node {
-        None => {
-            stmt =
-                conn.prepare_cached(concat!("SELECT ", event_cols!(), " FROM events ORDER BY seq DESC")).ctx(WHAT)?;
-            stmt.query([]).ctx(WHAT)?
+    let Some(node) = node else {
+        let mut stmt =
+            conn.prepare_cached(concat!("SELECT ", event_cols!(), " FROM events ORDER BY seq DESC")).ctx(WHAT)?;
+        let mut rows = stmt.query([]).ctx(WHAT)?;
+        let mut out = Vec::new();
+        while out.len() < limit {
+            match rows.next().ctx(WHAT)? {
+                Some(r) => out.push(codec::event(r)?),
+                None => break,
+            }
         }
-        Some(node) => {
-            let Ok(node) = i64::try_from(node.0) else { return Ok(Vec::new()) };
-            stmt = conn
-                .prepare_cached(concat!("SELECT ", event_cols!(), " FROM events WHERE node = ?1 ORDER BY seq DESC"))
-                .ctx(WHAT)?;
-            stmt.query(params![node]).ctx(WHAT)?
-        }
+        return Ok(out);
     };
-    let mut out = Vec::new();
-    while out.len() < limit {
-        match rows.next().ctx(WHAT)? {
-            Some(r) => out.push(codec::event(r)?),
-            None => break,
+    let Ok(node) = i64::try_from(node.0) else { return Ok(Vec::new()) };
+    snapshot(conn, WHAT, |conn| {
+        let mut last = conn.prepare_cached("SELECT last_event FROM nodes WHERE id = ?1").ctx(WHAT)?;
+        let mut cursor: Option<i64> = last.query_row([node], |r| r.get(0)).optional().ctx(WHAT)?.flatten();
+        let mut one =
+            conn.prepare_cached(concat!("SELECT ", event_cols!(), ", prev FROM events WHERE seq = ?1")).ctx(WHAT)?;
+        let mut out = Vec::new();
+        while let Some(seq) = cursor.filter(|_| out.len() < limit) {
+            let (event, prev) = one
+                .query_row([seq], |r| Ok((codec::event(r), r.get::<_, Option<i64>>(9)?)))
+                .optional()
+                .ctx(WHAT)?
+                .ok_or_else(|| StoreError::Corrupt(format!("node {node}'s history names missing event {seq}")))?;
+            let event = event?;
+            if i64::try_from(event.node.0).ok() != Some(node) || prev.is_some_and(|p| p >= seq) {
+                return Err(StoreError::Corrupt(format!(
+                    "event {seq} is not in node {node}'s history where it is linked"
+                )));
+            }
+            out.push(event);
+            cursor = prev;
         }
-    }
-    Ok(out)
+        Ok(out)
+    })
 }
 
 /// Nodes counted per image, kind of machine, chassis and state (one
@@ -525,24 +635,24 @@ pub(crate) fn session_version(conn: &Connection, id: &SessionId) -> Result<Optio
     Ok(v.and_then(|v| u64::try_from(v).ok()))
 }
 
-/// Inserts a session, or overwrites it. The key and creation time the
-/// rate limit counts are those of the first insert.
-pub(crate) fn put_session(conn: &Connection, s: &Session) -> Result<(), StoreError> {
-    const WHAT: &str = "writing a session";
-    let mut stmt = conn
-        .prepare_cached(
-            "INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, pool_flavor, nodes, \
-             created_at, delivered_at, lease_until, hold_until, ended_at, end_reason, version, origin_key, origin_at, \
-             expires_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?3, ?9, ?16) \
-             ON CONFLICT (id) DO UPDATE SET project = excluded.project, key_id = excluded.key_id, \
-             state = excluded.state, pool_release = excluded.pool_release, pool_arch = excluded.pool_arch, \
-             pool_flavor = excluded.pool_flavor, nodes = excluded.nodes, created_at = excluded.created_at, \
-             delivered_at = excluded.delivered_at, lease_until = excluded.lease_until, \
-             hold_until = excluded.hold_until, ended_at = excluded.ended_at, end_reason = excluded.end_reason, \
-             version = excluded.version, expires_at = excluded.expires_at",
-        )
-        .ctx(WHAT)?;
+/// A new session (its key and creation time also as `origin_*`).
+pub(crate) const INSERT_SESSION: &str = "INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, \
+     pool_flavor, nodes, created_at, delivered_at, lease_until, hold_until, ended_at, end_reason, version, origin_key, \
+     origin_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?3, ?9, ?16)";
+
+/// A session's transition: the columns its state machine changes (an
+/// extension moves `expires_at`), on the condition that the others are as
+/// stored (see [`update_session`]).
+pub(crate) const UPDATE_SESSION_STATE: &str = "UPDATE sessions SET state = ?1, delivered_at = ?2, lease_until = ?3, \
+     hold_until = ?4, ended_at = ?5, end_reason = ?6, version = ?7, expires_at = ?8 \
+     WHERE id = ?9 AND project = ?10 AND key_id = ?11 AND pool_release = ?12 AND pool_arch = ?13 \
+     AND pool_flavor IS ?14 AND nodes = ?15 AND created_at = ?16";
+
+/// Inserts a new session. Its key and creation time are also kept as
+/// what the rate limit counts, never updated.
+pub(crate) fn insert_session(conn: &Connection, s: &Session) -> Result<(), StoreError> {
+    const WHAT: &str = "inserting a session";
+    let mut stmt = conn.prepare_cached(INSERT_SESSION).ctx(WHAT)?;
     stmt.execute(params![
         s.id.as_str(),
         s.project,
@@ -563,6 +673,74 @@ pub(crate) fn put_session(conn: &Connection, s: &Session) -> Result<(), StoreErr
     ])
     .ctx(WHAT)?;
     Ok(())
+}
+
+/// Overwrites an existing session (the caller checked its version). A
+/// session's state machine changes only its state, times, end reason and
+/// version: those are written on the condition that the rest is as stored;
+/// a write that changes the rest too takes a second statement that sets
+/// every column (except the rate limit's `origin_*`, never updated).
+pub(crate) fn update_session(conn: &Connection, s: &Session) -> Result<(), StoreError> {
+    const WHAT: &str = "writing a session";
+    let nodes = codec::node_list(&s.nodes);
+    let key_id = to_sql_u64(s.key_id.0, "key id")?;
+    let version = to_sql_u64(s.version, "session version")?;
+    let mut narrow = conn.prepare_cached(UPDATE_SESSION_STATE).ctx(WHAT)?;
+    let changed = narrow
+        .execute(params![
+            s.state.as_str(),
+            s.delivered_at.map(|t| t.0),
+            s.lease_until.map(|t| t.0),
+            s.hold_until.map(|t| t.0),
+            s.ended_at.map(|t| t.0),
+            s.end_reason,
+            version,
+            s.expires_at.map(|t| t.0),
+            s.id.as_str(),
+            s.project,
+            key_id,
+            s.pool.release,
+            s.pool.arch.as_str(),
+            s.pool.flavor,
+            nodes,
+            s.created_at.0,
+        ])
+        .ctx(WHAT)?;
+    if changed == 1 {
+        return Ok(());
+    }
+    let mut stmt = conn
+        .prepare_cached(
+            "UPDATE sessions SET project = ?2, key_id = ?3, state = ?4, pool_release = ?5, pool_arch = ?6, \
+             pool_flavor = ?7, nodes = ?8, created_at = ?9, delivered_at = ?10, lease_until = ?11, \
+             hold_until = ?12, ended_at = ?13, end_reason = ?14, version = ?15, expires_at = ?16 WHERE id = ?1",
+        )
+        .ctx(WHAT)?;
+    let changed = stmt
+        .execute(params![
+            s.id.as_str(),
+            s.project,
+            key_id,
+            s.state.as_str(),
+            s.pool.release,
+            s.pool.arch.as_str(),
+            s.pool.flavor,
+            nodes,
+            s.created_at.0,
+            s.delivered_at.map(|t| t.0),
+            s.lease_until.map(|t| t.0),
+            s.hold_until.map(|t| t.0),
+            s.ended_at.map(|t| t.0),
+            s.end_reason,
+            version,
+            s.expires_at.map(|t| t.0),
+        ])
+        .ctx(WHAT)?;
+    if changed == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Corrupt(format!("session {} vanished inside its own transaction", s.id)))
+    }
 }
 
 /// Counts the sessions a key created since a time.
@@ -599,6 +777,14 @@ pub(crate) fn failed_held_by_project(conn: &Connection, project: &str) -> Result
 /// One project.
 pub(crate) fn project(conn: &Connection, name: &str) -> Result<Option<Project>, StoreError> {
     one(conn, "SELECT name, quota, ssh_keys FROM projects WHERE name = ?1", [name], "reading a project", codec::project)
+}
+
+/// A project's own quota (`None`: no such project, or no quota).
+pub(crate) fn project_quota(conn: &Connection, name: &str) -> Result<Option<u32>, StoreError> {
+    const WHAT: &str = "reading a project's quota";
+    let mut stmt = conn.prepare_cached("SELECT quota FROM projects WHERE name = ?1").ctx(WHAT)?;
+    let q: Option<Option<i64>> = stmt.query_row([name], |r| r.get(0)).optional().ctx(WHAT)?;
+    q.flatten().map(|q| u32::try_from(q).map_err(|e| StoreError::Corrupt(format!("projects.quota: {e}")))).transpose()
 }
 
 /// Creates a project or replaces its quota and keys.
@@ -714,6 +900,19 @@ pub(crate) fn pool_targets(conn: &Connection) -> Result<Vec<PoolTarget>, StoreEr
     Ok(out)
 }
 
+/// One pool's standby target, if it has one.
+pub(crate) fn pool_standby(conn: &Connection, pool: &PoolKey) -> Result<Option<u32>, StoreError> {
+    const WHAT: &str = "reading a pool target";
+    let mut stmt = conn
+        .prepare_cached("SELECT standby FROM pool_targets WHERE release = ?1 AND arch = ?2 AND flavor = ?3")
+        .ctx(WHAT)?;
+    let n: Option<i64> = stmt
+        .query_row(params![pool.release, pool.arch.as_str(), pool.flavor.as_deref().unwrap_or("")], |r| r.get(0))
+        .optional()
+        .ctx(WHAT)?;
+    n.map(|n| u32::try_from(n).map_err(|e| StoreError::Corrupt(format!("pool_targets.standby: {e}")))).transpose()
+}
+
 /// Sets a pool's target.
 pub(crate) fn put_pool_target(conn: &Connection, t: &PoolTarget) -> Result<(), StoreError> {
     const WHAT: &str = "writing a pool target";
@@ -796,10 +995,14 @@ mod tests {
     #[test]
     fn reconciler_reads_are_index_range_scans() {
         let conn = schema();
-        for st in [NodeState::Active, NodeState::Provisioning, NodeState::Failed, NodeState::Ready] {
+        for (st, index) in [(NodeState::Provisioning, "nodes_provisioning"), (NodeState::Failed, "nodes_failed")] {
             let p = plan(&conn, &nodes_in_state_sql(st));
-            assert!(p.contains("USING INDEX nodes_state"), "{p}");
+            assert!(p.contains(&format!("USING INDEX {index}")), "{p}");
             assert!(!p.contains("TEMP B-TREE"), "the index gives the order: {p}");
+        }
+        for st in [NodeState::Active, NodeState::Ready, NodeState::Deployed] {
+            let p = plan(&conn, &nodes_in_state_sql(st));
+            assert!(!p.contains("TEMP B-TREE"), "the table is read in id order: {p}");
         }
         let p = plan(&conn, STALE_READY);
         assert!(p.contains("USING INDEX nodes_stale"), "{p}");
@@ -827,6 +1030,7 @@ mod tests {
             STALE_READY,
             IDLE_NODES,
             NODES_AFTER,
+            UPDATE_NODE_STATE,
         ] {
             let mut stmt = conn.prepare(sql).expect("prepare");
             let n = stmt.parameter_count();
@@ -837,6 +1041,37 @@ mod tests {
                 while rows.next().expect("row").is_some() {}
             }
             assert_eq!(stmt.get_status(StatementStatus::RePrepare), 0, "{sql}");
+        }
+    }
+
+    /// The statements every allocation cycle runs in the writer: none may
+    /// build a temporary table per execution (an `IN` list in a column or
+    /// index definition does, and cost a tenth of the writer's time).
+    #[test]
+    fn hot_writes_build_no_temporary_tables() {
+        let conn = schema();
+        let hot = [
+            UPDATE_NODE_STATE,
+            INSERT_SESSION,
+            UPDATE_SESSION_STATE,
+            INSERT_EVENT,
+            CLAIMABLE,
+            RECENT_SESSIONS,
+            HELD_BY_PROJECT,
+            "SELECT version FROM sessions WHERE id = ?1",
+            concat!("SELECT ", session_cols!(), " FROM sessions WHERE id = ?1"),
+            concat!("SELECT ", node_cols!(), " FROM nodes WHERE id = ?1"),
+        ];
+        for sql in hot {
+            let mut stmt = conn.prepare(&format!("EXPLAIN {sql}")).expect("prepare");
+            let n = stmt.parameter_count();
+            let params: Vec<rusqlite::types::Value> = (0..n).map(|_| rusqlite::types::Value::Null).collect();
+            let ops: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(params), |r| r.get::<_, String>(1))
+                .expect("explain")
+                .collect::<Result<_, _>>()
+                .expect("rows");
+            assert!(!ops.iter().any(|o| o == "OpenEphemeral"), "{sql} builds a temporary table");
         }
     }
 

@@ -179,9 +179,47 @@ const V7: &str = r#"
 ALTER TABLE settings ADD COLUMN leader_epoch INTEGER NOT NULL DEFAULT 0;
 "#;
 
+/// Version 8: cheaper writes on the hot path.
+///
+/// - A session's `live` flag without an `IN` list: SQLite evaluates
+///   `state IN (...)` through a temporary table built on every execution,
+///   and every insert or update of a session evaluated it (for the column
+///   and its two partial indexes) — about a tenth of the writer's time.
+///   The same flag, spelled with `OR`.
+/// - Nodes by state: the index on every node's state was rewritten by
+///   every transition (four per allocation cycle) while only the
+///   reconciler's reads of Provisioning and Failed nodes used it (Ready,
+///   Active and idle nodes have their own partial indexes). Two partial
+///   indexes for those two states take its place, touched only by the
+///   transitions into and out of them; reads of other states scan the
+///   table in id order (tools and tests, not the service's passes).
+/// - A node's history as a chain: each event names its node's previous
+///   event (`prev`) and each node its latest (`last_event`), in place of
+///   the index on `(node, seq)`, which put nearly every new event on a
+///   page of its own and was three quarters of the pages every commit
+///   wrote. The chain is built from the index for the events already
+///   stored, then the index goes.
+const V8: &str = r#"
+ALTER TABLE events ADD COLUMN prev INTEGER;
+ALTER TABLE nodes ADD COLUMN last_event INTEGER;
+UPDATE events SET prev = (SELECT max(p.seq) FROM events AS p WHERE p.node = events.node AND p.seq < events.seq);
+UPDATE nodes SET last_event = (SELECT max(e.seq) FROM events AS e WHERE e.node = nodes.id);
+DROP INDEX events_node;
+DROP INDEX sessions_live;
+DROP INDEX sessions_live_project;
+ALTER TABLE sessions DROP COLUMN live;
+ALTER TABLE sessions ADD COLUMN live INTEGER NOT NULL
+    GENERATED ALWAYS AS (state = 'Allocating' OR state = 'Prod' OR state = 'Fail') VIRTUAL;
+CREATE INDEX sessions_live ON sessions (created_at, id) WHERE live = 1;
+CREATE INDEX sessions_live_project ON sessions (project) WHERE live = 1;
+DROP INDEX nodes_state;
+CREATE INDEX nodes_provisioning ON nodes (id) WHERE state = 'Provisioning';
+CREATE INDEX nodes_failed ON nodes (id) WHERE state = 'Failed';
+"#;
+
 /// Every migration, in order: migration `i` takes the file from version
 /// `i` to `i + 1`. Append only; never edit a released one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8];
 
 /// The schema version this build writes (the number of migrations).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

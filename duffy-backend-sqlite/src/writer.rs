@@ -19,14 +19,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SendError, Sender, TryRecvError};
 use std::time::Instant;
 
-use duffy_core::store::claim_writes;
+use duffy_core::store::{claim_writes, hand_back_writes};
 use duffy_core::{
-    Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, Guard, KeyId,
-    NewNode, Node, NodeId, PoolTarget, Project, StorageFault, StoreError, Timestamp, model::validate_token,
+    Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, Guard, HandBack,
+    HandBackKind, HandBackRefusal, KeyId, NewNode, Node, NodeId, PoolTarget, Project, Session, StorageFault,
+    StoreError, Timestamp, model::validate_token,
 };
 use futures::channel::oneshot;
 use rusqlite::Connection;
-use tracing::{debug, error, trace};
+use tracing::{debug, error, info, trace};
 
 use crate::durability::{Durability, Synced};
 use crate::queries as q;
@@ -83,6 +84,14 @@ pub(crate) enum Op {
     NewLeaderEpoch {
         reply: Reply<Result<u64, StoreError>>,
     },
+    HandBack {
+        req: HandBack,
+        reply: Reply<Result<Result<Session, HandBackRefusal>, CommitError>>,
+    },
+    CommitEach {
+        batches: Vec<Batch>,
+        reply: Reply<Vec<Result<(), CommitError>>>,
+    },
     UpsertProject {
         project: Project,
         reply: Reply<Result<(), StoreError>>,
@@ -119,8 +128,9 @@ pub(crate) enum Op {
 pub(crate) trait Finish: Send {
     /// The transaction committed: send the answer.
     fn send(self: Box<Self>);
-    /// The transaction failed: send this error instead.
-    fn fail(self: Box<Self>, err: StoreError);
+    /// The transaction failed: send errors made by `err` instead (one per
+    /// answer the operation owes).
+    fn fail(self: Box<Self>, err: &dyn Fn() -> StoreError);
 }
 
 struct Outcome<T> {
@@ -135,8 +145,24 @@ impl<T: Send> Finish for Outcome<T> {
         // error: the operation happened all the same.
         let _ = self.reply.send(self.value);
     }
-    fn fail(self: Box<Self>, err: StoreError) {
-        let _ = self.reply.send((self.on_fail)(err));
+    fn fail(self: Box<Self>, err: &dyn Fn() -> StoreError) {
+        let _ = self.reply.send((self.on_fail)(err()));
+    }
+}
+
+/// The answers of a [`Op::CommitEach`]: one per batch.
+struct EachOutcome {
+    reply: Reply<Vec<Result<(), CommitError>>>,
+    value: Vec<Result<(), CommitError>>,
+    batches: usize,
+}
+
+impl Finish for EachOutcome {
+    fn send(self: Box<Self>) {
+        let _ = self.reply.send(self.value);
+    }
+    fn fail(self: Box<Self>, err: &dyn Fn() -> StoreError) {
+        let _ = self.reply.send((0..self.batches).map(|_| Err(CommitError::Store(err()))).collect());
     }
 }
 
@@ -160,6 +186,8 @@ impl Op {
             Op::Commit { .. } => "commit",
             Op::CommitFenced { .. } => "commit_fenced",
             Op::NewLeaderEpoch { .. } => "new_leader_epoch",
+            Op::HandBack { .. } => "hand_back",
+            Op::CommitEach { .. } => "commit_each",
             Op::UpsertProject { .. } => "upsert_project",
             Op::AddApiKey { .. } => "add_api_key",
             Op::RevokeApiKey { .. } => "revoke_api_key",
@@ -169,27 +197,46 @@ impl Op {
         }
     }
 
-    /// Runs the operation on the open transaction (inside its savepoint).
-    /// Returns its answer and whether its writes are to be kept.
-    fn run(self, conn: &Connection) -> (Box<dyn Finish>, bool) {
+    /// Whether the operation runs inside a savepoint of its own: only
+    /// those that can be refused after they started writing need one (a
+    /// guard is checked on the state the writes leave). The hot ones —
+    /// claims, compare-and-set commits without guards, hand-backs without
+    /// a fail cap — check everything before their first write, so a
+    /// refusal has nothing to undo, and they skip the savepoint and its
+    /// copy of every page they touch.
+    fn needs_savepoint(&self) -> bool {
+        match self {
+            // Each batch with a guard gets a savepoint of its own inside.
+            Op::Claim { .. } | Op::CommitEach { .. } => false,
+            Op::Commit { batch, .. } => !batch.guards.is_empty(),
+            Op::HandBack { req, .. } => matches!(req.kind, HandBackKind::Fail { fail_cap: Some(_), .. }),
+            _ => true,
+        }
+    }
+
+    /// Runs the operation on the open transaction (inside its savepoint,
+    /// if it has one). Returns its answer and whether its writes are to be
+    /// kept; sets `wrote` once it has started writing.
+    fn run(self, conn: &Connection, wrote: &mut bool) -> (Box<dyn Finish>, bool) {
         match self {
             Op::AddNodes { nodes, actor, now, reply } => {
+                *wrote = true;
                 let v = add_nodes(conn, nodes, actor, now);
                 let keep = v.is_ok();
                 (outcome(reply, v, store_err), keep)
             }
             Op::Claim { req, reply } => {
-                let v = claim(conn, req);
+                let v = claim(conn, req, wrote);
                 let keep = matches!(v, Ok(Ok(_)));
                 (outcome(reply, v, store_err), keep)
             }
             Op::Commit { batch, reply } => {
-                let v = commit(conn, batch);
+                let v = commit(conn, batch, wrote);
                 let keep = v.is_ok();
                 (outcome(reply, v, commit_err), keep)
             }
             Op::CommitFenced { batch, epoch, reply } => {
-                let v = commit_fenced(conn, batch, epoch);
+                let v = commit_fenced(conn, batch, epoch, wrote);
                 let keep = v.is_ok();
                 (outcome(reply, v, commit_err), keep)
             }
@@ -197,6 +244,16 @@ impl Op {
                 let v = q::bump_leader_epoch(conn).and_then(|()| q::leader_epoch(conn));
                 let keep = v.is_ok();
                 (outcome(reply, v, store_err), keep)
+            }
+            Op::HandBack { req, reply } => {
+                let v = hand_back(conn, &req, wrote);
+                let keep = matches!(v, Ok(Ok(_)));
+                (outcome(reply, v, |e| Err(CommitError::Store(e))), keep)
+            }
+            Op::CommitEach { batches, reply } => {
+                let n = batches.len();
+                let (value, keep) = commit_each(conn, batches, wrote);
+                (Box::new(EachOutcome { reply, value, batches: n }), keep)
             }
             Op::UpsertProject { project, reply } => {
                 let v = upsert_project(conn, &project);
@@ -232,7 +289,12 @@ impl Op {
     }
 
     /// Answers without running: the batch's transaction failed.
-    fn fail(self, err: StoreError) {
+    fn fail(self, err: &dyn Fn() -> StoreError) {
+        if let Op::CommitEach { batches, reply } = self {
+            let _ = reply.send(batches.iter().map(|_| Err(CommitError::Store(err()))).collect());
+            return;
+        }
+        let err = err();
         match self {
             Op::AddNodes { reply, .. } => {
                 let _ = reply.send(Err(err));
@@ -246,6 +308,10 @@ impl Op {
             Op::NewLeaderEpoch { reply } => {
                 let _ = reply.send(Err(err));
             }
+            Op::HandBack { reply, .. } => {
+                let _ = reply.send(Err(CommitError::Store(err)));
+            }
+            Op::CommitEach { .. } => {}
             Op::UpsertProject { reply, .. } => {
                 let _ = reply.send(Err(err));
             }
@@ -275,10 +341,55 @@ pub(crate) struct Sink {
     pub(crate) skip_checkpoints: bool,
 }
 
+/// Where the writer's time went, per kind of operation and for the
+/// transactions' `BEGIN` and `COMMIT`: logged when the writer stops, for
+/// profiling (the clock is read twice per operation, a few tens of
+/// nanoseconds).
+#[derive(Default)]
+struct Timings {
+    /// Per operation name: how many ran, and their time in nanoseconds.
+    ops: Vec<(&'static str, u64, u64)>,
+    /// `BEGIN`/`COMMIT` (and the batch's checkpoint, if any): count and
+    /// nanoseconds.
+    transaction: (u64, u64),
+}
+
+impl Timings {
+    fn op(&mut self, name: &'static str, nanos: u64) {
+        match self.ops.iter_mut().find(|(n, _, _)| *n == name) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 += nanos;
+            }
+            None => self.ops.push((name, 1, nanos)),
+        }
+    }
+
+    fn log(&self) {
+        let per = |(count, nanos): (u64, u64)| nanos.checked_div(count).unwrap_or(0) / 1000;
+        let ops: Vec<String> = self
+            .ops
+            .iter()
+            .map(|(name, count, nanos)| format!("{name}: {count} x {} us", per((*count, *nanos))))
+            .collect();
+        info!(
+            operations = %ops.join(", "),
+            transactions = self.transaction.0,
+            begin_commit_us = per(self.transaction),
+            "SQLite writer time per operation"
+        );
+    }
+}
+
+fn nanos(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// The writer thread's body: batches until every sender is gone.
 pub(crate) fn run(conn: Connection, rx: Receiver<Op>, max_batch: usize, counters: Arc<Counters>, sink: Sink) {
     debug!(max_batch, "SQLite writer thread started");
     let mut ops = Vec::with_capacity(max_batch);
+    let mut timings = Timings::default();
     while let Ok(first) = rx.recv() {
         ops.push(first);
         while ops.len() < max_batch {
@@ -287,8 +398,9 @@ pub(crate) fn run(conn: Connection, rx: Receiver<Op>, max_batch: usize, counters
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
-        run_batch(&conn, &mut ops, &counters, &sink);
+        run_batch(&conn, &mut ops, &counters, &sink, &mut timings);
     }
+    timings.log();
     debug!("SQLite writer thread stopping: the store was dropped");
 }
 
@@ -301,6 +413,12 @@ type Shared = Arc<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 #[error("SQLite rolled back the whole transaction after an error in one of its operations")]
 struct RolledBack;
+
+/// An operation without a savepoint of its own failed after it had
+/// started writing (an I/O error, say).
+#[derive(Debug, thiserror::Error)]
+#[error("an operation failed after it had started writing; the whole transaction is rolled back")]
+struct FailedMidWrite;
 
 /// An I/O error of the transaction, with what the store found out about
 /// its cause.
@@ -361,8 +479,9 @@ fn finish_checkpoint(conn: &Connection, counters: &Counters) {
 }
 
 /// Runs one batch in one transaction and answers every caller.
-fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &Sink) {
+fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &Sink, timings: &mut Timings) {
     let n = ops.len();
+    let mut in_ops = 0u64;
     if counters.restart_wanted.swap(false, Ordering::Relaxed) && !sink.skip_checkpoints {
         finish_checkpoint(conn, counters);
     }
@@ -371,7 +490,7 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
         // reopened.
         let e: Shared = Arc::new(e);
         for op in ops.drain(..) {
-            op.fail(StoreError::backend("refusing writes", Arc::clone(&e)));
+            op.fail(&|| StoreError::backend("refusing writes", Arc::clone(&e)));
         }
         return;
     }
@@ -390,21 +509,41 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
     let mut pending = ops.drain(..);
     for op in pending.by_ref() {
         let name = op.name();
-        if let Err(e) = exec(conn, "SAVEPOINT op") {
-            lost = Some((format!("opening a savepoint for {name}"), Arc::new(e)));
-            rest.push(op);
-            break;
+        let savepoint = op.needs_savepoint();
+        if savepoint {
+            if let Err(e) = exec(conn, "SAVEPOINT op") {
+                lost = Some((format!("opening a savepoint for {name}"), Arc::new(e)));
+                rest.push(op);
+                break;
+            }
         }
-        let (finish, keep) = op.run(conn);
+        let mut wrote = false;
+        let op_started = Instant::now();
+        let (finish, keep) = op.run(conn, &mut wrote);
+        let took = nanos(op_started);
+        timings.op(name, took);
+        in_ops += took;
         done.push(finish);
         if conn.is_autocommit() {
             lost = Some((format!("running {name}"), Arc::new(RolledBack)));
             break;
         }
+        if !keep {
+            refused += 1;
+        }
+        if !savepoint {
+            // Refused before its first write: nothing to undo. Failed
+            // after it: its writes cannot be undone alone, so the batch
+            // is not committed (every caller hears of it).
+            if !keep && wrote {
+                lost = Some((format!("running {name}"), Arc::new(FailedMidWrite)));
+                break;
+            }
+            continue;
+        }
         let closed = if keep {
             exec(conn, "RELEASE op")
         } else {
-            refused += 1;
             exec(conn, "ROLLBACK TO op").and_then(|()| exec(conn, "RELEASE op"))
         };
         if let Err(e) = closed {
@@ -419,13 +558,15 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
         let seq = sink.syncer.as_ref().map(|_| sink.durability.next_visible());
         match exec(conn, "COMMIT") {
             Ok(()) => {
+                timings.transaction.0 += 1;
+                timings.transaction.1 += nanos(started).saturating_sub(in_ops);
                 trace!(ops = n, refused, elapsed_us = started.elapsed().as_micros() as u64, "committed a batch");
                 counters.set_failure(None);
                 match (&sink.syncer, seq) {
                     (Some(syncer), Some(seq)) => {
                         if let Err(SendError(item)) = syncer.send(Synced { seq, done }) {
                             for f in item.done {
-                                f.fail(StoreError::Closed);
+                                f.fail(&|| StoreError::Closed);
                             }
                         }
                     }
@@ -466,10 +607,10 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
         None => StoreError::backend(context.clone(), Arc::clone(&e)),
     };
     for f in done {
-        f.fail(err());
+        f.fail(&err);
     }
     for op in rest {
-        op.fail(err());
+        op.fail(&err);
     }
 }
 
@@ -500,18 +641,34 @@ fn add_nodes(conn: &Connection, nodes: Vec<NewNode>, actor: Actor, now: Timestam
     for n in nodes {
         let mut node = n.into_node(NodeId(0), now);
         node.id = q::insert_node(conn, &node)?;
-        q::insert_event(conn, &Event::added(&node, actor.clone()))?;
+        let seq = q::insert_event(conn, &Event::added(&node, actor.clone()))?;
+        q::set_last_event(conn, node.id, seq)?;
         out.push(node);
     }
     Ok(out)
 }
 
-fn claim(conn: &Connection, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {
+/// A claim: every check first, then the writes (`wrote` is set before
+/// the first one).
+fn claim(conn: &Connection, req: ClaimRequest, wrote: &mut bool) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {
     if req.count == 0 {
         return Err(StoreError::Invalid("a claim needs a count of at least 1".into()));
     }
     if q::session_version(conn, &req.session)?.is_some() {
         return Err(StoreError::Duplicate(format!("session {}", req.session)));
+    }
+    if req.check_target {
+        match q::pool_standby(conn, &req.pool)? {
+            Some(standby) if standby > 0 => {
+                if req.count > standby {
+                    return Ok(Err(ClaimRefusal::OverCapacity { requested: req.count, standby }));
+                }
+            }
+            _ => {
+                let available = q::pool_targets(conn)?.into_iter().filter(|t| t.standby > 0).map(|t| t.pool).collect();
+                return Ok(Err(ClaimRefusal::NoSuchPool { available }));
+            }
+        }
     }
     if q::paused(conn)? {
         return Ok(Err(ClaimRefusal::Paused));
@@ -522,7 +679,7 @@ fn claim(conn: &Connection, req: ClaimRequest) -> Result<Result<Claimed, ClaimRe
             return Ok(Err(ClaimRefusal::RateLimited { recent, limit }));
         }
     }
-    if let Some(quota) = req.quota {
+    if let Some(quota) = q::project_quota(conn, &req.project)?.or(req.default_quota) {
         let held = q::held_by_project(conn, &req.project)?;
         if held.saturating_add(req.count) > quota {
             return Ok(Err(ClaimRefusal::QuotaExceeded { held, requested: req.count, quota }));
@@ -535,18 +692,18 @@ fn claim(conn: &Connection, req: ClaimRequest) -> Result<Result<Claimed, ClaimRe
     }
     let (session, writes) = claim_writes(&req, &chosen).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let mut nodes = Vec::with_capacity(writes.len());
+    *wrote = true;
     for w in writes {
-        if !q::update_node(conn, &w.node, w.expected_version)? {
+        if !q::write_node(conn, &w)? {
             return Err(StoreError::Corrupt(format!("claim could not apply its own write of node {}", w.node.id)));
         }
-        q::insert_event(conn, &w.event)?;
         nodes.push(w.node);
     }
-    q::put_session(conn, &session)?;
+    q::insert_session(conn, &session)?;
     Ok(Ok(Claimed { session, nodes }))
 }
 
-fn commit(conn: &Connection, batch: Batch) -> Result<(), CommitError> {
+fn commit(conn: &Connection, batch: Batch, wrote: &mut bool) -> Result<(), CommitError> {
     // Every expectation first, in MemStore's order: node versions, then
     // a node written twice, then session versions.
     for w in &batch.nodes {
@@ -565,17 +722,96 @@ fn commit(conn: &Connection, batch: Batch) -> Result<(), CommitError> {
             return Err(CommitError::Conflict(format!("session {}", w.session.id)));
         }
     }
+    write_batch(conn, batch, wrote)
+}
+
+/// Many independent commits in one operation: each batch as [`commit`]
+/// would write it, a batch with a guard inside a savepoint of its own
+/// (only a guard can refuse after the writes). Returns each batch's answer
+/// and whether the operation's writes are to be kept: not if a batch
+/// without a savepoint failed after it had started writing (an I/O error,
+/// say), which loses the whole transaction.
+fn commit_each(conn: &Connection, batches: Vec<Batch>, wrote: &mut bool) -> (Vec<Result<(), CommitError>>, bool) {
+    let mut out = Vec::with_capacity(batches.len());
+    for batch in batches {
+        let mut w = false;
+        if batch.guards.is_empty() {
+            let r = commit(conn, batch, &mut w);
+            *wrote |= w;
+            if r.is_err() && w {
+                out.push(r);
+                return (out, false);
+            }
+            out.push(r);
+            continue;
+        }
+        if let Err(e) = exec(conn, "SAVEPOINT each") {
+            out.push(Err(CommitError::Store(StoreError::backend("opening a savepoint", e))));
+            continue;
+        }
+        let r = commit(conn, batch, &mut w);
+        let closed = match &r {
+            Ok(()) => exec(conn, "RELEASE each"),
+            Err(_) => exec(conn, "ROLLBACK TO each").and_then(|()| exec(conn, "RELEASE each")),
+        };
+        if let Err(e) = closed {
+            // The savepoint could not be closed: its writes cannot be
+            // vouched for, so neither can the transaction's.
+            *wrote = true;
+            out.push(Err(CommitError::Store(StoreError::backend("closing a savepoint", e))));
+            return (out, false);
+        }
+        *wrote |= w && r.is_ok();
+        out.push(r);
+    }
+    (out, true)
+}
+
+/// A job's done or fail in one step: the session and its nodes are read
+/// in the writer's own transaction, so nothing can change between the
+/// read and the write, and no read has to wait for an fsync first.
+fn hand_back(
+    conn: &Connection,
+    req: &HandBack,
+    wrote: &mut bool,
+) -> Result<Result<Session, HandBackRefusal>, CommitError> {
+    let Some(session) = q::session(conn, &req.session)? else { return Ok(Err(HandBackRefusal::UnknownSession)) };
+    if session.key_id != req.key_id {
+        return Ok(Err(HandBackRefusal::UnknownSession));
+    }
+    let mut nodes = Vec::with_capacity(session.nodes.len());
+    for id in &session.nodes {
+        nodes.push(
+            q::node(conn, *id)?
+                .ok_or_else(|| StoreError::Corrupt(format!("session {} names missing node {id}", session.id)))?,
+        );
+    }
+    let (batch, after) = match hand_back_writes(req, &session, &nodes)? {
+        Ok(x) => x,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    write_batch(conn, batch, wrote)?;
+    Ok(Ok(after))
+}
+
+/// Writes a batch whose expectations hold (checked by the caller, or read
+/// in this transaction), then checks its guards on the result (the
+/// caller's savepoint undoes the writes if one fails).
+fn write_batch(conn: &Connection, batch: Batch, wrote: &mut bool) -> Result<(), CommitError> {
+    *wrote = true;
     for w in &batch.nodes {
-        if !q::update_node(conn, &w.node, w.expected_version)? {
+        if !q::write_node(conn, w)? {
             return Err(CommitError::Store(StoreError::Corrupt(format!(
                 "node {} changed inside its own transaction",
                 w.node.id
             ))));
         }
-        q::insert_event(conn, &w.event)?;
     }
     for w in &batch.sessions {
-        q::put_session(conn, &w.session)?;
+        match w.expected_version {
+            None => q::insert_session(conn, &w.session)?,
+            Some(_) => q::update_session(conn, &w.session)?,
+        }
     }
     for g in &batch.guards {
         let Guard::ProjectFailedNodesAtMost { project, max } = g;
@@ -590,12 +826,12 @@ fn commit(conn: &Connection, batch: Batch) -> Result<(), CommitError> {
 /// A batch of the leader of term `epoch`: written only if that is still
 /// the newest term. The writer runs one operation at a time, so the check
 /// and the write are one atomic step.
-fn commit_fenced(conn: &Connection, batch: Batch, epoch: u64) -> Result<(), CommitError> {
+fn commit_fenced(conn: &Connection, batch: Batch, epoch: u64, wrote: &mut bool) -> Result<(), CommitError> {
     let current = q::leader_epoch(conn)?;
     if epoch != current {
         return Err(CommitError::Store(StoreError::Fenced { epoch, current }));
     }
-    commit(conn, batch)
+    commit(conn, batch, wrote)
 }
 
 fn upsert_project(conn: &Connection, project: &Project) -> Result<(), StoreError> {

@@ -116,15 +116,25 @@ fn two_stores_on_one_file_share_it_safely() {
     });
 }
 
-/// Undoes migrations 7 (the leadership epoch), 6 (session expiry), then
-/// 5 (key expiry, revocation and last use).
-const V5_DOWN: &str = "ALTER TABLE settings DROP COLUMN leader_epoch; \
-     DROP INDEX sessions_expiry; ALTER TABLE sessions DROP COLUMN expires_at; \
-                       ALTER TABLE api_keys DROP COLUMN expires_at; ALTER TABLE api_keys DROP COLUMN revoked_at; \
+/// Undoes migration 8 (node histories as chains instead of an index; the
+/// sessions' live flag without an `IN` list; the index on every node's
+/// state replaced by two partial ones).
+const V8_DOWN: &str = "CREATE INDEX events_node ON events (node, seq); ALTER TABLE events DROP COLUMN prev; \
+    ALTER TABLE nodes DROP COLUMN last_event; DROP INDEX nodes_provisioning; DROP INDEX nodes_failed; \
+    CREATE INDEX nodes_state ON nodes (state, id); \
+    DROP INDEX sessions_live; DROP INDEX sessions_live_project; ALTER TABLE sessions DROP COLUMN live; \
+    ALTER TABLE sessions ADD COLUMN live INTEGER NOT NULL \
+        GENERATED ALWAYS AS (state IN ('Allocating', 'Prod', 'Fail')) VIRTUAL; \
+    CREATE INDEX sessions_live ON sessions (created_at, id) WHERE live = 1; \
+    CREATE INDEX sessions_live_project ON sessions (project) WHERE live = 1;";
+
+/// Undoes migration 5 (key expiry, revocation and last use), after 8, 7
+/// and 6.
+const V5_DOWN: &str = "ALTER TABLE api_keys DROP COLUMN expires_at; ALTER TABLE api_keys DROP COLUMN revoked_at; \
                        ALTER TABLE api_keys DROP COLUMN last_used;";
 
-/// Undoes migrations 7 (the leadership epoch) and 6 (session expiry).
-const V6_DOWN: &str = "ALTER TABLE settings DROP COLUMN leader_epoch; DROP INDEX sessions_expiry; ALTER TABLE sessions DROP COLUMN expires_at;";
+/// Undoes migration 6 (session expiry), after 8 and 7.
+const V6_DOWN: &str = "DROP INDEX sessions_expiry; ALTER TABLE sessions DROP COLUMN expires_at;";
 
 /// Undoes migration 7 (the leadership epoch).
 const V7_DOWN: &str = "ALTER TABLE settings DROP COLUMN leader_epoch;";
@@ -145,8 +155,8 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     Connection::open(&path)
         .expect("raw")
         .execute_batch(&format!(
-            "DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; ALTER TABLE nodes DROP COLUMN host_key; \
-             {V5_DOWN} PRAGMA user_version = 1;"
+            "{V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; \
+             ALTER TABLE nodes DROP COLUMN host_key; {V5_DOWN} PRAGMA user_version = 1;"
         ))
         .expect("downgrade");
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
@@ -155,7 +165,7 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     assert_eq!(nodes[0].host_key, None);
     drop(store);
     assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 7);
+    assert_eq!(SCHEMA_VERSION, 8);
 }
 
 fn index_names(path: &std::path::Path) -> Vec<String> {
@@ -182,7 +192,8 @@ fn a_version_2_file_is_migrated_forward_keeping_its_data() {
     Connection::open(&path)
         .expect("raw")
         .execute_batch(&format!(
-            "DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; {V5_DOWN} PRAGMA user_version = 2;"
+            "{V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; {V5_DOWN} \
+             PRAGMA user_version = 2;"
         ))
         .expect("downgrade");
     assert!(!index_names(&path).iter().any(|n| n == "nodes_state" || n == "nodes_stale"));
@@ -194,7 +205,7 @@ fn a_version_2_file_is_migrated_forward_keeping_its_data() {
     drop(store);
     assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
     let names = index_names(&path);
-    assert!(names.iter().any(|n| n == "nodes_state"), "{names:?}");
+    assert!(names.iter().any(|n| n == "nodes_provisioning"), "{names:?}");
     assert!(names.iter().any(|n| n == "nodes_stale") && names.iter().any(|n| n == "nodes_idle"), "{names:?}");
 }
 
@@ -216,7 +227,7 @@ fn a_version_3_file_gets_the_idle_index_by_kind_of_machine() {
     Connection::open(&path)
         .expect("raw")
         .execute_batch(&format!(
-            "DROP INDEX nodes_idle; CREATE INDEX nodes_idle ON nodes (used_count, id) WHERE state = 'Active'; \
+            "{V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_idle; CREATE INDEX nodes_idle ON nodes (used_count, id) WHERE state = 'Active'; \
                  {V5_DOWN} PRAGMA user_version = 3;"
         ))
         .expect("downgrade");
@@ -260,7 +271,7 @@ fn a_version_4_file_is_migrated_forward_keeping_its_keys() {
     // revocation or last use.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(&format!("{V5_DOWN} PRAGMA user_version = 4;"))
+        .execute_batch(&format!("{V8_DOWN} {V7_DOWN} {V6_DOWN} {V5_DOWN} PRAGMA user_version = 4;"))
         .expect("downgrade");
     assert!(!column_names(&path, "api_keys").iter().any(|c| c == "revoked_at"));
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
@@ -306,7 +317,7 @@ fn a_version_5_file_gets_session_expiry_at_the_lease() {
     // no expiry.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(&format!("{V6_DOWN} PRAGMA user_version = 5;"))
+        .execute_batch(&format!("{V8_DOWN} {V7_DOWN} {V6_DOWN} PRAGMA user_version = 5;"))
         .expect("downgrade");
     assert!(!column_names(&path, "sessions").iter().any(|c| c == "expires_at"));
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
@@ -362,7 +373,7 @@ fn a_version_6_file_gets_the_leadership_epoch() {
     // Make it the file a version-6 build wrote: no leadership epoch.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(&format!("{V7_DOWN} PRAGMA user_version = 6;"))
+        .execute_batch(&format!("{V8_DOWN} {V7_DOWN} PRAGMA user_version = 6;"))
         .expect("downgrade");
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
     futures::executor::block_on(async {
@@ -377,4 +388,59 @@ fn a_version_6_file_gets_the_leadership_epoch() {
     drop(store);
     assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
     assert!(column_names(&path, "settings").iter().any(|c| c == "leader_epoch"));
+}
+
+#[test]
+fn a_version_7_file_is_migrated_forward_keeping_its_sessions() {
+    use duffy_core::testkit::conformance::{add_ready, claim_ok, claim_req, pool7, release};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+    let (live, ended) = futures::executor::block_on(async {
+        add_ready(&store, "n", 3, &pool7()).await;
+        let live = claim_ok(&store, claim_req("live", 1, "p", 1, Timestamp(5))).await;
+        let ended = claim_ok(&store, claim_req("ended", 1, "p", 1, Timestamp(6))).await;
+        release(&store, &ended.session.id, Timestamp(7)).await.expect("release");
+        (live, ended)
+    });
+    drop(store);
+    // Make it the file a version-7 build wrote: `live` through an IN list,
+    // every node indexed by state.
+    Connection::open(&path)
+        .expect("raw")
+        .execute_batch(&format!("{V8_DOWN} PRAGMA user_version = 7;"))
+        .expect("downgrade");
+    assert!(index_names(&path).iter().any(|n| n == "nodes_state"));
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
+    futures::executor::block_on(async {
+        let listed: Vec<_> = store.live_sessions().await.expect("live").into_iter().map(|s| s.id).collect();
+        assert_eq!(listed, vec![live.session.id.clone()], "the live flag is computed for the old rows");
+        let done = store.session(&ended.session.id).await.expect("read").expect("kept");
+        assert_eq!(done.state, duffy_core::SessionState::Aborted, "an allocation that ends is aborted");
+        // A released node started on its reinstall is found by the new
+        // index on Provisioning nodes.
+        let idle = store.node(ended.nodes[0].id).await.expect("read").expect("node");
+        let cause = duffy_core::Cause::InstallStarted { image: pool7(), why: "test".into() };
+        let w = duffy_core::NodeWrite::transition(&idle, cause, Actor::Reconciler, Timestamp(8)).expect("legal");
+        let provisioning = w.node.clone();
+        store.commit(duffy_core::Batch { nodes: vec![w], ..Default::default() }).await.expect("install started");
+        let found = store.nodes_in_states(&[duffy_core::NodeState::Provisioning]).await.expect("read");
+        assert_eq!(found, vec![provisioning]);
+        // Every node's history, linked from the old index, goes on with
+        // the events written since.
+        duffy_core::testkit::conformance::check_history(&store).await.expect("histories");
+        let history =
+            store.events(duffy_core::EventQuery { node: Some(idle.id), ..Default::default() }).await.expect("history");
+        let causes: Vec<_> = history.iter().map(|e| e.cause).collect();
+        use duffy_core::CauseKind as C;
+        assert_eq!(
+            causes,
+            [C::Added, C::InstallStarted, C::InstallSucceeded, C::Allocated, C::AllocationAborted, C::InstallStarted]
+        );
+    });
+    drop(store);
+    assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
+    let names = index_names(&path);
+    assert!(!names.iter().any(|n| n == "nodes_state"), "{names:?}");
+    assert!(names.iter().any(|n| n == "nodes_provisioning") && names.iter().any(|n| n == "nodes_failed"), "{names:?}");
 }

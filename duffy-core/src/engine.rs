@@ -8,10 +8,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use futures::channel::oneshot;
 use futures::future::join_all;
 use futures::task::AtomicWaker;
 use tracing::{debug, error, info, warn};
@@ -22,23 +23,39 @@ use crate::policy::Policy;
 use crate::power::PowerController;
 use crate::session::{SessionCause, SessionTransitionError};
 use crate::state::{Cause, NodeState, TransitionError};
-use crate::store::{Batch, ClaimRefusal, ClaimRequest, CommitError, Guard, NodeWrite, SessionWrite, Store, StoreError};
+use crate::store::{
+    Batch, ClaimRefusal, ClaimRequest, CommitError, Guard, HandBack, HandBackKind, HandBackRefusal, NodeWrite,
+    SessionWrite, Store, StoreError,
+};
 use crate::time::{Clock, Timestamp, timeout};
 
-/// Where new session ids come from. Production uses random UUIDs; tests
-/// inject a seeded source so that runs are reproducible.
+/// Where new session ids come from. Production uses time-ordered random
+/// UUIDs; tests inject a seeded source so that runs are reproducible.
 pub trait SessionIds: Send + Sync {
-    /// A new, unique session id.
-    fn next_id(&self) -> SessionId;
+    /// A new, unique session id for a session created at `now`.
+    fn next_id(&self, now: Timestamp) -> SessionId;
 }
 
-/// Random version-4 UUIDs (122 random bits), the legacy ssid format.
+/// Version-7 UUIDs, in the legacy ssid format: the creation time in
+/// milliseconds (from the engine's clock), then 74 random bits. Ids made
+/// later sort later, so a store that keeps sessions in id order appends a
+/// new one where the last went instead of on a random page (with random
+/// version-4 ids every claim dirtied its own page of the session table and
+/// of its index, and the WAL grew with them). The random part still makes
+/// an id unguessable, and a key only ever sees its own sessions anyway.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct UuidSessionIds;
 
 impl SessionIds for UuidSessionIds {
-    fn next_id(&self) -> SessionId {
-        SessionId(uuid::Uuid::new_v4().hyphenated().to_string())
+    fn next_id(&self, now: Timestamp) -> SessionId {
+        // A version-4 UUID's last ten bytes carry 74 random bits, in the
+        // very positions a version-7 UUID keeps random (the version and
+        // variant bits they also hold are replaced).
+        let random = uuid::Uuid::new_v4().into_bytes();
+        let mut tail = [0u8; 10];
+        tail.copy_from_slice(&random[6..]);
+        let millis = u64::try_from(now.0).unwrap_or(0);
+        SessionId(uuid::Builder::from_unix_timestamp_millis(millis, &tail).into_uuid().hyphenated().to_string())
     }
 }
 
@@ -250,9 +267,6 @@ enum Attempt<T> {
     Done(T),
     /// Write this batch; if it commits, the answer is the value.
     Commit(Batch, T),
-    /// What was read changed while it was being read (a node moved under
-    /// a session read a moment before): read again.
-    Retry,
 }
 
 /// Wakes the reconciler early when something it cares about changed
@@ -300,6 +314,8 @@ pub(crate) struct Inner {
     pub(crate) fence: Option<u64>,
     /// API keys remembered, and their unrecorded uses (`keys` module).
     pub(crate) keys: crate::keys::KeyCache,
+    /// Single-node writes on their way to the store together.
+    pub(crate) gather: Gather,
     /// Session requests waiting for nodes (in memory: see `queue`).
     pub(crate) queue: Arc<std::sync::Mutex<crate::queue::WaitQueue>>,
     /// Queue requests that ended recently, for their owners to read.
@@ -307,6 +323,68 @@ pub(crate) struct Inner {
     /// The average duration of the installs seen to succeed, in
     /// milliseconds (0: none yet), for the estimates of time to Ready.
     pub(crate) install_millis: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// One answer of a gathered commit.
+type GatheredReply = oneshot::Sender<Result<(), CommitError>>;
+
+/// Single-node writes of concurrent operations (a reconciler pass starting
+/// a wave of installs, a wave of installs finishing), gathered into one
+/// [`Store::commit_each`] call: one message to the store and one durable
+/// write for the wave instead of one each. Each write is still its own
+/// compare-and-set, answered on its own. A queue, not a lock: nothing is
+/// held across an await, and correctness rests on the store as always.
+#[derive(Default)]
+pub(crate) struct Gather {
+    queue: Mutex<Vec<(Batch, GatheredReply)>>,
+}
+
+impl Gather {
+    fn take(&self) -> Vec<(Batch, GatheredReply)> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Commits `batch` together with whatever else is queued: the caller
+    /// queues its write, lets the operations ready at the same moment
+    /// queue theirs (one yield to the executor), and then whoever finds
+    /// the queue non-empty sends all of it in one call and hands out the
+    /// answers. A caller whose write someone else took waits for that
+    /// answer.
+    async fn commit(&self, store: &dyn Store, batch: Batch) -> Result<(), CommitError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).push((batch, reply));
+        yield_now().await;
+        let work = self.take();
+        if !work.is_empty() {
+            let (batches, replies): (Vec<Batch>, Vec<GatheredReply>) = work.into_iter().unzip();
+            let mut results = store.commit_each(batches).await.into_iter();
+            for reply in replies {
+                let r = results.next().unwrap_or_else(|| {
+                    Err(CommitError::Store(StoreError::Corrupt("commit_each answered too few batches".into())))
+                });
+                let _ = reply.send(r);
+            }
+        }
+        // Dropped unanswered only if the caller that took it was itself
+        // dropped (the service is stopping).
+        answer.await.unwrap_or(Err(CommitError::Store(StoreError::Closed)))
+    }
+}
+
+/// Returns `Pending` once (waking itself at once), so that other futures
+/// ready at the same moment run before the caller goes on.
+async fn yield_now() {
+    let mut yielded = false;
+    futures::future::poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 impl Inner {
@@ -334,7 +412,8 @@ impl Inner {
     /// Writes one node's transition on its own: `Ok(None)` if the node
     /// changed since it was read (someone else got there first) or the
     /// transition no longer applies. The one path by which a single node
-    /// is committed (reconciler operations and sweeps).
+    /// is committed (reconciler operations and sweeps); concurrent calls
+    /// reach the store together (see [`Gather`]).
     pub(crate) async fn commit_node(
         &self,
         node: &Node,
@@ -349,7 +428,14 @@ impl Inner {
             }
         };
         let after = w.node.clone();
-        match self.commit(Batch { nodes: vec![w], ..Batch::default() }).await {
+        // A fenced engine's writes must carry its epoch, which
+        // `Store::commit_each` has no room for: they go one by one through
+        // `commit_fenced`. Unfenced single-node writes are gathered.
+        let committed = match self.fence {
+            Some(_) => self.commit(Batch { nodes: vec![w], ..Batch::default() }).await,
+            None => self.gather.commit(&*self.store, Batch { nodes: vec![w], ..Batch::default() }).await,
+        };
+        match committed {
             Ok(()) => Ok(Some(after)),
             Err(CommitError::Store(e)) => Err(e.into()),
             Err(e) => {
@@ -419,6 +505,7 @@ impl EngineBuilder {
                 policy: self.policy,
                 kick: Arc::default(),
                 keys: crate::keys::KeyCache::default(),
+                gather: Gather::default(),
                 queue: Arc::default(),
                 finished: Arc::default(),
                 install_millis: Arc::default(),
@@ -496,6 +583,7 @@ impl Engine {
                 started_at: i.clock.now(),
                 fence: Some(epoch),
                 keys: crate::keys::KeyCache::default(),
+                gather: Gather::default(),
                 // Shared with `self`: the requests this process queued are
                 // served by the leader's passes when this process leads,
                 // and the installs its reconciler sees feed the estimates
@@ -553,29 +641,25 @@ impl Engine {
             return Err(EngineError::InvalidRequest(format!("count must be between 1 and {max}, got {count}")));
         }
         let store = &self.inner.store;
-        // Independent reads, concurrently: latency of one, not two. The
-        // pause flag is not read here: the claim checks it in its own
-        // transaction, so no claim can follow an acknowledged pause.
-        let (targets, project) = futures::future::join(store.pool_targets(), store.project(&who.project)).await;
-        let targets = targets?;
-        let Some(target) = targets.iter().find(|t| t.pool == pool && t.standby > 0) else {
-            return Err(EngineError::NoSuchPool {
-                requested: pool,
-                available: targets.into_iter().filter(|t| t.standby > 0).map(|t| t.pool).collect(),
-            });
-        };
-        if count > target.standby {
-            return Err(EngineError::InvalidRequest(format!(
-                "count {count} exceeds the capacity of pool {pool} ({} nodes)",
-                target.standby
-            )));
-        }
-        let project = project?.unwrap_or(Project { name: who.project.clone(), quota: None, ssh_keys: Vec::new() });
+        // No read before the claim: the pool's target, the pause flag, the
+        // rate limit and the project's quota are all checked in the claim's
+        // own transaction, so a get is one durable write. Only a
+        // contextualizer needs the project first, to refuse one it cannot
+        // serve (no SSH keys, say) before anything is claimed.
         let contextualizer = self.inner.contextualizer.clone();
-        if let Some(ctx) = &contextualizer {
-            ctx.check_project(&project)
-                .map_err(|e| EngineError::ProjectUnusable { project: project.name.clone(), reason: e.message })?;
-        }
+        let project = match &contextualizer {
+            Some(ctx) => {
+                let project = store.project(&who.project).await?.unwrap_or(Project {
+                    name: who.project.clone(),
+                    quota: None,
+                    ssh_keys: Vec::new(),
+                });
+                ctx.check_project(&project)
+                    .map_err(|e| EngineError::ProjectUnusable { project: project.name.clone(), reason: e.message })?;
+                Some(project)
+            }
+            None => None,
+        };
         let now = self.now();
         // The lease runs from the claim, so that the expiry written on the
         // nodes while they are prepared is the one the session gets.
@@ -585,12 +669,13 @@ impl Engine {
         // node is touched (a crash must never return a node that carries a
         // project's keys to the pool).
         let claim = ClaimRequest {
-            session: self.inner.ids.next_id(),
+            session: self.inner.ids.next_id(now),
             project: who.project.clone(),
             key_id,
             pool: pool.clone(),
             count,
-            quota: project.quota.or(self.inner.policy.default_quota),
+            check_target: true,
+            default_quota: self.inner.policy.default_quota,
             rate_limit: self.inner.policy.rate_limit,
             actor: who.actor(),
             now,
@@ -598,6 +683,14 @@ impl Engine {
         };
         let claimed = match store.claim(claim).await? {
             Ok(c) => c,
+            Err(ClaimRefusal::NoSuchPool { available }) => {
+                return Err(EngineError::NoSuchPool { requested: pool, available });
+            }
+            Err(ClaimRefusal::OverCapacity { requested, standby }) => {
+                return Err(EngineError::InvalidRequest(format!(
+                    "count {requested} exceeds the capacity of pool {pool} ({standby} nodes)"
+                )));
+            }
             Err(ClaimRefusal::InsufficientNodes { requested, available }) => {
                 return Err(EngineError::InsufficientNodes { requested, available });
             }
@@ -610,7 +703,7 @@ impl Engine {
             Err(ClaimRefusal::Paused) => return Err(EngineError::Paused),
         };
         let sid = claimed.session.id.clone();
-        let Some(ctx) = contextualizer else {
+        let (Some(ctx), Some(project)) = (contextualizer, project) else {
             info!(session = %sid, project = %who.project, count, pool = %pool, "nodes delivered");
             return Ok(Allocation { session: sid, hosts: claimed.nodes.into_iter().map(|n| n.hostname).collect() });
         };
@@ -774,7 +867,6 @@ impl Engine {
             let (batch, value) = match attempt().await? {
                 Attempt::Done(v) => return Ok(v),
                 Attempt::Commit(batch, v) => (batch, v),
-                Attempt::Retry => continue,
             };
             match self.inner.commit(batch).await {
                 Ok(()) => return Ok(value),
@@ -798,14 +890,6 @@ impl Engine {
         actor: Actor,
     ) -> Result<Option<Node>, EngineError> {
         self.inner.commit_node(node, cause, actor).await
-    }
-
-    /// A node of `s` refused its transition: it moved after the session
-    /// was read (another `done` or `fail` of the same session won the
-    /// race), so the session is read again and judged afresh.
-    fn moved_under<T>(s: &Session, e: TransitionError) -> Attempt<T> {
-        debug!(session = %s.id, error = %e, "a node moved under the session; reading it again");
-        Attempt::Retry
     }
 
     /// Reads a session that `who` may see: unknown, foreign and
@@ -835,32 +919,37 @@ impl Engine {
         Ok(out)
     }
 
+    /// A job's done or fail, through [`Store::hand_back`]: one atomic step
+    /// in a store that overrides it, retried from a fresh read when a
+    /// store that reads and commits separately lost a race. Unknown,
+    /// foreign and never-delivered sessions all look the same.
+    async fn hand_back(&self, who: &Principal, sid: &str, kind: HandBackKind) -> Result<Session, EngineError> {
+        if sid.is_empty() || sid.len() > 128 {
+            return Err(EngineError::InvalidSession);
+        }
+        let key_id = who.key_id.ok_or(EngineError::InvalidKey)?;
+        let req = HandBack { session: SessionId(sid.to_string()), key_id, kind, actor: who.actor(), now: self.now() };
+        for _ in 0..self.inner.policy.cas_retries {
+            match self.inner.store.hand_back(HandBack { now: self.now(), ..req.clone() }).await {
+                Ok(Ok(s)) => return Ok(s),
+                Ok(Err(HandBackRefusal::UnknownSession)) => return Err(EngineError::InvalidSession),
+                Ok(Err(HandBackRefusal::NotInProd { state })) => {
+                    return Err(EngineError::SessionNotInProd { id: req.session, state: state.as_str() });
+                }
+                Err(CommitError::Conflict(c)) => debug!(session = %sid, conflict = %c, "lost a race; retrying"),
+                Err(CommitError::GuardFailed { guard: Guard::ProjectFailedNodesAtMost { max, .. }, .. }) => {
+                    return Err(EngineError::FailCapExceeded { cap: max });
+                }
+                Err(CommitError::Store(e)) => return Err(e.into()),
+            }
+        }
+        Err(EngineError::Contention(format!("session {sid}")))
+    }
+
     /// `/Node/done`: releases every node of the session (Prod or Fail); they
     /// go back to be reinstalled.
     pub async fn done(&self, who: &Principal, sid: &str) -> Result<(), EngineError> {
-        let s = self
-            .with_retries(
-                || format!("session {sid}"),
-                || async {
-                    let s = self.own_session(who, sid).await?;
-                    if !matches!(s.state, SessionState::Prod | SessionState::Fail) {
-                        return Err(EngineError::SessionNotInProd { id: s.id, state: s.state.as_str() });
-                    }
-                    let now = self.now();
-                    let mut batch = Batch::default();
-                    for n in self.session_nodes(&s).await? {
-                        if n.session.as_ref() == Some(&s.id) {
-                            match NodeWrite::transition(&n, Cause::Released, who.actor(), now) {
-                                Ok(w) => batch.nodes.push(w),
-                                Err(e) => return Ok(Self::moved_under(&s, e)),
-                            }
-                        }
-                    }
-                    batch.sessions.push(SessionWrite::transition(&s, SessionCause::Released, now)?);
-                    Ok(Attempt::Commit(batch, s))
-                },
-            )
-            .await?;
+        let s = self.hand_back(who, sid, HandBackKind::Done).await?;
         info!(session = %s.id, project = %s.project, "session done");
         self.kick();
         Ok(())
@@ -870,33 +959,9 @@ impl Engine {
     /// (with the project's SSH keys still on root) for the fail-hold
     /// period, within the project's cap on failed nodes.
     pub async fn fail(&self, who: &Principal, sid: &str) -> Result<(), EngineError> {
-        let (s, hold_until) = self
-            .with_retries(
-                || format!("session {sid}"),
-                || async {
-                    let s = self.own_session(who, sid).await?;
-                    if s.state != SessionState::Prod {
-                        return Err(EngineError::SessionNotInProd { id: s.id, state: s.state.as_str() });
-                    }
-                    let now = self.now();
-                    let hold_until = now.plus(self.inner.policy.fail_hold);
-                    let mut batch = Batch::default();
-                    for n in self.session_nodes(&s).await? {
-                        if n.session.as_ref() == Some(&s.id) {
-                            match NodeWrite::transition(&n, Cause::FailedByUser { hold_until }, who.actor(), now) {
-                                Ok(w) => batch.nodes.push(w),
-                                Err(e) => return Ok(Self::moved_under(&s, e)),
-                            }
-                        }
-                    }
-                    batch.sessions.push(SessionWrite::transition(&s, SessionCause::FailedByUser { hold_until }, now)?);
-                    if let Some(cap) = self.inner.policy.fail_cap {
-                        batch.guards.push(Guard::ProjectFailedNodesAtMost { project: s.project.clone(), max: cap });
-                    }
-                    Ok(Attempt::Commit(batch, (s, hold_until)))
-                },
-            )
-            .await?;
+        let hold_until = self.now().plus(self.inner.policy.fail_hold);
+        let kind = HandBackKind::Fail { hold_until, fail_cap: self.inner.policy.fail_cap };
+        let s = self.hand_back(who, sid, kind).await?;
         info!(session = %s.id, project = %s.project, %hold_until, "session failed; nodes held");
         Ok(())
     }

@@ -66,7 +66,7 @@ pub use session::{SESSION_TRANSITIONS, SessionCause, SessionCauseKind, SessionEv
 pub use sessions::{Created, PoolStatus, QueueState, QueueStatus, SessionRequest, SessionScope, SessionView};
 pub use state::{Cause, CauseKind, Event, NodeState, TransitionError};
 pub use store::{
-    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeCount, NodeGroup, NodeWrite,
-    SessionWrite, StorageFault, Store, StoreError, StoreHealth,
+    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, HandBack, HandBackKind,
+    HandBackRefusal, NodeCount, NodeGroup, NodeWrite, SessionWrite, StorageFault, Store, StoreError, StoreHealth,
 };
 pub use time::{Clock, OutOfRange, ParseTimestampError, Timestamp};

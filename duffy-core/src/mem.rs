@@ -344,6 +344,19 @@ impl Store for MemStore {
         if s.sessions.contains_key(&req.session) {
             return Err(StoreError::Duplicate(format!("session {}", req.session)));
         }
+        if req.check_target {
+            match s.targets.get(&req.pool) {
+                Some(&standby) if standby > 0 => {
+                    if req.count > standby {
+                        return Ok(Err(ClaimRefusal::OverCapacity { requested: req.count, standby }));
+                    }
+                }
+                _ => {
+                    let available = s.targets.iter().filter(|(_, n)| **n > 0).map(|(p, _)| p.clone()).collect();
+                    return Ok(Err(ClaimRefusal::NoSuchPool { available }));
+                }
+            }
+        }
         if s.paused {
             return Ok(Err(ClaimRefusal::Paused));
         }
@@ -355,7 +368,7 @@ impl Store for MemStore {
                 return Ok(Err(ClaimRefusal::RateLimited { recent, limit }));
             }
         }
-        if let Some(quota) = req.quota {
+        if let Some(quota) = s.projects.get(&req.project).and_then(|p| p.quota).or(req.default_quota) {
             let held = s.held_by_project(&req.project);
             if held + req.count > quota {
                 return Ok(Err(ClaimRefusal::QuotaExceeded { held, requested: req.count, quota }));

@@ -198,7 +198,7 @@ impl Reconciler {
             if let Some(o) = &self.observer {
                 o.pass_started();
             }
-            let result = self.pass().await;
+            let result = self.pass_while_running().await;
             if let Some(o) = &self.observer {
                 o.pass_finished(result.as_ref());
             }
@@ -247,6 +247,33 @@ impl Reconciler {
                 return;
             }
         }
+    }
+
+    /// One pass, while the operations already running go on: a pass waits
+    /// for several store reads, and installs that stood still meanwhile
+    /// (their next write, the install itself) made the refill lag behind a
+    /// busy pool until it ran dry. Operations that finish during the pass
+    /// are recorded only after it, so the pass sees the in-flight set it
+    /// would have seen without them (a node whose operation just finished
+    /// counts as still driven: it is not started twice).
+    async fn pass_while_running(&mut self) -> Result<PassReport, EngineError> {
+        let mut running = std::mem::take(&mut self.ops);
+        let mut finished = Vec::new();
+        let result = {
+            let mut pass = pin!(self.pass());
+            poll_fn(|cx| {
+                while let Poll::Ready(Some(done)) = running.poll_next_unpin(cx) {
+                    finished.push(done);
+                }
+                pass.as_mut().poll(cx)
+            })
+            .await
+        };
+        self.ops.extend(running);
+        for done in finished {
+            self.finish(done);
+        }
+        result
     }
 
     /// Polls running operations once, without waiting, recording the
@@ -619,7 +646,7 @@ async fn expire(engine: &Engine, s: &crate::Session) -> Result<bool, EngineError
         }
     };
     batch.sessions.push(w);
-    match inner.store.commit(batch).await {
+    match inner.commit(batch).await {
         Ok(()) => {
             info!(session = %s.id, project = %s.project, nodes = s.nodes.len(), expires_at = ?s.expires_at,
                 "session lifetime ran out; session ended and its nodes reclaimed");

@@ -38,7 +38,7 @@ impl SeededSessionIds {
 }
 
 impl SessionIds for SeededSessionIds {
-    fn next_id(&self) -> SessionId {
+    fn next_id(&self, _now: crate::time::Timestamp) -> SessionId {
         let bytes: [u8; 16] = self.rng.lock().unwrap_or_else(|p| p.into_inner()).r#gen();
         SessionId(uuid::Builder::from_random_bytes(bytes).into_uuid().hyphenated().to_string())
     }

@@ -208,8 +208,17 @@ pub struct ClaimRequest {
     pub pool: PoolKey,
     /// How many nodes (at least 1).
     pub count: u32,
-    /// Most nodes the project's live sessions may hold, this claim included.
-    pub quota: Option<u32>,
+    /// Whether the pool must have a standby target above zero of at least
+    /// `count` nodes (the engine asks: a pool nobody configured does not
+    /// exist for a job, and a request larger than its pool can never be
+    /// served). Checked first, in the claim's own transaction; refused
+    /// with [`ClaimRefusal::NoSuchPool`] or [`ClaimRefusal::OverCapacity`].
+    pub check_target: bool,
+    /// The quota for a project that has none of its own (the policy's
+    /// default). The store reads the project's own quota in the claim's
+    /// transaction: most nodes the project's live sessions may hold, this
+    /// claim included, is the project's quota if it has one, else this.
+    pub default_quota: Option<u32>,
     /// Most sessions the key may have created in the window, this one
     /// included.
     pub rate_limit: Option<RateLimit>,
@@ -237,6 +246,20 @@ pub struct Claimed {
 /// Why a claim was refused. Nothing was written.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClaimRefusal {
+    /// No pool with a standby target above zero matches (only with
+    /// [`ClaimRequest::check_target`]).
+    NoSuchPool {
+        /// The pools that have one, ordered by pool.
+        available: Vec<PoolKey>,
+    },
+    /// More nodes than the pool's standby target (only with
+    /// [`ClaimRequest::check_target`]).
+    OverCapacity {
+        /// Asked for.
+        requested: u32,
+        /// The pool's standby target.
+        standby: u32,
+    },
     /// The pool has fewer Ready nodes than asked for.
     InsufficientNodes {
         /// Nodes the request asked for.
@@ -309,6 +332,119 @@ pub fn claim_writes(req: &ClaimRequest, chosen: &[Node]) -> Result<(Session, Vec
         version: 1,
     };
     Ok((session, writes))
+}
+
+/// How a job hands a delivered session back (see [`Store::hand_back`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandBackKind {
+    /// `/Node/done`: a session in Prod or Fail ends (Done) and its nodes
+    /// go back to be reinstalled.
+    Done,
+    /// `/Node/fail`: a session in Prod goes to Fail and its nodes are
+    /// Failed and held until `hold_until`, if the project's Failed nodes
+    /// held in Fail then number at most `fail_cap`.
+    Fail {
+        /// End of the hold.
+        hold_until: Timestamp,
+        /// The project's cap on failed nodes (`None`: no cap).
+        fail_cap: Option<u32>,
+    },
+}
+
+/// A job's `/Node/done` or `/Node/fail` of one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandBack {
+    /// The session.
+    pub session: SessionId,
+    /// The calling key: another key's session is answered as unknown.
+    pub key_id: KeyId,
+    /// Done or fail.
+    pub kind: HandBackKind,
+    /// Recorded in the events.
+    pub actor: Actor,
+    /// The time of the call.
+    pub now: Timestamp,
+}
+
+/// Why a hand-back was refused. Nothing was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandBackRefusal {
+    /// No such session, or another key's (a stranger learns nothing).
+    UnknownSession,
+    /// The session is not in a state the call accepts (Prod, or Prod or
+    /// Fail for done).
+    NotInProd {
+        /// Its state.
+        state: SessionState,
+    },
+}
+
+/// Whether `session` refuses the hand-back before its nodes matter: it is
+/// another key's (or not the one asked for), or in a state the call does
+/// not accept.
+fn hand_back_refusal(req: &HandBack, session: &Session) -> Option<HandBackRefusal> {
+    if session.id != req.session || session.key_id != req.key_id {
+        return Some(HandBackRefusal::UnknownSession);
+    }
+    let accepted = match req.kind {
+        HandBackKind::Done => matches!(session.state, SessionState::Prod | SessionState::Fail),
+        HandBackKind::Fail { .. } => session.state == SessionState::Prod,
+    };
+    (!accepted).then_some(HandBackRefusal::NotInProd { state: session.state })
+}
+
+/// The batch a hand-back writes, computed from the session and its nodes
+/// as stored, and the session as it will be stored.
+///
+/// Backends call this so that every store writes exactly the same rows
+/// (as with [`claim_writes`]): every node the session lists and that is
+/// still held by it takes the transition (`Released`, or `FailedByUser`
+/// with the hold), the session takes its own, and a fail carries the
+/// project's fail cap as a [`Guard`]. `nodes` are the session's nodes as
+/// read (in any order). A node held by the session that refuses its
+/// transition moved since the session was read (another call on the
+/// same session won a race): that is [`CommitError::Conflict`], read
+/// both again.
+pub fn hand_back_writes(
+    req: &HandBack,
+    session: &Session,
+    nodes: &[Node],
+) -> Result<Result<(Batch, Session), HandBackRefusal>, CommitError> {
+    if let Some(refusal) = hand_back_refusal(req, session) {
+        return Ok(Err(refusal));
+    }
+    let (cause, session_cause) = match req.kind {
+        HandBackKind::Done => (Cause::Released, SessionCause::Released),
+        HandBackKind::Fail { hold_until, .. } => {
+            (Cause::FailedByUser { hold_until }, SessionCause::FailedByUser { hold_until })
+        }
+    };
+    let mut batch = Batch::default();
+    for id in &session.nodes {
+        let Some(n) = nodes.iter().find(|n| n.id == *id) else {
+            return Err(CommitError::Store(StoreError::Corrupt(format!(
+                "session {} names node {id}, which was not read",
+                session.id
+            ))));
+        };
+        if n.session.as_ref() != Some(&session.id) {
+            continue;
+        }
+        match NodeWrite::transition(n, cause.clone(), req.actor.clone(), req.now) {
+            Ok(w) => batch.nodes.push(w),
+            Err(e) => {
+                return Err(CommitError::Conflict(format!("node {} moved under session {} ({e})", n.id, session.id)));
+            }
+        }
+    }
+    let w = SessionWrite::transition(session, session_cause, req.now)
+        .map_err(|e| CommitError::Store(StoreError::Invalid(e.to_string())))?;
+    let after = w.session.clone();
+    batch.sessions.push(w);
+    if let HandBackKind::Fail { fail_cap: Some(max), .. } = req.kind {
+        batch.guards.push(Guard::ProjectFailedNodesAtMost { project: session.project.clone(), max });
+    }
+    Ok(Ok((batch, after)))
 }
 
 /// What [`Store::node_counts`] groups nodes by. Ordered by image (nodes
@@ -510,17 +646,65 @@ pub trait Store: Send + Sync {
         Ok(sessions)
     }
 
-    /// Atomically: checks that the service is not paused, the key's rate
-    /// limit and the project's quota,
+    /// Atomically: checks, in this order, the pool's standby target (if
+    /// [`ClaimRequest::check_target`]), that the service is not paused,
+    /// the key's rate limit and the project's quota (its own, else
+    /// [`ClaimRequest::default_quota`]), then
     /// picks `count` Ready nodes of the pool (least `used_count` first,
     /// then lowest id), moves them to Contextualizing and inserts the
     /// session, with the writes [`claim_writes`] computes. Either all of it
-    /// happens or nothing does.
+    /// happens or nothing does. (Every admission check is made here, in
+    /// the claim's own transaction, so that a `/Node/get` needs no read
+    /// before its one durable write.)
     async fn claim(&self, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError>;
 
     /// Writes a batch if every expected version still matches and every
     /// guard holds on the result; otherwise writes nothing.
     async fn commit(&self, batch: Batch) -> Result<(), CommitError>;
+
+    /// Writes each batch on its own, exactly as [`Store::commit`] would
+    /// (each all-or-nothing, independent of the others), and answers for
+    /// each in order. For the reconciler, whose operations write many
+    /// single-node batches at once: a backend that overrides it takes them
+    /// in one call, one message to its writer and one durable write, not
+    /// one each. The default commits them one by one (concurrently).
+    async fn commit_each(&self, batches: Vec<Batch>) -> Vec<Result<(), CommitError>> {
+        futures::future::join_all(batches.into_iter().map(|b| self.commit(b))).await
+    }
+
+    /// A job's done or fail: reads the session and its nodes and writes
+    /// what [`hand_back_writes`] makes of them (a fail cap that would be
+    /// exceeded is [`CommitError::GuardFailed`]); returns the session as
+    /// written. Nothing is written on a refusal or an error.
+    ///
+    /// The default reads through [`Store::session`] and [`Store::node`] and
+    /// writes with [`Store::commit`]: a row that changed in between is
+    /// [`CommitError::Conflict`], and the caller calls again. Backends that
+    /// can read and write in one transaction should override it, so that
+    /// the call is one atomic step with no read before it (the SQLite store
+    /// runs it on its writer thread).
+    async fn hand_back(&self, req: HandBack) -> Result<Result<Session, HandBackRefusal>, CommitError> {
+        let Some(session) = self.session(&req.session).await? else {
+            return Ok(Err(HandBackRefusal::UnknownSession));
+        };
+        if let Some(refusal) = hand_back_refusal(&req, &session) {
+            return Ok(Err(refusal));
+        }
+        let mut nodes = Vec::with_capacity(session.nodes.len());
+        for id in &session.nodes {
+            let n = self
+                .node(*id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt(format!("session {} names missing node {id}", session.id)))?;
+            nodes.push(n);
+        }
+        let (batch, after) = match hand_back_writes(&req, &session, &nodes)? {
+            Ok(x) => x,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        self.commit(batch).await?;
+        Ok(Ok(after))
+    }
 
     /// Reads the event log, in `seq` order.
     async fn events(&self, query: EventQuery) -> Result<Vec<Event>, StoreError>;

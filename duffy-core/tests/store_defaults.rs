@@ -154,6 +154,17 @@ async fn default_idle_nodes() {
 }
 
 #[tokio::test]
+async fn default_hand_back() {
+    conformance::hand_back_done_and_fail(plain()).await;
+    conformance::hand_back_refusals_write_nothing(plain()).await;
+}
+
+#[tokio::test]
+async fn default_commit_each() {
+    conformance::commit_each_commits_each_batch_on_its_own(plain()).await;
+}
+
+#[tokio::test]
 async fn default_ready_counts() {
     conformance::ready_counts_count_ready_nodes_per_pool(plain()).await;
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use duffy_backend_postgres::{PgOptions, PgStore};
 use duffy_core::testkit::conformance::{check_history, check_invariants};
 use duffy_core::{Project, Store, Timestamp, hash_api_key};
-use replica_common::{Replica, Sql, config, database, duffy, get, ok, wait_until, write};
+use replica_common::{Replica, Sql, config, database, duffy, get, ok, serial, wait_until, write};
 
 /// Node holds that overlap in `table` (an event log): a node allocated
 /// while a session held it, or released by a session that did not hold
@@ -174,6 +174,7 @@ fn check_store(url: &str) {
 
 #[test]
 fn three_replicas_under_load_with_one_killed_and_restarted() {
+    let _serial = serial();
     let db = database();
     let dir = tempfile::tempdir().unwrap();
     let keys = keys(&db.url);
@@ -269,13 +270,14 @@ fn three_replicas_under_load_with_one_killed_and_restarted() {
     assert!(ledger.quota_refusals.load(Ordering::Relaxed) > 0, "the tight project hit its quota");
     let most = most_held(&sql, "events", "sessions", "tight");
     assert!((1..=3).contains(&most), "project tight held {most} nodes at once (quota 3)");
-    check_store(&db.url);
-
+    // The whole store, once nothing writes to it any more.
     drop(replicas);
+    check_store(&db.url);
 }
 
 #[test]
 fn the_log_checks_catch_an_overlap_and_a_quota_breach() {
+    let _serial = serial();
     // The two SQL checks above, on a small log that holds, then with one
     // forged event each.
     let db = database();
@@ -310,6 +312,7 @@ fn leader_of(sql: &Sql, replicas: &[Replica]) -> usize {
 
 #[test]
 fn the_leader_killed_another_leads_within_5_s_and_refills_the_pool() {
+    let _serial = serial();
     let db = database();
     let dir = tempfile::tempdir().unwrap();
     let key = ok(&duffy(&db.url, &["key", "create", "--project", "ci"])).trim().to_string();
@@ -358,6 +361,7 @@ fn the_leader_killed_another_leads_within_5_s_and_refills_the_pool() {
 
 #[test]
 fn the_leader_frozen_another_leads_within_15_s_and_the_old_one_writes_nothing() {
+    let _serial = serial();
     let db = database();
     let dir = tempfile::tempdir().unwrap();
     let key = ok(&duffy(&db.url, &["key", "create", "--project", "ci"])).trim().to_string();

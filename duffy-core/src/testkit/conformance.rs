@@ -31,8 +31,8 @@ use crate::policy::RateLimit;
 use crate::session::SessionCause;
 use crate::state::{Cause, CauseKind, NodeState};
 use crate::store::{
-    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, NodeCount, NodeGroup, NodeWrite,
-    SessionWrite, Store, StoreError,
+    Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, HandBack, HandBackKind,
+    HandBackRefusal, NodeCount, NodeGroup, NodeWrite, SessionWrite, Store, StoreError,
 };
 use crate::time::Timestamp;
 
@@ -65,6 +65,11 @@ macro_rules! store_conformance_tests {
             ready_counts_count_ready_nodes_per_pool,
             api_keys_are_listed_and_revoked,
             key_use_is_recorded_forward_only,
+            claim_checks_the_pool_target,
+            claim_applies_the_projects_own_quota,
+            hand_back_done_and_fail,
+            hand_back_refusals_write_nothing,
+            commit_each_commits_each_batch_on_its_own,
             sessions_expire_and_are_listed_by_expiry,
             latest_events_are_newest_first_and_bounded,
             node_counts_group_the_farm,
@@ -151,7 +156,8 @@ pub fn claim_req(session: &str, key: u64, project: &str, count: u32, now: Timest
         key_id: KeyId(key),
         pool: pool7(),
         count,
-        quota: None,
+        check_target: false,
+        default_quota: None,
         rate_limit: None,
         actor: Actor::Key(KeyId(key)),
         now,
@@ -381,7 +387,7 @@ pub async fn claim_refusals_write_nothing(store: Arc<dyn Store>) {
         Err(ClaimRefusal::InsufficientNodes { requested: 1, available: 0 })
     );
     let mut q = claim_req("s1", 1, "p", 2, T0);
-    q.quota = Some(1);
+    q.default_quota = Some(1);
     assert_eq!(
         store.claim(q).await.expect("store ok"),
         Err(ClaimRefusal::QuotaExceeded { held: 0, requested: 2, quota: 1 })
@@ -443,17 +449,17 @@ pub async fn concurrent_claims_never_share_a_node(store: Arc<dyn Store>) {
 pub async fn quota_counts_live_sessions(store: Arc<dyn Store>) {
     add_ready(&*store, "n", 6, &pool7()).await;
     let mut r = claim_req("a", 1, "proj", 2, T0);
-    r.quota = Some(3);
+    r.default_quota = Some(3);
     let a = claim_ok(&*store, r).await;
     let mut r = claim_req("b", 2, "proj", 2, T0);
-    r.quota = Some(3);
+    r.default_quota = Some(3);
     assert_eq!(store.claim(r).await.expect("ok"), Err(ClaimRefusal::QuotaExceeded { held: 2, requested: 2, quota: 3 }));
     let mut r = claim_req("c", 3, "other", 2, T0);
-    r.quota = Some(3);
+    r.default_quota = Some(3);
     claim_ok(&*store, r).await;
     release(&*store, &a.session.id, T0).await.expect("release");
     let mut r = claim_req("d", 2, "proj", 2, T0);
-    r.quota = Some(3);
+    r.default_quota = Some(3);
     claim_ok(&*store, r).await;
     check_invariants(&*store).await.expect("invariants");
     check_history(&*store).await.expect("history");
@@ -1147,8 +1153,10 @@ pub async fn check_invariants(store: &dyn Store) -> Result<(), String> {
 /// Replays every node's history: it starts with `Added`, each event leaves
 /// the state the next one starts from, every step is in the transition
 /// table, and the last one ends in the node's current state; every node
-/// with a history is still in the store. A node can never have been in two
-/// places at once, nor quietly disappear.
+/// with a history is still in the store; and each node's own history (the
+/// log filtered by node) is exactly its events in the whole log (for at
+/// most 256 nodes, spread over the farm). A node can
+/// never have been in two places at once, nor quietly disappear.
 pub async fn check_history(store: &dyn Store) -> Result<(), String> {
     let nodes = store.nodes().await.map_err(|e| e.to_string())?;
     let events = store.events(EventQuery::default()).await.map_err(|e| e.to_string())?;
@@ -1189,5 +1197,275 @@ pub async fn check_history(store: &dyn Store) -> Result<(), String> {
             other => return Err(format!("node {} is {} but its history ends in {other:?}", n.hostname, n.state)),
         }
     }
+    // Each node's own history is exactly its events in the log, in order
+    // (a store may keep it apart from the log, as a chain or an index).
+    // One read per node: every node of a farm of up to 256, else 256 spread
+    // evenly over it, so that a test writing tens of thousands of nodes
+    // stays fast.
+    let step = nodes.len().div_ceil(256).max(1);
+    for n in nodes.iter().step_by(step) {
+        let mut own =
+            store.events(EventQuery { node: Some(n.id), ..EventQuery::default() }).await.map_err(|e| e.to_string())?;
+        // Events written after the log was read (a live farm) are not
+        // part of this check.
+        own.retain(|e| e.seq <= prev_seq);
+        let want: Vec<_> = events.iter().filter(|e| e.node == n.id).cloned().collect();
+        if own != want {
+            return Err(format!(
+                "node {}'s history has {} events ({:?}), the log {} ({:?})",
+                n.hostname,
+                own.len(),
+                own.iter().map(|e| e.seq).collect::<Vec<_>>(),
+                want.len(),
+                want.iter().map(|e| e.seq).collect::<Vec<_>>()
+            ));
+        }
+    }
     Ok(())
+}
+
+/// With `check_target`, a claim is refused (writing nothing) for a pool
+/// with no standby target or a target of zero (`NoSuchPool`, listing the
+/// pools that have one), and for more nodes than the target
+/// (`OverCapacity`); these come before the pause flag. Without it, any
+/// pool is claimed from.
+pub async fn claim_checks_the_pool_target(store: Arc<dyn Store>) {
+    add_ready(&*store, "n", 3, &pool7()).await;
+    let checked = |sid: &str, count: u32| ClaimRequest { check_target: true, ..claim_req(sid, 1, "p", count, T0) };
+    let before = store.nodes().await.expect("nodes");
+    assert_eq!(
+        store.claim(checked("s1", 1)).await.expect("store ok"),
+        Err(ClaimRefusal::NoSuchPool { available: vec![] })
+    );
+    let other = PoolKey::new("9", Arch::X86_64, None);
+    store.set_pool_target(PoolTarget { pool: other.clone(), standby: 2 }).await.expect("target");
+    store.set_pool_target(PoolTarget { pool: pool7(), standby: 0 }).await.expect("target");
+    assert_eq!(
+        store.claim(checked("s1", 1)).await.expect("store ok"),
+        Err(ClaimRefusal::NoSuchPool { available: vec![other] }),
+        "a target of zero is no pool"
+    );
+    store.set_pool_target(PoolTarget { pool: pool7(), standby: 2 }).await.expect("target");
+    store.set_paused(true).await.expect("pause");
+    assert_eq!(
+        store.claim(checked("s1", 3)).await.expect("store ok"),
+        Err(ClaimRefusal::OverCapacity { requested: 3, standby: 2 }),
+        "capacity before the pause flag"
+    );
+    assert_eq!(store.claim(checked("s1", 2)).await.expect("store ok"), Err(ClaimRefusal::Paused));
+    store.set_paused(false).await.expect("resume");
+    assert_eq!(store.nodes().await.expect("nodes"), before, "refusals write nothing");
+    assert!(store.live_sessions().await.expect("live").is_empty());
+    let c = claim_ok(&*store, checked("s1", 2)).await;
+    assert_eq!(c.nodes.len(), 2);
+    // Unchecked, the target does not matter.
+    store.set_pool_target(PoolTarget { pool: pool7(), standby: 0 }).await.expect("target");
+    claim_ok(&*store, claim_req("s2", 1, "p", 1, T0)).await;
+    check_invariants(&*store).await.expect("invariants");
+}
+
+/// The quota is the project's own when it has one, else the request's
+/// default; a project without one, or unknown to the store, gets the
+/// default.
+pub async fn claim_applies_the_projects_own_quota(store: Arc<dyn Store>) {
+    add_ready(&*store, "n", 8, &pool7()).await;
+    store.upsert_project(Project { name: "tight".into(), quota: Some(1), ssh_keys: vec![] }).await.expect("project");
+    store.upsert_project(Project { name: "loose".into(), quota: None, ssh_keys: vec![] }).await.expect("project");
+    let req = |sid: &str, project: &str, count: u32| ClaimRequest {
+        default_quota: Some(3),
+        ..claim_req(sid, 1, project, count, T0)
+    };
+    assert_eq!(
+        store.claim(req("t1", "tight", 2)).await.expect("store ok"),
+        Err(ClaimRefusal::QuotaExceeded { held: 0, requested: 2, quota: 1 }),
+        "the project's own quota, though the default is larger"
+    );
+    claim_ok(&*store, req("t2", "tight", 1)).await;
+    assert_eq!(
+        store.claim(req("l1", "loose", 4)).await.expect("store ok"),
+        Err(ClaimRefusal::QuotaExceeded { held: 0, requested: 4, quota: 3 }),
+        "no quota of its own: the default"
+    );
+    claim_ok(&*store, req("l2", "loose", 3)).await;
+    assert_eq!(
+        store.claim(req("u1", "unknown", 4)).await.expect("store ok"),
+        Err(ClaimRefusal::QuotaExceeded { held: 0, requested: 4, quota: 3 }),
+        "a project the store does not know: the default"
+    );
+    // Raising a quota takes effect with the next claim.
+    store.upsert_project(Project { name: "tight".into(), quota: Some(4), ssh_keys: vec![] }).await.expect("project");
+    claim_ok(&*store, req("t3", "tight", 3)).await;
+    check_invariants(&*store).await.expect("invariants");
+}
+
+/// Claims `count` nodes for key 1 and delivers them (session Prod, nodes
+/// Deployed), the way the engine does without preparation.
+async fn delivered(store: &dyn Store, sid: &str, project: &str, count: u32) -> Claimed {
+    let lease = T0.plus(Duration::from_secs(3600));
+    claim_ok(store, ClaimRequest { deliver: Some(lease), ..claim_req(sid, 1, project, count, T0) }).await
+}
+
+fn hand_back_req(sid: &SessionId, key: u64, kind: HandBackKind) -> HandBack {
+    HandBack { session: sid.clone(), key_id: KeyId(key), kind, actor: Actor::Key(KeyId(key)), now: T0 }
+}
+
+/// Done releases a delivered session's nodes (Active, to be reinstalled)
+/// and ends it; fail holds them (Failed, with the hold) and puts the
+/// session in Fail, and a failed session can then be done. Every node
+/// change carries its event; a node the session no longer holds is left
+/// alone.
+pub async fn hand_back_done_and_fail(store: Arc<dyn Store>) {
+    add_ready(&*store, "n", 6, &pool7()).await;
+    let a = delivered(&*store, "a", "proj", 2).await;
+    let events_before = store.events(EventQuery::default()).await.expect("events").len();
+    let s = store
+        .hand_back(hand_back_req(&a.session.id, 1, HandBackKind::Done))
+        .await
+        .expect("no error")
+        .expect("accepted");
+    assert_eq!((s.state, s.version), (SessionState::Done, a.session.version + 1));
+    assert_eq!(store.session(&a.session.id).await.expect("read"), Some(s));
+    for n in &a.nodes {
+        let n = store.node(n.id).await.expect("read").expect("exists");
+        assert_eq!((n.state, n.session.as_ref()), (NodeState::Active, None));
+    }
+    assert_eq!(store.events(EventQuery::default()).await.expect("events").len(), events_before + 2);
+
+    let hold_until = T0.plus(Duration::from_secs(600));
+    let b = delivered(&*store, "b", "proj", 2).await;
+    let fail = HandBackKind::Fail { hold_until, fail_cap: Some(2) };
+    let s = store.hand_back(hand_back_req(&b.session.id, 1, fail)).await.expect("no error").expect("accepted");
+    assert_eq!((s.state, s.hold_until), (SessionState::Fail, Some(hold_until)));
+    for n in &b.nodes {
+        let n = store.node(n.id).await.expect("read").expect("exists");
+        assert_eq!(
+            (n.state, n.hold_until, n.session.as_ref()),
+            (NodeState::Failed, Some(hold_until), Some(&b.session.id))
+        );
+    }
+    let s = store.hand_back(hand_back_req(&b.session.id, 1, HandBackKind::Done)).await.expect("no error");
+    assert_eq!(s.map(|s| s.state), Ok(SessionState::Done), "a failed session can be released");
+
+    // A node taken out of the session (by an operator's hold expiry, say)
+    // is not touched by the session's done.
+    let c = delivered(&*store, "c", "proj", 2).await;
+    let gone = c.nodes[1].clone();
+    let mut taken = gone.clone();
+    taken.session = None;
+    taken.state = NodeState::Active;
+    taken.version += 1;
+    let ev = crate::state::Event {
+        seq: 0,
+        node: gone.id,
+        from: NodeState::Deployed,
+        to: NodeState::Active,
+        cause: CauseKind::Released,
+        detail: None,
+        actor: Actor::Operator,
+        session: Some(c.session.id.clone()),
+        at: T0,
+    };
+    store
+        .commit(Batch {
+            nodes: vec![NodeWrite { expected_version: gone.version, node: taken.clone(), event: ev }],
+            ..Batch::default()
+        })
+        .await
+        .expect("taken out");
+    store.hand_back(hand_back_req(&c.session.id, 1, HandBackKind::Done)).await.expect("no error").expect("accepted");
+    assert_eq!(store.node(gone.id).await.expect("read"), Some(taken), "not the session's any more: untouched");
+    assert_eq!(store.node(c.nodes[0].id).await.expect("read").map(|n| n.state), Some(NodeState::Active));
+    check_invariants(&*store).await.expect("invariants");
+    check_history(&*store).await.expect("history");
+}
+
+/// A hand-back of an unknown session, of another key's session, or of a
+/// session in a state the call refuses, and a fail over the project's cap,
+/// all write nothing.
+pub async fn hand_back_refusals_write_nothing(store: Arc<dyn Store>) {
+    add_ready(&*store, "n", 5, &pool7()).await;
+    let a = delivered(&*store, "a", "proj", 2).await;
+    let b = delivered(&*store, "b", "proj", 2).await;
+    let nodes_before = store.nodes().await.expect("nodes");
+    let events_before = store.events(EventQuery::default()).await.expect("events").len();
+    let unknown = SessionId("nope".into());
+    assert_eq!(
+        store.hand_back(hand_back_req(&unknown, 1, HandBackKind::Done)).await.expect("no error"),
+        Err(HandBackRefusal::UnknownSession)
+    );
+    assert_eq!(
+        store.hand_back(hand_back_req(&a.session.id, 2, HandBackKind::Done)).await.expect("no error"),
+        Err(HandBackRefusal::UnknownSession),
+        "another key's session looks unknown"
+    );
+    let hold_until = T0.plus(Duration::from_secs(600));
+    let over_cap = HandBackKind::Fail { hold_until, fail_cap: Some(1) };
+    match store.hand_back(hand_back_req(&a.session.id, 1, over_cap)).await {
+        Err(CommitError::GuardFailed { actual, .. }) => assert_eq!(actual, 2),
+        other => panic!("expected the fail cap to refuse: {other:?}"),
+    }
+    assert_eq!(store.nodes().await.expect("nodes"), nodes_before);
+    assert_eq!(store.events(EventQuery::default()).await.expect("events").len(), events_before);
+    assert_eq!(store.session(&a.session.id).await.expect("read").map(|s| s.state), Some(SessionState::Prod));
+
+    store.hand_back(hand_back_req(&b.session.id, 1, HandBackKind::Done)).await.expect("no error").expect("done");
+    let fail = HandBackKind::Fail { hold_until, fail_cap: None };
+    for kind in [HandBackKind::Done, fail] {
+        assert_eq!(
+            store.hand_back(hand_back_req(&b.session.id, 1, kind)).await.expect("no error"),
+            Err(HandBackRefusal::NotInProd { state: SessionState::Done })
+        );
+    }
+    store.hand_back(hand_back_req(&a.session.id, 1, fail)).await.expect("no error").expect("failed");
+    assert_eq!(
+        store.hand_back(hand_back_req(&a.session.id, 1, fail)).await.expect("no error"),
+        Err(HandBackRefusal::NotInProd { state: SessionState::Fail }),
+        "a failed session cannot fail again"
+    );
+    let undelivered = claim_ok(&*store, claim_req("u", 1, "proj", 1, T0)).await;
+    assert_eq!(
+        store.hand_back(hand_back_req(&undelivered.session.id, 1, HandBackKind::Done)).await.expect("no error"),
+        Err(HandBackRefusal::NotInProd { state: SessionState::Allocating })
+    );
+    check_invariants(&*store).await.expect("invariants");
+    check_history(&*store).await.expect("history");
+}
+
+/// `commit_each` answers each batch as `commit` would: the good ones are
+/// written, a conflicting one and one whose guard fails are not, and none
+/// depends on another.
+pub async fn commit_each_commits_each_batch_on_its_own(store: Arc<dyn Store>) {
+    let nodes = store
+        .add_nodes((0..3).map(|i| NewNode::new(format!("e{i}"), Arch::X86_64)).collect(), Actor::Operator, T0)
+        .await
+        .expect("add");
+    let start = |n: &Node| {
+        let cause = Cause::InstallStarted { image: pool7(), why: "test".into() };
+        NodeWrite::transition(n, cause, Actor::Reconciler, T0).expect("legal")
+    };
+    let good = start(&nodes[0]);
+    let mut stale = start(&nodes[1]);
+    stale.expected_version += 7;
+    stale.node.version += 7;
+    let mut guarded = Batch { nodes: vec![start(&nodes[2])], ..Batch::default() };
+    guarded.guards.push(Guard::ProjectFailedNodesAtMost { project: "p".into(), max: 0 });
+    let answers = store
+        .commit_each(vec![
+            Batch { nodes: vec![good.clone()], ..Batch::default() },
+            Batch { nodes: vec![stale], ..Batch::default() },
+            guarded,
+        ])
+        .await;
+    assert_eq!(answers.len(), 3);
+    assert!(answers[0].is_ok(), "{:?}", answers[0]);
+    assert!(matches!(answers[1], Err(CommitError::Conflict(_))), "{:?}", answers[1]);
+    assert!(answers[2].is_ok(), "a guard that holds: {:?}", answers[2]);
+    assert_eq!(store.node(nodes[0].id).await.expect("read"), Some(good.node));
+    assert_eq!(
+        store.node(nodes[1].id).await.expect("read"),
+        Some(nodes[1].clone()),
+        "the conflicting batch wrote nothing"
+    );
+    assert!(store.commit_each(Vec::new()).await.is_empty());
+    check_history(&*store).await.expect("history");
 }

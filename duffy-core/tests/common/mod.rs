@@ -64,6 +64,9 @@ pub enum ClaimOutcome {
     RateLimited,
     /// Refused because the service is paused.
     Paused,
+    /// Refused as a bad request (no such pool, more nodes than the pool
+    /// has): checked before the pause flag and the rate limit.
+    Invalid,
     /// Refused for another reason (too few nodes, quota).
     Refused,
     /// The store failed.
@@ -146,8 +149,19 @@ impl Tap {
                 self.inner.claim(req).await
             }
             Fault::IgnoreQuota => {
-                req.quota = None;
-                self.inner.claim(req).await
+                // The claim reads the project's quota itself: the quota is
+                // lifted around it (as the pause flag is for
+                // `ClaimWhilePaused`; the inner store's calls do not yield).
+                req.default_quota = None;
+                let project = self.inner.project(&req.project).await?;
+                if let Some(p) = project.clone().filter(|p| p.quota.is_some()) {
+                    self.inner.upsert_project(Project { quota: None, ..p }).await?;
+                }
+                let r = self.inner.claim(req).await;
+                if let Some(p) = project.filter(|p| p.quota.is_some()) {
+                    self.inner.upsert_project(p).await?;
+                }
+                r
             }
             Fault::SecondSessionOverClaim => {
                 let r = self.inner.claim(req).await;
@@ -198,18 +212,14 @@ impl Tap {
                 self.write_claim(session, writes, nodes).await
             }
             Fault::ClaimWhilePaused if self.inner.paused().await? => {
-                // The claim the store would make, without its pause check.
-                let ready = self.ready_in(&req.pool).await?;
-                if ready.len() < req.count as usize {
-                    return Ok(Err(ClaimRefusal::InsufficientNodes {
-                        requested: req.count,
-                        available: ready.len() as u32,
-                    }));
-                }
-                let (session, writes) =
-                    claim_writes(&req, &ready[..req.count as usize]).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                let nodes = writes.iter().map(|w| w.node.clone()).collect();
-                self.write_claim(session, writes, nodes).await
+                // The claim the store would make, without its pause check
+                // (every other check as the real claim makes them): the
+                // flag is lifted around it. Nothing else runs meanwhile,
+                // since the calls to the inner store do not yield.
+                self.inner.set_paused(false).await?;
+                let r = self.inner.claim(req).await;
+                self.inner.set_paused(true).await?;
+                r
             }
             Fault::None
             | Fault::IgnoreFence
@@ -293,6 +303,7 @@ impl Store for Tap {
             Ok(Ok(_)) => ClaimOutcome::Claimed,
             Ok(Err(ClaimRefusal::RateLimited { .. })) => ClaimOutcome::RateLimited,
             Ok(Err(ClaimRefusal::Paused)) => ClaimOutcome::Paused,
+            Ok(Err(ClaimRefusal::NoSuchPool { .. } | ClaimRefusal::OverCapacity { .. })) => ClaimOutcome::Invalid,
             Ok(Err(_)) => ClaimOutcome::Refused,
             Err(_) => ClaimOutcome::Failed,
         };

@@ -237,3 +237,12 @@ pub fn database() -> duffy_backend_postgres::test_cluster::TestDatabase {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(duffy_backend_postgres::test_cluster::shared().database())
 }
+
+/// Held for the whole of each replica test: the tests run one at a time,
+/// because each starts several replicas whose leader election and
+/// takeover deadlines (the 5 s and 15 s) are what is tested, and
+/// four such farms at once on two cores measure the machine instead.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
