@@ -616,8 +616,6 @@ async fn with_idle(
     Ok((others, full))
 }
 
-/// Ends a failed session whose hold ran out; its nodes go back to be
-/// reinstalled.
 /// Ends a Prod session whose expiry has passed: its nodes (those still
 /// Deployed for it) go back to be reinstalled, in one compare-and-set
 /// batch. `Ok(false)` if it changed since it was read (released,
@@ -658,6 +656,8 @@ async fn expire(engine: &Engine, s: &crate::Session) -> Result<bool, EngineError
     }
 }
 
+/// Ends a failed session whose hold ran out; its nodes go back to be
+/// reinstalled.
 async fn reclaim(engine: &Engine, s: &crate::Session) -> Result<bool, EngineError> {
     let inner = &engine.inner;
     let now = inner.clock.now();
