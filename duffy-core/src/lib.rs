@@ -23,6 +23,7 @@
 //!   [`PowerController`], [`Installer`], [`Contextualizer`] and [`Clock`],
 //!   for embedders' unit tests.
 
+pub mod audit;
 pub mod auth;
 pub mod dump;
 pub mod engine;

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use duffy_backend_postgres::{PgExport, PgImport, PgOptions, PgStore};
 use duffy_backend_sqlite::{SqliteExport, SqliteImport, SqliteOptions, SqliteStore};
+use duffy_core::audit::{check_history, check_invariants};
 use duffy_core::dump::{DumpCounts, FarmDump};
-use duffy_core::testkit::conformance::{check_history, check_invariants};
 use duffy_core::{Event, Store, StoreError};
 
 use crate::control::{ControlPaths, DbLock};

@@ -14,7 +14,7 @@ use super::chart::{self, Series};
 /// map pages (the counts above it always cover the whole farm).
 pub const MAP_CELLS: usize = 2_000;
 /// Most node rows one page of the map reads while filtering (in chunks of
-/// [`SCAN_CHUNK`]); a filter matching few machines in a large farm pages
+/// `SCAN_CHUNK`); a filter matching few machines in a large farm pages
 /// rather than reads the farm.
 pub const MAP_SCAN: usize = 20_000;
 const SCAN_CHUNK: usize = 1_000;
@@ -628,7 +628,7 @@ pub struct ChartData {
 /// pool at an event is the image of its latest install before the event
 /// (from the `InstallStarted` detail), or, for events before its first
 /// install in the window, its current image (at most
-/// [`CHART_NODE_LOOKUPS`] lookups; a node beyond that is left out, so the
+/// `CHART_NODE_LOOKUPS` lookups; a node beyond that is left out, so the
 /// far end of the chart is an estimate).
 pub async fn read_charts(store: &dyn duffy_core::Store, now: Timestamp) -> Result<ChartData, duffy_core::StoreError> {
     let minute = Duration::from_secs(60);
