@@ -11,12 +11,15 @@
 //! - [`Harness`]: an in-memory store, a simulated farm, the engine and
 //!   reconciler on one thread and a manual clock, for deterministic
 //!   simulations.
-//! - [`conformance`]: the suite every `Store` backend must pass.
+//! - [`conformance`]: the suite every `Store` backend must pass, and
+//!   [`race`]: the 64-task race each backend runs (through several stores
+//!   on one database where it has replicas).
 
 mod clock;
 pub mod conformance;
 mod harness;
 mod intercept;
+pub mod race;
 mod yielding;
 
 pub use clock::ManualClock;
