@@ -699,10 +699,11 @@ async fn claim_statements(
     let checks = c.prepare_cached(CLAIM_CHECKS).await?;
     let pick = c.prepare_cached(CLAIM_PICK).await?;
     let with_rate = req.rate_limit.is_some();
-    // The project's quota is read in the claim's transaction (its own, or
-    // the default), so the project's lock is always taken: a quota set by
-    // another replica a moment ago holds exactly.
-    let with_quota = true;
+    // With a default quota the project's lock is taken and its nodes
+    // counted; without one, only if the project has a quota of its own
+    // (read in the claim's statements): projects without a quota claim
+    // without serialising on each other.
+    let with_quota = req.default_quota.is_some();
     let since = req.rate_limit.map(|l| req.now.minus(l.window).0).unwrap_or(0);
     let flavor = req.pool.flavor.clone().unwrap_or_default();
     let count = i64::from(req.count);

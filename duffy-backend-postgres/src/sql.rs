@@ -187,7 +187,8 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $
 pub(crate) const CLAIM_LOCKS: &str = "\
 SELECT pg_advisory_xact_lock_shared($1, 0),
        CASE WHEN $2 THEN pg_advisory_xact_lock($3, $4) END,
-       CASE WHEN $5 THEN pg_advisory_xact_lock($6, hashtext($7)) END";
+       CASE WHEN $5 OR EXISTS (SELECT 1 FROM projects WHERE name = $7 AND quota IS NOT NULL)
+            THEN pg_advisory_xact_lock($6, hashtext($7)) END";
 
 /// What a claim checks, after its locks (a statement of its own, so that
 /// its snapshot is taken once the locks are held): the pause flag, the
@@ -196,7 +197,8 @@ SELECT pg_advisory_xact_lock_shared($1, 0),
 pub(crate) const CLAIM_CHECKS: &str = "\
 SELECT (SELECT paused FROM settings WHERE id = 1),
        CASE WHEN $1 THEN (SELECT count(*) FROM sessions WHERE origin_key = $2 AND origin_at > $3) ELSE 0 END,
-       CASE WHEN $4 THEN (SELECT count(*) FROM sessions s CROSS JOIN LATERAL unnest(s.nodes) AS j(node)
+       CASE WHEN $4 OR (SELECT quota FROM projects WHERE name = $5) IS NOT NULL
+            THEN (SELECT count(*) FROM sessions s CROSS JOIN LATERAL unnest(s.nodes) AS j(node)
                           JOIN nodes n ON n.id = j.node AND n.session = s.id
                           WHERE s.project = $5 AND s.live) ELSE 0 END,
        EXISTS (SELECT 1 FROM sessions WHERE id = $6),

@@ -30,19 +30,34 @@ async fn pair(hooks: PgTestHooks) -> (PgStore, PgStore, TestDatabase) {
     (a, b, db)
 }
 
+/// Where the racing project's quota of 5 comes from.
+#[derive(Clone, Copy)]
+enum QuotaFrom {
+    /// The claims' default (the project has none of its own).
+    Default,
+    /// The project's own row (the claims carry no default).
+    Project,
+}
+
 /// 24 claims of one project with a quota of 5 (and of one key with a rate
 /// limit of 3), half through each of two stores, all at once. Returns the
 /// successful claims of each kind.
-async fn racing_claims(hooks: PgTestHooks) -> (u32, u32) {
+async fn racing_claims(hooks: PgTestHooks, from: QuotaFrom) -> (u32, u32) {
     let (a, b, _db) = pair(hooks).await;
     add_ready(&a, "n", 40, &pool7()).await;
+    if let QuotaFrom::Project = from {
+        let p = Project { name: "quota-proj".into(), quota: Some(5), ssh_keys: Vec::new() };
+        a.upsert_project(p).await.expect("project");
+    }
     let stores = [a.clone(), b.clone()];
     let mut quota_tasks = Vec::new();
     for i in 0..24u64 {
         let s = stores[i as usize % 2].clone();
         quota_tasks.push(tokio::spawn(async move {
             let mut r = claim_req(&format!("q{i}"), 100 + i, "quota-proj", 1, T0);
-            r.default_quota = Some(5);
+            if let QuotaFrom::Default = from {
+                r.default_quota = Some(5);
+            }
             s.claim(r).await.expect("store ok")
         }));
     }
@@ -77,9 +92,17 @@ async fn racing_claims(hooks: PgTestHooks) -> (u32, u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quota_and_rate_limit_are_exact_across_processes() {
-    let (quota, rate) = racing_claims(PgTestHooks::default()).await;
+    let (quota, rate) = racing_claims(PgTestHooks::default(), QuotaFrom::Default).await;
     assert_eq!(quota, 5, "exactly the quota's worth of claims succeeded");
     assert_eq!(rate, 3, "exactly the rate limit's worth of claims succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_projects_own_quota_is_exact_across_processes() {
+    // No default quota: the claims find the project's quota in its row
+    // and take its lock because of it.
+    let (quota, _) = racing_claims(PgTestHooks::default(), QuotaFrom::Project).await;
+    assert_eq!(quota, 5, "exactly the project quota's worth of claims succeeded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -88,7 +111,8 @@ async fn without_the_claim_locks_racing_claims_overshoot() {
     // and key's locks let concurrent claims of one project through.
     let mut over = 0;
     for _ in 0..3 {
-        let (quota, rate) = racing_claims(PgTestHooks { skip_claim_locks: true, ..PgTestHooks::default() }).await;
+        let (quota, rate) =
+            racing_claims(PgTestHooks { skip_claim_locks: true, ..PgTestHooks::default() }, QuotaFrom::Default).await;
         if quota > 5 || rate > 3 {
             over += 1;
             break;
