@@ -723,7 +723,20 @@ async fn claim_statements(
             .await
             .map(Some)
         },
-        c.query_one(&checks, &[&with_rate, &key, &since, &with_quota, &req.project, &session]),
+        c.query_one(
+            &checks,
+            &[
+                &with_rate,
+                &key,
+                &since,
+                &with_quota,
+                &req.project,
+                &session,
+                &req.pool.release,
+                &req.pool.arch.as_str(),
+                &flavor,
+            ],
+        ),
         c.query(&pick, &[&req.pool.release, &req.pool.arch.as_str(), &flavor, &count]),
     )
     .await?;
@@ -732,9 +745,37 @@ async fn claim_statements(
     let held: i64 = checked.try_get(2)?;
     let exists: bool = checked.try_get(3)?;
     let own_quota: Option<i64> = checked.try_get(4)?;
+    let standby: Option<i64> = checked.try_get(5)?;
     let sat = |n: i64| u32::try_from(n.max(0)).unwrap_or(u32::MAX);
     if exists {
         return Ok(Decision::Rollback(Err(StoreError::Duplicate(format!("session {}", req.session)))));
+    }
+    if req.check_target {
+        match standby.map(sat) {
+            Some(standby) if standby > 0 => {
+                if req.count > standby {
+                    return Ok(Decision::Rollback(Ok(Err(ClaimRefusal::OverCapacity {
+                        requested: req.count,
+                        standby,
+                    }))));
+                }
+            }
+            // Refused: the pools that exist, for the caller's message (a
+            // read only on this path).
+            _ => {
+                let rows =
+                    c.query("SELECT release, arch, flavor, standby FROM pool_targets WHERE standby > 0", &[]).await?;
+                let mut available = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    match pool_target(r) {
+                        Ok(t) => available.push(t.pool),
+                        Err(e) => return Ok(Decision::Rollback(Err(e))),
+                    }
+                }
+                available.sort();
+                return Ok(Decision::Rollback(Ok(Err(ClaimRefusal::NoSuchPool { available }))));
+            }
+        }
     }
     if paused {
         return Ok(Decision::Rollback(Ok(Err(ClaimRefusal::Paused))));
@@ -964,23 +1005,6 @@ impl Store for PgStore {
     }
 
     async fn claim(&self, req: ClaimRequest) -> Result<Result<Claimed, ClaimRefusal>, StoreError> {
-        if req.check_target {
-            // Read before the claim's transaction, not in it: targets
-            // change only by an operator's command, and a claim racing
-            // one is served by either the old or the new target.
-            let targets = self.pool_targets().await?;
-            match targets.iter().find(|t| t.pool == req.pool) {
-                Some(t) if t.standby > 0 => {
-                    if req.count > t.standby {
-                        return Ok(Err(ClaimRefusal::OverCapacity { requested: req.count, standby: t.standby }));
-                    }
-                }
-                _ => {
-                    let available = targets.into_iter().filter(|t| t.standby > 0).map(|t| t.pool).collect();
-                    return Ok(Err(ClaimRefusal::NoSuchPool { available }));
-                }
-            }
-        }
         self.claim_inner(req).await
     }
 

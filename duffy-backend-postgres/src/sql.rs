@@ -193,7 +193,8 @@ SELECT pg_advisory_xact_lock_shared($1, 0),
 /// What a claim checks, after its locks (a statement of its own, so that
 /// its snapshot is taken once the locks are held): the pause flag, the
 /// key's recent sessions, the nodes the project's live sessions hold,
-/// whether the session id exists, and the project's own quota.
+/// whether the session id exists, the project's own quota and the pool's
+/// standby target.
 pub(crate) const CLAIM_CHECKS: &str = "\
 SELECT (SELECT paused FROM settings WHERE id = 1),
        CASE WHEN $1 THEN (SELECT count(*) FROM sessions WHERE origin_key = $2 AND origin_at > $3) ELSE 0 END,
@@ -202,7 +203,8 @@ SELECT (SELECT paused FROM settings WHERE id = 1),
                           JOIN nodes n ON n.id = j.node AND n.session = s.id
                           WHERE s.project = $5 AND s.live) ELSE 0 END,
        EXISTS (SELECT 1 FROM sessions WHERE id = $6),
-       (SELECT quota FROM projects WHERE name = $5)";
+       (SELECT quota FROM projects WHERE name = $5),
+       (SELECT standby FROM pool_targets WHERE release = $7 AND arch = $8 AND flavor = $9)";
 
 /// The claim's choice: Ready nodes of the pool in claim order, locked,
 /// skipping those another transaction holds (another claim took them).
