@@ -3,4 +3,8 @@
 
 mod common;
 
-duffy_core::store_conformance_tests!(|| async { common::fresh_dyn().await });
+duffy_core::store_conformance_tests!(|| async {
+    // The store first: it closes before its database is dropped.
+    let (store, db) = common::fresh().await;
+    (std::sync::Arc::new(store), db)
+});
