@@ -638,7 +638,8 @@ pub(crate) fn session_version(conn: &Connection, id: &SessionId) -> Result<Optio
 /// A new session (its key and creation time also as `origin_*`).
 pub(crate) const INSERT_SESSION: &str = "INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, \
      pool_flavor, nodes, created_at, delivered_at, lease_until, hold_until, ended_at, end_reason, version, origin_key, \
-     origin_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?3, ?9, ?16)";
+     origin_at, expires_at, node_count) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?3, ?9, \
+     ?16, ?17)";
 
 /// A session's transition: the columns its state machine changes (an
 /// extension moves `expires_at`), on the condition that the others are as
@@ -670,6 +671,7 @@ pub(crate) fn insert_session(conn: &Connection, s: &Session) -> Result<(), Store
         s.end_reason,
         to_sql_u64(s.version, "session version")?,
         s.expires_at.map(|t| t.0),
+        s.nodes.len(),
     ])
     .ctx(WHAT)?;
     Ok(())
@@ -713,7 +715,8 @@ pub(crate) fn update_session(conn: &Connection, s: &Session) -> Result<(), Store
         .prepare_cached(
             "UPDATE sessions SET project = ?2, key_id = ?3, state = ?4, pool_release = ?5, pool_arch = ?6, \
              pool_flavor = ?7, nodes = ?8, created_at = ?9, delivered_at = ?10, lease_until = ?11, \
-             hold_until = ?12, ended_at = ?13, end_reason = ?14, version = ?15, expires_at = ?16 WHERE id = ?1",
+             hold_until = ?12, ended_at = ?13, end_reason = ?14, version = ?15, expires_at = ?16, \
+             node_count = ?17 WHERE id = ?1",
         )
         .ctx(WHAT)?;
     let changed = stmt
@@ -734,6 +737,7 @@ pub(crate) fn update_session(conn: &Connection, s: &Session) -> Result<(), Store
             s.end_reason,
             version,
             s.expires_at.map(|t| t.0),
+            s.nodes.len(),
         ])
         .ctx(WHAT)?;
     if changed == 1 {
@@ -752,20 +756,28 @@ pub(crate) fn recent_sessions(conn: &Connection, key: KeyId, since: Timestamp) -
     count(conn, RECENT_SESSIONS, params![key, since.0], "checking the rate limit").map(sat_u32)
 }
 
-/// Counts the nodes a project's live sessions hold.
-pub(crate) const HELD_BY_PROJECT: &str = "SELECT COUNT(*) FROM sessions AS s, json_each(s.nodes) AS j, nodes AS n \
-     WHERE s.project = ?1 AND s.live = 1 AND n.id = j.value AND n.session = s.id";
+/// Counts the nodes a project's live sessions hold: the sum of their list
+/// lengths (a live session holds every node it lists; see schema v9), read
+/// from the live sessions' index alone.
+/// One covering seek of the index per live state: the live states are
+/// spelled out as in the index's condition (`live = 1`, a generated
+/// column, would make SQLite read the table row), and not as one `OR`,
+/// which SQLite turns into an `IN` list built as a temporary table on
+/// every execution.
+pub(crate) const HELD_BY_PROJECT: &str = "SELECT \
+     (SELECT COALESCE(SUM(node_count), 0) FROM sessions WHERE project = ?1 AND state = 'Allocating') + \
+     (SELECT COALESCE(SUM(node_count), 0) FROM sessions WHERE project = ?1 AND state = 'Prod') + \
+     (SELECT COALESCE(SUM(node_count), 0) FROM sessions WHERE project = ?1 AND state = 'Fail')";
 
-/// Nodes held by the project's live sessions: listed by the session and
-/// holding it.
+/// Nodes held by the project's live sessions.
 pub(crate) fn held_by_project(conn: &Connection, project: &str) -> Result<u32, StoreError> {
     count(conn, HELD_BY_PROJECT, [project], "checking the quota").map(sat_u32)
 }
 
-/// Counts the Failed nodes a project's sessions in Fail hold.
-pub(crate) const FAILED_HELD_BY_PROJECT: &str = "SELECT COUNT(*) FROM sessions AS s, json_each(s.nodes) AS j, \
-     nodes AS n WHERE s.project = ?1 AND s.live = 1 AND s.state = 'Fail' \
-     AND n.id = j.value AND +n.state = 'Failed' AND n.session = s.id";
+/// Counts the Failed nodes a project's sessions in Fail hold: every node a
+/// session in Fail lists is Failed and held by it (the same invariant).
+pub(crate) const FAILED_HELD_BY_PROJECT: &str =
+    "SELECT COALESCE(SUM(node_count), 0) FROM sessions WHERE project = ?1 AND state = 'Fail'";
 
 /// Failed nodes held by the project's sessions in Fail.
 pub(crate) fn failed_held_by_project(conn: &Connection, project: &str) -> Result<u64, StoreError> {
@@ -1016,6 +1028,17 @@ mod tests {
     }
 
     #[test]
+    fn quota_and_fail_cap_read_only_the_live_sessions_index() {
+        let conn = schema();
+        for sql in [HELD_BY_PROJECT, FAILED_HELD_BY_PROJECT] {
+            let p = plan(&conn, sql);
+            assert!(p.contains("USING COVERING INDEX sessions_live_project (project=? AND state=?)"), "{sql}: {p}");
+            assert!(!p.contains("SCAN sessions"), "{sql}: {p}");
+            assert!(!p.contains("json_each") && !p.contains("nodes"), "{sql}: {p}");
+        }
+    }
+
+    #[test]
     fn hot_statements_are_not_re_prepared() {
         use rusqlite::StatementStatus;
         let conn = schema();
@@ -1058,6 +1081,7 @@ mod tests {
             CLAIMABLE,
             RECENT_SESSIONS,
             HELD_BY_PROJECT,
+            FAILED_HELD_BY_PROJECT,
             "SELECT version FROM sessions WHERE id = ?1",
             concat!("SELECT ", session_cols!(), " FROM sessions WHERE id = ?1"),
             concat!("SELECT ", node_cols!(), " FROM nodes WHERE id = ?1"),
@@ -1078,11 +1102,6 @@ mod tests {
     #[test]
     fn quota_rate_limit_and_guards_use_indexes() {
         let conn = schema();
-        for sql in [HELD_BY_PROJECT, FAILED_HELD_BY_PROJECT] {
-            let p = plan(&conn, sql);
-            assert!(p.contains("USING INDEX sessions_live_project"), "{p}");
-            assert!(p.contains("SEARCH n USING INTEGER PRIMARY KEY"), "{p}");
-        }
         let p = plan(&conn, RECENT_SESSIONS);
         assert!(p.contains("sessions_origin"), "{p}");
         let p = plan(&conn, LIVE_SESSIONS);

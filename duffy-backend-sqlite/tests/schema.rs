@@ -128,6 +128,11 @@ const V8_DOWN: &str = "CREATE INDEX events_node ON events (node, seq); ALTER TAB
     CREATE INDEX sessions_live ON sessions (created_at, id) WHERE live = 1; \
     CREATE INDEX sessions_live_project ON sessions (project) WHERE live = 1;";
 
+/// Undoes migration 9 (each session's node count, in the index of the
+/// live sessions).
+const V9_DOWN: &str = "DROP INDEX sessions_live_project; ALTER TABLE sessions DROP COLUMN node_count; \
+    CREATE INDEX sessions_live_project ON sessions (project) WHERE live = 1;";
+
 /// Undoes migration 5 (key expiry, revocation and last use), after 8, 7
 /// and 6.
 const V5_DOWN: &str = "ALTER TABLE api_keys DROP COLUMN expires_at; ALTER TABLE api_keys DROP COLUMN revoked_at; \
@@ -155,7 +160,7 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     Connection::open(&path)
         .expect("raw")
         .execute_batch(&format!(
-            "{V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; \
+            "{V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; \
              ALTER TABLE nodes DROP COLUMN host_key; {V5_DOWN} PRAGMA user_version = 1;"
         ))
         .expect("downgrade");
@@ -165,7 +170,7 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     assert_eq!(nodes[0].host_key, None);
     drop(store);
     assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 8);
+    assert_eq!(SCHEMA_VERSION, 9);
 }
 
 fn index_names(path: &std::path::Path) -> Vec<String> {
@@ -192,7 +197,7 @@ fn a_version_2_file_is_migrated_forward_keeping_its_data() {
     Connection::open(&path)
         .expect("raw")
         .execute_batch(&format!(
-            "{V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; {V5_DOWN} \
+            "{V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; {V5_DOWN} \
              PRAGMA user_version = 2;"
         ))
         .expect("downgrade");
@@ -227,7 +232,7 @@ fn a_version_3_file_gets_the_idle_index_by_kind_of_machine() {
     Connection::open(&path)
         .expect("raw")
         .execute_batch(&format!(
-            "{V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_idle; CREATE INDEX nodes_idle ON nodes (used_count, id) WHERE state = 'Active'; \
+            "{V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_idle; CREATE INDEX nodes_idle ON nodes (used_count, id) WHERE state = 'Active'; \
                  {V5_DOWN} PRAGMA user_version = 3;"
         ))
         .expect("downgrade");
@@ -271,7 +276,7 @@ fn a_version_4_file_is_migrated_forward_keeping_its_keys() {
     // revocation or last use.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(&format!("{V8_DOWN} {V7_DOWN} {V6_DOWN} {V5_DOWN} PRAGMA user_version = 4;"))
+        .execute_batch(&format!("{V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} {V5_DOWN} PRAGMA user_version = 4;"))
         .expect("downgrade");
     assert!(!column_names(&path, "api_keys").iter().any(|c| c == "revoked_at"));
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
@@ -317,7 +322,7 @@ fn a_version_5_file_gets_session_expiry_at_the_lease() {
     // no expiry.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(&format!("{V8_DOWN} {V7_DOWN} {V6_DOWN} PRAGMA user_version = 5;"))
+        .execute_batch(&format!("{V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} PRAGMA user_version = 5;"))
         .expect("downgrade");
     assert!(!column_names(&path, "sessions").iter().any(|c| c == "expires_at"));
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
@@ -373,7 +378,7 @@ fn a_version_6_file_gets_the_leadership_epoch() {
     // Make it the file a version-6 build wrote: no leadership epoch.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(&format!("{V8_DOWN} {V7_DOWN} PRAGMA user_version = 6;"))
+        .execute_batch(&format!("{V9_DOWN} {V8_DOWN} {V7_DOWN} PRAGMA user_version = 6;"))
         .expect("downgrade");
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
     futures::executor::block_on(async {
@@ -408,7 +413,7 @@ fn a_version_7_file_is_migrated_forward_keeping_its_sessions() {
     // every node indexed by state.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(&format!("{V8_DOWN} PRAGMA user_version = 7;"))
+        .execute_batch(&format!("{V9_DOWN} {V8_DOWN} PRAGMA user_version = 7;"))
         .expect("downgrade");
     assert!(index_names(&path).iter().any(|n| n == "nodes_state"));
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
@@ -443,4 +448,44 @@ fn a_version_7_file_is_migrated_forward_keeping_its_sessions() {
     let names = index_names(&path);
     assert!(!names.iter().any(|n| n == "nodes_state"), "{names:?}");
     assert!(names.iter().any(|n| n == "nodes_provisioning") && names.iter().any(|n| n == "nodes_failed"), "{names:?}");
+}
+
+#[test]
+fn a_version_8_file_counts_the_nodes_its_live_sessions_hold() {
+    use duffy_core::ClaimRefusal;
+    use duffy_core::testkit::conformance::{add_ready, claim_ok, claim_req, pool7, release};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+    futures::executor::block_on(async {
+        add_ready(&store, "n", 6, &pool7()).await;
+        claim_ok(&store, claim_req("two", 1, "p", 2, Timestamp(5))).await;
+        let ended = claim_ok(&store, claim_req("ended", 1, "p", 1, Timestamp(6))).await;
+        release(&store, &ended.session.id, Timestamp(7)).await.expect("release");
+        claim_ok(&store, claim_req("other", 2, "q", 1, Timestamp(8))).await;
+    });
+    drop(store);
+    // Make it the file a version-8 build wrote: no node count.
+    Connection::open(&path)
+        .expect("raw")
+        .execute_batch(&format!("{V9_DOWN} PRAGMA user_version = 8;"))
+        .expect("downgrade");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
+    futures::executor::block_on(async {
+        // p's live session holds 2 (the ended one nothing, q's is q's):
+        // with a quota of 3, one more fits and two do not.
+        let mut req = claim_req("over", 1, "p", 2, Timestamp(9));
+        req.default_quota = Some(3);
+        match store.claim(req).await.expect("store") {
+            Err(ClaimRefusal::QuotaExceeded { held, requested, quota }) => {
+                assert_eq!((held, requested, quota), (2, 2, 3))
+            }
+            other => panic!("expected the quota to refuse: {other:?}"),
+        }
+        let mut req = claim_req("fits", 1, "p", 1, Timestamp(10));
+        req.default_quota = Some(3);
+        claim_ok(&store, req).await;
+    });
+    drop(store);
+    assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
 }
