@@ -175,6 +175,13 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
     let mut idle: Vec<&Node> = nodes.iter().filter(|n| n.state == NodeState::Active).collect();
     idle.sort_by_key(|n| (n.used_count, n.id));
     let mut taken: HashSet<NodeId> = HashSet::new();
+    // Where each target's search of `idle` goes on from: a machine passed
+    // over for a target stays unusable for it for the rest of the plan
+    // (taken, on a BMC now busy — `bmcs_taken` only grows — or unable to
+    // carry the image), so each target scans `idle` once in all, not once
+    // per install (which made a pass that refills hundreds of released
+    // machines quadratic in them).
+    let mut cursor: Vec<usize> = vec![0; targets.len()];
 
     while slots > 0 {
         // The pool missing most; ties go to the earlier target.
@@ -183,8 +190,13 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
             break;
         };
         let pool = &targets[ti].pool;
-        let pick = idle.iter().find(|n| !taken.contains(&n.id) && free(n, &bmcs_taken) && n.can_host(pool));
-        match pick {
+        let from = cursor[ti];
+        let found = idle[from..]
+            .iter()
+            .position(|n| !taken.contains(&n.id) && free(n, &bmcs_taken) && n.can_host(pool))
+            .map(|i| from + i);
+        cursor[ti] = found.map_or(idle.len(), |i| i + 1);
+        match found.map(|i| idle[i]) {
             Some(n) => {
                 taken.insert(n.id);
                 bmcs_taken.insert(n.bmc_key());

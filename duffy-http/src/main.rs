@@ -9,6 +9,7 @@
 
 mod client_cli;
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -528,12 +529,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The service logs what it does; an operator command only what went wrong.
     let default_level = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
+    // Lines are written by a thread of their own, so that a request's
+    // worker thread formats its log line but never waits for the write to
+    // stderr (a file or a pipe under a service manager). Not lossy: when
+    // the buffer is full, loggers wait, and no line is dropped. Colours
+    // only on a terminal: escape codes in a log file are noise, and cost
+    // formatting on every line.
+    let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("duffy-log")
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
-        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(writer)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
