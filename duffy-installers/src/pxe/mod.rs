@@ -165,6 +165,16 @@ pub enum PxeError {
         #[source]
         source: std::io::Error,
     },
+    /// The store that keeps the pending installs failed; nothing is known
+    /// to have changed. The machine should try again.
+    #[error("PXE installs: {what}: {source}")]
+    Store {
+        /// What the registry was doing.
+        what: String,
+        /// The store's error.
+        #[source]
+        source: duffy_core::StoreError,
+    },
     /// The configuration is invalid.
     #[error("invalid PXE configuration: {0}")]
     Config(String),
