@@ -46,12 +46,23 @@ fn record(r: &Row<'_>) -> Result<TicketRecord, StoreError> {
         "expired" => TicketState::Expired,
         other => return Err(corrupt("state", format!("unknown state {other:?}"))),
     };
-    let ticket =
-        InstallTicket { id: TicketId(get(1, "ticket_id")?), hostname: get(0, "hostname")?, ip, hardware_arch, image, expires_at };
+    let ticket = InstallTicket {
+        id: TicketId(get(1, "ticket_id")?),
+        hostname: get(0, "hostname")?,
+        ip,
+        hardware_arch,
+        image,
+        expires_at,
+    };
     Ok(TicketRecord { ticket, state })
 }
 
-fn one(conn: &Connection, sql: &str, param: &dyn rusqlite::ToSql, what: &str) -> Result<Option<TicketRecord>, StoreError> {
+fn one(
+    conn: &Connection,
+    sql: &str,
+    param: &dyn rusqlite::ToSql,
+    what: &str,
+) -> Result<Option<TicketRecord>, StoreError> {
     let mut stmt = conn.prepare_cached(sql).ctx(what)?;
     let mut rows = stmt.query([param]).ctx(what)?;
     match rows.next().ctx(what)? {
@@ -277,7 +288,10 @@ impl TicketOp {
 }
 
 impl SqliteStore {
-    async fn ticket_write<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> TicketOp) -> Result<T, StoreError> {
+    async fn ticket_write<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> TicketOp,
+    ) -> Result<T, StoreError> {
         self.write(|reply| Op::Tickets(op(reply)), store_err).await
     }
 }
@@ -305,7 +319,12 @@ impl InstallTickets for SqliteStore {
         self.ticket_write(|reply| TicketOp::Issue { hostname, id, token, peer, now, reply }).await
     }
 
-    async fn ticket_by_token(&self, token: &TokenHash, peer: IpAddr, now: Timestamp) -> Result<TicketAccess, StoreError> {
+    async fn ticket_by_token(
+        &self,
+        token: &TokenHash,
+        peer: IpAddr,
+        now: Timestamp,
+    ) -> Result<TicketAccess, StoreError> {
         let token = *token;
         let rec = self.readers.read(move |c| by_token(c, &token)).await?;
         Ok(rec.map_or(TicketAccess::Unknown, |r| check_access(&r, peer, now)))
@@ -322,7 +341,12 @@ impl InstallTickets for SqliteStore {
         self.ticket_write(|reply| TicketOp::Use { token, peer, now, outcome, reply }).await
     }
 
-    async fn settle_ticket(&self, hostname: &str, id: &TicketId, how: Settle) -> Result<Option<TicketState>, StoreError> {
+    async fn settle_ticket(
+        &self,
+        hostname: &str,
+        id: &TicketId,
+        how: Settle,
+    ) -> Result<Option<TicketState>, StoreError> {
         let (hostname, id) = (hostname.to_string(), id.clone());
         if how == Settle::Poll {
             // Most polls find the ticket still pending: a read, not a

@@ -462,7 +462,10 @@ fn a_version_8_file_gets_install_tickets_keeping_its_nodes() {
     .expect("add");
     drop(store);
     // Make it the file a version-8 build wrote: no install tickets.
-    Connection::open(&path).expect("raw").execute_batch(&format!("{V9_DOWN} PRAGMA user_version = 8;")).expect("downgrade");
+    Connection::open(&path)
+        .expect("raw")
+        .execute_batch(&format!("{V9_DOWN} PRAGMA user_version = 8;"))
+        .expect("downgrade");
     let store = std::sync::Arc::new(SqliteStore::open(&path, SqliteOptions::default()).expect("migrates"));
     futures::executor::block_on(async {
         assert_eq!(store.nodes().await.expect("nodes"), added, "rows survive the migration");

@@ -149,9 +149,9 @@ async fn start_farm(cfg: &Config, listen: SocketAddr, hosts: usize) -> Farm {
     let running = start(listen, built).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let reg = &registry;
-    while !futures::future::join_all((0..hosts).map(|i| async move {
-        reg.is_pending(&Rig::hostname(i)).await.unwrap()
-    }))
+    while !futures::future::join_all(
+        (0..hosts).map(|i| async move { reg.is_pending(&Rig::hostname(i)).await.unwrap() }),
+    )
     .await
     .into_iter()
     .all(|pending| pending)

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use duffy_core::clock::SystemClock;
+use duffy_core::mem::MemStore;
 use duffy_core::model::NewNode;
+use duffy_core::tickets::InstallTickets;
 use duffy_core::time::BoxFuture;
 use duffy_core::{
     Arch, BootDevice, Clock, InstallError, Installed, Installer, Node, NodeId, PoolKey, PowerAction, PowerController,
@@ -18,8 +20,6 @@ use duffy_core::{
 use duffy_installers::pxe::InstallEndpoints;
 use duffy_installers::pxe::LOCAL_BOOT_SCRIPT;
 use duffy_installers::{PxeConfig, PxeError, PxeImage, PxeInstaller, PxeRegistry, TemplateError};
-use duffy_core::mem::MemStore;
-use duffy_core::tickets::InstallTickets;
 use duffy_testsupport::eventually_async;
 use tokio::task::JoinHandle;
 
@@ -285,7 +285,10 @@ async fn expired_token_fails_the_install_naming_the_node() {
     assert!(matches!(&e, PxeError::Expired { hostname } if hostname == "n4.example.org"), "{e}");
     assert!(matches!(rig.registry.kickstart(&token, NODE_IP).await, Err(PxeError::Expired { .. })));
     assert!(!rig.registry.is_pending("n4.example.org").await.unwrap());
-    assert!(matches!(rig.registry.ipxe_script("n4.example.org", NODE_IP).await, Err(PxeError::NoPendingInstall { .. })));
+    assert!(matches!(
+        rig.registry.ipxe_script("n4.example.org", NODE_IP).await,
+        Err(PxeError::NoPendingInstall { .. })
+    ));
 
     // The node's next install starts afresh: the old token is forgotten.
     let h = start(&rig, &n, &image("9"));
@@ -313,7 +316,10 @@ async fn wrong_tokens_are_refused() {
         assert!(matches!(rig.registry.fail(wrong, NODE_IP, "x").await, Err(PxeError::UnknownToken)), "{wrong}");
         assert!(matches!(rig.registry.kickstart(wrong, NODE_IP).await, Err(PxeError::UnknownToken)), "{wrong}");
     }
-    assert!(matches!(rig.registry.ipxe_script("other.example.org", NODE_IP).await, Err(PxeError::NoPendingInstall { .. })));
+    assert!(matches!(
+        rig.registry.ipxe_script("other.example.org", NODE_IP).await,
+        Err(PxeError::NoPendingInstall { .. })
+    ));
     // The real token still works.
     assert!(!h.is_finished());
     rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).await.unwrap();
@@ -345,7 +351,10 @@ async fn dropping_the_install_removes_the_pending_entry() {
     assert!(!rig.registry.is_pending("n7.example.org").await.unwrap());
     assert_eq!(rig.registry.pending_count().await.unwrap(), 0);
     assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).await, Err(PxeError::UnknownToken)));
-    assert!(matches!(rig.registry.ipxe_script("n7.example.org", NODE_IP).await, Err(PxeError::NoPendingInstall { .. })));
+    assert!(matches!(
+        rig.registry.ipxe_script("n7.example.org", NODE_IP).await,
+        Err(PxeError::NoPendingInstall { .. })
+    ));
 
     // The same with the future dropped in place by a timeout.
     let inst = rig.installer.clone();

@@ -135,8 +135,7 @@ async fn install_kickstart(
     RawQuery(raw): RawQuery,
 ) -> Result<Reply, Reply> {
     let (reg, q) = token_query(&st, &INSTALL_KICKSTART, raw.as_deref())?;
-    let ks =
-        reg.kickstart(q.get(TOKEN).unwrap_or_default(), peer.ip()).await.map_err(|e| pxe_error(&e, peer.ip()))?;
+    let ks = reg.kickstart(q.get(TOKEN).unwrap_or_default(), peer.ip()).await.map_err(|e| pxe_error(&e, peer.ip()))?;
     Ok(Reply::Text(StatusCode::OK, ks))
 }
 

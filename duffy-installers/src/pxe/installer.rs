@@ -107,8 +107,12 @@ impl Installer for PxeInstaller {
         let expires_at = self.clock.now().plus(ttl);
         let waiting =
             self.registry.register(node, image, expires_at).await.map_err(|e| InstallError::new(e.to_string()))?;
-        let mut guard =
-            PendingGuard { registry: self.registry.clone(), hostname: host.clone(), id: waiting.id.clone(), settled: false };
+        let mut guard = PendingGuard {
+            registry: self.registry.clone(),
+            hostname: host.clone(),
+            id: waiting.id.clone(),
+            settled: false,
+        };
         tracing::info!(node = %host, image = %image, ticket = %waiting.id, expires_at = %expires_at,
             "PXE install registered");
 
