@@ -61,6 +61,7 @@ mod schema;
 mod sql;
 #[cfg(feature = "test-cluster")]
 pub mod test_cluster;
+mod tickets;
 mod tx;
 
 use std::collections::HashSet;
@@ -1341,6 +1342,11 @@ impl Store for PgStore {
 
     fn key_generation(&self) -> u64 {
         self.inner.control.key_generation()
+    }
+
+    fn install_tickets(self: Arc<Self>) -> Option<Arc<dyn duffy_core::InstallTickets>> {
+        // See the `tickets` module.
+        Some(self)
     }
 }
 

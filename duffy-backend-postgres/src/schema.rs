@@ -180,11 +180,42 @@ UPDATE sessions SET expires_at = lease_until;
 CREATE INDEX sessions_expiry ON sessions (expires_at, id) WHERE state = 'Prod';
 "#;
 
+/// Version 3: the PXE installer's pending installs (`InstallTickets`), as
+/// in the SQLite store's version 9, so that a machine's callback may reach
+/// any replica: one ticket per host name (pending, used and waiting for
+/// its installer to read the outcome, or expired: a tombstone), and the
+/// SHA-256 hashes of the tokens issued for it (never a token), deleted
+/// with it.
+const V3: &str = r#"
+CREATE TABLE install_tickets (
+    hostname      text   NOT NULL PRIMARY KEY,
+    ticket_id     text   NOT NULL,
+    ip            text   NOT NULL,
+    hardware_arch text   NOT NULL,
+    image_release text   NOT NULL,
+    image_arch    text   NOT NULL,
+    image_flavor  text,
+    expires_at    bigint NOT NULL,
+    state         text   NOT NULL CHECK (state IN ('pending', 'done', 'failed', 'expired')),
+    host_key      text,
+    reason        text
+);
+CREATE TABLE install_ticket_tokens (
+    seq      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    hash     bytea  NOT NULL UNIQUE,
+    hostname text   NOT NULL REFERENCES install_tickets (hostname) ON DELETE CASCADE
+);
+CREATE INDEX install_ticket_tokens_host ON install_ticket_tokens (hostname, seq);
+"#;
+
 /// Every migration, in order, with what it does: migration `i` takes the
 /// database from version `i` to `i + 1`. Append only; never edit a
 /// released one.
-const MIGRATIONS: &[(&str, &str)] =
-    &[(V1, "nodes, sessions, events, projects, keys, pools, settings, instances"), (V2, "session expiry")];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (V1, "nodes, sessions, events, projects, keys, pools, settings, instances"),
+    (V2, "session expiry"),
+    (V3, "install tickets"),
+];
 
 /// The schema version this build writes (the number of migrations).
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;

@@ -13,7 +13,8 @@
 //! - **Group commit.** One dedicated writer thread owns the write
 //!   connection. Every write operation (`claim`, `commit`, `add_nodes`,
 //!   `upsert_project`, `add_api_key`, `revoke_api_key`, `record_key_use`,
-//!   `set_pool_target`, `set_paused`, `new_leader_epoch`, `commit_fenced`) is
+//!   `set_pool_target`, `set_paused`, `new_leader_epoch`, `commit_fenced`,
+//!   and the install tickets' writes) is
 //!   sent to it over a channel with a oneshot for the answer. The writer
 //!   takes the first queued operation, drains whatever else is queued (up
 //!   to [`SqliteOptions::max_batch`]) and runs them all in one
@@ -75,6 +76,7 @@ mod queries;
 mod readers;
 mod schema;
 mod stats;
+mod tickets;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -741,6 +743,10 @@ impl Store for SqliteStore {
 
     async fn commit_fenced(&self, batch: Batch, epoch: u64) -> Result<(), CommitError> {
         self.write(|reply| Op::CommitFenced { batch, epoch, reply }, |e| Err(CommitError::Store(e))).await
+    }
+
+    fn install_tickets(self: Arc<Self>) -> Option<Arc<dyn duffy_core::InstallTickets>> {
+        Some(self)
     }
 
     fn health(&self) -> StoreHealth {

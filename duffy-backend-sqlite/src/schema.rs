@@ -241,9 +241,37 @@ CREATE INDEX sessions_live_project ON sessions (project, state, node_count)
     WHERE state = 'Allocating' OR state = 'Prod' OR state = 'Fail';
 "#;
 
+/// Version 10: the PXE installer's pending installs (`InstallTickets`),
+/// kept in the store as on every backend (on PostgreSQL, that is what
+/// lets a machine's callback reach any replica): one ticket per host
+/// name (pending, used and waiting for its installer to read the
+/// outcome, or expired: a tombstone), and the SHA-256 hashes of the
+/// tokens issued for it (never a token), deleted with it.
+const V10: &str = r#"
+CREATE TABLE install_tickets (
+    hostname      TEXT    NOT NULL PRIMARY KEY,
+    ticket_id     TEXT    NOT NULL,
+    ip            TEXT    NOT NULL,
+    hardware_arch TEXT    NOT NULL,
+    image_release TEXT    NOT NULL,
+    image_arch    TEXT    NOT NULL,
+    image_flavor  TEXT,
+    expires_at    INTEGER NOT NULL,
+    state         TEXT    NOT NULL CHECK (state IN ('pending', 'done', 'failed', 'expired')),
+    host_key      TEXT,
+    reason        TEXT
+) WITHOUT ROWID;
+CREATE TABLE install_ticket_tokens (
+    seq      INTEGER PRIMARY KEY,
+    hash     BLOB    NOT NULL UNIQUE,
+    hostname TEXT    NOT NULL REFERENCES install_tickets (hostname) ON DELETE CASCADE
+);
+CREATE INDEX install_ticket_tokens_host ON install_ticket_tokens (hostname, seq);
+"#;
+
 /// Every migration, in order: migration `i` takes the file from version
 /// `i` to `i + 1`. Append only; never edit a released one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10];
 
 /// The schema version this build writes (the number of migrations).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

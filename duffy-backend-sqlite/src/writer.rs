@@ -121,6 +121,8 @@ pub(crate) enum Op {
         paused: bool,
         reply: Reply<Result<bool, StoreError>>,
     },
+    /// An install ticket write (see the `tickets` module).
+    Tickets(crate::tickets::TicketOp),
 }
 
 /// An operation's answer, held until its transaction commits (and, with
@@ -174,7 +176,7 @@ fn commit_err(e: StoreError) -> Result<(), CommitError> {
     Err(CommitError::Store(e))
 }
 
-fn outcome<T: Send + 'static>(reply: Reply<T>, value: T, on_fail: fn(StoreError) -> T) -> Box<dyn Finish> {
+pub(crate) fn outcome<T: Send + 'static>(reply: Reply<T>, value: T, on_fail: fn(StoreError) -> T) -> Box<dyn Finish> {
     Box::new(Outcome { reply, value, on_fail })
 }
 
@@ -194,6 +196,7 @@ impl Op {
             Op::RecordKeyUse { .. } => "record_key_use",
             Op::SetPoolTarget { .. } => "set_pool_target",
             Op::SetPaused { .. } => "set_paused",
+            Op::Tickets(_) => "install_tickets",
         }
     }
 
@@ -285,6 +288,7 @@ impl Op {
                 let keep = v.is_ok();
                 (outcome(reply, v, store_err), keep)
             }
+            Op::Tickets(op) => op.run(conn, wrote),
         }
     }
 
@@ -327,6 +331,7 @@ impl Op {
             Op::SetPaused { reply, .. } => {
                 let _ = reply.send(Err(err));
             }
+            Op::Tickets(op) => op.fail(err),
         }
     }
 }

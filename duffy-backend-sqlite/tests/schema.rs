@@ -128,6 +128,9 @@ const V8_DOWN: &str = "CREATE INDEX events_node ON events (node, seq); ALTER TAB
     CREATE INDEX sessions_live ON sessions (created_at, id) WHERE live = 1; \
     CREATE INDEX sessions_live_project ON sessions (project) WHERE live = 1;";
 
+/// Undoes migration 10 (install tickets).
+const V10_DOWN: &str = "DROP TABLE install_ticket_tokens; DROP TABLE install_tickets;";
+
 /// Undoes migration 9 (each session's node count, in the index of the
 /// live sessions).
 const V9_DOWN: &str = "DROP INDEX sessions_live_project; ALTER TABLE sessions DROP COLUMN node_count; \
@@ -160,7 +163,7 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     Connection::open(&path)
         .expect("raw")
         .execute_batch(&format!(
-            "{V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; \
+            "{V10_DOWN} {V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; \
              ALTER TABLE nodes DROP COLUMN host_key; {V5_DOWN} PRAGMA user_version = 1;"
         ))
         .expect("downgrade");
@@ -170,7 +173,7 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     assert_eq!(nodes[0].host_key, None);
     drop(store);
     assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 9);
+    assert_eq!(SCHEMA_VERSION, 10);
 }
 
 fn index_names(path: &std::path::Path) -> Vec<String> {
@@ -197,7 +200,7 @@ fn a_version_2_file_is_migrated_forward_keeping_its_data() {
     Connection::open(&path)
         .expect("raw")
         .execute_batch(&format!(
-            "{V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; {V5_DOWN} \
+            "{V10_DOWN} {V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_state; DROP INDEX nodes_stale; DROP INDEX nodes_idle; {V5_DOWN} \
              PRAGMA user_version = 2;"
         ))
         .expect("downgrade");
@@ -232,7 +235,7 @@ fn a_version_3_file_gets_the_idle_index_by_kind_of_machine() {
     Connection::open(&path)
         .expect("raw")
         .execute_batch(&format!(
-            "{V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_idle; CREATE INDEX nodes_idle ON nodes (used_count, id) WHERE state = 'Active'; \
+            "{V10_DOWN} {V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} DROP INDEX nodes_idle; CREATE INDEX nodes_idle ON nodes (used_count, id) WHERE state = 'Active'; \
                  {V5_DOWN} PRAGMA user_version = 3;"
         ))
         .expect("downgrade");
@@ -276,7 +279,9 @@ fn a_version_4_file_is_migrated_forward_keeping_its_keys() {
     // revocation or last use.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(&format!("{V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} {V5_DOWN} PRAGMA user_version = 4;"))
+        .execute_batch(&format!(
+            "{V10_DOWN} {V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} {V5_DOWN} PRAGMA user_version = 4;"
+        ))
         .expect("downgrade");
     assert!(!column_names(&path, "api_keys").iter().any(|c| c == "revoked_at"));
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
@@ -322,7 +327,7 @@ fn a_version_5_file_gets_session_expiry_at_the_lease() {
     // no expiry.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(&format!("{V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} PRAGMA user_version = 5;"))
+        .execute_batch(&format!("{V10_DOWN} {V9_DOWN} {V8_DOWN} {V7_DOWN} {V6_DOWN} PRAGMA user_version = 5;"))
         .expect("downgrade");
     assert!(!column_names(&path, "sessions").iter().any(|c| c == "expires_at"));
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
@@ -378,7 +383,7 @@ fn a_version_6_file_gets_the_leadership_epoch() {
     // Make it the file a version-6 build wrote: no leadership epoch.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(&format!("{V9_DOWN} {V8_DOWN} {V7_DOWN} PRAGMA user_version = 6;"))
+        .execute_batch(&format!("{V10_DOWN} {V9_DOWN} {V8_DOWN} {V7_DOWN} PRAGMA user_version = 6;"))
         .expect("downgrade");
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
     futures::executor::block_on(async {
@@ -413,7 +418,7 @@ fn a_version_7_file_is_migrated_forward_keeping_its_sessions() {
     // every node indexed by state.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(&format!("{V9_DOWN} {V8_DOWN} PRAGMA user_version = 7;"))
+        .execute_batch(&format!("{V10_DOWN} {V9_DOWN} {V8_DOWN} PRAGMA user_version = 7;"))
         .expect("downgrade");
     assert!(index_names(&path).iter().any(|n| n == "nodes_state"));
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
@@ -468,7 +473,7 @@ fn a_version_8_file_counts_the_nodes_its_live_sessions_hold() {
     // Make it the file a version-8 build wrote: no node count.
     Connection::open(&path)
         .expect("raw")
-        .execute_batch(&format!("{V9_DOWN} PRAGMA user_version = 8;"))
+        .execute_batch(&format!("{V10_DOWN} {V9_DOWN} PRAGMA user_version = 8;"))
         .expect("downgrade");
     let store = SqliteStore::open(&path, SqliteOptions::default()).expect("migrates");
     futures::executor::block_on(async {
@@ -488,4 +493,48 @@ fn a_version_8_file_counts_the_nodes_its_live_sessions_hold() {
     });
     drop(store);
     assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
+}
+
+#[test]
+fn a_version_9_file_gets_install_tickets_keeping_its_nodes() {
+    use duffy_core::tickets::{InstallTicket, Settle, TicketAccess, TicketId, TicketState, TokenHash};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+    let added = futures::executor::block_on(store.add_nodes(
+        vec![NewNode::new("n1.example", Arch::X86_64)],
+        Actor::Operator,
+        Timestamp(1),
+    ))
+    .expect("add");
+    drop(store);
+    // Make it the file a version-9 build wrote: no install tickets.
+    Connection::open(&path)
+        .expect("raw")
+        .execute_batch(&format!("{V10_DOWN} PRAGMA user_version = 9;"))
+        .expect("downgrade");
+    let store = std::sync::Arc::new(SqliteStore::open(&path, SqliteOptions::default()).expect("migrates"));
+    futures::executor::block_on(async {
+        assert_eq!(store.nodes().await.expect("nodes"), added, "rows survive the migration");
+        let tickets = store.clone().install_tickets().expect("tickets");
+        let ip = std::net::IpAddr::from([10, 0, 0, 11]);
+        let t = InstallTicket {
+            id: TicketId("t1".into()),
+            hostname: "n1.example".into(),
+            ip,
+            hardware_arch: Arch::X86_64,
+            image: duffy_core::PoolKey::new("9", Arch::X86_64, None),
+            expires_at: Timestamp(1000),
+        };
+        assert_eq!(tickets.register_ticket(t.clone()).await.expect("register"), None);
+        let tok = TokenHash::of("token");
+        let issued = tickets.issue_ticket_token("n1.example", &t.id, tok, ip, Timestamp(2)).await.expect("issue");
+        assert_eq!(issued, TicketAccess::Granted(t.clone()));
+        let polled = tickets.settle_ticket("n1.example", &t.id, Settle::Poll).await.expect("poll");
+        assert_eq!(polled, Some(TicketState::Pending));
+    });
+    drop(store);
+    assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
+    let cols = column_names(&path, "install_tickets");
+    assert!(cols.iter().any(|c| c == "ticket_id") && !cols.iter().any(|c| c == "token"), "{cols:?}");
 }

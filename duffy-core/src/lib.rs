@@ -40,6 +40,7 @@ pub mod session;
 pub mod sessions;
 pub mod state;
 pub mod store;
+pub mod tickets;
 pub mod time;
 
 #[cfg(feature = "tokio")]
@@ -70,4 +71,5 @@ pub use store::{
     Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, HandBack, HandBackKind,
     HandBackRefusal, NodeCount, NodeGroup, NodeWrite, SessionWrite, StorageFault, Store, StoreError, StoreHealth,
 };
+pub use tickets::InstallTickets;
 pub use time::{Clock, OutOfRange, ParseTimestampError, Timestamp};

@@ -13,6 +13,8 @@
 //! (no I/O, no runtime, no other crate), so a feature would only hide it,
 //! and code that does not use it costs nothing in a binary.
 
+mod tickets;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
@@ -212,6 +214,9 @@ pub struct MemStore {
     /// Calls of `api_key_by_hash`: tests check that the engine's key
     /// caches spare the store.
     key_lookups: std::sync::atomic::AtomicU64,
+    /// The PXE installer's tickets (`InstallTickets`), apart from the
+    /// farm's state.
+    tickets: Mutex<tickets::Tickets>,
 }
 
 impl MemStore {
@@ -528,5 +533,9 @@ impl Store for MemStore {
             return Err(CommitError::Store(StoreError::Fenced { epoch, current: s.leader_epoch }));
         }
         s.commit(batch)
+    }
+
+    fn install_tickets(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn crate::tickets::InstallTickets>> {
+        Some(self)
     }
 }

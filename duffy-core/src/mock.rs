@@ -46,6 +46,7 @@
 pub use crate::installer::{MockContextualizer, MockInstaller};
 pub use crate::power::MockPowerController;
 pub use crate::store::MockStore;
+pub use crate::tickets::MockInstallTickets;
 use crate::time::BoxFuture;
 pub use crate::time::MockClock;
 

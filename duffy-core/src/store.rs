@@ -827,6 +827,15 @@ pub trait Store: Send + Sync {
         0
     }
 
+    /// Where the PXE installer keeps its pending installs, so that a
+    /// machine's callbacks reach any process sharing this store (see
+    /// [`crate::tickets`]). `None`, the default: this store cannot keep
+    /// them, and a PXE installer cannot run on it. All three of the
+    /// project's stores keep them.
+    fn install_tickets(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<dyn crate::tickets::InstallTickets>> {
+        None
+    }
+
     /// How the store is doing, without any I/O (cheap enough for every
     /// health check). The default, for stores that cannot tell, is
     /// [`StoreHealth::Ok`].

@@ -23,7 +23,7 @@ use duffy_http::config::{Config, NodeFile};
 use duffy_http::control::{ControlPaths, ControlServer, DbLock, PROTOCOL_VERSION, Request, RequestOp, SendError};
 use duffy_http::operator::{OperatorCommand, Outcome, Target, execute};
 use duffy_http::{build_engine, start};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 /// How long `duffy serve` waits for an operator command that holds the
 /// database lock to finish.
@@ -348,15 +348,6 @@ async fn serve(db: Option<PathBuf>, config: Option<PathBuf>, listen: Option<Sock
 async fn serve_replica(cfg: &Config, url: &str) -> Result<(), CliError> {
     let store = open_postgres(url, cfg.postgres.options("service")).await?;
     info!(database = %store.database(), instance = store.instance(), "store opened");
-    let pxe = std::iter::once(&cfg.installer)
-        .chain(cfg.pools.iter().filter_map(|p| p.installer.as_ref()))
-        .any(|i| matches!(i, duffy_http::config::InstallerConfig::Pxe(_)));
-    if pxe {
-        warn!(
-            "PXE installs keep their pending installs in the leader's memory: run a single replica, or route every \
-             /Install/* request to the leader (settings.leader_instance in the database; see README)"
-        );
-    }
     let mut built = build_engine(cfg, Arc::new(store.clone())).await?;
     built.election = Some(store);
     let running = start(cfg.listen, built).await?;

@@ -117,7 +117,15 @@ pub async fn build_engine(cfg: &Config, store: Arc<dyn Store>) -> Result<Built, 
                 return Err(ServeError::Unsupported("the simulated installer needs simulated hardware".into()));
             }
             (InstallerConfig::Pxe(p), _) => {
-                let registry = PxeRegistry::new(p, install_endpoints(), clock.clone())
+                // The pending installs live in the store, so a machine's
+                // callbacks may reach any replica sharing it.
+                let tickets = store.clone().install_tickets().ok_or_else(|| {
+                    ServeError::Unsupported(
+                        "installer: the PXE installer needs a store that keeps install tickets; this one does not"
+                            .into(),
+                    )
+                })?;
+                let registry = PxeRegistry::new(p, install_endpoints(), tickets, clock.clone())
                     .map_err(|e| unsupported("installer")(e.to_string()))?;
                 let registry = Arc::new(registry);
                 info!(public_url = %p.public_url, "PXE installer");

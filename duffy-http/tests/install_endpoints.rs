@@ -148,7 +148,14 @@ async fn start_farm(cfg: &Config, listen: SocketAddr, hosts: usize) -> Farm {
     let registry = built.pxe.clone().expect("a PXE registry");
     let running = start(listen, built).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !(0..hosts).all(|i| registry.is_pending(&Rig::hostname(i))) {
+    let reg = &registry;
+    while !futures::future::join_all(
+        (0..hosts).map(|i| async move { reg.is_pending(&Rig::hostname(i)).await.unwrap() }),
+    )
+    .await
+    .into_iter()
+    .all(|pending| pending)
+    {
         assert!(Instant::now() < deadline, "installs did not start: {:?}", store.nodes().await.unwrap());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -246,7 +253,7 @@ async fn only_the_nodes_own_address_may_use_the_install_endpoints() {
     }
     // A done with no host key at all, from the wrong address: the same.
     assert_eq!(get(&b, &format!("{install}/Install/done?token={t0}")).await.0, 404);
-    assert!(registry.is_pending(&n0), "the install is still pending");
+    assert!(registry.is_pending(&n0).await.unwrap(), "the install is still pending");
     assert_eq!(node_state(store, 0).await.0, NodeState::Provisioning);
     let logged = log_text();
     for what in ["kickstart", "done callback", "failed callback"] {

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use duffy_core::clock::SystemClock;
+use duffy_core::mem::MemStore;
 use duffy_core::model::NewNode;
+use duffy_core::tickets::InstallTickets;
 use duffy_core::time::BoxFuture;
 use duffy_core::{
     Arch, BootDevice, Clock, InstallError, Installed, Installer, Node, NodeId, PoolKey, PowerAction, PowerController,
@@ -18,7 +20,7 @@ use duffy_core::{
 use duffy_installers::pxe::InstallEndpoints;
 use duffy_installers::pxe::LOCAL_BOOT_SCRIPT;
 use duffy_installers::{PxeConfig, PxeError, PxeImage, PxeInstaller, PxeRegistry, TemplateError};
-use duffy_testsupport::eventually;
+use duffy_testsupport::eventually_async;
 use tokio::task::JoinHandle;
 
 const PUBLIC_URL: &str = "http://10.0.0.1:8080";
@@ -79,6 +81,12 @@ impl PowerController for FakePower {
     }
 }
 
+/// Where the registry keeps its pending installs: a store of its own
+/// (the tests of the HTTP service run it over SQLite and PostgreSQL).
+fn tickets() -> Arc<dyn InstallTickets> {
+    Arc::new(MemStore::new())
+}
+
 struct Rig {
     installer: Arc<PxeInstaller>,
     registry: Arc<PxeRegistry>,
@@ -87,7 +95,7 @@ struct Rig {
 
 fn rig_with(config: PxeConfig, power: Arc<FakePower>) -> Rig {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let registry = Arc::new(PxeRegistry::new(&config, endpoints(), clock.clone()).unwrap());
+    let registry = Arc::new(PxeRegistry::new(&config, endpoints(), tickets(), clock.clone()).unwrap());
     let installer = Arc::new(PxeInstaller::new(&config, power.clone(), registry.clone(), clock));
     Rig { installer, registry, power }
 }
@@ -115,11 +123,11 @@ fn start(rig: &Rig, node: &Node, image: &PoolKey) -> JoinHandle<Result<Installed
 /// the power cycle to be sent, fetches the iPXE script and returns it and
 /// the token in its kickstart URL.
 async fn machine_boots(rig: &Rig, hostname: &str) -> (String, String) {
-    eventually(Duration::from_secs(10), "the install is pending and the machine power-cycled", || {
-        rig.registry.is_pending(hostname) && rig.power.calls().iter().any(|c| c.starts_with("power "))
+    eventually_async(Duration::from_secs(10), "the install is pending and the machine power-cycled", || async {
+        rig.registry.is_pending(hostname).await.unwrap() && rig.power.calls().iter().any(|c| c.starts_with("power "))
     })
     .await;
-    let script = rig.registry.ipxe_script(hostname, NODE_IP).unwrap();
+    let script = rig.registry.ipxe_script(hostname, NODE_IP).await.unwrap();
     let prefix = format!("{PUBLIC_URL}/Install/kickstart?token=");
     let at = script.find(&prefix).unwrap_or_else(|| panic!("no kickstart URL in:\n{script}")) + prefix.len();
     let token: String = script[at..].chars().take_while(|c| !c.is_whitespace()).collect();
@@ -173,10 +181,10 @@ async fn install_completes_with_the_machines_host_key() {
     );
     assert!(script.contains("inst.repo=http://mirror.centos.org/centos/9/os/x86_64/"), "{script}");
     // Fetching it again is fine while the install is pending.
-    assert_eq!(rig.registry.ipxe_script("n1.example.org", NODE_IP).unwrap(), script);
+    assert_eq!(rig.registry.ipxe_script("n1.example.org", NODE_IP).await.unwrap(), script);
 
     // The kickstart installs the provisioning key and calls back.
-    let ks = rig.registry.kickstart(&token, NODE_IP).unwrap();
+    let ks = rig.registry.kickstart(&token, NODE_IP).await.unwrap();
     assert!(ks.contains(&format!("\n{PROVISIONING_KEY}\n")), "{ks}");
     assert!(ks.contains(&format!("'{PUBLIC_URL}/Install/done?token={token}'")), "{ks}");
     assert!(ks.contains(&format!("'{PUBLIC_URL}/Install/failed?token={token}'")), "{ks}");
@@ -192,17 +200,17 @@ async fn install_completes_with_the_machines_host_key() {
 
     // Still waiting: nothing returned yet.
     assert!(!h.is_finished());
-    rig.registry.complete(&token, NODE_IP, Some(&format!("{HOST_KEY} root@n1.example.org\n"))).unwrap();
+    rig.registry.complete(&token, NODE_IP, Some(&format!("{HOST_KEY} root@n1.example.org\n"))).await.unwrap();
     let installed = result(h).await.unwrap();
     assert_eq!(installed.host_key.as_deref(), Some(HOST_KEY));
 
     // Single use: every later callback with the token is refused.
-    assert!(!rig.registry.is_pending("n1.example.org"));
-    assert_eq!(rig.registry.pending_count(), 0);
-    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)), Err(PxeError::UnknownToken)));
-    assert!(matches!(rig.registry.fail(&token, NODE_IP, "late"), Err(PxeError::UnknownToken)));
-    assert!(matches!(rig.registry.kickstart(&token, NODE_IP), Err(PxeError::UnknownToken)));
-    let e = rig.registry.ipxe_script("n1.example.org", NODE_IP).unwrap_err();
+    assert!(!rig.registry.is_pending("n1.example.org").await.unwrap());
+    assert_eq!(rig.registry.pending_count().await.unwrap(), 0);
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).await, Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.fail(&token, NODE_IP, "late").await, Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.kickstart(&token, NODE_IP).await, Err(PxeError::UnknownToken)));
+    let e = rig.registry.ipxe_script("n1.example.org", NODE_IP).await.unwrap_err();
     assert!(matches!(e, PxeError::NoPendingInstall { .. }), "{e}");
     assert!(LOCAL_BOOT_SCRIPT.starts_with("#!ipxe\n"));
 }
@@ -217,15 +225,15 @@ async fn powered_off_machine_is_powered_on_and_a_done_without_host_key_fails_the
     // `host_key=` empty (the machine had no key file), or none at all: by
     // default a host key is required, so the install fails at once, saying
     // why, instead of handing out a node nobody can check.
-    let e = rig.registry.complete(&token, NODE_IP, Some("\n")).unwrap_err();
+    let e = rig.registry.complete(&token, NODE_IP, Some("\n")).await.unwrap_err();
     assert!(matches!(&e, PxeError::MissingHostKey { hostname } if hostname == "n2.example.org"), "{e}");
     let err = result(h).await.unwrap_err();
     assert!(err.message.contains("n2.example.org") && err.message.contains("without an SSH host key"), "{err}");
-    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).await, Err(PxeError::UnknownToken)));
 
     let h = start(&rig, &n, &image("8"));
     let (_, token) = machine_boots(&rig, "n2.example.org").await;
-    assert!(matches!(rig.registry.complete(&token, NODE_IP, None), Err(PxeError::MissingHostKey { .. })));
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, None).await, Err(PxeError::MissingHostKey { .. })));
     assert!(result(h).await.is_err());
 }
 
@@ -236,12 +244,12 @@ async fn without_require_host_key_a_blank_host_key_is_none() {
     let n = node("n2b.example.org");
     let h = start(&rig, &n, &image("8"));
     let (_, token) = machine_boots(&rig, "n2b.example.org").await;
-    rig.registry.complete(&token, NODE_IP, Some("\n")).unwrap();
+    rig.registry.complete(&token, NODE_IP, Some("\n")).await.unwrap();
     assert_eq!(result(h).await.unwrap(), Installed { host_key: None });
     // A key that is given must still be valid.
     let h = start(&rig, &n, &image("8"));
     let (_, token) = machine_boots(&rig, "n2b.example.org").await;
-    let e = rig.registry.complete(&token, NODE_IP, Some("ssh-ed25519 AAAA")).unwrap_err();
+    let e = rig.registry.complete(&token, NODE_IP, Some("ssh-ed25519 AAAA")).await.unwrap_err();
     assert!(matches!(e, PxeError::InvalidHostKey { .. }), "{e}");
     assert!(result(h).await.is_err());
 }
@@ -252,13 +260,13 @@ async fn failed_callback_fails_the_install_with_the_machines_reason() {
     let n = node("n3.example.org");
     let h = start(&rig, &n, &image("9"));
     let (_, token) = machine_boots(&rig, "n3.example.org").await;
-    rig.registry.fail(&token, NODE_IP, "cannot write /root/.ssh/authorized_keys\n\x1b[31m").unwrap();
+    rig.registry.fail(&token, NODE_IP, "cannot write /root/.ssh/authorized_keys\n\x1b[31m").await.unwrap();
     let err = result(h).await.unwrap_err();
     assert!(err.message.contains("n3.example.org"), "{err}");
     assert!(err.message.contains("cannot write /root/.ssh/authorized_keys"), "{err}");
     assert!(!err.message.contains('\x1b'), "control characters kept: {err:?}");
-    assert!(matches!(rig.registry.fail(&token, NODE_IP, "again"), Err(PxeError::UnknownToken)));
-    assert!(matches!(rig.registry.complete(&token, NODE_IP, None), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.fail(&token, NODE_IP, "again").await, Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, None).await, Err(PxeError::UnknownToken)));
 }
 
 #[tokio::test]
@@ -273,18 +281,21 @@ async fn expired_token_fails_the_install_naming_the_node() {
     assert!(err.message.contains("n4.example.org"), "{err}");
     assert!(err.message.contains("expired"), "{err}");
     // A late machine is told its token expired; no install is pending.
-    let e = rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).unwrap_err();
+    let e = rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).await.unwrap_err();
     assert!(matches!(&e, PxeError::Expired { hostname } if hostname == "n4.example.org"), "{e}");
-    assert!(matches!(rig.registry.kickstart(&token, NODE_IP), Err(PxeError::Expired { .. })));
-    assert!(!rig.registry.is_pending("n4.example.org"));
-    assert!(matches!(rig.registry.ipxe_script("n4.example.org", NODE_IP), Err(PxeError::NoPendingInstall { .. })));
+    assert!(matches!(rig.registry.kickstart(&token, NODE_IP).await, Err(PxeError::Expired { .. })));
+    assert!(!rig.registry.is_pending("n4.example.org").await.unwrap());
+    assert!(matches!(
+        rig.registry.ipxe_script("n4.example.org", NODE_IP).await,
+        Err(PxeError::NoPendingInstall { .. })
+    ));
 
     // The node's next install starts afresh: the old token is forgotten.
     let h = start(&rig, &n, &image("9"));
     let (_, token2) = machine_boots(&rig, "n4.example.org").await;
     assert_ne!(token, token2);
-    assert!(matches!(rig.registry.complete(&token, NODE_IP, None), Err(PxeError::UnknownToken)));
-    rig.registry.complete(&token2, NODE_IP, Some(HOST_KEY)).unwrap();
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, None).await, Err(PxeError::UnknownToken)));
+    rig.registry.complete(&token2, NODE_IP, Some(HOST_KEY)).await.unwrap();
     result(h).await.unwrap();
 }
 
@@ -299,16 +310,19 @@ async fn wrong_tokens_are_refused() {
     let other = String::from_utf8(other).unwrap();
     for wrong in [other.as_str(), "", "deadbeef", &token.to_uppercase(), &format!("{token}0"), "../../etc/passwd"] {
         assert!(
-            matches!(rig.registry.complete(wrong, NODE_IP, Some(HOST_KEY)), Err(PxeError::UnknownToken)),
+            matches!(rig.registry.complete(wrong, NODE_IP, Some(HOST_KEY)).await, Err(PxeError::UnknownToken)),
             "{wrong}"
         );
-        assert!(matches!(rig.registry.fail(wrong, NODE_IP, "x"), Err(PxeError::UnknownToken)), "{wrong}");
-        assert!(matches!(rig.registry.kickstart(wrong, NODE_IP), Err(PxeError::UnknownToken)), "{wrong}");
+        assert!(matches!(rig.registry.fail(wrong, NODE_IP, "x").await, Err(PxeError::UnknownToken)), "{wrong}");
+        assert!(matches!(rig.registry.kickstart(wrong, NODE_IP).await, Err(PxeError::UnknownToken)), "{wrong}");
     }
-    assert!(matches!(rig.registry.ipxe_script("other.example.org", NODE_IP), Err(PxeError::NoPendingInstall { .. })));
+    assert!(matches!(
+        rig.registry.ipxe_script("other.example.org", NODE_IP).await,
+        Err(PxeError::NoPendingInstall { .. })
+    ));
     // The real token still works.
     assert!(!h.is_finished());
-    rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).unwrap();
+    rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).await.unwrap();
     assert_eq!(result(h).await.unwrap().host_key.as_deref(), Some(HOST_KEY));
 }
 
@@ -318,11 +332,11 @@ async fn invalid_host_key_is_refused_and_fails_the_install() {
     let n = node("n6.example.org");
     let h = start(&rig, &n, &image("9"));
     let (_, token) = machine_boots(&rig, "n6.example.org").await;
-    let e = rig.registry.complete(&token, NODE_IP, Some("ssh-ed25519 AAAA\nrm -rf /")).unwrap_err();
+    let e = rig.registry.complete(&token, NODE_IP, Some("ssh-ed25519 AAAA\nrm -rf /")).await.unwrap_err();
     assert!(matches!(e, PxeError::InvalidHostKey { .. }), "{e}");
     let err = result(h).await.unwrap_err();
     assert!(err.message.contains("n6.example.org") && err.message.contains("invalid SSH host key"), "{err}");
-    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).await, Err(PxeError::UnknownToken)));
 }
 
 #[tokio::test]
@@ -334,17 +348,20 @@ async fn dropping_the_install_removes_the_pending_entry() {
     let (_, token) = machine_boots(&rig, "n7.example.org").await;
     h.abort();
     assert!(h.await.unwrap_err().is_cancelled());
-    assert!(!rig.registry.is_pending("n7.example.org"));
-    assert_eq!(rig.registry.pending_count(), 0);
-    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)), Err(PxeError::UnknownToken)));
-    assert!(matches!(rig.registry.ipxe_script("n7.example.org", NODE_IP), Err(PxeError::NoPendingInstall { .. })));
+    assert!(!rig.registry.is_pending("n7.example.org").await.unwrap());
+    assert_eq!(rig.registry.pending_count().await.unwrap(), 0);
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).await, Err(PxeError::UnknownToken)));
+    assert!(matches!(
+        rig.registry.ipxe_script("n7.example.org", NODE_IP).await,
+        Err(PxeError::NoPendingInstall { .. })
+    ));
 
     // The same with the future dropped in place by a timeout.
     let inst = rig.installer.clone();
     let img = image("9");
     let fut = inst.install(&n, &img);
     assert!(tokio::time::timeout(Duration::from_millis(200), fut).await.is_err());
-    assert_eq!(rig.registry.pending_count(), 0);
+    assert_eq!(rig.registry.pending_count().await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -356,14 +373,14 @@ async fn a_new_install_of_the_node_supersedes_the_old_one() {
     let second = start(&rig, &n, &image("8"));
     let err = result(first).await.unwrap_err();
     assert!(err.message.contains("superseded") && err.message.contains("n8.example.org"), "{err}");
-    assert_eq!(rig.registry.pending_count(), 1);
-    assert!(matches!(rig.registry.complete(&old, NODE_IP, None), Err(PxeError::UnknownToken)));
+    assert_eq!(rig.registry.pending_count().await.unwrap(), 1);
+    assert!(matches!(rig.registry.complete(&old, NODE_IP, None).await, Err(PxeError::UnknownToken)));
     let (script, new) = machine_boots(&rig, "n8.example.org").await;
     assert_ne!(old, new);
     assert!(script.contains("/centos/8/os/x86_64/"), "{script}");
-    rig.registry.complete(&new, NODE_IP, Some(HOST_KEY)).unwrap();
+    rig.registry.complete(&new, NODE_IP, Some(HOST_KEY)).await.unwrap();
     result(second).await.unwrap();
-    assert_eq!(rig.registry.pending_count(), 0);
+    assert_eq!(rig.registry.pending_count().await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -373,7 +390,7 @@ async fn power_failure_fails_the_install_and_removes_the_entry() {
     let err = rig.installer.install(&node("n9.example.org"), &image("9")).await.unwrap_err();
     assert!(err.message.contains("n9.example.org") && err.message.contains("PXE"), "{err}");
     assert!(err.message.contains("no answer from 10.1.0.11:623"), "{err}");
-    assert_eq!(rig.registry.pending_count(), 0);
+    assert_eq!(rig.registry.pending_count().await.unwrap(), 0);
     assert_eq!(rig.power.calls(), ["boot pxe n9.example.org"]);
 }
 
@@ -389,7 +406,7 @@ async fn invalid_node_names_are_refused_before_anything_happens() {
     refused(&rig, &n, &image("9")).await;
     refused(&rig, &node("n10.example.org"), &image("9;reboot")).await;
     assert!(rig.power.calls().is_empty());
-    assert_eq!(rig.registry.pending_count(), 0);
+    assert_eq!(rig.registry.pending_count().await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -402,7 +419,7 @@ async fn a_node_without_an_ip_address_is_not_installed_by_pxe() {
         assert!(err.message.contains("n13.example.org") && err.message.contains("IP address"), "{ip:?}: {err}");
     }
     assert!(rig.power.calls().is_empty(), "nothing was powered");
-    assert_eq!(rig.registry.pending_count(), 0);
+    assert_eq!(rig.registry.pending_count().await.unwrap(), 0);
     assert!(duffy_installers::pxe::node_address(None).is_err());
     assert_eq!(duffy_installers::pxe::node_address(Some(" 10.0.0.11 ")), Ok(NODE_IP));
     // Recorded as an IPv4-mapped IPv6 address, it is the IPv4 address.
@@ -419,31 +436,31 @@ async fn requests_from_another_address_change_nothing_and_look_like_unknown_toke
     // The boot script (which carries the token) only for the node's own
     // address; anyone else is told what a host without an install is told.
     for peer in [OTHER_IP, IpAddr::V6(Ipv6Addr::LOCALHOST), IpAddr::V6(Ipv4Addr::new(10, 0, 0, 12).to_ipv6_mapped())] {
-        let e = rig.registry.ipxe_script("n14.example.org", peer).unwrap_err();
+        let e = rig.registry.ipxe_script("n14.example.org", peer).await.unwrap_err();
         assert!(matches!(e, PxeError::NoPendingInstall { .. }), "{peer}: {e}");
         assert_eq!(
             e.to_string(),
-            rig.registry.ipxe_script("n14.example.org", peer).unwrap_err().to_string(),
+            rig.registry.ipxe_script("n14.example.org", peer).await.unwrap_err().to_string(),
             "nothing changed"
         );
         // Every token endpoint: exactly what an unknown token gets.
-        let e = rig.registry.kickstart(&token, peer).unwrap_err();
+        let e = rig.registry.kickstart(&token, peer).await.unwrap_err();
         assert!(matches!(e, PxeError::UnknownToken), "{peer}: {e}");
-        assert_eq!(e.to_string(), rig.registry.kickstart(&unknown, NODE_IP).unwrap_err().to_string());
-        assert!(matches!(rig.registry.complete(&token, peer, Some(HOST_KEY)), Err(PxeError::UnknownToken)));
-        assert!(matches!(rig.registry.complete(&token, peer, None), Err(PxeError::UnknownToken)));
-        assert!(matches!(rig.registry.complete(&token, peer, Some("junk")), Err(PxeError::UnknownToken)));
-        assert!(matches!(rig.registry.fail(&token, peer, "forged"), Err(PxeError::UnknownToken)));
+        assert_eq!(e.to_string(), rig.registry.kickstart(&unknown, NODE_IP).await.unwrap_err().to_string());
+        assert!(matches!(rig.registry.complete(&token, peer, Some(HOST_KEY)).await, Err(PxeError::UnknownToken)));
+        assert!(matches!(rig.registry.complete(&token, peer, None).await, Err(PxeError::UnknownToken)));
+        assert!(matches!(rig.registry.complete(&token, peer, Some("junk")).await, Err(PxeError::UnknownToken)));
+        assert!(matches!(rig.registry.fail(&token, peer, "forged").await, Err(PxeError::UnknownToken)));
     }
     // Nothing was used up or failed.
-    assert!(rig.registry.is_pending("n14.example.org"));
+    assert!(rig.registry.is_pending("n14.example.org").await.unwrap());
     assert!(!h.is_finished());
     // The node itself, also seen as an IPv4-mapped IPv6 address (a `[::]`
     // listener), gets its script and completes.
     let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 11).to_ipv6_mapped());
-    assert_eq!(rig.registry.ipxe_script("n14.example.org", mapped).unwrap(), script);
-    assert!(rig.registry.kickstart(&token, mapped).is_ok());
-    rig.registry.complete(&token, mapped, Some(HOST_KEY)).unwrap();
+    assert_eq!(rig.registry.ipxe_script("n14.example.org", mapped).await.unwrap(), script);
+    assert!(rig.registry.kickstart(&token, mapped).await.is_ok());
+    rig.registry.complete(&token, mapped, Some(HOST_KEY)).await.unwrap();
     assert_eq!(result(h).await.unwrap().host_key.as_deref(), Some(HOST_KEY));
 }
 
@@ -457,12 +474,12 @@ async fn an_expired_token_from_another_address_is_unknown() {
     let (_, token) = machine_boots(&rig, "n15.example.org").await;
     assert!(result(h).await.is_err());
     // A stranger cannot tell the token ever existed, nor which node it was.
-    let e = rig.registry.complete(&token, OTHER_IP, Some(HOST_KEY)).unwrap_err();
+    let e = rig.registry.complete(&token, OTHER_IP, Some(HOST_KEY)).await.unwrap_err();
     assert!(matches!(e, PxeError::UnknownToken), "{e}");
-    assert!(matches!(rig.registry.kickstart(&token, OTHER_IP), Err(PxeError::UnknownToken)));
-    assert!(matches!(rig.registry.fail(&token, OTHER_IP, "x"), Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.kickstart(&token, OTHER_IP).await, Err(PxeError::UnknownToken)));
+    assert!(matches!(rig.registry.fail(&token, OTHER_IP, "x").await, Err(PxeError::UnknownToken)));
     // The node is told its token expired.
-    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)), Err(PxeError::Expired { .. })));
+    assert!(matches!(rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).await, Err(PxeError::Expired { .. })));
 }
 
 #[tokio::test]
@@ -511,7 +528,7 @@ async fn custom_templates_and_image_urls() {
              ks={PUBLIC_URL}/Install/kickstart?token={token}\ninitrd http://mirror.local/9/x86_64/initrd.img\nboot\n"
         )
     );
-    let ks = rig.registry.kickstart(&token, NODE_IP).unwrap();
+    let ks = rig.registry.kickstart(&token, NODE_IP).await.unwrap();
     assert_eq!(
         ks,
         format!(
@@ -519,7 +536,7 @@ async fn custom_templates_and_image_urls() {
              {PUBLIC_URL}/Install/failed?token={token}\n{token} {PUBLIC_URL} http://mirror.local/9/x86_64/os/\n"
         )
     );
-    rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).unwrap();
+    rig.registry.complete(&token, NODE_IP, Some(HOST_KEY)).await.unwrap();
     result(h).await.unwrap();
 
     // Release 8: falls back to ks.tmpl.
@@ -528,10 +545,10 @@ async fn custom_templates_and_image_urls() {
     let (script, token) = machine_boots(&rig, "n12.example.org").await;
     assert!(script.contains("kernel http://mirror.local/8/x86_64/vmlinuz "), "{script}");
     assert_eq!(
-        rig.registry.kickstart(&token, NODE_IP).unwrap(),
+        rig.registry.kickstart(&token, NODE_IP).await.unwrap(),
         "# generic 8/x86_64 for n12.example.org ip 10.0.0.11\n"
     );
-    rig.registry.fail(&token, NODE_IP, "test").unwrap();
+    rig.registry.fail(&token, NODE_IP, "test").await.unwrap();
     assert!(result(h).await.is_err());
 }
 
@@ -542,7 +559,7 @@ async fn unknown_placeholder_in_a_template_is_an_error() {
     std::fs::write(dir.path().join("ks.tmpl"), "text\nreboot\nnetwork --hostname={{hostnmae}}\n").unwrap();
     let mut config = PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY);
     config.templates_dir = Some(dir.path().to_path_buf());
-    let err = PxeRegistry::new(&config, endpoints(), clock.clone()).unwrap_err();
+    let err = PxeRegistry::new(&config, endpoints(), tickets(), clock.clone()).unwrap_err();
     match &err {
         PxeError::Template { name, source: TemplateError::UnknownPlaceholder { name: ph, line, .. } } => {
             assert_eq!(name, "ks.tmpl");
@@ -556,7 +573,7 @@ async fn unknown_placeholder_in_a_template_is_an_error() {
 
     std::fs::write(dir.path().join("ks.tmpl"), "ok {{hostname}}\n").unwrap();
     std::fs::write(dir.path().join("ipxe-9-x86_64.tmpl"), "#!ipxe\nkernel {{kernel_url\n").unwrap();
-    let err = PxeRegistry::new(&config, endpoints(), clock.clone()).unwrap_err();
+    let err = PxeRegistry::new(&config, endpoints(), tickets(), clock.clone()).unwrap_err();
     assert!(
         matches!(&err, PxeError::Template { name, source: TemplateError::Unclosed { line: 2 } } if name == "ipxe-9-x86_64.tmpl"),
         "{err}"
@@ -565,7 +582,7 @@ async fn unknown_placeholder_in_a_template_is_an_error() {
     // URL patterns too.
     let mut config = PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY);
     config.repo_url = "http://m/{{version}}/".into();
-    assert!(matches!(PxeRegistry::new(&config, endpoints(), clock.clone()), Err(PxeError::Template { .. })));
+    assert!(matches!(PxeRegistry::new(&config, endpoints(), tickets(), clock.clone()), Err(PxeError::Template { .. })));
     let mut config = PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY);
     config.images.push(PxeImage {
         release: "9".into(),
@@ -574,11 +591,11 @@ async fn unknown_placeholder_in_a_template_is_an_error() {
         initrd_url: None,
         repo_url: None,
     });
-    assert!(matches!(PxeRegistry::new(&config, endpoints(), clock.clone()), Err(PxeError::Template { .. })));
+    assert!(matches!(PxeRegistry::new(&config, endpoints(), tickets(), clock.clone()), Err(PxeError::Template { .. })));
     // A missing directory is an error too, naming it.
     let mut config = PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY);
     config.templates_dir = Some(dir.path().join("missing"));
-    let err = PxeRegistry::new(&config, endpoints(), clock).unwrap_err();
+    let err = PxeRegistry::new(&config, endpoints(), tickets(), clock).unwrap_err();
     assert!(matches!(err, PxeError::Io { .. }) && err.to_string().contains("missing"), "{err}");
 }
 
@@ -586,14 +603,14 @@ async fn unknown_placeholder_in_a_template_is_an_error() {
 fn config_validation() {
     let clock: Arc<dyn Clock> = Arc::new(FixedClock);
     let ok = PxeConfig::new(PUBLIC_URL, PROVISIONING_KEY);
-    assert!(PxeRegistry::new(&ok, endpoints(), clock.clone()).is_ok());
+    assert!(PxeRegistry::new(&ok, endpoints(), tickets(), clock.clone()).is_ok());
     let bad_key = PxeConfig { provisioning_public_key: "ssh-ed25519 AAAA\nevil".into(), ..ok.clone() };
-    let e = PxeRegistry::new(&bad_key, endpoints(), clock.clone()).unwrap_err();
+    let e = PxeRegistry::new(&bad_key, endpoints(), tickets(), clock.clone()).unwrap_err();
     assert!(e.to_string().contains("provisioning_public_key"), "{e}");
     let bad_url = PxeConfig { public_url: "http://10.0.0.1:8080/'$(reboot)'".into(), ..ok.clone() };
-    assert!(matches!(PxeRegistry::new(&bad_url, endpoints(), clock.clone()), Err(PxeError::Config(_))));
+    assert!(matches!(PxeRegistry::new(&bad_url, endpoints(), tickets(), clock.clone()), Err(PxeError::Config(_))));
     let zero = PxeConfig { token_ttl: Duration::ZERO, ..ok.clone() };
-    assert!(matches!(PxeRegistry::new(&zero, endpoints(), clock.clone()), Err(PxeError::Config(_))));
+    assert!(matches!(PxeRegistry::new(&zero, endpoints(), tickets(), clock.clone()), Err(PxeError::Config(_))));
 
     let c: PxeConfig = toml::from_str(&format!(
         "public_url = \"{PUBLIC_URL}\"\nprovisioning_public_key = \"{PROVISIONING_KEY}\"\ntoken_ttl = \"90m\""

@@ -20,6 +20,7 @@
 //! [`store_conformance_tests!`]: crate::store_conformance_tests
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +34,10 @@ use crate::state::{Cause, CauseKind, NodeState};
 use crate::store::{
     Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, EventQuery, Guard, HandBack, HandBackKind,
     HandBackRefusal, NodeCount, NodeGroup, NodeWrite, SessionWrite, Store, StoreError,
+};
+use crate::tickets::{
+    InstallTicket, InstallTickets, MAX_TICKET_TOKENS, Settle, TicketAccess, TicketId, TicketOutcome, TicketState,
+    TokenHash,
 };
 use crate::time::Timestamp;
 
@@ -76,6 +81,11 @@ macro_rules! store_conformance_tests {
             latest_events_are_newest_first_and_bounded,
             node_counts_group_the_farm,
             fenced_writes_need_the_newest_epoch,
+            install_tickets_are_single_use_and_bound_to_the_address,
+            install_tickets_are_replaced_by_the_hosts_next_registration,
+            expired_install_tickets_become_tombstones,
+            concurrent_uses_of_one_install_token_grant_exactly_one,
+            install_ticket_tokens_are_bounded,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -1279,4 +1289,277 @@ pub async fn commit_each_commits_each_batch_on_its_own(store: Arc<dyn Store>) {
     );
     assert!(store.commit_each(Vec::new()).await.is_empty());
     check_history(&*store).await.expect("history");
+}
+
+// ----- install tickets (the PXE installer's pending installs) -----
+
+/// The store's install tickets: every backend of the project keeps them.
+fn tickets_of(store: &Arc<dyn Store>) -> Arc<dyn InstallTickets> {
+    store.clone().install_tickets().expect("the store keeps install tickets (Store::install_tickets)")
+}
+
+const NODE_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 11));
+const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 12));
+
+fn ticket(id: &str, host: &str, expires_at: Timestamp) -> InstallTicket {
+    InstallTicket {
+        id: TicketId(id.into()),
+        hostname: host.into(),
+        ip: NODE_IP,
+        hardware_arch: Arch::X86_64,
+        image: pool7(),
+        expires_at,
+    }
+}
+
+fn granted(access: TicketAccess) -> InstallTicket {
+    match access {
+        TicketAccess::Granted(t) => t,
+        other => panic!("expected the ticket to be granted: {other:?}"),
+    }
+}
+
+fn done(key: &str) -> TicketOutcome {
+    TicketOutcome::Done { host_key: Some(key.into()) }
+}
+
+/// A ticket is found by the hash of a token it was issued, only from its
+/// node's address; it is used once; a request from another address
+/// changes nothing; the waiting installer takes the outcome.
+pub async fn install_tickets_are_single_use_and_bound_to_the_address(store: Arc<dyn Store>) {
+    let t = tickets_of(&store);
+    let later = T0.plus(Duration::from_secs(3600));
+    let reg = ticket("a1", "n1.example.org", later);
+    assert_eq!(t.register_ticket(reg.clone()).await.expect("register"), None);
+    assert_eq!(t.pending_tickets().await.expect("count"), 1);
+    let rec = t.ticket_of_host("n1.example.org").await.expect("read").expect("registered");
+    assert_eq!((rec.ticket.clone(), rec.state), (reg.clone(), TicketState::Pending));
+    assert_eq!(t.ticket_of_host("n2.example.org").await.expect("read"), None);
+    let tok = TokenHash::of("token-1");
+    // Not issued yet: unknown.
+    assert_eq!(t.ticket_by_token(&tok, NODE_IP, T0).await.expect("read"), TicketAccess::Unknown);
+    // Issued only to the node's address.
+    let wrong = t.issue_ticket_token("n1.example.org", &reg.id, tok, OTHER_IP, T0).await.expect("issue");
+    assert!(
+        matches!(wrong, TicketAccess::WrongAddress { ref hostname, ip } if hostname == "n1.example.org" && ip == NODE_IP),
+        "{wrong:?}"
+    );
+    assert_eq!(t.ticket_by_token(&tok, NODE_IP, T0).await.expect("read"), TicketAccess::Unknown, "nothing issued");
+    assert_eq!(granted(t.issue_ticket_token("n1.example.org", &reg.id, tok, NODE_IP, T0).await.expect("issue")), reg);
+    // Issuing for another registration of the host is refused.
+    let zz = TicketId("zz".into());
+    let stale = t.issue_ticket_token("n1.example.org", &zz, TokenHash::of("x"), NODE_IP, T0);
+    assert_eq!(stale.await.expect("issue"), TicketAccess::Unknown);
+    assert_eq!(granted(t.ticket_by_token(&tok, NODE_IP, T0).await.expect("read")), reg);
+    // An IPv4-mapped IPv6 peer is the IPv4 address.
+    let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 11).to_ipv6_mapped());
+    assert_eq!(granted(t.ticket_by_token(&tok, mapped, T0).await.expect("read")), reg);
+    assert!(matches!(t.ticket_by_token(&tok, OTHER_IP, T0).await.expect("read"), TicketAccess::WrongAddress { .. }));
+    // Another address cannot use it, and changes nothing.
+    let w = t.use_ticket(&tok, OTHER_IP, T0, done("forged")).await.expect("use");
+    assert!(matches!(w, TicketAccess::WrongAddress { .. }), "{w:?}");
+    assert_eq!(t.ticket_of_host("n1.example.org").await.expect("read").expect("there").state, TicketState::Pending);
+    assert_eq!(
+        t.settle_ticket("n1.example.org", &reg.id, Settle::Poll).await.expect("poll"),
+        Some(TicketState::Pending)
+    );
+    // The node uses it, once.
+    assert_eq!(granted(t.use_ticket(&tok, NODE_IP, T0, done("key-1")).await.expect("use")), reg);
+    assert_eq!(t.use_ticket(&tok, NODE_IP, T0, done("key-2")).await.expect("use"), TicketAccess::Unknown);
+    let fail = TicketOutcome::Failed { reason: "late".into() };
+    assert_eq!(t.use_ticket(&tok, NODE_IP, T0, fail).await.expect("use"), TicketAccess::Unknown);
+    assert_eq!(t.ticket_by_token(&tok, NODE_IP, T0).await.expect("read"), TicketAccess::Unknown);
+    assert_eq!(t.pending_tickets().await.expect("count"), 0);
+    let again = t.issue_ticket_token("n1.example.org", &reg.id, TokenHash::of("t2"), NODE_IP, T0).await;
+    assert_eq!(again.expect("issue"), TicketAccess::Unknown, "a used ticket issues no token");
+    // The installer takes the first outcome; the ticket is then gone.
+    let other_id = TicketId("other".into());
+    assert_eq!(t.settle_ticket("n1.example.org", &other_id, Settle::Poll).await.expect("poll"), None);
+    assert_eq!(
+        t.settle_ticket("n1.example.org", &reg.id, Settle::Poll).await.expect("poll"),
+        Some(TicketState::Used(done("key-1")))
+    );
+    assert_eq!(t.settle_ticket("n1.example.org", &reg.id, Settle::Poll).await.expect("poll"), None);
+    assert_eq!(t.ticket_of_host("n1.example.org").await.expect("read"), None);
+    assert_eq!(t.use_ticket(&tok, NODE_IP, T0, done("key-3")).await.expect("use"), TicketAccess::Unknown);
+}
+
+/// A host's new registration replaces its ticket (pending, used or a
+/// tombstone) and every token of it; the replaced one's installer learns
+/// it is gone. A cancelled ticket is gone; a tombstone outlives a cancel.
+pub async fn install_tickets_are_replaced_by_the_hosts_next_registration(store: Arc<dyn Store>) {
+    let t = tickets_of(&store);
+    let later = T0.plus(Duration::from_secs(3600));
+    let first = ticket("b1", "n3.example.org", later);
+    let neighbour = ticket("b9", "n4.example.org", later);
+    t.register_ticket(first.clone()).await.expect("register");
+    t.register_ticket(neighbour.clone()).await.expect("register");
+    let (old, other) = (TokenHash::of("old"), TokenHash::of("neighbour"));
+    granted(t.issue_ticket_token("n3.example.org", &first.id, old, NODE_IP, T0).await.expect("issue"));
+    granted(t.issue_ticket_token("n4.example.org", &neighbour.id, other, NODE_IP, T0).await.expect("issue"));
+    let second =
+        InstallTicket { image: PoolKey::new("8", Arch::X86_64, None), ..ticket("b2", "n3.example.org", later) };
+    assert_eq!(t.register_ticket(second.clone()).await.expect("register"), Some(first.id.clone()));
+    assert_eq!(t.pending_tickets().await.expect("count"), 2);
+    assert_eq!(t.ticket_by_token(&old, NODE_IP, T0).await.expect("read"), TicketAccess::Unknown);
+    assert_eq!(t.use_ticket(&old, NODE_IP, T0, done("k")).await.expect("use"), TicketAccess::Unknown);
+    assert_eq!(t.settle_ticket("n3.example.org", &first.id, Settle::Poll).await.expect("poll"), None);
+    assert_eq!(t.settle_ticket("n3.example.org", &first.id, Settle::Cancel).await.expect("cancel"), None);
+    let rec = t.ticket_of_host("n3.example.org").await.expect("read").expect("there");
+    assert_eq!((rec.ticket, rec.state), (second.clone(), TicketState::Pending), "the old cancel removed nothing");
+    // The neighbour is untouched.
+    assert_eq!(granted(t.ticket_by_token(&other, NODE_IP, T0).await.expect("read")), neighbour);
+    // A used ticket is replaced too (its outcome was never taken).
+    let new = TokenHash::of("new");
+    granted(t.issue_ticket_token("n3.example.org", &second.id, new, NODE_IP, T0).await.expect("issue"));
+    granted(t.use_ticket(&new, NODE_IP, T0, done("k")).await.expect("use"));
+    let third = ticket("b3", "n3.example.org", T0.plus(Duration::from_secs(1)));
+    assert_eq!(t.register_ticket(third.clone()).await.expect("register"), Some(second.id.clone()));
+    // A tombstone: replaced silently (nobody waits for it), its tokens gone.
+    let late = TokenHash::of("late");
+    granted(t.issue_ticket_token("n3.example.org", &third.id, late, NODE_IP, T0).await.expect("issue"));
+    assert_eq!(
+        t.settle_ticket("n3.example.org", &third.id, Settle::Expire).await.expect("expire"),
+        Some(TicketState::Expired)
+    );
+    assert_eq!(
+        t.settle_ticket("n3.example.org", &third.id, Settle::Cancel).await.expect("cancel"),
+        Some(TicketState::Expired),
+        "a tombstone outlives a cancel"
+    );
+    assert!(matches!(t.ticket_by_token(&late, NODE_IP, T0).await.expect("read"), TicketAccess::Expired { .. }));
+    let fourth = ticket("b4", "n3.example.org", later);
+    assert_eq!(t.register_ticket(fourth.clone()).await.expect("register"), None);
+    assert_eq!(t.ticket_by_token(&late, NODE_IP, T0).await.expect("read"), TicketAccess::Unknown);
+    // Cancelled: gone, with its tokens.
+    let c = TokenHash::of("cancelled");
+    granted(t.issue_ticket_token("n3.example.org", &fourth.id, c, NODE_IP, T0).await.expect("issue"));
+    assert_eq!(
+        t.settle_ticket("n3.example.org", &fourth.id, Settle::Cancel).await.expect("cancel"),
+        Some(TicketState::Pending)
+    );
+    assert_eq!(t.ticket_of_host("n3.example.org").await.expect("read"), None);
+    assert_eq!(t.ticket_by_token(&c, NODE_IP, T0).await.expect("read"), TicketAccess::Unknown);
+    assert_eq!(t.pending_tickets().await.expect("count"), 1);
+}
+
+/// From its deadline on, a ticket answers "expired" to its node's
+/// address and "unknown" to any other; a callback after the deadline
+/// turns it into a tombstone in the same step; the installer that gives
+/// up on it makes it one too. Tombstones stay until the host registers
+/// again.
+pub async fn expired_install_tickets_become_tombstones(store: Arc<dyn Store>) {
+    let t = tickets_of(&store);
+    let deadline = T0.plus(Duration::from_secs(60));
+    let a = ticket("c1", "n5.example.org", deadline);
+    t.register_ticket(a.clone()).await.expect("register");
+    let tok = TokenHash::of("c1-token");
+    granted(t.issue_ticket_token("n5.example.org", &a.id, tok, NODE_IP, T0).await.expect("issue"));
+    let just_before = deadline.minus(Duration::from_millis(1));
+    granted(t.ticket_by_token(&tok, NODE_IP, just_before).await.expect("read"));
+    // At the deadline: no new token, the kickstart is refused; nothing
+    // changes until the ticket is used.
+    let late = t.issue_ticket_token("n5.example.org", &a.id, TokenHash::of("c1-late"), NODE_IP, deadline).await;
+    assert!(matches!(late.expect("issue"), TicketAccess::Expired { ref hostname } if hostname == "n5.example.org"));
+    assert!(matches!(t.ticket_by_token(&tok, NODE_IP, deadline).await.expect("read"), TicketAccess::Expired { .. }));
+    assert_eq!(t.ticket_of_host("n5.example.org").await.expect("read").expect("there").state, TicketState::Pending);
+    // Another address: unknown, and nothing changes.
+    let w = t.use_ticket(&tok, OTHER_IP, deadline, done("k")).await.expect("use");
+    assert!(matches!(w, TicketAccess::WrongAddress { .. }), "{w:?}");
+    assert_eq!(t.ticket_of_host("n5.example.org").await.expect("read").expect("there").state, TicketState::Pending);
+    // The node, late: expired, and the ticket is a tombstone.
+    let e = t.use_ticket(&tok, NODE_IP, deadline, done("k")).await.expect("use");
+    assert!(matches!(e, TicketAccess::Expired { ref hostname } if hostname == "n5.example.org"), "{e:?}");
+    assert_eq!(t.ticket_of_host("n5.example.org").await.expect("read").expect("there").state, TicketState::Expired);
+    assert_eq!(t.pending_tickets().await.expect("count"), 0);
+    // Still expired to the node (even "before" the deadline: a tombstone is
+    // final), unknown to anyone else.
+    assert!(matches!(t.use_ticket(&tok, NODE_IP, T0, done("k")).await.expect("use"), TicketAccess::Expired { .. }));
+    assert!(matches!(t.ticket_by_token(&tok, OTHER_IP, T0).await.expect("read"), TicketAccess::WrongAddress { .. }));
+    // Its installer is told, and the tombstone stays.
+    assert_eq!(t.settle_ticket("n5.example.org", &a.id, Settle::Poll).await.expect("poll"), Some(TicketState::Expired));
+    assert_eq!(
+        t.settle_ticket("n5.example.org", &a.id, Settle::Expire).await.expect("expire"),
+        Some(TicketState::Expired)
+    );
+    assert!(matches!(t.ticket_by_token(&tok, NODE_IP, T0).await.expect("read"), TicketAccess::Expired { .. }));
+
+    // The installer gives up first: a pending ticket becomes a tombstone.
+    let b = ticket("c2", "n6.example.org", deadline);
+    t.register_ticket(b.clone()).await.expect("register");
+    let tb = TokenHash::of("c2-token");
+    granted(t.issue_ticket_token("n6.example.org", &b.id, tb, NODE_IP, T0).await.expect("issue"));
+    assert_eq!(
+        t.settle_ticket("n6.example.org", &b.id, Settle::Expire).await.expect("expire"),
+        Some(TicketState::Expired)
+    );
+    assert!(matches!(t.use_ticket(&tb, NODE_IP, T0, done("k")).await.expect("use"), TicketAccess::Expired { .. }));
+    // A callback that came just in time is taken by the expiring installer.
+    let c = ticket("c3", "n7.example.org", deadline);
+    t.register_ticket(c.clone()).await.expect("register");
+    let tc = TokenHash::of("c3-token");
+    granted(t.issue_ticket_token("n7.example.org", &c.id, tc, NODE_IP, T0).await.expect("issue"));
+    granted(t.use_ticket(&tc, NODE_IP, just_before, done("in-time")).await.expect("use"));
+    assert_eq!(
+        t.settle_ticket("n7.example.org", &c.id, Settle::Expire).await.expect("expire"),
+        Some(TicketState::Used(done("in-time")))
+    );
+    assert_eq!(t.ticket_of_host("n7.example.org").await.expect("read"), None);
+}
+
+/// Many callbacks with one token at once: exactly one uses the ticket,
+/// and its outcome is the one recorded.
+pub async fn concurrent_uses_of_one_install_token_grant_exactly_one(store: Arc<dyn Store>) {
+    let t = tickets_of(&store);
+    let a = ticket("d1", "n8.example.org", T0.plus(Duration::from_secs(3600)));
+    t.register_ticket(a.clone()).await.expect("register");
+    let tok = TokenHash::of("d1-token");
+    granted(t.issue_ticket_token("n8.example.org", &a.id, tok, NODE_IP, T0).await.expect("issue"));
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let t = t.clone();
+            tokio::spawn(async move { (i, t.use_ticket(&tok, NODE_IP, T0, done(&format!("key-{i}"))).await) })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        let (i, r) = task.await.expect("task");
+        match r.expect("use") {
+            TicketAccess::Granted(_) => winners.push(i),
+            TicketAccess::Unknown => {}
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one callback uses the ticket: {winners:?}");
+    assert_eq!(
+        t.settle_ticket("n8.example.org", &a.id, Settle::Poll).await.expect("poll"),
+        Some(TicketState::Used(done(&format!("key-{}", winners[0]))))
+    );
+}
+
+/// A ticket keeps the newest [`MAX_TICKET_TOKENS`] tokens it was issued;
+/// issuing one it has changes nothing.
+pub async fn install_ticket_tokens_are_bounded(store: Arc<dyn Store>) {
+    let t = tickets_of(&store);
+    let a = ticket("e1", "n9.example.org", T0.plus(Duration::from_secs(3600)));
+    t.register_ticket(a.clone()).await.expect("register");
+    let toks: Vec<_> = (0..MAX_TICKET_TOKENS + 2).map(|i| TokenHash::of(&format!("e1-{i}"))).collect();
+    for (i, tok) in toks.iter().enumerate() {
+        granted(t.issue_ticket_token("n9.example.org", &a.id, *tok, NODE_IP, T0).await.expect("issue"));
+        // Issuing the first one again keeps it while there is room.
+        if i < MAX_TICKET_TOKENS {
+            granted(t.issue_ticket_token("n9.example.org", &a.id, toks[0], NODE_IP, T0).await.expect("issue"));
+        }
+    }
+    for (i, tok) in toks.iter().enumerate() {
+        let access = t.ticket_by_token(tok, NODE_IP, T0).await.expect("read");
+        if i < 2 {
+            assert_eq!(access, TicketAccess::Unknown, "token {i} was among the oldest");
+        } else {
+            granted(access);
+        }
+    }
+    // Any of the kept ones uses the ticket; then none works.
+    granted(t.use_ticket(&toks[5], NODE_IP, T0, done("k")).await.expect("use"));
+    assert_eq!(t.use_ticket(&toks[9], NODE_IP, T0, done("k")).await.expect("use"), TicketAccess::Unknown);
 }

@@ -232,4 +232,11 @@ impl Store for InterceptStore {
         // that could fail or interleave.
         self.inner.key_generation()
     }
+
+    fn install_tickets(self: Arc<Self>) -> Option<Arc<dyn crate::tickets::InstallTickets>> {
+        // The inner store's, unhooked: the hooks are for the farm's
+        // calls, which the engine and reconciler make; tickets are the
+        // PXE installer's.
+        self.inner.clone().install_tickets()
+    }
 }

@@ -65,7 +65,8 @@ fn pxe_registry(st: &AppState) -> Result<&Arc<PxeRegistry>, Reply> {
 
 /// The status of each refusal: 404 for an unknown token or host, 410 for
 /// an expired token, 400 for an invalid or missing host key, 500 for
-/// Duffy's own problems (templates, configuration).
+/// Duffy's own problems (templates, configuration), 503 when the store
+/// failed (the machine's scripts retry a 5xx).
 fn status_of(e: &PxeError) -> StatusCode {
     match e {
         PxeError::UnknownToken | PxeError::NoPendingInstall { .. } => StatusCode::NOT_FOUND,
@@ -74,6 +75,7 @@ fn status_of(e: &PxeError) -> StatusCode {
         PxeError::Template { .. } | PxeError::Io { .. } | PxeError::Config(_) | PxeError::InvalidNode { .. } => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
+        PxeError::Store { .. } => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -106,7 +108,7 @@ async fn install_ipxe(
     let Some(host) = q.get("host").filter(|h| check_hostname(h).is_ok()) else {
         return Err(Reply::Text(StatusCode::BAD_REQUEST, "host=HOSTNAME is required\n".into()));
     };
-    match reg.ipxe_script(host, peer.ip()) {
+    match reg.ipxe_script(host, peer.ip()).await {
         Ok(script) => Ok(Reply::Text(StatusCode::OK, script)),
         Err(PxeError::NoPendingInstall { .. } | PxeError::Expired { .. }) => {
             Ok(Reply::Text(StatusCode::OK, LOCAL_BOOT_SCRIPT.into()))
@@ -133,7 +135,7 @@ async fn install_kickstart(
     RawQuery(raw): RawQuery,
 ) -> Result<Reply, Reply> {
     let (reg, q) = token_query(&st, &INSTALL_KICKSTART, raw.as_deref())?;
-    let ks = reg.kickstart(q.get(TOKEN).unwrap_or_default(), peer.ip()).map_err(|e| pxe_error(&e, peer.ip()))?;
+    let ks = reg.kickstart(q.get(TOKEN).unwrap_or_default(), peer.ip()).await.map_err(|e| pxe_error(&e, peer.ip()))?;
     Ok(Reply::Text(StatusCode::OK, ks))
 }
 
@@ -148,6 +150,7 @@ async fn install_done(
 ) -> Result<Reply, Reply> {
     let (reg, q) = token_query(&st, &INSTALL_DONE, raw.as_deref())?;
     reg.complete(q.get(TOKEN).unwrap_or_default(), peer.ip(), q.get("host_key"))
+        .await
         .map_err(|e| pxe_error(&e, peer.ip()))?;
     Ok(Reply::Text(StatusCode::OK, "OK\n".into()))
 }
@@ -161,6 +164,7 @@ async fn install_failed(
 ) -> Result<Reply, Reply> {
     let (reg, q) = token_query(&st, &INSTALL_FAILED, raw.as_deref())?;
     reg.fail(q.get(TOKEN).unwrap_or_default(), peer.ip(), q.get("reason").unwrap_or("no reason given"))
+        .await
         .map_err(|e| pxe_error(&e, peer.ip()))?;
     Ok(Reply::Text(StatusCode::OK, "OK\n".into()))
 }
@@ -196,6 +200,10 @@ mod tests {
             (PxeError::InvalidHostKey { hostname: host(), source: key_error }, StatusCode::BAD_REQUEST),
             (PxeError::Config("x".into()), StatusCode::INTERNAL_SERVER_ERROR),
             (PxeError::InvalidNode { hostname: host(), reason: "x".into() }, StatusCode::INTERNAL_SERVER_ERROR),
+            (
+                PxeError::Store { what: "x".into(), source: duffy_core::StoreError::Closed },
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
         ] {
             assert_eq!(pxe_error(&e, IpAddr::from([10, 0, 0, 11])).status_code(), status, "{e}");
         }

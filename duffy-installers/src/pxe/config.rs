@@ -21,6 +21,7 @@ pub const URL_PLACEHOLDERS: [&str; 3] = ["release", "arch", "flavor"];
 /// listen = "10.0.0.1:8081"           # the provisioning network only
 /// provisioning_public_key = "ssh-ed25519 AAAA… duffy@farm"
 /// token_ttl = "90m"
+/// poll_interval = "1s"
 /// templates_dir = "/etc/duffy/pxe"
 /// kernel_url = "http://mirror.example.org/centos/{{release}}/os/{{arch}}/images/pxeboot/vmlinuz"
 ///
@@ -40,6 +41,12 @@ pub struct PxeConfig {
     /// take from registration to the machine's callback. Default 1 h.
     #[serde(default = "default_token_ttl", deserialize_with = "duffy_core::time::serde_duration::deserialize")]
     pub token_ttl: Duration,
+    /// How often a waiting install reads its ticket from the store, to
+    /// learn of a callback another service process answered (replicas on
+    /// PostgreSQL); a callback answered by the waiting process wakes it at
+    /// once. Default 1 s.
+    #[serde(default = "default_poll_interval", deserialize_with = "duffy_core::time::serde_duration::deserialize")]
+    pub poll_interval: Duration,
     /// A directory of templates overriding the built-in ones (see the
     /// module docs). Loaded once, when the registry is built.
     #[serde(default)]
@@ -105,6 +112,10 @@ pub(super) fn default_token_ttl() -> Duration {
     Duration::from_secs(3600)
 }
 
+pub(super) fn default_poll_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
 pub(super) fn default_kernel_url() -> String {
     "http://mirror.centos.org/centos/{{release}}/os/{{arch}}/images/pxeboot/vmlinuz".to_string()
 }
@@ -124,6 +135,7 @@ impl PxeConfig {
         PxeConfig {
             public_url: public_url.into(),
             token_ttl: default_token_ttl(),
+            poll_interval: default_poll_interval(),
             templates_dir: None,
             provisioning_public_key: provisioning_public_key.into(),
             kernel_url: default_kernel_url(),

@@ -3,17 +3,24 @@
 //! # How an install runs
 //!
 //! 1. [`PxeInstaller::install`] registers a *pending install* for the node
-//!    in the shared [`PxeRegistry`], under a random one-time token (256
-//!    bits, 64 hex digits). An older pending install of the same node is
-//!    replaced (its waiter fails with "superseded").
+//!    through the shared [`PxeRegistry`]: an install ticket in the store
+//!    ([`duffy_core::tickets`]), so that every service process sharing the
+//!    store (replicas on PostgreSQL) can serve the machine. An older
+//!    pending install of the same node is replaced (its waiter fails with
+//!    "superseded").
 //! 2. It sets the node's next boot to PXE through the
 //!    [`PowerController`] and power-cycles it (powers it on if it is off).
 //! 3. The machine PXE-boots and fetches its iPXE script from Duffy's HTTP
 //!    service, which calls [`PxeRegistry::ipxe_script`] with the host
 //!    name. The script boots the installer kernel with `inst.ks=` the
 //!    kickstart's URL: [`PxeConfig::public_url`], the kickstart endpoint
-//!    the HTTP service gave ([`InstallEndpoints::kickstart`]) and the
-//!    token.
+//!    the HTTP service gave ([`InstallEndpoints::kickstart`]) and a
+//!    one-time token (256 bits, 64 hex digits). The token is this
+//!    process's for the install: HMAC-SHA256 of the ticket's id under a
+//!    key the process draws at start and never stores, so the script is
+//!    the same every time this process serves it; the store keeps only
+//!    the token's SHA-256, added to the ticket when the script is served
+//!    (another process serving the script adds its own).
 //! 4. Anaconda fetches the kickstart ([`PxeRegistry::kickstart`]). The
 //!    built-in kickstart's `%post` installs Duffy's provisioning key for
 //!    root and a one-shot first-boot hook; on an error it calls the failed
@@ -22,8 +29,10 @@
 //!    ([`InstallEndpoints::done`]) with `&host_key=…`, the contents of
 //!    the SSH host public key (ed25519, else ecdsa, else rsa),
 //!    URL-encoded. The HTTP layer calls [`PxeRegistry::complete`] (or
-//!    [`PxeRegistry::fail`]), which wakes the waiting install; it returns
-//!    [`Installed`] with the host key.
+//!    [`PxeRegistry::fail`]), which records the outcome on the ticket. The
+//!    waiting install reads its ticket every [`PxeConfig::poll_interval`]
+//!    (and at once when the callback lands in its own process) and
+//!    returns [`Installed`] with the host key.
 //!
 //! The callback comes from the installed system's first boot rather than
 //! from `%post` (which runs before the installer reboots) because the
@@ -32,8 +41,10 @@
 //!
 //! Tokens are single use (a second callback is [`PxeError::UnknownToken`])
 //! and expire after `token_ttl` ([`PxeError::Expired`]); the install then
-//! fails with an error naming the node. When the install future is dropped
-//! (the reconciler's own deadline, shutdown), its pending entry is removed.
+//! fails with an error naming the node; the ticket is then a tombstone (a
+//! late callback from the node's address is told it expired) until the
+//! node's next install. When the install future is dropped (the
+//! reconciler's own deadline, shutdown), its ticket is removed.
 //!
 //! # Who may call the install endpoints
 //!
@@ -42,10 +53,10 @@
 //!
 //! - every node installed by PXE has an IP address ([`PxeInstaller::install`]
 //!   refuses one without, before anything is powered);
-//! - every registry call takes the caller's address (`peer`), and checks
-//!   it against the node's address *inside the registry's lock*, in the
-//!   same critical section that reads or uses up the pending install, so
-//!   nothing can change between check and use. IPv4-mapped IPv6 addresses
+//! - every registry call takes the caller's address (`peer`), and the
+//!   store checks it against the node's address *in the same store
+//!   operation* that reads or uses up the pending install, so nothing can
+//!   change between check and use. IPv4-mapped IPv6 addresses
 //!   (`::ffff:10.0.0.11`, what a `[::]` listener reports for an IPv4
 //!   client) are canonicalised first;
 //! - a request from another address changes nothing and gets the same
@@ -164,6 +175,16 @@ pub enum PxeError {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// The store that keeps the pending installs failed; nothing is known
+    /// to have changed. The machine should try again.
+    #[error("PXE installs: {what}: {source}")]
+    Store {
+        /// What the registry was doing.
+        what: String,
+        /// The store's error.
+        #[source]
+        source: duffy_core::StoreError,
     },
     /// The configuration is invalid.
     #[error("invalid PXE configuration: {0}")]

@@ -143,6 +143,9 @@ impl Templates {
         if config.token_ttl.is_zero() {
             return Err(PxeError::Config("token_ttl must be more than zero".to_string()));
         }
+        if config.poll_interval.is_zero() {
+            return Err(PxeError::Config("poll_interval must be more than zero".to_string()));
+        }
         let mut patterns = vec![
             ("kernel_url".to_string(), config.kernel_url.as_str()),
             ("initrd_url".to_string(), config.initrd_url.as_str()),
