@@ -13,8 +13,10 @@
 //! - `raw-duffy-writes`: the same, but writing what a Duffy cycle writes:
 //!   the release leaves the node Active, and two more statements reinstall
 //!   it (Provisioning, then Ready): four commits per cycle.
-//! - `store`: the `PgStore` API in process (claim that delivers, release,
-//!   install started, install succeeded): four transactions per cycle.
+//! - `store`: the `PgStore` API in process, as the service calls it (a
+//!   claim that delivers, a hand-back, then install started and install
+//!   succeeded as fenced commits of a leader): four transactions per
+//!   cycle.
 //!
 //! Each mode has as many database connections as the raw loop has clients
 //! (the store's pool; the replicas' pools together).
@@ -41,8 +43,8 @@ use duffy_backend_postgres::test_cluster::{TestCluster, durable};
 use duffy_backend_postgres::tokio_postgres::{self, NoTls};
 use duffy_backend_postgres::{PgOptions, PgStore};
 use duffy_core::{
-    Actor, Arch, Batch, Cause, ClaimRequest, KeyId, NodeWrite, PoolKey, Project, SessionId, Store, Timestamp,
-    hash_api_key,
+    Actor, Arch, Batch, Cause, ClaimRequest, HandBack, HandBackKind, KeyId, NodeWrite, PoolKey, Project, SessionId,
+    Store, Timestamp, hash_api_key,
 };
 use serde::Serialize;
 
@@ -448,6 +450,7 @@ async fn store_mode(probe: &Probe<'_>, url: &str, args: &Args) -> (f64, Vec<f64>
         PgStore::connect(url, PgOptions { pool_size: args.clients, ..PgOptions::default() }).await.expect("store"),
     );
     let pool = PoolKey::new("7", Arch::X86_64, None);
+    let epoch = store.new_leader_epoch().await.expect("leadership term");
     drive(probe, args.clients, args.warmup, args.seconds, move |i, n| {
         let (store, pool) = (store.clone(), pool.clone());
         async move {
@@ -470,26 +473,32 @@ async fn store_mode(probe: &Probe<'_>, url: &str, args: &Args) -> (f64, Vec<f64>
                 Err(_) => return Ok(false),
             };
             let e = |e: duffy_core::TransitionError| e.to_string();
-            let n0 = &c.nodes[0];
-            let rel = NodeWrite::transition(n0, Cause::Released, Actor::Key(c.session.key_id), now).map_err(e)?;
-            let mut s = c.session.clone();
-            s.state = duffy_core::SessionState::Done;
-            s.ended_at = Some(now);
-            s.version += 1;
-            let after = rel.node.clone();
-            let batch = Batch {
-                nodes: vec![rel],
-                sessions: vec![duffy_core::SessionWrite { expected_version: Some(c.session.version), session: s }],
-                guards: vec![],
+            // The job's done, as `/Node/done` makes it.
+            let done = HandBack {
+                session: c.session.id.clone(),
+                key_id: c.session.key_id,
+                kind: HandBackKind::Done,
+                actor: Actor::Key(c.session.key_id),
+                now,
             };
-            store.commit(batch).await.map_err(|e| e.to_string())?;
+            store.hand_back(done).await.map_err(|e| e.to_string())?.map_err(|r| format!("{r:?}"))?;
+            // The node as the hand-back wrote it.
+            let after =
+                NodeWrite::transition(&c.nodes[0], Cause::Released, Actor::Key(c.session.key_id), now).map_err(e)?.node;
+            // The reinstall, as the leader's reconciler writes it (fenced).
             let start = Cause::InstallStarted { image: c.session.pool.clone(), why: "bench".into() };
             let w = NodeWrite::transition(&after, start, Actor::Reconciler, now).map_err(e)?;
             let prov = w.node.clone();
-            store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.map_err(|e| e.to_string())?;
+            store
+                .commit_fenced(Batch { nodes: vec![w], ..Batch::default() }, epoch)
+                .await
+                .map_err(|e| e.to_string())?;
             let w = NodeWrite::transition(&prov, Cause::InstallSucceeded { host_key: None }, Actor::Reconciler, now)
                 .map_err(e)?;
-            store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.map_err(|e| e.to_string())?;
+            store
+                .commit_fenced(Batch { nodes: vec![w], ..Batch::default() }, epoch)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(true)
         }
     })

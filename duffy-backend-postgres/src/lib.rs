@@ -71,11 +71,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
-use duffy_core::store::claim_writes;
+use duffy_core::store::{claim_writes, hand_back_writes};
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, EventQuery, Guard,
-    Hardware, KeyId, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store,
-    StoreError, Timestamp, model::validate_token,
+    HandBack, HandBackRefusal, Hardware, KeyId, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project,
+    Session, SessionId, Store, StoreError, Timestamp, model::validate_token,
 };
 use futures::FutureExt;
 use tokio_postgres::types::ToSql;
@@ -540,7 +540,18 @@ async fn commit_statements(
     rows: &BatchRows,
     fence: Option<i64>,
 ) -> Result<CommitAnswers, tokio_postgres::Error> {
-    let write_nodes = c.prepare_cached(WRITE_NODES).await?;
+    commit_statements_with(c, rows, fence, WRITE_NODES).await
+}
+
+/// [`commit_statements`], writing the nodes with `write_nodes` (a
+/// statement with [`WRITE_NODES`]' parameters and answer).
+async fn commit_statements_with(
+    c: &Object,
+    rows: &BatchRows,
+    fence: Option<i64>,
+    write_nodes: &str,
+) -> Result<CommitAnswers, tokio_postgres::Error> {
+    let write_nodes = c.prepare_cached(write_nodes).await?;
     let insert_session = c.prepare_cached(INSERT_SESSION).await?;
     let update_session = c.prepare_cached(UPDATE_SESSION).await?;
     let guard = c.prepare_cached(FAILED_HELD_BY_PROJECT).await?;
@@ -680,6 +691,154 @@ impl PgStore {
                     self.kick();
                 }
                 Ok(())
+            }
+            Ok(Err(e)) => {
+                if let CommitError::Store(StoreError::Fenced { epoch, .. }) = &e {
+                    self.inner.fenced.fetch_add(1, Ordering::Relaxed);
+                    self.inner.control.fenced(*epoch);
+                }
+                Err(e)
+            }
+            Err(e) => Err(CommitError::Store(e)),
+        }
+    }
+
+    /// [`Store::commit_each`] and [`Store::commit_each_fenced`]: the
+    /// single-node batches (the reconciler's, which is what gathers them)
+    /// go in one transaction, each node written only over its expected
+    /// version and its event only with it, so each applies or not on its
+    /// own; a fence refused refuses them all, as it would each. Any other
+    /// batch, and a second write of a node already in the wave, is
+    /// committed on its own, concurrently.
+    async fn commit_each_inner(&self, batches: Vec<Batch>, fence: Option<u64>) -> Vec<Result<(), CommitError>> {
+        let mut seen = HashSet::with_capacity(batches.len());
+        let mut together: Vec<(usize, Batch)> = Vec::new();
+        let mut alone: Vec<(usize, Batch)> = Vec::new();
+        for (i, b) in batches.into_iter().enumerate() {
+            let single = match b.nodes.as_slice() {
+                [w] => b.sessions.is_empty() && b.guards.is_empty() && seen.insert(w.node.id),
+                _ => false,
+            };
+            if single { together.push((i, b)) } else { alone.push((i, b)) }
+        }
+        if together.len() == 1 {
+            alone.append(&mut together);
+        }
+        let n = together.len() + alone.len();
+        let separately = futures::future::join_all(
+            alone.into_iter().map(|(i, b)| async move { (i, self.commit_inner(b, fence).await) }),
+        );
+        let (separately, together) = futures::future::join(separately, self.commit_together(together, fence)).await;
+        let mut out: Vec<Option<Result<(), CommitError>>> = (0..n).map(|_| None).collect();
+        for (i, r) in separately.into_iter().chain(together) {
+            out[i] = Some(r);
+        }
+        out.into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(CommitError::Store(StoreError::Corrupt("a batch went unanswered".into()))))
+            })
+            .collect()
+    }
+
+    /// Single-node batches, each node once, in one transaction (see
+    /// [`PgStore::commit_each_inner`]); answers with their indexes.
+    async fn commit_together(
+        &self,
+        batches: Vec<(usize, Batch)>,
+        fence: Option<u64>,
+    ) -> Vec<(usize, Result<(), CommitError>)> {
+        if batches.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(batches.len());
+        let mut wave = Batch::default();
+        let mut index = Vec::with_capacity(batches.len());
+        for (i, b) in batches {
+            let w = b.nodes.into_iter().next();
+            match w {
+                // As commit: a write that is not the next version is a
+                // conflict before anything is sent.
+                Some(w) if w.expected_version.checked_add(1) == Some(w.node.version) => {
+                    index.push((i, w.node.id));
+                    wave.nodes.push(w);
+                }
+                Some(w) => out.push((i, Err(CommitError::Conflict(format!("node {}", w.node.id))))),
+                None => out.push((i, Ok(()))),
+            }
+        }
+        if wave.nodes.is_empty() {
+            return out;
+        }
+        let answer = self.commit_wave(wave, fence).await;
+        match answer {
+            Ok(updated) => {
+                for (i, id) in index {
+                    let r =
+                        if updated.contains(&id.0) { Ok(()) } else { Err(CommitError::Conflict(format!("node {id}"))) };
+                    out.push((i, r));
+                }
+            }
+            Err(e) => {
+                // The one error, for every batch of the wave (errors do not
+                // clone: the others carry what it said).
+                let again = |e: &CommitError| match e {
+                    CommitError::Store(StoreError::Fenced { epoch, current }) => {
+                        CommitError::Store(StoreError::Fenced { epoch: *epoch, current: *current })
+                    }
+                    other => CommitError::Store(StoreError::backend(
+                        "committing a wave of writes",
+                        std::io::Error::other(other.to_string()),
+                    )),
+                };
+                let others: Vec<CommitError> = index.iter().skip(1).map(|_| again(&e)).collect();
+                for ((i, _), e) in index.into_iter().zip(std::iter::once(e).chain(others)) {
+                    out.push((i, Err(e)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Writes a wave of single-node writes (each node once) in one
+    /// transaction, fenced if `fence`; answers the ids of the nodes
+    /// written. Nothing is written if the fence refuses.
+    async fn commit_wave(&self, wave: Batch, fence: Option<u64>) -> Result<HashSet<u64>, CommitError> {
+        let frees_nodes = fence.is_none() && wave.nodes.iter().any(|w| w.node.state == NodeState::Active);
+        let fence_param = fence.map(|e| sql_u64(e, "leadership epoch")).transpose()?;
+        let check_fence = if self.inner.options.test_hooks.skip_fence_check { None } else { fence };
+        let rows = Arc::new(BatchRows::of(&wave)?);
+        let r = self
+            .spawned("committing a wave of writes", move |store| async move {
+                tx::write(&store.inner.pool, &store.inner.tx, "committing a wave of writes", |c| {
+                    let rows = rows.clone();
+                    async move {
+                        let a = commit_statements_with(c, &rows, fence_param, WRITE_EACH_NODE).await?;
+                        if let (Some(epoch), Some(current)) = (check_fence, a.fence) {
+                            let current = u64::try_from(current).unwrap_or(0);
+                            if current != epoch {
+                                let e = CommitError::Store(StoreError::Fenced { epoch, current });
+                                return Ok(Decision::Rollback(Err(e)));
+                            }
+                        }
+                        let updated: HashSet<u64> = a.updated.iter().filter_map(|id| u64::try_from(*id).ok()).collect();
+                        // Nothing written: no commit to wait for.
+                        Ok(if updated.is_empty() {
+                            Decision::Rollback(Ok(updated))
+                        } else {
+                            Decision::Commit(Ok(updated))
+                        })
+                    }
+                    .boxed()
+                })
+                .await
+            })
+            .await;
+        match r {
+            Ok(Ok(updated)) => {
+                if frees_nodes && !updated.is_empty() {
+                    self.kick();
+                }
+                Ok(updated)
             }
             Ok(Err(e)) => {
                 if let CommitError::Store(StoreError::Fenced { epoch, .. }) = &e {
@@ -843,7 +1002,7 @@ async fn claim_statements(
         Ok(s) => s,
         Err(e) => return Ok(Decision::Rollback(Err(e))),
     };
-    let claim_nodes = c.prepare_cached(CLAIM_NODES).await?;
+    let claim_nodes = c.prepare_cached(WRITE_LOCKED_NODES).await?;
     let claim_session = c.prepare_cached(CLAIM_SESSION).await?;
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(31);
     params.extend(nodes.params());
@@ -851,9 +1010,79 @@ async fn claim_statements(
     params.push(&None::<i64>);
     let mut sparams: Vec<&(dyn ToSql + Sync)> = srow.params().to_vec();
     sparams.push(&creator);
-    futures::future::try_join(c.query_one(&claim_nodes, &params), c.execute(&claim_session, &sparams)).await?;
     let nodes = writes.into_iter().map(|w| w.node).collect();
-    Ok(Decision::Commit(Ok(Ok(Claimed { session, nodes }))))
+    // The rows are locked and the writes must happen (each statement fails
+    // otherwise): COMMIT goes out with them, one round trip.
+    let written = futures::future::try_join(c.query_one(&claim_nodes, &params), c.execute(&claim_session, &sparams));
+    tx::commit_pipelined(c, Ok(Ok(Claimed { session, nodes })), async { written.await.map(|_| ()) }).await
+}
+
+/// What a hand-back answers.
+type HandBackAnswer = Result<Result<Session, HandBackRefusal>, CommitError>;
+
+async fn hand_back_statements(
+    c: &Object,
+    req: &HandBack,
+    key: i64,
+) -> Result<Decision<HandBackAnswer>, tokio_postgres::Error> {
+    let read_nodes = c.prepare_cached(HAND_BACK_NODES).await?;
+    let read_session = c.prepare_cached(HAND_BACK_SESSION).await?;
+    let sid = &req.session.0;
+    let (node_rows, session_rows) =
+        futures::future::try_join(c.query(&read_nodes, &[sid, &key]), c.query(&read_session, &[sid, &key])).await?;
+    let Some(row) = session_rows.first() else {
+        return Ok(Decision::Rollback(Ok(Err(HandBackRefusal::UnknownSession))));
+    };
+    let decoded = session(row).and_then(|s| Ok((s, node_rows.iter().map(node).collect::<Result<Vec<_>, _>>()?)));
+    let (before, nodes) = match decoded {
+        Ok(x) => x,
+        Err(e) => return Ok(Decision::Rollback(Err(CommitError::Store(e)))),
+    };
+    let (batch, after) = match hand_back_writes(req, &before, &nodes) {
+        Ok(Ok(x)) => x,
+        Ok(Err(refusal)) => return Ok(Decision::Rollback(Ok(Err(refusal)))),
+        Err(e) => return Ok(Decision::Rollback(Err(e))),
+    };
+    let rows = match BatchRows::of(&batch) {
+        Ok(r) => r,
+        Err(e) => return Ok(Decision::Rollback(Err(CommitError::Store(e)))),
+    };
+    if !batch.guards.is_empty() {
+        // A fail cap: counted after the writes, decided here.
+        let a = commit_statements(c, &rows, None).await?;
+        return Ok(match decide_commit(&rows, &batch, None, a) {
+            Decision::Commit(Ok(())) => Decision::Commit(Ok(Ok(after))),
+            Decision::Rollback(Err(e)) => Decision::Rollback(Err(e)),
+            _ => Decision::Rollback(Err(CommitError::Store(StoreError::Invalid(
+                "a hand-back's writes were decided in an unexpected way".into(),
+            )))),
+        });
+    }
+    // Everything it writes is locked: the writes cannot be refused, and
+    // fail their statement if they somehow are (nothing is committed).
+    let write_nodes = c.prepare_cached(WRITE_LOCKED_NODES).await?;
+    let write_session = c.prepare_cached(UPDATE_LOCKED_SESSION).await?;
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(31);
+    params.extend(rows.nodes.params());
+    params.extend(rows.events.params());
+    params.push(&None::<i64>);
+    let mut sparams: Vec<Vec<&(dyn ToSql + Sync)>> = Vec::with_capacity(rows.sessions.len());
+    for (s, expected) in &rows.sessions {
+        let mut p: Vec<&(dyn ToSql + Sync)> = s.params().to_vec();
+        p.push(expected);
+        sparams.push(p);
+    }
+    let with_nodes = !rows.order.is_empty();
+    let written = futures::future::try_join(
+        async {
+            if with_nodes {
+                c.query_one(&write_nodes, &params).await?;
+            }
+            Ok(())
+        },
+        futures::future::try_join_all(sparams.iter().map(|p| c.query_one(&write_session, p))),
+    );
+    tx::commit_pipelined(c, Ok(Ok(after)), async { written.await.map(|_| ()) }).await
 }
 
 fn rows_to<T>(
@@ -1037,6 +1266,47 @@ impl Store for PgStore {
 
     async fn commit(&self, batch: Batch) -> Result<(), CommitError> {
         self.commit_inner(batch, None).await
+    }
+
+    async fn commit_each(&self, batches: Vec<Batch>) -> Vec<Result<(), CommitError>> {
+        self.commit_each_inner(batches, None).await
+    }
+
+    /// One transaction: the session's nodes and the session, locked (so
+    /// nothing else can move them until it ends), [`hand_back_writes`]
+    /// made of them, and the writes. A done has no guard: its writes go
+    /// out with the COMMIT, two round trips in all; a fail with a cap
+    /// counts the project's failed nodes after its writes, and commits
+    /// only if the cap holds.
+    async fn hand_back(&self, req: HandBack) -> Result<Result<Session, HandBackRefusal>, CommitError> {
+        if req.session.0.is_empty() {
+            return Ok(Err(HandBackRefusal::UnknownSession));
+        }
+        let key = match i64::try_from(req.key_id.0) {
+            Ok(k) => k,
+            Err(_) => return Ok(Err(HandBackRefusal::UnknownSession)),
+        };
+        let req = Arc::new(req);
+        let r = self
+            .spawned("handing back a session", move |store| async move {
+                tx::write(&store.inner.pool, &store.inner.tx, "handing back a session", |c| {
+                    let req = req.clone();
+                    async move { hand_back_statements(c, &req, key).await }.boxed()
+                })
+                .await
+            })
+            .await;
+        match r {
+            Ok(Ok(Ok(s))) => {
+                // Released nodes wait for the leader to reinstall them.
+                if s.state == duffy_core::SessionState::Done {
+                    self.kick();
+                }
+                Ok(Ok(s))
+            }
+            Ok(other) => other,
+            Err(e) => Err(CommitError::Store(e)),
+        }
     }
 
     async fn events(&self, q: EventQuery) -> Result<Vec<Event>, StoreError> {
@@ -1348,6 +1618,10 @@ impl Store for PgStore {
 
     async fn commit_fenced(&self, batch: Batch, epoch: u64) -> Result<(), CommitError> {
         self.commit_inner(batch, Some(epoch)).await
+    }
+
+    async fn commit_each_fenced(&self, batches: Vec<Batch>, epoch: u64) -> Vec<Result<(), CommitError>> {
+        self.commit_each_inner(batches, Some(epoch)).await
     }
 
     async fn abandoned_allocations(&self) -> Result<Option<Vec<SessionId>>, StoreError> {

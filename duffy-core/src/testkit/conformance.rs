@@ -76,6 +76,7 @@ macro_rules! store_conformance_tests {
             latest_events_are_newest_first_and_bounded,
             node_counts_group_the_farm,
             fenced_writes_need_the_newest_epoch,
+            commit_each_fenced_writes_each_on_its_own_within_the_term,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -1278,5 +1279,62 @@ pub async fn commit_each_commits_each_batch_on_its_own(store: Arc<dyn Store>) {
         "the conflicting batch wrote nothing"
     );
     assert!(store.commit_each(Vec::new()).await.is_empty());
+    check_history(&*store).await.expect("history");
+}
+
+/// A leader's wave of writes ([`Store::commit_each_fenced`]): with the
+/// newest epoch each batch is written or refused on its own, as
+/// [`Store::commit_fenced`] would (a stale version is a conflict that
+/// writes nothing, its event included, and stops no other batch); with an
+/// older epoch every batch is refused as fenced and nothing is written.
+pub async fn commit_each_fenced_writes_each_on_its_own_within_the_term(store: Arc<dyn Store>) {
+    let nodes = store
+        .add_nodes((0..4).map(|i| NewNode::new(format!("w{i}"), Arch::X86_64)).collect(), Actor::Operator, T0)
+        .await
+        .expect("add");
+    let e1 = store.new_leader_epoch().await.expect("term 1");
+    let e2 = store.new_leader_epoch().await.expect("term 2");
+    let start = |n: &Node| {
+        let cause = Cause::InstallStarted { image: pool7(), why: "test".into() };
+        Batch {
+            nodes: vec![NodeWrite::transition(n, cause, Actor::Reconciler, T0).expect("legal")],
+            ..Batch::default()
+        }
+    };
+    let mut stale = start(&nodes[1]);
+    stale.nodes[0].expected_version += 7;
+    stale.nodes[0].node.version += 7;
+    let events_before = store.events(EventQuery::default()).await.expect("events").len();
+    let answers = store.commit_each_fenced(vec![start(&nodes[0]), stale, start(&nodes[2])], e2).await;
+    assert_eq!(answers.len(), 3);
+    assert!(answers[0].is_ok(), "{:?}", answers[0]);
+    assert!(matches!(answers[1], Err(CommitError::Conflict(_))), "{:?}", answers[1]);
+    assert!(answers[2].is_ok(), "{:?}", answers[2]);
+    let now = |i: usize| {
+        let store = store.clone();
+        let id = nodes[i].id;
+        async move { store.node(id).await.expect("read").expect("exists") }
+    };
+    assert_eq!(now(0).await.state, NodeState::Provisioning);
+    assert_eq!(now(1).await, nodes[1], "the conflicting batch wrote nothing");
+    assert_eq!(now(2).await.state, NodeState::Provisioning);
+    assert_eq!(
+        store.events(EventQuery::default()).await.expect("events").len(),
+        events_before + 2,
+        "an event with each write that applied, none with the conflict"
+    );
+    // A former term: every batch refused, nothing written.
+    let answers = store.commit_each_fenced(vec![start(&nodes[1]), start(&nodes[3])], e1).await;
+    assert_eq!(answers.len(), 2);
+    for a in &answers {
+        match a {
+            Err(CommitError::Store(StoreError::Fenced { epoch, current })) => assert_eq!((*epoch, *current), (e1, e2)),
+            other => panic!("expected a fenced refusal: {other:?}"),
+        }
+    }
+    assert_eq!(now(1).await, nodes[1]);
+    assert_eq!(now(3).await, nodes[3]);
+    assert_eq!(store.events(EventQuery::default()).await.expect("events").len(), events_before + 2);
+    assert!(store.commit_each_fenced(Vec::new(), e2).await.is_empty());
     check_history(&*store).await.expect("history");
 }
