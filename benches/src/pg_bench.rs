@@ -27,7 +27,10 @@
 //!
 //! Every mode runs the given number of clients for the given time after a
 //! warm-up and reports cycles per second and latency percentiles (per
-//! cycle for the in-process modes, per request for HTTP). It also measures
+//! cycle for the in-process modes, per request for HTTP), and what its
+//! measured window cost per cycle: commits, WAL flushes, the CPU time of
+//! PostgreSQL, the replicas, the load generator and this process, and
+//! (HTTP) the gets refused because the pool ran dry ([`Costs`]). It also measures
 //! what a key change costs with three live replicas (the revocation waits
 //! until every process confirmed it), against the alternative of one
 //! version-check round trip per request.

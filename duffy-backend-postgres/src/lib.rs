@@ -18,7 +18,12 @@
 //!   cannot deadlock. See the `sql` module for the lock keys.
 //! - **Every write is one transaction, pipelined**: `BEGIN`, the
 //!   transaction's id and every statement go out together, then `COMMIT`
-//!   (two round trips). Serialization failures, deadlocks and connections
+//!   (two round trips; a claim and a hand-back lock what they read, and
+//!   send their writes and `COMMIT` together: also two). A wave of the
+//!   reconciler's single-node writes ([`Store::commit_each`],
+//!   [`Store::commit_each_fenced`]) is one transaction, each write
+//!   applied or not on its own. Statements run on their generic plans,
+//!   planned once per connection. Serialization failures, deadlocks and connections
 //!   lost before `COMMIT` are retried with jitter; a connection lost
 //!   during `COMMIT` is resolved by asking the database what became of the
 //!   transaction, so an operation is never applied twice (the `tx` module).
