@@ -13,8 +13,10 @@
 //! - `raw-duffy-writes`: the same, but writing what a Duffy cycle writes:
 //!   the release leaves the node Active, and two more statements reinstall
 //!   it (Provisioning, then Ready): four commits per cycle.
-//! - `store`: the `PgStore` API in process (claim that delivers, release,
-//!   install started, install succeeded): four transactions per cycle.
+//! - `store`: the `PgStore` API in process, as the service calls it (a
+//!   claim that delivers, a hand-back, then install started and install
+//!   succeeded as fenced commits of a leader): four transactions per
+//!   cycle.
 //!
 //! Each mode has as many database connections as the raw loop has clients
 //! (the store's pool; the replicas' pools together).
@@ -25,7 +27,10 @@
 //!
 //! Every mode runs the given number of clients for the given time after a
 //! warm-up and reports cycles per second and latency percentiles (per
-//! cycle for the in-process modes, per request for HTTP). It also measures
+//! cycle for the in-process modes, per request for HTTP), and what its
+//! measured window cost per cycle: commits, WAL flushes, the CPU time of
+//! PostgreSQL, the replicas, the load generator and this process, and
+//! (HTTP) the gets refused because the pool ran dry ([`Costs`]). It also measures
 //! what a key change costs with three live replicas (the revocation waits
 //! until every process confirmed it), against the alternative of one
 //! version-check round trip per request.
@@ -41,8 +46,8 @@ use duffy_backend_postgres::test_cluster::{TestCluster, durable};
 use duffy_backend_postgres::tokio_postgres::{self, NoTls};
 use duffy_backend_postgres::{PgOptions, PgStore};
 use duffy_core::{
-    Actor, Arch, Batch, Cause, ClaimRequest, KeyId, NodeWrite, PoolKey, Project, SessionId, Store, Timestamp,
-    hash_api_key,
+    Actor, Arch, Batch, Cause, ClaimRequest, HandBack, HandBackKind, KeyId, NodeWrite, PoolKey, Project, SessionId,
+    Store, Timestamp, hash_api_key,
 };
 use serde::Serialize;
 
@@ -74,6 +79,10 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Load pg_stat_statements and print, for each mode, the statements
+    /// run per cycle (for profiling: it slows every mode a little).
+    #[arg(long)]
+    statements: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -88,6 +97,172 @@ struct Result1 {
     get_p99_ms: Option<f64>,
     done_p99_ms: Option<f64>,
     errors: u64,
+    /// HTTP only: gets answered "no Ready node" (the pool ran dry) per
+    /// cycle.
+    waits_per_cycle: Option<f64>,
+    /// What the measured window cost (see [`Costs`]).
+    costs: Costs,
+}
+
+/// What a mode's measured window cost, per cycle: transactions and WAL
+/// flushes on the server (`pg_stat_database`, `pg_stat_wal`, which the
+/// server updates at most once a second per backend: a window of
+/// several seconds is shifted, not shortened, by that), and the CPU time
+/// of each process involved (`/proc`, user + system).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct Costs {
+    commits_per_cycle: f64,
+    rollbacks_per_cycle: f64,
+    wal_syncs_per_cycle: f64,
+    /// Statements per cycle (with `--statements` only; BEGIN and COMMIT
+    /// count as statements).
+    statements_per_cycle: Option<f64>,
+    /// PostgreSQL's processes (every backend and background process).
+    postgres_cpu_us_per_cycle: f64,
+    /// The `duffy serve` processes.
+    duffy_cpu_us_per_cycle: f64,
+    /// `duffy-load`.
+    load_cpu_us_per_cycle: f64,
+    /// This process (the client of the in-process modes).
+    bench_cpu_us_per_cycle: f64,
+    /// CPU seconds used by all of them per second of the window (this
+    /// machine has 2 cores; what is left went to other developers' work).
+    cpu_busy: f64,
+}
+
+/// CPU time (seconds, user + system) of `pid` from `/proc`, with its
+/// reaped children's if `children`.
+fn proc_cpu(pid: u32, children: bool) -> Option<(f64, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: the fields start after its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let ppid = n(1) as u32;
+    let mut ticks = n(11) + n(12);
+    if children {
+        ticks += n(13) + n(14);
+    }
+    Some((ticks as f64 / rustix::param::clock_ticks_per_second() as f64, ppid))
+}
+
+/// The CPU time of PostgreSQL's processes: the postmaster's own and its
+/// reaped children's (backends that ended), and each live child's.
+fn postgres_cpu(postmaster: u32) -> f64 {
+    let mut total = proc_cpu(postmaster, true).map(|c| c.0).unwrap_or(0.0);
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
+            if let Some((cpu, ppid)) = proc_cpu(pid, false) {
+                if ppid == postmaster {
+                    total += cpu;
+                }
+            }
+        }
+    }
+    total
+}
+
+/// The processes a mode runs, and the database it uses, for [`Snap`]s.
+struct Probe<'a> {
+    db: &'a tokio_postgres::Client,
+    postmaster: u32,
+    duffy: Vec<u32>,
+    load: Option<u32>,
+    statements: bool,
+}
+
+/// Counters at one moment.
+#[derive(Debug, Clone, Copy)]
+struct Snap {
+    at: Instant,
+    commits: i64,
+    rollbacks: i64,
+    wal_syncs: i64,
+    postgres: f64,
+    duffy: f64,
+    load: f64,
+    bench: f64,
+}
+
+impl Probe<'_> {
+    async fn new(db: &tokio_postgres::Client, statements: bool) -> Probe<'_> {
+        let backend: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await.expect("backend pid").get(0);
+        let postmaster = proc_cpu(backend as u32, false).map(|c| c.1).unwrap_or(0);
+        if statements {
+            db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await.expect("pg_stat_statements");
+        }
+        Probe { db, postmaster, duffy: Vec::new(), load: None, statements }
+    }
+
+    /// The counters now; `start` also starts pg_stat_statements' count.
+    async fn snap(&self, start: bool) -> Snap {
+        let row = self
+            .db
+            .query_one(
+                "SELECT pg_stat_clear_snapshot()::text, \
+                 (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()), \
+                 (SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()), \
+                 (SELECT wal_sync FROM pg_stat_wal)",
+                &[],
+            )
+            .await
+            .expect("server statistics");
+        if self.statements && start {
+            self.db.batch_execute("SELECT pg_stat_statements_reset()").await.expect("reset pg_stat_statements");
+        }
+        Snap {
+            at: Instant::now(),
+            commits: row.get(1),
+            rollbacks: row.get(2),
+            wal_syncs: row.get(3),
+            postgres: postgres_cpu(self.postmaster),
+            duffy: self.duffy.iter().filter_map(|p| proc_cpu(*p, false)).map(|c| c.0).sum(),
+            load: self.load.and_then(|p| proc_cpu(p, false)).map(|c| c.0).unwrap_or(0.0),
+            bench: proc_cpu(std::process::id(), false).map(|c| c.0).unwrap_or(0.0),
+        }
+    }
+
+    /// What happened between `a` and `b`, over `cycles` cycles; with
+    /// `--statements`, prints the statements of the window.
+    async fn costs(&self, a: &Snap, b: &Snap, cycles: f64) -> Costs {
+        let per = |x: f64| if cycles > 0.0 { x / cycles } else { 0.0 };
+        let us = |x: f64, y: f64| per((y - x) * 1e6);
+        let mut statements = None;
+        if self.statements {
+            let rows = self
+                .db
+                .query(
+                    "SELECT calls, total_exec_time, left(regexp_replace(query, '\\s+', ' ', 'g'), 90) \
+                     FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = \
+                     current_database()) ORDER BY calls DESC",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_statements");
+            let mut total = 0i64;
+            for r in &rows {
+                let (calls, ms, q): (i64, f64, String) = (r.get(0), r.get(1), r.get(2));
+                total += calls;
+                if per(calls as f64) >= 0.01 {
+                    eprintln!("    {:6.2}/cycle {:8.1} us/cycle  {q}", per(calls as f64), per(ms * 1000.0));
+                }
+            }
+            statements = Some(per(total as f64));
+        }
+        let secs = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
+        Costs {
+            commits_per_cycle: per((b.commits - a.commits) as f64),
+            rollbacks_per_cycle: per((b.rollbacks - a.rollbacks) as f64),
+            wal_syncs_per_cycle: per((b.wal_syncs - a.wal_syncs) as f64),
+            statements_per_cycle: statements,
+            postgres_cpu_us_per_cycle: us(a.postgres, b.postgres),
+            duffy_cpu_us_per_cycle: us(a.duffy, b.duffy),
+            load_cpu_us_per_cycle: us(a.load, b.load),
+            bench_cpu_us_per_cycle: us(a.bench, b.bench),
+            cpu_busy: (b.postgres - a.postgres + b.duffy - a.duffy + b.load - a.load + b.bench - a.bench) / secs,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -178,7 +353,13 @@ SELECT count(*) FROM n";
 
 /// Runs `clients` copies of `cycle` for warm-up + measured time; returns
 /// cycles per second and each measured cycle's duration (ms).
-async fn drive<F, Fut>(clients: usize, warmup: f64, seconds: f64, cycle: F) -> (f64, Vec<f64>, u64)
+async fn drive<F, Fut>(
+    probe: &Probe<'_>,
+    clients: usize,
+    warmup: f64,
+    seconds: f64,
+    cycle: F,
+) -> (f64, Vec<f64>, u64, Costs)
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<bool, String>> + Send,
@@ -213,11 +394,13 @@ where
         }));
     }
     tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+    let before = probe.snap(true).await;
     measuring.store(true, Ordering::Relaxed);
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     measuring.store(false, Ordering::Relaxed);
     let took = t.elapsed().as_secs_f64();
+    let after = probe.snap(false).await;
     stop.store(true, Ordering::Relaxed);
     let (mut all, mut errors) = (Vec::new(), 0);
     for task in tasks {
@@ -225,10 +408,11 @@ where
         all.extend(l);
         errors += e;
     }
-    (all.len() as f64 / took, all, errors)
+    let costs = probe.costs(&before, &after, all.len() as f64).await;
+    (all.len() as f64 / took, all, errors, costs)
 }
 
-async fn raw(url: &str, args: &Args, reinstall: bool) -> (f64, Vec<f64>, u64) {
+async fn raw(probe: &Probe<'_>, url: &str, args: &Args, reinstall: bool) -> (f64, Vec<f64>, u64, Costs) {
     let mut clients = Vec::new();
     for _ in 0..args.clients {
         let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
@@ -239,7 +423,7 @@ async fn raw(url: &str, args: &Args, reinstall: bool) -> (f64, Vec<f64>, u64) {
         clients.push(Arc::new((c, claim, release, step)));
     }
     let clients = Arc::new(clients);
-    drive(args.clients, args.warmup, args.seconds, move |i, n| {
+    drive(probe, args.clients, args.warmup, args.seconds, move |i, n| {
         let cl = clients[i].clone();
         async move {
             let (c, claim, release, step) = &*cl;
@@ -263,13 +447,14 @@ async fn raw(url: &str, args: &Args, reinstall: bool) -> (f64, Vec<f64>, u64) {
     .await
 }
 
-async fn store_mode(url: &str, args: &Args) -> (f64, Vec<f64>, u64) {
+async fn store_mode(probe: &Probe<'_>, url: &str, args: &Args) -> (f64, Vec<f64>, u64, Costs) {
     let store: Arc<dyn Store> = Arc::new(
         // As many connections as the raw loop's clients have.
         PgStore::connect(url, PgOptions { pool_size: args.clients, ..PgOptions::default() }).await.expect("store"),
     );
     let pool = PoolKey::new("7", Arch::X86_64, None);
-    drive(args.clients, args.warmup, args.seconds, move |i, n| {
+    let epoch = store.new_leader_epoch().await.expect("leadership term");
+    drive(probe, args.clients, args.warmup, args.seconds, move |i, n| {
         let (store, pool) = (store.clone(), pool.clone());
         async move {
             let now = Timestamp(1);
@@ -291,26 +476,32 @@ async fn store_mode(url: &str, args: &Args) -> (f64, Vec<f64>, u64) {
                 Err(_) => return Ok(false),
             };
             let e = |e: duffy_core::TransitionError| e.to_string();
-            let n0 = &c.nodes[0];
-            let rel = NodeWrite::transition(n0, Cause::Released, Actor::Key(c.session.key_id), now).map_err(e)?;
-            let mut s = c.session.clone();
-            s.state = duffy_core::SessionState::Done;
-            s.ended_at = Some(now);
-            s.version += 1;
-            let after = rel.node.clone();
-            let batch = Batch {
-                nodes: vec![rel],
-                sessions: vec![duffy_core::SessionWrite { expected_version: Some(c.session.version), session: s }],
-                guards: vec![],
+            // The job's done, as `/Node/done` makes it.
+            let done = HandBack {
+                session: c.session.id.clone(),
+                key_id: c.session.key_id,
+                kind: HandBackKind::Done,
+                actor: Actor::Key(c.session.key_id),
+                now,
             };
-            store.commit(batch).await.map_err(|e| e.to_string())?;
+            store.hand_back(done).await.map_err(|e| e.to_string())?.map_err(|r| format!("{r:?}"))?;
+            // The node as the hand-back wrote it.
+            let after =
+                NodeWrite::transition(&c.nodes[0], Cause::Released, Actor::Key(c.session.key_id), now).map_err(e)?.node;
+            // The reinstall, as the leader's reconciler writes it (fenced).
             let start = Cause::InstallStarted { image: c.session.pool.clone(), why: "bench".into() };
             let w = NodeWrite::transition(&after, start, Actor::Reconciler, now).map_err(e)?;
             let prov = w.node.clone();
-            store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.map_err(|e| e.to_string())?;
+            store
+                .commit_fenced(Batch { nodes: vec![w], ..Batch::default() }, epoch)
+                .await
+                .map_err(|e| e.to_string())?;
             let w = NodeWrite::transition(&prov, Cause::InstallSucceeded { host_key: None }, Actor::Reconciler, now)
                 .map_err(e)?;
-            store.commit(Batch { nodes: vec![w], ..Batch::default() }).await.map_err(|e| e.to_string())?;
+            store
+                .commit_fenced(Batch { nodes: vec![w], ..Batch::default() }, epoch)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(true)
         }
     })
@@ -366,7 +557,7 @@ fn serve(args: &Args, dir: &std::path::Path, url: &str, nodes: usize, i: usize, 
     Serve(child, port)
 }
 
-fn http_mode(args: &Args, ports: &[u16]) -> Result1 {
+async fn http_mode(args: &Args, probe: &mut Probe<'_>, ports: &[u16]) -> Result1 {
     let mut cmd = Command::new(&args.load);
     for p in ports {
         cmd.args(["--url", &format!("http://127.0.0.1:{p}")]);
@@ -374,15 +565,27 @@ fn http_mode(args: &Args, ports: &[u16]) -> Result1 {
     for i in 0..args.clients {
         cmd.args(["--key", &key(i)]);
     }
-    let out = cmd
+    let child = cmd
         .args(["-c", &args.clients.to_string(), "--duration", &args.seconds.to_string()])
         .args(["--warmup", &args.warmup.to_string(), "--json", "--quiet"])
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run duffy-load");
+    probe.load = Some(child.id());
+    // duffy-load's own window, give or take its start-up.
+    tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
+    let before = probe.snap(true).await;
+    tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
+    let after = probe.snap(false).await;
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("run duffy-load");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("duffy-load: {e}: {}", String::from_utf8_lossy(&out.stderr)));
     let f = |path: &[&str]| path.iter().fold(&v, |v, k| &v[*k]).as_f64().unwrap_or(0.0);
     let errors: u64 = v["errors"].as_object().map(|m| m.values().filter_map(|x| x.as_u64()).sum()).unwrap_or(0);
+    let cycles = f(&["cycles"]);
+    let costs =
+        probe.costs(&before, &after, cycles * after.at.duration_since(before.at).as_secs_f64() / args.seconds).await;
     Result1 {
         nodes: 0,
         mode: String::new(),
@@ -392,6 +595,8 @@ fn http_mode(args: &Args, ports: &[u16]) -> Result1 {
         get_p99_ms: Some(f(&["get", "p99_ms"])),
         done_p99_ms: Some(f(&["done", "p99_ms"])),
         errors,
+        waits_per_cycle: Some(if cycles > 0.0 { f(&["waits_for_nodes"]) / cycles } else { 0.0 }),
+        costs,
     }
 }
 
@@ -424,21 +629,26 @@ async fn key_change(url: &str) -> KeyChange {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let cluster = durable(&["shared_buffers=256MB", "max_wal_size=2GB"])?;
+    let mut settings = vec!["shared_buffers=256MB", "max_wal_size=2GB"];
+    if args.statements {
+        settings.push("shared_preload_libraries=pg_stat_statements");
+    }
+    let cluster = durable(&settings)?;
     eprintln!("PostgreSQL at {} (fsync and synchronous commit on)", cluster.address());
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut results = Vec::new();
     let mut key_changes = None;
     for &nodes in &args.nodes {
         for mode in &args.modes {
-            let (url, _c) = farm(&cluster, nodes, args.clients).await;
-            eprint!("{nodes} nodes, {mode}: ");
+            let (url, c) = farm(&cluster, nodes, args.clients).await;
+            let mut probe = Probe::new(&c, args.statements).await;
+            eprintln!("{nodes} nodes, {mode}: ");
             let mut r = match mode.as_str() {
                 "raw" | "raw-duffy-writes" | "store" => {
-                    let (cps, mut lat, errors) = match mode.as_str() {
-                        "raw" => raw(&url, &args, false).await,
-                        "raw-duffy-writes" => raw(&url, &args, true).await,
-                        _ => store_mode(&url, &args).await,
+                    let (cps, mut lat, errors, costs) = match mode.as_str() {
+                        "raw" => raw(&probe, &url, &args, false).await,
+                        "raw-duffy-writes" => raw(&probe, &url, &args, true).await,
+                        _ => store_mode(&probe, &url, &args).await,
                     };
                     Result1 {
                         nodes,
@@ -449,6 +659,8 @@ async fn run(args: Args) -> Result<(), String> {
                         get_p99_ms: None,
                         done_p99_ms: None,
                         errors,
+                        waits_per_cycle: None,
+                        costs,
                     }
                 }
                 n => {
@@ -458,7 +670,8 @@ async fn run(args: Args) -> Result<(), String> {
                     let pool = args.clients.div_ceil(n);
                     let replicas: Vec<Serve> = (0..n).map(|i| serve(&args, dir.path(), &url, nodes, i, pool)).collect();
                     let ports: Vec<u16> = replicas.iter().map(|s| s.1).collect();
-                    let r = tokio::task::block_in_place(|| http_mode(&args, &ports));
+                    probe.duffy = replicas.iter().map(|s| s.0.id()).collect();
+                    let r = http_mode(&args, &mut probe, &ports).await;
                     if n == 3 && key_changes.is_none() {
                         key_changes = Some(key_change(&url).await);
                     }
@@ -467,12 +680,33 @@ async fn run(args: Args) -> Result<(), String> {
                 }
             };
             r.nodes = nodes;
-            eprintln!("{:.0} cycles/s, p99 {:.1} ms, {} errors", r.cycles_per_second, r.p99_ms, r.errors);
+            let k = &r.costs;
+            eprintln!(
+                "  {:.0} cycles/s, p99 {:.1} ms, {} errors, {:.2} waits/cycle; per cycle: {:.2} commits, {:.2} \
+                 rollbacks, {:.2} WAL syncs, {} statements, CPU us postgres {:.0} duffy {:.0} load {:.0} bench {:.0} \
+                 (CPU busy {:.2})",
+                r.cycles_per_second,
+                r.p99_ms,
+                r.errors,
+                r.waits_per_cycle.unwrap_or(0.0),
+                k.commits_per_cycle,
+                k.rollbacks_per_cycle,
+                k.wal_syncs_per_cycle,
+                k.statements_per_cycle.map(|s| format!("{s:.1}")).unwrap_or_else(|| "?".into()),
+                k.postgres_cpu_us_per_cycle,
+                k.duffy_cpu_us_per_cycle,
+                k.load_cpu_us_per_cycle,
+                k.bench_cpu_us_per_cycle,
+                k.cpu_busy
+            );
             results.push(r);
         }
     }
-    println!("| nodes | mode | cycles/s | vs raw | vs raw (Duffy's writes) | p50 ms | p99 ms | errors |");
-    println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| nodes | mode | cycles/s | vs raw | vs raw (Duffy's writes) | p50 ms | p99 ms | errors | commits/cycle | \
+         WAL syncs/cycle | CPU µs/cycle (postgres + duffy + load + bench) |"
+    );
+    println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
     for r in &results {
         let base = |m: &str| results.iter().find(|x| x.nodes == r.nodes && x.mode == m).map(|x| x.cycles_per_second);
         let ratio = |b: Option<f64>| b.map(|b| format!("{:.0}%", 100.0 * r.cycles_per_second / b)).unwrap_or_default();
@@ -480,15 +714,26 @@ async fn run(args: Args) -> Result<(), String> {
             (Some(g), Some(d)) => format!("{:.1} (get {g:.1}, done {d:.1})", r.p99_ms),
             _ => format!("{:.1}", r.p99_ms),
         };
+        let k = &r.costs;
+        let errors = match r.waits_per_cycle {
+            Some(w) if w > 0.0 => format!("{} ({w:.2} waits/cycle)", r.errors),
+            _ => r.errors.to_string(),
+        };
         println!(
-            "| {} | {} | {:.0} | {} | {} | {:.2} | {p99} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {:.2} | {p99} | {errors} | {:.2} | {:.2} | {:.0} ({:.0} + {:.0} + {:.0} + {:.0}) |",
             r.nodes,
             r.mode,
             r.cycles_per_second,
             ratio(base("raw")),
             ratio(base("raw-duffy-writes")),
             r.p50_ms,
-            r.errors
+            k.commits_per_cycle,
+            k.wal_syncs_per_cycle,
+            k.postgres_cpu_us_per_cycle + k.duffy_cpu_us_per_cycle + k.load_cpu_us_per_cycle + k.bench_cpu_us_per_cycle,
+            k.postgres_cpu_us_per_cycle,
+            k.duffy_cpu_us_per_cycle,
+            k.load_cpu_us_per_cycle,
+            k.bench_cpu_us_per_cycle,
         );
     }
     if let (Some(small), Some(big)) = (args.nodes.first(), args.nodes.last()) {

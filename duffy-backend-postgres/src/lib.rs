@@ -18,7 +18,12 @@
 //!   cannot deadlock. See the `sql` module for the lock keys.
 //! - **Every write is one transaction, pipelined**: `BEGIN`, the
 //!   transaction's id and every statement go out together, then `COMMIT`
-//!   (two round trips). Serialization failures, deadlocks and connections
+//!   (two round trips; a claim and a hand-back lock what they read, and
+//!   send their writes and `COMMIT` together: also two). A wave of the
+//!   reconciler's single-node writes ([`Store::commit_each`],
+//!   [`Store::commit_each_fenced`]) is one transaction, each write
+//!   applied or not on its own. Statements run on their generic plans,
+//!   planned once per connection. Serialization failures, deadlocks and connections
 //!   lost before `COMMIT` are retried with jitter; a connection lost
 //!   during `COMMIT` is resolved by asking the database what became of the
 //!   transaction, so an operation is never applied twice (the `tx` module).
@@ -72,11 +77,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
-use duffy_core::store::claim_writes;
+use duffy_core::store::{claim_writes, hand_back_writes};
 use duffy_core::{
     Actor, ApiKeyHash, ApiKeyRecord, Batch, ClaimRefusal, ClaimRequest, Claimed, CommitError, Event, EventQuery, Guard,
-    Hardware, KeyId, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project, Session, SessionId, Store,
-    StoreError, Timestamp, model::validate_token,
+    HandBack, HandBackRefusal, Hardware, KeyId, NewNode, Node, NodeId, NodeState, PoolKey, PoolTarget, Project,
+    Session, SessionId, Store, StoreError, Timestamp, model::validate_token,
 };
 use futures::FutureExt;
 use tokio_postgres::types::ToSql;
@@ -274,6 +279,33 @@ pub fn is_postgres_url(s: &str) -> bool {
     s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
+/// The configuration of the pool's connections: `cfg`, with every
+/// prepared statement run on its generic plan (`plan_cache_mode =
+/// force_generic_plan`, after any options of the URL).
+///
+/// Why: the store prepares each statement once per connection and runs it
+/// with parameters. Under PostgreSQL's default (`auto`) a statement is
+/// planned again at every execution for as long as its plans with the
+/// parameters' values look cheaper than the generic one — and for the
+/// writes they always do, since the planner sizes `unnest($1)` from the
+/// array's actual length (1) in a custom plan and guesses 10 rows in the
+/// generic one; the claim's `CASE WHEN $1 THEN …` checks likewise. So
+/// every node write, claim and check was planned anew: about three
+/// quarters of the server's CPU per operation (measured: 0.6–1.1 ms a
+/// write planned each time, 0.16 ms on its generic plan). Every statement
+/// the store runs is a key lookup or a range scan of an index whose plan
+/// does not depend on the values (the `tests` module checks the claim's
+/// and the reconciler's plans as generic plans).
+fn pool_config(cfg: &tokio_postgres::Config) -> tokio_postgres::Config {
+    let mut cfg = cfg.clone();
+    let options = match cfg.get_options() {
+        Some(o) if !o.trim().is_empty() => format!("{o} -c plan_cache_mode=force_generic_plan"),
+        _ => "-c plan_cache_mode=force_generic_plan".to_string(),
+    };
+    cfg.options(options);
+    cfg
+}
+
 fn pg(context: &str) -> impl FnOnce(tokio_postgres::Error) -> OpenError + '_ {
     move |source| OpenError::Postgres { context: context.to_string(), source }
 }
@@ -317,7 +349,7 @@ impl PgStore {
         let _ = conn_task.await;
 
         let manager = Manager::from_config(
-            cfg.clone(),
+            pool_config(&cfg),
             tokio_postgres::NoTls,
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
@@ -514,7 +546,18 @@ async fn commit_statements(
     rows: &BatchRows,
     fence: Option<i64>,
 ) -> Result<CommitAnswers, tokio_postgres::Error> {
-    let write_nodes = c.prepare_cached(WRITE_NODES).await?;
+    commit_statements_with(c, rows, fence, WRITE_NODES).await
+}
+
+/// [`commit_statements`], writing the nodes with `write_nodes` (a
+/// statement with [`WRITE_NODES`]' parameters and answer).
+async fn commit_statements_with(
+    c: &Object,
+    rows: &BatchRows,
+    fence: Option<i64>,
+    write_nodes: &str,
+) -> Result<CommitAnswers, tokio_postgres::Error> {
+    let write_nodes = c.prepare_cached(write_nodes).await?;
     let insert_session = c.prepare_cached(INSERT_SESSION).await?;
     let update_session = c.prepare_cached(UPDATE_SESSION).await?;
     let guard = c.prepare_cached(FAILED_HELD_BY_PROJECT).await?;
@@ -654,6 +697,154 @@ impl PgStore {
                     self.kick();
                 }
                 Ok(())
+            }
+            Ok(Err(e)) => {
+                if let CommitError::Store(StoreError::Fenced { epoch, .. }) = &e {
+                    self.inner.fenced.fetch_add(1, Ordering::Relaxed);
+                    self.inner.control.fenced(*epoch);
+                }
+                Err(e)
+            }
+            Err(e) => Err(CommitError::Store(e)),
+        }
+    }
+
+    /// [`Store::commit_each`] and [`Store::commit_each_fenced`]: the
+    /// single-node batches (the reconciler's, which is what gathers them)
+    /// go in one transaction, each node written only over its expected
+    /// version and its event only with it, so each applies or not on its
+    /// own; a fence refused refuses them all, as it would each. Any other
+    /// batch, and a second write of a node already in the wave, is
+    /// committed on its own, concurrently.
+    async fn commit_each_inner(&self, batches: Vec<Batch>, fence: Option<u64>) -> Vec<Result<(), CommitError>> {
+        let mut seen = HashSet::with_capacity(batches.len());
+        let mut together: Vec<(usize, Batch)> = Vec::new();
+        let mut alone: Vec<(usize, Batch)> = Vec::new();
+        for (i, b) in batches.into_iter().enumerate() {
+            let single = match b.nodes.as_slice() {
+                [w] => b.sessions.is_empty() && b.guards.is_empty() && seen.insert(w.node.id),
+                _ => false,
+            };
+            if single { together.push((i, b)) } else { alone.push((i, b)) }
+        }
+        if together.len() == 1 {
+            alone.append(&mut together);
+        }
+        let n = together.len() + alone.len();
+        let separately = futures::future::join_all(
+            alone.into_iter().map(|(i, b)| async move { (i, self.commit_inner(b, fence).await) }),
+        );
+        let (separately, together) = futures::future::join(separately, self.commit_together(together, fence)).await;
+        let mut out: Vec<Option<Result<(), CommitError>>> = (0..n).map(|_| None).collect();
+        for (i, r) in separately.into_iter().chain(together) {
+            out[i] = Some(r);
+        }
+        out.into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(CommitError::Store(StoreError::Corrupt("a batch went unanswered".into()))))
+            })
+            .collect()
+    }
+
+    /// Single-node batches, each node once, in one transaction (see
+    /// [`PgStore::commit_each_inner`]); answers with their indexes.
+    async fn commit_together(
+        &self,
+        batches: Vec<(usize, Batch)>,
+        fence: Option<u64>,
+    ) -> Vec<(usize, Result<(), CommitError>)> {
+        if batches.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(batches.len());
+        let mut wave = Batch::default();
+        let mut index = Vec::with_capacity(batches.len());
+        for (i, b) in batches {
+            let w = b.nodes.into_iter().next();
+            match w {
+                // As commit: a write that is not the next version is a
+                // conflict before anything is sent.
+                Some(w) if w.expected_version.checked_add(1) == Some(w.node.version) => {
+                    index.push((i, w.node.id));
+                    wave.nodes.push(w);
+                }
+                Some(w) => out.push((i, Err(CommitError::Conflict(format!("node {}", w.node.id))))),
+                None => out.push((i, Ok(()))),
+            }
+        }
+        if wave.nodes.is_empty() {
+            return out;
+        }
+        let answer = self.commit_wave(wave, fence).await;
+        match answer {
+            Ok(updated) => {
+                for (i, id) in index {
+                    let r =
+                        if updated.contains(&id.0) { Ok(()) } else { Err(CommitError::Conflict(format!("node {id}"))) };
+                    out.push((i, r));
+                }
+            }
+            Err(e) => {
+                // The one error, for every batch of the wave (errors do not
+                // clone: the others carry what it said).
+                let again = |e: &CommitError| match e {
+                    CommitError::Store(StoreError::Fenced { epoch, current }) => {
+                        CommitError::Store(StoreError::Fenced { epoch: *epoch, current: *current })
+                    }
+                    other => CommitError::Store(StoreError::backend(
+                        "committing a wave of writes",
+                        std::io::Error::other(other.to_string()),
+                    )),
+                };
+                let others: Vec<CommitError> = index.iter().skip(1).map(|_| again(&e)).collect();
+                for ((i, _), e) in index.into_iter().zip(std::iter::once(e).chain(others)) {
+                    out.push((i, Err(e)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Writes a wave of single-node writes (each node once) in one
+    /// transaction, fenced if `fence`; answers the ids of the nodes
+    /// written. Nothing is written if the fence refuses.
+    async fn commit_wave(&self, wave: Batch, fence: Option<u64>) -> Result<HashSet<u64>, CommitError> {
+        let frees_nodes = fence.is_none() && wave.nodes.iter().any(|w| w.node.state == NodeState::Active);
+        let fence_param = fence.map(|e| sql_u64(e, "leadership epoch")).transpose()?;
+        let check_fence = if self.inner.options.test_hooks.skip_fence_check { None } else { fence };
+        let rows = Arc::new(BatchRows::of(&wave)?);
+        let r = self
+            .spawned("committing a wave of writes", move |store| async move {
+                tx::write(&store.inner.pool, &store.inner.tx, "committing a wave of writes", |c| {
+                    let rows = rows.clone();
+                    async move {
+                        let a = commit_statements_with(c, &rows, fence_param, WRITE_EACH_NODE).await?;
+                        if let (Some(epoch), Some(current)) = (check_fence, a.fence) {
+                            let current = u64::try_from(current).unwrap_or(0);
+                            if current != epoch {
+                                let e = CommitError::Store(StoreError::Fenced { epoch, current });
+                                return Ok(Decision::Rollback(Err(e)));
+                            }
+                        }
+                        let updated: HashSet<u64> = a.updated.iter().filter_map(|id| u64::try_from(*id).ok()).collect();
+                        // Nothing written: no commit to wait for.
+                        Ok(if updated.is_empty() {
+                            Decision::Rollback(Ok(updated))
+                        } else {
+                            Decision::Commit(Ok(updated))
+                        })
+                    }
+                    .boxed()
+                })
+                .await
+            })
+            .await;
+        match r {
+            Ok(Ok(updated)) => {
+                if frees_nodes && !updated.is_empty() {
+                    self.kick();
+                }
+                Ok(updated)
             }
             Ok(Err(e)) => {
                 if let CommitError::Store(StoreError::Fenced { epoch, .. }) = &e {
@@ -817,7 +1008,7 @@ async fn claim_statements(
         Ok(s) => s,
         Err(e) => return Ok(Decision::Rollback(Err(e))),
     };
-    let claim_nodes = c.prepare_cached(CLAIM_NODES).await?;
+    let claim_nodes = c.prepare_cached(WRITE_LOCKED_NODES).await?;
     let claim_session = c.prepare_cached(CLAIM_SESSION).await?;
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(31);
     params.extend(nodes.params());
@@ -825,9 +1016,79 @@ async fn claim_statements(
     params.push(&None::<i64>);
     let mut sparams: Vec<&(dyn ToSql + Sync)> = srow.params().to_vec();
     sparams.push(&creator);
-    futures::future::try_join(c.query_one(&claim_nodes, &params), c.execute(&claim_session, &sparams)).await?;
     let nodes = writes.into_iter().map(|w| w.node).collect();
-    Ok(Decision::Commit(Ok(Ok(Claimed { session, nodes }))))
+    // The rows are locked and the writes must happen (each statement fails
+    // otherwise): COMMIT goes out with them, one round trip.
+    let written = futures::future::try_join(c.query_one(&claim_nodes, &params), c.execute(&claim_session, &sparams));
+    tx::commit_pipelined(c, Ok(Ok(Claimed { session, nodes })), async { written.await.map(|_| ()) }).await
+}
+
+/// What a hand-back answers.
+type HandBackAnswer = Result<Result<Session, HandBackRefusal>, CommitError>;
+
+async fn hand_back_statements(
+    c: &Object,
+    req: &HandBack,
+    key: i64,
+) -> Result<Decision<HandBackAnswer>, tokio_postgres::Error> {
+    let read_nodes = c.prepare_cached(HAND_BACK_NODES).await?;
+    let read_session = c.prepare_cached(HAND_BACK_SESSION).await?;
+    let sid = &req.session.0;
+    let (node_rows, session_rows) =
+        futures::future::try_join(c.query(&read_nodes, &[sid, &key]), c.query(&read_session, &[sid, &key])).await?;
+    let Some(row) = session_rows.first() else {
+        return Ok(Decision::Rollback(Ok(Err(HandBackRefusal::UnknownSession))));
+    };
+    let decoded = session(row).and_then(|s| Ok((s, node_rows.iter().map(node).collect::<Result<Vec<_>, _>>()?)));
+    let (before, nodes) = match decoded {
+        Ok(x) => x,
+        Err(e) => return Ok(Decision::Rollback(Err(CommitError::Store(e)))),
+    };
+    let (batch, after) = match hand_back_writes(req, &before, &nodes) {
+        Ok(Ok(x)) => x,
+        Ok(Err(refusal)) => return Ok(Decision::Rollback(Ok(Err(refusal)))),
+        Err(e) => return Ok(Decision::Rollback(Err(e))),
+    };
+    let rows = match BatchRows::of(&batch) {
+        Ok(r) => r,
+        Err(e) => return Ok(Decision::Rollback(Err(CommitError::Store(e)))),
+    };
+    if !batch.guards.is_empty() {
+        // A fail cap: counted after the writes, decided here.
+        let a = commit_statements(c, &rows, None).await?;
+        return Ok(match decide_commit(&rows, &batch, None, a) {
+            Decision::Commit(Ok(())) => Decision::Commit(Ok(Ok(after))),
+            Decision::Rollback(Err(e)) => Decision::Rollback(Err(e)),
+            _ => Decision::Rollback(Err(CommitError::Store(StoreError::Invalid(
+                "a hand-back's writes were decided in an unexpected way".into(),
+            )))),
+        });
+    }
+    // Everything it writes is locked: the writes cannot be refused, and
+    // fail their statement if they somehow are (nothing is committed).
+    let write_nodes = c.prepare_cached(WRITE_LOCKED_NODES).await?;
+    let write_session = c.prepare_cached(UPDATE_LOCKED_SESSION).await?;
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(31);
+    params.extend(rows.nodes.params());
+    params.extend(rows.events.params());
+    params.push(&None::<i64>);
+    let mut sparams: Vec<Vec<&(dyn ToSql + Sync)>> = Vec::with_capacity(rows.sessions.len());
+    for (s, expected) in &rows.sessions {
+        let mut p: Vec<&(dyn ToSql + Sync)> = s.params().to_vec();
+        p.push(expected);
+        sparams.push(p);
+    }
+    let with_nodes = !rows.order.is_empty();
+    let written = futures::future::try_join(
+        async {
+            if with_nodes {
+                c.query_one(&write_nodes, &params).await?;
+            }
+            Ok(())
+        },
+        futures::future::try_join_all(sparams.iter().map(|p| c.query_one(&write_session, p))),
+    );
+    tx::commit_pipelined(c, Ok(Ok(after)), async { written.await.map(|_| ()) }).await
 }
 
 fn rows_to<T>(
@@ -1011,6 +1272,47 @@ impl Store for PgStore {
 
     async fn commit(&self, batch: Batch) -> Result<(), CommitError> {
         self.commit_inner(batch, None).await
+    }
+
+    async fn commit_each(&self, batches: Vec<Batch>) -> Vec<Result<(), CommitError>> {
+        self.commit_each_inner(batches, None).await
+    }
+
+    /// One transaction: the session's nodes and the session, locked (so
+    /// nothing else can move them until it ends), [`hand_back_writes`]
+    /// made of them, and the writes. A done has no guard: its writes go
+    /// out with the COMMIT, two round trips in all; a fail with a cap
+    /// counts the project's failed nodes after its writes, and commits
+    /// only if the cap holds.
+    async fn hand_back(&self, req: HandBack) -> Result<Result<Session, HandBackRefusal>, CommitError> {
+        if req.session.0.is_empty() {
+            return Ok(Err(HandBackRefusal::UnknownSession));
+        }
+        let key = match i64::try_from(req.key_id.0) {
+            Ok(k) => k,
+            Err(_) => return Ok(Err(HandBackRefusal::UnknownSession)),
+        };
+        let req = Arc::new(req);
+        let r = self
+            .spawned("handing back a session", move |store| async move {
+                tx::write(&store.inner.pool, &store.inner.tx, "handing back a session", |c| {
+                    let req = req.clone();
+                    async move { hand_back_statements(c, &req, key).await }.boxed()
+                })
+                .await
+            })
+            .await;
+        match r {
+            Ok(Ok(Ok(s))) => {
+                // Released nodes wait for the leader to reinstall them.
+                if s.state == duffy_core::SessionState::Done {
+                    self.kick();
+                }
+                Ok(Ok(s))
+            }
+            Ok(other) => other,
+            Err(e) => Err(CommitError::Store(e)),
+        }
     }
 
     async fn events(&self, q: EventQuery) -> Result<Vec<Event>, StoreError> {
@@ -1324,6 +1626,10 @@ impl Store for PgStore {
         self.commit_inner(batch, Some(epoch)).await
     }
 
+    async fn commit_each_fenced(&self, batches: Vec<Batch>, epoch: u64) -> Vec<Result<(), CommitError>> {
+        self.commit_each_inner(batches, Some(epoch)).await
+    }
+
     async fn abandoned_allocations(&self) -> Result<Option<Vec<SessionId>>, StoreError> {
         let ids = self
             .read("finding abandoned allocations", move |c| async move {
@@ -1447,6 +1753,46 @@ mod tests {
             last = rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n");
         }
         last
+    }
+
+    /// How often the pool's one connection planned the statements whose
+    /// text starts with `prefix`: (generic plans, custom plans).
+    async fn plans_made(store: &PgStore, prefix: &str) -> (i64, i64) {
+        let c = store.conn("reading the plan counts").await.expect("connection");
+        let r = c
+            .query_one(
+                "SELECT coalesce(sum(generic_plans), 0)::bigint, coalesce(sum(custom_plans), 0)::bigint \
+                 FROM pg_prepared_statements WHERE starts_with(statement, $1)",
+                &[&prefix],
+            )
+            .await
+            .expect("pg_prepared_statements");
+        (r.get(0), r.get(1))
+    }
+
+    /// The hot statements are planned once per connection, not at every
+    /// execution: without `plan_cache_mode = force_generic_plan`, the
+    /// node writes (`unnest` of arrays) and the claim's statements get a
+    /// custom plan at most executions (the old code: 11 custom plans of the
+    /// writes here).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_and_claims_run_on_generic_plans() {
+        use duffy_core::testkit::conformance::{add_ready, claim_req, pool7, release};
+        let db = test_cluster::shared().database().await;
+        let store = PgStore::connect(&db.url, PgOptions { pool_size: 1, ..PgOptions::default() }).await.expect("open");
+        add_ready(&store, "n", 8, &pool7()).await;
+        for i in 0..6 {
+            let c = store
+                .claim(claim_req(&format!("s{i}"), 1, "p", 1, Timestamp(1_700_000_000_000 + i)))
+                .await
+                .expect("store")
+                .expect("claimed");
+            release(&store, &c.session.id, Timestamp(1_700_000_000_000 + i)).await.expect("released");
+        }
+        for prefix in ["WITH v AS", "SELECT (SELECT paused", "SELECT pg_advisory_xact_lock_shared($1, 0),"] {
+            let (generic, custom) = plans_made(&store, prefix).await;
+            assert!(generic >= 6 && custom == 0, "{prefix}: {generic} generic plans, {custom} custom plans");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -120,10 +120,43 @@ WITH v AS (
 )
 SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e)";
 
-/// A claim's writes: as [`WRITE_NODES`], except that every node must be
-/// written (the claim holds their row locks), checked in the statement so
-/// that a COMMIT pipelined behind it writes nothing otherwise.
-pub(crate) const CLAIM_NODES: &str = "\
+/// Independent single-node writes in one statement (a wave of the
+/// reconciler's): as [`WRITE_NODES`], but a node's event is written only
+/// if its node was, so that each write applies or not on its own. Every
+/// node at most once.
+pub(crate) const WRITE_EACH_NODE: &str = "\
+WITH v AS (
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+        $8::text[], $9::integer[], $10::text[], $11::text[], $12::text[], $13::text[], $14::bigint[], $15::text[],
+        $16::bigint[], $17::bigint[], $18::bigint[], $19::text[], $20::text[], $21::bigint[], $22::text[])
+        AS v(id, expected, hostname, ip, chassis, hardware_arch, flavor, bmc, console_port, state, image_release,
+             image_arch, image_flavor, used_count, session, state_since, installed_at, hold_until, fail_reason,
+             power, version, host_key)
+), u AS (
+    UPDATE nodes n SET hostname = v.hostname, ip = v.ip, chassis = v.chassis, hardware_arch = v.hardware_arch,
+        flavor = v.flavor, bmc = v.bmc, console_port = v.console_port, state = v.state,
+        image_release = v.image_release, image_arch = v.image_arch, image_flavor = v.image_flavor,
+        used_count = v.used_count, session = v.session, state_since = v.state_since,
+        installed_at = v.installed_at, hold_until = v.hold_until, fail_reason = v.fail_reason, power = v.power,
+        version = v.version, host_key = v.host_key
+    FROM v WHERE n.id = v.id AND n.version = v.expected
+    RETURNING n.id
+), e AS (
+    INSERT INTO events (node, from_state, to_state, cause, detail, actor, session, at, term)
+    SELECT e.node, e.from_state, e.to_state, e.cause, e.detail, e.actor, e.session, e.at, $31
+    FROM unnest($23::bigint[], $24::text[], $25::text[], $26::text[], $27::text[], $28::text[], $29::text[],
+                $30::bigint[]) WITH ORDINALITY AS e(node, from_state, to_state, cause, detail, actor, session, at, ord)
+    WHERE e.node IN (SELECT id FROM u)
+    ORDER BY e.ord
+    RETURNING 1
+)
+SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e)";
+
+/// The writes of an operation that locked its nodes first (a claim, a
+/// hand-back): as [`WRITE_NODES`], except that every node must be written,
+/// checked in the statement so that a COMMIT pipelined behind it writes
+/// nothing otherwise.
+pub(crate) const WRITE_LOCKED_NODES: &str = "\
 WITH v AS (
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
         $8::text[], $9::integer[], $10::text[], $11::text[], $12::text[], $13::text[], $14::bigint[], $15::text[],
@@ -149,7 +182,7 @@ WITH v AS (
     RETURNING 1
 )
 SELECT duffy_assert((SELECT count(*) FROM u) = cardinality($1::bigint[]),
-                    'a claim could not write every node it had locked')";
+                    'could not write every node the transaction had locked')";
 
 /// Inserts a session (`$17` its creator), unless its id exists; returns
 /// how many rows it inserted (0 or 1).
@@ -174,6 +207,33 @@ WITH u AS (
     RETURNING 1
 )
 SELECT count(*) FROM u";
+
+/// A session's update that must happen (the session is locked): fails
+/// the statement otherwise, so that a COMMIT pipelined behind it writes
+/// nothing.
+pub(crate) const UPDATE_LOCKED_SESSION: &str = "\
+WITH u AS (
+    UPDATE sessions SET project = $2, key_id = $3, state = $4, pool_release = $5, pool_arch = $6,
+        pool_flavor = $7, nodes = $8, created_at = $9, delivered_at = $10, lease_until = $11, hold_until = $12,
+        ended_at = $13, end_reason = $14, version = $15, expires_at = $16
+    WHERE id = $1 AND version = $17
+    RETURNING 1
+)
+SELECT duffy_assert((SELECT count(*) FROM u) = 1, 'could not write the session the transaction had locked')";
+
+/// A hand-back's read of the nodes of session `$1` if it is key `$2`'s,
+/// locked in id order (the order every batch writes them in) before the
+/// session is.
+pub(crate) const HAND_BACK_NODES: &str = concat!(
+    "SELECT ",
+    node_cols!(),
+    " FROM nodes WHERE id = ANY((SELECT nodes FROM sessions WHERE id = $1 AND key_id = $2)::bigint[]) \
+     ORDER BY id FOR NO KEY UPDATE"
+);
+
+/// A hand-back's read of session `$1` if it is key `$2`'s, locked.
+pub(crate) const HAND_BACK_SESSION: &str =
+    concat!("SELECT ", session_cols!(), " FROM sessions WHERE id = $1 AND key_id = $2 FOR NO KEY UPDATE");
 
 /// The claim's own insert of its session: it must happen.
 pub(crate) const CLAIM_SESSION: &str = "\

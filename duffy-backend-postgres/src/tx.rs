@@ -44,6 +44,44 @@ pub(crate) enum Decision<T> {
     Commit(T),
     /// Write nothing (a refusal), and answer `T`.
     Rollback(T),
+    /// The statements sent `COMMIT` themselves, pipelined behind their
+    /// last writes (see [`commit_pipelined`]), and it succeeded: answer
+    /// `T`.
+    Committed(T),
+    /// The statements sent `COMMIT` themselves and the connection was lost
+    /// before its answer: the outcome is unknown, and is resolved as for a
+    /// `COMMIT` sent by the runner. `T` is the answer if it committed.
+    CommitUnknown(T, tokio_postgres::Error),
+}
+
+/// Runs `writes` and `COMMIT` in one round trip: `COMMIT` goes out right
+/// behind the writes' statements, without waiting for their answers. For
+/// operations whose writes cannot be refused once their reads are done
+/// (the rows are locked, and a write that does not apply fails its
+/// statement, e.g. with `duffy_assert`): a failed statement aborts the
+/// transaction, and the `COMMIT` behind it then commits nothing.
+///
+/// `writes` must send all of its statements when first polled (a join of
+/// queries does). Called from an operation's statements after its reads,
+/// so the transaction's id is known to the runner by then: a connection
+/// lost now is an unknown outcome it can resolve.
+pub(crate) async fn commit_pipelined<T, W>(
+    conn: &Object,
+    value: T,
+    writes: W,
+) -> Result<Decision<T>, tokio_postgres::Error>
+where
+    W: Future<Output = Result<(), tokio_postgres::Error>>,
+{
+    let (written, committed) = futures::future::join(writes, conn.batch_execute("COMMIT")).await;
+    match (written, committed) {
+        (Ok(()), Ok(())) => Ok(Decision::Committed(value)),
+        // Lost before an answer to COMMIT: it may have committed.
+        (_, Err(e)) if connection_lost(&e) => Ok(Decision::CommitUnknown(value, e)),
+        // The server refused a statement (the COMMIT behind it rolled
+        // back), or refused the COMMIT itself: nothing was written.
+        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+    }
 }
 
 /// Counters of what the runner had to do, for tests and metrics.
@@ -213,6 +251,8 @@ where
             rollback(conn).await;
             Outcome::Done(v)
         }
+        Decision::Committed(v) => Outcome::Done(v),
+        Decision::CommitUnknown(v, e) => Outcome::Unknown { xid, value: v, error: e },
         Decision::Commit(v) => match conn.batch_execute("COMMIT").await {
             Ok(()) => Outcome::Done(v),
             Err(e) if connection_lost(&e) => Outcome::Unknown { xid, value: v, error: e },

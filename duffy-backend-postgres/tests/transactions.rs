@@ -12,8 +12,8 @@ use duffy_backend_postgres::test_cluster::{TestDatabase, shared};
 use duffy_backend_postgres::{PgOptions, PgStore, PgTestHooks};
 use duffy_core::testkit::conformance::{add_ready, check_history, check_invariants, claim_req, pool7, release};
 use duffy_core::{
-    Actor, Arch, Batch, Cause, CauseKind, EventQuery, NewNode, NodeWrite, SessionId, SessionState, Store, StoreError,
-    Timestamp,
+    Actor, Arch, Batch, Cause, CauseKind, EventQuery, HandBack, HandBackKind, HandBackRefusal, KeyId, NewNode,
+    NodeWrite, SessionId, SessionState, Store, StoreError, Timestamp,
 };
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
@@ -90,6 +90,62 @@ async fn running_a_lost_commit_again_blindly_is_caught() {
     let r = store.claim(claim_req("s1", 1, "p", 1, T0)).await;
     assert!(matches!(r, Err(StoreError::Duplicate(_))), "{r:?}");
     assert_eq!(causes(&store, CauseKind::Allocated).await, 1, "the claim was made, and its caller told it failed");
+}
+
+/// A delivered session of key 1, holding two nodes.
+async fn delivered(store: &PgStore, sid: &str) -> SessionId {
+    add_ready(store, "n", 2, &pool7()).await;
+    let req =
+        duffy_core::ClaimRequest { deliver: Some(T0.plus(Duration::from_secs(3600))), ..claim_req(sid, 1, "p", 2, T0) };
+    store.claim(req).await.expect("store ok").expect("claimed").session.id
+}
+
+fn done(sid: &SessionId) -> HandBack {
+    HandBack { session: sid.clone(), key_id: KeyId(1), kind: HandBackKind::Done, actor: Actor::Key(KeyId(1)), now: T0 }
+}
+
+/// A hand-back sends its writes and COMMIT together: a connection lost
+/// there leaves the outcome unknown, resolved by asking the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_back_whose_answer_was_lost_is_answered_once_and_applied_once() {
+    let (store, proxy, _db) = behind_proxy(PgTestHooks::default()).await;
+    let sid = delivered(&store, "s1").await;
+    proxy.arm(Cut::AfterCommit);
+    let s = store.hand_back(done(&sid)).await.expect("no error").expect("accepted");
+    assert_eq!(proxy.cuts(), 1, "the connection was cut at the COMMIT");
+    assert_eq!(store.stats().unknown_committed, 1, "{:?}", store.stats());
+    assert_eq!(s.state, SessionState::Done);
+    assert_eq!(store.session(&sid).await.expect("read").expect("exists"), s);
+    assert_eq!(causes(&store, CauseKind::Released).await, 2, "applied once");
+    check_invariants(&store).await.expect("invariants");
+    check_history(&store).await.expect("history");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_back_that_never_reached_the_server_is_run_again() {
+    let (store, proxy, _db) = behind_proxy(PgTestHooks::default()).await;
+    let sid = delivered(&store, "s1").await;
+    proxy.arm(Cut::BeforeCommit);
+    let s = store.hand_back(done(&sid)).await.expect("no error").expect("accepted");
+    assert_eq!(proxy.cuts(), 1);
+    assert_eq!(store.stats().unknown_aborted, 1, "{:?}", store.stats());
+    assert_eq!(s.state, SessionState::Done);
+    assert_eq!(causes(&store, CauseKind::Released).await, 2, "applied once");
+    check_invariants(&store).await.expect("invariants");
+    check_history(&store).await.expect("history");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_a_lost_hand_back_again_blindly_is_caught() {
+    // The first check above can fail: run again, the hand-back finds its
+    // own session Done and refuses, although the session was released.
+    let hooks = PgTestHooks { unknown_outcome_is_abort: true, ..PgTestHooks::default() };
+    let (store, proxy, _db) = behind_proxy(hooks).await;
+    let sid = delivered(&store, "s1").await;
+    proxy.arm(Cut::AfterCommit);
+    let r = store.hand_back(done(&sid)).await.expect("no error");
+    assert!(matches!(r, Err(HandBackRefusal::NotInProd { state: SessionState::Done })), "{r:?}");
+    assert_eq!(causes(&store, CauseKind::Released).await, 2, "released, and its caller told it was refused");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

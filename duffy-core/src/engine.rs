@@ -330,8 +330,9 @@ type GatheredReply = oneshot::Sender<Result<(), CommitError>>;
 
 /// Single-node writes of concurrent operations (a reconciler pass starting
 /// a wave of installs, a wave of installs finishing), gathered into one
-/// [`Store::commit_each`] call: one message to the store and one durable
-/// write for the wave instead of one each. Each write is still its own
+/// [`Store::commit_each`] call ([`Store::commit_each_fenced`] for a
+/// leader's): one message to the store and one durable write for the wave
+/// instead of one each. Each write is still its own
 /// compare-and-set, answered on its own. A queue, not a lock: nothing is
 /// held across an await, and correctness rests on the store as always.
 #[derive(Default)]
@@ -350,14 +351,22 @@ impl Gather {
     /// the queue non-empty sends all of it in one call and hands out the
     /// answers. A caller whose write someone else took waits for that
     /// answer.
-    async fn commit(&self, store: &dyn Store, batch: Batch) -> Result<(), CommitError> {
+    ///
+    /// `fence`: the epoch of the engine whose writes these are (one
+    /// engine, one `Gather`, one epoch), which each batch carries
+    /// ([`Store::commit_each_fenced`]).
+    async fn commit(&self, store: &dyn Store, fence: Option<u64>, batch: Batch) -> Result<(), CommitError> {
         let (reply, answer) = oneshot::channel();
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).push((batch, reply));
         yield_now().await;
         let work = self.take();
         if !work.is_empty() {
             let (batches, replies): (Vec<Batch>, Vec<GatheredReply>) = work.into_iter().unzip();
-            let mut results = store.commit_each(batches).await.into_iter();
+            let results = match fence {
+                None => store.commit_each(batches).await,
+                Some(epoch) => store.commit_each_fenced(batches, epoch).await,
+            };
+            let mut results = results.into_iter();
             for reply in replies {
                 let r = results.next().unwrap_or_else(|| {
                     Err(CommitError::Store(StoreError::Corrupt("commit_each answered too few batches".into())))
@@ -428,13 +437,10 @@ impl Inner {
             }
         };
         let after = w.node.clone();
-        // A fenced engine's writes must carry its epoch, which
-        // `Store::commit_each` has no room for: they go one by one through
-        // `commit_fenced`. Unfenced single-node writes are gathered.
-        let committed = match self.fence {
-            Some(_) => self.commit(Batch { nodes: vec![w], ..Batch::default() }).await,
-            None => self.gather.commit(&*self.store, Batch { nodes: vec![w], ..Batch::default() }).await,
-        };
+        // Gathered, fenced or not: a fenced engine's go out with its epoch
+        // (`Store::commit_each_fenced`).
+        let committed =
+            self.gather.commit(&*self.store, self.fence, Batch { nodes: vec![w], ..Batch::default() }).await;
         match committed {
             Ok(()) => Ok(Some(after)),
             Err(CommitError::Store(e)) => Err(e.into()),

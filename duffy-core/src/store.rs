@@ -798,6 +798,18 @@ pub trait Store: Send + Sync {
         Err(CommitError::Store(StoreError::Invalid("this store does not support fenced writes".into())))
     }
 
+    /// [`Store::commit_each`] for a reconciler that runs as the leader of
+    /// term `epoch`: each batch written on its own exactly as
+    /// [`Store::commit_fenced`] would write it, answered in order. A
+    /// backend that overrides it takes a wave of the leader's single-node
+    /// writes in one transaction instead of one each.
+    ///
+    /// The default commits them one by one (concurrently) with
+    /// [`Store::commit_fenced`].
+    async fn commit_each_fenced(&self, batches: Vec<Batch>, epoch: u64) -> Vec<Result<(), CommitError>> {
+        futures::future::join_all(batches.into_iter().map(|b| self.commit_fenced(b, epoch))).await
+    }
+
     /// The live sessions still Allocating whose creating process is known
     /// to have stopped (crashed, killed, or cut off from the store): their
     /// preparation will never finish, so the reconciler aborts them at once.

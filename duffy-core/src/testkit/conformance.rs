@@ -86,6 +86,7 @@ macro_rules! store_conformance_tests {
             expired_install_tickets_become_tombstones,
             concurrent_uses_of_one_install_token_grant_exactly_one,
             install_ticket_tokens_are_bounded,
+            commit_each_fenced_writes_each_on_its_own_within_the_term,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -1562,4 +1563,61 @@ pub async fn install_ticket_tokens_are_bounded(store: Arc<dyn Store>) {
     // Any of the kept ones uses the ticket; then none works.
     granted(t.use_ticket(&toks[5], NODE_IP, T0, done("k")).await.expect("use"));
     assert_eq!(t.use_ticket(&toks[9], NODE_IP, T0, done("k")).await.expect("use"), TicketAccess::Unknown);
+}
+
+/// A leader's wave of writes ([`Store::commit_each_fenced`]): with the
+/// newest epoch each batch is written or refused on its own, as
+/// [`Store::commit_fenced`] would (a stale version is a conflict that
+/// writes nothing, its event included, and stops no other batch); with an
+/// older epoch every batch is refused as fenced and nothing is written.
+pub async fn commit_each_fenced_writes_each_on_its_own_within_the_term(store: Arc<dyn Store>) {
+    let nodes = store
+        .add_nodes((0..4).map(|i| NewNode::new(format!("w{i}"), Arch::X86_64)).collect(), Actor::Operator, T0)
+        .await
+        .expect("add");
+    let e1 = store.new_leader_epoch().await.expect("term 1");
+    let e2 = store.new_leader_epoch().await.expect("term 2");
+    let start = |n: &Node| {
+        let cause = Cause::InstallStarted { image: pool7(), why: "test".into() };
+        Batch {
+            nodes: vec![NodeWrite::transition(n, cause, Actor::Reconciler, T0).expect("legal")],
+            ..Batch::default()
+        }
+    };
+    let mut stale = start(&nodes[1]);
+    stale.nodes[0].expected_version += 7;
+    stale.nodes[0].node.version += 7;
+    let events_before = store.events(EventQuery::default()).await.expect("events").len();
+    let answers = store.commit_each_fenced(vec![start(&nodes[0]), stale, start(&nodes[2])], e2).await;
+    assert_eq!(answers.len(), 3);
+    assert!(answers[0].is_ok(), "{:?}", answers[0]);
+    assert!(matches!(answers[1], Err(CommitError::Conflict(_))), "{:?}", answers[1]);
+    assert!(answers[2].is_ok(), "{:?}", answers[2]);
+    let now = |i: usize| {
+        let store = store.clone();
+        let id = nodes[i].id;
+        async move { store.node(id).await.expect("read").expect("exists") }
+    };
+    assert_eq!(now(0).await.state, NodeState::Provisioning);
+    assert_eq!(now(1).await, nodes[1], "the conflicting batch wrote nothing");
+    assert_eq!(now(2).await.state, NodeState::Provisioning);
+    assert_eq!(
+        store.events(EventQuery::default()).await.expect("events").len(),
+        events_before + 2,
+        "an event with each write that applied, none with the conflict"
+    );
+    // A former term: every batch refused, nothing written.
+    let answers = store.commit_each_fenced(vec![start(&nodes[1]), start(&nodes[3])], e1).await;
+    assert_eq!(answers.len(), 2);
+    for a in &answers {
+        match a {
+            Err(CommitError::Store(StoreError::Fenced { epoch, current })) => assert_eq!((*epoch, *current), (e1, e2)),
+            other => panic!("expected a fenced refusal: {other:?}"),
+        }
+    }
+    assert_eq!(now(1).await, nodes[1]);
+    assert_eq!(now(3).await, nodes[3]);
+    assert_eq!(store.events(EventQuery::default()).await.expect("events").len(), events_before + 2);
+    assert!(store.commit_each_fenced(Vec::new(), e2).await.is_empty());
+    check_history(&*store).await.expect("history");
 }
