@@ -22,49 +22,39 @@ use std::net::IpAddr;
 use async_trait::async_trait;
 use deadpool_postgres::Object;
 use duffy_core::tickets::{
-    InstallTicket, InstallTickets, MAX_TICKET_TOKENS, Settle, SettleEffect, TicketAccess, TicketId, TicketOutcome,
-    TicketRecord, TicketState, TokenHash, check_access, settle_effect,
+    InstallTicket, InstallTickets, MAX_TICKET_TOKENS, Settle, SettleEffect, TICKET_COLUMNS, TicketAccess,
+    TicketColumns, TicketId, TicketOutcome, TicketRecord, TicketState, TokenHash, check_access, settle_effect,
+    state_columns,
 };
-use duffy_core::{Arch, PoolKey, StoreError, Timestamp};
+use duffy_core::{StoreError, Timestamp};
 use futures::FutureExt;
 use tokio_postgres::Row;
 
 use crate::PgStore;
 use crate::tx::{self, Decision};
 
-/// The `install_tickets` columns in the order [`record`] reads them.
-const COLS: &str = "t.hostname, t.ticket_id, t.ip, t.hardware_arch, t.image_release, t.image_arch, t.image_flavor, \
-                    t.expires_at, t.state, t.host_key, t.reason";
-
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("install_tickets.{what}: {e}"))
 }
 
 fn record(r: &Row) -> Result<TicketRecord, StoreError> {
-    let get = |i: usize, what: &str| -> Result<String, StoreError> { r.try_get(i).map_err(|e| corrupt(what, e)) };
+    let text = |i: usize, what: &str| -> Result<String, StoreError> { r.try_get(i).map_err(|e| corrupt(what, e)) };
     let opt =
         |i: usize, what: &str| -> Result<Option<String>, StoreError> { r.try_get(i).map_err(|e| corrupt(what, e)) };
-    let ip: IpAddr = get(2, "ip")?.parse().map_err(|e| corrupt("ip", e))?;
-    let hardware_arch: Arch = get(3, "hardware_arch")?.parse().map_err(|e| corrupt("hardware_arch", e))?;
-    let arch: Arch = get(5, "image_arch")?.parse().map_err(|e| corrupt("image_arch", e))?;
-    let image = PoolKey { release: get(4, "image_release")?, arch, flavor: opt(6, "image_flavor")? };
-    let expires_at = Timestamp(r.try_get(7).map_err(|e| corrupt("expires_at", e))?);
-    let state = match get(8, "state")?.as_str() {
-        "pending" => TicketState::Pending,
-        "done" => TicketState::Used(TicketOutcome::Done { host_key: opt(9, "host_key")? }),
-        "failed" => TicketState::Used(TicketOutcome::Failed { reason: opt(10, "reason")?.unwrap_or_default() }),
-        "expired" => TicketState::Expired,
-        other => return Err(corrupt("state", format!("unknown state {other:?}"))),
-    };
-    let ticket = InstallTicket {
-        id: TicketId(get(1, "ticket_id")?),
-        hostname: get(0, "hostname")?,
-        ip,
-        hardware_arch,
-        image,
-        expires_at,
-    };
-    Ok(TicketRecord { ticket, state })
+    TicketColumns {
+        hostname: text(0, "hostname")?,
+        ticket_id: text(1, "ticket_id")?,
+        ip: text(2, "ip")?,
+        hardware_arch: text(3, "hardware_arch")?,
+        image_release: text(4, "image_release")?,
+        image_arch: text(5, "image_arch")?,
+        image_flavor: opt(6, "image_flavor")?,
+        expires_at: r.try_get(7).map_err(|e| corrupt("expires_at", e))?,
+        state: text(8, "state")?,
+        host_key: opt(9, "host_key")?,
+        reason: opt(10, "reason")?,
+    }
+    .into_record()
 }
 
 fn records(rows: &[Row]) -> Result<Option<TicketRecord>, StoreError> {
@@ -73,13 +63,13 @@ fn records(rows: &[Row]) -> Result<Option<TicketRecord>, StoreError> {
 
 fn of_host_sql(lock: bool) -> String {
     let lock = if lock { " FOR UPDATE" } else { "" };
-    format!("SELECT {COLS} FROM install_tickets t WHERE t.hostname = $1{lock}")
+    format!("SELECT {TICKET_COLUMNS} FROM install_tickets t WHERE t.hostname = $1{lock}")
 }
 
 fn by_token_sql(lock: bool) -> String {
     let lock = if lock { " FOR UPDATE OF t" } else { "" };
     format!(
-        "SELECT {COLS} FROM install_ticket_tokens k JOIN install_tickets t ON t.hostname = k.hostname \
+        "SELECT {TICKET_COLUMNS} FROM install_ticket_tokens k JOIN install_tickets t ON t.hostname = k.hostname \
          WHERE k.hash = $1{lock}"
     )
 }
@@ -101,12 +91,7 @@ async fn delete(c: &Object, hostname: &str) -> Result<(), tokio_postgres::Error>
 }
 
 async fn set_state(c: &Object, hostname: &str, state: &TicketState) -> Result<(), tokio_postgres::Error> {
-    let (name, host_key, reason) = match state {
-        TicketState::Pending => ("pending", None, None),
-        TicketState::Used(TicketOutcome::Done { host_key }) => ("done", host_key.as_deref(), None),
-        TicketState::Used(TicketOutcome::Failed { reason }) => ("failed", None, Some(reason.as_str())),
-        TicketState::Expired => ("expired", None, None),
-    };
+    let (name, host_key, reason) = state_columns(state);
     let stmt = c
         .prepare_cached("UPDATE install_tickets SET state = $2, host_key = $3, reason = $4 WHERE hostname = $1")
         .await?;

@@ -189,6 +189,79 @@ pub enum SettleEffect {
     Tombstone,
 }
 
+/// A ticket's state as the SQL backends store it: the `state` column's
+/// word and the `host_key` and `reason` columns. One definition, so that
+/// every backend writes and reads the same words.
+pub fn state_columns(state: &TicketState) -> (&'static str, Option<&str>, Option<&str>) {
+    match state {
+        TicketState::Pending => ("pending", None, None),
+        TicketState::Used(TicketOutcome::Done { host_key }) => ("done", host_key.as_deref(), None),
+        TicketState::Used(TicketOutcome::Failed { reason }) => ("failed", None, Some(reason.as_str())),
+        TicketState::Expired => ("expired", None, None),
+    }
+}
+
+/// The columns an SQL backend keeps a ticket in, as read (text and
+/// integers), in the order of [`TICKET_COLUMNS`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TicketColumns {
+    /// `hostname`.
+    pub hostname: String,
+    /// `ticket_id`.
+    pub ticket_id: String,
+    /// `ip`, as text.
+    pub ip: String,
+    /// `hardware_arch`.
+    pub hardware_arch: String,
+    /// `image_release`.
+    pub image_release: String,
+    /// `image_arch`.
+    pub image_arch: String,
+    /// `image_flavor`.
+    pub image_flavor: Option<String>,
+    /// `expires_at`, in milliseconds since the epoch.
+    pub expires_at: i64,
+    /// `state`: a word of [`state_columns`].
+    pub state: String,
+    /// `host_key`.
+    pub host_key: Option<String>,
+    /// `reason`.
+    pub reason: Option<String>,
+}
+
+/// The columns of [`TicketColumns`], in its order, of a table aliased `t`.
+pub const TICKET_COLUMNS: &str = "t.hostname, t.ticket_id, t.ip, t.hardware_arch, t.image_release, t.image_arch, \
+                                  t.image_flavor, t.expires_at, t.state, t.host_key, t.reason";
+
+impl TicketColumns {
+    /// The ticket these columns hold, or which column is not what a
+    /// backend writes (named, with what it holds).
+    pub fn into_record(self) -> Result<TicketRecord, StoreError> {
+        fn corrupt(what: &str, e: impl fmt::Display) -> StoreError {
+            StoreError::Corrupt(format!("install_tickets.{what}: {e}"))
+        }
+        let ip: IpAddr = self.ip.parse().map_err(|e| corrupt("ip", e))?;
+        let hardware_arch: Arch = self.hardware_arch.parse().map_err(|e| corrupt("hardware_arch", e))?;
+        let arch: Arch = self.image_arch.parse().map_err(|e| corrupt("image_arch", e))?;
+        let state = match self.state.as_str() {
+            "pending" => TicketState::Pending,
+            "done" => TicketState::Used(TicketOutcome::Done { host_key: self.host_key }),
+            "failed" => TicketState::Used(TicketOutcome::Failed { reason: self.reason.unwrap_or_default() }),
+            "expired" => TicketState::Expired,
+            other => return Err(corrupt("state", format!("unknown state {other:?}"))),
+        };
+        let ticket = InstallTicket {
+            id: TicketId(self.ticket_id),
+            hostname: self.hostname,
+            ip,
+            hardware_arch,
+            image: PoolKey { release: self.image_release, arch, flavor: self.image_flavor },
+            expires_at: Timestamp(self.expires_at),
+        };
+        Ok(TicketRecord { ticket, state })
+    }
+}
+
 /// Whether a request from `peer` at `now` may use `record`: the one
 /// decision every backend makes for [`InstallTickets::ticket_by_token`],
 /// [`InstallTickets::issue_ticket_token`] and [`InstallTickets::use_ticket`]
@@ -332,5 +405,36 @@ mod tests {
     #[test]
     fn token_hash_is_sha256() {
         assert_eq!(TokenHash::of("abc").0[..4], [0xba, 0x78, 0x16, 0xbf]);
+    }
+
+    #[test]
+    fn stored_columns_read_back_as_written() {
+        let states = [
+            TicketState::Pending,
+            TicketState::Used(TicketOutcome::Done { host_key: Some("ssh-ed25519 AAAA".into()) }),
+            TicketState::Used(TicketOutcome::Failed { reason: "disk".into() }),
+            TicketState::Expired,
+        ];
+        for state in states {
+            let want = record(state);
+            let t = &want.ticket;
+            let (word, host_key, reason) = state_columns(&want.state);
+            let cols = TicketColumns {
+                hostname: t.hostname.clone(),
+                ticket_id: t.id.0.clone(),
+                ip: t.ip.to_string(),
+                hardware_arch: t.hardware_arch.as_str().into(),
+                image_release: t.image.release.clone(),
+                image_arch: t.image.arch.as_str().into(),
+                image_flavor: t.image.flavor.clone(),
+                expires_at: t.expires_at.0,
+                state: word.into(),
+                host_key: host_key.map(Into::into),
+                reason: reason.map(Into::into),
+            };
+            assert_eq!(cols.clone().into_record().expect("reads back"), want);
+            let bad = TicketColumns { state: "finished".into(), ..cols };
+            assert!(matches!(bad.into_record(), Err(StoreError::Corrupt(m)) if m.contains("install_tickets.state")));
+        }
     }
 }
