@@ -89,11 +89,16 @@ pub(crate) use key_cols;
 
 // ----- statements -----
 
-/// Node rows to write, as arrays: `$1` ids, `$2` expected versions, then
-/// the columns of [`NodeRows`]. Updates only rows still at their expected
-/// version and returns the ids it updated; the events of the batch go in
-/// with the same statement (`$23`…`$30`, `$31` the term).
-pub(crate) const WRITE_NODES: &str = "\
+/// The body every node-writing statement shares, as a string literal:
+/// the node rows to write as arrays (`$1` ids, `$2` expected versions,
+/// then the columns of [`NodeRows`]), updated only where still at their
+/// expected version (`u`, the ids written), and the batch's events
+/// (`$23`…`$30`, `$31` the term) inserted in order, filtered by
+/// `$event_filter` (`u` in scope); then `$tail`, the statement's answer.
+macro_rules! write_nodes_sql {
+    ($event_filter:literal, $tail:literal) => {
+        concat!(
+            "\
 WITH v AS (
     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
         $8::text[], $9::integer[], $10::text[], $11::text[], $12::text[], $13::text[], $14::bigint[], $15::text[],
@@ -115,74 +120,41 @@ WITH v AS (
     SELECT e.node, e.from_state, e.to_state, e.cause, e.detail, e.actor, e.session, e.at, $31
     FROM unnest($23::bigint[], $24::text[], $25::text[], $26::text[], $27::text[], $28::text[], $29::text[],
                 $30::bigint[]) WITH ORDINALITY AS e(node, from_state, to_state, cause, detail, actor, session, at, ord)
-    ORDER BY e.ord
+",
+            $event_filter,
+            "    ORDER BY e.ord
     RETURNING 1
 )
-SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e)";
+",
+            $tail
+        )
+    };
+}
+
+/// Node rows to write (see [`write_nodes_sql`]). Updates only rows still at
+/// their expected version and returns the ids it updated; the events of the
+/// batch go in with the same statement.
+pub(crate) const WRITE_NODES: &str =
+    write_nodes_sql!("", "SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e)");
 
 /// Independent single-node writes in one statement (a wave of the
 /// reconciler's): as [`WRITE_NODES`], but a node's event is written only
 /// if its node was, so that each write applies or not on its own. Every
 /// node at most once.
-pub(crate) const WRITE_EACH_NODE: &str = "\
-WITH v AS (
-    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-        $8::text[], $9::integer[], $10::text[], $11::text[], $12::text[], $13::text[], $14::bigint[], $15::text[],
-        $16::bigint[], $17::bigint[], $18::bigint[], $19::text[], $20::text[], $21::bigint[], $22::text[])
-        AS v(id, expected, hostname, ip, chassis, hardware_arch, flavor, bmc, console_port, state, image_release,
-             image_arch, image_flavor, used_count, session, state_since, installed_at, hold_until, fail_reason,
-             power, version, host_key)
-), u AS (
-    UPDATE nodes n SET hostname = v.hostname, ip = v.ip, chassis = v.chassis, hardware_arch = v.hardware_arch,
-        flavor = v.flavor, bmc = v.bmc, console_port = v.console_port, state = v.state,
-        image_release = v.image_release, image_arch = v.image_arch, image_flavor = v.image_flavor,
-        used_count = v.used_count, session = v.session, state_since = v.state_since,
-        installed_at = v.installed_at, hold_until = v.hold_until, fail_reason = v.fail_reason, power = v.power,
-        version = v.version, host_key = v.host_key
-    FROM v WHERE n.id = v.id AND n.version = v.expected
-    RETURNING n.id
-), e AS (
-    INSERT INTO events (node, from_state, to_state, cause, detail, actor, session, at, term)
-    SELECT e.node, e.from_state, e.to_state, e.cause, e.detail, e.actor, e.session, e.at, $31
-    FROM unnest($23::bigint[], $24::text[], $25::text[], $26::text[], $27::text[], $28::text[], $29::text[],
-                $30::bigint[]) WITH ORDINALITY AS e(node, from_state, to_state, cause, detail, actor, session, at, ord)
-    WHERE e.node IN (SELECT id FROM u)
-    ORDER BY e.ord
-    RETURNING 1
-)
-SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e)";
+pub(crate) const WRITE_EACH_NODE: &str = write_nodes_sql!(
+    "    WHERE e.node IN (SELECT id FROM u)\n",
+    "SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e)"
+);
 
 /// The writes of an operation that locked its nodes first (a claim, a
 /// hand-back): as [`WRITE_NODES`], except that every node must be written,
 /// checked in the statement so that a COMMIT pipelined behind it writes
 /// nothing otherwise.
-pub(crate) const WRITE_LOCKED_NODES: &str = "\
-WITH v AS (
-    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-        $8::text[], $9::integer[], $10::text[], $11::text[], $12::text[], $13::text[], $14::bigint[], $15::text[],
-        $16::bigint[], $17::bigint[], $18::bigint[], $19::text[], $20::text[], $21::bigint[], $22::text[])
-        AS v(id, expected, hostname, ip, chassis, hardware_arch, flavor, bmc, console_port, state, image_release,
-             image_arch, image_flavor, used_count, session, state_since, installed_at, hold_until, fail_reason,
-             power, version, host_key)
-), u AS (
-    UPDATE nodes n SET hostname = v.hostname, ip = v.ip, chassis = v.chassis, hardware_arch = v.hardware_arch,
-        flavor = v.flavor, bmc = v.bmc, console_port = v.console_port, state = v.state,
-        image_release = v.image_release, image_arch = v.image_arch, image_flavor = v.image_flavor,
-        used_count = v.used_count, session = v.session, state_since = v.state_since,
-        installed_at = v.installed_at, hold_until = v.hold_until, fail_reason = v.fail_reason, power = v.power,
-        version = v.version, host_key = v.host_key
-    FROM v WHERE n.id = v.id AND n.version = v.expected
-    RETURNING n.id
-), e AS (
-    INSERT INTO events (node, from_state, to_state, cause, detail, actor, session, at, term)
-    SELECT e.node, e.from_state, e.to_state, e.cause, e.detail, e.actor, e.session, e.at, $31
-    FROM unnest($23::bigint[], $24::text[], $25::text[], $26::text[], $27::text[], $28::text[], $29::text[],
-                $30::bigint[]) WITH ORDINALITY AS e(node, from_state, to_state, cause, detail, actor, session, at, ord)
-    ORDER BY e.ord
-    RETURNING 1
-)
-SELECT duffy_assert((SELECT count(*) FROM u) = cardinality($1::bigint[]),
-                    'could not write every node the transaction had locked')";
+pub(crate) const WRITE_LOCKED_NODES: &str = write_nodes_sql!(
+    "",
+    "SELECT duffy_assert((SELECT count(*) FROM u) = cardinality($1::bigint[]),
+                    'could not write every node the transaction had locked')"
+);
 
 /// Inserts a session (`$17` its creator), unless its id exists; returns
 /// how many rows it inserted (0 or 1).
