@@ -955,21 +955,31 @@ impl Engine {
     /// `/Node/done`: releases every node of the session (Prod or Fail); they
     /// go back to be reinstalled.
     pub async fn done(&self, who: &Principal, sid: &str) -> Result<(), EngineError> {
+        self.release(who, sid).await.map(drop)
+    }
+
+    /// [`Engine::done`], answering the session as it now is (ended).
+    pub(crate) async fn release(&self, who: &Principal, sid: &str) -> Result<Session, EngineError> {
         let s = self.hand_back(who, sid, HandBackKind::Done).await?;
         info!(session = %s.id, project = %s.project, "session done");
         self.kick();
-        Ok(())
+        Ok(s)
     }
 
     /// `/Node/fail`: marks every node of the session Failed and holds them
     /// (with the project's SSH keys still on root) for the fail-hold
     /// period, within the project's cap on failed nodes.
     pub async fn fail(&self, who: &Principal, sid: &str) -> Result<(), EngineError> {
+        self.fail_and_hold(who, sid).await.map(drop)
+    }
+
+    /// [`Engine::fail`], answering the session as it now is (in Fail).
+    pub(crate) async fn fail_and_hold(&self, who: &Principal, sid: &str) -> Result<Session, EngineError> {
         let hold_until = self.now().plus(self.inner.policy.fail_hold);
         let kind = HandBackKind::Fail { hold_until, fail_cap: self.inner.policy.fail_cap };
         let s = self.hand_back(who, sid, kind).await?;
         info!(session = %s.id, project = %s.project, %hold_until, "session failed; nodes held");
-        Ok(())
+        Ok(s)
     }
 
     /// `/Inventory`: every node, by id.

@@ -267,6 +267,20 @@ impl Engine {
         self.view(s).await
     }
 
+    /// [`Engine::done`] for API v1: the session as the release left it,
+    /// with its hosts (no second read of the session).
+    pub async fn release_session(&self, who: &Principal, sid: &str) -> Result<SessionView, EngineError> {
+        let s = self.release(who, sid).await?;
+        self.view(s).await
+    }
+
+    /// [`Engine::fail`] for API v1: the session as the fail left it (in
+    /// Fail, its nodes held), with its hosts.
+    pub async fn fail_session(&self, who: &Principal, sid: &str) -> Result<SessionView, EngineError> {
+        let s = self.fail_and_hold(who, sid).await?;
+        self.view(s).await
+    }
+
     async fn view(&self, session: Session) -> Result<SessionView, EngineError> {
         let hosts = self.session_nodes(&session).await?.into_iter().map(|n| n.hostname).collect();
         Ok(SessionView { session, hosts })

@@ -63,8 +63,7 @@ async fn show_project(
     Path(name): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    admin_caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &PROJECT, raw.as_deref())?;
+    admin_caller(&st, peer, &headers, raw.as_deref(), &PROJECT).await?;
     validate_token("project name", &name, 64).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let p = st.engine.store().project(&name).await.map_err(|e| store_failed("reading the project", e))?;
     ok(&project_view(p.ok_or_else(|| ApiError::not_found(format!("no project {name:?}")))?))
@@ -83,8 +82,7 @@ async fn put_project(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    admin_caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &PROJECT, raw.as_deref())?;
+    admin_caller(&st, peer, &headers, raw.as_deref(), &PROJECT).await?;
     let set: SetProject = body(&bytes)?;
     let p = set_project(&**st.engine.store(), &name, set.quota, set.ssh_keys)
         .await
@@ -102,8 +100,7 @@ async fn keys(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    admin_caller(&st, peer, &headers, raw.as_deref()).await?;
-    let q = params(&st, &KEYS, raw.as_deref())?;
+    let (_, q) = admin_caller(&st, peer, &headers, raw.as_deref(), &KEYS).await?;
     let target = Target::Service(st.engine.clone());
     let keys = list_keys(&target, q.get("project")).await.map_err(|e| command_failed("listing keys", e))?;
     ok(&keys.iter().map(key_view).collect::<Vec<_>>())
@@ -119,8 +116,7 @@ async fn new_key(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    admin_caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &KEYS, raw.as_deref())?;
+    admin_caller(&st, peer, &headers, raw.as_deref(), &KEYS).await?;
     let req: CreateKey = body(&bytes)?;
     let target = Target::Service(st.engine.clone());
     let (key, rec) = create_key(&target, &req.project, req.admin, req.quota, req.expires_after_secs)
@@ -140,8 +136,7 @@ async fn revoke(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    admin_caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &KEY, raw.as_deref())?;
+    admin_caller(&st, peer, &headers, raw.as_deref(), &KEY).await?;
     let id: u64 = id.parse().map_err(|_| {
         let shown: String = id.chars().take(40).collect();
         ApiError::bad_request(format!("invalid key id {shown:?}: a whole number, as GET /api/v1/keys shows"))
@@ -160,8 +155,7 @@ async fn overtime(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let who = admin_caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &OVERTIME, raw.as_deref())?;
+    let (who, _) = admin_caller(&st, peer, &headers, raw.as_deref(), &OVERTIME).await?;
     let list = st.engine.overtime(&who).await.map_err(|e| refusal("listing overtime", e))?;
     let out: Vec<OvertimeView> = list
         .into_iter()
@@ -187,8 +181,7 @@ async fn pause(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let who = admin_caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &PAUSE, raw.as_deref())?;
+    let (who, _) = admin_caller(&st, peer, &headers, raw.as_deref(), &PAUSE).await?;
     no_fields(&bytes)?;
     st.engine.pause(&who).await.map_err(|e| refusal("pausing", e))?;
     ok(&ServiceState { paused: true })
@@ -205,8 +198,7 @@ async fn resume(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let who = admin_caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &RESUME, raw.as_deref())?;
+    let (who, _) = admin_caller(&st, peer, &headers, raw.as_deref(), &RESUME).await?;
     no_fields(&bytes)?;
     st.engine.resume(&who).await.map_err(|e| refusal("resuming", e))?;
     ok(&ServiceState { paused: false })

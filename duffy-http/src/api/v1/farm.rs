@@ -107,8 +107,7 @@ async fn list_nodes(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let who = caller(&st, peer, &headers, raw.as_deref()).await?;
-    let q = params(&st, &NODES, raw.as_deref())?;
+    let (who, q) = caller(&st, peer, &headers, raw.as_deref(), &NODES).await?;
     let state = match q.get("state") {
         None => None,
         Some(s) => Some(s.parse::<NodeState>().map_err(|_| {
@@ -144,8 +143,7 @@ async fn show_node(
     Path(hostname): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let who = caller(&st, peer, &headers, raw.as_deref()).await?;
-    let q = params(&st, &NODE, raw.as_deref())?;
+    let (who, q) = caller(&st, peer, &headers, raw.as_deref(), &NODE).await?;
     let number = |name: &str, default: u64, max: u64| -> Result<u64, ApiError> {
         match q.get(name) {
             None => Ok(default),
@@ -185,8 +183,7 @@ async fn set_admin(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let who = admin_caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &NODE_SET_ADMIN, raw.as_deref())?;
+    let (who, _) = admin_caller(&st, peer, &headers, raw.as_deref(), &NODE_SET_ADMIN).await?;
     no_fields(&bytes)?;
     check_node_name(&hostname)?;
     let n = st.engine.set_admin(&who, &hostname).await.map_err(|e| refusal("setting admin downtime", e))?;
@@ -205,8 +202,7 @@ async fn recover(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let who = admin_caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &NODE_RECOVER, raw.as_deref())?;
+    let (who, _) = admin_caller(&st, peer, &headers, raw.as_deref(), &NODE_RECOVER).await?;
     no_fields(&bytes)?;
     check_node_name(&hostname)?;
     let n = st.engine.recover(&who, &hostname).await.map_err(|e| refusal("recovering the node", e))?;
@@ -222,8 +218,7 @@ async fn pools(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &POOLS, raw.as_deref())?;
+    caller(&st, peer, &headers, raw.as_deref(), &POOLS).await?;
     let pools = st.engine.pools().await.map_err(|e| refusal("reading the pools", e))?;
     let out: Vec<PoolView> = pools
         .into_iter()

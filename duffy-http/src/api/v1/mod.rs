@@ -153,9 +153,39 @@ pub(super) fn no_such_path(path: &str) -> Response {
     ApiError::not_found(format!("no such endpoint {path:?}; see /api/v1/openapi.json")).into_response()
 }
 
-/// The caller of an `/api/v1` request: refuses `?key=`, then reads the
-/// bearer key and authenticates it.
+/// The caller of an `/api/v1` request and its query string: refuses
+/// `?key=`, reads the bearer key and authenticates it, then checks the
+/// query string against `route` ([`params`]): a stranger learns nothing
+/// about the parameters.
 pub(super) async fn caller(
+    st: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    raw_query: Option<&str>,
+    route: &Route,
+) -> Result<(Principal, Query), ApiError> {
+    let who = authenticated(st, peer, headers, raw_query).await?;
+    Ok((who, params(st, route, raw_query)?))
+}
+
+/// [`caller`], who must hold an admin key (checked before the query
+/// string).
+pub(super) async fn admin_caller(
+    st: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    raw_query: Option<&str>,
+    route: &Route,
+) -> Result<(Principal, Query), ApiError> {
+    let who = authenticated(st, peer, headers, raw_query).await?;
+    if !who.admin {
+        return Err(forbidden());
+    }
+    Ok((who, params(st, route, raw_query)?))
+}
+
+/// Refuses `?key=`, then reads the bearer key and authenticates it.
+async fn authenticated(
     st: &AppState,
     peer: SocketAddr,
     headers: &HeaderMap,
@@ -188,27 +218,13 @@ pub(super) async fn caller(
     })
 }
 
-/// [`caller`], who must hold an admin key.
-pub(super) async fn admin_caller(
-    st: &AppState,
-    peer: SocketAddr,
-    headers: &HeaderMap,
-    raw_query: Option<&str>,
-) -> Result<Principal, ApiError> {
-    let who = caller(st, peer, headers, raw_query).await?;
-    if !who.admin {
-        return Err(forbidden());
-    }
-    Ok(who)
-}
-
 fn forbidden() -> ApiError {
     ApiError::new(ProblemType::Forbidden, StatusCode::FORBIDDEN, "this call needs an admin key")
 }
 
 /// The query string checked against the route: unknown parameters and
 /// repeated ones refused.
-pub(super) fn params(st: &AppState, route: &Route, raw: Option<&str>) -> Result<Query, ApiError> {
+fn params(st: &AppState, route: &Route, raw: Option<&str>) -> Result<Query, ApiError> {
     query(st, route, raw).map_err(from_reply)
 }
 

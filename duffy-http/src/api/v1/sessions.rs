@@ -155,8 +155,7 @@ async fn list(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let who = caller(&st, peer, &headers, raw.as_deref()).await?;
-    let q = params(&st, &SESSIONS, raw.as_deref())?;
+    let (who, q) = caller(&st, peer, &headers, raw.as_deref(), &SESSIONS).await?;
     let all = match q.get("all") {
         None | Some("false") => false,
         Some("true") => true,
@@ -188,8 +187,7 @@ async fn create(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let who = caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &SESSIONS, raw.as_deref())?;
+    let (who, _) = caller(&st, peer, &headers, raw.as_deref(), &SESSIONS).await?;
     let req: CreateSession = body(&bytes)?;
     let req = session_request(&req).inspect_err(|_| st.metrics.allocation(Allocation::Invalid, 0))?;
     let created = match st.engine.create_session(&who, &req).await {
@@ -226,8 +224,7 @@ async fn show(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let who = caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &SESSION, raw.as_deref())?;
+    let (who, _) = caller(&st, peer, &headers, raw.as_deref(), &SESSION).await?;
     let v = st.engine.get_session(&who, &id).await.map_err(|e| refusal("reading the session", e))?;
     ok(&session_view(&st, v))
 }
@@ -245,8 +242,7 @@ async fn extend(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let who = caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &SESSION_EXTEND, raw.as_deref())?;
+    let (who, _) = caller(&st, peer, &headers, raw.as_deref(), &SESSION_EXTEND).await?;
     let req: ExtendSession = body(&bytes)?;
     let by = match req.by_secs {
         None => st.engine.policy().lease,
@@ -269,11 +265,9 @@ async fn release(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let who = caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &SESSION_RELEASE, raw.as_deref())?;
+    let (who, _) = caller(&st, peer, &headers, raw.as_deref(), &SESSION_RELEASE).await?;
     no_fields(&bytes)?;
-    st.engine.done(&who, &id).await.map_err(|e| refusal("releasing the session", e))?;
-    let v = st.engine.get_session(&who, &id).await.map_err(|e| refusal("reading the session", e))?;
+    let v = st.engine.release_session(&who, &id).await.map_err(|e| refusal("releasing the session", e))?;
     ok(&session_view(&st, v))
 }
 
@@ -289,12 +283,10 @@ async fn fail(
     RawQuery(raw): RawQuery,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
-    let who = caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &SESSION_FAIL, raw.as_deref())?;
+    let (who, _) = caller(&st, peer, &headers, raw.as_deref(), &SESSION_FAIL).await?;
     no_fields(&bytes)?;
-    st.engine.fail(&who, &id).await.map_err(|e| refusal("failing the session", e))?;
+    let v = st.engine.fail_session(&who, &id).await.map_err(|e| refusal("failing the session", e))?;
     st.metrics.session_failed();
-    let v = st.engine.get_session(&who, &id).await.map_err(|e| refusal("reading the session", e))?;
     ok(&session_view(&st, v))
 }
 
@@ -309,8 +301,7 @@ async fn show_request(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let who = caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &REQUEST, raw.as_deref())?;
+    let (who, _) = caller(&st, peer, &headers, raw.as_deref(), &REQUEST).await?;
     let q = st.engine.queue_status(&who, &RequestId(id)).await.map_err(|e| refusal("reading the request", e))?;
     ok(&queued_view(&st, &who, q).await?)
 }
@@ -326,8 +317,7 @@ async fn cancel_request(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let who = caller(&st, peer, &headers, raw.as_deref()).await?;
-    params(&st, &REQUEST, raw.as_deref())?;
+    let (who, _) = caller(&st, peer, &headers, raw.as_deref(), &REQUEST).await?;
     let q = st.engine.cancel_request(&who, &RequestId(id)).await.map_err(|e| refusal("cancelling the request", e))?;
     ok(&queued_view(&st, &who, q).await?)
 }
