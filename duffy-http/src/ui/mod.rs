@@ -188,6 +188,21 @@ fn store_failed(e: &duffy_core::StoreError) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, [(header::CACHE_CONTROL, "no-store")], "store unavailable").into_response()
 }
 
+/// The page titled `title` (`nav`: its entry in the navigation) showing
+/// what a read of the store found, through `view`; or the store's failure.
+fn read_page<T>(
+    ctx: &Ctx,
+    title: &str,
+    nav: &str,
+    read: Result<T, duffy_core::StoreError>,
+    view: impl FnOnce(&T) -> Markup,
+) -> Response {
+    match read {
+        Ok(d) => page(ctx, StatusCode::OK, pages::layout(ctx, title, nav, maud::html! {}, view(&d))),
+        Err(e) => store_failed(&e),
+    }
+}
+
 /// Headers every page carries: no caching (it is live state), no framing,
 /// no inline script or style.
 fn page(ctx: &Ctx, status: StatusCode, body: Markup) -> Response {
@@ -271,12 +286,8 @@ async fn pools_page(State(ui): State<Ui>, ConnectInfo(peer): ConnectInfo<SocketA
         Err(r) => return r,
     };
     let now = ui.app.engine.clock().now();
-    match pages::read_pools(&**ui.app.engine.store(), now).await {
-        Ok(rows) => {
-            page(&ctx, StatusCode::OK, pages::layout(&ctx, "Pools", "/ui/pools", maud::html! {}, pages::pools(&rows)))
-        }
-        Err(e) => store_failed(&e),
-    }
+    let rows = pages::read_pools(&**ui.app.engine.store(), now).await;
+    read_page(&ctx, "Pools", "/ui/pools", rows, |rows| pages::pools(rows))
 }
 
 async fn sessions_page(
@@ -292,14 +303,8 @@ async fn sessions_page(
     let ps = params(raw.as_deref());
     let page_no = param(&ps, "page").and_then(|p| p.parse::<usize>().ok()).unwrap_or(0).min(1_000_000);
     let now = ui.app.engine.clock().now();
-    match pages::read_sessions(&**ui.app.engine.store(), page_no).await {
-        Ok(d) => page(
-            &ctx,
-            StatusCode::OK,
-            pages::layout(&ctx, "Sessions", "/ui/sessions", maud::html! {}, pages::sessions(&d, now)),
-        ),
-        Err(e) => store_failed(&e),
-    }
+    let d = pages::read_sessions(&**ui.app.engine.store(), page_no).await;
+    read_page(&ctx, "Sessions", "/ui/sessions", d, |d| pages::sessions(d, now))
 }
 
 async fn charts_page(State(ui): State<Ui>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
@@ -308,12 +313,8 @@ async fn charts_page(State(ui): State<Ui>, ConnectInfo(peer): ConnectInfo<Socket
         Err(r) => return r,
     };
     let now = ui.app.engine.clock().now();
-    match pages::read_charts(&**ui.app.engine.store(), now).await {
-        Ok(d) => {
-            page(&ctx, StatusCode::OK, pages::layout(&ctx, "Charts", "/ui/charts", maud::html! {}, pages::charts(&d)))
-        }
-        Err(e) => store_failed(&e),
-    }
+    let d = pages::read_charts(&**ui.app.engine.store(), now).await;
+    read_page(&ctx, "Charts", "/ui/charts", d, pages::charts)
 }
 
 async fn node_page(
