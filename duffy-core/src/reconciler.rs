@@ -816,13 +816,19 @@ async fn install_op(
     let done = |outcome| OpDone { node: id, bmc: bmc.clone(), install: true, outcome };
     let attempts = inner.policy.install_attempts.max(1);
     for attempt in 0..attempts {
-        // The install powers the machine: make sure it is still ours first.
-        // An operator may have reserved it, or set it aside, while this
-        // attempt waited for its backoff.
-        match still_ours(&inner, &node).await {
-            Ok(true) => {}
-            Ok(false) => return done(OpOutcome::Superseded),
-            Err(e) => return done(OpOutcome::StoreFailed(e.to_string())),
+        // A retry powers the machine again: make sure it is still ours
+        // first. An operator may have reserved it, or set it aside, while
+        // the attempt waited for its backoff. The first attempt does not
+        // read: `node` is the row the pass wrote moments ago, and a change
+        // racing the install is caught either way, by the compare-and-set
+        // of the install's own outcome (one store read less per install,
+        // on the reinstall path every job's done takes).
+        if attempt > 0 {
+            match still_ours(&inner, &node).await {
+                Ok(true) => {}
+                Ok(false) => return done(OpOutcome::Superseded),
+                Err(e) => return done(OpOutcome::StoreFailed(e.to_string())),
+            }
         }
         let attempt_started = inner.clock.now();
         let r = timeout(&*inner.clock, inner.policy.install_timeout, inner.installer.install(&node, &image)).await;

@@ -185,6 +185,35 @@ fn an_install_leaves_alone_a_machine_an_operator_took_during_its_backoff() {
     checks(&mut h);
 }
 
+/// The first attempt of an install powers the machine without reading it
+/// again: the pass wrote the row it holds moments before (the retry of
+/// the test above does read, to leave an operator's machine alone).
+#[test]
+fn a_first_install_attempt_reads_no_node() {
+    let p = policy();
+    let mut h = Harness::new(p.clone(), sim(20), SimFarm::machines(3), &[PoolTarget { pool: pool(), standby: 0 }]);
+    let reads = Arc::new(AtomicUsize::new(0));
+    let counted = reads.clone();
+    h.crash_and_restart_over(p, move |store| {
+        Arc::new(InterceptStore::new(
+            store,
+            Arc::new(move |method| {
+                if method == "node" {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+                Box::pin(async { Ok(()) })
+            }),
+        ))
+    });
+    let engine = h.engine.clone();
+    h.block_on(async move { engine.set_pool_targets(&[PoolTarget { pool: pool(), standby: 3 }]).await.unwrap() });
+    h.advance(Duration::from_secs(30));
+    assert_eq!(count(&mut h, NodeState::Ready), 3);
+    assert_eq!(h.farm.installs(), 3);
+    assert_eq!(reads.load(Ordering::SeqCst), 0, "an install read its node before its first attempt");
+    checks(&mut h);
+}
+
 #[test]
 fn an_allocation_made_after_a_restart_is_not_aborted_by_recovery() {
     let p = policy();
