@@ -17,7 +17,11 @@
 //! for every batch that arrived since its last fsync, and only then
 //! answers their callers. Meanwhile the writer is already running the next
 //! batch, so CPU work and fsyncs overlap and batches grow while a slow
-//! fsync is in flight.
+//! fsync is in flight. When there is nothing to overlap (no operation is
+//! queued and every earlier batch is durable) the writer makes its batch
+//! durable itself, through the same [`Syncing::settle`]: one job at a
+//! time, handing the batch to the syncer only added a thread wake-up to
+//! every request.
 //!
 //! Readers: the writer counts a batch as possibly visible *before* its
 //! `COMMIT`, and the syncer counts batches durable after their fsync. A
@@ -78,6 +82,11 @@ impl Durability {
     /// Batches that may be visible to a reader now.
     pub(crate) fn visible(&self) -> u64 {
         self.visible.load(Ordering::SeqCst)
+    }
+
+    /// Batches known to be on disk.
+    pub(crate) fn durable(&self) -> u64 {
+        self.durable.load(Ordering::SeqCst)
     }
 
     /// The failure that stopped the store, if any.
@@ -165,20 +174,24 @@ impl SyncPolicy {
     }
 }
 
-/// The syncer thread's body: until the writer is gone.
-pub(crate) fn run(
-    wal: File,
-    rx: Receiver<Synced>,
-    durability: Arc<Durability>,
-    counters: Arc<Counters>,
-    policy: SyncPolicy,
-) {
-    let mut items: Vec<Synced> = Vec::new();
-    while let Ok(first) = rx.recv() {
-        items.push(first);
-        while let Ok(more) = rx.try_recv() {
-            items.push(more);
-        }
+/// What makes committed batches durable, shared by the syncer thread and
+/// the writer (which fsyncs a batch itself when nothing else is waiting:
+/// see [`crate::writer`]).
+pub(crate) struct Syncing {
+    /// The store's own handle on the WAL file.
+    pub(crate) wal: File,
+    pub(crate) durability: Arc<Durability>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) policy: SyncPolicy,
+}
+
+impl Syncing {
+    /// Makes `items` durable with one fsync (none if no caller waits on
+    /// them), then releases the reads that saw them and answers their
+    /// callers; or, if the fsync fails, fails them and the store. Empties
+    /// `items`.
+    pub(crate) fn settle(&self, items: &mut Vec<Synced>) {
+        let (durability, policy) = (&self.durability, &self.policy);
         let last = items.iter().map(|i| i.seq).max().unwrap_or(0);
         let needed = items.iter().any(|i| !i.done.is_empty());
         let failed = durability.lock().failed.clone();
@@ -186,7 +199,7 @@ pub(crate) fn run(
             durability.advance(last);
         }
         if failed.is_none() && policy.answer_before_sync {
-            for item in &mut items {
+            for item in items.iter_mut() {
                 for f in item.done.drain(..) {
                     f.send();
                 }
@@ -195,10 +208,10 @@ pub(crate) fn run(
         let synced = match failed {
             Some(e) => Err(e),
             None if needed => {
-                counters.syncs.fetch_add(1, Ordering::Relaxed);
+                self.counters.syncs.fetch_add(1, Ordering::Relaxed);
                 let started = std::time::Instant::now();
-                let synced = policy.sync(&wal).map_err(Arc::new);
-                counters.distributions.fsync(started.elapsed());
+                let synced = policy.sync(&self.wal).map_err(Arc::new);
+                self.counters.distributions.fsync(started.elapsed());
                 synced
             }
             None => Ok(()),
@@ -222,6 +235,19 @@ pub(crate) fn run(
                 }
             }
         }
+    }
+}
+
+/// The syncer thread's body: until the writer is gone. Each round makes
+/// every batch that arrived since the last one durable with one fsync.
+pub(crate) fn run(syncing: Arc<Syncing>, rx: Receiver<Synced>) {
+    let mut items: Vec<Synced> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        items.push(first);
+        while let Ok(more) = rx.try_recv() {
+            items.push(more);
+        }
+        syncing.settle(&mut items);
     }
     debug!("SQLite syncer thread stopping");
 }

@@ -29,6 +29,9 @@
 //!   committed since its last fsync and only then answers their callers,
 //!   while the writer already runs the next batch (SQLite itself would
 //!   fsync inside `COMMIT`, holding the write lock, with the writer idle).
+//!   A batch that nothing waits behind (the queue is empty and every
+//!   earlier batch is durable: one job at a time) is fsynced by the writer
+//!   itself, which spares its callers the syncer thread's wake-up.
 //!   See the `durability` module for why this keeps exactly the guarantees
 //!   of SQLite's `synchronous=FULL`. WAL checkpoints run on a checkpointer
 //!   thread with its own connection, not inside the writer's `COMMIT`s.
@@ -147,7 +150,7 @@ pub struct SqliteOptions {
     pub test_hooks: TestHooks,
 }
 
-/// A hook that replaces the syncer's `fdatasync` of the WAL.
+/// A hook that replaces the store's `fdatasync` of the WAL.
 #[doc(hidden)]
 pub type WalSync = Arc<dyn Fn(&std::fs::File) -> std::io::Result<()> + Send + Sync>;
 
@@ -165,10 +168,14 @@ pub struct TestHooks {
     /// answers from one snapshot (`nodes_in_states` with several states),
     /// so a test can commit a write exactly there.
     pub between_read_statements: Option<Arc<dyn Fn() + Send + Sync>>,
-    /// Replaces the syncer thread's `fdatasync` of the WAL (a slow or a
-    /// failing disk). Called once per group of committed batches, on the
-    /// syncer thread, with the store's handle on the WAL file.
+    /// Replaces the `fdatasync` of the WAL (a slow or a failing disk).
+    /// Called once per group of committed batches, with the store's handle
+    /// on the WAL file: on the syncer thread, or on the writer thread for
+    /// a batch it makes durable itself (nothing else was waiting).
     pub wal_sync: Option<WalSync>,
+    /// Every batch goes through the syncer thread, never fsynced by the
+    /// writer itself: so that the durability checks cover both paths.
+    pub syncer_only: bool,
     /// BROKEN ON PURPOSE: the syncer answers the callers of a group before
     /// it fsyncs the WAL (and fails nothing when the fsync fails).
     pub answer_before_sync: bool,
@@ -188,6 +195,7 @@ impl TestHooks {
             || self.answer_before_sync
             || self.release_reads_before_sync
             || self.skip_writer_checkpoint
+            || self.syncer_only
     }
 }
 
@@ -196,6 +204,7 @@ impl std::fmt::Debug for TestHooks {
         f.debug_struct("TestHooks")
             .field("between_read_statements", &self.between_read_statements.is_some())
             .field("wal_sync", &self.wal_sync.is_some())
+            .field("syncer_only", &self.syncer_only)
             .field("answer_before_sync", &self.answer_before_sync)
             .field("release_reads_before_sync", &self.release_reads_before_sync)
             .field("skip_writer_checkpoint", &self.skip_writer_checkpoint)
@@ -468,18 +477,22 @@ impl SqliteStore {
                 // not yet fsynced: make them durable before anyone reads them.
                 wal.sync_data().map_err(|source| OpenError::Io { what: "syncing the WAL", path: wal_path, source })?;
                 let (tx, rx) = std::sync::mpsc::channel();
-                let d = Arc::clone(&durability);
-                let c = Arc::clone(&counters);
-                let policy = durability::SyncPolicy {
-                    wal_sync: options.test_hooks.wal_sync.clone(),
-                    answer_before_sync: options.test_hooks.answer_before_sync,
-                    release_reads_before_sync: options.test_hooks.release_reads_before_sync,
-                };
+                let syncing = Arc::new(durability::Syncing {
+                    wal,
+                    durability: Arc::clone(&durability),
+                    counters: Arc::clone(&counters),
+                    policy: durability::SyncPolicy {
+                        wal_sync: options.test_hooks.wal_sync.clone(),
+                        answer_before_sync: options.test_hooks.answer_before_sync,
+                        release_reads_before_sync: options.test_hooks.release_reads_before_sync,
+                    },
+                });
+                let s = Arc::clone(&syncing);
                 let t = std::thread::Builder::new()
                     .name("duffy-sqlite-syncer".into())
-                    .spawn(move || durability::run(wal, rx, d, c, policy))
+                    .spawn(move || durability::run(s, rx))
                     .map_err(|source| OpenError::Spawn { what: "syncer", source })?;
-                (Some(tx), Some(t))
+                (Some((tx, syncing)), Some(t))
             }
         };
         let ckpt = connect(&path, existing, options.busy_timeout, "opening the checkpoint connection")?;
@@ -494,12 +507,18 @@ impl SqliteStore {
         let (tx, rx) = std::sync::mpsc::channel();
         let max_batch = options.max_batch;
         let skip_writer_checkpoint = options.test_hooks.skip_writer_checkpoint;
+        let syncer_only = options.test_hooks.syncer_only;
         let c = Arc::clone(&counters);
         let d = Arc::clone(&durability);
         let writer_thread = std::thread::Builder::new()
             .name("duffy-sqlite-writer".into())
             .spawn(move || {
-                let sink = writer::Sink { syncer: syncer_tx, durability: d, skip_checkpoints: skip_writer_checkpoint };
+                let sink = writer::Sink {
+                    syncer: syncer_tx,
+                    durability: d,
+                    skip_checkpoints: skip_writer_checkpoint,
+                    inline_sync: !syncer_only,
+                };
                 writer::run(conn, rx, max_batch, c, sink)
             })
             .map_err(|source| OpenError::Spawn { what: "writer", source })?;

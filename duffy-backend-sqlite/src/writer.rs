@@ -29,7 +29,7 @@ use futures::channel::oneshot;
 use rusqlite::Connection;
 use tracing::{debug, error, info, trace};
 
-use crate::durability::{Durability, Synced};
+use crate::durability::{Durability, Synced, Syncing};
 use crate::queries as q;
 
 /// Counters of the writer's work, for tests, benchmarks and metrics.
@@ -339,11 +339,17 @@ impl Op {
 /// Where committed batches go: straight to their callers
 /// (`Synchronous::Normal`), or to the syncer thread first (`Full`).
 pub(crate) struct Sink {
-    pub(crate) syncer: Option<Sender<Synced>>,
+    /// The syncer thread's queue, and what it syncs with (the writer uses
+    /// that itself for a batch nobody else is waiting behind).
+    pub(crate) syncer: Option<(Sender<Synced>, Arc<Syncing>)>,
     pub(crate) durability: Arc<Durability>,
     /// Broken on purpose for a test: never finish a checkpoint (see
     /// [`TestHooks::skip_writer_checkpoint`](crate::TestHooks)).
     pub(crate) skip_checkpoints: bool,
+    /// Whether the writer fsyncs a batch itself when the syncer is idle
+    /// and nothing waits (off only for a test, see
+    /// [`TestHooks::syncer_only`](crate::TestHooks)).
+    pub(crate) inline_sync: bool,
 }
 
 /// Where the writer's time went, per kind of operation and for the
@@ -395,7 +401,17 @@ pub(crate) fn run(conn: Connection, rx: Receiver<Op>, max_batch: usize, counters
     debug!(max_batch, "SQLite writer thread started");
     let mut ops = Vec::with_capacity(max_batch);
     let mut timings = Timings::default();
-    while let Ok(first) = rx.recv() {
+    // An operation taken off the queue to see whether one was waiting
+    // (see `run_batch`): the first of the next batch.
+    let mut next: Option<Op> = None;
+    loop {
+        let first = match next.take() {
+            Some(op) => op,
+            None => match rx.recv() {
+                Ok(op) => op,
+                Err(_) => break,
+            },
+        };
         ops.push(first);
         while ops.len() < max_batch {
             match rx.try_recv() {
@@ -403,7 +419,13 @@ pub(crate) fn run(conn: Connection, rx: Receiver<Op>, max_batch: usize, counters
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
-        run_batch(&conn, &mut ops, &counters, &sink, &mut timings);
+        let mut queued = || {
+            if next.is_none() {
+                next = rx.try_recv().ok();
+            }
+            next.is_some()
+        };
+        run_batch(&conn, &mut ops, &counters, &sink, &mut timings, &mut queued);
     }
     timings.log();
     debug!("SQLite writer thread stopping: the store was dropped");
@@ -484,7 +506,16 @@ fn finish_checkpoint(conn: &Connection, counters: &Counters) {
 }
 
 /// Runs one batch in one transaction and answers every caller.
-fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &Sink, timings: &mut Timings) {
+/// Runs `ops` in one transaction and hands the committed batch on.
+/// `queued` says whether another operation is waiting for the writer.
+fn run_batch(
+    conn: &Connection,
+    ops: &mut Vec<Op>,
+    counters: &Counters,
+    sink: &Sink,
+    timings: &mut Timings,
+    queued: &mut dyn FnMut() -> bool,
+) {
     let n = ops.len();
     let mut in_ops = 0u64;
     if counters.restart_wanted.swap(false, Ordering::Relaxed) && !sink.skip_checkpoints {
@@ -568,7 +599,19 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
                 trace!(ops = n, refused, elapsed_us = started.elapsed().as_micros() as u64, "committed a batch");
                 counters.set_failure(None);
                 match (&sink.syncer, seq) {
-                    (Some(syncer), Some(seq)) => {
+                    // Every earlier batch is durable (the syncer is idle)
+                    // and no operation waits: the writer fsyncs this one
+                    // itself, as SQLite's FULL would, and its callers do
+                    // not wait for the syncer thread to wake. One job at a
+                    // time, that hand-off was a large part of a request's
+                    // time. Otherwise the syncer takes it, and the writer
+                    // goes on with the next batch meanwhile.
+                    (Some((_, syncing)), Some(seq))
+                        if sink.inline_sync && sink.durability.durable() + 1 == seq && !queued() =>
+                    {
+                        syncing.settle(&mut vec![Synced { seq, done }]);
+                    }
+                    (Some((syncer, _)), Some(seq)) => {
                         if let Err(SendError(item)) = syncer.send(Synced { seq, done }) {
                             for f in item.done {
                                 f.fail(&|| StoreError::Closed);
@@ -584,7 +627,7 @@ fn run_batch(conn: &Connection, ops: &mut Vec<Op>, counters: &Counters, sink: &S
                 return;
             }
             Err(e) => {
-                if let (Some(syncer), Some(seq)) = (&sink.syncer, seq) {
+                if let (Some((syncer, _)), Some(seq)) = (&sink.syncer, seq) {
                     // Nothing of it became visible; the sequence moves on.
                     let _ = syncer.send(Synced { seq, done: Vec::new() });
                 }

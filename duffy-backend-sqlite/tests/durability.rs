@@ -11,6 +11,9 @@
 //! real store (it must find nothing) and once on a deliberately broken
 //! store (the `answer_before_sync` and `release_reads_before_sync` hooks),
 //! where it must find the defect: a check that cannot fail proves nothing.
+//! Each runs on both ways a batch becomes durable: fsynced by the writer
+//! itself (a batch nothing else waits behind, as in these checks' first
+//! batch) and by the syncer thread (forced with the `syncer_only` hook).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -72,7 +75,8 @@ impl Disk {
         self.changed.notify_all();
     }
 
-    /// The hook: runs on the store's syncer thread.
+    /// The hook: runs on the store's syncer thread, or on its writer
+    /// thread.
     fn sync(&self, wal: &std::fs::File) -> std::io::Result<()> {
         let r = self.sync_inner(wal);
         self.state.lock().expect("disk").finished += 1;
@@ -134,10 +138,22 @@ enum Variant {
     ReleaseReadsBeforeSync,
 }
 
-fn open(dir: &tempfile::TempDir, disk: &Arc<Disk>, variant: Variant) -> SqliteStore {
+/// Which thread fsyncs the batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// As the store decides: the writer for a batch nothing waits behind.
+    Either,
+    /// Always the syncer thread.
+    SyncerOnly,
+}
+
+const PATHS: [Path; 2] = [Path::Either, Path::SyncerOnly];
+
+fn open(dir: &tempfile::TempDir, disk: &Arc<Disk>, variant: Variant, path: Path) -> SqliteStore {
     let d = Arc::clone(disk);
     let hooks = TestHooks {
         wal_sync: Some(Arc::new(move |wal: &std::fs::File| d.sync(wal))),
+        syncer_only: path == Path::SyncerOnly,
         answer_before_sync: matches!(variant, Variant::AnswerBeforeSync),
         release_reads_before_sync: matches!(variant, Variant::ReleaseReadsBeforeSync),
         ..TestHooks::default()
@@ -177,15 +193,16 @@ impl Drop for Releaser<'_> {
 /// answered, and a read started after its COMMIT does not return within
 /// `read_window` (it would return the batch). Then the fsync completes and
 /// everything is answered. Returns what was wrong.
-async fn check_slow_fsync(variant: Variant, read_window: Duration) -> Result<(), String> {
+async fn check_slow_fsync(variant: Variant, path: Path, read_window: Duration) -> Result<(), String> {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = Disk::new();
-    let store = open(&dir, &disk, variant);
+    let store = open(&dir, &disk, variant, path);
     store.set_pool_target(target("before", 1)).await.map_err(|e| e.to_string())?;
     disk.settle(1).await?;
 
-    // Callers: three writes; the first batch's fsync blocks, the others
-    // commit behind it and wait for the syncer.
+    // Callers: three writes; the first batch's fsync blocks (on the
+    // writer thread, or with `SyncerOnly` on the syncer while the others
+    // commit behind it), the others wait.
     let entered = disk.entered();
     disk.set(Mode::Block);
     let release = Releaser(&disk);
@@ -251,10 +268,10 @@ async fn check_slow_fsync(variant: Variant, read_window: Duration) -> Result<(),
 /// error, and no read returns the batch (the store refuses the reads it
 /// cannot vouch for, and every later write, until reopened). Returns what
 /// was wrong.
-async fn check_failed_fsync(variant: Variant) -> Result<(), String> {
+async fn check_failed_fsync(variant: Variant, path: Path) -> Result<(), String> {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = Disk::new();
-    let store = open(&dir, &disk, variant);
+    let store = open(&dir, &disk, variant, path);
     store.set_pool_target(target("before", 1)).await.map_err(|e| e.to_string())?;
     disk.settle(1).await?;
     disk.set(Mode::Fail);
@@ -286,7 +303,7 @@ async fn check_failed_fsync(variant: Variant) -> Result<(), String> {
     // Reads, once more with one write alone, so that nothing is committed
     // after it: a read then sees exactly its batch, if anything new.
     disk.set(Mode::Pass);
-    let store = open(&dir, &disk, variant);
+    let store = open(&dir, &disk, variant, path);
     disk.set(Mode::Fail);
     if store.set_pool_target(target("lost-read", 2)).await.is_ok() {
         return Err("a write was answered Ok, yet the fsync of its batch failed".into());
@@ -302,7 +319,7 @@ async fn check_failed_fsync(variant: Variant) -> Result<(), String> {
     // there is not known: their callers were told they failed, not that
     // they are gone).
     disk.set(Mode::Pass);
-    let store = open(&dir, &disk, Variant::Correct);
+    let store = open(&dir, &disk, Variant::Correct, path);
     store.set_pool_target(target("after", 3)).await.map_err(|e| format!("after reopening: {e}"))?;
     check_history(&store).await?;
     Ok(())
@@ -310,44 +327,125 @@ async fn check_failed_fsync(variant: Variant) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_fsync_answers_no_caller_and_shows_no_reader_the_batch() {
-    check_slow_fsync(Variant::Correct, Duration::from_millis(300)).await.expect("the store holds answers and reads");
+    for path in PATHS {
+        check_slow_fsync(Variant::Correct, path, Duration::from_millis(300))
+            .await
+            .unwrap_or_else(|e| panic!("{path:?}: the store must hold answers and reads: {e}"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_fsync_fails_every_caller_and_shows_no_reader_the_batch() {
-    check_failed_fsync(Variant::Correct).await.expect("the store fails the batch");
+    for path in PATHS {
+        check_failed_fsync(Variant::Correct, path)
+            .await
+            .unwrap_or_else(|e| panic!("{path:?}: the store must fail the batch: {e}"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_slow_fsync_check_catches_answers_before_the_fsync() {
-    let e = check_slow_fsync(Variant::AnswerBeforeSync, Duration::from_secs(10)).await.expect_err("must be caught");
-    // Usually seen while the fsync is blocked; now and then the broken
-    // store answers even before the test's first look.
-    assert!(
-        e.contains("while the fsync of its batch was in flight") || e.contains("before its batch was even fsynced"),
-        "{e}"
-    );
+    for path in PATHS {
+        let e = check_slow_fsync(Variant::AnswerBeforeSync, path, Duration::from_secs(10))
+            .await
+            .expect_err("must be caught");
+        // Usually seen while the fsync is blocked; now and then the broken
+        // store answers even before the test's first look.
+        assert!(
+            e.contains("while the fsync of its batch was in flight") || e.contains("before its batch was even fsynced"),
+            "{path:?}: {e}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_slow_fsync_check_catches_reads_released_before_the_fsync() {
     // The window only bounds how long a correct store is watched; a broken
     // one answers at once, so a long window costs nothing here.
-    let e =
-        check_slow_fsync(Variant::ReleaseReadsBeforeSync, Duration::from_secs(10)).await.expect_err("must be caught");
-    assert!(e.contains("saw the unsynced batch"), "{e}");
+    for path in PATHS {
+        let e = check_slow_fsync(Variant::ReleaseReadsBeforeSync, path, Duration::from_secs(10))
+            .await
+            .expect_err("must be caught");
+        assert!(e.contains("saw the unsynced batch"), "{path:?}: {e}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_failed_fsync_check_catches_answers_before_the_fsync() {
-    let e = check_failed_fsync(Variant::AnswerBeforeSync).await.expect_err("must be caught");
-    assert!(e.contains("answered Ok, yet the fsync of its batch failed"), "{e}");
+    for path in PATHS {
+        let e = check_failed_fsync(Variant::AnswerBeforeSync, path).await.expect_err("must be caught");
+        assert!(e.contains("answered Ok, yet the fsync of its batch failed"), "{path:?}: {e}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_failed_fsync_check_catches_reads_released_before_the_fsync() {
-    let e = check_failed_fsync(Variant::ReleaseReadsBeforeSync).await.expect_err("must be caught");
-    assert!(e.contains("a read returned a batch whose fsync failed"), "{e}");
+    for path in PATHS {
+        let e = check_failed_fsync(Variant::ReleaseReadsBeforeSync, path).await.expect_err("must be caught");
+        assert!(e.contains("a read returned a batch whose fsync failed"), "{path:?}: {e}");
+    }
+}
+
+/// A store on a disk that records which thread made each fsync, in
+/// order, and takes `delay` for each; `max_batch` operations per batch.
+fn recording_store(
+    dir: &tempfile::TempDir,
+    syncer_only: bool,
+    max_batch: usize,
+    delay: Duration,
+) -> (SqliteStore, Arc<Mutex<Vec<String>>>) {
+    let threads = Arc::new(Mutex::new(Vec::new()));
+    let t = Arc::clone(&threads);
+    let hooks = TestHooks {
+        wal_sync: Some(Arc::new(move |wal: &std::fs::File| {
+            let name = std::thread::current().name().unwrap_or("?").to_string();
+            t.lock().expect("threads").push(name);
+            std::thread::sleep(delay);
+            wal.sync_data()
+        })),
+        syncer_only,
+        ..TestHooks::default()
+    };
+    let options = SqliteOptions { test_hooks: hooks, max_batch, ..SqliteOptions::default() };
+    (SqliteStore::open(dir.path().join("duffy.db"), options).expect("open"), threads)
+}
+
+/// One operation at a time (one job at a time), the writer fsyncs each
+/// batch itself: the caller does not wait for the syncer thread to wake.
+/// With `syncer_only` the same writes all go through the syncer, so the
+/// check can tell the two apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_nothing_waits_behind_is_fsynced_by_the_writer() {
+    for syncer_only in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, threads) = recording_store(&dir, syncer_only, 256, Duration::ZERO);
+        for i in 0..8 {
+            store.set_pool_target(target(&format!("one{i}"), 1)).await.expect("write");
+        }
+        let seen = threads.lock().expect("threads").clone();
+        assert_eq!(seen.len(), 8, "one fsync per write: {seen:?}");
+        let expected = if syncer_only { "duffy-sqlite-syncer" } else { "duffy-sqlite-writer" };
+        assert!(seen.iter().all(|t| t == expected), "syncer_only={syncer_only}: {seen:?}");
+        assert_eq!(store.pool_targets().await.expect("read").len(), 8);
+    }
+}
+
+/// When operations wait behind a batch, the writer hands the batch to the
+/// syncer and runs the next one meanwhile (fsyncs overlap the writer's
+/// work): with a slow disk and a queue, the syncer does fsyncs too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_committed_while_others_wait_go_to_the_syncer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A slow disk, so that writes queue up behind each fsync, and one
+    // operation per batch: whatever else is queued waits behind it.
+    let (store, threads) = recording_store(&dir, false, 1, Duration::from_millis(5));
+    let writes = (0..32).map(|i| store.set_pool_target(target(&format!("many{i}"), 1)));
+    for r in futures::future::join_all(writes).await {
+        r.expect("write");
+    }
+    let seen = threads.lock().expect("threads").clone();
+    assert!(seen.iter().any(|t| t == "duffy-sqlite-syncer"), "32 queued writes, no fsync by the syncer: {seen:?}");
+    assert_eq!(store.pool_targets().await.expect("read").len(), 32);
 }
 
 #[test]
