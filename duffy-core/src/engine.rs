@@ -318,6 +318,10 @@ pub(crate) struct Inner {
     pub(crate) gather: Gather,
     /// Session requests waiting for nodes (in memory: see `queue`).
     pub(crate) queue: Arc<std::sync::Mutex<crate::queue::WaitQueue>>,
+    /// Queue requests taken off the queue and being allocated now (a claim
+    /// and the nodes' preparation), until they are finished or put back:
+    /// still shown to their owners, and cancellable.
+    pub(crate) serving: Arc<std::sync::Mutex<HashMap<crate::queue::RequestId, crate::sessions::Serving>>>,
     /// Queue requests that ended recently, for their owners to read.
     pub(crate) finished: Arc<std::sync::Mutex<HashMap<crate::queue::RequestId, crate::sessions::Finished>>>,
     /// The average duration of the installs seen to succeed, in
@@ -513,6 +517,7 @@ impl EngineBuilder {
                 keys: crate::keys::KeyCache::default(),
                 gather: Gather::default(),
                 queue: Arc::default(),
+                serving: Arc::default(),
                 finished: Arc::default(),
                 install_millis: Arc::default(),
             }),
@@ -595,6 +600,7 @@ impl Engine {
                 // and the installs its reconciler sees feed the estimates
                 // `self` answers with.
                 queue: i.queue.clone(),
+                serving: i.serving.clone(),
                 finished: i.finished.clone(),
                 install_millis: i.install_millis.clone(),
             }),

@@ -5,7 +5,7 @@
 //! Release and fail are [`Engine::done`] and [`Engine::fail`], the same
 //! operations as the legacy API's: one definition of what they do.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -143,6 +143,16 @@ pub(crate) struct Finished {
     pub(crate) at: Timestamp,
 }
 
+/// A queued request being allocated now (see `Inner::serving`).
+#[derive(Debug, Clone)]
+pub(crate) struct Serving {
+    /// The request as it was queued.
+    pub(crate) request: QueuedRequest,
+    /// Its owner cancelled it meanwhile: what the allocation gets is
+    /// released at once, and it ends Cancelled.
+    pub(crate) cancelled: bool,
+}
+
 impl Engine {
     /// Creates a session: claims `count` Ready nodes of the pool, prepares
     /// them, and hands them over with the requested lifetime (all or
@@ -208,6 +218,12 @@ impl Engine {
     /// is taken over: every queue operation leaves it consistent.
     pub(crate) fn queue(&self) -> std::sync::MutexGuard<'_, crate::queue::WaitQueue> {
         self.inner.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The requests being allocated now. Lock order: the queue (when
+    /// both are held), then this.
+    fn serving(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Serving>> {
+        self.inner.serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn enqueue(&self, who: &Principal, key_id: KeyId, req: &SessionRequest) -> Result<Created, EngineError> {
@@ -362,7 +378,25 @@ impl Engine {
                     Some((r, position, ahead))
                 }
                 Some(_) => return Err(EngineError::UnknownRequest(id.clone())),
-                None => None,
+                // Taken off the queue and being allocated: still waiting,
+                // first in its line, with its nodes Ready. (Looked up with
+                // the queue held, so that a request put back or finished
+                // meanwhile is seen in one place or the other, never in
+                // neither.)
+                None => match self.serving().get(id) {
+                    Some(s) if s.request.key_id == key_id && !s.cancelled => {
+                        let r = &s.request;
+                        return Ok(QueueStatus {
+                            id: r.id.clone(),
+                            project: r.project.clone(),
+                            pool: r.pool.clone(),
+                            count: r.count,
+                            enqueued_at: r.enqueued_at,
+                            state: QueueState::Waiting { position: 1, estimated_wait: Some(Duration::ZERO) },
+                        });
+                    }
+                    _ => None,
+                },
             }
         };
         if let Some((r, position, ahead)) = waiting {
@@ -391,7 +425,17 @@ impl Engine {
             let mut q = self.queue();
             match q.get(id) {
                 Some(r) if r.key_id == key_id => q.remove(id),
-                _ => None,
+                Some(_) => None,
+                // Being allocated: the allocation's nodes are released as
+                // soon as it ends (see `serve_queue`); the owner is told
+                // now that the request is cancelled.
+                None => match self.serving().get_mut(id) {
+                    Some(s) if s.request.key_id == key_id && !s.cancelled => {
+                        s.cancelled = true;
+                        Some(s.request.clone())
+                    }
+                    _ => None,
+                },
             }
         };
         match removed {
@@ -421,6 +465,14 @@ impl Engine {
         finished.retain(|_, f| now.since(f.at) < keep);
         finished.insert(r.id, Finished { key_id: r.key_id, status: status.clone(), at: now });
         status
+    }
+
+    /// Returns a request being served to the head of its line (in one
+    /// step with the queue held, so that its owner always finds it).
+    fn put_back(&self, r: QueuedRequest) {
+        let mut q = self.queue();
+        self.serving().remove(&r.id);
+        q.put_back(r);
     }
 
     /// A node and its event history (oldest first, at most `limit`
@@ -561,10 +613,23 @@ impl Engine {
                 room.insert(p, quota.map(|q| q.saturating_sub(held)));
             }
         }
-        let chosen = self.queue().select(&ready, |p| room.get(p).copied().flatten());
+        let chosen = {
+            let mut q = self.queue();
+            let chosen = q.select(&ready, |p| room.get(p).copied().flatten());
+            // Shown as being served from the moment they leave the queue
+            // (the queue still held), until each is finished or put back.
+            let mut serving = self.serving();
+            for r in &chosen {
+                serving.insert(r.id.clone(), Serving { request: r.clone(), cancelled: false });
+            }
+            chosen
+        };
         if chosen.is_empty() {
             return Ok(0);
         }
+        // Forgets the requests still marked as being served if this future
+        // is dropped midway (the service stopping).
+        let _forget = ForgetServing { engine: self, ids: chosen.iter().map(|r| r.id.clone()).collect() };
         let results = futures::future::join_all(chosen.into_iter().map(|r| async move {
             let who = Principal { key_id: Some(r.key_id), project: r.project.clone(), admin: false };
             let lease = r.lifetime.unwrap_or(self.inner.policy.lease);
@@ -575,10 +640,26 @@ impl Engine {
         let mut served = 0;
         let mut first_error = None;
         for (r, res) in results {
+            // Cancelled while it was being allocated: whatever it got goes
+            // back at once, and it stays Cancelled (as its owner was told).
+            if self.serving().get(&r.id).is_some_and(|s| s.cancelled) {
+                self.serving().remove(&r.id);
+                if let Ok(a) = res {
+                    let who = Principal { key_id: Some(r.key_id), project: r.project.clone(), admin: false };
+                    info!(request = %r.id, session = %a.session, "queued request cancelled while served; releasing");
+                    if let Err(e) = self.release(&who, &a.session.0).await {
+                        warn!(request = %r.id, session = %a.session, error = %e,
+                            "releasing the session of a cancelled request failed; its lease will end it");
+                    }
+                }
+                continue;
+            }
             match res {
                 Ok(a) => {
                     info!(request = %r.id, session = %a.session, project = %r.project, "queued request served");
+                    let id = r.id.clone();
                     self.finish_request(r, QueueState::Served { session: a.session });
+                    self.serving().remove(&id);
                     served += 1;
                 }
                 Err(
@@ -588,21 +669,41 @@ impl Engine {
                     | EngineError::Contention(_),
                 ) => {
                     debug!(request = %r.id, "queued request lost a race for nodes; back at the head of its line");
-                    self.queue().put_back(r);
+                    self.put_back(r);
                 }
                 Err(EngineError::Store(e)) => {
-                    self.queue().put_back(r);
+                    self.put_back(r);
                     first_error.get_or_insert(EngineError::Store(e));
                 }
                 Err(e) => {
                     warn!(request = %r.id, project = %r.project, error = %e, "serving a queued request failed");
+                    let id = r.id.clone();
                     self.finish_request(r, QueueState::Failed { reason: e.to_string() });
+                    self.serving().remove(&id);
                 }
             }
         }
         match first_error {
             Some(e) => Err(e),
             None => Ok(served),
+        }
+    }
+}
+
+/// Drops from [`Inner::serving`](crate::engine) the requests of a
+/// `serve_queue` call that did not get to finish them (its future was
+/// dropped): nothing would ever finish them, and they must not be shown
+/// as being served forever.
+struct ForgetServing<'a> {
+    engine: &'a Engine,
+    ids: Vec<RequestId>,
+}
+
+impl Drop for ForgetServing<'_> {
+    fn drop(&mut self) {
+        let mut serving = self.engine.serving();
+        for id in &self.ids {
+            serving.remove(id);
         }
     }
 }

@@ -359,6 +359,70 @@ fn a_queued_request_is_cancelled_and_takes_nothing() {
     assert_eq!(mine.len(), 1, "the cancelled request took no nodes");
 }
 
+/// While a queued request is being allocated (its nodes claimed, being
+/// prepared), its owner still finds it (waiting, first in line) and can
+/// cancel it: the nodes it got go back as soon as the allocation ends.
+/// Before, it was in neither the queue nor the finished requests for the
+/// whole preparation, and a poll was told it did not exist ("submit it
+/// again"): a client that did would get two sessions.
+#[test]
+fn a_request_being_allocated_is_still_shown_and_can_be_cancelled() {
+    for cancel in [false, true] {
+        // Installs of 20 s, preparations of 10 s.
+        let sim = SimConfig {
+            install_min: Duration::from_secs(20),
+            install_max: Duration::from_secs(20),
+            prepare_time: Duration::from_secs(10),
+            ..SimConfig::default()
+        };
+        let mut h = Harness::new(policy(), sim, SimFarm::machines(3), &[PoolTarget { pool: pool(), standby: 2 }]);
+        h.advance(Duration::from_secs(60));
+        let a = h.key("a", None, false);
+        let holder = h.get_nodes_later(&a, NodeRequest { count: Some(2), ..NodeRequest::default() });
+        h.advance(Duration::from_secs(15));
+        holder.borrow_mut().take().expect("answered").expect("the first two machines");
+        let q = queued(create(&mut h, &a, request(1, None, true)).unwrap());
+        // The third machine is installed (20 s), then claimed for the
+        // request and prepared (10 s).
+        let store = h.dyn_store();
+        let mut waited = 0;
+        loop {
+            h.advance(Duration::from_secs(1));
+            let store = store.clone();
+            let claimed = h.block_on(async move {
+                store.nodes().await.unwrap().iter().any(|n| n.state == NodeState::Contextualizing)
+            });
+            if claimed {
+                break;
+            }
+            waited += 1;
+            assert!(waited < 60, "the request was never served");
+        }
+        let st = status(&mut h, &a, &q.id).expect("a request being allocated is still known");
+        assert_eq!(st.state, QueueState::Waiting { position: 1, estimated_wait: Some(Duration::ZERO) });
+        let b = h.key("b", None, false);
+        let err = status(&mut h, &b, &q.id).unwrap_err();
+        assert!(matches!(err, EngineError::UnknownRequest(_)), "another key does not see it: {err:?}");
+        if cancel {
+            let id = q.id.clone();
+            let st = call(&mut h, &a, move |e, who| async move { e.cancel_request(&who, &id).await.unwrap() });
+            assert_eq!(st.state, QueueState::Cancelled);
+        }
+        h.advance(Duration::from_secs(30));
+        let st = status(&mut h, &a, &q.id).unwrap();
+        let store = h.dyn_store();
+        let live = h.block_on(async move { store.live_sessions().await.unwrap() });
+        if cancel {
+            assert_eq!(st.state, QueueState::Cancelled, "{st:?}");
+            assert_eq!(live.len(), 1, "the cancelled request's session was released: {live:?}");
+        } else {
+            assert!(matches!(st.state, QueueState::Served { .. }), "{st:?}");
+            assert_eq!(live.len(), 2);
+        }
+        checks(&mut h);
+    }
+}
+
 #[test]
 fn a_request_its_quota_can_never_fit_is_refused_and_quotas_hold_in_the_queue() {
     let mut h = harness(5, 3, policy());

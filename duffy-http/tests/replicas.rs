@@ -10,7 +10,9 @@
 //!   pool;
 //! - the leader SIGSTOPped: another replica leads within 15 s; thawed, the
 //!   old leader writes nothing more, and a key revoked while it was frozen
-//!   is refused by it too.
+//!   is refused by it too;
+//! - a request queued (API v1, `wait`) on a replica that does not lead is
+//!   served by that replica once the leader has reinstalled the nodes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 use duffy_backend_postgres::{PgOptions, PgStore};
 use duffy_core::testkit::conformance::{check_history, check_invariants};
 use duffy_core::{Project, Store, Timestamp, hash_api_key};
-use replica_common::{Replica, Sql, config, database, duffy, get, ok, serial, wait_until, write};
+use replica_common::{Replica, Sql, config, database, duffy, get, ok, request, serial, wait_until, write};
 
 /// Node holds that overlap in `table` (an event log): a node allocated
 /// while a session held it, or released by a session that did not hold
@@ -431,5 +433,49 @@ fn the_leader_frozen_another_leads_within_15_s_and_the_old_one_writes_nothing() 
     wait_until(Duration::from_secs(20), "the pool refilled", || {
         sql.one_i64("SELECT count(*) FROM nodes WHERE state = 'Ready'") == 4
     });
+    check_store(&db.url);
+}
+
+/// A queued request lives in the memory of the replica that took it, and
+/// a replica that does not lead runs no reconciler pass: it serves its own
+/// queue every tick, once the leader has installed the nodes it waits for.
+#[test]
+fn a_request_queued_on_a_replica_that_does_not_lead_is_served_there() {
+    let _serial = serial();
+    let db = database();
+    let dir = tempfile::tempdir().unwrap();
+    let key = ok(&duffy(&db.url, &["key", "create", "--project", "ci"])).trim().to_string();
+    let cfg = write(dir.path(), "duffy.toml", &config(&db.url, 2, 2, ""));
+    let replicas: Vec<Replica> = (0..2).map(|i| Replica::start(&cfg, dir.path().join(format!("r{i}.log")))).collect();
+    let sql = Sql::connect(&db.url);
+    wait_until(Duration::from_secs(30), "the pool filled", || {
+        sql.one_i64("SELECT count(*) FROM nodes WHERE state = 'Ready'") == 2
+    });
+    let port = replicas[1 - leader_of(&sql, &replicas)].port;
+    let json = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap();
+
+    let (status, body) =
+        request(port, "POST", "/api/v1/sessions", Some(&key), Some(r#"{"pool": "7/x86_64", "count": 2}"#));
+    assert_eq!(status, 201, "{body}");
+    let holder = json(&body)["id"].as_str().unwrap().to_string();
+    let (status, body) =
+        request(port, "POST", "/api/v1/sessions", Some(&key), Some(r#"{"pool": "7/x86_64", "wait": true}"#));
+    assert_eq!(status, 202, "{body}");
+    let id = json(&body)["id"].as_str().unwrap().to_string();
+    let (status, body) = request(port, "POST", &format!("/api/v1/sessions/{holder}/release"), Some(&key), None);
+    assert_eq!(status, 200, "{body}");
+
+    let mut last = String::new();
+    let waited = wait_until(Duration::from_secs(30), "the queued request served", || {
+        let (status, body) = request(port, "GET", &format!("/api/v1/requests/{id}"), Some(&key), None);
+        assert_eq!(status, 200, "{body}");
+        last = body;
+        json(&last)["state"] != "waiting"
+    });
+    let served = json(&last);
+    assert_eq!(served["state"], "served", "{served}");
+    assert_eq!(served["session"]["state"], "Prod", "{served}");
+    assert_eq!(served["session"]["hosts"].as_array().unwrap().len(), 1, "{served}");
+    eprintln!("served {waited:?} after the release");
     check_store(&db.url);
 }

@@ -114,10 +114,24 @@ impl Replica {
 
 /// An HTTP GET on 127.0.0.1: (status, body); (0, error) if it failed.
 pub fn get(port: u16, path: &str) -> (u16, String) {
+    request(port, "GET", path, None, None)
+}
+
+/// An HTTP request on 127.0.0.1, with `key` as its bearer key and `json`
+/// as its body: (status, body); (0, error) if it failed.
+pub fn request(port: u16, method: &str, path: &str, key: Option<&str>, json: Option<&str>) -> (u16, String) {
     let attempt = || -> std::io::Result<(u16, String)> {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+        if let Some(k) = key {
+            head.push_str(&format!("Authorization: Bearer {k}\r\n"));
+        }
+        let body = json.unwrap_or("");
+        if json.is_some() {
+            head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        }
+        write!(s, "{head}\r\n{body}")?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
