@@ -866,7 +866,7 @@ impl PgStore {
         let req = Arc::new(req);
         let key = sql_u64(req.key_id.0, "key id")?;
         self.spawned("claiming nodes", move |store| async move {
-            tx::write(&store.inner.pool, &store.inner.tx, "claiming nodes", |c| {
+            tx::write_reporting_xid(&store.inner.pool, &store.inner.tx, "claiming nodes", |c| {
                 let req = req.clone();
                 async move { claim_statements(c, &req, key, creator, skip_locks).await }.boxed()
             })
@@ -880,12 +880,28 @@ impl PgStore {
 /// it locked (the claim's writes refused) is corruption, not a lost race.
 type ClaimAnswer = Result<Result<Claimed, ClaimRefusal>, StoreError>;
 
+/// A claim's transaction, which reads its own id in the pick (see
+/// [`CLAIM_PICK`]): a claim refused before it locked a node writes nothing
+/// and gets no transaction id.
 async fn claim_statements(
     c: &Object,
     req: &ClaimRequest,
     key: i64,
     creator: i32,
     skip_locks: bool,
+) -> Result<tx::Reported<ClaimAnswer>, tokio_postgres::Error> {
+    let mut xid = None;
+    let decision = claim_decision(c, req, key, creator, skip_locks, &mut xid).await?;
+    Ok(tx::Reported { decision, xid })
+}
+
+async fn claim_decision(
+    c: &Object,
+    req: &ClaimRequest,
+    key: i64,
+    creator: i32,
+    skip_locks: bool,
+    xid: &mut Option<String>,
 ) -> Result<Decision<ClaimAnswer>, tokio_postgres::Error> {
     let locks = c.prepare_cached(CLAIM_LOCKS).await?;
     let checks = c.prepare_cached(CLAIM_CHECKS).await?;
@@ -932,6 +948,9 @@ async fn claim_statements(
         c.query(&pick, &[&req.pool.release, &req.pool.arch.as_str(), &flavor, &count]),
     )
     .await?;
+    if let Some(r) = picked.first() {
+        *xid = Some(r.try_get(CLAIM_PICK_XID)?);
+    }
     let paused: bool = checked.try_get(0)?;
     let recent: i64 = checked.try_get(1)?;
     let held: i64 = checked.try_get(2)?;

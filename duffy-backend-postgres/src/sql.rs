@@ -240,12 +240,20 @@ SELECT (SELECT paused FROM settings WHERE id = 1),
 
 /// The claim's choice: Ready nodes of the pool in claim order, locked,
 /// skipping those another transaction holds (another claim took them).
+/// Each row carries the transaction's id after the node columns (the
+/// transaction has one once it locked a row; one that found no node gets
+/// none: a refusal assigns no id), read here rather than in a statement
+/// of its own (see `tx::write_reporting_xid`).
 pub(crate) const CLAIM_PICK: &str = concat!(
-    "SELECT ",
+    "WITH p AS MATERIALIZED (SELECT ",
     node_cols!(),
     " FROM nodes WHERE state = 'Ready' AND image_release = $1 AND image_arch = $2 \
-     AND coalesce(image_flavor, '') = $3 ORDER BY used_count, id LIMIT $4 FOR NO KEY UPDATE SKIP LOCKED"
+     AND coalesce(image_flavor, '') = $3 ORDER BY used_count, id LIMIT $4 FOR NO KEY UPDATE SKIP LOCKED) \
+     SELECT p.*, pg_current_xact_id()::text FROM p"
 );
+
+/// The column of a [`CLAIM_PICK`] row that holds the transaction's id.
+pub(crate) const CLAIM_PICK_XID: usize = 21;
 
 /// Failed nodes held by a project's sessions in Fail (the fail-cap guard).
 pub(crate) const FAILED_HELD_BY_PROJECT: &str = "\
