@@ -1839,6 +1839,21 @@ mod tests {
         );
         let p = plan(&c, idle, &[&"x86_64", &"", &10_i64]).await;
         assert!(p.contains("nodes_idle") && !p.contains("Sort"), "{p}");
+        // The quota and the fail cap read the live sessions' index (schema
+        // version 4), however many ended sessions there are: 20,000, 50
+        // of them live.
+        c.batch_execute(
+            "INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, nodes, created_at, version, \
+             origin_key, origin_at) SELECT 's' || i, 'p' || (i % 10), 1, CASE WHEN i % 400 = 0 THEN 'Prod' \
+             WHEN i % 400 = 1 THEN 'Fail' ELSE 'Done' END, '7', 'x86_64', ARRAY[i, i + 1]::bigint[], i, 1, 1, i \
+             FROM generate_series(1, 20000) i; ANALYZE sessions",
+        )
+        .await
+        .expect("sessions");
+        let p = plan(&c, FAILED_HELD_BY_PROJECT, &[&"p1"]).await;
+        assert!(p.contains("sessions_live_project") && !p.contains("Seq Scan"), "{p}");
+        let p = plan(&c, CLAIM_CHECKS, &[&false, &1_i64, &0_i64, &true, &"p1", &"x", &"7", &"x86_64", &""]).await;
+        assert!(p.contains("sessions_live_project") && !p.contains("Seq Scan on sessions"), "{p}");
         drop(store);
     }
 }

@@ -208,13 +208,34 @@ CREATE TABLE install_ticket_tokens (
 CREATE INDEX install_ticket_tokens_host ON install_ticket_tokens (hostname, seq);
 "#;
 
+/// Version 4: the quota and the fail cap without reading every live
+/// session's node list, as in the SQLite store's version 9. A live
+/// session holds every node it lists (the invariant
+/// `duffy_core::audit::check_invariants` checks: each listed node names
+/// the session as its holder and is in the session's state), so the nodes
+/// a project holds are the sum of its live sessions' list lengths, and the
+/// Failed nodes its Fail sessions hold the same sum over those in Fail.
+/// Each session's length is a column (`node_count`), kept in the index of
+/// the live sessions beside the project and the state, so both sums read
+/// one index entry per live session of the project, where the join of
+/// `unnest(nodes)` with `nodes` looked up each node each time. The column
+/// is generated from `nodes` (stored, so the index can hold it): no write
+/// can set it wrong or forget it, and adding it computes it for every
+/// existing row.
+const V4: &str = r#"
+ALTER TABLE sessions ADD COLUMN node_count integer GENERATED ALWAYS AS (cardinality(nodes)) STORED;
+DROP INDEX sessions_live_project;
+CREATE INDEX sessions_live_project ON sessions (project, state) INCLUDE (node_count) WHERE live;
+"#;
+
 /// Every migration, in order, with what it does: migration `i` takes the
 /// database from version `i` to `i + 1`. Append only; never edit a
 /// released one.
-const MIGRATIONS: &[(&str, &str)] = &[
+pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
     (V1, "nodes, sessions, events, projects, keys, pools, settings, instances"),
     (V2, "session expiry"),
     (V3, "install tickets"),
+    (V4, "sessions' node counts for the quota"),
 ];
 
 /// The schema version this build writes (the number of migrations).
@@ -289,4 +310,129 @@ async fn migrate_locked(client: &mut Client, database: &str) -> Result<i32, Open
         info!(database, from = found, to = SCHEMA_VERSION, "migrated the store's schema");
     }
     Ok(found)
+}
+
+#[cfg(all(test, feature = "test-cluster"))]
+mod tests {
+    //! Databases written at an older schema version (with the DDL of the
+    //! migration list, as that version of Duffy wrote them) migrate
+    //! forward with their data intact and usable.
+
+    use duffy_core::testkit::conformance::{check_invariants, claim_req};
+    use duffy_core::{ClaimRefusal, ClaimRequest, Store, Timestamp};
+
+    use super::{MIGRATIONS, SCHEMA_VERSION};
+    use crate::test_cluster::{TestDatabase, shared};
+    use crate::{PgOptions, PgStore};
+
+    const T0: i64 = 1_700_000_000_000;
+
+    async fn raw(url: &str) -> tokio_postgres::Client {
+        let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("raw connection");
+        tokio::spawn(conn);
+        c
+    }
+
+    /// A fresh database at schema `version`: the first `version`
+    /// migrations, recorded as Duffy records them.
+    async fn at_version(version: usize) -> (TestDatabase, tokio_postgres::Client) {
+        let db = shared().database().await;
+        let c = raw(&db.url).await;
+        c.batch_execute(
+            "CREATE TABLE duffy_migrations (version integer PRIMARY KEY, description text NOT NULL, \
+             applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .expect("migrations table");
+        for (i, (sql, what)) in MIGRATIONS.iter().enumerate().take(version) {
+            c.batch_execute(sql).await.unwrap_or_else(|e| panic!("migration {}: {e}", i + 1));
+            c.execute("INSERT INTO duffy_migrations (version, description) VALUES ($1, $2)", &[&(i as i32 + 1), what])
+                .await
+                .expect("record");
+        }
+        (db, c)
+    }
+
+    /// A farm as Duffy writes it, in the columns every version has: project
+    /// `p` (quota 6) with a key; nodes 1–3 Deployed in `p`'s Prod session
+    /// `s1`, node 4 Failed in `p`'s Fail session `s2`, node 5 Deployed in
+    /// project `q`'s session `s3`, node 6 Active after `p`'s ended session
+    /// `s4`, nodes 7–9 Ready in pool 7/x86_64 (target 3); events; paused.
+    const FARM: &str = "
+        INSERT INTO projects (name, quota, ssh_keys) VALUES ('p', 6, ARRAY['ssh-ed25519 AAAA p']), ('q', NULL, '{}');
+        INSERT INTO api_keys (project, hash, admin, created_at) VALUES ('p', decode(repeat('ab', 32), 'hex'), false, 1);
+        INSERT INTO pool_targets (release, arch, flavor, standby) VALUES ('7', 'x86_64', '', 3);
+        UPDATE settings SET paused = true WHERE id = 1;
+        INSERT INTO nodes (id, hostname, hardware_arch, state, image_release, image_arch, used_count, session,
+                           state_since, installed_at, hold_until, power, version)
+        SELECT i, 'n' || i, 'x86_64',
+               CASE WHEN i <= 3 OR i = 5 THEN 'Deployed' WHEN i = 4 THEN 'Failed' WHEN i = 6 THEN 'Active'
+                    ELSE 'Ready' END,
+               CASE WHEN i <> 6 THEN '7' END, CASE WHEN i <> 6 THEN 'x86_64' END, 1,
+               CASE WHEN i <= 3 THEN 's1' WHEN i = 4 THEN 's2' WHEN i = 5 THEN 's3' END,
+               1700000000000, CASE WHEN i <> 6 THEN 1700000000000 END,
+               CASE WHEN i = 4 THEN 1700000900000 END, 'on', 3
+        FROM generate_series(1, 9) i;
+        SELECT setval('nodes_id_seq', 9);
+        INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, nodes, created_at, delivered_at,
+                              lease_until, hold_until, ended_at, end_reason, version, origin_key, origin_at)
+        VALUES ('s1', 'p', 1, 'Prod', '7', 'x86_64', ARRAY[1, 2, 3]::bigint[], 1700000000000, 1700000000000,
+                1700003600000, NULL, NULL, NULL, 2, 1, 1700000000000),
+               ('s2', 'p', 1, 'Fail', '7', 'x86_64', ARRAY[4]::bigint[], 1700000000000, 1700000000000,
+                1700003600000, 1700000900000, NULL, NULL, 3, 1, 1700000000000),
+               ('s3', 'q', 2, 'Prod', '7', 'x86_64', ARRAY[5]::bigint[], 1700000000000, 1700000000000,
+                1700003600000, NULL, NULL, NULL, 2, 2, 1700000000000),
+               ('s4', 'p', 1, 'Done', '7', 'x86_64', ARRAY[6]::bigint[], 1700000000000, 1700000000000,
+                1700003600000, NULL, 1700000100000, 'done', 3, 1, 1700000000000);
+        INSERT INTO events (node, from_state, to_state, cause, actor, session, at)
+        SELECT i, 'Ready', 'Deployed', 'delivered', 'key:1', 's1', 1700000000000 FROM generate_series(1, 3) i;
+    ";
+
+    /// The schema versions recorded.
+    async fn versions(c: &tokio_postgres::Client) -> Vec<i32> {
+        c.query("SELECT version FROM duffy_migrations ORDER BY version", &[])
+            .await
+            .expect("versions")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    fn quota_req(session: &str, count: u32) -> ClaimRequest {
+        ClaimRequest { default_quota: Some(100), ..claim_req(session, 1, "p", count, Timestamp(T0)) }
+    }
+
+    /// A database written at version 3, with live sessions holding nodes,
+    /// is migrated to version 4 and its sessions' nodes count toward the
+    /// quota from the first claim: the node counts were computed for the
+    /// rows already there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sessions_written_at_version_3_count_toward_the_quota_after_the_migration() {
+        let (db, c) = at_version(3).await;
+        c.batch_execute(FARM).await.expect("a version 3 farm");
+        c.execute("UPDATE settings SET paused = false WHERE id = 1", &[]).await.expect("resume");
+        let store = PgStore::connect(&db.url, PgOptions { pool_size: 2, ..PgOptions::default() }).await.expect("open");
+        assert_eq!(versions(&c).await, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+        let counts: Vec<(String, i32)> = c
+            .query("SELECT id, node_count FROM sessions ORDER BY id", &[])
+            .await
+            .expect("node counts")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(counts, [("s1".into(), 3), ("s2".into(), 1), ("s3".into(), 1), ("s4".into(), 1)]);
+        check_invariants(&store).await.expect("the farm is consistent");
+        // p holds 4 nodes (s1's 3, s2's 1; not q's, not the ended s4's) of
+        // its quota of 6.
+        assert_eq!(
+            store.claim(quota_req("a", 3)).await.expect("store ok"),
+            Err(ClaimRefusal::QuotaExceeded { held: 4, requested: 3, quota: 6 })
+        );
+        let c2 = store.claim(quota_req("b", 2)).await.expect("store ok").expect("within the quota");
+        assert_eq!(c2.nodes.len(), 2);
+        assert_eq!(
+            store.claim(quota_req("c", 1)).await.expect("store ok"),
+            Err(ClaimRefusal::QuotaExceeded { held: 6, requested: 1, quota: 6 })
+        );
+    }
 }

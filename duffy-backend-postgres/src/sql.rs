@@ -224,16 +224,15 @@ SELECT pg_advisory_xact_lock_shared($1, 0),
 
 /// What a claim checks, after its locks (a statement of its own, so that
 /// its snapshot is taken once the locks are held): the pause flag, the
-/// key's recent sessions, the nodes the project's live sessions hold,
-/// whether the session id exists, the project's own quota and the pool's
-/// standby target.
+/// key's recent sessions, the nodes the project's live sessions hold (the
+/// sum of their node counts, schema version 4, from the index of live
+/// sessions), whether the session id exists, the project's own quota and
+/// the pool's standby target.
 pub(crate) const CLAIM_CHECKS: &str = "\
 SELECT (SELECT paused FROM settings WHERE id = 1),
        CASE WHEN $1 THEN (SELECT count(*) FROM sessions WHERE origin_key = $2 AND origin_at > $3) ELSE 0 END,
        CASE WHEN $4 OR (SELECT quota FROM projects WHERE name = $5) IS NOT NULL
-            THEN (SELECT count(*) FROM sessions s CROSS JOIN LATERAL unnest(s.nodes) AS j(node)
-                          JOIN nodes n ON n.id = j.node AND n.session = s.id
-                          WHERE s.project = $5 AND s.live) ELSE 0 END,
+            THEN (SELECT coalesce(sum(node_count), 0) FROM sessions WHERE project = $5 AND live) ELSE 0 END,
        EXISTS (SELECT 1 FROM sessions WHERE id = $6),
        (SELECT quota FROM projects WHERE name = $5),
        (SELECT standby FROM pool_targets WHERE release = $7 AND arch = $8 AND flavor = $9)";
@@ -255,11 +254,12 @@ pub(crate) const CLAIM_PICK: &str = concat!(
 /// The column of a [`CLAIM_PICK`] row that holds the transaction's id.
 pub(crate) const CLAIM_PICK_XID: usize = 21;
 
-/// Failed nodes held by a project's sessions in Fail (the fail-cap guard).
-pub(crate) const FAILED_HELD_BY_PROJECT: &str = "\
-SELECT count(*) FROM sessions s CROSS JOIN LATERAL unnest(s.nodes) AS j(node)
-JOIN nodes n ON n.id = j.node AND n.session = s.id AND n.state = 'Failed'
-WHERE s.project = $1 AND s.live AND s.state = 'Fail'";
+/// Failed nodes held by a project's sessions in Fail (the fail-cap
+/// guard): every node a session in Fail lists is Failed and held by it
+/// (schema version 4), so the sum of their node counts, from the index of
+/// live sessions.
+pub(crate) const FAILED_HELD_BY_PROJECT: &str =
+    "SELECT coalesce(sum(node_count), 0) FROM sessions WHERE project = $1 AND live AND state = 'Fail'";
 
 /// Allocating sessions whose creator does not hold its liveness lock (or
 /// is not known).
