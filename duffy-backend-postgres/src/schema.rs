@@ -228,6 +228,36 @@ DROP INDEX sessions_live_project;
 CREATE INDEX sessions_live_project ON sessions (project, state) INCLUDE (node_count) WHERE live;
 "#;
 
+/// Version 5: the fence check as a function, so that a fenced write
+/// checks its epoch in its write statement instead of in two statements
+/// of its own. `duffy_fence(lock_class, epoch)` takes the fence lock
+/// `(lock_class, 0)` shared (a new term takes it exclusive: it waits for
+/// every fenced write in flight, and no fenced write passes while it
+/// runs), then reads the newest epoch and fails the statement (SQLSTATE
+/// DF002, the newest epoch as the detail) unless it is `epoch`; a NULL
+/// `epoch` (an unfenced write) checks nothing. The function is VOLATILE,
+/// so its read takes a snapshot of its own, after the lock: a term that
+/// began while the write waited for the lock is seen (the write's own
+/// statement's snapshot was taken before it).
+const V5: &str = r#"
+CREATE FUNCTION duffy_fence(lock_class integer, epoch bigint) RETURNS boolean VOLATILE LANGUAGE plpgsql AS $f$
+DECLARE
+    newest bigint;
+BEGIN
+    IF epoch IS NULL THEN
+        RETURN true;
+    END IF;
+    PERFORM pg_advisory_xact_lock_shared(lock_class, 0);
+    SELECT leader_epoch INTO newest FROM settings WHERE id = 1;
+    IF newest IS DISTINCT FROM epoch THEN
+        RAISE EXCEPTION 'leadership epoch % is over: epoch % began', epoch, newest
+            USING ERRCODE = 'DF002', DETAIL = newest::text;
+    END IF;
+    RETURN true;
+END
+$f$;
+"#;
+
 /// Every migration, in order, with what it does: migration `i` takes the
 /// database from version `i` to `i + 1`. Append only; never edit a
 /// released one.
@@ -236,6 +266,7 @@ pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
     (V2, "session expiry"),
     (V3, "install tickets"),
     (V4, "sessions' node counts for the quota"),
+    (V5, "the fence check as a function"),
 ];
 
 /// The schema version this build writes (the number of migrations).

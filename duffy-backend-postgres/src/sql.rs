@@ -94,9 +94,14 @@ pub(crate) use key_cols;
 /// then the columns of [`NodeRows`]), updated only where still at their
 /// expected version (`u`, the ids written), and the batch's events
 /// (`$23`…`$30`, `$31` the term) inserted in order, filtered by
-/// `$event_filter` (`u` in scope); then `$tail`, the statement's answer.
+/// `$event_filter` (`u` in scope); then `$more` (further common table
+/// expressions, each starting with a comma), then `$tail`, the
+/// statement's answer.
 macro_rules! write_nodes_sql {
     ($event_filter:literal, $tail:literal) => {
+        write_nodes_sql!($event_filter, "", $tail)
+    };
+    ($event_filter:literal, $more:literal, $tail:literal) => {
         concat!(
             "\
 WITH v AS (
@@ -124,8 +129,9 @@ WITH v AS (
             $event_filter,
             "    ORDER BY e.ord
     RETURNING 1
-)
-",
+)",
+            $more,
+            "\n",
             $tail
         )
     };
@@ -133,9 +139,16 @@ WITH v AS (
 
 /// Node rows to write (see [`write_nodes_sql`]). Updates only rows still at
 /// their expected version and returns the ids it updated; the events of the
-/// batch go in with the same statement.
-pub(crate) const WRITE_NODES: &str =
-    write_nodes_sql!("", "SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e)");
+/// batch go in with the same statement. A fenced write checks its epoch in
+/// it too (`duffy_fence($32, $33)`: the fence lock's class, the epoch, or
+/// NULL for an unfenced write), and it answers the transaction's id, which
+/// it has once it wrote (or checked) anything: the whole of a fenced
+/// write's first round trip is this one statement.
+pub(crate) const WRITE_NODES: &str = write_nodes_sql!(
+    "",
+    "SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e),
+       duffy_fence($32, $33), pg_current_xact_id()::text"
+);
 
 /// Independent single-node writes in one statement (a wave of the
 /// reconciler's): as [`WRITE_NODES`], but a node's event is written only
@@ -143,17 +156,56 @@ pub(crate) const WRITE_NODES: &str =
 /// node at most once.
 pub(crate) const WRITE_EACH_NODE: &str = write_nodes_sql!(
     "    WHERE e.node IN (SELECT id FROM u)\n",
-    "SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e)"
+    "SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e),
+       duffy_fence($32, $33), pg_current_xact_id()::text"
 );
 
-/// The writes of an operation that locked its nodes first (a claim, a
-/// hand-back): as [`WRITE_NODES`], except that every node must be written,
-/// checked in the statement so that a COMMIT pipelined behind it writes
-/// nothing otherwise.
-pub(crate) const WRITE_LOCKED_NODES: &str = write_nodes_sql!(
+/// The column of a [`WRITE_NODES`] or [`WRITE_EACH_NODE`] answer that holds
+/// the transaction's id.
+pub(crate) const WRITE_NODES_XID: usize = 3;
+
+/// The fence check of a fenced batch that writes no node (`$1` the fence
+/// lock's class, `$2` the epoch).
+pub(crate) const FENCE: &str = "SELECT duffy_fence($1, $2)";
+
+/// The SQLSTATE `duffy_fence` fails a statement with when the epoch is not
+/// the newest; the newest is the error's detail.
+pub(crate) const FENCED_SQLSTATE: &str = "DF002";
+
+/// A claim's writes, all in one statement (an operation that locked its
+/// nodes first): its nodes as [`WRITE_NODES`] writes them, every one of
+/// which must be written, and its session inserted (`$32`…`$47` the
+/// session's columns as [`SessionRow`] gives them, `$48` its creator),
+/// each of which must happen: the statement fails otherwise, so that a
+/// COMMIT pipelined behind it writes nothing.
+pub(crate) const CLAIM_WRITES: &str = write_nodes_sql!(
     "",
-    "SELECT duffy_assert((SELECT count(*) FROM u) = cardinality($1::bigint[]),
-                    'could not write every node the transaction had locked')"
+    ", s AS (
+    INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, pool_flavor, nodes, created_at,
+        delivered_at, lease_until, hold_until, ended_at, end_reason, version, expires_at, origin_key, origin_at,
+        creator)
+    VALUES ($32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42, $43, $44, $45, $46, $47, $34, $40, $48)
+    RETURNING 1
+)",
+    "SELECT duffy_assert((SELECT count(*) FROM u) = cardinality($1::bigint[]) AND (SELECT count(*) FROM s) = 1,
+                    'could not write every node the claim had locked, or its session')"
+);
+
+/// A hand-back's writes, all in one statement: the session's nodes (which
+/// it locked) as [`CLAIM_WRITES`] writes them, and the session (locked too)
+/// written over version `$48` (`$32`…`$47` its columns as [`SessionRow`]
+/// gives them), each of which must happen: the statement fails otherwise.
+pub(crate) const HAND_BACK_WRITES: &str = write_nodes_sql!(
+    "",
+    ", s AS (
+    UPDATE sessions SET project = $33, key_id = $34, state = $35, pool_release = $36, pool_arch = $37,
+        pool_flavor = $38, nodes = $39, created_at = $40, delivered_at = $41, lease_until = $42, hold_until = $43,
+        ended_at = $44, end_reason = $45, version = $46, expires_at = $47
+    WHERE id = $32 AND version = $48
+    RETURNING 1
+)",
+    "SELECT duffy_assert((SELECT count(*) FROM u) = cardinality($1::bigint[]) AND (SELECT count(*) FROM s) = 1,
+                    'could not write every node the hand-back had locked, or its session')"
 );
 
 /// Inserts a session (`$17` its creator), unless its id exists; returns
@@ -180,19 +232,6 @@ WITH u AS (
 )
 SELECT count(*) FROM u";
 
-/// A session's update that must happen (the session is locked): fails
-/// the statement otherwise, so that a COMMIT pipelined behind it writes
-/// nothing.
-pub(crate) const UPDATE_LOCKED_SESSION: &str = "\
-WITH u AS (
-    UPDATE sessions SET project = $2, key_id = $3, state = $4, pool_release = $5, pool_arch = $6,
-        pool_flavor = $7, nodes = $8, created_at = $9, delivered_at = $10, lease_until = $11, hold_until = $12,
-        ended_at = $13, end_reason = $14, version = $15, expires_at = $16
-    WHERE id = $1 AND version = $17
-    RETURNING 1
-)
-SELECT duffy_assert((SELECT count(*) FROM u) = 1, 'could not write the session the transaction had locked')";
-
 /// A hand-back's read of the nodes of session `$1` if it is key `$2`'s,
 /// locked in id order (the order every batch writes them in) before the
 /// session is.
@@ -203,12 +242,21 @@ pub(crate) const HAND_BACK_NODES: &str = concat!(
      ORDER BY id FOR NO KEY UPDATE"
 );
 
-/// A hand-back's read of session `$1` if it is key `$2`'s, locked.
-pub(crate) const HAND_BACK_SESSION: &str =
-    concat!("SELECT ", session_cols!(), " FROM sessions WHERE id = $1 AND key_id = $2 FOR NO KEY UPDATE");
+/// A hand-back's read of session `$1` if it is key `$2`'s, locked; with
+/// the transaction's id after the session's columns (it has one once it
+/// locked the row; see `tx::write_reporting_xid`).
+pub(crate) const HAND_BACK_SESSION: &str = concat!(
+    "WITH s AS MATERIALIZED (SELECT ",
+    session_cols!(),
+    " FROM sessions WHERE id = $1 AND key_id = $2 FOR NO KEY UPDATE) SELECT s.*, pg_current_xact_id()::text FROM s"
+);
 
-/// The claim's own insert of its session: it must happen.
-pub(crate) const CLAIM_SESSION: &str = "\
+/// The column of a [`HAND_BACK_SESSION`] row that holds the transaction's
+/// id.
+pub(crate) const HAND_BACK_SESSION_XID: usize = 16;
+
+/// A session inserted as it is (a copy's import); it must not exist.
+pub(crate) const IMPORT_SESSION: &str = "\
 INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, pool_flavor, nodes, created_at,
     delivered_at, lease_until, hold_until, ended_at, end_reason, version, expires_at, origin_key, origin_at, creator)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $3, $9, $17)";
