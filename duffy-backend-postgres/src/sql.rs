@@ -261,29 +261,16 @@ INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, pool_
     delivered_at, lease_until, hold_until, ended_at, end_reason, version, expires_at, origin_key, origin_at, creator)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $3, $9, $17)";
 
-/// The claim's locks, in the one order every writer takes them: the pause
-/// lock (shared), the key's (with a rate limit), the project's (with a
-/// quota).
-pub(crate) const CLAIM_LOCKS: &str = "\
-SELECT pg_advisory_xact_lock_shared($1, 0),
-       CASE WHEN $2 THEN pg_advisory_xact_lock($3, $4) END,
-       CASE WHEN $5 OR EXISTS (SELECT 1 FROM projects WHERE name = $7 AND quota IS NOT NULL)
-            THEN pg_advisory_xact_lock($6, hashtext($7)) END";
-
-/// What a claim checks, after its locks (a statement of its own, so that
-/// its snapshot is taken once the locks are held): the pause flag, the
-/// key's recent sessions, the nodes the project's live sessions hold (the
-/// sum of their node counts, schema version 4, from the index of live
-/// sessions), whether the session id exists, the project's own quota and
-/// the pool's standby target.
-pub(crate) const CLAIM_CHECKS: &str = "\
-SELECT (SELECT paused FROM settings WHERE id = 1),
-       CASE WHEN $1 THEN (SELECT count(*) FROM sessions WHERE origin_key = $2 AND origin_at > $3) ELSE 0 END,
-       CASE WHEN $4 OR (SELECT quota FROM projects WHERE name = $5) IS NOT NULL
-            THEN (SELECT coalesce(sum(node_count), 0) FROM sessions WHERE project = $5 AND live) ELSE 0 END,
-       EXISTS (SELECT 1 FROM sessions WHERE id = $6),
-       (SELECT quota FROM projects WHERE name = $5),
-       (SELECT standby FROM pool_targets WHERE release = $7 AND arch = $8 AND flavor = $9)";
+/// A claim's locks and checks, one statement (`duffy_claim_checks`,
+/// schema version 6): the advisory locks in the one order every writer
+/// takes them (the pause lock shared; the key's, with a rate limit; the
+/// project's, when a quota applies), then, read in a snapshot taken after
+/// them, the pause flag, the key's recent sessions, the nodes the
+/// project's live sessions hold (the sum of their node counts), whether
+/// the session id exists, the project's own quota and the pool's standby
+/// target.
+pub(crate) const CLAIM_CHECKS: &str =
+    "SELECT * FROM duffy_claim_checks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
 
 /// The claim's choice: Ready nodes of the pool in claim order, locked,
 /// skipping those another transaction holds (another claim took them).
