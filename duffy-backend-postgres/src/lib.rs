@@ -583,7 +583,8 @@ async fn commit_statements_with(
     fence: Fence,
     write_nodes: &str,
 ) -> Result<CommitAnswers, tokio_postgres::Error> {
-    let write_nodes = c.prepare_cached(write_nodes).await?;
+    let one = rows.nodes.one().zip(rows.events.one());
+    let write_nodes = c.prepare_cached(if one.is_some() { WRITE_NODE } else { write_nodes }).await?;
     let insert_session = c.prepare_cached(INSERT_SESSION).await?;
     let update_session = c.prepare_cached(UPDATE_SESSION).await?;
     let guard = c.prepare_cached(FAILED_HELD_BY_PROJECT).await?;
@@ -607,8 +608,16 @@ async fn commit_statements_with(
             return Ok((Vec::new(), None));
         }
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(33);
-        params.extend(rows.nodes.params());
-        params.extend(rows.events.params());
+        match one {
+            Some((node, event)) => {
+                params.extend(node);
+                params.extend(event);
+            }
+            None => {
+                params.extend(rows.nodes.params());
+                params.extend(rows.events.params());
+            }
+        }
         params.push(&fence.term);
         params.push(&LOCK_FENCE);
         params.push(&fence.check);
@@ -1047,10 +1056,19 @@ async fn claim_decision(
         Ok(s) => s,
         Err(e) => return Ok(Decision::Rollback(Err(e))),
     };
-    let claim_writes = c.prepare_cached(CLAIM_WRITES).await?;
+    let one = nodes.one().zip(events.one());
+    let claim_writes = c.prepare_cached(if one.is_some() { CLAIM_WRITES_ONE } else { CLAIM_WRITES }).await?;
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(48);
-    params.extend(nodes.params());
-    params.extend(events.params());
+    match one {
+        Some((node, event)) => {
+            params.extend(node);
+            params.extend(event);
+        }
+        None => {
+            params.extend(nodes.params());
+            params.extend(events.params());
+        }
+    }
     params.push(&None::<i64>);
     params.extend(srow.params());
     params.push(&creator);
@@ -1122,10 +1140,19 @@ async fn hand_back_decision(
         let e = StoreError::Invalid(format!("a hand-back writes {} sessions, not its one", rows.sessions.len()));
         return Ok(Decision::Rollback(Err(CommitError::Store(e))));
     };
-    let writes = c.prepare_cached(HAND_BACK_WRITES).await?;
+    let one = rows.nodes.one().zip(rows.events.one());
+    let writes = c.prepare_cached(if one.is_some() { HAND_BACK_WRITES_ONE } else { HAND_BACK_WRITES }).await?;
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(48);
-    params.extend(rows.nodes.params());
-    params.extend(rows.events.params());
+    match one {
+        Some((node, event)) => {
+            params.extend(node);
+            params.extend(event);
+        }
+        None => {
+            params.extend(rows.nodes.params());
+            params.extend(rows.events.params());
+        }
+    }
     params.push(&None::<i64>);
     params.extend(srow.params());
     params.push(expected);
@@ -1831,7 +1858,7 @@ mod tests {
                 .expect("claimed");
             release(&store, &c.session.id, Timestamp(1_700_000_000_000 + i)).await.expect("released");
         }
-        for prefix in ["WITH v AS", "SELECT * FROM duffy_claim_checks", "WITH p AS MATERIALIZED"] {
+        for prefix in ["WITH u AS", "SELECT * FROM duffy_claim_checks", "WITH p AS MATERIALIZED"] {
             let (generic, custom) = plans_made(&store, prefix).await;
             assert!(generic >= 6 && custom == 0, "{prefix}: {generic} generic plans, {custom} custom plans");
         }

@@ -101,7 +101,7 @@ macro_rules! write_nodes_sql {
     ($event_filter:literal, $tail:literal) => {
         write_nodes_sql!($event_filter, "", $tail)
     };
-    ($event_filter:literal, $more:literal, $tail:literal) => {
+    ($event_filter:literal, $more:expr, $tail:literal) => {
         concat!(
             "\
 WITH v AS (
@@ -137,6 +137,38 @@ WITH v AS (
     };
 }
 
+/// [`write_nodes_sql`] for a batch of one node, with scalar parameters in
+/// the same places (`$1` the id, `$2` the expected version, `$3`…`$22`
+/// the columns, `$23`…`$30` the event, `$31` the term): a plain `UPDATE …
+/// WHERE id = $1 AND version = $2`, and the event inserted only if the
+/// node was written (from `u`), instead of the join of the node with 22
+/// one-element arrays and the event from 8 more; then `$more`, then
+/// `$tail`.
+macro_rules! write_node_sql {
+    ($more:expr, $tail:literal) => {
+        concat!(
+            "\
+WITH u AS (
+    UPDATE nodes SET hostname = $3::text, ip = $4::text, chassis = $5::text, hardware_arch = $6::text,
+        flavor = $7::text, bmc = $8::text, console_port = $9::integer, state = $10::text,
+        image_release = $11::text, image_arch = $12::text, image_flavor = $13::text, used_count = $14::bigint,
+        session = $15::text, state_since = $16::bigint, installed_at = $17::bigint, hold_until = $18::bigint,
+        fail_reason = $19::text, power = $20::text, version = $21::bigint, host_key = $22::text
+    WHERE id = $1::bigint AND version = $2::bigint
+    RETURNING id
+), e AS (
+    INSERT INTO events (node, from_state, to_state, cause, detail, actor, session, at, term)
+    SELECT $23::bigint, $24::text, $25::text, $26::text, $27::text, $28::text, $29::text, $30::bigint, $31::bigint
+    FROM u
+    RETURNING 1
+)",
+            $more,
+            "\n",
+            $tail
+        )
+    };
+}
+
 /// Node rows to write (see [`write_nodes_sql`]). Updates only rows still at
 /// their expected version and returns the ids it updated; the events of the
 /// batch go in with the same statement. A fenced write checks its epoch in
@@ -160,6 +192,14 @@ pub(crate) const WRITE_EACH_NODE: &str = write_nodes_sql!(
        duffy_fence($32, $33), pg_current_xact_id()::text"
 );
 
+/// [`WRITE_NODES`] and [`WRITE_EACH_NODE`] for a batch of one node (see
+/// [`write_node_sql`]), with the same answer.
+pub(crate) const WRITE_NODE: &str = write_node_sql!(
+    "",
+    "SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e),
+       duffy_fence($32, $33), pg_current_xact_id()::text"
+);
+
 /// The column of a [`WRITE_NODES`] or [`WRITE_EACH_NODE`] answer that holds
 /// the transaction's id.
 pub(crate) const WRITE_NODES_XID: usize = 3;
@@ -172,40 +212,72 @@ pub(crate) const FENCE: &str = "SELECT duffy_fence($1, $2)";
 /// the newest; the newest is the error's detail.
 pub(crate) const FENCED_SQLSTATE: &str = "DF002";
 
-/// A claim's writes, all in one statement (an operation that locked its
-/// nodes first): its nodes as [`WRITE_NODES`] writes them, every one of
-/// which must be written, and its session inserted (`$32`…`$47` the
-/// session's columns as [`SessionRow`] gives them, `$48` its creator),
-/// each of which must happen: the statement fails otherwise, so that a
-/// COMMIT pipelined behind it writes nothing.
-pub(crate) const CLAIM_WRITES: &str = write_nodes_sql!(
-    "",
-    ", s AS (
+/// A claim's session insert (`$32`…`$47` the session's columns as
+/// [`SessionRow`] gives them, `$48` its creator), as a common table
+/// expression `s` of a node-writing statement.
+macro_rules! claim_session_cte {
+    () => {
+        ", s AS (
     INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, pool_flavor, nodes, created_at,
         delivered_at, lease_until, hold_until, ended_at, end_reason, version, expires_at, origin_key, origin_at,
         creator)
     VALUES ($32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42, $43, $44, $45, $46, $47, $34, $40, $48)
     RETURNING 1
-)",
-    "SELECT duffy_assert((SELECT count(*) FROM u) = cardinality($1::bigint[]) AND (SELECT count(*) FROM s) = 1,
-                    'could not write every node the claim had locked, or its session')"
-);
+)"
+    };
+}
 
-/// A hand-back's writes, all in one statement: the session's nodes (which
-/// it locked) as [`CLAIM_WRITES`] writes them, and the session (locked too)
-/// written over version `$48` (`$32`…`$47` its columns as [`SessionRow`]
-/// gives them), each of which must happen: the statement fails otherwise.
-pub(crate) const HAND_BACK_WRITES: &str = write_nodes_sql!(
-    "",
-    ", s AS (
+/// A hand-back's session update over version `$48` (`$32`…`$47` its
+/// columns as [`SessionRow`] gives them), as a common table expression `s`
+/// of a node-writing statement.
+macro_rules! hand_back_session_cte {
+    () => {
+        ", s AS (
     UPDATE sessions SET project = $33, key_id = $34, state = $35, pool_release = $36, pool_arch = $37,
         pool_flavor = $38, nodes = $39, created_at = $40, delivered_at = $41, lease_until = $42, hold_until = $43,
         ended_at = $44, end_reason = $45, version = $46, expires_at = $47
     WHERE id = $32 AND version = $48
     RETURNING 1
-)",
+)"
+    };
+}
+
+/// A claim's writes, all in one statement (an operation that locked its
+/// nodes first): its nodes as [`WRITE_NODES`] writes them, every one of
+/// which must be written, and its session inserted (see
+/// [`claim_session_cte`]), which must happen too: the statement fails
+/// otherwise, so that a COMMIT pipelined behind it writes nothing.
+pub(crate) const CLAIM_WRITES: &str = write_nodes_sql!(
+    "",
+    claim_session_cte!(),
+    "SELECT duffy_assert((SELECT count(*) FROM u) = cardinality($1::bigint[]) AND (SELECT count(*) FROM s) = 1,
+                    'could not write every node the claim had locked, or its session')"
+);
+
+/// [`CLAIM_WRITES`] for a claim of one node (see [`write_node_sql`]).
+pub(crate) const CLAIM_WRITES_ONE: &str = write_node_sql!(
+    claim_session_cte!(),
+    "SELECT duffy_assert((SELECT count(*) FROM u) = 1 AND (SELECT count(*) FROM s) = 1,
+                    'could not write the node the claim had locked, or its session')"
+);
+
+/// A hand-back's writes, all in one statement: the session's nodes (which
+/// it locked) as [`CLAIM_WRITES`] writes them, and the session (locked
+/// too; see [`hand_back_session_cte`]), each of which must happen: the
+/// statement fails otherwise.
+pub(crate) const HAND_BACK_WRITES: &str = write_nodes_sql!(
+    "",
+    hand_back_session_cte!(),
     "SELECT duffy_assert((SELECT count(*) FROM u) = cardinality($1::bigint[]) AND (SELECT count(*) FROM s) = 1,
                     'could not write every node the hand-back had locked, or its session')"
+);
+
+/// [`HAND_BACK_WRITES`] for a session of one node (see
+/// [`write_node_sql`]).
+pub(crate) const HAND_BACK_WRITES_ONE: &str = write_node_sql!(
+    hand_back_session_cte!(),
+    "SELECT duffy_assert((SELECT count(*) FROM u) = 1 AND (SELECT count(*) FROM s) = 1,
+                    'could not write the node the hand-back had locked, or its session')"
 );
 
 /// Inserts a session (`$17` its creator), unless its id exists; returns
@@ -482,8 +554,9 @@ pub(crate) fn ready_count(r: &Row) -> Result<(PoolKey, u32), StoreError> {
 
 // ----- encoding -----
 
-/// Node rows as column arrays, in [`WRITE_NODES`]'s parameter order: the
-/// one place a node becomes a row.
+/// Node rows as column arrays, in [`WRITE_NODES`]'s parameter order (or,
+/// for one node, as scalars in [`WRITE_NODE`]'s): the one place a node
+/// becomes a row.
 #[derive(Default)]
 pub(crate) struct NodeRows {
     id: Vec<i64>,
@@ -536,6 +609,38 @@ impl NodeRows {
         self.version.push(sql_u64(n.version, "version")?);
         self.host_key.push(n.host_key.clone());
         Ok(())
+    }
+
+    /// Parameters `$1`…`$22` of a batch of one node, as scalars (for
+    /// [`write_node_sql`]); `None` unless there is exactly one.
+    pub(crate) fn one(&self) -> Option<[&(dyn ToSql + Sync); 22]> {
+        if self.id.len() != 1 {
+            return None;
+        }
+        Some([
+            &self.id[0],
+            &self.expected[0],
+            &self.hostname[0],
+            &self.ip[0],
+            &self.chassis[0],
+            &self.hardware_arch[0],
+            &self.flavor[0],
+            &self.bmc[0],
+            &self.console_port[0],
+            &self.state[0],
+            &self.image_release[0],
+            &self.image_arch[0],
+            &self.image_flavor[0],
+            &self.used_count[0],
+            &self.session[0],
+            &self.state_since[0],
+            &self.installed_at[0],
+            &self.hold_until[0],
+            &self.fail_reason[0],
+            &self.power[0],
+            &self.version[0],
+            &self.host_key[0],
+        ])
     }
 
     /// Parameters `$1`…`$22`.
@@ -592,6 +697,24 @@ impl EventRows {
         self.session.push(e.session.as_ref().map(|s| s.0.clone()));
         self.at.push(e.at.0);
         Ok(())
+    }
+
+    /// Parameters `$23`…`$30` of one event, as scalars (for
+    /// [`write_node_sql`]); `None` unless there is exactly one.
+    pub(crate) fn one(&self) -> Option<[&(dyn ToSql + Sync); 8]> {
+        if self.node.len() != 1 {
+            return None;
+        }
+        Some([
+            &self.node[0],
+            &self.from[0],
+            &self.to[0],
+            &self.cause[0],
+            &self.detail[0],
+            &self.actor[0],
+            &self.session[0],
+            &self.at[0],
+        ])
     }
 
     /// Parameters `$23`…`$30`.
