@@ -331,20 +331,35 @@ async fn farm(cluster: &TestCluster, nodes: usize, clients: usize) -> (String, t
     // Installed now, as a farm the service installed itself (the SQLite
     // bench's): a Ready node installed longer than `reinstall_age` (24 h)
     // ago is stale, and the leader would spend its install slots
-    // reinstalling the whole farm.
+    // reinstalling the whole farm. With a history of ended sessions, as a
+    // farm in service has: the statistics the statements are planned with
+    // (once per connection, on their generic plans) are those of a
+    // sessions table in use, not of an empty one (analyzed empty, it would
+    // be read by sequential scans, growing all through the run, until
+    // autovacuum analyzed it again).
     let now = wall_ms();
     c.batch_execute(&format!(
         "INSERT INTO nodes (hostname, hardware_arch, state, image_release, image_arch, used_count, state_since, \
          installed_at, power, version) \
          SELECT 'n' || i || '.bench', 'x86_64', 'Ready', '7', 'x86_64', 0, {now}, {now}, 'on', 2 \
          FROM generate_series(1, {nodes}) i; \
-         INSERT INTO pool_targets (release, arch, flavor, standby) VALUES ('7', 'x86_64', '', {nodes})"
+         INSERT INTO pool_targets (release, arch, flavor, standby) VALUES ('7', 'x86_64', '', {nodes}); \
+         INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, nodes, created_at, delivered_at, \
+             lease_until, ended_at, end_reason, version, origin_key, origin_at, expires_at) \
+         SELECT 'history-' || i, 'p' || (i % {clients}), i % {clients} + 1, 'Done', '7', 'x86_64', \
+             ARRAY[i % {nodes} + 1]::bigint[], {day_ago} + i, {day_ago} + i, {day_ago} + i + 3600000, \
+             {day_ago} + i + 60000, 'done', 3, i % {clients} + 1, {day_ago} + i, {day_ago} + i + 3600000 \
+         FROM generate_series(1, {HISTORY}) i",
+        day_ago = now - 86_400_000,
     ))
     .await
     .expect("farm");
     c.batch_execute("VACUUM ANALYZE").await.expect("vacuum");
     (url, c)
 }
+
+/// Ended sessions in every farm (see [`farm`]).
+const HISTORY: usize = 10_000;
 
 const RAW_CLAIM: &str = "\
 WITH picked AS (

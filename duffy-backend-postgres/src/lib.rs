@@ -298,7 +298,12 @@ pub fn is_postgres_url(s: &str) -> bool {
 /// write planned each time, 0.16 ms on its generic plan). Every statement
 /// the store runs is a key lookup or a range scan of an index whose plan
 /// does not depend on the values (the `tests` module checks the claim's
-/// and the reconciler's plans as generic plans).
+/// and the reconciler's plans as generic plans). It does depend on the
+/// tables' statistics when the connection first prepares it: a generic
+/// plan is kept until they change, so a table analyzed while nearly empty
+/// (`sessions` in a fresh database after `VACUUM ANALYZE`) is read by
+/// sequential scans until autovacuum analyzes it again, which it does as
+/// the table grows (every 10% more rows, by default).
 fn pool_config(cfg: &tokio_postgres::Config) -> tokio_postgres::Config {
     let mut cfg = cfg.clone();
     let options = match cfg.get_options() {
@@ -1812,16 +1817,26 @@ async fn add_nodes_statements(
 mod tests {
     use super::*;
 
-    /// The plan PostgreSQL chooses for `sql` with `params`, after enough
-    /// executions that a prepared statement may use a generic plan.
-    async fn plan(c: &tokio_postgres::Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> String {
-        let stmt = c.prepare(&format!("EXPLAIN {sql}")).await.expect("prepare");
-        let mut last = String::new();
-        for _ in 0..7 {
-            let rows = c.query(&stmt, params).await.expect("explain");
-            last = rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n");
-        }
-        last
+    /// The generic plan PostgreSQL makes for `sql` (the plan the pool's
+    /// connections run, `plan_cache_mode = force_generic_plan`), executed
+    /// with `args` (an SQL list of literals). A prepared `EXPLAIN` would
+    /// plan with its parameters' values as constants: a custom plan.
+    async fn plan(c: &tokio_postgres::Client, sql: &str, args: &str) -> String {
+        c.batch_execute(&format!("SET plan_cache_mode = force_generic_plan; PREPARE planned AS {sql}"))
+            .await
+            .expect("prepare");
+        let rows = c.simple_query(&format!("EXPLAIN EXECUTE planned{args}")).await.expect("explain");
+        c.batch_execute("DEALLOCATE planned").await.expect("deallocate");
+        let lines: Vec<&str> = rows
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+                _ => None,
+            })
+            .collect();
+        let plan = lines.join("\n");
+        assert!(plan.contains("$1"), "a generic plan (its parameters not folded in): {plan}");
+        plan
     }
 
     /// How often the pool's one connection planned the statements whose
@@ -1880,14 +1895,14 @@ mod tests {
         )
         .await
         .expect("farm");
-        let p = plan(&c, CLAIM_PICK, &[&"7", &"x86_64", &"", &2_i64]).await;
+        let p = plan(&c, CLAIM_PICK, "('7', 'x86_64', '', 2)").await;
         assert!(p.contains("nodes_ready"), "{p}");
         assert!(!p.contains("Sort") && !p.contains("Seq Scan"), "the index gives the order: {p}");
         let idle = concat!(
             "SELECT id FROM nodes WHERE state = 'Active' AND hardware_arch = $1 AND coalesce(flavor, '') = $2 ",
             "ORDER BY used_count, id LIMIT $3"
         );
-        let p = plan(&c, idle, &[&"x86_64", &"", &10_i64]).await;
+        let p = plan(&c, idle, "('x86_64', '', 10)").await;
         assert!(p.contains("nodes_idle") && !p.contains("Sort"), "{p}");
         // The fail cap (and the quota, as `duffy_claim_checks` counts it)
         // reads the live sessions' index (schema version 4), however many
@@ -1900,7 +1915,7 @@ mod tests {
         )
         .await
         .expect("sessions");
-        let p = plan(&c, FAILED_HELD_BY_PROJECT, &[&"p1"]).await;
+        let p = plan(&c, FAILED_HELD_BY_PROJECT, "('p1')").await;
         assert!(p.contains("sessions_live_project") && !p.contains("Seq Scan"), "{p}");
         drop(store);
     }
