@@ -23,7 +23,9 @@
 //! - `1 replica`, `3 replicas`: `duffy serve` processes on the database
 //!   and `duffy-load` (get + done over HTTP, keys in turn, jobs spread over
 //!   the replicas); the leader reinstalls released nodes (simulated
-//!   installs of zero time), the same four commits per cycle.
+//!   installs of zero time, as many at once as the farm has machines, as
+//!   in the SQLite benches), the same four commits per cycle. Beside the
+//!   costs it reports how the leader refilled the pool ([`Refill`]).
 //!
 //! Every mode runs the given number of clients for the given time after a
 //! warm-up and reports cycles per second and latency percentiles (per
@@ -79,6 +81,11 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The replicas' `max_concurrent_installs` (default: the farm's size,
+    /// as the SQLite benches configure it, so that a pass may start an
+    /// install for every node released since the last one).
+    #[arg(long)]
+    max_concurrent_installs: Option<usize>,
     /// Load pg_stat_statements and print, for each mode, the statements
     /// run per cycle (for profiling: it slows every mode a little).
     #[arg(long)]
@@ -102,6 +109,27 @@ struct Result1 {
     waits_per_cycle: Option<f64>,
     /// What the measured window cost (see [`Costs`]).
     costs: Costs,
+    /// HTTP only: how the leader refilled the pool (see [`Refill`]).
+    refill: Option<Refill>,
+}
+
+/// How the leader's reconciler refilled the pool in the measured window:
+/// its passes (the replicas' `/metrics`) and, from the event log, how long
+/// a released node waited for its install to start and how long the
+/// install took (each the time between a node's two events).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct Refill {
+    passes_per_second: f64,
+    mean_pass_ms: f64,
+    installs_started_per_pass: f64,
+    /// Of those, reinstalls of Ready nodes older than `reinstall_age`.
+    stale_installs_started_per_pass: f64,
+    released_to_install_p50_ms: f64,
+    released_to_install_p99_ms: f64,
+    install_p50_ms: f64,
+    install_p99_ms: f64,
+    /// Mean Provisioning nodes (installs in flight) over the window.
+    installs_in_flight: f64,
 }
 
 /// What a mode's measured window cost, per cycle: transactions and WAL
@@ -300,18 +328,38 @@ async fn farm(cluster: &TestCluster, nodes: usize, clients: usize) -> (String, t
     drop(store);
     let (c, conn) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
     tokio::spawn(conn);
+    // Installed now, as a farm the service installed itself (the SQLite
+    // bench's): a Ready node installed longer than `reinstall_age` (24 h)
+    // ago is stale, and the leader would spend its install slots
+    // reinstalling the whole farm. With a history of ended sessions, as a
+    // farm in service has: the statistics the statements are planned with
+    // (once per connection, on their generic plans) are those of a
+    // sessions table in use, not of an empty one (analyzed empty, it would
+    // be read by sequential scans, growing all through the run, until
+    // autovacuum analyzed it again).
+    let now = wall_ms();
     c.batch_execute(&format!(
         "INSERT INTO nodes (hostname, hardware_arch, state, image_release, image_arch, used_count, state_since, \
          installed_at, power, version) \
-         SELECT 'n' || i || '.bench', 'x86_64', 'Ready', '7', 'x86_64', 0, 0, 0, 'on', 2 \
+         SELECT 'n' || i || '.bench', 'x86_64', 'Ready', '7', 'x86_64', 0, {now}, {now}, 'on', 2 \
          FROM generate_series(1, {nodes}) i; \
-         INSERT INTO pool_targets (release, arch, flavor, standby) VALUES ('7', 'x86_64', '', {nodes})"
+         INSERT INTO pool_targets (release, arch, flavor, standby) VALUES ('7', 'x86_64', '', {nodes}); \
+         INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, nodes, created_at, delivered_at, \
+             lease_until, ended_at, end_reason, version, origin_key, origin_at, expires_at) \
+         SELECT 'history-' || i, 'p' || (i % {clients}), i % {clients} + 1, 'Done', '7', 'x86_64', \
+             ARRAY[i % {nodes} + 1]::bigint[], {day_ago} + i, {day_ago} + i, {day_ago} + i + 3600000, \
+             {day_ago} + i + 60000, 'done', 3, i % {clients} + 1, {day_ago} + i, {day_ago} + i + 3600000 \
+         FROM generate_series(1, {HISTORY}) i",
+        day_ago = now - 86_400_000,
     ))
     .await
     .expect("farm");
     c.batch_execute("VACUUM ANALYZE").await.expect("vacuum");
     (url, c)
 }
+
+/// Ended sessions in every farm (see [`farm`]).
+const HISTORY: usize = 10_000;
 
 const RAW_CLAIM: &str = "\
 WITH picked AS (
@@ -529,11 +577,12 @@ impl Drop for Serve {
 fn serve(args: &Args, dir: &std::path::Path, url: &str, nodes: usize, i: usize, pool: usize) -> Serve {
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let cfg = dir.join(format!("duffy-{i}.toml"));
+    let installs = args.max_concurrent_installs.unwrap_or(nodes);
     std::fs::write(
         &cfg,
         format!(
             "listen = \"127.0.0.1:{port}\"\ndatabase = \"{url}\"\n\
-             [policy]\nrate_limit = \"off\"\npower_check_interval = \"off\"\nmax_concurrent_installs = 64\n\
+             [policy]\nrate_limit = \"off\"\npower_check_interval = \"off\"\nmax_concurrent_installs = {installs}\n\
              [[pools]]\nrelease = \"7\"\narch = \"x86_64\"\nstandby = {nodes}\n\
              [hardware]\nkind = \"simulated\"\nmachines = 0\ninstall_min_ms = 0\ninstall_max_ms = 0\nprepare_ms = 0\n\
              [postgres]\npool_size = {pool}\n"
@@ -575,9 +624,25 @@ async fn http_mode(args: &Args, probe: &mut Probe<'_>, ports: &[u16]) -> Result1
     probe.load = Some(child.id());
     // duffy-load's own window, give or take its start-up.
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
+    let passes_before = passes(ports).await;
     let before = probe.snap(true).await;
-    tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
+    let window_start = wall_ms();
+    // Installs in flight, sampled through the window.
+    let mut in_flight = Vec::new();
+    let end = Instant::now() + Duration::from_secs_f64(args.seconds);
+    while Instant::now() < end {
+        let n: i64 = probe
+            .db
+            .query_one("SELECT count(*) FROM nodes WHERE state = 'Provisioning'", &[])
+            .await
+            .expect("provisioning count")
+            .get(0);
+        in_flight.push(n as f64);
+        tokio::time::sleep(end.saturating_duration_since(Instant::now()).min(Duration::from_millis(250))).await;
+    }
+    let window_end = wall_ms();
     let after = probe.snap(false).await;
+    let passes_after = passes(ports).await;
     let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("run duffy-load");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("duffy-load: {e}: {}", String::from_utf8_lossy(&out.stderr)));
@@ -597,7 +662,94 @@ async fn http_mode(args: &Args, probe: &mut Probe<'_>, ports: &[u16]) -> Result1
         errors,
         waits_per_cycle: Some(if cycles > 0.0 { f(&["waits_for_nodes"]) / cycles } else { 0.0 }),
         costs,
+        refill: Some(
+            refill(probe.db, (window_start, window_end), passes_before, passes_after, &in_flight, args.seconds).await,
+        ),
     }
+}
+
+/// The wall clock in milliseconds (the engine's clock, which stamps the
+/// events).
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// The replicas' reconciler counters, summed (only the leader's move):
+/// passes, seconds spent in them, installs started.
+async fn passes(ports: &[u16]) -> (f64, f64, f64, f64) {
+    let mut out = (0.0, 0.0, 0.0, 0.0);
+    for p in ports {
+        let text = scrape(*p).await.unwrap_or_default();
+        let sum = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        out.0 += sum("duffy_reconciler_pass_duration_seconds_count");
+        out.1 += sum("duffy_reconciler_pass_duration_seconds_sum");
+        out.2 += sum("duffy_installs_started_total");
+        out.3 += sum("duffy_installs_started_total{reason=\"stale\"}");
+    }
+    out
+}
+
+/// `GET /metrics` of the replica on `port` (plain HTTP/1.0, the body).
+async fn scrape(port: u16) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// How the pool was refilled in the window `(from, to)` (wall-clock ms):
+/// each node's install start after its release, and its Ready after that
+/// start, timed from the node's previous event.
+async fn refill(
+    db: &tokio_postgres::Client,
+    (from, to): (i64, i64),
+    before: (f64, f64, f64, f64),
+    after: (f64, f64, f64, f64),
+    in_flight: &[f64],
+    seconds: f64,
+) -> Refill {
+    let rows = db
+        .query(
+            "WITH e AS (
+                 SELECT to_state, at, lag(at) OVER w AS prev_at, lag(to_state) OVER w AS prev_state
+                 FROM events WHERE at >= $1::bigint - 10000 AND at <= $2::bigint WINDOW w AS (PARTITION BY node ORDER BY seq)
+             )
+             SELECT to_state,
+                    coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY at - prev_at), 0)::float8,
+                    coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY at - prev_at), 0)::float8
+             FROM e WHERE at >= $1::bigint AND prev_at IS NOT NULL
+               AND ((prev_state = 'Active' AND to_state = 'Provisioning')
+                 OR (prev_state = 'Provisioning' AND to_state = 'Ready'))
+             GROUP BY to_state",
+            &[&from, &to],
+        )
+        .await
+        .expect("refill times");
+    let mut r = Refill::default();
+    for row in &rows {
+        let (state, p50, p99): (String, f64, f64) = (row.get(0), row.get(1), row.get(2));
+        if state == "Provisioning" {
+            (r.released_to_install_p50_ms, r.released_to_install_p99_ms) = (p50, p99);
+        } else {
+            (r.install_p50_ms, r.install_p99_ms) = (p50, p99);
+        }
+    }
+    let passes = after.0 - before.0;
+    r.passes_per_second = passes / seconds;
+    r.mean_pass_ms = if passes > 0.0 { 1000.0 * (after.1 - before.1) / passes } else { 0.0 };
+    r.installs_started_per_pass = if passes > 0.0 { (after.2 - before.2) / passes } else { 0.0 };
+    r.stale_installs_started_per_pass = if passes > 0.0 { (after.3 - before.3) / passes } else { 0.0 };
+    r.installs_in_flight =
+        if in_flight.is_empty() { 0.0 } else { in_flight.iter().sum::<f64>() / in_flight.len() as f64 };
+    r
 }
 
 async fn key_change(url: &str) -> KeyChange {
@@ -661,6 +813,7 @@ async fn run(args: Args) -> Result<(), String> {
                         errors,
                         waits_per_cycle: None,
                         costs,
+                        refill: None,
                     }
                 }
                 n => {
@@ -699,6 +852,21 @@ async fn run(args: Args) -> Result<(), String> {
                 k.bench_cpu_us_per_cycle,
                 k.cpu_busy
             );
+            if let Some(f) = &r.refill {
+                eprintln!(
+                    "  refill: {:.1} passes/s of {:.1} ms, {:.1} installs started per pass ({:.1} stale), {:.1} in flight; \
+                     released to install started p50 {:.0} ms, p99 {:.0} ms; install p50 {:.0} ms, p99 {:.0} ms",
+                    f.passes_per_second,
+                    f.mean_pass_ms,
+                    f.installs_started_per_pass,
+                    f.stale_installs_started_per_pass,
+                    f.installs_in_flight,
+                    f.released_to_install_p50_ms,
+                    f.released_to_install_p99_ms,
+                    f.install_p50_ms,
+                    f.install_p99_ms
+                );
+            }
             results.push(r);
         }
     }

@@ -243,7 +243,7 @@ impl PgImport {
             let row = SessionRow::of(s)?;
             let mut params: Vec<&(dyn ToSql + Sync)> = row.params().to_vec();
             params.push(&None::<i32>);
-            c.execute(CLAIM_SESSION, &params).await.map_err(pg("writing a session"))?;
+            c.execute(IMPORT_SESSION, &params).await.map_err(pg("writing a session"))?;
         }
         c.execute("UPDATE settings SET paused = $1 WHERE id = 1", &[&dump.paused])
             .await

@@ -15,7 +15,9 @@
 //!   advisory transaction locks that order exactly the writes that could
 //!   disagree (a pause and the claims; two claims of one key; two claims,
 //!   or a claim and a fail, of one project), in one fixed order, so they
-//!   cannot deadlock. See the `sql` module for the lock keys.
+//!   cannot deadlock; the locks and the checks are one statement (a
+//!   function whose reads take their snapshot after its locks). See the
+//!   `sql` module for the lock keys.
 //! - **Every write is one transaction, pipelined**: `BEGIN`, the
 //!   transaction's id and every statement go out together, then `COMMIT`
 //!   (two round trips; a claim and a hand-back lock what they read, and
@@ -31,8 +33,9 @@
 //!   waiting cannot leave half a transaction behind.
 //! - **Fencing.** [`Store::new_leader_epoch`] starts a term under an
 //!   exclusive advisory lock; [`Store::commit_fenced`] checks the epoch
-//!   under the shared one, in the write's transaction: once a term has
-//!   begun, no write of an older one commits.
+//!   under the shared one, in the write's statement (the `duffy_fence`
+//!   function, which reads the epoch in a snapshot taken after the lock):
+//!   once a term has begun, no write of an older one commits.
 //! - **Several processes.** Each open store registers its process and
 //!   keeps a control connection (the `control` module): liveness (so the
 //!   leader aborts at once the allocations of a process that died, and
@@ -295,7 +298,12 @@ pub fn is_postgres_url(s: &str) -> bool {
 /// write planned each time, 0.16 ms on its generic plan). Every statement
 /// the store runs is a key lookup or a range scan of an index whose plan
 /// does not depend on the values (the `tests` module checks the claim's
-/// and the reconciler's plans as generic plans).
+/// and the reconciler's plans as generic plans). It does depend on the
+/// tables' statistics when the connection first prepares it: a generic
+/// plan is kept until they change, so a table analyzed while nearly empty
+/// (`sessions` in a fresh database after `VACUUM ANALYZE`) is read by
+/// sequential scans until autovacuum analyzes it again, which it does as
+/// the table grows (every 10% more rows, by default).
 fn pool_config(cfg: &tokio_postgres::Config) -> tokio_postgres::Config {
     let mut cfg = cfg.clone();
     let options = match cfg.get_options() {
@@ -444,6 +452,13 @@ impl PgStore {
             .map_err(|e| StoreError::backend(format!("{what}: the task failed"), e))?
     }
 
+    /// The fence of a write of term `epoch` (`None`: unfenced).
+    fn fence(&self, epoch: Option<u64>) -> Result<Fence, StoreError> {
+        let term = epoch.map(|e| sql_u64(e, "leadership epoch")).transpose()?;
+        let check = if self.inner.options.test_hooks.skip_fence_check { None } else { term };
+        Ok(Fence { term, check })
+    }
+
     /// Asks the leader to re-plan (after writes that free nodes).
     fn kick(&self) {
         self.inner.control.want_kick();
@@ -532,20 +547,36 @@ impl BatchRows {
 
 /// What a commit's statements said, for the decision.
 struct CommitAnswers {
-    fence: Option<i64>,
     updated: Vec<i64>,
     sessions: Vec<i64>,
     guards: Vec<i64>,
+    /// The transaction's id, if a node write answered it.
+    xid: Option<String>,
 }
 
-/// Runs a batch's statements (after `BEGIN`): the fence check if fenced,
-/// the project locks of its guards, the node writes with their events, the
-/// session writes, the guards' counts.
-async fn commit_statements(
-    c: &Object,
-    rows: &BatchRows,
-    fence: Option<i64>,
-) -> Result<CommitAnswers, tokio_postgres::Error> {
+/// How a batch is fenced: the epoch its events carry (`term`) and the one
+/// its statements check (`check`; `None` with the test hook that skips
+/// the check).
+#[derive(Clone, Copy)]
+struct Fence {
+    term: Option<i64>,
+    check: Option<i64>,
+}
+
+/// The newest epoch, if `e` is `duffy_fence` refusing a write.
+fn fenced_by(e: &tokio_postgres::Error) -> Option<u64> {
+    let db = e.as_db_error()?;
+    if db.code().code() != FENCED_SQLSTATE {
+        return None;
+    }
+    Some(db.detail().and_then(|d| d.parse::<u64>().ok()).unwrap_or(0))
+}
+
+/// Runs a batch's statements (after `BEGIN`): the project locks of its
+/// guards, the node writes with their events (and the fence check, if
+/// fenced), the session writes, the guards' counts. A fence that refuses
+/// fails the node statement with [`FENCED_SQLSTATE`] (see [`fenced_by`]).
+async fn commit_statements(c: &Object, rows: &BatchRows, fence: Fence) -> Result<CommitAnswers, tokio_postgres::Error> {
     commit_statements_with(c, rows, fence, WRITE_NODES).await
 }
 
@@ -554,29 +585,18 @@ async fn commit_statements(
 async fn commit_statements_with(
     c: &Object,
     rows: &BatchRows,
-    fence: Option<i64>,
+    fence: Fence,
     write_nodes: &str,
 ) -> Result<CommitAnswers, tokio_postgres::Error> {
-    let write_nodes = c.prepare_cached(write_nodes).await?;
+    let one = rows.nodes.one().zip(rows.events.one());
+    let write_nodes = c.prepare_cached(if one.is_some() { WRITE_NODE } else { write_nodes }).await?;
     let insert_session = c.prepare_cached(INSERT_SESSION).await?;
     let update_session = c.prepare_cached(UPDATE_SESSION).await?;
     let guard = c.prepare_cached(FAILED_HELD_BY_PROJECT).await?;
     let lock_project = c.prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext($2))").await?;
-    let fence_lock = c.prepare_cached("SELECT pg_advisory_xact_lock_shared($1, 0)").await?;
-    let fence_read = c.prepare_cached("SELECT leader_epoch FROM settings WHERE id = 1").await?;
+    let fence_only = c.prepare_cached(FENCE).await?;
 
     // Everything is issued before anything is awaited: one round trip.
-    let fence_fut = async {
-        match fence {
-            None => Ok(None),
-            Some(_) => {
-                let (_, epoch) =
-                    futures::future::try_join(c.query_one(&fence_lock, &[&LOCK_FENCE]), c.query_one(&fence_read, &[]))
-                        .await?;
-                Ok::<_, tokio_postgres::Error>(Some(epoch.try_get::<_, i64>(0)?))
-            }
-        }
-    };
     let mut projects: Vec<&str> = rows.guards.iter().map(|(p, _)| p.as_str()).collect();
     projects.sort_unstable();
     projects.dedup();
@@ -586,14 +606,28 @@ async fn commit_statements_with(
     );
     let nodes_fut = async {
         if rows.order.is_empty() {
-            return Ok(Vec::new());
+            // No node to write the check into.
+            if fence.check.is_some() {
+                c.query_one(&fence_only, &[&LOCK_FENCE, &fence.check]).await?;
+            }
+            return Ok((Vec::new(), None));
         }
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(31);
-        params.extend(rows.nodes.params());
-        params.extend(rows.events.params());
-        params.push(&fence);
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(33);
+        match one {
+            Some((node, event)) => {
+                params.extend(node);
+                params.extend(event);
+            }
+            None => {
+                params.extend(rows.nodes.params());
+                params.extend(rows.events.params());
+            }
+        }
+        params.push(&fence.term);
+        params.push(&LOCK_FENCE);
+        params.push(&fence.check);
         let row = c.query_one(&write_nodes, &params).await?;
-        row.try_get::<_, Vec<i64>>(0)
+        Ok((row.try_get::<_, Vec<i64>>(0)?, Some(row.try_get::<_, String>(WRITE_NODES_XID)?)))
     };
     let sessions_fut = futures::future::try_join_all(rows.sessions.iter().map(|(s, expected)| async {
         let mut params: Vec<&(dyn ToSql + Sync)> = s.params().to_vec();
@@ -613,24 +647,32 @@ async fn commit_statements_with(
     let guards_fut = futures::future::try_join_all(
         rows.guards.iter().map(|(p, _)| async move { c.query_one(guard, &[p]).await?.try_get::<_, i64>(0) }),
     );
-    let (fence, _, updated, sessions, guards) =
-        futures::future::try_join5(fence_fut, locks, nodes_fut, sessions_fut, guards_fut).await?;
-    Ok(CommitAnswers { fence, updated, sessions, guards })
+    let (_, (updated, xid), sessions, guards) =
+        futures::future::try_join4(locks, nodes_fut, sessions_fut, guards_fut).await?;
+    Ok(CommitAnswers { updated, sessions, guards, xid })
+}
+
+/// A batch's statements, with a fence that refused turned into the
+/// decision to write nothing (the transaction failed: the runner rolls it
+/// back) and the answer [`StoreError::Fenced`].
+async fn fenced_statements(
+    c: &Object,
+    rows: &BatchRows,
+    fence: Fence,
+    epoch: Option<u64>,
+    write_nodes: &str,
+) -> Result<Result<CommitAnswers, CommitError>, tokio_postgres::Error> {
+    match commit_statements_with(c, rows, fence, write_nodes).await {
+        Ok(a) => Ok(Ok(a)),
+        Err(e) => match (fenced_by(&e), epoch) {
+            (Some(current), Some(epoch)) => Ok(Err(CommitError::Store(StoreError::Fenced { epoch, current }))),
+            _ => Err(e),
+        },
+    }
 }
 
 /// The decision of a commit, from its statements' answers.
-fn decide_commit(
-    batch_rows: &BatchRows,
-    batch: &Batch,
-    fence: Option<u64>,
-    a: CommitAnswers,
-) -> Decision<Result<(), CommitError>> {
-    if let (Some(epoch), Some(current)) = (fence, a.fence) {
-        let current = u64::try_from(current).unwrap_or(0);
-        if current != epoch {
-            return Decision::Rollback(Err(CommitError::Store(StoreError::Fenced { epoch, current })));
-        }
-    }
+fn decide_commit(batch_rows: &BatchRows, batch: &Batch, a: CommitAnswers) -> Decision<Result<(), CommitError>> {
     let updated: HashSet<i64> = a.updated.into_iter().collect();
     if let Some(id) = batch_rows.order.iter().find(|id| !updated.contains(id)) {
         return Decision::Rollback(Err(CommitError::Conflict(format!("node {id}"))));
@@ -673,18 +715,22 @@ impl PgStore {
             return Ok(());
         }
         let frees_nodes = fence.is_none() && batch.nodes.iter().any(|w| w.node.state == NodeState::Active);
-        let fence_param = fence.map(|e| sql_u64(e, "leadership epoch")).transpose()?;
-        let check_fence = if self.inner.options.test_hooks.skip_fence_check { None } else { fence };
+        let fences = self.fence(fence)?;
         let rows = Arc::new(BatchRows::of(&batch)?);
         let batch = Arc::new(batch);
         let r = self
             .spawned("committing a batch", move |store| async move {
-                tx::write(&store.inner.pool, &store.inner.tx, "committing a batch", |c| {
+                tx::write_reporting_xid(&store.inner.pool, &store.inner.tx, "committing a batch", |c| {
                     let rows = rows.clone();
                     let batch = batch.clone();
                     async move {
-                        let a = commit_statements(c, &rows, fence_param).await?;
-                        Ok(decide_commit(&rows, &batch, check_fence, a))
+                        Ok(match fenced_statements(c, &rows, fences, fence, WRITE_NODES).await? {
+                            Ok(a) => {
+                                let xid = a.xid.clone();
+                                tx::Reported { decision: decide_commit(&rows, &batch, a), xid }
+                            }
+                            Err(e) => tx::Reported { decision: Decision::Rollback(Err(e)), xid: None },
+                        })
                     }
                     .boxed()
                 })
@@ -810,29 +856,25 @@ impl PgStore {
     /// written. Nothing is written if the fence refuses.
     async fn commit_wave(&self, wave: Batch, fence: Option<u64>) -> Result<HashSet<u64>, CommitError> {
         let frees_nodes = fence.is_none() && wave.nodes.iter().any(|w| w.node.state == NodeState::Active);
-        let fence_param = fence.map(|e| sql_u64(e, "leadership epoch")).transpose()?;
-        let check_fence = if self.inner.options.test_hooks.skip_fence_check { None } else { fence };
+        let fences = self.fence(fence)?;
         let rows = Arc::new(BatchRows::of(&wave)?);
         let r = self
             .spawned("committing a wave of writes", move |store| async move {
-                tx::write(&store.inner.pool, &store.inner.tx, "committing a wave of writes", |c| {
+                tx::write_reporting_xid(&store.inner.pool, &store.inner.tx, "committing a wave of writes", |c| {
                     let rows = rows.clone();
                     async move {
-                        let a = commit_statements_with(c, &rows, fence_param, WRITE_EACH_NODE).await?;
-                        if let (Some(epoch), Some(current)) = (check_fence, a.fence) {
-                            let current = u64::try_from(current).unwrap_or(0);
-                            if current != epoch {
-                                let e = CommitError::Store(StoreError::Fenced { epoch, current });
-                                return Ok(Decision::Rollback(Err(e)));
-                            }
-                        }
+                        let a = match fenced_statements(c, &rows, fences, fence, WRITE_EACH_NODE).await? {
+                            Ok(a) => a,
+                            Err(e) => return Ok(tx::Reported { decision: Decision::Rollback(Err(e)), xid: None }),
+                        };
                         let updated: HashSet<u64> = a.updated.iter().filter_map(|id| u64::try_from(*id).ok()).collect();
                         // Nothing written: no commit to wait for.
-                        Ok(if updated.is_empty() {
+                        let decision = if updated.is_empty() {
                             Decision::Rollback(Ok(updated))
                         } else {
                             Decision::Commit(Ok(updated))
-                        })
+                        };
+                        Ok(tx::Reported { decision, xid: a.xid })
                     }
                     .boxed()
                 })
@@ -866,7 +908,7 @@ impl PgStore {
         let req = Arc::new(req);
         let key = sql_u64(req.key_id.0, "key id")?;
         self.spawned("claiming nodes", move |store| async move {
-            tx::write(&store.inner.pool, &store.inner.tx, "claiming nodes", |c| {
+            tx::write_reporting_xid(&store.inner.pool, &store.inner.tx, "claiming nodes", |c| {
                 let req = req.clone();
                 async move { claim_statements(c, &req, key, creator, skip_locks).await }.boxed()
             })
@@ -880,14 +922,29 @@ impl PgStore {
 /// it locked (the claim's writes refused) is corruption, not a lost race.
 type ClaimAnswer = Result<Result<Claimed, ClaimRefusal>, StoreError>;
 
+/// A claim's transaction, which reads its own id in the pick (see
+/// [`CLAIM_PICK`]): a claim refused before it locked a node writes nothing
+/// and gets no transaction id.
 async fn claim_statements(
     c: &Object,
     req: &ClaimRequest,
     key: i64,
     creator: i32,
     skip_locks: bool,
+) -> Result<tx::Reported<ClaimAnswer>, tokio_postgres::Error> {
+    let mut xid = None;
+    let decision = claim_decision(c, req, key, creator, skip_locks, &mut xid).await?;
+    Ok(tx::Reported { decision, xid })
+}
+
+async fn claim_decision(
+    c: &Object,
+    req: &ClaimRequest,
+    key: i64,
+    creator: i32,
+    skip_locks: bool,
+    xid: &mut Option<String>,
 ) -> Result<Decision<ClaimAnswer>, tokio_postgres::Error> {
-    let locks = c.prepare_cached(CLAIM_LOCKS).await?;
     let checks = c.prepare_cached(CLAIM_CHECKS).await?;
     let pick = c.prepare_cached(CLAIM_PICK).await?;
     let with_rate = req.rate_limit.is_some();
@@ -900,24 +957,17 @@ async fn claim_statements(
     let flavor = req.pool.flavor.clone().unwrap_or_default();
     let count = i64::from(req.count);
     let session = req.session.0.clone();
-    // Locks, checks and the pick in one round trip; the checks are a
-    // statement of their own, so their snapshot is taken after the locks.
+    // The locks and checks, then the pick, in one round trip.
     let lock_key = (key & 0x7fff_ffff) as i32;
-    let (_, checked, picked) = futures::future::try_join3(
-        async {
-            if skip_locks {
-                return Ok(None);
-            }
-            c.query_one(
-                &locks,
-                &[&LOCK_PAUSE, &with_rate, &LOCK_KEY, &lock_key, &with_quota, &LOCK_PROJECT, &req.project],
-            )
-            .await
-            .map(Some)
-        },
+    let (checked, picked) = futures::future::try_join(
         c.query_one(
             &checks,
             &[
+                &LOCK_PAUSE,
+                &LOCK_KEY,
+                &lock_key,
+                &LOCK_PROJECT,
+                &!skip_locks,
                 &with_rate,
                 &key,
                 &since,
@@ -932,6 +982,9 @@ async fn claim_statements(
         c.query(&pick, &[&req.pool.release, &req.pool.arch.as_str(), &flavor, &count]),
     )
     .await?;
+    if let Some(r) = picked.first() {
+        *xid = Some(r.try_get(CLAIM_PICK_XID)?);
+    }
     let paused: bool = checked.try_get(0)?;
     let recent: i64 = checked.try_get(1)?;
     let held: i64 = checked.try_get(2)?;
@@ -1008,28 +1061,49 @@ async fn claim_statements(
         Ok(s) => s,
         Err(e) => return Ok(Decision::Rollback(Err(e))),
     };
-    let claim_nodes = c.prepare_cached(WRITE_LOCKED_NODES).await?;
-    let claim_session = c.prepare_cached(CLAIM_SESSION).await?;
-    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(31);
-    params.extend(nodes.params());
-    params.extend(events.params());
+    let one = nodes.one().zip(events.one());
+    let claim_writes = c.prepare_cached(if one.is_some() { CLAIM_WRITES_ONE } else { CLAIM_WRITES }).await?;
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(48);
+    match one {
+        Some((node, event)) => {
+            params.extend(node);
+            params.extend(event);
+        }
+        None => {
+            params.extend(nodes.params());
+            params.extend(events.params());
+        }
+    }
     params.push(&None::<i64>);
-    let mut sparams: Vec<&(dyn ToSql + Sync)> = srow.params().to_vec();
-    sparams.push(&creator);
+    params.extend(srow.params());
+    params.push(&creator);
     let nodes = writes.into_iter().map(|w| w.node).collect();
-    // The rows are locked and the writes must happen (each statement fails
+    // The rows are locked and the writes must happen (the statement fails
     // otherwise): COMMIT goes out with them, one round trip.
-    let written = futures::future::try_join(c.query_one(&claim_nodes, &params), c.execute(&claim_session, &sparams));
+    let written = c.query_one(&claim_writes, &params);
     tx::commit_pipelined(c, Ok(Ok(Claimed { session, nodes })), async { written.await.map(|_| ()) }).await
 }
 
 /// What a hand-back answers.
 type HandBackAnswer = Result<Result<Session, HandBackRefusal>, CommitError>;
 
+/// A hand-back's transaction, which reads its own id with the session it
+/// locks (see [`HAND_BACK_SESSION`]).
 async fn hand_back_statements(
     c: &Object,
     req: &HandBack,
     key: i64,
+) -> Result<tx::Reported<HandBackAnswer>, tokio_postgres::Error> {
+    let mut xid = None;
+    let decision = hand_back_decision(c, req, key, &mut xid).await?;
+    Ok(tx::Reported { decision, xid })
+}
+
+async fn hand_back_decision(
+    c: &Object,
+    req: &HandBack,
+    key: i64,
+    xid: &mut Option<String>,
 ) -> Result<Decision<HandBackAnswer>, tokio_postgres::Error> {
     let read_nodes = c.prepare_cached(HAND_BACK_NODES).await?;
     let read_session = c.prepare_cached(HAND_BACK_SESSION).await?;
@@ -1039,6 +1113,7 @@ async fn hand_back_statements(
     let Some(row) = session_rows.first() else {
         return Ok(Decision::Rollback(Ok(Err(HandBackRefusal::UnknownSession))));
     };
+    *xid = Some(row.try_get(HAND_BACK_SESSION_XID)?);
     let decoded = session(row).and_then(|s| Ok((s, node_rows.iter().map(node).collect::<Result<Vec<_>, _>>()?)));
     let (before, nodes) = match decoded {
         Ok(x) => x,
@@ -1055,8 +1130,8 @@ async fn hand_back_statements(
     };
     if !batch.guards.is_empty() {
         // A fail cap: counted after the writes, decided here.
-        let a = commit_statements(c, &rows, None).await?;
-        return Ok(match decide_commit(&rows, &batch, None, a) {
+        let a = commit_statements(c, &rows, Fence { term: None, check: None }).await?;
+        return Ok(match decide_commit(&rows, &batch, a) {
             Decision::Commit(Ok(())) => Decision::Commit(Ok(Ok(after))),
             Decision::Rollback(Err(e)) => Decision::Rollback(Err(e)),
             _ => Decision::Rollback(Err(CommitError::Store(StoreError::Invalid(
@@ -1066,28 +1141,27 @@ async fn hand_back_statements(
     }
     // Everything it writes is locked: the writes cannot be refused, and
     // fail their statement if they somehow are (nothing is committed).
-    let write_nodes = c.prepare_cached(WRITE_LOCKED_NODES).await?;
-    let write_session = c.prepare_cached(UPDATE_LOCKED_SESSION).await?;
-    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(31);
-    params.extend(rows.nodes.params());
-    params.extend(rows.events.params());
-    params.push(&None::<i64>);
-    let mut sparams: Vec<Vec<&(dyn ToSql + Sync)>> = Vec::with_capacity(rows.sessions.len());
-    for (s, expected) in &rows.sessions {
-        let mut p: Vec<&(dyn ToSql + Sync)> = s.params().to_vec();
-        p.push(expected);
-        sparams.push(p);
+    let [(srow, expected)] = rows.sessions.as_slice() else {
+        let e = StoreError::Invalid(format!("a hand-back writes {} sessions, not its one", rows.sessions.len()));
+        return Ok(Decision::Rollback(Err(CommitError::Store(e))));
+    };
+    let one = rows.nodes.one().zip(rows.events.one());
+    let writes = c.prepare_cached(if one.is_some() { HAND_BACK_WRITES_ONE } else { HAND_BACK_WRITES }).await?;
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(48);
+    match one {
+        Some((node, event)) => {
+            params.extend(node);
+            params.extend(event);
+        }
+        None => {
+            params.extend(rows.nodes.params());
+            params.extend(rows.events.params());
+        }
     }
-    let with_nodes = !rows.order.is_empty();
-    let written = futures::future::try_join(
-        async {
-            if with_nodes {
-                c.query_one(&write_nodes, &params).await?;
-            }
-            Ok(())
-        },
-        futures::future::try_join_all(sparams.iter().map(|p| c.query_one(&write_session, p))),
-    );
+    params.push(&None::<i64>);
+    params.extend(srow.params());
+    params.push(expected);
+    let written = c.query_one(&writes, &params);
     tx::commit_pipelined(c, Ok(Ok(after)), async { written.await.map(|_| ()) }).await
 }
 
@@ -1295,7 +1369,7 @@ impl Store for PgStore {
         let req = Arc::new(req);
         let r = self
             .spawned("handing back a session", move |store| async move {
-                tx::write(&store.inner.pool, &store.inner.tx, "handing back a session", |c| {
+                tx::write_reporting_xid(&store.inner.pool, &store.inner.tx, "handing back a session", |c| {
                     let req = req.clone();
                     async move { hand_back_statements(c, &req, key).await }.boxed()
                 })
@@ -1743,16 +1817,26 @@ async fn add_nodes_statements(
 mod tests {
     use super::*;
 
-    /// The plan PostgreSQL chooses for `sql` with `params`, after enough
-    /// executions that a prepared statement may use a generic plan.
-    async fn plan(c: &tokio_postgres::Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> String {
-        let stmt = c.prepare(&format!("EXPLAIN {sql}")).await.expect("prepare");
-        let mut last = String::new();
-        for _ in 0..7 {
-            let rows = c.query(&stmt, params).await.expect("explain");
-            last = rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n");
-        }
-        last
+    /// The generic plan PostgreSQL makes for `sql` (the plan the pool's
+    /// connections run, `plan_cache_mode = force_generic_plan`), executed
+    /// with `args` (an SQL list of literals). A prepared `EXPLAIN` would
+    /// plan with its parameters' values as constants: a custom plan.
+    async fn plan(c: &tokio_postgres::Client, sql: &str, args: &str) -> String {
+        c.batch_execute(&format!("SET plan_cache_mode = force_generic_plan; PREPARE planned AS {sql}"))
+            .await
+            .expect("prepare");
+        let rows = c.simple_query(&format!("EXPLAIN EXECUTE planned{args}")).await.expect("explain");
+        c.batch_execute("DEALLOCATE planned").await.expect("deallocate");
+        let lines: Vec<&str> = rows
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+                _ => None,
+            })
+            .collect();
+        let plan = lines.join("\n");
+        assert!(plan.contains("$1"), "a generic plan (its parameters not folded in): {plan}");
+        plan
     }
 
     /// How often the pool's one connection planned the statements whose
@@ -1789,7 +1873,7 @@ mod tests {
                 .expect("claimed");
             release(&store, &c.session.id, Timestamp(1_700_000_000_000 + i)).await.expect("released");
         }
-        for prefix in ["WITH v AS", "SELECT (SELECT paused", "SELECT pg_advisory_xact_lock_shared($1, 0),"] {
+        for prefix in ["WITH u AS", "SELECT * FROM duffy_claim_checks", "WITH p AS MATERIALIZED"] {
             let (generic, custom) = plans_made(&store, prefix).await;
             assert!(generic >= 6 && custom == 0, "{prefix}: {generic} generic plans, {custom} custom plans");
         }
@@ -1811,15 +1895,28 @@ mod tests {
         )
         .await
         .expect("farm");
-        let p = plan(&c, CLAIM_PICK, &[&"7", &"x86_64", &"", &2_i64]).await;
+        let p = plan(&c, CLAIM_PICK, "('7', 'x86_64', '', 2)").await;
         assert!(p.contains("nodes_ready"), "{p}");
         assert!(!p.contains("Sort") && !p.contains("Seq Scan"), "the index gives the order: {p}");
         let idle = concat!(
             "SELECT id FROM nodes WHERE state = 'Active' AND hardware_arch = $1 AND coalesce(flavor, '') = $2 ",
             "ORDER BY used_count, id LIMIT $3"
         );
-        let p = plan(&c, idle, &[&"x86_64", &"", &10_i64]).await;
+        let p = plan(&c, idle, "('x86_64', '', 10)").await;
         assert!(p.contains("nodes_idle") && !p.contains("Sort"), "{p}");
+        // The fail cap (and the quota, as `duffy_claim_checks` counts it)
+        // reads the live sessions' index (schema version 4), however many
+        // ended sessions there are: 20,000, 50 of them live.
+        c.batch_execute(
+            "INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, nodes, created_at, version, \
+             origin_key, origin_at) SELECT 's' || i, 'p' || (i % 10), 1, CASE WHEN i % 400 = 0 THEN 'Prod' \
+             WHEN i % 400 = 1 THEN 'Fail' ELSE 'Done' END, '7', 'x86_64', ARRAY[i, i + 1]::bigint[], i, 1, 1, i \
+             FROM generate_series(1, 20000) i; ANALYZE sessions",
+        )
+        .await
+        .expect("sessions");
+        let p = plan(&c, FAILED_HELD_BY_PROJECT, "('p1')").await;
+        assert!(p.contains("sessions_live_project") && !p.contains("Seq Scan"), "{p}");
         drop(store);
     }
 }

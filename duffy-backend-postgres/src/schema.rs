@@ -208,13 +208,109 @@ CREATE TABLE install_ticket_tokens (
 CREATE INDEX install_ticket_tokens_host ON install_ticket_tokens (hostname, seq);
 "#;
 
+/// Version 4: the quota and the fail cap without reading every live
+/// session's node list, as in the SQLite store's version 9. A live
+/// session holds every node it lists (the invariant
+/// `duffy_core::audit::check_invariants` checks: each listed node names
+/// the session as its holder and is in the session's state), so the nodes
+/// a project holds are the sum of its live sessions' list lengths, and the
+/// Failed nodes its Fail sessions hold the same sum over those in Fail.
+/// Each session's length is a column (`node_count`), kept in the index of
+/// the live sessions beside the project and the state, so both sums read
+/// one index entry per live session of the project, where the join of
+/// `unnest(nodes)` with `nodes` looked up each node each time. The column
+/// is generated from `nodes` (stored, so the index can hold it): no write
+/// can set it wrong or forget it, and adding it computes it for every
+/// existing row.
+const V4: &str = r#"
+ALTER TABLE sessions ADD COLUMN node_count integer GENERATED ALWAYS AS (cardinality(nodes)) STORED;
+DROP INDEX sessions_live_project;
+CREATE INDEX sessions_live_project ON sessions (project, state) INCLUDE (node_count) WHERE live;
+"#;
+
+/// Version 5: the fence check as a function, so that a fenced write
+/// checks its epoch in its write statement instead of in two statements
+/// of its own. `duffy_fence(lock_class, epoch)` takes the fence lock
+/// `(lock_class, 0)` shared (a new term takes it exclusive: it waits for
+/// every fenced write in flight, and no fenced write passes while it
+/// runs), then reads the newest epoch and fails the statement (SQLSTATE
+/// DF002, the newest epoch as the detail) unless it is `epoch`; a NULL
+/// `epoch` (an unfenced write) checks nothing. The function is VOLATILE,
+/// so its read takes a snapshot of its own, after the lock: a term that
+/// began while the write waited for the lock is seen (the write's own
+/// statement's snapshot was taken before it).
+const V5: &str = r#"
+CREATE FUNCTION duffy_fence(lock_class integer, epoch bigint) RETURNS boolean VOLATILE LANGUAGE plpgsql AS $f$
+DECLARE
+    newest bigint;
+BEGIN
+    IF epoch IS NULL THEN
+        RETURN true;
+    END IF;
+    PERFORM pg_advisory_xact_lock_shared(lock_class, 0);
+    SELECT leader_epoch INTO newest FROM settings WHERE id = 1;
+    IF newest IS DISTINCT FROM epoch THEN
+        RAISE EXCEPTION 'leadership epoch % is over: epoch % began', epoch, newest
+            USING ERRCODE = 'DF002', DETAIL = newest::text;
+    END IF;
+    RETURN true;
+END
+$f$;
+"#;
+
+/// Version 6: a claim's locks and checks as one function, so that a
+/// claim takes its locks and reads what it checks in one statement
+/// instead of two. `duffy_claim_checks` takes the advisory locks in the
+/// one order every writer takes them (the pause lock shared; the key's,
+/// with a rate limit; the project's, when a quota applies: a default in
+/// the request or the project's own), unless told not to (a test hook),
+/// then reads, in a snapshot of its own taken after the locks (the
+/// function is VOLATILE), the pause flag, the key's recent sessions (with
+/// a rate limit), the nodes the project's live sessions hold (when a
+/// quota applies), whether the session id exists, the project's own quota
+/// and the pool's standby target.
+const V6: &str = r#"
+CREATE FUNCTION duffy_claim_checks(
+    a_lock_pause integer, a_lock_key integer, a_key_lock integer, a_lock_project integer, a_take_locks boolean,
+    a_with_rate boolean, a_key bigint, a_since bigint, a_with_quota boolean, a_project text, a_session text,
+    a_release text, a_arch text, a_flavor text)
+RETURNS TABLE (o_paused boolean, o_recent bigint, o_held bigint, o_exists boolean, o_quota bigint, o_standby bigint)
+VOLATILE LANGUAGE plpgsql AS $f$
+BEGIN
+    IF a_take_locks THEN
+        PERFORM pg_advisory_xact_lock_shared(a_lock_pause, 0);
+        IF a_with_rate THEN
+            PERFORM pg_advisory_xact_lock(a_lock_key, a_key_lock);
+        END IF;
+        IF a_with_quota OR EXISTS (SELECT 1 FROM projects p WHERE p.name = a_project AND p.quota IS NOT NULL) THEN
+            PERFORM pg_advisory_xact_lock(a_lock_project, hashtext(a_project));
+        END IF;
+    END IF;
+    RETURN QUERY SELECT
+        (SELECT s.paused FROM settings s WHERE s.id = 1),
+        CASE WHEN a_with_rate
+             THEN (SELECT count(*) FROM sessions s WHERE s.origin_key = a_key AND s.origin_at > a_since) ELSE 0 END,
+        CASE WHEN a_with_quota OR (SELECT p.quota FROM projects p WHERE p.name = a_project) IS NOT NULL
+             THEN (SELECT coalesce(sum(s.node_count), 0) FROM sessions s WHERE s.project = a_project AND s.live)
+             ELSE 0 END,
+        EXISTS (SELECT 1 FROM sessions s WHERE s.id = a_session),
+        (SELECT p.quota FROM projects p WHERE p.name = a_project),
+        (SELECT t.standby FROM pool_targets t
+         WHERE t.release = a_release AND t.arch = a_arch AND t.flavor = a_flavor);
+END
+$f$;
+"#;
+
 /// Every migration, in order, with what it does: migration `i` takes the
 /// database from version `i` to `i + 1`. Append only; never edit a
 /// released one.
-const MIGRATIONS: &[(&str, &str)] = &[
+pub(crate) const MIGRATIONS: &[(&str, &str)] = &[
     (V1, "nodes, sessions, events, projects, keys, pools, settings, instances"),
     (V2, "session expiry"),
     (V3, "install tickets"),
+    (V4, "sessions' node counts for the quota"),
+    (V5, "the fence check as a function"),
+    (V6, "a claim's locks and checks as a function"),
 ];
 
 /// The schema version this build writes (the number of migrations).
@@ -289,4 +385,237 @@ async fn migrate_locked(client: &mut Client, database: &str) -> Result<i32, Open
         info!(database, from = found, to = SCHEMA_VERSION, "migrated the store's schema");
     }
     Ok(found)
+}
+
+#[cfg(all(test, feature = "test-cluster"))]
+mod tests {
+    //! Databases written at an older schema version (with the DDL of the
+    //! migration list, as that version of Duffy wrote them) migrate
+    //! forward with their data intact and usable.
+
+    use std::collections::BTreeMap;
+
+    use duffy_core::testkit::conformance::{check_invariants, claim_req};
+    use duffy_core::{ClaimRefusal, ClaimRequest, NodeId, NodeState, SessionId, SessionState, Store, Timestamp};
+
+    use super::{MIGRATIONS, SCHEMA_VERSION};
+    use crate::test_cluster::{TestDatabase, shared};
+    use crate::{PgOptions, PgStore};
+
+    const T0: i64 = 1_700_000_000_000;
+
+    async fn raw(url: &str) -> tokio_postgres::Client {
+        let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("raw connection");
+        tokio::spawn(conn);
+        c
+    }
+
+    /// A fresh database at schema `version`: the first `version`
+    /// migrations, recorded as Duffy records them.
+    async fn at_version(version: usize) -> (TestDatabase, tokio_postgres::Client) {
+        let db = shared().database().await;
+        let c = raw(&db.url).await;
+        c.batch_execute(
+            "CREATE TABLE duffy_migrations (version integer PRIMARY KEY, description text NOT NULL, \
+             applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .expect("migrations table");
+        for (i, (sql, what)) in MIGRATIONS.iter().enumerate().take(version) {
+            c.batch_execute(sql).await.unwrap_or_else(|e| panic!("migration {}: {e}", i + 1));
+            c.execute("INSERT INTO duffy_migrations (version, description) VALUES ($1, $2)", &[&(i as i32 + 1), what])
+                .await
+                .expect("record");
+        }
+        (db, c)
+    }
+
+    /// A farm as Duffy writes it, in the columns every version has: project
+    /// `p` (quota 6) with a key; nodes 1–3 Deployed in `p`'s Prod session
+    /// `s1`, node 4 Failed in `p`'s Fail session `s2`, node 5 Deployed in
+    /// project `q`'s session `s3`, node 6 Active after `p`'s ended session
+    /// `s4`, nodes 7–9 Ready in pool 7/x86_64 (target 3); events; paused.
+    const FARM: &str = "
+        INSERT INTO projects (name, quota, ssh_keys) VALUES ('p', 6, ARRAY['ssh-ed25519 AAAA p']), ('q', NULL, '{}');
+        INSERT INTO api_keys (project, hash, admin, created_at) VALUES ('p', decode(repeat('ab', 32), 'hex'), false, 1);
+        INSERT INTO pool_targets (release, arch, flavor, standby) VALUES ('7', 'x86_64', '', 3);
+        UPDATE settings SET paused = true WHERE id = 1;
+        INSERT INTO nodes (id, hostname, hardware_arch, state, image_release, image_arch, used_count, session,
+                           state_since, installed_at, hold_until, power, version)
+        SELECT i, 'n' || i, 'x86_64',
+               CASE WHEN i <= 3 OR i = 5 THEN 'Deployed' WHEN i = 4 THEN 'Failed' WHEN i = 6 THEN 'Active'
+                    ELSE 'Ready' END,
+               CASE WHEN i <> 6 THEN '7' END, CASE WHEN i <> 6 THEN 'x86_64' END, 1,
+               CASE WHEN i <= 3 THEN 's1' WHEN i = 4 THEN 's2' WHEN i = 5 THEN 's3' END,
+               1700000000000, CASE WHEN i <> 6 THEN 1700000000000 END,
+               CASE WHEN i = 4 THEN 1700000900000 END, 'on', 3
+        FROM generate_series(1, 9) i;
+        SELECT setval('nodes_id_seq', 9);
+        INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, nodes, created_at, delivered_at,
+                              lease_until, hold_until, ended_at, end_reason, version, origin_key, origin_at)
+        VALUES ('s1', 'p', 1, 'Prod', '7', 'x86_64', ARRAY[1, 2, 3]::bigint[], 1700000000000, 1700000000000,
+                1700003600000, NULL, NULL, NULL, 2, 1, 1700000000000),
+               ('s2', 'p', 1, 'Fail', '7', 'x86_64', ARRAY[4]::bigint[], 1700000000000, 1700000000000,
+                1700003600000, 1700000900000, NULL, NULL, 3, 1, 1700000000000),
+               ('s3', 'q', 2, 'Prod', '7', 'x86_64', ARRAY[5]::bigint[], 1700000000000, 1700000000000,
+                1700003600000, NULL, NULL, NULL, 2, 2, 1700000000000),
+               ('s4', 'p', 1, 'Done', '7', 'x86_64', ARRAY[6]::bigint[], 1700000000000, 1700000000000,
+                1700003600000, NULL, 1700000100000, 'done', 3, 1, 1700000000000);
+        INSERT INTO events (node, from_state, to_state, cause, actor, session, at)
+        SELECT i, 'Ready', 'Deployed', 'delivered', 'key:1', 's1', 1700000000000 FROM generate_series(1, 3) i;
+    ";
+
+    /// Every row of every table, in the columns it has now: what a
+    /// migration must keep.
+    async fn rows(c: &tokio_postgres::Client) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
+        let tables: Vec<String> = c
+            .query(
+                "SELECT table_name::text FROM information_schema.tables WHERE table_schema = current_schema() \
+                 AND table_type = 'BASE TABLE' AND table_name NOT IN ('duffy_migrations', 'instances') ORDER BY 1",
+                &[],
+            )
+            .await
+            .expect("tables")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut out = BTreeMap::new();
+        for t in tables {
+            let cols: Vec<String> = c
+                .query(
+                    "SELECT column_name::text FROM information_schema.columns \
+                     WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+                    &[&t],
+                )
+                .await
+                .expect("columns")
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            out.insert(t.clone(), (cols.clone(), select(c, &t, &cols).await));
+        }
+        out
+    }
+
+    /// The rows of `table` in `cols`, as text, sorted.
+    async fn select(c: &tokio_postgres::Client, table: &str, cols: &[String]) -> Vec<String> {
+        let list = cols.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
+        let mut v: Vec<String> = c
+            .query(&format!("SELECT ROW({list})::text FROM {table}"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("reading {table}: {e}"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The schema versions recorded.
+    async fn versions(c: &tokio_postgres::Client) -> Vec<i32> {
+        c.query("SELECT version FROM duffy_migrations ORDER BY version", &[])
+            .await
+            .expect("versions")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    fn quota_req(session: &str, count: u32) -> ClaimRequest {
+        ClaimRequest { default_quota: Some(100), ..claim_req(session, 1, "p", count, Timestamp(T0)) }
+    }
+
+    /// A database written at version 3, with live sessions holding nodes,
+    /// is migrated to version 4 and its sessions' nodes count toward the
+    /// quota from the first claim: the node counts were computed for the
+    /// rows already there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sessions_written_at_version_3_count_toward_the_quota_after_the_migration() {
+        let (db, c) = at_version(3).await;
+        c.batch_execute(FARM).await.expect("a version 3 farm");
+        c.execute("UPDATE settings SET paused = false WHERE id = 1", &[]).await.expect("resume");
+        let store = PgStore::connect(&db.url, PgOptions { pool_size: 2, ..PgOptions::default() }).await.expect("open");
+        assert_eq!(versions(&c).await, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+        let counts: Vec<(String, i32)> = c
+            .query("SELECT id, node_count FROM sessions ORDER BY id", &[])
+            .await
+            .expect("node counts")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(counts, [("s1".into(), 3), ("s2".into(), 1), ("s3".into(), 1), ("s4".into(), 1)]);
+        check_invariants(&store).await.expect("the farm is consistent");
+        // p holds 4 nodes (s1's 3, s2's 1; not q's, not the ended s4's) of
+        // its quota of 6.
+        assert_eq!(
+            store.claim(quota_req("a", 3)).await.expect("store ok"),
+            Err(ClaimRefusal::QuotaExceeded { held: 4, requested: 3, quota: 6 })
+        );
+        let c2 = store.claim(quota_req("b", 2)).await.expect("store ok").expect("within the quota");
+        assert_eq!(c2.nodes.len(), 2);
+        assert_eq!(
+            store.claim(quota_req("c", 1)).await.expect("store ok"),
+            Err(ClaimRefusal::QuotaExceeded { held: 6, requested: 1, quota: 6 })
+        );
+    }
+
+    /// A database written at version 2 (before install tickets and node
+    /// counts) migrates through every later version to the current one
+    /// with every row of every table kept as it was, and the store reads
+    /// and uses it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_database_written_at_version_2_migrates_to_the_current_schema_with_its_data_intact() {
+        let (db, c) = at_version(2).await;
+        c.batch_execute(FARM).await.expect("a version 2 farm");
+        c.execute("UPDATE sessions SET expires_at = lease_until WHERE state = 'Prod'", &[]).await.expect("expiry");
+        let before = rows(&c).await;
+        assert!(before.contains_key("nodes") && !before.contains_key("install_tickets"), "{before:?}");
+        let store = PgStore::connect(&db.url, PgOptions { pool_size: 2, ..PgOptions::default() }).await.expect("open");
+        assert_eq!(versions(&c).await, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+        for (table, (cols, old)) in &before {
+            assert_eq!(&select(&c, table, cols).await, old, "{table}: the rows changed in the columns it had");
+        }
+        // And as the store reads them.
+        check_invariants(&store).await.expect("the farm is consistent");
+        let nodes = store.nodes().await.expect("nodes");
+        assert_eq!(nodes.len(), 9);
+        assert_eq!((nodes[3].id, nodes[3].state), (NodeId(4), NodeState::Failed));
+        let s1 = store.session(&SessionId("s1".into())).await.expect("read").expect("s1");
+        assert_eq!(
+            (s1.state, s1.nodes.len(), s1.expires_at),
+            (SessionState::Prod, 3, Some(Timestamp(1_700_003_600_000)))
+        );
+        assert!(store.paused().await.expect("paused"), "the pause flag kept");
+        assert_eq!(store.pool_targets().await.expect("targets").len(), 1);
+        assert_eq!(store.project("p").await.expect("project").and_then(|p| p.quota), Some(6));
+        assert_eq!(store.api_keys(Some("p")).await.expect("keys").len(), 1);
+        assert_eq!(store.events(Default::default()).await.expect("events").len(), 3);
+        // The tables of later versions work: an install ticket, the quota.
+        let tickets = std::sync::Arc::new(store.clone()).install_tickets().expect("install tickets");
+        let ticket = duffy_core::tickets::InstallTicket {
+            id: duffy_core::tickets::TicketId("t1".into()),
+            hostname: "n6".into(),
+            ip: "192.0.2.6".parse().expect("ip"),
+            hardware_arch: duffy_core::Arch::X86_64,
+            image: duffy_core::PoolKey::new("7", duffy_core::Arch::X86_64, None),
+            expires_at: Timestamp(T0 + 60_000),
+        };
+        tickets.register_ticket(ticket).await.expect("a ticket registered");
+        assert_eq!(tickets.pending_tickets().await.expect("pending"), 1);
+        store.set_paused(false).await.expect("resume");
+        assert_eq!(
+            store.claim(quota_req("a", 3)).await.expect("store ok"),
+            Err(ClaimRefusal::QuotaExceeded { held: 4, requested: 3, quota: 6 })
+        );
+        // The sequence goes on after the rows kept.
+        let added = store
+            .add_nodes(
+                vec![duffy_core::NewNode::new("n10", duffy_core::Arch::X86_64)],
+                duffy_core::Actor::Operator,
+                Timestamp(T0),
+            )
+            .await
+            .expect("add");
+        assert_eq!(added[0].id, NodeId(10));
+    }
 }

@@ -94,9 +94,14 @@ pub(crate) use key_cols;
 /// then the columns of [`NodeRows`]), updated only where still at their
 /// expected version (`u`, the ids written), and the batch's events
 /// (`$23`…`$30`, `$31` the term) inserted in order, filtered by
-/// `$event_filter` (`u` in scope); then `$tail`, the statement's answer.
+/// `$event_filter` (`u` in scope); then `$more` (further common table
+/// expressions, each starting with a comma), then `$tail`, the
+/// statement's answer.
 macro_rules! write_nodes_sql {
     ($event_filter:literal, $tail:literal) => {
+        write_nodes_sql!($event_filter, "", $tail)
+    };
+    ($event_filter:literal, $more:expr, $tail:literal) => {
         concat!(
             "\
 WITH v AS (
@@ -124,8 +129,41 @@ WITH v AS (
             $event_filter,
             "    ORDER BY e.ord
     RETURNING 1
-)
-",
+)",
+            $more,
+            "\n",
+            $tail
+        )
+    };
+}
+
+/// [`write_nodes_sql`] for a batch of one node, with scalar parameters in
+/// the same places (`$1` the id, `$2` the expected version, `$3`…`$22`
+/// the columns, `$23`…`$30` the event, `$31` the term): a plain `UPDATE …
+/// WHERE id = $1 AND version = $2`, and the event inserted only if the
+/// node was written (from `u`), instead of the join of the node with 22
+/// one-element arrays and the event from 8 more; then `$more`, then
+/// `$tail`.
+macro_rules! write_node_sql {
+    ($more:expr, $tail:literal) => {
+        concat!(
+            "\
+WITH u AS (
+    UPDATE nodes SET hostname = $3::text, ip = $4::text, chassis = $5::text, hardware_arch = $6::text,
+        flavor = $7::text, bmc = $8::text, console_port = $9::integer, state = $10::text,
+        image_release = $11::text, image_arch = $12::text, image_flavor = $13::text, used_count = $14::bigint,
+        session = $15::text, state_since = $16::bigint, installed_at = $17::bigint, hold_until = $18::bigint,
+        fail_reason = $19::text, power = $20::text, version = $21::bigint, host_key = $22::text
+    WHERE id = $1::bigint AND version = $2::bigint
+    RETURNING id
+), e AS (
+    INSERT INTO events (node, from_state, to_state, cause, detail, actor, session, at, term)
+    SELECT $23::bigint, $24::text, $25::text, $26::text, $27::text, $28::text, $29::text, $30::bigint, $31::bigint
+    FROM u
+    RETURNING 1
+)",
+            $more,
+            "\n",
             $tail
         )
     };
@@ -133,9 +171,16 @@ WITH v AS (
 
 /// Node rows to write (see [`write_nodes_sql`]). Updates only rows still at
 /// their expected version and returns the ids it updated; the events of the
-/// batch go in with the same statement.
-pub(crate) const WRITE_NODES: &str =
-    write_nodes_sql!("", "SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e)");
+/// batch go in with the same statement. A fenced write checks its epoch in
+/// it too (`duffy_fence($32, $33)`: the fence lock's class, the epoch, or
+/// NULL for an unfenced write), and it answers the transaction's id, which
+/// it has once it wrote (or checked) anything: the whole of a fenced
+/// write's first round trip is this one statement.
+pub(crate) const WRITE_NODES: &str = write_nodes_sql!(
+    "",
+    "SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e),
+       duffy_fence($32, $33), pg_current_xact_id()::text"
+);
 
 /// Independent single-node writes in one statement (a wave of the
 /// reconciler's): as [`WRITE_NODES`], but a node's event is written only
@@ -143,17 +188,96 @@ pub(crate) const WRITE_NODES: &str =
 /// node at most once.
 pub(crate) const WRITE_EACH_NODE: &str = write_nodes_sql!(
     "    WHERE e.node IN (SELECT id FROM u)\n",
-    "SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e)"
+    "SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e),
+       duffy_fence($32, $33), pg_current_xact_id()::text"
 );
 
-/// The writes of an operation that locked its nodes first (a claim, a
-/// hand-back): as [`WRITE_NODES`], except that every node must be written,
-/// checked in the statement so that a COMMIT pipelined behind it writes
-/// nothing otherwise.
-pub(crate) const WRITE_LOCKED_NODES: &str = write_nodes_sql!(
+/// [`WRITE_NODES`] and [`WRITE_EACH_NODE`] for a batch of one node (see
+/// [`write_node_sql`]), with the same answer.
+pub(crate) const WRITE_NODE: &str = write_node_sql!(
     "",
-    "SELECT duffy_assert((SELECT count(*) FROM u) = cardinality($1::bigint[]),
-                    'could not write every node the transaction had locked')"
+    "SELECT coalesce((SELECT array_agg(id) FROM u), '{}'::bigint[]), (SELECT count(*) FROM e),
+       duffy_fence($32, $33), pg_current_xact_id()::text"
+);
+
+/// The column of a [`WRITE_NODES`] or [`WRITE_EACH_NODE`] answer that holds
+/// the transaction's id.
+pub(crate) const WRITE_NODES_XID: usize = 3;
+
+/// The fence check of a fenced batch that writes no node (`$1` the fence
+/// lock's class, `$2` the epoch).
+pub(crate) const FENCE: &str = "SELECT duffy_fence($1, $2)";
+
+/// The SQLSTATE `duffy_fence` fails a statement with when the epoch is not
+/// the newest; the newest is the error's detail.
+pub(crate) const FENCED_SQLSTATE: &str = "DF002";
+
+/// A claim's session insert (`$32`…`$47` the session's columns as
+/// [`SessionRow`] gives them, `$48` its creator), as a common table
+/// expression `s` of a node-writing statement.
+macro_rules! claim_session_cte {
+    () => {
+        ", s AS (
+    INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, pool_flavor, nodes, created_at,
+        delivered_at, lease_until, hold_until, ended_at, end_reason, version, expires_at, origin_key, origin_at,
+        creator)
+    VALUES ($32, $33, $34, $35, $36, $37, $38, $39, $40, $41, $42, $43, $44, $45, $46, $47, $34, $40, $48)
+    RETURNING 1
+)"
+    };
+}
+
+/// A hand-back's session update over version `$48` (`$32`…`$47` its
+/// columns as [`SessionRow`] gives them), as a common table expression `s`
+/// of a node-writing statement.
+macro_rules! hand_back_session_cte {
+    () => {
+        ", s AS (
+    UPDATE sessions SET project = $33, key_id = $34, state = $35, pool_release = $36, pool_arch = $37,
+        pool_flavor = $38, nodes = $39, created_at = $40, delivered_at = $41, lease_until = $42, hold_until = $43,
+        ended_at = $44, end_reason = $45, version = $46, expires_at = $47
+    WHERE id = $32 AND version = $48
+    RETURNING 1
+)"
+    };
+}
+
+/// A claim's writes, all in one statement (an operation that locked its
+/// nodes first): its nodes as [`WRITE_NODES`] writes them, every one of
+/// which must be written, and its session inserted (see
+/// [`claim_session_cte`]), which must happen too: the statement fails
+/// otherwise, so that a COMMIT pipelined behind it writes nothing.
+pub(crate) const CLAIM_WRITES: &str = write_nodes_sql!(
+    "",
+    claim_session_cte!(),
+    "SELECT duffy_assert((SELECT count(*) FROM u) = cardinality($1::bigint[]) AND (SELECT count(*) FROM s) = 1,
+                    'could not write every node the claim had locked, or its session')"
+);
+
+/// [`CLAIM_WRITES`] for a claim of one node (see [`write_node_sql`]).
+pub(crate) const CLAIM_WRITES_ONE: &str = write_node_sql!(
+    claim_session_cte!(),
+    "SELECT duffy_assert((SELECT count(*) FROM u) = 1 AND (SELECT count(*) FROM s) = 1,
+                    'could not write the node the claim had locked, or its session')"
+);
+
+/// A hand-back's writes, all in one statement: the session's nodes (which
+/// it locked) as [`CLAIM_WRITES`] writes them, and the session (locked
+/// too; see [`hand_back_session_cte`]), each of which must happen: the
+/// statement fails otherwise.
+pub(crate) const HAND_BACK_WRITES: &str = write_nodes_sql!(
+    "",
+    hand_back_session_cte!(),
+    "SELECT duffy_assert((SELECT count(*) FROM u) = cardinality($1::bigint[]) AND (SELECT count(*) FROM s) = 1,
+                    'could not write every node the hand-back had locked, or its session')"
+);
+
+/// [`HAND_BACK_WRITES`] for a session of one node (see
+/// [`write_node_sql`]).
+pub(crate) const HAND_BACK_WRITES_ONE: &str = write_node_sql!(
+    hand_back_session_cte!(),
+    "SELECT duffy_assert((SELECT count(*) FROM u) = 1 AND (SELECT count(*) FROM s) = 1,
+                    'could not write the node the hand-back had locked, or its session')"
 );
 
 /// Inserts a session (`$17` its creator), unless its id exists; returns
@@ -180,19 +304,6 @@ WITH u AS (
 )
 SELECT count(*) FROM u";
 
-/// A session's update that must happen (the session is locked): fails
-/// the statement otherwise, so that a COMMIT pipelined behind it writes
-/// nothing.
-pub(crate) const UPDATE_LOCKED_SESSION: &str = "\
-WITH u AS (
-    UPDATE sessions SET project = $2, key_id = $3, state = $4, pool_release = $5, pool_arch = $6,
-        pool_flavor = $7, nodes = $8, created_at = $9, delivered_at = $10, lease_until = $11, hold_until = $12,
-        ended_at = $13, end_reason = $14, version = $15, expires_at = $16
-    WHERE id = $1 AND version = $17
-    RETURNING 1
-)
-SELECT duffy_assert((SELECT count(*) FROM u) = 1, 'could not write the session the transaction had locked')";
-
 /// A hand-back's read of the nodes of session `$1` if it is key `$2`'s,
 /// locked in id order (the order every batch writes them in) before the
 /// session is.
@@ -203,55 +314,59 @@ pub(crate) const HAND_BACK_NODES: &str = concat!(
      ORDER BY id FOR NO KEY UPDATE"
 );
 
-/// A hand-back's read of session `$1` if it is key `$2`'s, locked.
-pub(crate) const HAND_BACK_SESSION: &str =
-    concat!("SELECT ", session_cols!(), " FROM sessions WHERE id = $1 AND key_id = $2 FOR NO KEY UPDATE");
+/// A hand-back's read of session `$1` if it is key `$2`'s, locked; with
+/// the transaction's id after the session's columns (it has one once it
+/// locked the row; see `tx::write_reporting_xid`).
+pub(crate) const HAND_BACK_SESSION: &str = concat!(
+    "WITH s AS MATERIALIZED (SELECT ",
+    session_cols!(),
+    " FROM sessions WHERE id = $1 AND key_id = $2 FOR NO KEY UPDATE) SELECT s.*, pg_current_xact_id()::text FROM s"
+);
 
-/// The claim's own insert of its session: it must happen.
-pub(crate) const CLAIM_SESSION: &str = "\
+/// The column of a [`HAND_BACK_SESSION`] row that holds the transaction's
+/// id.
+pub(crate) const HAND_BACK_SESSION_XID: usize = 16;
+
+/// A session inserted as it is (a copy's import); it must not exist.
+pub(crate) const IMPORT_SESSION: &str = "\
 INSERT INTO sessions (id, project, key_id, state, pool_release, pool_arch, pool_flavor, nodes, created_at,
     delivered_at, lease_until, hold_until, ended_at, end_reason, version, expires_at, origin_key, origin_at, creator)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $3, $9, $17)";
 
-/// The claim's locks, in the one order every writer takes them: the pause
-/// lock (shared), the key's (with a rate limit), the project's (with a
-/// quota).
-pub(crate) const CLAIM_LOCKS: &str = "\
-SELECT pg_advisory_xact_lock_shared($1, 0),
-       CASE WHEN $2 THEN pg_advisory_xact_lock($3, $4) END,
-       CASE WHEN $5 OR EXISTS (SELECT 1 FROM projects WHERE name = $7 AND quota IS NOT NULL)
-            THEN pg_advisory_xact_lock($6, hashtext($7)) END";
-
-/// What a claim checks, after its locks (a statement of its own, so that
-/// its snapshot is taken once the locks are held): the pause flag, the
-/// key's recent sessions, the nodes the project's live sessions hold,
-/// whether the session id exists, the project's own quota and the pool's
-/// standby target.
-pub(crate) const CLAIM_CHECKS: &str = "\
-SELECT (SELECT paused FROM settings WHERE id = 1),
-       CASE WHEN $1 THEN (SELECT count(*) FROM sessions WHERE origin_key = $2 AND origin_at > $3) ELSE 0 END,
-       CASE WHEN $4 OR (SELECT quota FROM projects WHERE name = $5) IS NOT NULL
-            THEN (SELECT count(*) FROM sessions s CROSS JOIN LATERAL unnest(s.nodes) AS j(node)
-                          JOIN nodes n ON n.id = j.node AND n.session = s.id
-                          WHERE s.project = $5 AND s.live) ELSE 0 END,
-       EXISTS (SELECT 1 FROM sessions WHERE id = $6),
-       (SELECT quota FROM projects WHERE name = $5),
-       (SELECT standby FROM pool_targets WHERE release = $7 AND arch = $8 AND flavor = $9)";
+/// A claim's locks and checks, one statement (`duffy_claim_checks`,
+/// schema version 6): the advisory locks in the one order every writer
+/// takes them (the pause lock shared; the key's, with a rate limit; the
+/// project's, when a quota applies), then, read in a snapshot taken after
+/// them, the pause flag, the key's recent sessions, the nodes the
+/// project's live sessions hold (the sum of their node counts), whether
+/// the session id exists, the project's own quota and the pool's standby
+/// target.
+pub(crate) const CLAIM_CHECKS: &str =
+    "SELECT * FROM duffy_claim_checks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
 
 /// The claim's choice: Ready nodes of the pool in claim order, locked,
 /// skipping those another transaction holds (another claim took them).
+/// Each row carries the transaction's id after the node columns (the
+/// transaction has one once it locked a row; one that found no node gets
+/// none: a refusal assigns no id), read here rather than in a statement
+/// of its own (see `tx::write_reporting_xid`).
 pub(crate) const CLAIM_PICK: &str = concat!(
-    "SELECT ",
+    "WITH p AS MATERIALIZED (SELECT ",
     node_cols!(),
     " FROM nodes WHERE state = 'Ready' AND image_release = $1 AND image_arch = $2 \
-     AND coalesce(image_flavor, '') = $3 ORDER BY used_count, id LIMIT $4 FOR NO KEY UPDATE SKIP LOCKED"
+     AND coalesce(image_flavor, '') = $3 ORDER BY used_count, id LIMIT $4 FOR NO KEY UPDATE SKIP LOCKED) \
+     SELECT p.*, pg_current_xact_id()::text FROM p"
 );
 
-/// Failed nodes held by a project's sessions in Fail (the fail-cap guard).
-pub(crate) const FAILED_HELD_BY_PROJECT: &str = "\
-SELECT count(*) FROM sessions s CROSS JOIN LATERAL unnest(s.nodes) AS j(node)
-JOIN nodes n ON n.id = j.node AND n.session = s.id AND n.state = 'Failed'
-WHERE s.project = $1 AND s.live AND s.state = 'Fail'";
+/// The column of a [`CLAIM_PICK`] row that holds the transaction's id.
+pub(crate) const CLAIM_PICK_XID: usize = 21;
+
+/// Failed nodes held by a project's sessions in Fail (the fail-cap
+/// guard): every node a session in Fail lists is Failed and held by it
+/// (schema version 4), so the sum of their node counts, from the index of
+/// live sessions.
+pub(crate) const FAILED_HELD_BY_PROJECT: &str =
+    "SELECT coalesce(sum(node_count), 0) FROM sessions WHERE project = $1 AND live AND state = 'Fail'";
 
 /// Allocating sessions whose creator does not hold its liveness lock (or
 /// is not known).
@@ -439,8 +554,9 @@ pub(crate) fn ready_count(r: &Row) -> Result<(PoolKey, u32), StoreError> {
 
 // ----- encoding -----
 
-/// Node rows as column arrays, in [`WRITE_NODES`]'s parameter order: the
-/// one place a node becomes a row.
+/// Node rows as column arrays, in [`WRITE_NODES`]'s parameter order (or,
+/// for one node, as scalars in [`WRITE_NODE`]'s): the one place a node
+/// becomes a row.
 #[derive(Default)]
 pub(crate) struct NodeRows {
     id: Vec<i64>,
@@ -493,6 +609,38 @@ impl NodeRows {
         self.version.push(sql_u64(n.version, "version")?);
         self.host_key.push(n.host_key.clone());
         Ok(())
+    }
+
+    /// Parameters `$1`…`$22` of a batch of one node, as scalars (for
+    /// [`write_node_sql`]); `None` unless there is exactly one.
+    pub(crate) fn one(&self) -> Option<[&(dyn ToSql + Sync); 22]> {
+        if self.id.len() != 1 {
+            return None;
+        }
+        Some([
+            &self.id[0],
+            &self.expected[0],
+            &self.hostname[0],
+            &self.ip[0],
+            &self.chassis[0],
+            &self.hardware_arch[0],
+            &self.flavor[0],
+            &self.bmc[0],
+            &self.console_port[0],
+            &self.state[0],
+            &self.image_release[0],
+            &self.image_arch[0],
+            &self.image_flavor[0],
+            &self.used_count[0],
+            &self.session[0],
+            &self.state_since[0],
+            &self.installed_at[0],
+            &self.hold_until[0],
+            &self.fail_reason[0],
+            &self.power[0],
+            &self.version[0],
+            &self.host_key[0],
+        ])
     }
 
     /// Parameters `$1`…`$22`.
@@ -549,6 +697,24 @@ impl EventRows {
         self.session.push(e.session.as_ref().map(|s| s.0.clone()));
         self.at.push(e.at.0);
         Ok(())
+    }
+
+    /// Parameters `$23`…`$30` of one event, as scalars (for
+    /// [`write_node_sql`]); `None` unless there is exactly one.
+    pub(crate) fn one(&self) -> Option<[&(dyn ToSql + Sync); 8]> {
+        if self.node.len() != 1 {
+            return None;
+        }
+        Some([
+            &self.node[0],
+            &self.from[0],
+            &self.to[0],
+            &self.cause[0],
+            &self.detail[0],
+            &self.actor[0],
+            &self.session[0],
+            &self.at[0],
+        ])
     }
 
     /// Parameters `$23`…`$30`.

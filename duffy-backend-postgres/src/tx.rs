@@ -7,7 +7,10 @@
 //! concurrently on one connection, in the order they are first polled),
 //! then looks at the answers and sends `COMMIT` (or `ROLLBACK`): two round
 //! trips for most writes. `BEGIN` is enqueued first; if it failed the
-//! connection failed, and nothing behind it ran.
+//! connection failed, and nothing behind it ran. An operation whose own
+//! first statements return the id ([`write_reporting_xid`]: a claim's
+//! pick, which locks the rows it writes) saves that statement, and a
+//! refusal that locked nothing assigns no transaction id at all.
 //!
 //! - A serialization failure or a deadlock (SQLSTATE 40001, 40P01), or a
 //!   connection lost before `COMMIT` was sent, means nothing was written:
@@ -27,6 +30,7 @@ use std::time::Duration;
 
 use deadpool_postgres::{Object, Pool, PoolError};
 use duffy_core::StoreError;
+use futures::FutureExt;
 use futures::future::{BoxFuture, join3};
 use rand::Rng;
 use tokio_postgres::error::SqlState;
@@ -82,6 +86,20 @@ where
         // back), or refused the COMMIT itself: nothing was written.
         (Err(e), _) | (Ok(()), Err(e)) => Err(e),
     }
+}
+
+/// What an operation that reports its own transaction id decided
+/// ([`write_reporting_xid`]).
+pub(crate) struct Reported<T> {
+    /// The decision.
+    pub(crate) decision: Decision<T>,
+    /// The transaction's id (`pg_current_xact_id()` as text), read by the
+    /// operation's statements before it sent or asked for `COMMIT`; `None`
+    /// if they did not read it (then nothing may have been written: the
+    /// runner asks for it before a `COMMIT` it sends, and an operation
+    /// that sent its own `COMMIT` without it cannot resolve a lost
+    /// answer).
+    pub(crate) xid: Option<String>,
 }
 
 /// Counters of what the runner had to do, for tests and metrics.
@@ -155,8 +173,47 @@ pub(crate) async fn backoff(attempt: u32) {
 /// the module documentation). `body` is called once per attempt.
 pub(crate) async fn write<T, B>(pool: &Pool, config: &TxConfig, what: &str, body: B) -> Result<T, StoreError>
 where
-    T: Send,
+    T: Send + 'static,
     B: for<'c> Fn(&'c Object) -> BoxFuture<'c, Result<Decision<T>, tokio_postgres::Error>>,
+{
+    let reporting =
+        reporting(move |c: &Object| body(c).map(|r| r.map(|decision| Reported { decision, xid: None })).boxed());
+    run(pool, config, what, true, reporting).await
+}
+
+/// `f`, typed as a body for every connection lifetime (closures are not
+/// inferred as such on their own).
+fn reporting<T, F>(f: F) -> F
+where
+    F: for<'c> Fn(&'c Object) -> BoxFuture<'c, Result<Reported<T>, tokio_postgres::Error>>,
+{
+    f
+}
+
+/// [`write`], for an operation whose statements read the transaction's
+/// id themselves (in a statement that runs anyway, once the transaction
+/// has written or locked a row and so has an id): one statement fewer,
+/// and a transaction that locks nothing (a refused claim) never gets an
+/// id. `body` reports the id with its decision.
+pub(crate) async fn write_reporting_xid<T, B>(
+    pool: &Pool,
+    config: &TxConfig,
+    what: &str,
+    body: B,
+) -> Result<T, StoreError>
+where
+    T: Send,
+    B: for<'c> Fn(&'c Object) -> BoxFuture<'c, Result<Reported<T>, tokio_postgres::Error>>,
+{
+    run(pool, config, what, false, body).await
+}
+
+/// The runner of [`write`] and [`write_reporting_xid`]: `fetch_xid`, whether
+/// it reads the transaction's id itself.
+async fn run<T, B>(pool: &Pool, config: &TxConfig, what: &str, fetch_xid: bool, body: B) -> Result<T, StoreError>
+where
+    T: Send,
+    B: for<'c> Fn(&'c Object) -> BoxFuture<'c, Result<Reported<T>, tokio_postgres::Error>>,
 {
     let counters = &config.counters;
     let mut last: Option<tokio_postgres::Error> = None;
@@ -174,7 +231,7 @@ where
                 continue;
             }
         };
-        match attempt_once(&conn, &body).await {
+        match attempt_once(&conn, fetch_xid, &body).await {
             Outcome::Done(v) => return Ok(v),
             Outcome::Failed(Failure::Retry(e)) => {
                 debug!(what, error = %e, attempt, "transaction not applied; retrying");
@@ -184,6 +241,13 @@ where
             Outcome::Failed(Failure::Fatal(e)) => {
                 discard_if_broken(conn);
                 return Err(store_error(what, e));
+            }
+            Outcome::Unresolvable(e) => {
+                drop(Object::take(conn));
+                return Err(StoreError::backend(
+                    format!("{what}: the connection was lost during COMMIT and the transaction's id is not known"),
+                    e,
+                ));
             }
             Outcome::Unknown { xid, value, error } => {
                 warn!(what, %xid, error = %error, "connection lost during COMMIT; asking what became of it");
@@ -220,18 +284,26 @@ enum Outcome<T> {
         value: T,
         error: tokio_postgres::Error,
     },
+    /// COMMIT was sent and its answer lost, and the transaction's id was
+    /// never read: what became of it cannot be found out.
+    Unresolvable(tokio_postgres::Error),
 }
 
-async fn attempt_once<T, B>(conn: &Object, body: &B) -> Outcome<T>
+const XID: &str = "SELECT pg_current_xact_id()::text";
+
+async fn attempt_once<T, B>(conn: &Object, fetch_xid: bool, body: &B) -> Outcome<T>
 where
-    B: for<'c> Fn(&'c Object) -> BoxFuture<'c, Result<Decision<T>, tokio_postgres::Error>>,
+    B: for<'c> Fn(&'c Object) -> BoxFuture<'c, Result<Reported<T>, tokio_postgres::Error>>,
 {
-    let xid_stmt = match conn.prepare_cached("SELECT pg_current_xact_id()::text").await {
+    let xid_stmt = match conn.prepare_cached(XID).await {
         Ok(s) => s,
         Err(e) => return Outcome::Failed(classify(e)),
     };
-    let (begun, xid, decided) = join3(conn.batch_execute("BEGIN"), conn.query_one(&xid_stmt, &[]), body(conn)).await;
-    let decided = match (begun, decided) {
+    let fetched = async {
+        if fetch_xid { conn.query_one(&xid_stmt, &[]).await.and_then(|r| r.try_get(0)).map(Some) } else { Ok(None) }
+    };
+    let (begun, fetched, decided) = join3(conn.batch_execute("BEGIN"), fetched, body(conn)).await;
+    let Reported { decision, xid: reported } = match (begun, decided) {
         (Err(e), _) => return Outcome::Failed(classify(e)),
         (Ok(()), Err(e)) => {
             rollback(conn).await;
@@ -239,26 +311,44 @@ where
         }
         (Ok(()), Ok(d)) => d,
     };
-    let xid: String = match xid.and_then(|r| r.try_get(0)) {
-        Ok(x) => x,
+    let known: Option<String> = match fetched {
+        Ok(x) => x.or(reported),
         Err(e) => {
             rollback(conn).await;
             return Outcome::Failed(classify(e));
         }
     };
-    match decided {
+    match decision {
         Decision::Rollback(v) => {
             rollback(conn).await;
             Outcome::Done(v)
         }
         Decision::Committed(v) => Outcome::Done(v),
-        Decision::CommitUnknown(v, e) => Outcome::Unknown { xid, value: v, error: e },
-        Decision::Commit(v) => match conn.batch_execute("COMMIT").await {
-            Ok(()) => Outcome::Done(v),
-            Err(e) if connection_lost(&e) => Outcome::Unknown { xid, value: v, error: e },
-            // The server answered: the transaction did not commit.
-            Err(e) => Outcome::Failed(classify(e)),
+        Decision::CommitUnknown(v, e) => match known {
+            Some(xid) => Outcome::Unknown { xid, value: v, error: e },
+            // Never so (the operations that send their own COMMIT read the
+            // id first); if it were, the outcome could not be found out.
+            None => Outcome::Unresolvable(e),
         },
+        Decision::Commit(v) => {
+            let xid = match known {
+                Some(x) => x,
+                // Asked for now, before COMMIT is sent.
+                None => match conn.query_one(&xid_stmt, &[]).await.and_then(|r| r.try_get(0)) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        rollback(conn).await;
+                        return Outcome::Failed(classify(e));
+                    }
+                },
+            };
+            match conn.batch_execute("COMMIT").await {
+                Ok(()) => Outcome::Done(v),
+                Err(e) if connection_lost(&e) => Outcome::Unknown { xid, value: v, error: e },
+                // The server answered: the transaction did not commit.
+                Err(e) => Outcome::Failed(classify(e)),
+            }
+        }
     }
 }
 

@@ -271,6 +271,56 @@ async fn one_leader_at_a_time_and_a_former_term_writes_nothing() {
     check_invariants(&follower).await.expect("invariants");
 }
 
+/// A fenced write that waits for the fence lock while a new term begins
+/// (another process holds the lock exclusive and moves the epoch on) reads
+/// the epoch once it holds the lock, sees the new term and writes nothing:
+/// its check does not answer from a snapshot taken before the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_write_that_waited_while_a_term_began_writes_nothing() {
+    let (store, db) = common::fresh().await;
+    let node =
+        store.add_nodes(vec![NewNode::new("x", Arch::X86_64)], Actor::Operator, T0).await.expect("add").remove(0);
+    let epoch = store.new_leader_epoch().await.expect("a term");
+    // A new term beginning, as the control connection begins one.
+    let other = common::raw(&db.url).await;
+    other
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({}, 0); \
+             UPDATE settings SET leader_epoch = leader_epoch + 1 WHERE id = 1",
+            0x4455_4600_i32
+        ))
+        .await
+        .expect("a term begins");
+    let write = tokio::spawn({
+        let (store, batch) = (store.clone(), set_admin(&node));
+        async move { store.commit_fenced(batch, epoch).await }
+    });
+    // The write waits for the fence lock.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = other
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND classid = $1::integer::oid",
+                &[&0x4455_4600_i32],
+            )
+            .await
+            .expect("pg_locks")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the fenced write never waited for the fence lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    other.batch_execute("COMMIT").await.expect("the term begun");
+    let r = tokio::time::timeout(Duration::from_secs(20), write).await.expect("the write ends").expect("task");
+    assert!(
+        matches!(r, Err(CommitError::Store(StoreError::Fenced { epoch: e, current })) if e == epoch && current == epoch + 1),
+        "the write of the former term is fenced: {r:?}"
+    );
+    assert_eq!(store.node(node.id).await.expect("read").expect("exists"), node, "nothing written");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_events_are_pruned_in_batches_and_nothing_else() {
     let (store, db) = common::fresh().await;

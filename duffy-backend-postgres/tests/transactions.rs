@@ -183,3 +183,32 @@ async fn a_deadlock_is_retried() {
     assert!(stored.iter().all(|n| n.version == 2), "written once: {stored:?}");
     check_history(&store).await.expect("history");
 }
+
+/// A claim refused because the pool is empty locked nothing and writes
+/// nothing: it takes no transaction id (none to look up, no abort record
+/// in the WAL), while a claim that takes a node does. On a cluster of its
+/// own with autovacuum off, so that nothing else assigns ids meanwhile
+/// (ids are counted cluster-wide).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_refused_for_want_of_nodes_takes_no_transaction_id() {
+    let cluster = duffy_backend_postgres::test_cluster::durable(&["autovacuum=off", "fsync=off"]).expect("cluster");
+    let db = cluster.database().await;
+    let store = PgStore::connect(&db.url, common::options()).await.expect("connect");
+    add_ready(&store, "n", 1, &pool7()).await;
+    let c = common::raw(&db.url).await;
+    let next_xid = || async {
+        let r = c.query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint", &[]).await;
+        r.expect("next transaction id").get::<_, i64>(0)
+    };
+    let empty = duffy_core::PoolKey::new("9", Arch::X86_64, None);
+    let before = next_xid().await;
+    for i in 0..20 {
+        let req = duffy_core::ClaimRequest { pool: empty.clone(), ..claim_req(&format!("r{i}"), 1, "p", 1, T0) };
+        let r = store.claim(req).await.expect("store ok");
+        assert!(matches!(r, Err(duffy_core::ClaimRefusal::InsufficientNodes { available: 0, .. })), "{r:?}");
+    }
+    assert_eq!(next_xid().await - before, 0, "20 refused claims took transaction ids");
+    // The count can move: a claim that takes a node has an id.
+    store.claim(claim_req("s1", 1, "p", 1, T0)).await.expect("store ok").expect("claimed");
+    assert_eq!(next_xid().await - before, 1, "a claim that took a node");
+}
