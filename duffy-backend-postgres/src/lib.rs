@@ -588,8 +588,9 @@ async fn commit_statements_with(
     fence: Fence,
     write_nodes: &str,
 ) -> Result<CommitAnswers, tokio_postgres::Error> {
-    let one = rows.nodes.one().zip(rows.events.one());
-    let write_nodes = c.prepare_cached(if one.is_some() { WRITE_NODE } else { write_nodes }).await?;
+    let mut node_params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(33);
+    let one = node_event_params(&rows.nodes, &rows.events, &mut node_params);
+    let write_nodes = c.prepare_cached(if one { WRITE_NODE } else { write_nodes }).await?;
     let insert_session = c.prepare_cached(INSERT_SESSION).await?;
     let update_session = c.prepare_cached(UPDATE_SESSION).await?;
     let guard = c.prepare_cached(FAILED_HELD_BY_PROJECT).await?;
@@ -612,17 +613,7 @@ async fn commit_statements_with(
             }
             return Ok((Vec::new(), None));
         }
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(33);
-        match one {
-            Some((node, event)) => {
-                params.extend(node);
-                params.extend(event);
-            }
-            None => {
-                params.extend(rows.nodes.params());
-                params.extend(rows.events.params());
-            }
-        }
+        let mut params = node_params;
         params.push(&fence.term);
         params.push(&LOCK_FENCE);
         params.push(&fence.check);
@@ -1061,19 +1052,9 @@ async fn claim_decision(
         Ok(s) => s,
         Err(e) => return Ok(Decision::Rollback(Err(e))),
     };
-    let one = nodes.one().zip(events.one());
-    let claim_writes = c.prepare_cached(if one.is_some() { CLAIM_WRITES_ONE } else { CLAIM_WRITES }).await?;
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(48);
-    match one {
-        Some((node, event)) => {
-            params.extend(node);
-            params.extend(event);
-        }
-        None => {
-            params.extend(nodes.params());
-            params.extend(events.params());
-        }
-    }
+    let one = node_event_params(&nodes, &events, &mut params);
+    let claim_writes = c.prepare_cached(if one { CLAIM_WRITES_ONE } else { CLAIM_WRITES }).await?;
     params.push(&None::<i64>);
     params.extend(srow.params());
     params.push(&creator);
@@ -1145,19 +1126,9 @@ async fn hand_back_decision(
         let e = StoreError::Invalid(format!("a hand-back writes {} sessions, not its one", rows.sessions.len()));
         return Ok(Decision::Rollback(Err(CommitError::Store(e))));
     };
-    let one = rows.nodes.one().zip(rows.events.one());
-    let writes = c.prepare_cached(if one.is_some() { HAND_BACK_WRITES_ONE } else { HAND_BACK_WRITES }).await?;
     let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(48);
-    match one {
-        Some((node, event)) => {
-            params.extend(node);
-            params.extend(event);
-        }
-        None => {
-            params.extend(rows.nodes.params());
-            params.extend(rows.events.params());
-        }
-    }
+    let one = node_event_params(&rows.nodes, &rows.events, &mut params);
+    let writes = c.prepare_cached(if one { HAND_BACK_WRITES_ONE } else { HAND_BACK_WRITES }).await?;
     params.push(&None::<i64>);
     params.extend(srow.params());
     params.push(expected);

@@ -789,3 +789,26 @@ impl SessionRow {
         ]
     }
 }
+
+/// The node and event parameters of a write, in statement order: scalars
+/// when it writes one node (the single-node statements: `WRITE_NODE`,
+/// `CLAIM_WRITES_ONE`, `HAND_BACK_WRITES_ONE`), arrays otherwise.
+/// Returns whether it is one node, which picks the statement.
+pub(crate) fn node_event_params<'a>(
+    nodes: &'a NodeRows,
+    events: &'a EventRows,
+    params: &mut Vec<&'a (dyn ToSql + Sync)>,
+) -> bool {
+    match nodes.one().zip(events.one()) {
+        Some((node, event)) => {
+            params.extend(node);
+            params.extend(event);
+            true
+        }
+        None => {
+            params.extend(nodes.params());
+            params.extend(events.params());
+            false
+        }
+    }
+}
