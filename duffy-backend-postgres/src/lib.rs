@@ -21,7 +21,10 @@
 //! - **Every write is one transaction, pipelined**: `BEGIN`, the
 //!   transaction's id and every statement go out together, then `COMMIT`
 //!   (two round trips; a claim and a hand-back lock what they read, and
-//!   send their writes and `COMMIT` together: also two). A wave of the
+//!   send their writes and `COMMIT` together: also two). The id is read
+//!   by the operation's own statement where one locks or writes anyway
+//!   (a claim's pick, a hand-back's session, a node write), not by a
+//!   statement of its own; a claim that locks nothing gets none. A wave of the
 //!   reconciler's single-node writes ([`Store::commit_each`],
 //!   [`Store::commit_each_fenced`]) is one transaction, each write
 //!   applied or not on its own. Statements run on their generic plans,

@@ -9,8 +9,9 @@
 //! trips for most writes. `BEGIN` is enqueued first; if it failed the
 //! connection failed, and nothing behind it ran. An operation whose own
 //! first statements return the id ([`write_reporting_xid`]: a claim's
-//! pick, which locks the rows it writes) saves that statement, and a
-//! refusal that locked nothing assigns no transaction id at all.
+//! pick and a hand-back's read of its session, which lock the rows they
+//! write, and a batch's node write) saves that statement, and a refusal
+//! that locked nothing assigns no transaction id at all.
 //!
 //! - A serialization failure or a deadlock (SQLSTATE 40001, 40P01), or a
 //!   connection lost before `COMMIT` was sent, means nothing was written:
