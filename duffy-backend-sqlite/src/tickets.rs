@@ -24,27 +24,8 @@ use crate::SqliteStore;
 use crate::queries::Context;
 use crate::writer::{Finish, Op, Reply, outcome};
 
-fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("install_tickets.{what}: {e}"))
-}
-
 fn record(r: &Row<'_>) -> Result<TicketRecord, StoreError> {
-    let text = |i: usize, what: &str| -> Result<String, StoreError> { r.get(i).map_err(|e| corrupt(what, e)) };
-    let opt = |i: usize, what: &str| -> Result<Option<String>, StoreError> { r.get(i).map_err(|e| corrupt(what, e)) };
-    TicketColumns {
-        hostname: text(0, "hostname")?,
-        ticket_id: text(1, "ticket_id")?,
-        ip: text(2, "ip")?,
-        hardware_arch: text(3, "hardware_arch")?,
-        image_release: text(4, "image_release")?,
-        image_arch: text(5, "image_arch")?,
-        image_flavor: opt(6, "image_flavor")?,
-        expires_at: r.get(7).map_err(|e| corrupt("expires_at", e))?,
-        state: text(8, "state")?,
-        host_key: opt(9, "host_key")?,
-        reason: opt(10, "reason")?,
-    }
-    .into_record()
+    TicketColumns::read(|i| r.get(i), |i| r.get(i), |i| r.get(i))?.into_record()
 }
 
 fn one(

@@ -234,6 +234,31 @@ pub const TICKET_COLUMNS: &str = "t.hostname, t.ticket_id, t.ip, t.hardware_arch
                                   t.image_flavor, t.expires_at, t.state, t.host_key, t.reason";
 
 impl TicketColumns {
+    /// Reads one row selected with [`TICKET_COLUMNS`] through a backend's
+    /// typed getters (column index to value, or why it could not be read):
+    /// the one place the column order is spelled for reading. A column
+    /// that cannot be read is [`StoreError::Corrupt`], naming it.
+    pub fn read<E: std::fmt::Display>(
+        text: impl Fn(usize) -> Result<String, E>,
+        opt: impl Fn(usize) -> Result<Option<String>, E>,
+        int: impl Fn(usize) -> Result<i64, E>,
+    ) -> Result<TicketColumns, StoreError> {
+        let corrupt = |what: &'static str| move |e: E| StoreError::Corrupt(format!("install_tickets.{what}: {e}"));
+        Ok(TicketColumns {
+            hostname: text(0).map_err(corrupt("hostname"))?,
+            ticket_id: text(1).map_err(corrupt("ticket_id"))?,
+            ip: text(2).map_err(corrupt("ip"))?,
+            hardware_arch: text(3).map_err(corrupt("hardware_arch"))?,
+            image_release: text(4).map_err(corrupt("image_release"))?,
+            image_arch: text(5).map_err(corrupt("image_arch"))?,
+            image_flavor: opt(6).map_err(corrupt("image_flavor"))?,
+            expires_at: int(7).map_err(corrupt("expires_at"))?,
+            state: text(8).map_err(corrupt("state"))?,
+            host_key: opt(9).map_err(corrupt("host_key"))?,
+            reason: opt(10).map_err(corrupt("reason"))?,
+        })
+    }
+
     /// The ticket these columns hold, or which column is not what a
     /// backend writes (named, with what it holds).
     pub fn into_record(self) -> Result<TicketRecord, StoreError> {
