@@ -11,16 +11,7 @@ fn pragma(path: &std::path::Path, name: &str) -> i64 {
 
 #[test]
 fn a_new_file_gets_the_current_schema_and_reopening_changes_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("duffy.db");
-    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
-    let added = futures::executor::block_on(store.add_nodes(
-        vec![NewNode::new("a", Arch::X86_64)],
-        Actor::Operator,
-        Timestamp(1),
-    ))
-    .expect("add");
-    drop(store);
+    let (_dir, path, added) = file_with_nodes(vec![NewNode::new("a", Arch::X86_64)]);
     assert_eq!(pragma(&path, "user_version"), SCHEMA_VERSION);
     assert_eq!(pragma(&path, "application_id"), i64::from(APPLICATION_ID));
     let c = Connection::open(&path).expect("raw open");
@@ -149,16 +140,7 @@ const V7_DOWN: &str = "ALTER TABLE settings DROP COLUMN leader_epoch;";
 
 #[test]
 fn a_version_1_file_is_migrated_forward_keeping_its_data() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("duffy.db");
-    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
-    let added = futures::executor::block_on(store.add_nodes(
-        vec![NewNode::new("old.example", Arch::X86_64)],
-        Actor::Operator,
-        Timestamp(1),
-    ))
-    .expect("add");
-    drop(store);
+    let (_dir, path, added) = file_with_nodes(vec![NewNode::new("old.example", Arch::X86_64)]);
     // Make it the file a version-1 build wrote: no host_key column.
     Connection::open(&path)
         .expect("raw")
@@ -176,6 +158,17 @@ fn a_version_1_file_is_migrated_forward_keeping_its_data() {
     assert_eq!(SCHEMA_VERSION, 10);
 }
 
+/// A new store file in a temporary directory holding `nodes` (added by
+/// the operator at time 1), closed: the directory, the file, the nodes.
+fn file_with_nodes(nodes: Vec<NewNode>) -> (tempfile::TempDir, std::path::PathBuf, Vec<duffy_core::Node>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("duffy.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+    let added = futures::executor::block_on(store.add_nodes(nodes, Actor::Operator, Timestamp(1))).expect("add");
+    drop(store);
+    (dir, path, added)
+}
+
 fn index_names(path: &std::path::Path) -> Vec<String> {
     let c = Connection::open(path).expect("raw open");
     let mut stmt = c
@@ -186,16 +179,8 @@ fn index_names(path: &std::path::Path) -> Vec<String> {
 
 #[test]
 fn a_version_2_file_is_migrated_forward_keeping_its_data() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("duffy.db");
-    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
-    let added = futures::executor::block_on(store.add_nodes(
-        vec![NewNode::new("old.example", Arch::X86_64), NewNode::new("older.example", Arch::X86_64)],
-        Actor::Operator,
-        Timestamp(1),
-    ))
-    .expect("add");
-    drop(store);
+    let (_dir, path, added) =
+        file_with_nodes(vec![NewNode::new("old.example", Arch::X86_64), NewNode::new("older.example", Arch::X86_64)]);
     // Make it the file a version-2 build wrote: no reconciler indexes.
     Connection::open(&path)
         .expect("raw")
@@ -370,16 +355,7 @@ fn a_version_5_file_gets_session_expiry_at_the_lease() {
 
 #[test]
 fn a_version_6_file_gets_the_leadership_epoch() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("duffy.db");
-    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
-    let added = futures::executor::block_on(store.add_nodes(
-        vec![NewNode::new("old.example", Arch::X86_64)],
-        Actor::Operator,
-        Timestamp(1),
-    ))
-    .expect("add");
-    drop(store);
+    let (_dir, path, added) = file_with_nodes(vec![NewNode::new("old.example", Arch::X86_64)]);
     // Make it the file a version-6 build wrote: no leadership epoch.
     Connection::open(&path)
         .expect("raw")
@@ -498,16 +474,7 @@ fn a_version_8_file_counts_the_nodes_its_live_sessions_hold() {
 #[test]
 fn a_version_9_file_gets_install_tickets_keeping_its_nodes() {
     use duffy_core::tickets::{InstallTicket, Settle, TicketAccess, TicketId, TicketState, TokenHash};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("duffy.db");
-    let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
-    let added = futures::executor::block_on(store.add_nodes(
-        vec![NewNode::new("n1.example", Arch::X86_64)],
-        Actor::Operator,
-        Timestamp(1),
-    ))
-    .expect("add");
-    drop(store);
+    let (_dir, path, added) = file_with_nodes(vec![NewNode::new("n1.example", Arch::X86_64)]);
     // Make it the file a version-9 build wrote: no install tickets.
     Connection::open(&path)
         .expect("raw")
