@@ -18,6 +18,9 @@
 
 pub mod wire;
 
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::task::Poll;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -78,6 +81,87 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
+    /// The caller stopped a request for nodes
+    /// ([`Client::request_session_until`]); says what became of what it
+    /// had created on the service.
+    #[error("{0}")]
+    Interrupted(Interrupted),
+}
+
+/// What a stopped request for nodes left on the service: nothing, as far
+/// as the client could see to it, or what an operator must look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interrupted {
+    /// Stopped before the service had created anything.
+    NothingCreated,
+    /// The waiting request was cancelled: no session will come of it.
+    RequestCancelled {
+        /// The request.
+        id: String,
+    },
+    /// The request had been served (or was served as it was stopped): its
+    /// session was released, its nodes go back to be reinstalled.
+    SessionReleased {
+        /// The session.
+        id: String,
+    },
+    /// The request had already ended without a session (failed, dropped,
+    /// cancelled by another client of the key).
+    RequestEnded {
+        /// The request.
+        id: String,
+        /// Its state.
+        state: String,
+    },
+    /// Cancelling or releasing failed: the request or session named may
+    /// still be live (see `duffy client list`, or release it by hand).
+    CleanupFailed {
+        /// What may be left: `request R` or `session S`.
+        left: String,
+        /// Why the cleanup failed.
+        error: String,
+    },
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Interrupted::NothingCreated => write!(f, "interrupted before anything was requested"),
+            Interrupted::RequestCancelled { id } => write!(f, "interrupted: request {id} cancelled"),
+            Interrupted::SessionReleased { id } => {
+                write!(f, "interrupted: session {id} had been created and was released")
+            }
+            Interrupted::RequestEnded { id, state } => {
+                write!(f, "interrupted: request {id} had already ended ({state})")
+            }
+            Interrupted::CleanupFailed { left, error } => {
+                write!(f, "interrupted, but {left} may still be live (cleaning up failed: {error})")
+            }
+        }
+    }
+}
+
+/// Runs `work` to its end while watching `stop` (polled until it has
+/// completed once, which sets `stopped`). With `abandon`, `work` is
+/// dropped as soon as `stop` has fired (`None`): only for work that
+/// changes nothing on the service (a sleep, a status poll).
+async fn beside<T, S: Future<Output = ()>>(
+    work: impl Future<Output = T>,
+    mut stop: Pin<&mut S>,
+    stopped: &mut bool,
+    abandon: bool,
+) -> Option<T> {
+    let mut work = pin!(work);
+    std::future::poll_fn(|cx| {
+        if !*stopped && stop.as_mut().poll(cx).is_ready() {
+            *stopped = true;
+        }
+        if *stopped && abandon {
+            return Poll::Ready(None);
+        }
+        work.as_mut().poll(cx).map(Some)
+    })
+    .await
 }
 
 impl ClientError {
@@ -204,13 +288,43 @@ impl Client {
     pub async fn request_session(
         &self,
         req: &CreateSession,
-        mut progress: impl FnMut(&QueuedRequest),
+        progress: impl FnMut(&QueuedRequest),
     ) -> Result<SessionView, ClientError> {
-        let mut queued = match self.create_session(req).await? {
-            Created::Session(s) => return Ok(s),
-            Created::Queued(q) => q,
+        self.request_session_until(req, progress, std::future::pending()).await
+    }
+
+    /// [`Client::request_session`] that the caller can stop (`stop`
+    /// completes: Ctrl-C, a deadline, a job being aborted) without leaving
+    /// anything behind on the service: a request still waiting is
+    /// cancelled, and a session it was served with (also one served while
+    /// stopping) is released. Then fails with [`ClientError::Interrupted`],
+    /// which says what was done. Simply dropping the future of
+    /// `request_session` instead leaves the request in the queue: it would
+    /// be served later, and its nodes held until the session expires.
+    ///
+    /// A call that may change something on the service (the creation, the
+    /// cleanup) is never abandoned halfway: its answer is what says what
+    /// there is to undo. Polls and the wait between them are cut short.
+    pub async fn request_session_until(
+        &self,
+        req: &CreateSession,
+        mut progress: impl FnMut(&QueuedRequest),
+        stop: impl Future<Output = ()>,
+    ) -> Result<SessionView, ClientError> {
+        let mut stop = pin!(stop);
+        let mut stopped = false;
+        let created = beside(self.create_session(req), stop.as_mut(), &mut stopped, false).await;
+        let mut queued = match created {
+            Some(Ok(Created::Session(s))) if stopped => return Err(self.release_stopped(s.id).await),
+            Some(Ok(Created::Session(s))) => return Ok(s),
+            Some(Ok(Created::Queued(q))) => q,
+            Some(Err(e)) => return Err(e),
+            None => return Err(ClientError::Interrupted(Interrupted::NothingCreated)),
         };
         loop {
+            if stopped {
+                return Err(self.cancel_stopped(&queued.id).await);
+            }
             progress(&queued);
             match queued.state.as_str() {
                 "waiting" => {}
@@ -225,9 +339,38 @@ impl Client {
                     return Err(ClientError::NotServed { id: queued.id, reason });
                 }
             }
-            tokio::time::sleep(POLL_INTERVAL).await;
-            queued = self.queued(&queued.id).await?;
+            if beside(tokio::time::sleep(POLL_INTERVAL), stop.as_mut(), &mut stopped, true).await.is_none() {
+                continue;
+            }
+            match beside(self.queued(&queued.id), stop.as_mut(), &mut stopped, true).await {
+                Some(q) => queued = q?,
+                None => continue,
+            }
         }
+    }
+
+    /// Cancels a stopped request (releasing its session if it was served
+    /// meanwhile) and says what became of it.
+    async fn cancel_stopped(&self, id: &str) -> ClientError {
+        let failed =
+            |e: ClientError| Interrupted::CleanupFailed { left: format!("request {id}"), error: e.to_string() };
+        let outcome = match self.cancel_request(id).await {
+            Ok(q) if q.state == "cancelled" => Interrupted::RequestCancelled { id: q.id },
+            Ok(q) => match q.session {
+                Some(s) => return self.release_stopped(s.id).await,
+                None => Interrupted::RequestEnded { id: q.id, state: q.state },
+            },
+            Err(e) => failed(e),
+        };
+        ClientError::Interrupted(outcome)
+    }
+
+    /// Releases the session of a stopped request.
+    async fn release_stopped(&self, id: String) -> ClientError {
+        ClientError::Interrupted(match self.release(&id).await {
+            Ok(_) => Interrupted::SessionReleased { id },
+            Err(e) => Interrupted::CleanupFailed { left: format!("session {id}"), error: e.to_string() },
+        })
     }
 
     /// `GET /api/v1/requests/{id}`: a waiting request's position and

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use duffy_client::wire::{CreateSession, PoolView, QueuedRequest, SessionView};
-use duffy_client::{Client, ClientError};
+use duffy_client::{Client, ClientError, Interrupted};
 use serde::{Deserialize, Serialize};
 
 /// `duffy client`'s options.
@@ -199,7 +199,7 @@ pub async fn run(args: ClientArgs) -> Result<(), ClientCliError> {
                 wait: Some(!no_wait),
             };
             let mut progress = Progress::new();
-            let s = c.request_session(&req, |q| progress.show(q)).await;
+            let s = until_interrupted(&c, &req, &mut progress).await;
             progress.done();
             let s = s?;
             if json { to_json(&s) } else { session_details(&s) }
@@ -235,6 +235,57 @@ pub async fn run(args: ClientArgs) -> Result<(), ClientCliError> {
     };
     print!("{out}");
     Ok(())
+}
+
+/// Requests a session until Ctrl-C (SIGINT): then the client cancels
+/// the request, or releases the session it was served with, so that an
+/// interrupted command leaves nothing held on the service. A second
+/// Ctrl-C while that is being done quits at once, saying what may be left.
+async fn until_interrupted(
+    c: &Client,
+    req: &CreateSession,
+    progress: &mut Progress,
+) -> Result<SessionView, ClientCliError> {
+    let (fired, first) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move {
+        // No handler (no signals here): never stops.
+        if tokio::signal::ctrl_c().await.is_err() {
+            return std::future::pending().await;
+        }
+        eprintln!("\ninterrupted: cancelling the request (Ctrl-C again to quit at once)");
+        let _ = fired.send(());
+    };
+    let again = async move {
+        if first.await.is_err() || tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let last_request = std::cell::RefCell::new(None::<String>);
+    let show = |q: &QueuedRequest| {
+        *last_request.borrow_mut() = Some(q.id.clone());
+        progress.show(q);
+    };
+    tokio::select! {
+        r = c.request_session_until(req, show, stop) => Ok(r?),
+        () = again => {
+            let left = match last_request.borrow().as_deref() {
+                Some(id) => format!("request {id} (or the session it was served with)"),
+                None => "a request or session (see `duffy client list`)".to_string(),
+            };
+            Err(ClientCliError::Client(ClientError::Interrupted(Interrupted::CleanupFailed {
+                left,
+                error: "interrupted again before the cleanup finished".into(),
+            })))
+        }
+    }
+}
+
+impl ClientCliError {
+    /// Whether the command was interrupted (Ctrl-C): its exit status is
+    /// then 130, as a shell's for SIGINT.
+    pub fn interrupted(&self) -> bool {
+        matches!(self, ClientCliError::Client(ClientError::Interrupted(_)))
+    }
 }
 
 fn to_json<T: Serialize>(v: &T) -> String {

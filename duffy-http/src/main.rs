@@ -230,6 +230,9 @@ enum CliError {
     Control(#[from] duffy_http::control::ControlError),
     #[error("{0}")]
     Other(String),
+    /// A client command stopped by Ctrl-C (exit status 130).
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 /// The PostgreSQL URL `db` is, if it is one.
@@ -291,7 +294,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             print!("{report}");
             Ok(())
         }
-        Command::Client(args) => client_cli::run(args).await.map_err(|e| CliError::Other(e.to_string())),
+        Command::Client(args) => client_cli::run(args).await.map_err(|e| {
+            if e.interrupted() { CliError::Interrupted(e.to_string()) } else { CliError::Other(e.to_string()) }
+        }),
         other => {
             let cmd = operator_command(other)?;
             let outcome = run_operator(&db_path(cli.db), cmd).await?;
@@ -547,6 +552,10 @@ fn main() -> ExitCode {
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ CliError::Interrupted(_)) => {
+            eprintln!("duffy: {e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("duffy: {e}");
             ExitCode::FAILURE

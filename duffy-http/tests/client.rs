@@ -277,3 +277,81 @@ async fn request_session_waits_in_the_queue_with_progress() {
     assert!(progress.contains("waiting for 1 node(s) of 6/i386"), "{progress}");
     s.stop().await;
 }
+
+/// Waits until the service shows `n` requests waiting in its pools.
+async fn until_waiting(c: &Client, n: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while c.pools().await.expect("pools").iter().map(|p| p.waiting).sum::<u32>() != n {
+        assert!(std::time::Instant::now() < deadline, "never {n} requests waiting");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_request_is_cancelled_and_no_session_comes_of_it() {
+    let s = TestServer::start(Setup { machines: 8, ..Setup::default() }).await;
+    s.wait_pools_full().await;
+    let key = s.key("alice", false, None).await;
+    let c = Client::new(&s.base, &key).expect("client");
+    let holder = c.request_session(&pool("6/i386", 2), |_| {}).await.expect("the whole i386 pool");
+    // Stopped once the request waits in the queue.
+    let watcher = c.clone();
+    let req = CreateSession { wait: Some(true), ..pool("6/i386", 1) };
+    let e = c.request_session_until(&req, |_| {}, until_waiting(&watcher, 1)).await.expect_err("stopped");
+    let ClientError::Interrupted(duffy_client::Interrupted::RequestCancelled { id }) = &e else { panic!("{e:?}") };
+    assert_eq!(c.queued(id).await.expect("status").state, "cancelled");
+    until_waiting(&c, 0).await;
+    // Nodes freed now are not handed to the cancelled request.
+    c.release(&holder.id).await.expect("release");
+    s.wait_pools_full().await;
+    assert!(c.sessions().await.expect("list").is_empty());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stopped_as_it_is_served_releases_its_session() {
+    let s = TestServer::start(Setup::default()).await;
+    s.wait_pools_full().await;
+    let key = s.key("alice", false, None).await;
+    let c = Client::new(&s.base, &key).expect("client");
+    // Stopped from the start: the creation is not abandoned halfway, and
+    // the session it answers with is handed back.
+    let e = c.request_session_until(&pool("7/x86_64", 2), |_| {}, std::future::ready(())).await.expect_err("stopped");
+    let ClientError::Interrupted(duffy_client::Interrupted::SessionReleased { id }) = &e else { panic!("{e:?}") };
+    assert_eq!(c.session(id).await.expect("the session").state, "Done");
+    assert!(c.sessions().await.expect("list").is_empty());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_on_a_waiting_request_session_cancels_it() {
+    let s = TestServer::start(Setup { machines: 8, ..Setup::default() }).await;
+    s.wait_pools_full().await;
+    let key = s.key("alice", false, None).await;
+    let c = Client::new(&s.base, &key).expect("client");
+    let holder = c.request_session(&pool("6/i386", 2), |_| {}).await.expect("the whole i386 pool");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_duffy"))
+        .args(["client", "request-session", "--pool", "6/i386"])
+        .env("DUFFY_KEY", &key)
+        .env("DUFFY_URL", &s.base)
+        .env("HOME", "/nonexistent")
+        .env_remove("DUFFY_CONFIG")
+        .env_remove("XDG_CONFIG_HOME")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start duffy client");
+    until_waiting(&c, 1).await;
+    let pid = child.id().to_string();
+    let killed = std::process::Command::new("kill").args(["-INT", &pid]).status().expect("kill");
+    assert!(killed.success());
+    let o = tokio::task::spawn_blocking(move || child.wait_with_output().expect("wait")).await.expect("join");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted: request") && err.contains("cancelled"), "{err}");
+    until_waiting(&c, 0).await;
+    c.release(&holder.id).await.expect("release");
+    s.wait_pools_full().await;
+    assert!(c.sessions().await.expect("list").is_empty());
+    s.stop().await;
+}
