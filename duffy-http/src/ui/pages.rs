@@ -509,7 +509,10 @@ pub async fn read_sessions(store: &dyn duffy_core::Store, page: usize) -> Result
     Ok(SessionsData { total, page, rows })
 }
 
-/// The sessions' live part; overtime and Fail holds highlighted.
+/// The sessions' live part; overtime and Fail holds highlighted. "Lease
+/// left" counts to the lease the session was created with (past it, the
+/// session is overtime, as `/Overtime` lists it); "Expires in" counts to
+/// when its nodes are reclaimed, which extensions move.
 pub fn sessions(d: &SessionsData, now: Timestamp) -> Markup {
     html! {
         h1 { "Sessions" }
@@ -518,7 +521,8 @@ pub fn sessions(d: &SessionsData, now: Timestamp) -> Markup {
             caption { "Live sessions, oldest first" }
             thead { tr {
                 th scope="col" { "Session" } th scope="col" { "Project" } th scope="col" { "State" } th scope="col" { "Pool" }
-                th scope="col" { "Age" } th scope="col" { "Lease left" } th scope="col" { "Hosts" }
+                th scope="col" { "Age" } th scope="col" { "Lease left" } th scope="col" { "Expires in" }
+                th scope="col" { "Hosts" }
             } }
             tbody {
                 @for (s, hosts) in &d.rows {
@@ -536,6 +540,13 @@ pub fn sessions(d: &SessionsData, now: Timestamp) -> Markup {
                             } @else if let Some(l) = s.lease_until {
                                 @if l < now { strong { "overtime " (human(now.since(l))) } } @else { (human(l.since(now))) }
                             } @else { "—" }
+                        }
+                        td {
+                            @match s.expires_at.filter(|_| s.state == SessionState::Prod) {
+                                Some(e) if e <= now => strong { "now (being reclaimed)" },
+                                Some(e) => (human(e.since(now))),
+                                None => "—",
+                            }
                         }
                         td { @for h in hosts { a href={"/ui/node/" (h)} { (h) } " " } }
                     }
@@ -882,6 +893,35 @@ mod tests {
         assert!(d.cells.is_empty() && d.next.is_none());
         let calls = calls.lock().unwrap().clone();
         assert_eq!(calls, vec!["node_counts", "nodes_in_states"]);
+    }
+
+    /// An extended session is overtime (past the lease it was created
+    /// with) but does not expire until its extension runs out: the page
+    /// shows both.
+    #[test]
+    fn the_sessions_page_shows_the_lease_and_the_expiry_an_extension_moved() {
+        let now = Timestamp(10_000_000);
+        let session = Session {
+            id: duffy_core::SessionId("0193a1b2-aaaa-7000-8000-000000000001".into()),
+            project: "ci".into(),
+            key_id: duffy_core::KeyId(1),
+            state: SessionState::Prod,
+            pool: "9/x86_64".parse().unwrap(),
+            nodes: vec![NodeId(1)],
+            created_at: Timestamp(now.0 - 7_200_000),
+            delivered_at: Some(Timestamp(now.0 - 7_200_000)),
+            lease_until: Some(Timestamp(now.0 - 3_600_000)),
+            hold_until: None,
+            ended_at: None,
+            end_reason: None,
+            version: 3,
+            expires_at: Some(Timestamp(now.0 + 5_400_000)),
+        };
+        let d = SessionsData { total: 1, page: 0, rows: vec![(session, vec!["n1.farm".into()])] };
+        let page = sessions(&d, now).into_string();
+        assert!(page.contains("Expires in"), "{page}");
+        assert!(page.contains("overtime 1h 0m"), "{page}");
+        assert!(page.contains("<td>1h 30m</td>"), "the expiry the extension moved: {page}");
     }
 
     #[test]
