@@ -1422,6 +1422,16 @@ impl Store for PgStore {
         Ok(rows.into_iter().next())
     }
 
+    async fn projects(&self) -> Result<Vec<Project>, StoreError> {
+        query_rows!(
+            self,
+            "reading the projects",
+            "SELECT name, quota, ssh_keys FROM projects ORDER BY name COLLATE \"C\"",
+            [],
+            project
+        )
+    }
+
     async fn add_api_key(
         &self,
         project: &str,

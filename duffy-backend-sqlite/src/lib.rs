@@ -707,6 +707,10 @@ impl Store for SqliteStore {
         self.readers.read(move |c| queries::project(c, &name)).await
     }
 
+    async fn projects(&self) -> Result<Vec<Project>, StoreError> {
+        self.readers.read(queries::projects).await
+    }
+
     async fn add_api_key(
         &self,
         project: &str,

@@ -791,6 +791,11 @@ pub(crate) fn project(conn: &Connection, name: &str) -> Result<Option<Project>, 
     one(conn, "SELECT name, quota, ssh_keys FROM projects WHERE name = ?1", [name], "reading a project", codec::project)
 }
 
+/// Every project, by name.
+pub(crate) fn projects(conn: &Connection) -> Result<Vec<Project>, StoreError> {
+    rows(conn, "SELECT name, quota, ssh_keys FROM projects ORDER BY name", [], "reading the projects", codec::project)
+}
+
 /// A project's own quota (`None`: no such project, or no quota).
 pub(crate) fn project_quota(conn: &Connection, name: &str) -> Result<Option<u32>, StoreError> {
     const WHAT: &str = "reading a project's quota";

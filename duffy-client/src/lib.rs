@@ -435,6 +435,11 @@ impl Client {
         self.get(&format!("/nodes/{}", segment(hostname)), &[]).await
     }
 
+    /// `GET /api/v1/projects` (admin): every project, by name.
+    pub async fn projects(&self) -> Result<Vec<ProjectView>, ClientError> {
+        self.get("/projects", &[]).await
+    }
+
     /// `GET /api/v1/projects/{name}` (admin).
     pub async fn project(&self, name: &str) -> Result<ProjectView, ClientError> {
         self.get(&format!("/projects/{}", segment(name)), &[]).await

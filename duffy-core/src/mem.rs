@@ -438,6 +438,11 @@ impl Store for MemStore {
         Ok(self.lock().projects.get(name).cloned())
     }
 
+    async fn projects(&self) -> Result<Vec<Project>, StoreError> {
+        // A BTreeMap by name: in byte order already.
+        Ok(self.lock().projects.values().cloned().collect())
+    }
+
     async fn add_api_key(
         &self,
         project: &str,

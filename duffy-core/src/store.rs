@@ -715,6 +715,9 @@ pub trait Store: Send + Sync {
     /// One project by name.
     async fn project(&self, name: &str) -> Result<Option<Project>, StoreError>;
 
+    /// Every project, by name. (A farm has tens or hundreds: not paged.)
+    async fn projects(&self) -> Result<Vec<Project>, StoreError>;
+
     /// Stores a new API key (only its hash) for an existing project,
     /// created at `now`, refused from `expires_at` on (`None`: never
     /// expires).

@@ -89,6 +89,9 @@ impl Store for Plain {
     async fn project(&self, name: &str) -> Result<Option<Project>, StoreError> {
         self.0.project(name).await
     }
+    async fn projects(&self) -> Result<Vec<Project>, StoreError> {
+        self.0.projects().await
+    }
     async fn add_api_key(
         &self,
         project: &str,

@@ -113,6 +113,8 @@ enum ProjectCommand {
         /// Project name.
         name: String,
     },
+    /// Lists every project by name: its quota and how many SSH keys it has.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -455,6 +457,7 @@ fn operator_command(command: Command) -> Result<OperatorCommand, CliError> {
             OperatorCommand::ProjectSet { name, quota, ssh_keys }
         }
         Command::Project(ProjectCommand::Show { name }) => OperatorCommand::ProjectShow { name },
+        Command::Project(ProjectCommand::List) => OperatorCommand::ProjectList,
         Command::Serve { .. } | Command::Node(NodeCommand::Power { .. }) | Command::Client(_) | Command::Store(_) => {
             return Err(CliError::Other("not an operator command".into()));
         }

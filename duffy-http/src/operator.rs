@@ -87,6 +87,8 @@ pub enum OperatorCommand {
         /// The project's name.
         name: String,
     },
+    /// `project list`.
+    ProjectList,
 }
 
 impl OperatorCommand {
@@ -102,6 +104,7 @@ impl OperatorCommand {
             OperatorCommand::PoolSet { .. } => "pool set",
             OperatorCommand::ProjectSet { .. } => "project set",
             OperatorCommand::ProjectShow { .. } => "project show",
+            OperatorCommand::ProjectList => "project list",
         }
     }
 
@@ -284,6 +287,14 @@ pub async fn execute(cmd: OperatorCommand, target: &Target) -> Result<Outcome, C
             );
             for k in &p.ssh_keys {
                 let _ = writeln!(out, "  {k}");
+            }
+            text(out)
+        }
+        OperatorCommand::ProjectList => {
+            let mut out = String::new();
+            for p in store.projects().await? {
+                let quota = p.quota.map(|q| q.to_string()).unwrap_or_else(|| "none".into());
+                let _ = writeln!(out, "{}\tquota {quota}\t{} SSH keys", p.name, p.ssh_keys.len());
             }
             text(out)
         }

@@ -170,6 +170,7 @@ async fn the_key_goes_only_in_the_authorization_header() {
         ("POST", "/api/v1/admin/pause"),
         ("GET", "/api/v1/admin/overtime"),
         ("GET", "/api/v1/projects/p"),
+        ("GET", "/api/v1/projects"),
         ("POST", "/api/v1/nodes/n1.sim.duffy/set-admin"),
     ] {
         problem(&call(&s, m, p, Some(&key), None).await, 403, "forbidden");
@@ -311,6 +312,12 @@ async fn nodes_pools_projects_keys_and_admin_operations() {
     let r = call(&s, "PUT", "/api/v1/projects/newproj", Some(&admin), Some(json!({"quota": 4}))).await;
     assert_eq!(r.json()["ssh_keys"], json!([key_line]), "absent fields unchanged");
     assert_eq!(call(&s, "GET", "/api/v1/projects/newproj", Some(&admin), None).await.json()["quota"], 4);
+    // Every project, by name: the two the keys were created for and this one.
+    let all = call(&s, "GET", "/api/v1/projects", Some(&admin), None).await.json();
+    let names: Vec<&str> = all.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["newproj", "ops", "p"], "{all}");
+    assert_eq!(all[0], json!({"name": "newproj", "quota": 4, "ssh_keys": [key_line]}));
+    problem(&call(&s, "GET", "/api/v1/projects?name=p", Some(&admin), None).await, 400, "bad_request");
 
     // Keys: create, use, list, revoke; the revoked key is refused at once.
     let r = call(&s, "POST", "/api/v1/keys", Some(&admin), Some(json!({"project": "newproj"}))).await;

@@ -48,6 +48,12 @@ fn nodes_pools_projects_and_keys() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains(":2:"), "{}", String::from_utf8_lossy(&bad.stderr));
     assert!(out(&duffy!().run(&db, &["project", "show", "ci"])).contains("alice@laptop"));
+    out(&duffy!().run(&db, &["project", "set", "batch"]));
+    assert_eq!(
+        out(&duffy!().run(&db, &["project", "list"])),
+        "batch\tquota none\t0 SSH keys\nci\tquota 4\t1 SSH keys\n",
+        "every project by name"
+    );
     // Keys: printed alone, usable, refused for bad project names.
     let key = out(&duffy!().run(&db, &["key", "create", "--project", "ci", "--admin"]));
     assert_eq!(key.trim().len(), 36);
@@ -61,7 +67,13 @@ fn nodes_pools_projects_and_keys() {
 fn read_only_commands_refuse_a_missing_database_and_create_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let typo = dir.path().join("dufy.db");
-    for args in [&["node", "list"][..], &["project", "show", "ci"], &["key", "list"], &["key", "revoke", "1"]] {
+    for args in [
+        &["node", "list"][..],
+        &["project", "show", "ci"],
+        &["project", "list"],
+        &["key", "list"],
+        &["key", "revoke", "1"],
+    ] {
         let o = duffy!().run(&typo, args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(

@@ -68,6 +68,8 @@ async fn the_client_speaks_every_session_call_and_types_its_errors() {
     let set = duffy_client::wire::SetProject { quota: Some(3), ssh_keys: None };
     assert_eq!(admin.set_project("bob", &set).await.expect("set project").quota, Some(3));
     assert_eq!(admin.project("bob").await.expect("project").quota, Some(3));
+    let names: Vec<String> = admin.projects().await.expect("projects").into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["alice", "bob", "ops"]);
     assert!(admin.overtime().await.expect("overtime").is_empty());
     assert!(admin.pause().await.expect("pause").paused);
     assert!(!admin.resume().await.expect("resume").paused);

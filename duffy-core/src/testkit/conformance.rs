@@ -684,6 +684,17 @@ pub async fn projects_and_keys(store: Arc<dyn Store>) {
         store.upsert_project(Project { name: "bad name".into(), quota: None, ssh_keys: vec![] }).await,
         Err(StoreError::Invalid(_))
     ));
+
+    // Listed by name in byte order (capitals first), whatever the
+    // database's collation would say, each as stored.
+    let more = ["zeta", "alpha", "Beta", "beta-2", "beta"];
+    for name in more {
+        store.upsert_project(Project { name: name.into(), quota: Some(1), ssh_keys: vec![] }).await.expect("create");
+    }
+    let names: Vec<String> = store.projects().await.expect("list").into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["Beta", "alpha", "beta", "beta-2", "proj", "zeta"]);
+    let listed = store.projects().await.expect("list");
+    assert_eq!(listed.iter().find(|p| p.name == "proj"), store.project("proj").await.expect("read").as_ref());
 }
 
 /// Keys are listed by id (all, or one project's) with their expiry;

@@ -172,6 +172,10 @@ impl Store for InterceptStore {
         self.around("project", self.inner.project(name)).await
     }
 
+    async fn projects(&self) -> Result<Vec<Project>, StoreError> {
+        self.around("projects", self.inner.projects()).await
+    }
+
     async fn add_api_key(
         &self,
         project: &str,

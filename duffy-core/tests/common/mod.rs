@@ -328,6 +328,10 @@ impl Store for Tap {
         self.inner.project(name).await
     }
 
+    async fn projects(&self) -> Result<Vec<Project>, StoreError> {
+        self.inner.projects().await
+    }
+
     async fn add_api_key(
         &self,
         project: &str,

@@ -164,6 +164,7 @@ pub static ROUTES: [&Route; 16 + v1::ROUTE_COUNT] = [
     &v1::NODE_SET_ADMIN,
     &v1::NODE_RECOVER,
     &v1::POOLS,
+    &v1::PROJECTS,
     &v1::PROJECT,
     &v1::KEYS,
     &v1::KEY,

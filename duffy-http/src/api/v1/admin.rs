@@ -17,6 +17,8 @@ use super::*;
 use crate::api::wire::param;
 use crate::operator::{CommandError, Target, create_key, list_keys, revoke_key, set_project};
 
+pub(in crate::api) static PROJECTS: Route =
+    Route::v1("/api/v1/projects", &["GET"], &[], || methods(get(list_projects)));
 pub(in crate::api) static PROJECT: Route =
     Route::v1("/api/v1/projects/{name}", &["GET", "PUT"], &[], || methods(get(show_project).put(put_project)));
 pub(in crate::api) static KEYS: Route =
@@ -50,6 +52,20 @@ fn key_view(k: &ApiKeyRecord) -> KeyView {
         last_used: time_opt(k.last_used),
         revoked_at: time_opt(k.revoked_at),
     }
+}
+
+/// `GET /api/v1/projects` (admin): every project, by name.
+#[utoipa::path(get, path = "/api/v1/projects", tag = "admin",
+    responses((status = 200, description = "Every project, by name", body = [ProjectView])))]
+async fn list_projects(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    admin_caller(&st, peer, &headers, raw.as_deref(), &PROJECTS).await?;
+    let projects = st.engine.store().projects().await.map_err(|e| store_failed("reading the projects", e))?;
+    ok(&projects.into_iter().map(project_view).collect::<Vec<_>>())
 }
 
 /// `GET /api/v1/projects/{name}` (admin).

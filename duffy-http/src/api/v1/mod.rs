@@ -45,7 +45,7 @@ use super::wire::{Param, Query, STORE_UNAVAILABLE, public_reason, query};
 use super::{AppState, Group, Reply, Route};
 use crate::auth_guard::{AuthRefusal, authenticate};
 
-pub(super) use admin::{KEY, KEYS, OVERTIME, PAUSE, PROJECT, RESUME};
+pub(super) use admin::{KEY, KEYS, OVERTIME, PAUSE, PROJECT, PROJECTS, RESUME};
 pub(super) use farm::{NODE, NODE_RECOVER, NODE_SET_ADMIN, NODES, POOLS};
 pub(super) use openapi::OPENAPI;
 pub(super) use sessions::{REQUEST, SESSION, SESSION_EXTEND, SESSION_FAIL, SESSION_RELEASE, SESSIONS};
@@ -54,7 +54,7 @@ pub(super) use sessions::{REQUEST, SESSION, SESSION_EXTEND, SESSION_FAIL, SESSIO
 pub const PREFIX: &str = "/api/v1/";
 
 /// How many routes `/api/v1` has (in `api::ROUTES`).
-pub const ROUTE_COUNT: usize = 18;
+pub const ROUTE_COUNT: usize = 19;
 
 /// The longest JSON body accepted: the largest legitimate one is a
 /// project's SSH keys.

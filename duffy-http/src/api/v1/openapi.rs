@@ -58,6 +58,7 @@ const PROBLEM_STATUSES: [(&str, &str); 8] = [
         super::farm::set_admin,
         super::farm::recover,
         super::farm::pools,
+        super::admin::list_projects,
         super::admin::show_project,
         super::admin::put_project,
         super::admin::keys,
