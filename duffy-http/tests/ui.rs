@@ -90,6 +90,7 @@ async fn the_dashboard_changes_nothing_without_an_admin_key_and_a_csrf_token() {
     assert_eq!(first.status, 200, "{}", first.body);
     let ui = first.cookies.iter().find(|c| c.starts_with("duffy_ui=")).expect("a duffy_ui cookie");
     assert!(ui.contains("HttpOnly") && ui.contains("SameSite=Strict") && ui.contains("Path=/ui"), "{ui}");
+    assert!(!ui.contains("Secure"), "plain HTTP, no proxy: a Secure cookie would never come back: {ui}");
     let ui = cookie_pair(&first.cookies, "duffy_ui");
     let token = csrf(&first.body);
     assert!(!first.body.contains("do-pause"), "no admin controls without a key");
@@ -192,4 +193,34 @@ async fn the_dashboard_changes_nothing_without_an_admin_key_and_a_csrf_token() {
     assert_eq!(b.get("/ui/node/nope.example.org", "").await.status, 404);
     assert_eq!(b.get("/ui?state=Broken", "").await.status, 400);
     tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+/// Behind a TLS-terminating proxy (it says `X-Forwarded-Proto: https` or
+/// `Forwarded: proto=https`), the dashboard's cookies, the admin key's
+/// above all, are `Secure`: the browser never sends them over plain HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_an_https_proxy_the_cookies_are_secure() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("duffy.db");
+    let admin = key(&db, &["--project", "ops", "--admin"]);
+    let server = duffy!().serve(&db).start();
+    let b = Browser::new(&server);
+    for (header, value) in [("x-forwarded-proto", "https"), ("forwarded", "for=192.0.2.1;proto=https;by=203.0.113.9")] {
+        let with = |r: reqwest::RequestBuilder| r.header(header, value);
+        let first = b.send(with(b.http.get(format!("{}/ui", b.base)))).await;
+        let ui = first.cookies.iter().find(|c| c.starts_with("duffy_ui=")).expect("a duffy_ui cookie");
+        assert!(ui.contains("; Secure") && ui.contains("HttpOnly"), "{header}: {ui}");
+        let (ui, token) = (cookie_pair(&first.cookies, "duffy_ui"), csrf(&first.body));
+        let login = b.http.post(format!("{}/ui/login", b.base)).header("cookie", &ui);
+        let login = with(login.header("content-type", "application/x-www-form-urlencoded"))
+            .body(format!("key={admin}&csrf={token}"));
+        let p = b.send(login).await;
+        assert_eq!(p.status, 303, "{}", p.body);
+        let set = p.cookies.iter().find(|c| c.starts_with("duffy_admin=")).expect("the admin cookie");
+        assert!(set.contains("; Secure") && set.contains("HttpOnly"), "{header}: {set}");
+    }
+    // Another proxy's hop saying https does not count: only the client's.
+    let p = b.send(b.http.get(format!("{}/ui", b.base)).header("forwarded", "proto=http, proto=https")).await;
+    let ui = p.cookies.iter().find(|c| c.starts_with("duffy_ui=")).expect("a duffy_ui cookie");
+    assert!(!ui.contains("Secure"), "{ui}");
 }

@@ -13,7 +13,8 @@
 //! admin key, entered in the page and checked by the same key machinery
 //! as the API (hashed, compared in constant time, failed lookups limited
 //! per address); it is kept in an `HttpOnly`, `SameSite=Strict` cookie
-//! scoped to `/ui` and checked again on every action, so a revoked key
+//! scoped to `/ui` (and `Secure` when a TLS-terminating proxy says the
+//! browser came over HTTPS) and checked again on every action, so a revoked key
 //! stops working at once. Every POST carries a CSRF token: an HMAC, under
 //! a secret made when the service starts, of the browser's own random
 //! `duffy_ui` cookie (a signed double-submit token); a POST without both,
@@ -77,6 +78,9 @@ pub struct Ctx {
     /// The browser's `duffy_ui` id, and whether it is new (set it).
     ui_id: String,
     new_cookie: bool,
+    /// Whether the browser reached the service over HTTPS (a proxy in
+    /// front says so): its cookies are then `Secure`.
+    https: bool,
     /// The CSRF token for this browser's forms.
     pub csrf: String,
     /// The admin, if the browser holds a valid admin key.
@@ -175,7 +179,8 @@ impl Ui {
         let admin = self.admin(headers, peer).await.unwrap_or(None);
         let paused = store.paused().await.map_err(|e| store_failed(&e))?;
         let seq = latest_seq(&**store).await.map_err(|e| store_failed(&e))?;
-        Ok(Ctx { csrf: self.csrf_for(&ui_id), ui_id, new_cookie, admin, paused, seq, path })
+        let https = over_https(headers);
+        Ok(Ctx { csrf: self.csrf_for(&ui_id), ui_id, new_cookie, https, admin, paused, seq, path })
     }
 }
 
@@ -219,7 +224,7 @@ fn page(ctx: &Ctx, status: StatusCode, body: Markup) -> Response {
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     if ctx.new_cookie {
-        let c = format!("{UI_COOKIE}={}; Path=/ui; HttpOnly; SameSite=Strict", ctx.ui_id);
+        let c = set_cookie(UI_COOKIE, &ctx.ui_id, ctx.https, "");
         if let Ok(v) = HeaderValue::from_str(&c) {
             h.append(header::SET_COOKIE, v);
         }
@@ -412,6 +417,36 @@ fn back(fields: &[(String, String)]) -> String {
     }
 }
 
+/// Whether the request came over HTTPS, as the TLS-terminating proxy in
+/// front of the service says (`X-Forwarded-Proto: https`, or `proto=https`
+/// in `Forwarded`). The service itself speaks plain HTTP. A client that
+/// sends the header without a proxy only makes its own cookies `Secure`.
+fn over_https(headers: &HeaderMap) -> bool {
+    let forwarded_proto = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').next().is_some_and(|p| p.trim().eq_ignore_ascii_case("https")));
+    let forwarded = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        // The first (the client's) hop's parameters.
+        v.split(',').next().is_some_and(|hop| {
+            hop.split(';').any(|kv| {
+                kv.split_once('=').is_some_and(|(k, v)| {
+                    k.trim().eq_ignore_ascii_case("proto") && v.trim().trim_matches('"').eq_ignore_ascii_case("https")
+                })
+            })
+        })
+    });
+    forwarded_proto || forwarded
+}
+
+/// A dashboard cookie: scoped to `/ui`, `HttpOnly`, `SameSite=Strict`, and
+/// `Secure` when the browser came over HTTPS (it then never goes back
+/// over plain HTTP, where anyone on the path could read an admin key).
+fn set_cookie(name: &str, value: &str, https: bool, extra: &str) -> String {
+    let secure = if https { "; Secure" } else { "" };
+    format!("{name}={value}; Path=/ui; HttpOnly; SameSite=Strict{secure}{extra}")
+}
+
 fn see_other(to: &str, cookies: &[String]) -> Response {
     let mut resp = StatusCode::SEE_OTHER.into_response();
     if let Ok(v) = HeaderValue::from_str(to) {
@@ -460,11 +495,8 @@ async fn login(
     match authenticate(&ui.app, peer, key).await {
         Ok(p) if p.admin => {
             info!(actor = %p.actor(), "dashboard: admin key entered");
-            let c = format!(
-                "{ADMIN_COOKIE}={key}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={}",
-                ADMIN_COOKIE_AGE.as_secs()
-            );
-            see_other(&back(&fields), &[c])
+            let age = format!("; Max-Age={}", ADMIN_COOKIE_AGE.as_secs());
+            see_other(&back(&fields), &[set_cookie(ADMIN_COOKIE, key, over_https(&headers), &age)])
         }
         Ok(_) => refused(&ui, &headers, peer, StatusCode::FORBIDDEN, "Refused", "This key is not an admin key.").await,
         Err(AuthRefusal::Invalid) => {
@@ -491,7 +523,7 @@ async fn logout(
     if !ui.csrf_ok(&headers, param(&fields, "csrf")) {
         return refused(&ui, &headers, peer, StatusCode::FORBIDDEN, "Refused", STALE_FORM).await;
     }
-    see_other("/ui", &[format!("{ADMIN_COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0")])
+    see_other("/ui", &[set_cookie(ADMIN_COOKIE, "", over_https(&headers), "; Max-Age=0")])
 }
 
 /// The node an action names, checked by the one hostname rule.
