@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod keys;
 pub mod listener;
+pub mod log_writer;
 pub mod metrics;
 pub mod operator;
 pub mod server;

@@ -528,16 +528,25 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The service logs what it does; an operator command only what went wrong.
     let default_level = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
-    // Lines are written by a thread of their own, so that a request's
-    // worker thread formats its log line but never waits for the write to
-    // stderr (a file or a pipe under a service manager). Not lossy: when
-    // the buffer is full, loggers wait, and no line is dropped. Colours
-    // only on a terminal: escape codes in a log file are noise, and cost
-    // formatting on every line.
-    let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("duffy-log")
-        .finish(std::io::stderr());
+    // Lines are written by a thread of their own, in batches, so that a
+    // request's worker thread formats its log line but never waits for the
+    // write to stderr (a file or a pipe under a service manager) nor wakes
+    // a thread (see `log_writer`). Not lossy: when the buffer is full,
+    // loggers wait, and no line is dropped. Colours only on a terminal:
+    // escape codes in a log file are noise, and cost formatting on every
+    // line.
+    let (writer, _flush_on_exit) = match duffy_http::log_writer::BatchedWriter::new(
+        std::io::stderr(),
+        "duffy-log",
+        Some(duffy_http::log_writer::FLUSH_EVERY),
+        duffy_http::log_writer::MAX_BUFFERED,
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("duffy: cannot start the log writer thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
