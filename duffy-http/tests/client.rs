@@ -91,9 +91,9 @@ async fn the_client_reports_a_short_pool_with_its_ready_count() {
     s.stop().await;
 }
 
-/// `duffy client ARGS` with `env`, run to completion off the runtime's
-/// threads (the service runs on them).
-async fn cli(env: &[(&str, &str)], args: &[&str]) -> Output {
+/// `duffy client ARGS` with `env` and nothing else of the environment
+/// running the tests.
+fn cli_command(env: &[(&str, &str)], args: &[&str]) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_duffy"));
     cmd.arg("client").args(args).env_remove("DUFFY_KEY").env_remove("DUFFY_URL").env_remove("DUFFY_CONFIG");
     // No configuration file of the user running the tests.
@@ -101,7 +101,27 @@ async fn cli(env: &[(&str, &str)], args: &[&str]) -> Output {
     for (k, v) in env {
         cmd.env(k, v);
     }
+    cmd
+}
+
+/// [`cli_command`], run to completion off the runtime's threads (the
+/// service runs on them).
+async fn cli(env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = cli_command(env, args);
     tokio::task::spawn_blocking(move || cmd.output().expect("run duffy client")).await.expect("join")
+}
+
+/// A service whose 6/i386 pool (2 nodes, no spare machine: the targets
+/// are 6 + 2 of 8) is held whole by a session of `alice`: a request for
+/// it waits in the queue. Returns the service, alice's key, a client
+/// with it, and the holding session.
+async fn i386_pool_held() -> (TestServer, String, Client, duffy_client::wire::SessionView) {
+    let s = TestServer::start(Setup { machines: 8, ..Setup::default() }).await;
+    s.wait_pools_full().await;
+    let key = s.key("alice", false, None).await;
+    let c = Client::new(&s.base, &key).expect("client");
+    let holder = c.request_session(&pool("6/i386", 2), |_| {}).await.expect("the whole i386 pool");
+    (s, key, c, holder)
 }
 
 fn stdout(o: &Output) -> String {
@@ -242,13 +262,7 @@ async fn the_example_job_script_gets_runs_and_hands_back() {
 /// the session once the pool has nodes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_session_waits_in_the_queue_with_progress() {
-    let s = TestServer::start(Setup { machines: 8, ..Setup::default() }).await;
-    // No spare machine (the pools' targets are 6 + 2): a pool taken
-    // whole stays empty until its nodes are released.
-    s.wait_pools_full().await;
-    let key = s.key("alice", false, None).await;
-    let c = Client::new(&s.base, &key).expect("client");
-    let holder = c.request_session(&pool("6/i386", 2), |_| {}).await.expect("the whole i386 pool");
+    let (s, key, c, holder) = i386_pool_held().await;
     let env = [("DUFFY_KEY", key.as_str()), ("DUFFY_URL", s.base.as_str())];
     let waiting = tokio::spawn({
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -291,11 +305,7 @@ async fn until_waiting(c: &Client, n: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_request_is_cancelled_and_no_session_comes_of_it() {
-    let s = TestServer::start(Setup { machines: 8, ..Setup::default() }).await;
-    s.wait_pools_full().await;
-    let key = s.key("alice", false, None).await;
-    let c = Client::new(&s.base, &key).expect("client");
-    let holder = c.request_session(&pool("6/i386", 2), |_| {}).await.expect("the whole i386 pool");
+    let (s, _, c, holder) = i386_pool_held().await;
     // Stopped once the request waits in the queue.
     let watcher = c.clone();
     let req = CreateSession { wait: Some(true), ..pool("6/i386", 1) };
@@ -327,18 +337,9 @@ async fn a_request_stopped_as_it_is_served_releases_its_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_on_a_waiting_request_session_cancels_it() {
-    let s = TestServer::start(Setup { machines: 8, ..Setup::default() }).await;
-    s.wait_pools_full().await;
-    let key = s.key("alice", false, None).await;
-    let c = Client::new(&s.base, &key).expect("client");
-    let holder = c.request_session(&pool("6/i386", 2), |_| {}).await.expect("the whole i386 pool");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_duffy"))
-        .args(["client", "request-session", "--pool", "6/i386"])
-        .env("DUFFY_KEY", &key)
-        .env("DUFFY_URL", &s.base)
-        .env("HOME", "/nonexistent")
-        .env_remove("DUFFY_CONFIG")
-        .env_remove("XDG_CONFIG_HOME")
+    let (s, key, c, holder) = i386_pool_held().await;
+    let env = [("DUFFY_KEY", key.as_str()), ("DUFFY_URL", s.base.as_str())];
+    let child = cli_command(&env, &["request-session", "--pool", "6/i386"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
