@@ -3,9 +3,11 @@
 //!
 //! A request's worker thread formats its line and appends it to a shared
 //! buffer under a short lock; it never writes to stderr (a file or a pipe
-//! under a service manager, which can block) and never wakes a thread. The
-//! writer thread wakes every [`FLUSH_EVERY`] (or at once when the buffer
-//! is full), takes everything buffered and writes it with one call.
+//! under a service manager, which can block). The first line into an
+//! empty buffer wakes the writer thread, which lets [`FLUSH_EVERY`] of
+//! lines gather (less if the buffer fills), takes everything buffered and
+//! writes it with one call: at most one wake-up per period under load,
+//! none while the service is idle.
 //!
 //! Why not `tracing-appender`'s non-blocking writer, which the service
 //! used before: its worker thread blocks on a channel and is woken for
@@ -97,10 +99,16 @@ fn drain<W: Write>(shared: &Shared, mut out: W, every: Option<Duration>) {
     loop {
         let closing = {
             let mut st = shared.lock();
-            let full = |st: &State| st.closing || st.buf.len() >= shared.max;
+            let full = |st: &mut State| st.closing || st.buf.len() >= shared.max;
             st = match every {
-                Some(d) if !full(&st) => shared.changed.wait_timeout(st, d).unwrap_or_else(PoisonError::into_inner).0,
-                Some(_) => st,
+                // Asleep while there is nothing to write (an idle service
+                // wakes no thread), then a period for more lines to
+                // gather, cut short if the buffer fills.
+                Some(d) => {
+                    let idle = |st: &mut State| st.buf.is_empty() && !st.closing;
+                    st = shared.changed.wait_while(st, idle).unwrap_or_else(PoisonError::into_inner);
+                    shared.changed.wait_timeout_while(st, d, |st| !full(st)).unwrap_or_else(PoisonError::into_inner).0
+                }
                 None => shared.changed.wait_while(st, |st| !full(st)).unwrap_or_else(PoisonError::into_inner),
             };
             std::mem::swap(&mut st.buf, &mut taken);
@@ -164,8 +172,11 @@ impl Drop for Line {
             let _ = io::stderr().write_all(&self.line);
             return;
         }
+        let was_empty = st.buf.is_empty();
         st.buf.extend_from_slice(&self.line);
-        if st.buf.len() >= shared.max {
+        // The first line after a write wakes the writer thread (it then
+        // lets a period's lines gather); a full buffer wakes it at once.
+        if was_empty || st.buf.len() >= shared.max {
             shared.changed.notify_all();
         }
     }
