@@ -271,20 +271,12 @@ pub async fn execute(cmd: OperatorCommand, target: &Target) -> Result<Outcome, C
         }
         OperatorCommand::ProjectSet { name, quota, ssh_keys } => {
             let project = set_project(&**store, &name, quota, ssh_keys).await?;
-            text(format!(
-                "project {name}: quota {}, {} SSH keys\n",
-                project.quota.map(|q| q.to_string()).unwrap_or_else(|| "none".into()),
-                project.ssh_keys.len()
-            ))
+            text(format!("project {name}: quota {}, {} SSH keys\n", quota_text(project.quota), project.ssh_keys.len()))
         }
         OperatorCommand::ProjectShow { name } => {
             let p =
                 store.project(&name).await?.ok_or_else(|| CommandError::NotFound(format!("no project {name:?}")))?;
-            let mut out = format!(
-                "project {}: quota {}\n",
-                p.name,
-                p.quota.map(|q| q.to_string()).unwrap_or_else(|| "none".into())
-            );
+            let mut out = format!("project {}: quota {}\n", p.name, quota_text(p.quota));
             for k in &p.ssh_keys {
                 let _ = writeln!(out, "  {k}");
             }
@@ -293,12 +285,16 @@ pub async fn execute(cmd: OperatorCommand, target: &Target) -> Result<Outcome, C
         OperatorCommand::ProjectList => {
             let mut out = String::new();
             for p in store.projects().await? {
-                let quota = p.quota.map(|q| q.to_string()).unwrap_or_else(|| "none".into());
-                let _ = writeln!(out, "{}\tquota {quota}\t{} SSH keys", p.name, p.ssh_keys.len());
+                let _ = writeln!(out, "{}\tquota {}\t{} SSH keys", p.name, quota_text(p.quota), p.ssh_keys.len());
             }
             text(out)
         }
     }
+}
+
+/// A project's quota as the commands print it.
+fn quota_text(quota: Option<u32>) -> String {
+    quota.map_or_else(|| "none".into(), |q| q.to_string())
 }
 
 /// A new key for `project` (created if missing, its quota set when one
