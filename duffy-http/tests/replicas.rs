@@ -189,8 +189,7 @@ fn three_replicas_under_load_with_one_killed_and_restarted() {
     let dir = tempfile::tempdir().unwrap();
     let keys = keys(&db.url);
     let cfg = write(dir.path(), "duffy.toml", &config(&db.url, 40, 40, ""));
-    let mut replicas: Vec<Option<Replica>> =
-        (0..3).map(|i| Some(Replica::start(&cfg, dir.path().join(format!("r{i}.log"))))).collect();
+    let mut replicas: Vec<Option<Replica>> = start(&cfg, dir.path(), 3).into_iter().map(Some).collect();
     let sql = Sql::connect(&db.url);
     wait_until(Duration::from_secs(60), "the pool filled", || {
         sql.one_i64("SELECT count(*) FROM nodes WHERE state = 'Ready'") >= 30
@@ -314,6 +313,22 @@ fn the_log_checks_catch_an_overlap_and_a_quota_breach() {
     assert_eq!(overlapping_holds(&sql, "ev").len(), 2);
 }
 
+/// `n` replicas of the service with the configuration `cfg`, each logging
+/// to `r<i>.log` in `dir`.
+fn start(cfg: &std::path::Path, dir: &std::path::Path, n: usize) -> Vec<Replica> {
+    (0..n).map(|i| Replica::start(cfg, dir.join(format!("r{i}.log")))).collect()
+}
+
+/// A connection to the farm's database once `ready` nodes are Ready (the
+/// pool filled; at most 30 s).
+fn pool_filled(url: &str, ready: i64) -> Sql {
+    let sql = Sql::connect(url);
+    wait_until(Duration::from_secs(30), "the pool filled", || {
+        sql.one_i64("SELECT count(*) FROM nodes WHERE state = 'Ready'") == ready
+    });
+    sql
+}
+
 /// A replica that leads, and the others.
 fn leader_of(sql: &Sql, replicas: &[Replica]) -> usize {
     let pid = sql.leader_pid().expect("a leader") as u32;
@@ -327,12 +342,8 @@ fn the_leader_killed_another_leads_within_5_s_and_refills_the_pool() {
     let dir = tempfile::tempdir().unwrap();
     let key = ok(&duffy(&db.url, &["key", "create", "--project", "ci"])).trim().to_string();
     let cfg = write(dir.path(), "duffy.toml", &config(&db.url, 8, 4, ""));
-    let mut replicas: Vec<Replica> =
-        (0..3).map(|i| Replica::start(&cfg, dir.path().join(format!("r{i}.log")))).collect();
-    let sql = Sql::connect(&db.url);
-    wait_until(Duration::from_secs(30), "the pool filled", || {
-        sql.one_i64("SELECT count(*) FROM nodes WHERE state = 'Ready'") == 4
-    });
+    let mut replicas = start(&cfg, dir.path(), 3);
+    let sql = pool_filled(&db.url, 4);
     let l = leader_of(&sql, &replicas);
     let epoch = sql.epoch();
     let leader = replicas.remove(l);
@@ -381,12 +392,8 @@ fn the_leader_frozen_another_leads_within_15_s_and_the_old_one_writes_nothing() 
         .replace("install_min_ms = 100", "install_min_ms = 1500")
         .replace("install_max_ms = 400", "install_max_ms = 2500");
     let cfg = write(dir.path(), "duffy.toml", &text);
-    let mut replicas: Vec<Replica> =
-        (0..2).map(|i| Replica::start(&cfg, dir.path().join(format!("r{i}.log")))).collect();
-    let sql = Sql::connect(&db.url);
-    wait_until(Duration::from_secs(30), "the pool filled", || {
-        sql.one_i64("SELECT count(*) FROM nodes WHERE state = 'Ready'") == 4
-    });
+    let mut replicas = start(&cfg, dir.path(), 2);
+    let sql = pool_filled(&db.url, 4);
     let l = leader_of(&sql, &replicas);
     let f = 1 - l;
     let (leader_port, follower_port) = (replicas[l].port, replicas[f].port);
@@ -454,11 +461,8 @@ fn a_request_queued_on_a_replica_that_does_not_lead_is_served_there() {
     let dir = tempfile::tempdir().unwrap();
     let key = ok(&duffy(&db.url, &["key", "create", "--project", "ci"])).trim().to_string();
     let cfg = write(dir.path(), "duffy.toml", &config(&db.url, 2, 2, ""));
-    let replicas: Vec<Replica> = (0..2).map(|i| Replica::start(&cfg, dir.path().join(format!("r{i}.log")))).collect();
-    let sql = Sql::connect(&db.url);
-    wait_until(Duration::from_secs(30), "the pool filled", || {
-        sql.one_i64("SELECT count(*) FROM nodes WHERE state = 'Ready'") == 2
-    });
+    let replicas = start(&cfg, dir.path(), 2);
+    let sql = pool_filled(&db.url, 2);
     let port = replicas[1 - leader_of(&sql, &replicas)].port;
     let json = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap();
 
