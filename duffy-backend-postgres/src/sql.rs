@@ -98,10 +98,10 @@ pub(crate) use key_cols;
 /// expressions, each starting with a comma), then `$tail`, the
 /// statement's answer.
 macro_rules! write_nodes_sql {
-    ($event_filter:literal, $tail:literal) => {
+    ($event_filter:literal, $tail:expr) => {
         write_nodes_sql!($event_filter, "", $tail)
     };
-    ($event_filter:literal, $more:expr, $tail:literal) => {
+    ($event_filter:literal, $more:expr, $tail:expr) => {
         concat!(
             "\
 WITH v AS (
@@ -145,7 +145,7 @@ WITH v AS (
 /// one-element arrays and the event from 8 more; then `$more`, then
 /// `$tail`.
 macro_rules! write_node_sql {
-    ($more:expr, $tail:literal) => {
+    ($more:expr, $tail:expr) => {
         concat!(
             "\
 WITH u AS (
@@ -242,6 +242,21 @@ macro_rules! hand_back_session_cte {
     };
 }
 
+/// The last statement of a claim's or a hand-back's writes: fails unless
+/// `$nodes` nodes were written (`u`) and the session too (`s`), so that a
+/// COMMIT pipelined behind it writes nothing.
+macro_rules! all_written {
+    ($nodes:literal, $what:literal) => {
+        concat!(
+            "SELECT duffy_assert((SELECT count(*) FROM u) = ",
+            $nodes,
+            " AND (SELECT count(*) FROM s) = 1,\n                    'could not write ",
+            $what,
+            ", or its session')"
+        )
+    };
+}
+
 /// A claim's writes, all in one statement (an operation that locked its
 /// nodes first): its nodes as [`WRITE_NODES`] writes them, every one of
 /// which must be written, and its session inserted (see
@@ -250,16 +265,12 @@ macro_rules! hand_back_session_cte {
 pub(crate) const CLAIM_WRITES: &str = write_nodes_sql!(
     "",
     claim_session_cte!(),
-    "SELECT duffy_assert((SELECT count(*) FROM u) = cardinality($1::bigint[]) AND (SELECT count(*) FROM s) = 1,
-                    'could not write every node the claim had locked, or its session')"
+    all_written!("cardinality($1::bigint[])", "every node the claim had locked")
 );
 
 /// [`CLAIM_WRITES`] for a claim of one node (see [`write_node_sql`]).
-pub(crate) const CLAIM_WRITES_ONE: &str = write_node_sql!(
-    claim_session_cte!(),
-    "SELECT duffy_assert((SELECT count(*) FROM u) = 1 AND (SELECT count(*) FROM s) = 1,
-                    'could not write the node the claim had locked, or its session')"
-);
+pub(crate) const CLAIM_WRITES_ONE: &str =
+    write_node_sql!(claim_session_cte!(), all_written!("1", "the node the claim had locked"));
 
 /// A hand-back's writes, all in one statement: the session's nodes (which
 /// it locked) as [`CLAIM_WRITES`] writes them, and the session (locked
@@ -268,17 +279,13 @@ pub(crate) const CLAIM_WRITES_ONE: &str = write_node_sql!(
 pub(crate) const HAND_BACK_WRITES: &str = write_nodes_sql!(
     "",
     hand_back_session_cte!(),
-    "SELECT duffy_assert((SELECT count(*) FROM u) = cardinality($1::bigint[]) AND (SELECT count(*) FROM s) = 1,
-                    'could not write every node the hand-back had locked, or its session')"
+    all_written!("cardinality($1::bigint[])", "every node the hand-back had locked")
 );
 
 /// [`HAND_BACK_WRITES`] for a session of one node (see
 /// [`write_node_sql`]).
-pub(crate) const HAND_BACK_WRITES_ONE: &str = write_node_sql!(
-    hand_back_session_cte!(),
-    "SELECT duffy_assert((SELECT count(*) FROM u) = 1 AND (SELECT count(*) FROM s) = 1,
-                    'could not write the node the hand-back had locked, or its session')"
-);
+pub(crate) const HAND_BACK_WRITES_ONE: &str =
+    write_node_sql!(hand_back_session_cte!(), all_written!("1", "the node the hand-back had locked"));
 
 /// Inserts a session (`$17` its creator), unless its id exists; returns
 /// how many rows it inserted (0 or 1).
